@@ -1,0 +1,1 @@
+"""Metering and ledger (lands with the billing issue)."""

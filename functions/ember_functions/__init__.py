@@ -1,0 +1,1 @@
+"""The stateless function worker: model, tokenizer, engine."""

@@ -1,0 +1,114 @@
+"""Paged attention over a block-structured KV cache.
+
+The runner lays a step's tokens out as one flat batch: first one token per decoding
+sequence, then each prefill chunk. ``AttentionBatch`` carries the index tensors that
+describe that layout; they are built once per step and shared by every layer.
+
+This is the portable torch path (CPU and CUDA). Decodes are batched into a single
+SDPA call over gathered context slots with a padding mask; prefill chunks run one
+SDPA call each, causal with an offset when earlier context is cached.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class PrefillChunk:
+    """One sequence's chunk of new tokens in this step."""
+
+    start: int  # first row of the chunk in the step's flat token batch
+    num_tokens: int
+    # Slots of the whole context so far (cached tokens + this chunk), or None when the
+    # chunk is the sequence's entire context and its fresh K/V can be used directly.
+    context_slots: torch.Tensor | None  # [context_len] int64
+    # Causal mask aligned to the end of the context; None means plain causal.
+    mask: torch.Tensor | None  # [num_tokens, context_len] bool, True = attend
+
+
+@dataclass(frozen=True)
+class AttentionBatch:
+    slot_mapping: torch.Tensor  # [T] int64: cache slot each new token's K/V is written to
+    num_decodes: int  # rows [0, num_decodes) are single-token decodes
+    decode_slots: torch.Tensor | None  # [num_decodes, max_context] int64, padded with 0
+    decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_context] bool
+    prefills: list[PrefillChunk] = field(default_factory=list)
+
+
+class KVCache:
+    """Per-layer K and V tensors, ``[num_blocks, block_size, num_kv_heads, head_dim]``."""
+
+    def __init__(
+        self,
+        *,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        shape = (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim)
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.data = torch.zeros(shape, dtype=dtype, device=device)
+
+    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat ``[num_slots, num_kv_heads, head_dim]`` views of one layer's K and V."""
+        k, v = self.data[index]
+        return k.flatten(0, 1), v.flatten(0, 1)
+
+    @property
+    def size_bytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
+
+
+def paged_attention(
+    q: torch.Tensor,  # [T, H, D]
+    k: torch.Tensor,  # [T, Hkv, D]
+    v: torch.Tensor,  # [T, Hkv, D]
+    k_cache: torch.Tensor,  # [num_slots, Hkv, D]
+    v_cache: torch.Tensor,  # [num_slots, Hkv, D]
+    batch: AttentionBatch,
+    *,
+    scale: float,
+) -> torch.Tensor:  # [T, H, D]
+    k_cache.index_copy_(0, batch.slot_mapping, k)
+    v_cache.index_copy_(0, batch.slot_mapping, v)
+    out = torch.empty_like(q)
+    n = batch.num_decodes
+    if n:
+        assert batch.decode_slots is not None  # built together with num_decodes
+        num_kv_heads, head_dim = k.shape[1], k.shape[2]
+        flat = batch.decode_slots.view(-1)
+        shape = (n, batch.decode_slots.shape[1], num_kv_heads, head_dim)
+        kk = k_cache.index_select(0, flat).view(shape).transpose(1, 2)  # [n, Hkv, L, D]
+        vv = v_cache.index_select(0, flat).view(shape).transpose(1, 2)
+        qq = q[:n].unsqueeze(2)  # [n, H, 1, D]
+        o = F.scaled_dot_product_attention(
+            qq, kk, vv, attn_mask=batch.decode_mask, scale=scale, enable_gqa=True
+        )
+        out[:n] = o.squeeze(2)
+    for chunk in batch.prefills:
+        rows = slice(chunk.start, chunk.start + chunk.num_tokens)
+        if chunk.context_slots is None:
+            kk, vv = k[rows], v[rows]
+        else:
+            kk = k_cache.index_select(0, chunk.context_slots)
+            vv = v_cache.index_select(0, chunk.context_slots)
+        o = F.scaled_dot_product_attention(
+            q[rows].transpose(0, 1),  # [H, n, D]
+            kk.transpose(0, 1),  # [Hkv, ctx, D]
+            vv.transpose(0, 1),
+            attn_mask=chunk.mask,
+            is_causal=chunk.mask is None,
+            scale=scale,
+            enable_gqa=True,
+        )
+        out[rows] = o.transpose(0, 1)
+    return out

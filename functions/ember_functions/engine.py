@@ -1,0 +1,342 @@
+"""The engine: one model, a paged KV cache, continuous batching.
+
+The whole loop is :meth:`LLMEngine.step`: the scheduler decides, the runner executes,
+the sampler picks tokens, and finished sequences give their blocks back at once.
+The engine is single-threaded; :class:`ember_functions.service.EngineService` runs it
+on a background thread and streams outputs to callers.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ember_core import ContextLengthError, InvalidRequestError, ModelNotFoundError
+from ember_functions.attention import KVCache
+from ember_functions.block_manager import BlockManager
+from ember_functions.engine_config import EngineConfig
+from ember_functions.model import LlamaModel
+from ember_functions.runner import ModelRunner
+from ember_functions.sampler import Sampler
+from ember_functions.sampling_params import SamplingParams
+from ember_functions.scheduler import Scheduler
+from ember_functions.sequence import FinishReason, SequenceStatus, Usage
+from ember_functions.sequence import Sequence as Seq
+from ember_functions.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
+from ember_functions.weights import checkpoint_dtype, load_model, resolve_compute_dtype
+
+log = logging.getLogger(__name__)
+
+#: A prompt is raw text, token ids, or chat messages (rendered with the chat template).
+Prompt = str | Sequence[int] | Sequence[Mapping[str, Any]]
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """What one step produced for one request: a delta, and at the end, the usage."""
+
+    request_id: str
+    text: str  # new text since the previous output
+    token_ids: list[int]  # new tokens since the previous output
+    finished: bool
+    finish_reason: str | None
+    usage: Usage
+    error: str | None = None
+
+
+@dataclass(eq=False)
+class _Request:
+    seq: Seq
+    detok: IncrementalDetokenizer
+    stops: StopStringMatcher | None
+
+
+class LLMEngine:
+    def __init__(
+        self,
+        model: LlamaModel,
+        tokenizer: Tokenizer,
+        *,
+        config: EngineConfig,
+        model_name: str,
+        aliases: Sequence[str] = (),
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.model_name = model_name
+        self._names = {model_name, *aliases}
+        mc = model.config
+        self.max_context = min(mc.max_context, config.max_model_len or mc.max_context)
+        dtype_bytes = torch.empty(0, dtype=model.dtype).element_size()
+        bytes_per_block = 2 * mc.num_layers * config.block_size * mc.kv_size * dtype_bytes
+        num_blocks = config.num_kv_blocks or max(1, config.kv_cache_bytes // bytes_per_block)
+        self.kv_cache = KVCache(
+            num_layers=mc.num_layers,
+            num_blocks=num_blocks,
+            block_size=config.block_size,
+            num_kv_heads=mc.num_kv_heads,
+            head_dim=mc.head_dim,
+            dtype=model.dtype,
+            device=model.device,
+        )
+        self.blocks = BlockManager(
+            num_blocks=num_blocks, block_size=config.block_size, prefix_cache=config.prefix_cache
+        )
+        self.scheduler = Scheduler(
+            self.blocks,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+        )
+        self.runner = ModelRunner(model, self.kv_cache)
+        self.sampler = Sampler(seed=config.seed)
+        self._requests: dict[str, _Request] = {}
+        self._ids = itertools.count()
+        self._pending: list[RequestOutput] = []  # outputs produced outside step()
+
+    @classmethod
+    def from_dir(
+        cls,
+        model_dir: Path,
+        *,
+        config: EngineConfig | None = None,
+        model_name: str | None = None,
+        aliases: Sequence[str] = (),
+    ) -> LLMEngine:
+        config = config or EngineConfig()
+        device = torch.device(config.device)
+        if device.type == "cpu" and config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        dtype = resolve_compute_dtype(
+            config.dtype, weights_dtype=checkpoint_dtype(model_dir), device=device
+        )
+        model = load_model(model_dir, dtype=dtype, device=device, max_positions=config.max_model_len)
+        tokenizer = Tokenizer.from_dir(model_dir)
+        return cls(
+            model, tokenizer, config=config, model_name=model_name or model_dir.name, aliases=aliases
+        )
+
+    # -- requests ------------------------------------------------------------------
+
+    @property
+    def token_capacity(self) -> int:
+        """Most tokens one sequence can hold: the context window, or the whole cache."""
+        return min(self.max_context, self.blocks.num_blocks * self.blocks.block_size)
+
+    def make_request(
+        self,
+        prompt: Prompt,
+        params: SamplingParams,
+        *,
+        request_id: str | None = None,
+        model: str | None = None,
+        cache_salt: str = "",
+        adapter_slot: int = 0,
+    ) -> _Request:
+        """Validates and tokenizes a request without touching engine state, so it is
+        safe to call from any thread; errors reach the caller before anything runs."""
+        if model is not None and model not in self._names:
+            raise ModelNotFoundError(
+                f"model {model!r} is not served here; available: {', '.join(sorted(self._names))}",
+                param="model",
+            )
+        prompt_ids = self._tokenize(prompt)
+        n = len(prompt_ids)
+        capacity = self.token_capacity
+        if n >= capacity:
+            raise ContextLengthError(
+                f"prompt is {n} tokens but the context window is {capacity} tokens "
+                "(the prompt must leave room for at least one generated token); "
+                "shorten the prompt",
+                param="prompt",
+            )
+        if params.max_tokens is not None and n + params.max_tokens > capacity:
+            raise ContextLengthError(
+                f"prompt ({n} tokens) plus max_tokens ({params.max_tokens}) is "
+                f"{n + params.max_tokens} tokens, more than the context window of {capacity}; "
+                f"lower max_tokens to at most {capacity - n} or shorten the prompt",
+                param="max_tokens",
+            )
+        max_tokens = params.max_tokens or capacity - n
+        seq = Seq(
+            request_id=request_id or f"req-{next(self._ids)}",
+            prompt_ids=prompt_ids,
+            params=params,
+            max_tokens=max_tokens,
+            arrival_s=time.monotonic(),
+            cache_salt=cache_salt,
+            adapter_slot=adapter_slot,
+        )
+        detok = IncrementalDetokenizer(self.tokenizer, prompt_ids)
+        stops = StopStringMatcher(params.stop) if params.stop else None
+        return _Request(seq, detok, stops)
+
+    def enqueue(self, request: _Request) -> str:
+        rid = request.seq.request_id
+        if rid in self._requests:
+            raise InvalidRequestError(f"request id {rid!r} is already running; use a unique id")
+        self._requests[rid] = request
+        self.scheduler.add(request.seq)
+        return rid
+
+    def add_request(self, prompt: Prompt, params: SamplingParams, **kwargs: Any) -> str:
+        """Validates, tokenizes and queues a request; returns its id."""
+        return self.enqueue(self.make_request(prompt, params, **kwargs))
+
+    def cancel(self, request_id: str) -> bool:
+        """Stops a request now and frees its KV blocks; False if it already ended."""
+        req = self._requests.get(request_id)
+        if req is None:
+            return False
+        self._finish(req, FinishReason.CANCELLED)
+        self._pending.append(self._output(req, "", []))
+        return True
+
+    def _tokenize(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("prompt is empty; send at least one character", param="prompt")
+            ids = self.tokenizer.encode(prompt, add_special_tokens=True)
+        elif prompt and all(isinstance(m, Mapping) for m in prompt):
+            text = self.tokenizer.apply_chat_template(prompt)  # type: ignore[arg-type]
+            ids = self.tokenizer.encode(text, add_special_tokens=False)
+        elif prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            ids = list(prompt)  # type: ignore[arg-type]
+            vocab = self.model.config.vocab_size
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise InvalidRequestError(
+                    f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})", param="prompt"
+                )
+        else:
+            raise InvalidRequestError(
+                "prompt must be a non-empty string, a list of token ids, or a list of chat "
+                "messages ({'role': ..., 'content': ...})",
+                param="prompt",
+            )
+        if not ids:
+            raise InvalidRequestError("prompt encodes to zero tokens; send some text", param="prompt")
+        return ids
+
+    # -- the loop ------------------------------------------------------------------
+
+    def has_unfinished(self) -> bool:
+        return bool(self._requests) or bool(self._pending)
+
+    def step(self) -> list[RequestOutput]:
+        outputs, self._pending = self._pending, []
+        plan = self.scheduler.schedule()
+        if not plan:
+            return outputs
+        try:
+            logits, sampling = self.runner.execute(plan)
+            for chunk in plan.chunks:
+                chunk.seq.num_computed_tokens += chunk.num_tokens
+                self.blocks.commit(chunk.seq)
+            seqs = [c.seq for c in sampling]
+            tokens = self.sampler.sample(
+                logits, [s.params for s in seqs], [s.request_id for s in seqs]
+            )
+        except Exception as exc:  # a failed step ends its requests, never the engine
+            log.exception("engine step failed; ending the %d requests in it", len(plan.chunks))
+            for chunk in plan.chunks:
+                req = self._requests[chunk.seq.request_id]
+                self._finish(req, FinishReason.ERROR, error=f"{type(exc).__name__}: {exc}")
+                outputs.append(self._output(req, "", []))
+            return outputs
+        for seq, token in zip(seqs, tokens, strict=True):
+            outputs.append(self._append_token(self._requests[seq.request_id], token))
+        return outputs
+
+    def _append_token(self, req: _Request, token: int) -> RequestOutput:
+        seq = req.seq
+        seq.output_ids.append(token)
+        reason: FinishReason | None = None
+        is_eos = token in self.tokenizer.eos_token_ids and not seq.params.ignore_eos
+        text = "" if is_eos else req.detok.push(token)
+        if req.stops is not None:
+            text, stopped = req.stops.feed(text)
+            if stopped:
+                reason = FinishReason.STOP
+        if reason is None:
+            if is_eos:
+                reason = FinishReason.STOP
+            elif len(seq.output_ids) >= seq.max_tokens or seq.num_tokens >= self.token_capacity:
+                reason = FinishReason.LENGTH
+            if reason is not None:
+                text += self._flush(req)
+        if reason is not None:
+            self._finish(req, reason)
+        return self._output(req, text, [token])
+
+    def _flush(self, req: _Request) -> str:
+        tail = req.detok.flush()
+        if req.stops is None:
+            return tail
+        text, _ = req.stops.feed(tail)
+        return text + req.stops.flush()
+
+    def _finish(self, req: _Request, reason: FinishReason, *, error: str | None = None) -> None:
+        seq = req.seq
+        self.scheduler.remove(seq)
+        self.sampler.forget(seq.request_id)
+        seq.finish_reason = reason
+        seq.error = error
+        seq.status = SequenceStatus.FINISHED
+        self._requests.pop(seq.request_id, None)
+
+    def _output(self, req: _Request, text: str, token_ids: list[int]) -> RequestOutput:
+        seq = req.seq
+        return RequestOutput(
+            request_id=seq.request_id,
+            text=text,
+            token_ids=token_ids,
+            finished=seq.is_finished,
+            finish_reason=seq.finish_reason.value if seq.finish_reason else None,
+            usage=seq.usage(),
+            error=seq.error,
+        )
+
+    # -- convenience ---------------------------------------------------------------
+
+    def generate(
+        self, prompts: Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams]
+    ) -> list[Completion]:
+        """Runs prompts to completion on the calling thread (tests, benchmarks)."""
+        plist = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, plist, strict=True)]
+        parts: dict[str, list[RequestOutput]] = {rid: [] for rid in ids}
+        while self.has_unfinished():
+            for out in self.step():
+                if out.request_id in parts:
+                    parts[out.request_id].append(out)
+        return [Completion.from_outputs(parts[rid]) for rid in ids]
+
+
+@dataclass(frozen=True)
+class Completion:
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    usage: Usage
+    error: str | None = None
+
+    @classmethod
+    def from_outputs(cls, outputs: Sequence[RequestOutput]) -> Completion:
+        last = outputs[-1]
+        return cls(
+            request_id=last.request_id,
+            text="".join(o.text for o in outputs),
+            token_ids=[t for o in outputs for t in o.token_ids],
+            finish_reason=last.finish_reason,
+            usage=last.usage,
+            error=last.error,
+        )

@@ -1,0 +1,66 @@
+"""Engine settings, validated at construction; unknown keys are rejected."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ember_core import ConfigError
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineConfig:
+    """How one engine runs one model.
+
+    Example::
+
+        EngineConfig(max_num_seqs=32, kv_cache_bytes=512 << 20, dtype="auto")
+    """
+
+    device: str = "cpu"
+    dtype: str = "auto"  # matmul dtype; "auto" picks what the hardware does natively
+    num_threads: int | None = None  # torch intra-op threads on CPU; None = all cores
+    block_size: int = 16  # tokens per KV block
+    kv_cache_bytes: int = 1 << 30  # sizes the KV cache unless num_kv_blocks is set
+    num_kv_blocks: int | None = None
+    max_num_seqs: int = 64  # sequences running at once
+    max_num_batched_tokens: int = 512  # token budget per step (chunked prefill)
+    max_model_len: int | None = None  # caps the model's context window
+    prefix_cache: bool = True
+    seed: int = 0  # for requests that give no seed
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ConfigError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+        positive = {
+            "block_size": self.block_size,
+            "kv_cache_bytes": self.kv_cache_bytes,
+            "max_num_seqs": self.max_num_seqs,
+            "max_num_batched_tokens": self.max_num_batched_tokens,
+        }
+        optional = {
+            "num_kv_blocks": self.num_kv_blocks,
+            "max_model_len": self.max_model_len,
+            "num_threads": self.num_threads,
+        }
+        for name, value in {**positive, **optional}.items():
+            if value is None and name in optional:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> EngineConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown engine setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
+        return cls(**values)

@@ -1,0 +1,118 @@
+"""A Llama-family decoder in plain torch, over a paged KV cache.
+
+Shapes use T for the number of tokens in a step (all sequences flattened), H and Hkv
+for query and key/value heads, D for head_dim. Q/K/V and gate/up projections are
+fused at load time, so a layer is four matmuls.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ember_functions.attention import AttentionBatch, KVCache, paged_attention
+from ember_functions.config import ModelConfig
+from ember_functions.rope import RotaryEmbedding
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(size, device="meta"), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 whatever the activation dtype, as the reference does.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def _param(*shape: int) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape, device="meta"), requires_grad=False)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, index: int) -> None:
+        super().__init__()
+        self.index = index
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.q_size = config.q_size
+        self.kv_size = config.kv_size
+        self.scale = config.head_dim**-0.5
+        self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.qkv_weight = _param(config.q_size + 2 * config.kv_size, config.hidden_size)
+        self.qkv_bias = _param(config.q_size + 2 * config.kv_size) if config.qkv_bias else None
+        self.o_weight = _param(config.hidden_size, config.q_size)
+        self.gate_up_weight = _param(2 * config.intermediate_size, config.hidden_size)
+        self.down_weight = _param(config.hidden_size, config.intermediate_size)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,  # [T, hidden]
+        positions: torch.Tensor,  # [T]
+        rope: RotaryEmbedding,
+        kv_cache: KVCache,
+        batch: AttentionBatch,
+    ) -> torch.Tensor:
+        t = hidden.shape[0]
+        qkv = F.linear(self.input_norm(hidden), self.qkv_weight, self.qkv_bias)
+        q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.reshape(t, self.num_kv_heads, self.head_dim)
+        q, k = rope(positions, q, k)
+        k_cache, v_cache = kv_cache.layer(self.index)
+        attn = paged_attention(q, k, v, k_cache, v_cache, batch, scale=self.scale)
+        hidden = hidden + F.linear(attn.view(t, self.q_size), self.o_weight)
+        gate, up = F.linear(self.post_attention_norm(hidden), self.gate_up_weight).chunk(2, -1)
+        return hidden + F.linear(F.silu(gate) * up, self.down_weight)
+
+
+class LlamaModel(nn.Module):
+    """The decoder stack plus the LM head. Built on the meta device, then bound to
+    real tensors by :func:`ember_functions.weights.load_model`."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = _param(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = None if config.tie_word_embeddings else _param(
+            config.vocab_size, config.hidden_size
+        )
+        self.rope: RotaryEmbedding | None = None
+
+    def init_rope(self, *, max_positions: int, device: torch.device) -> None:
+        self.rope = RotaryEmbedding(self.config, max_positions=max_positions, device=device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.device
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T]
+        positions: torch.Tensor,  # [T]
+        kv_cache: KVCache,
+        batch: AttentionBatch,
+    ) -> torch.Tensor:  # [T, hidden]
+        if self.rope is None:
+            raise RuntimeError("call init_rope() (load_model does) before running the model")
+        hidden = F.embedding(input_ids, self.embed)
+        for layer in self.layers:
+            hidden = layer(hidden, positions, self.rope, kv_cache, batch)
+        return self.norm(hidden)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, vocab] fp32
+        head = self.embed if self.lm_head is None else self.lm_head
+        return F.linear(hidden, head).float()

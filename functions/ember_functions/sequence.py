@@ -1,0 +1,80 @@
+"""A request's state inside the engine: its tokens, its KV blocks, its lifecycle."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from ember_functions.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"  # queued; holds no KV blocks
+    RUNNING = "running"  # holds KV blocks, computed by every step
+    FINISHED = "finished"  # blocks returned; nothing more happens
+
+
+class FinishReason(enum.Enum):
+    STOP = "stop"  # EOS or a stop string
+    LENGTH = "length"  # max_tokens or the context window
+    CANCELLED = "cancelled"
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Exact token counts for one request. ``cached_tokens`` is a subset of
+    ``prompt_tokens``: prompt tokens whose KV came from the prefix cache."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(eq=False)
+class Sequence:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    max_tokens: int  # resolved against the context window
+    arrival_s: float
+    # Prefix-cache keys include the salt, so KV is only ever shared within a tenant.
+    cache_salt: str = ""
+    # Seam for batched LoRA: the adapter slot every token of this sequence uses
+    # (0 = base model). The adapter issue fills it; the runner passes it per token.
+    adapter_slot: int = 0
+    status: SequenceStatus = SequenceStatus.WAITING
+    output_ids: list[int] = field(default_factory=list)
+    block_table: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0  # tokens whose K/V sit in this sequence's blocks
+    num_cached_prompt_tokens: int = 0  # prefix-cache hits at first admission (billed as cached)
+    num_preemptions: int = 0
+    finish_reason: FinishReason | None = None
+    error: str | None = None
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_uncomputed(self) -> int:
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def usage(self) -> Usage:
+        return Usage(
+            prompt_tokens=len(self.prompt_ids),
+            completion_tokens=len(self.output_ids),
+            cached_tokens=min(self.num_cached_prompt_tokens, len(self.prompt_ids)),
+        )

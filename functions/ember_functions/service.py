@@ -1,0 +1,199 @@
+"""Runs an :class:`LLMEngine` on a background thread and streams its outputs.
+
+Callers on any thread (or event loop) submit requests and read token deltas from a
+:class:`RequestStream`, synchronously or with ``async for``. Validation and
+tokenization happen on the caller's thread, so a bad request raises right there and
+never reaches the engine; everything that mutates engine state happens on the
+engine thread, which owns it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+from ember_core import EngineError, InvalidRequestError
+from ember_functions.engine import Completion, LLMEngine, Prompt, RequestOutput
+from ember_functions.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class RequestStream:
+    """Token deltas of one request, readable once, by ``for`` or ``async for``.
+
+    Iteration ends after the final output; an engine failure raises
+    :class:`ember_core.EngineError` after the text produced before it.
+    """
+
+    def __init__(self, request_id: str, service: EngineService) -> None:
+        self.request_id = request_id
+        self._service = service
+        self._lock = threading.Lock()
+        self._sync: queue.SimpleQueue[RequestOutput] = queue.SimpleQueue()
+        self._async: asyncio.Queue[RequestOutput] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.outputs: list[RequestOutput] = []  # everything delivered so far
+
+    def _deliver(self, out: RequestOutput) -> None:  # engine thread
+        with self._lock:
+            if self._loop is None:
+                self._sync.put(out)
+                return
+            loop, aq = self._loop, self._async
+        try:
+            loop.call_soon_threadsafe(aq.put_nowait, out)  # type: ignore[union-attr]
+        except RuntimeError:  # the consumer's loop closed: nobody is listening any more
+            self._service.cancel(self.request_id)
+
+    def _record(self, out: RequestOutput) -> RequestOutput:
+        self.outputs.append(out)
+        if out.error is not None:
+            raise EngineError(
+                f"request {self.request_id} failed in the engine: {out.error}; "
+                "retrying it is safe"
+            )
+        return out
+
+    def __iter__(self) -> Iterator[RequestOutput]:
+        while not (self.outputs and self.outputs[-1].finished):
+            yield self._record(self._sync.get())
+
+    async def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        with self._lock:
+            self._loop = asyncio.get_running_loop()
+            self._async = asyncio.Queue()
+            while not self._sync.empty():  # outputs that arrived before we listened
+                self._async.put_nowait(self._sync.get())
+        aq = self._async
+        try:
+            while not (self.outputs and self.outputs[-1].finished):
+                yield self._record(await aq.get())
+        except asyncio.CancelledError:
+            self.cancel()
+            raise
+
+    def text(self) -> Iterator[str]:
+        """Only the text deltas, skipping empty ones."""
+        for out in self:
+            if out.text:
+                yield out.text
+
+    def result(self) -> Completion:
+        """Blocks until the request ends; returns the whole completion."""
+        for _ in self:
+            pass
+        return Completion.from_outputs(self.outputs)
+
+    def cancel(self) -> None:
+        self._service.cancel(self.request_id)
+
+
+class EngineService:
+    """The engine thread. Use as a context manager, or call start() and close()."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._streams: dict[str, RequestStream] = {}
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ember-engine", daemon=True)
+        self._lock = threading.Lock()
+        self._ids = 0
+
+    def __enter__(self) -> EngineService:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        self._closed.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
+
+    def submit(
+        self, prompt: Prompt, params: SamplingParams | None = None, **kwargs: Any
+    ) -> RequestStream:
+        """Queues a request; raises at once if it is invalid."""
+        if self._closed.is_set():
+            raise EngineError("the engine is shut down; start a new one to submit requests")
+        with self._lock:
+            self._ids += 1
+            kwargs.setdefault("request_id", f"req-{self._ids}")
+        request = self.engine.make_request(prompt, params or SamplingParams(), **kwargs)
+        stream = RequestStream(request.seq.request_id, self)
+        with self._lock:
+            if stream.request_id in self._streams:
+                raise InvalidRequestError(
+                    f"request id {stream.request_id!r} is already running; use a unique id"
+                )
+            self._streams[stream.request_id] = stream
+        self._inbox.put(("add", request))
+        self._wake.set()
+        return stream
+
+    def cancel(self, request_id: str) -> None:
+        self._inbox.put(("cancel", request_id))
+        self._wake.set()
+
+    def call(self, fn: Any) -> Any:
+        """Runs ``fn(engine)`` on the engine thread between steps; returns its result."""
+        done: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._inbox.put(("call", (fn, done)))
+        self._wake.set()
+        ok, value = done.get()
+        if not ok:
+            raise value
+        return value
+
+    def _run(self) -> None:
+        engine = self.engine
+        while not self._closed.is_set():
+            self._drain_inbox()
+            if not engine.has_unfinished():
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            for out in engine.step():
+                self._dispatch(out)
+        for rid in list(self._streams):  # shut down: end what is still running
+            engine.cancel(rid)
+        for out in engine.step():
+            self._dispatch(out)
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                kind, arg = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                self.engine.enqueue(arg)  # ids are unique: submit() checked under the lock
+            elif kind == "cancel":
+                self.engine.cancel(arg)
+            else:
+                fn, done = arg
+                try:
+                    done.put((True, fn(self.engine)))
+                except Exception as exc:
+                    done.put((False, exc))
+
+    def _dispatch(self, out: RequestOutput) -> None:
+        stream = self._streams.get(out.request_id)
+        if stream is None:
+            return
+        if out.finished:
+            with self._lock:
+                self._streams.pop(out.request_id, None)
+        stream._deliver(out)

@@ -1,0 +1,1 @@
+"""Session and prefix KV blocks across device/host/disk tiers (lands with the KV-tier issue)."""

@@ -1,0 +1,1 @@
+"""Ember public SDK (lands with the platform issue)."""

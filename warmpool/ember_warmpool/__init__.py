@@ -1,0 +1,1 @@
+"""Warm pools of function workers (lands with the warm-pool issue)."""
