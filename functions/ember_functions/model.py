@@ -13,6 +13,7 @@ from torch import nn
 
 from ember_functions.attention import AttentionBatch, KVCache, paged_attention
 from ember_functions.config import ModelConfig
+from ember_functions.linear import LinearFn
 from ember_functions.rope import RotaryEmbedding
 
 
@@ -34,9 +35,10 @@ def _param(*shape: int) -> nn.Parameter:
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, index: int) -> None:
+    def __init__(self, config: ModelConfig, index: int, linear: LinearFn) -> None:
         super().__init__()
         self.index = index
+        self.linear = linear
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
@@ -60,7 +62,7 @@ class DecoderLayer(nn.Module):
         batch: AttentionBatch,
     ) -> torch.Tensor:
         t = hidden.shape[0]
-        qkv = F.linear(self.input_norm(hidden), self.qkv_weight, self.qkv_bias)
+        qkv = self.linear(self.input_norm(hidden), self.qkv_weight, self.qkv_bias)
         q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
@@ -68,20 +70,24 @@ class DecoderLayer(nn.Module):
         q, k = rope(positions, q, k)
         k_cache, v_cache = kv_cache.layer(self.index)
         attn = paged_attention(q, k, v, k_cache, v_cache, batch, scale=self.scale)
-        hidden = hidden + F.linear(attn.view(t, self.q_size), self.o_weight)
-        gate, up = F.linear(self.post_attention_norm(hidden), self.gate_up_weight).chunk(2, -1)
-        return hidden + F.linear(F.silu(gate) * up, self.down_weight)
+        hidden = hidden + self.linear(attn.view(t, self.q_size), self.o_weight, None)
+        normed = self.post_attention_norm(hidden)
+        gate, up = self.linear(normed, self.gate_up_weight, None).chunk(2, -1)
+        return hidden + self.linear(F.silu(gate) * up, self.down_weight, None)
 
 
 class LlamaModel(nn.Module):
     """The decoder stack plus the LM head. Built on the meta device, then bound to
     real tensors by :func:`ember_functions.weights.load_model`."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, *, linear: LinearFn = F.linear) -> None:
         super().__init__()
         self.config = config
+        self.linear = linear
         self.embed = _param(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, i, linear) for i in range(config.num_layers)
+        )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = None if config.tie_word_embeddings else _param(
             config.vocab_size, config.hidden_size
@@ -115,4 +121,4 @@ class LlamaModel(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, vocab] fp32
         head = self.embed if self.lm_head is None else self.lm_head
-        return F.linear(hidden, head).float()
+        return self.linear(hidden, head, None).float()

@@ -16,6 +16,7 @@ from safetensors import safe_open
 
 from ember_core import ConfigError, ModelFormatError
 from ember_functions.config import ModelConfig
+from ember_functions.linear import pick_linear
 from ember_functions.model import LlamaModel
 
 
@@ -95,8 +96,9 @@ def load_model(
         if "rotary_emb" not in name
     }
     state = _fuse(config, hf)
+    linear = pick_linear(device, dtype)  # probes real kernels: outside the meta context
     with torch.device("meta"):
-        model = LlamaModel(config)
+        model = LlamaModel(config, linear=linear)
     expected = dict(model.named_parameters())
     missing = sorted(set(expected) - set(state))
     if missing:

