@@ -16,6 +16,7 @@ import hashlib
 from collections import OrderedDict, abc, deque
 
 from ember_core import CapacityError
+
 from ember_functions.sequence import Sequence
 
 

@@ -132,7 +132,9 @@ class ModelConfig:
         try:
             return cls.from_hf(json.loads(path.read_text()))
         except FileNotFoundError:
-            raise ModelFormatError(f"{path} not found; a model directory needs config.json") from None
+            raise ModelFormatError(
+                f"{path} not found; a model directory needs config.json"
+            ) from None
         except json.JSONDecodeError as exc:
             raise ModelFormatError(f"{path} is not valid JSON: {exc}") from None
 
@@ -157,9 +159,7 @@ def _parse_rope_scaling(hf: Mapping[str, Any]) -> RopeScaling | None:
             factor=float(raw["factor"]),
             low_freq_factor=float(raw.get("low_freq_factor", 1.0)),
             high_freq_factor=float(raw.get("high_freq_factor", 4.0)),
-            original_max_position_embeddings=int(
-                raw.get("original_max_position_embeddings", 8192)
-            ),
+            original_max_position_embeddings=int(raw.get("original_max_position_embeddings", 8192)),
         )
     if kind == "linear":
         return RopeScaling(kind="linear", factor=float(raw["factor"]))

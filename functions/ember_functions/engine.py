@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from ember_core import ContextLengthError, InvalidRequestError, ModelNotFoundError
+
 from ember_functions.attention import KVCache
 from ember_functions.block_manager import BlockManager
 from ember_functions.engine_config import EngineConfig
@@ -117,10 +117,16 @@ class LLMEngine:
         dtype = resolve_compute_dtype(
             config.dtype, weights_dtype=checkpoint_dtype(model_dir), device=device
         )
-        model = load_model(model_dir, dtype=dtype, device=device, max_positions=config.max_model_len)
+        model = load_model(
+            model_dir, dtype=dtype, device=device, max_positions=config.max_model_len
+        )
         tokenizer = Tokenizer.from_dir(model_dir)
         return cls(
-            model, tokenizer, config=config, model_name=model_name or model_dir.name, aliases=aliases
+            model,
+            tokenizer,
+            config=config,
+            model_name=model_name or model_dir.name,
+            aliases=aliases,
         )
 
     # -- requests ------------------------------------------------------------------
@@ -202,7 +208,9 @@ class LLMEngine:
     def _tokenize(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
             if not prompt:
-                raise InvalidRequestError("prompt is empty; send at least one character", param="prompt")
+                raise InvalidRequestError(
+                    "prompt is empty; send at least one character", param="prompt"
+                )
             ids = self.tokenizer.encode(prompt, add_special_tokens=True)
         elif prompt and all(isinstance(m, Mapping) for m in prompt):
             text = self.tokenizer.apply_chat_template(prompt)  # type: ignore[arg-type]
@@ -222,7 +230,9 @@ class LLMEngine:
                 param="prompt",
             )
         if not ids:
-            raise InvalidRequestError("prompt encodes to zero tokens; send some text", param="prompt")
+            raise InvalidRequestError(
+                "prompt encodes to zero tokens; send some text", param="prompt"
+            )
         return ids
 
     # -- the loop ------------------------------------------------------------------

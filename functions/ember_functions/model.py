@@ -89,8 +89,8 @@ class LlamaModel(nn.Module):
             DecoderLayer(config, i, linear) for i in range(config.num_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = None if config.tie_word_embeddings else _param(
-            config.vocab_size, config.hidden_size
+        self.lm_head = (
+            None if config.tie_word_embeddings else _param(config.vocab_size, config.hidden_size)
         )
         self.rope: RotaryEmbedding | None = None
 

@@ -24,7 +24,9 @@ class ModelRunner:
     def execute(self, step: SchedulerOutput) -> tuple[torch.Tensor, list[Chunk]]:
         """Runs ``step``; returns logits ``[num_sampling_chunks, vocab]`` float32 and
         the chunks they belong to, in order."""
-        input_ids, positions, slots = [], [], []
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
         sample_rows: list[int] = []
         sampling: list[Chunk] = []
         row = 0
@@ -64,11 +66,17 @@ class ModelRunner:
             bs = self.block_size
             max_blocks = -(-max_len // bs)
             tables = torch.tensor(
-                [c.seq.block_table[:max_blocks] + [0] * (max_blocks - len(c.seq.block_table[:max_blocks])) for c in step.decodes],
+                [
+                    c.seq.block_table[:max_blocks]
+                    + [0] * (max_blocks - len(c.seq.block_table[:max_blocks]))
+                    for c in step.decodes
+                ],
                 dtype=torch.int64,
             )  # [nd, max_blocks]
             offsets = torch.arange(bs, dtype=torch.int64)
-            decode_slots = (tables[:, :, None] * bs + offsets).view(nd, -1)[:, :max_len].contiguous()
+            decode_slots = (
+                (tables[:, :, None] * bs + offsets).view(nd, -1)[:, :max_len].contiguous()
+            )
             lens = torch.tensor(lengths, dtype=torch.int64)
             decode_mask = (torch.arange(max_len)[None, :] < lens[:, None]).view(nd, 1, 1, max_len)
             decode_slots, decode_mask = decode_slots.to(dev), decode_mask.to(dev)

@@ -58,7 +58,9 @@ class SamplingParams:
                 f"top_k must be a non-negative integer, got {self.top_k!r}; use 0 to disable it",
                 param="top_k",
             )
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int)
+        ):
             raise InvalidRequestError(f"seed must be an integer, got {self.seed!r}", param="seed")
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         if len(stop) > MAX_STOP_STRINGS:

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from ember_core import EngineError, InvalidRequestError
+
 from ember_functions.engine import Completion, LLMEngine, Prompt, RequestOutput
 from ember_functions.sampling_params import SamplingParams
 
@@ -54,8 +55,7 @@ class RequestStream:
         self.outputs.append(out)
         if out.error is not None:
             raise EngineError(
-                f"request {self.request_id} failed in the engine: {out.error}; "
-                "retrying it is safe"
+                f"request {self.request_id} failed in the engine: {out.error}; retrying it is safe"
             )
         return out
 

@@ -12,9 +12,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from ember_core import ConfigError, ModelFormatError
 from safetensors import safe_open
 
-from ember_core import ConfigError, ModelFormatError
 from ember_functions.config import ModelConfig
 from ember_functions.linear import pick_linear
 from ember_functions.model import LlamaModel
@@ -27,7 +27,7 @@ def cpu_has_native_bf16() -> bool:
     prefill-sized matrices, measured on this project's 2-core AVX2 machines.
     """
     capability = torch.backends.cpu.get_cpu_capability()
-    return capability.startswith("AVX512") and "BF16" in capability or "AMX" in capability
+    return (capability.startswith("AVX512") and "BF16" in capability) or "AMX" in capability
 
 
 def resolve_compute_dtype(

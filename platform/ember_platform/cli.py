@@ -1,0 +1,238 @@
+"""The ``ember`` command line.
+
+``ember models add|list|rm`` manages the local model catalog; ``ember generate``
+streams one answer and reports time to first token and tokens/s; ``ember chat`` is
+an interactive loop with history. Settings come from flags and the environment
+(``EMBER_HOME``), read here in ``main()`` and nowhere at import time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from ember_core import EmberError
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def _catalog(args: argparse.Namespace) -> Any:
+    from ember_weights_store import ModelCatalog, default_home
+
+    return ModelCatalog(Path(args.home) if args.home else default_home())
+
+
+def _model_dir(args: argparse.Namespace, err: TextIO) -> Path:
+    """Resolves ``--model``; a known model that is not installed yet is installed."""
+    from ember_weights_store import find_known_model
+
+    catalog = _catalog(args)
+    name = args.model
+    known = None if Path(name).is_dir() else find_known_model(name)
+    if known is not None and not catalog.is_installed(known.name):
+        print(f"first run: installing {known.name} into {catalog.models_dir}", file=err)
+        return Path(catalog.add(known.name, progress=True))
+    return Path(catalog.resolve(name))
+
+
+def _engine(args: argparse.Namespace, err: TextIO) -> Any:
+    from ember_functions.engine import LLMEngine
+    from ember_functions.engine_config import EngineConfig
+
+    model_dir = _model_dir(args, err)
+    config = EngineConfig(dtype=args.dtype, num_threads=args.threads, max_num_seqs=8)
+    t0 = time.perf_counter()
+    engine = LLMEngine.from_dir(model_dir, config=config, model_name=model_dir.name)
+    print(
+        f"loaded {model_dir.name} in {time.perf_counter() - t0:.2f} s "
+        f"(compute {str(engine.model.dtype).removeprefix('torch.')})",
+        file=err,
+    )
+    return engine
+
+
+def _sampling(args: argparse.Namespace) -> Any:
+    from ember_functions.sampling_params import SamplingParams
+
+    return SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
+
+
+def _stream(engine: Any, prompt: Any, params: Any, out: TextIO, err: TextIO) -> str:
+    """Runs one request on this thread, printing deltas as they come."""
+    t0 = time.perf_counter()
+    rid = engine.add_request(prompt, params)
+    first: float | None = None
+    pieces: list[str] = []
+    usage = None
+    while engine.has_unfinished():
+        for o in engine.step():
+            if o.request_id != rid:
+                continue
+            if first is None and o.token_ids:
+                first = time.perf_counter()
+            if o.text:
+                pieces.append(o.text)
+                out.write(o.text)
+                out.flush()
+            if o.finished:
+                usage = o.usage
+                if o.error:
+                    raise EmberError(f"generation failed: {o.error}")
+    end = time.perf_counter()
+    out.write("\n")
+    if usage is not None and first is not None:
+        decode_s = end - first
+        rate = (usage.completion_tokens - 1) / decode_s if decode_s > 0 else float("nan")
+        print(
+            f"[ttft {first - t0:.3f} s · {usage.prompt_tokens} prompt + "
+            f"{usage.completion_tokens} completion tokens · {rate:.1f} tok/s]",
+            file=err,
+        )
+    return "".join(pieces)
+
+
+def cmd_generate(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    engine = _engine(args, err)
+    prompt: Any = args.prompt if args.raw else [{"role": "user", "content": args.prompt}]
+    if args.system and not args.raw:
+        prompt.insert(0, {"role": "system", "content": args.system})
+    _stream(engine, prompt, _sampling(args), out, err)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace, out: TextIO, err: TextIO, inp: TextIO) -> int:
+    engine = _engine(args, err)
+    params = _sampling(args)
+    history: list[dict[str, str]] = []
+    if args.system:
+        history.append({"role": "system", "content": args.system})
+    print("chat with the model; /reset clears the history, /exit or Ctrl-D quits", file=err)
+    while True:
+        out.write("> ")
+        out.flush()
+        line = inp.readline()
+        if not line or line.strip() == "/exit":
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/reset":
+            del history[int(bool(args.system)) :]
+            print("history cleared", file=err)
+            continue
+        history.append({"role": "user", "content": text})
+        try:
+            reply = _stream(engine, history, params, out, err)
+        except EmberError as exc:  # e.g. the history outgrew the context window
+            history.pop()
+            print(f"error: {exc.message}", file=err)
+            continue
+        history.append({"role": "assistant", "content": reply})
+
+
+def cmd_models_add(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    catalog = _catalog(args)
+    if args.source.endswith(".gguf"):
+        path = catalog.add_gguf(Path(args.source), name=args.name or Path(args.source).stem)
+    else:
+        path = catalog.add(args.source, progress=True)
+    print(f"installed: {path}", file=out)
+    return 0
+
+
+def cmd_models_list(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from ember_weights_store import KNOWN_MODELS
+
+    catalog = _catalog(args)
+    installed = set(catalog.installed())
+    for name in sorted(installed):
+        print(f"{name:24} installed   {catalog.path_for(name)}", file=out)
+    for known in KNOWN_MODELS:
+        if known.name not in installed:
+            print(f"{known.name:24} available   ember models add {known.name}", file=out)
+    return 0
+
+
+def cmd_models_rm(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    _catalog(args).remove(args.name)
+    print(f"removed {args.name}", file=out)
+    return 0
+
+
+def _add_engine_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL, help="installed name, alias, or directory")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--system", default=None, help="system message for the chat template")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ember", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--home", default=None, help="Ember's data directory (env EMBER_HOME)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="stream one answer to a prompt")
+    gen.add_argument("prompt")
+    gen.add_argument("--raw", action="store_true", help="send the prompt without chat template")
+    _add_engine_flags(gen)
+
+    chat = sub.add_parser("chat", help="interactive chat with history")
+    _add_engine_flags(chat)
+
+    models = sub.add_parser("models", help="manage local models").add_subparsers(
+        dest="models_command", required=True
+    )
+    add = models.add_parser("add", help="install a known model, or import a .gguf file")
+    add.add_argument("source", help="a known model name (see `ember models list`) or a .gguf path")
+    add.add_argument("--name", default=None, help="name for an imported .gguf")
+    models.add_parser("list", help="installed and installable models")
+    rm = models.add_parser("rm", help="remove an installed model")
+    rm.add_argument("name")
+    return parser
+
+
+def main(
+    argv: Sequence[str] | None = None,
+    *,
+    stdout: TextIO | None = None,
+    stderr: TextIO | None = None,
+    stdin: TextIO | None = None,
+) -> int:
+    out, err, inp = stdout or sys.stdout, stderr or sys.stderr, stdin or sys.stdin
+    args = build_parser().parse_args(argv)
+    handlers: dict[str, Callable[[argparse.Namespace, TextIO, TextIO], int]] = {
+        "generate": cmd_generate,
+        "add": cmd_models_add,
+        "list": cmd_models_list,
+        "rm": cmd_models_rm,
+    }
+    try:
+        if args.command == "chat":
+            return cmd_chat(args, out, err, inp)
+        key = args.models_command if args.command == "models" else args.command
+        return handlers[key](args, out, err)
+    except EmberError as exc:
+        print(f"error: {exc.message}", file=err)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=err)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
