@@ -25,6 +25,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in float32 whatever the activation dtype, as the reference does.
+        if x.dtype == torch.float32:
+            return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
@@ -63,11 +65,11 @@ class DecoderLayer(nn.Module):
     ) -> torch.Tensor:
         t = hidden.shape[0]
         qkv = self.linear(self.input_norm(hidden), self.qkv_weight, self.qkv_bias)
-        q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
-        q = q.view(t, self.num_heads, self.head_dim)
-        k = k.view(t, self.num_kv_heads, self.head_dim)
-        v = v.reshape(t, self.num_kv_heads, self.head_dim)
-        q, k = rope(positions, q, k)
+        # RoPE rotates q and k heads together: one pass over [T, H + Hkv, D].
+        qk = qkv[:, : self.q_size + self.kv_size].view(t, self.num_heads + self.num_kv_heads, -1)
+        qk = rope(positions, qk)
+        q, k = qk.split((self.num_heads, self.num_kv_heads), dim=1)
+        v = qkv[:, self.q_size + self.kv_size :].reshape(t, self.num_kv_heads, self.head_dim)
         k_cache, v_cache = kv_cache.layer(self.index)
         attn = paged_attention(q, k, v, k_cache, v_cache, batch, scale=self.scale)
         hidden = hidden + self.linear(attn.view(t, self.q_size), self.o_weight, None)

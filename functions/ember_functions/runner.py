@@ -77,9 +77,11 @@ class ModelRunner:
             decode_slots = (
                 (tables[:, :, None] * bs + offsets).view(nd, -1)[:, :max_len].contiguous()
             )
-            lens = torch.tensor(lengths, dtype=torch.int64)
-            decode_mask = (torch.arange(max_len)[None, :] < lens[:, None]).view(nd, 1, 1, max_len)
-            decode_slots, decode_mask = decode_slots.to(dev), decode_mask.to(dev)
+            decode_slots = decode_slots.to(dev)
+            if min(lengths) < max_len:  # padding to mask; equal lengths need no mask
+                lens = torch.tensor(lengths, dtype=torch.int64)
+                mask = torch.arange(max_len)[None, :] < lens[:, None]
+                decode_mask = mask.view(nd, 1, 1, max_len).to(dev)
         prefills = []
         row = nd
         for c in step.prefills:

@@ -1,0 +1,99 @@
+"""Fixtures for the function worker's tests: engines over tiny models, and a KV-block
+leak check that runs after every test in this folder."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from ember_functions.engine import LLMEngine
+from ember_functions.engine_config import EngineConfig
+
+EngineFactory = Callable[..., LLMEngine]
+LeakReport = Callable[[LLMEngine], str | None]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    # Tiny models gain nothing from a second thread, and on a shared 2-core machine an
+    # OpenMP pool that spins against other processes makes steps 10-100x slower.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def kv_leak_report(engine: LLMEngine) -> str | None:
+    """None when every KV block of an idle engine is free, else what holds them."""
+    blocks = engine.blocks
+    if blocks.num_free_blocks == blocks.num_blocks:
+        return None
+    held = [b for b, refs in enumerate(blocks._ref_count) if refs]
+    sched = engine.scheduler
+    return (
+        f"engine for {engine.model_name!r} has no unfinished requests but holds "
+        f"{blocks.num_blocks - blocks.num_free_blocks} of {blocks.num_blocks} KV blocks "
+        f"(blocks with references: {held[:16]}{' ...' if len(held) > 16 else ''}; "
+        f"scheduler running={[s.request_id for s in sched.running]}, "
+        f"waiting={[s.request_id for s in sched.waiting]}). A finished, cancelled or "
+        "failed request did not give its blocks back."
+    )
+
+
+@pytest.fixture
+def leak_report() -> LeakReport:
+    """The check the autouse leak fixture runs, for tests of the check itself."""
+    return kv_leak_report
+
+
+@pytest.fixture(autouse=True)
+def _kv_blocks_released(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[LLMEngine]]:
+    """Tracks every LLMEngine built during the test; afterwards each one that has no
+    unfinished requests must have all of its KV blocks free."""
+    engines: list[LLMEngine] = []
+    original_init = LLMEngine.__init__
+
+    def tracking_init(self: LLMEngine, *args: Any, **kwargs: Any) -> None:
+        original_init(self, *args, **kwargs)
+        engines.append(self)
+
+    monkeypatch.setattr(LLMEngine, "__init__", tracking_init)
+    yield engines
+    problems = [
+        f"engine #{i}: {report}"
+        for i, engine in enumerate(engines)
+        if not engine.has_unfinished() and (report := kv_leak_report(engine)) is not None
+    ]
+    if problems:
+        pytest.fail("KV block leak after the test:\n" + "\n".join(problems), pytrace=False)
+
+
+@pytest.fixture
+def make_engine(tiny_model: Callable[..., Path]) -> EngineFactory:
+    """``make_engine(family="llama", **engine_config)``: a float32 engine over a tiny
+    model, with a small explicit KV cache (the default sizes it to 1 GiB)."""
+
+    def make(family: str = "llama", *, model_dir: Path | None = None, **config: Any) -> LLMEngine:
+        settings: dict[str, Any] = {"dtype": "float32", "num_kv_blocks": 256, "block_size": 16}
+        settings.update(config)
+        return LLMEngine.from_dir(
+            model_dir or tiny_model(family), config=EngineConfig(**settings), model_name=family
+        )
+
+    return make
+
+
+@pytest.fixture
+def copy_model(tiny_model: Callable[..., Path], tmp_path: Path) -> Callable[..., Path]:
+    """``copy_model(family="llama") -> a private copy of the tiny model dir`` to edit."""
+
+    def copy(family: str = "llama") -> Path:
+        dst = tmp_path / f"{family}-copy"
+        shutil.copytree(tiny_model(family), dst)
+        return dst
+
+    return copy
