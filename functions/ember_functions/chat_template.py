@@ -22,6 +22,7 @@ import jinja2.ext
 import jinja2.meta
 import jinja2.sandbox
 import jinja2.utils
+
 from ember_core import InvalidRequestError, ModelFormatError
 
 ROLES = frozenset({"system", "user", "assistant", "tool"})

@@ -95,6 +95,10 @@ class ModelConfig:
                 f"model_type {model_type!r} is not supported; Ember runs "
                 f"{', '.join(SUPPORTED_MODEL_TYPES)} models"
             )
+        if hf.get("mlp_bias"):
+            raise ModelFormatError(
+                "mlp_bias: true is not supported; Ember runs Llama-family MLPs without bias"
+            )
         act = hf.get("hidden_act", "silu")
         if act != "silu":
             raise ModelFormatError(f"hidden_act {act!r} is not supported; only 'silu' is")

@@ -8,17 +8,17 @@ on a background thread and streams outputs to callers.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from ember_core import ContextLengthError, InvalidRequestError, ModelNotFoundError
 
+from ember_core import ContextLengthError, InvalidRequestError, ModelNotFoundError
 from ember_functions.attention import KVCache
 from ember_functions.block_manager import BlockManager
 from ember_functions.engine_config import EngineConfig
@@ -98,7 +98,6 @@ class LLMEngine:
         self.runner = ModelRunner(model, self.kv_cache)
         self.sampler = Sampler(seed=config.seed)
         self._requests: dict[str, _Request] = {}
-        self._ids = itertools.count()
         self._pending: list[RequestOutput] = []  # outputs produced outside step()
 
     @classmethod
@@ -172,7 +171,7 @@ class LLMEngine:
             )
         max_tokens = params.max_tokens or capacity - n
         seq = Seq(
-            request_id=request_id or f"req-{next(self._ids)}",
+            request_id=request_id or f"req-{uuid.uuid4().hex}",
             prompt_ids=prompt_ids,
             params=params,
             max_tokens=max_tokens,
@@ -204,6 +203,11 @@ class LLMEngine:
         self._finish(req, FinishReason.CANCELLED)
         self._pending.append(self._output(req, "", []))
         return True
+
+    def usage_of(self, request_id: str) -> Usage | None:
+        """Usage so far of a request still in the engine, else None."""
+        req = self._requests.get(request_id)
+        return req.seq.usage() if req is not None else None
 
     def _tokenize(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
@@ -242,7 +246,14 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         outputs, self._pending = self._pending, []
-        plan = self.scheduler.schedule()
+        try:
+            plan = self.scheduler.schedule()
+        except Exception as exc:  # engine bookkeeping is suspect: end every request
+            log.exception("scheduling failed; ending all %d requests", len(self._requests))
+            for req in list(self._requests.values()):
+                self._finish(req, FinishReason.ERROR, error=f"{type(exc).__name__}: {exc}")
+                outputs.append(self._output(req, "", []))
+            return outputs
         if not plan:
             return outputs
         try:
@@ -321,7 +332,9 @@ class LLMEngine:
     ) -> list[Completion]:
         """Runs prompts to completion on the calling thread (tests, benchmarks)."""
         plist = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
-        ids = [self.add_request(p, sp) for p, sp in zip(prompts, plist, strict=True)]
+        # Validate every prompt before queueing any, so one bad prompt queues nothing.
+        requests = [self.make_request(p, sp) for p, sp in zip(prompts, plist, strict=True)]
+        ids = [self.enqueue(r) for r in requests]
         parts: dict[str, list[RequestOutput]] = {rid: [] for rid in ids}
         while self.has_unfinished():
             for out in self.step():

@@ -44,8 +44,11 @@ class Sequence:
     arrival_s: float
     # Prefix-cache keys include the salt, so KV is only ever shared within a tenant.
     cache_salt: str = ""
-    # Seam for batched LoRA: the adapter slot every token of this sequence uses
-    # (0 = base model). The adapter issue fills it; the runner passes it per token.
+    # Seam for batched LoRA: ``adapter_id`` names the adapter's content ("" = base
+    # model) and keys the prefix cache; ``adapter_slot`` is where it sits on the device
+    # this step (0 = none). The adapter issue fills them; the runner passes the slot
+    # per token.
+    adapter_id: str = ""
     adapter_slot: int = 0
     status: SequenceStatus = SequenceStatus.WAITING
     output_ids: list[int] = field(default_factory=list)
@@ -67,6 +70,11 @@ class Sequence:
     @property
     def num_uncomputed(self) -> int:
         return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def prefix_key(self) -> str:
+        """What KV blocks may be shared under: same tenant and same adapter only."""
+        return f"{self.cache_salt}\x00{self.adapter_id}"
 
     @property
     def is_finished(self) -> bool:

@@ -17,11 +17,23 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from ember_core import EngineError, InvalidRequestError
-
 from ember_functions.engine import Completion, LLMEngine, Prompt, RequestOutput
 from ember_functions.sampling_params import SamplingParams
+from ember_functions.sequence import FinishReason, Usage
 
 log = logging.getLogger(__name__)
+
+
+def _aborted(request_id: str, reason: str, usage: Usage) -> RequestOutput:
+    return RequestOutput(
+        request_id=request_id,
+        text="",
+        token_ids=[],
+        finished=True,
+        finish_reason=FinishReason.ERROR.value,
+        usage=usage,
+        error=reason,
+    )
 
 
 class RequestStream:
@@ -104,7 +116,8 @@ class EngineService:
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ember-engine", daemon=True)
         self._lock = threading.Lock()
-        self._ids = 0
+        self._failure: str | None = None
+        self._stopped = False  # set once, under _lock, when no stream can be added
 
     def __enter__(self) -> EngineService:
         self.start()
@@ -128,12 +141,11 @@ class EngineService:
         """Queues a request; raises at once if it is invalid."""
         if self._closed.is_set():
             raise EngineError("the engine is shut down; start a new one to submit requests")
-        with self._lock:
-            self._ids += 1
-            kwargs.setdefault("request_id", f"req-{self._ids}")
         request = self.engine.make_request(prompt, params or SamplingParams(), **kwargs)
         stream = RequestStream(request.seq.request_id, self)
         with self._lock:
+            if self._stopped:
+                raise EngineError("the engine is shut down; start a new one to submit requests")
             if stream.request_id in self._streams:
                 raise InvalidRequestError(
                     f"request id {stream.request_id!r} is already running; use a unique id"
@@ -149,6 +161,8 @@ class EngineService:
 
     def call(self, fn: Any) -> Any:
         """Runs ``fn(engine)`` on the engine thread between steps; returns its result."""
+        if self._closed.is_set():
+            raise EngineError("the engine is shut down; start a new one to call into it")
         done: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._inbox.put(("call", (fn, done)))
         self._wake.set()
@@ -158,6 +172,15 @@ class EngineService:
         return value
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except Exception as exc:  # a bug, not a bad request: fail loudly, hang nobody
+            log.exception("engine thread crashed; failing every open request")
+            self._failure = f"{type(exc).__name__}: {exc}"
+            self._closed.set()
+        self._shutdown()
+
+    def _loop(self) -> None:
         engine = self.engine
         while not self._closed.is_set():
             self._drain_inbox()
@@ -167,10 +190,25 @@ class EngineService:
                 continue
             for out in engine.step():
                 self._dispatch(out)
-        for rid in list(self._streams):  # shut down: end what is still running
-            engine.cancel(rid)
-        for out in engine.step():
-            self._dispatch(out)
+
+    def _shutdown(self) -> None:
+        """Ends every open stream: requests still running are cancelled, and calls
+        or submits that raced with close() are answered instead of left waiting."""
+        try:
+            self._drain_inbox()
+            for rid in list(self._streams):
+                self.engine.cancel(rid)
+            for out in self.engine.step():
+                self._dispatch(out)
+        except Exception:
+            log.exception("engine shutdown failed; ending streams without final usage")
+        reason = self._failure or "the engine shut down before the request finished"
+        with self._lock:
+            self._stopped = True
+            streams, self._streams = list(self._streams.values()), {}
+        for stream in streams:
+            usage = self.engine.usage_of(stream.request_id) or Usage(0, 0)
+            stream._deliver(_aborted(stream.request_id, reason, usage))
 
     def _drain_inbox(self) -> None:
         while True:
@@ -184,6 +222,9 @@ class EngineService:
                 self.engine.cancel(arg)
             else:
                 fn, done = arg
+                if self._closed.is_set() and self._failure is not None:
+                    done.put((False, EngineError(f"the engine failed: {self._failure}")))
+                    continue
                 try:
                     done.put((True, fn(self.engine)))
                 except Exception as exc:

@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from ember_core import InvalidRequestError
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+from ember_core import InvalidRequestError
 
 FAMILIES = ("llama", "llama3", "mistral", "qwen2", "smollm2")
 SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import tokenizers
-from ember_core import InvalidRequestError, ModelFormatError
 
+from ember_core import InvalidRequestError, ModelFormatError
 from ember_functions.chat_template import (
     FALLBACK_TEMPLATE,
     ChatTemplate,

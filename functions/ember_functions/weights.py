@@ -12,9 +12,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from ember_core import ConfigError, ModelFormatError
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
+from ember_core import ConfigError, ModelFormatError
 from ember_functions.config import ModelConfig
 from ember_functions.linear import pick_linear
 from ember_functions.model import LlamaModel
@@ -56,8 +56,18 @@ def resolve_compute_dtype(
 def _weight_files(model_dir: Path) -> list[Path]:
     index = model_dir / "model.safetensors.index.json"
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return [model_dir / name for name in sorted(set(weight_map.values()))]
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ModelFormatError(f"{index} is not a valid safetensors index: {exc}") from None
+        shards = [model_dir / name for name in sorted(set(weight_map.values()))]
+        missing = [p.name for p in shards if not p.exists()]
+        if missing:
+            raise ModelFormatError(
+                f"{index.name} lists shards missing from {model_dir}: {', '.join(missing)}; "
+                "copy or download the whole checkpoint"
+            )
+        return shards
     single = model_dir / "model.safetensors"
     if single.exists():
         return [single]
@@ -69,9 +79,15 @@ def _weight_files(model_dir: Path) -> list[Path]:
 
 def iter_hf_tensors(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
     for path in _weight_files(model_dir):
-        with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():  # noqa: SIM118 - safe_open is not a Mapping
-                yield name, f.get_tensor(name)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():  # noqa: SIM118 - safe_open is not a Mapping
+                    yield name, f.get_tensor(name)
+        except (SafetensorError, OSError) as exc:
+            raise ModelFormatError(
+                f"{path} is not a readable safetensors file ({exc}); it may be truncated or "
+                "corrupt: copy or convert it again"
+            ) from None
 
 
 def checkpoint_dtype(model_dir: Path) -> torch.dtype:
@@ -96,6 +112,15 @@ def load_model(
         if "rotary_emb" not in name
     }
     state = _fuse(config, hf)
+    # Tensors we would silently drop (an o_proj or MLP bias, extra layers) mean the
+    # checkpoint is a variant we do not run exactly: refuse rather than run it wrong.
+    leftover = sorted(n for n in hf if not (n == "lm_head.weight" and config.tie_word_embeddings))
+    if leftover:
+        raise ModelFormatError(
+            f"checkpoint in {model_dir} has tensors Ember does not use: {leftover[:4]}"
+            f"{' ...' if len(leftover) > 4 else ''}; this {config.model_type} variant "
+            "(e.g. attention_bias or mlp_bias on a llama) is not supported"
+        )
     linear = pick_linear(device, dtype)  # probes real kernels: outside the meta context
     with torch.device("meta"):
         model = LlamaModel(config, linear=linear)

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+
 from ember_functions.engine import LLMEngine
 from ember_functions.engine_config import EngineConfig
 

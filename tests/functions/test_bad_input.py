@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from ember_core import (
     ContextLengthError,
     EmberError,
@@ -291,12 +292,6 @@ def test_a_failing_step_ends_only_its_requests(
     assert [c.token_ids for c in again] == [expected[f"good-{i}"] for i in range(4)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: LLMEngine.generate enqueues prompts one by one while validating them, so "
-    "a bad prompt raises after the earlier good ones were queued; they stay in the engine "
-    "and run later with nobody collecting their outputs",
-)
 def test_generate_with_a_bad_prompt_queues_nothing(make_engine: EngineFactory) -> None:
     engine = make_engine("llama", max_model_len=MAX_MODEL_LEN)
     with pytest.raises(InvalidRequestError):

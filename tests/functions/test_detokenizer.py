@@ -10,8 +10,9 @@ from typing import Any
 
 import pytest
 import tokenizers
-from ember_functions.tokenizer import IncrementalDetokenizer, Tokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
+from ember_functions.tokenizer import IncrementalDetokenizer, Tokenizer
 
 CORPUS = [
     "Hello world, this is a small corpus for testing streaming detokenization.",

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
+
 from ember_core import InvalidRequestError
 from ember_functions.engine import Completion, LLMEngine, Prompt, RequestOutput
 from ember_functions.sampling_params import SamplingParams
@@ -377,11 +378,6 @@ def test_leak_check_reports_held_blocks(
 # -- bugs ------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: LLMEngine.make_request auto-generates ids 'req-N' from a counter without "
-    "checking ids callers chose, so a valid request without an id can collide and be refused",
-)
 def test_generated_request_ids_never_collide_with_caller_ids(make_engine: EngineFactory) -> None:
     engine = make_engine("llama")
     engine.add_request(prompt_ids(740, 5), GREEDY_16, request_id="req-0")

@@ -18,6 +18,9 @@ from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
 from ember_core import ConfigError, ContextLengthError, ModelFormatError
 from ember_functions.attention import AttentionBatch, KVCache, PrefillChunk
 from ember_functions.config import ModelConfig
@@ -28,8 +31,6 @@ from ember_functions.sampling_params import SamplingParams
 from ember_functions.scheduler import SchedulerOutput
 from ember_functions.tiny import FAMILIES
 from ember_functions.weights import cpu_has_native_bf16, load_model, resolve_compute_dtype
-from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM
 
 ATOL = 1e-4
 CPU = torch.device("cpu")
@@ -471,12 +472,6 @@ def test_mistral_sliding_window_caps_the_context(
 # -- bugs ------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: weights.load_model silently ignores checkpoint tensors _fuse did not "
-    "consume; a llama config with attention_bias=true loads without o_proj.bias and gives "
-    "wrong logits instead of being rejected",
-)
 def test_llama_attention_bias_is_run_or_rejected(copy_model: Callable[..., Path]) -> None:
     model_dir = copy_model("llama")
     edit_config(model_dir, attention_bias=True)
@@ -500,11 +495,6 @@ def test_llama_attention_bias_is_run_or_rejected(copy_model: Callable[..., Path]
     assert diff <= ATOL, f"loaded a model we cannot run: logits differ by {diff}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: config.py ignores mlp_bias and load_model drops the unused MLP bias "
-    "tensors, so such a model runs with wrong logits instead of being rejected",
-)
 def test_llama_mlp_bias_is_run_or_rejected(copy_model: Callable[..., Path]) -> None:
     model_dir = copy_model("llama")
     edit_config(model_dir, mlp_bias=True)
@@ -526,11 +516,6 @@ def test_llama_mlp_bias_is_run_or_rejected(copy_model: Callable[..., Path]) -> N
     assert diff <= ATOL, f"loaded a model we cannot run: logits differ by {diff}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: weights.iter_hf_tensors lets safetensors' SafetensorError escape for a "
-    "truncated/corrupt file instead of raising ModelFormatError",
-)
 def test_truncated_weights_file_is_a_model_format_error(copy_model: Callable[..., Path]) -> None:
     model_dir = copy_model("llama")
     path = model_dir / "model.safetensors"
@@ -540,11 +525,6 @@ def test_truncated_weights_file_is_a_model_format_error(copy_model: Callable[...
         LLMEngine.from_dir(model_dir, config=EngineConfig(num_kv_blocks=8))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: weights._weight_files does not check that the shards named by "
-    "model.safetensors.index.json exist; a missing shard raises a bare FileNotFoundError",
-)
 def test_missing_shard_is_a_model_format_error(copy_model: Callable[..., Path]) -> None:
     model_dir = copy_model("llama")
     (model_dir / "model.safetensors").rename(model_dir / "model-00001-of-00002.safetensors")

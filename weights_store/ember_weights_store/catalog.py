@@ -20,13 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
 from ember_core import (
     EmberError,
     InvalidRequestError,
     ModelFormatError,
     ModelNotFoundError,
 )
-
 from ember_weights_store.gguf_import import convert_gguf_to_hf
 
 __all__ = [

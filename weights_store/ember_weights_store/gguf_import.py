@@ -24,11 +24,11 @@ from typing import Any
 import gguf
 import numpy as np
 import torch
-from ember_core import InvalidRequestError, ModelFormatError
 from gguf.quants import dequantize
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from ember_core import InvalidRequestError, ModelFormatError
 from ember_weights_store.gguf_tokenizer import build_tokenizer
 
 __all__ = ["convert_gguf_to_hf"]

@@ -16,8 +16,9 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from ember_core import ModelFormatError
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+from ember_core import ModelFormatError
 
 __all__ = ["build_tokenizer"]
 
