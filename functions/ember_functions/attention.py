@@ -37,6 +37,9 @@ class AttentionBatch:
     decode_slots: torch.Tensor | None  # [num_decodes, max_context] int64, padded with 0
     decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_context] bool
     prefills: list[PrefillChunk] = field(default_factory=list)
+    # Seam for batched LoRA: the adapter slot of every token (0 = base model), or None
+    # when no sequence in the step uses an adapter. Projections read it; attention not.
+    adapter_indices: torch.Tensor | None = None  # [T] int64
 
 
 class KVCache:
@@ -62,6 +65,20 @@ class KVCache:
         """Flat ``[num_slots, num_kv_heads, head_dim]`` views of one layer's K and V."""
         k, v = self.data[index]
         return k.flatten(0, 1), v.flatten(0, 1)
+
+    def read_blocks(self, block_ids: list[int]) -> torch.Tensor:
+        """Copies blocks out, ``[layers, 2, len(block_ids), block_size, kv_heads, head_dim]``:
+        the unit the KV tier saves and restores."""
+        index = torch.tensor(block_ids, dtype=torch.int64, device=self.data.device)
+        return self.data.index_select(2, index)
+
+    def write_blocks(self, block_ids: list[int], blocks: torch.Tensor) -> None:
+        """Restores blocks produced by :meth:`read_blocks` into ``block_ids``."""
+        expected = (*self.data.shape[:2], len(block_ids), *self.data.shape[3:])
+        if tuple(blocks.shape) != expected:
+            raise ValueError(f"blocks have shape {tuple(blocks.shape)}, expected {expected}")
+        index = torch.tensor(block_ids, dtype=torch.int64, device=self.data.device)
+        self.data.index_copy_(2, index, blocks.to(self.data.device, self.data.dtype))
 
     @property
     def size_bytes(self) -> int:

@@ -6,6 +6,8 @@ Token layout of a step: one row per decode first, then each prefill chunk's rows
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from ember_functions.attention import AttentionBatch, KVCache, PrefillChunk
@@ -40,6 +42,11 @@ class ModelRunner:
                 sample_rows.append(row - 1)
                 sampling.append(chunk)
         batch = self._attention_batch(step, slots)
+        if any(c.seq.adapter_slot for c in step.chunks):
+            adapters = [c.seq.adapter_slot for c in step.chunks for _ in range(c.num_tokens)]
+            batch = dataclasses.replace(
+                batch, adapter_indices=torch.tensor(adapters, dtype=torch.int64, device=self.device)
+            )
         dev = self.device
         hidden = self.model(
             torch.tensor(input_ids, dtype=torch.int64, device=dev),

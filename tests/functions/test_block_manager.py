@@ -270,3 +270,27 @@ def test_prefix_hits_need_the_same_adapter() -> None:
     tuned.adapter_id = "acme/sql-v2"
     tuned.adapter_slot = 3
     assert bm.match_prefix(tuned) == []
+
+
+def test_kv_blocks_export_and_import_round_trip() -> None:
+    import torch
+
+    from ember_functions.attention import KVCache
+
+    cache = KVCache(
+        num_layers=2,
+        num_blocks=6,
+        block_size=4,
+        num_kv_heads=2,
+        head_dim=8,
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+    )
+    cache.data.copy_(torch.randn_like(cache.data))
+    saved = cache.read_blocks([4, 1])  # [layers, 2, 2 blocks, block_size, kv_heads, head_dim]
+    assert saved.shape == (2, 2, 2, 4, 2, 8)
+    cache.write_blocks([0, 3], saved)
+    assert torch.equal(cache.data[:, :, 0], cache.data[:, :, 4])
+    assert torch.equal(cache.data[:, :, 3], cache.data[:, :, 1])
+    with pytest.raises(ValueError, match="expected"):
+        cache.write_blocks([0], saved)
