@@ -29,7 +29,8 @@ from ember_functions.sampling_params import SamplingParams
 from ember_functions.scheduler import Scheduler
 from ember_functions.sequence import FinishReason, SequenceStatus, Usage
 from ember_functions.sequence import Sequence as Seq
-from ember_functions.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
+from ember_functions.stop_strings import StopStringMatcher
+from ember_functions.tokenizer import IncrementalDetokenizer, Tokenizer
 from ember_functions.weights import checkpoint_dtype, load_model, resolve_compute_dtype
 
 log = logging.getLogger(__name__)

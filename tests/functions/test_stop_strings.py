@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from ember_core import InvalidRequestError
-from ember_functions.tokenizer import StopStringMatcher
+from ember_functions.stop_strings import StopStringMatcher
 
 
 def expected_output(text: str, stops: list[str]) -> tuple[str, str | None]:
