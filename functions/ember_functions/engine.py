@@ -31,7 +31,12 @@ from ember_functions.sequence import FinishReason, SequenceStatus, Usage
 from ember_functions.sequence import Sequence as Seq
 from ember_functions.stop_strings import StopStringMatcher
 from ember_functions.tokenizer import IncrementalDetokenizer, Tokenizer
-from ember_functions.weights import checkpoint_dtype, load_model, resolve_compute_dtype
+from ember_functions.weights import (
+    checkpoint_dtype,
+    gemv_dtype_for,
+    load_model,
+    resolve_compute_dtype,
+)
 
 log = logging.getLogger(__name__)
 
@@ -114,11 +119,19 @@ class LLMEngine:
         device = torch.device(config.device)
         if device.type == "cpu" and config.num_threads:
             torch.set_num_threads(config.num_threads)
-        dtype = resolve_compute_dtype(
-            config.dtype, weights_dtype=checkpoint_dtype(model_dir), device=device
+        weights_dtype = checkpoint_dtype(model_dir)
+        dtype = resolve_compute_dtype(config.dtype, weights_dtype=weights_dtype, device=device)
+        gemv = (
+            gemv_dtype_for(weights_dtype=weights_dtype, compute_dtype=dtype, device=device)
+            if config.gemv_weights and config.dtype == "auto"
+            else None
         )
         model = load_model(
-            model_dir, dtype=dtype, device=device, max_positions=config.max_model_len
+            model_dir,
+            dtype=dtype,
+            device=device,
+            max_positions=config.max_model_len,
+            gemv_dtype=gemv,
         )
         tokenizer = Tokenizer.from_dir(model_dir)
         return cls(

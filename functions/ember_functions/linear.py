@@ -1,18 +1,21 @@
 """The matmul behind every projection, chosen once per model for its device and dtype.
 
-On CPU in float32, oneDNN's inner-product primitive runs the skinny matrices of
-batched decoding about twice as fast as the default BLAS path on the AMD machines
-we measured (``bench/engine.py``), so it is used where torch exposes it.
+Two CPU facts drive this (measured on this project's 2-core AVX2 machines; see
+``bench/engine.py``):
+
+* In float32, oneDNN's inner-product primitive runs the skinny matrices of batched
+  decoding about twice as fast as the default BLAS path, so it is used where torch
+  exposes it.
+* A single decoding sequence is bound by memory bandwidth, not arithmetic. When the
+  checkpoint is bf16 but the CPU computes in float32, streaming the bf16 copy of each
+  matrix halves the bytes read per token. ``Linear`` then takes that copy for
+  single-row inputs and the float32 weights for everything else.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
-
-LinearFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
 def _onednn_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -31,7 +34,26 @@ def _onednn_works() -> bool:
         return False
 
 
-def pick_linear(device: torch.device, dtype: torch.dtype) -> LinearFn:
-    if device.type == "cpu" and dtype == torch.float32 and _onednn_works():
-        return _onednn_linear
-    return F.linear
+class Linear:
+    """``y = x @ w.T + b`` with the fastest kernel for the row count.
+
+    ``gemv`` is an optional low-precision copy of ``w`` (same values: the checkpoint's
+    own bf16) used when ``x`` has one row.
+    """
+
+    def __init__(self, *, device: torch.device, dtype: torch.dtype) -> None:
+        self.onednn = device.type == "cpu" and dtype == torch.float32 and _onednn_works()
+
+    def __call__(
+        self,
+        x: torch.Tensor,  # [T, in]
+        w: torch.Tensor,  # [out, in]
+        b: torch.Tensor | None = None,  # [out]
+        gemv: torch.Tensor | None = None,  # [out, in], low precision
+    ) -> torch.Tensor:  # [T, out]
+        if gemv is not None and x.shape[0] == 1:
+            y = F.linear(x.to(gemv.dtype), gemv).to(x.dtype)
+            return y if b is None else y + b
+        if self.onednn:
+            return _onednn_linear(x, w, b)
+        return F.linear(x, w, b)

@@ -13,7 +13,7 @@ from torch import nn
 
 from ember_functions.attention import AttentionBatch, KVCache, paged_attention
 from ember_functions.config import ModelConfig
-from ember_functions.linear import LinearFn
+from ember_functions.linear import Linear
 from ember_functions.rope import RotaryEmbedding
 
 
@@ -37,10 +37,12 @@ def _param(*shape: int) -> nn.Parameter:
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, index: int, linear: LinearFn) -> None:
+    def __init__(self, config: ModelConfig, index: int, linear: Linear) -> None:
         super().__init__()
         self.index = index
         self.linear = linear
+        # Low-precision copies for single-row decode, by projection (see linear.py).
+        self.gemv: dict[str, torch.Tensor] = {}
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
@@ -64,7 +66,8 @@ class DecoderLayer(nn.Module):
         batch: AttentionBatch,
     ) -> torch.Tensor:
         t = hidden.shape[0]
-        qkv = self.linear(self.input_norm(hidden), self.qkv_weight, self.qkv_bias)
+        g = self.gemv
+        qkv = self.linear(self.input_norm(hidden), self.qkv_weight, self.qkv_bias, g.get("qkv"))
         # RoPE rotates q and k heads together: one pass over [T, H + Hkv, D].
         qk = qkv[:, : self.q_size + self.kv_size].view(t, self.num_heads + self.num_kv_heads, -1)
         qk = rope(positions, qk)
@@ -72,24 +75,24 @@ class DecoderLayer(nn.Module):
         v = qkv[:, self.q_size + self.kv_size :].reshape(t, self.num_kv_heads, self.head_dim)
         k_cache, v_cache = kv_cache.layer(self.index)
         attn = paged_attention(q, k, v, k_cache, v_cache, batch, scale=self.scale)
-        hidden = hidden + self.linear(attn.view(t, self.q_size), self.o_weight, None)
+        hidden = hidden + self.linear(attn.view(t, self.q_size), self.o_weight, None, g.get("o"))
         normed = self.post_attention_norm(hidden)
-        gate, up = self.linear(normed, self.gate_up_weight, None).chunk(2, -1)
-        return hidden + self.linear(F.silu(gate) * up, self.down_weight, None)
+        gate, up = self.linear(normed, self.gate_up_weight, None, g.get("gate_up")).chunk(2, -1)
+        return hidden + self.linear(F.silu(gate) * up, self.down_weight, None, g.get("down"))
 
 
 class LlamaModel(nn.Module):
     """The decoder stack plus the LM head. Built on the meta device, then bound to
     real tensors by :func:`ember_functions.weights.load_model`."""
 
-    def __init__(self, config: ModelConfig, *, linear: LinearFn = F.linear) -> None:
+    def __init__(self, config: ModelConfig, *, linear: Linear) -> None:
         super().__init__()
         self.config = config
         self.linear = linear
+        self.head_gemv: torch.Tensor | None = None
         self.embed = _param(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(
-            DecoderLayer(config, i, linear) for i in range(config.num_layers)
-        )
+        self.decoder_layers = [DecoderLayer(config, i, linear) for i in range(config.num_layers)]
+        self.layers = nn.ModuleList(self.decoder_layers)  # registers them as submodules
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = (
             None if config.tie_word_embeddings else _param(config.vocab_size, config.hidden_size)
@@ -117,10 +120,42 @@ class LlamaModel(nn.Module):
         if self.rope is None:
             raise RuntimeError("call init_rope() (load_model does) before running the model")
         hidden = F.embedding(input_ids, self.embed)
-        for layer in self.layers:
+        for layer in self.decoder_layers:
             hidden = layer(hidden, positions, self.rope, kv_cache, batch)
         return self.norm(hidden)
 
+    @property
+    def head(self) -> torch.Tensor:  # [vocab, hidden]
+        return self.embed if self.lm_head is None else self.lm_head
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, vocab] fp32
-        head = self.embed if self.lm_head is None else self.lm_head
-        return self.linear(hidden, head, None).float()
+        return self.linear(hidden, self.head, None, self.head_gemv).float()
+
+    def add_gemv_weights(self, dtype: torch.dtype) -> None:
+        """Keeps a ``dtype`` copy of every matrix for single-row decode (see linear.py)."""
+        for layer in self.decoder_layers:
+            layer.gemv = {
+                "qkv": layer.qkv_weight.to(dtype),
+                "o": layer.o_weight.to(dtype),
+                "gate_up": layer.gate_up_weight.to(dtype),
+                "down": layer.down_weight.to(dtype),
+            }
+        self.head_gemv = self.head.to(dtype)
+
+    def decode_bytes_per_token(self) -> int:
+        """Weight bytes one single-sequence decode step streams from memory: every
+        matrix once (the copy it really reads), norms, and one embedding row."""
+        total = self.config.hidden_size * self.embed.element_size()  # the gathered row
+        head = self.head_gemv if self.head_gemv is not None else self.head
+        total += head.numel() * head.element_size()
+        for layer in self.decoder_layers:
+            mats = layer.gemv or {
+                "qkv": layer.qkv_weight,
+                "o": layer.o_weight,
+                "gate_up": layer.gate_up_weight,
+                "down": layer.down_weight,
+            }
+            total += sum(m.numel() * m.element_size() for m in mats.values())
+            small = [layer.input_norm.weight, layer.post_attention_norm.weight, layer.qkv_bias]
+            total += sum(p.numel() * p.element_size() for p in small if p is not None)
+        return total + self.norm.weight.numel() * self.norm.weight.element_size()

@@ -16,7 +16,7 @@ from safetensors import SafetensorError, safe_open
 
 from ember_core import ConfigError, ModelFormatError
 from ember_functions.config import ModelConfig
-from ember_functions.linear import pick_linear
+from ember_functions.linear import Linear
 from ember_functions.model import LlamaModel
 
 
@@ -103,8 +103,13 @@ def load_model(
     dtype: torch.dtype,
     device: torch.device,
     max_positions: int | None = None,
+    gemv_dtype: torch.dtype | None = None,
 ) -> LlamaModel:
-    """Builds the model on the meta device and binds it to the checkpoint's tensors."""
+    """Builds the model on the meta device and binds it to the checkpoint's tensors.
+
+    ``gemv_dtype`` keeps a copy of every matrix in that dtype for single-sequence
+    decode (see linear.py); :func:`gemv_dtype_for` says when that pays.
+    """
     config = ModelConfig.from_dir(model_dir)
     hf = {
         name.removeprefix("model."): t.to(device=device, dtype=dtype)
@@ -121,7 +126,7 @@ def load_model(
             f"{' ...' if len(leftover) > 4 else ''}; this {config.model_type} variant "
             "(e.g. attention_bias or mlp_bias on a llama) is not supported"
         )
-    linear = pick_linear(device, dtype)  # probes real kernels: outside the meta context
+    linear = Linear(device=device, dtype=dtype)  # probes real kernels: outside "meta"
     with torch.device("meta"):
         model = LlamaModel(config, linear=linear)
     expected = dict(model.named_parameters())
@@ -143,7 +148,20 @@ def load_model(
     for p in model.parameters():
         p.requires_grad_(False)
     model.init_rope(max_positions=max_positions or config.max_context, device=device)
+    if gemv_dtype is not None and gemv_dtype != dtype:
+        model.add_gemv_weights(gemv_dtype)
     return model.eval()
+
+
+def gemv_dtype_for(
+    *, weights_dtype: torch.dtype, compute_dtype: torch.dtype, device: torch.device
+) -> torch.dtype | None:
+    """The low-precision copy worth keeping for single-row decode, if any: the
+    checkpoint's own 16-bit dtype, when the CPU computes in float32. The copy holds
+    the checkpoint's exact values, so only activation rounding differs."""
+    if device.type == "cpu" and compute_dtype == torch.float32 and weights_dtype == torch.bfloat16:
+        return weights_dtype
+    return None
 
 
 def _fuse(config: ModelConfig, hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
