@@ -193,7 +193,10 @@ class LLMEngine:
             cache_salt=cache_salt,
             adapter_slot=adapter_slot,
         )
-        detok = IncrementalDetokenizer(self.tokenizer, prompt_ids)
+        # A completion continues its prompt's text (a SentencePiece leading space is
+        # part of the answer); a chat reply starts fresh, as OpenAI's replies do.
+        context = None if _is_chat(prompt) else prompt_ids
+        detok = IncrementalDetokenizer(self.tokenizer, context)
         stops = StopStringMatcher(params.stop) if params.stop else None
         return _Request(seq, detok, stops)
 
@@ -230,9 +233,10 @@ class LLMEngine:
                     "prompt is empty; send at least one character", param="prompt"
                 )
             ids = self.tokenizer.encode(prompt, add_special_tokens=True)
-        elif prompt and all(isinstance(m, Mapping) for m in prompt):
-            text = self.tokenizer.apply_chat_template(prompt)  # type: ignore[arg-type]
-            ids = self.tokenizer.encode(text, add_special_tokens=False)
+        elif _is_chat(prompt):
+            # BOS is added only when the model wants one and the template did not
+            # render it (the fallback template never does).
+            ids = self.tokenizer.encode_chat(prompt)  # type: ignore[arg-type]
         elif prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             ids = list(prompt)  # type: ignore[arg-type]
             vocab = self.model.config.vocab_size
@@ -355,6 +359,12 @@ class LLMEngine:
                 if out.request_id in parts:
                     parts[out.request_id].append(out)
         return [Completion.from_outputs(parts[rid]) for rid in ids]
+
+
+def _is_chat(prompt: Prompt) -> bool:
+    return (
+        not isinstance(prompt, str) and bool(prompt) and all(isinstance(m, Mapping) for m in prompt)
+    )
 
 
 @dataclass(frozen=True)

@@ -4,9 +4,11 @@ reason, seeded sampling is reproducible, usage is exact."""
 
 from __future__ import annotations
 
+import json
 import random
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -387,3 +389,20 @@ def test_generated_request_ids_never_collide_with_caller_ids(make_engine: Engine
         pytest.fail(f"a request without an id was refused: {exc}")
     finally:
         drain(engine)
+
+
+def test_chat_prompt_gets_bos_once_when_the_model_wants_one(
+    copy_model: Callable[..., Path], make_engine: EngineFactory
+) -> None:
+    model_dir = copy_model("llama")
+    cfg_path = model_dir / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["add_bos_token"] = True
+    del cfg["chat_template"]  # the fallback template renders no BOS
+    cfg_path.write_text(json.dumps(cfg))
+    engine = make_engine(model_dir=model_dir)
+    bos = engine.tokenizer.bos_token_id
+    req = engine.make_request([{"role": "user", "content": "hi"}], GREEDY_16)
+    assert req.seq.prompt_ids[0] == bos and req.seq.prompt_ids[1] != bos
+    raw = engine.make_request("hi", GREEDY_16)
+    assert raw.seq.prompt_ids[0] == bos
