@@ -58,7 +58,9 @@ class RequestOutput:
 
 
 @dataclass(eq=False)
-class _Request:
+class PreparedRequest:
+    """A validated, tokenized request, ready for :meth:`LLMEngine.enqueue`."""
+
     seq: Seq
     detok: IncrementalDetokenizer
     stops: StopStringMatcher | None
@@ -103,7 +105,7 @@ class LLMEngine:
         )
         self.runner = ModelRunner(model, self.kv_cache)
         self.sampler = Sampler(seed=config.seed)
-        self._requests: dict[str, _Request] = {}
+        self._requests: dict[str, PreparedRequest] = {}
         self._pending: list[RequestOutput] = []  # outputs produced outside step()
 
     @classmethod
@@ -158,7 +160,7 @@ class LLMEngine:
         model: str | None = None,
         cache_salt: str = "",
         adapter_slot: int = 0,
-    ) -> _Request:
+    ) -> PreparedRequest:
         """Validates and tokenizes a request without touching engine state, so it is
         safe to call from any thread; errors reach the caller before anything runs."""
         if model is not None and model not in self._names:
@@ -198,9 +200,9 @@ class LLMEngine:
         context = None if _is_chat(prompt) else prompt_ids
         detok = IncrementalDetokenizer(self.tokenizer, context)
         stops = StopStringMatcher(params.stop) if params.stop else None
-        return _Request(seq, detok, stops)
+        return PreparedRequest(seq, detok, stops)
 
-    def enqueue(self, request: _Request) -> str:
+    def enqueue(self, request: PreparedRequest) -> str:
         rid = request.seq.request_id
         if rid in self._requests:
             raise InvalidRequestError(f"request id {rid!r} is already running; use a unique id")
@@ -294,7 +296,7 @@ class LLMEngine:
             outputs.append(self._append_token(self._requests[seq.request_id], token))
         return outputs
 
-    def _append_token(self, req: _Request, token: int) -> RequestOutput:
+    def _append_token(self, req: PreparedRequest, token: int) -> RequestOutput:
         seq = req.seq
         seq.output_ids.append(token)
         reason: FinishReason | None = None
@@ -315,14 +317,16 @@ class LLMEngine:
             self._finish(req, reason)
         return self._output(req, text, [token])
 
-    def _flush(self, req: _Request) -> str:
+    def _flush(self, req: PreparedRequest) -> str:
         tail = req.detok.flush()
         if req.stops is None:
             return tail
         text, _ = req.stops.feed(tail)
         return text + req.stops.flush()
 
-    def _finish(self, req: _Request, reason: FinishReason, *, error: str | None = None) -> None:
+    def _finish(
+        self, req: PreparedRequest, reason: FinishReason, *, error: str | None = None
+    ) -> None:
         seq = req.seq
         self.scheduler.remove(seq)
         self.sampler.forget(seq.request_id)
@@ -331,7 +335,7 @@ class LLMEngine:
         seq.status = SequenceStatus.FINISHED
         self._requests.pop(seq.request_id, None)
 
-    def _output(self, req: _Request, text: str, token_ids: list[int]) -> RequestOutput:
+    def _output(self, req: PreparedRequest, text: str, token_ids: list[int]) -> RequestOutput:
         seq = req.seq
         return RequestOutput(
             request_id=seq.request_id,
