@@ -1,4 +1,5 @@
-"""Chunked, content-addressed model weights. Today: the model catalog and the GGUF importer."""
+"""Chunked, content-addressed model weights: catalog, GGUF importer, manifest, layout,
+codecs and storage tiers (the loader and the S3 and host tiers come next)."""
 
 from ember_weights_store.catalog import (
     KNOWN_MODELS,
@@ -9,15 +10,62 @@ from ember_weights_store.catalog import (
     find_known_model,
     validate_model_name,
 )
+from ember_weights_store.codecs import (
+    CODEC_NAMES,
+    MIN_SAVING_FRACTION,
+    Codec,
+    choose_codec,
+    codec_for,
+)
 from ember_weights_store.gguf_import import convert_gguf_to_hf
+from ember_weights_store.layout import chunk_ranges, plan_chunks
+from ember_weights_store.manifest import (
+    DEFAULT_CHUNK_SIZE_BYTES,
+    DTYPE_SIZES,
+    SCHEMA_VERSION,
+    ChunkEntry,
+    Manifest,
+    TensorEntry,
+    model_key,
+    validate_model_id,
+)
+from ember_weights_store.tiers import (
+    DiskTier,
+    LocalBucketTier,
+    ObjectNotFoundError,
+    ObjectTooLargeError,
+    Tier,
+    TierUsage,
+)
 
 __all__ = [
+    "CODEC_NAMES",
+    "DEFAULT_CHUNK_SIZE_BYTES",
+    "DTYPE_SIZES",
     "KNOWN_MODELS",
+    "MIN_SAVING_FRACTION",
+    "SCHEMA_VERSION",
+    "ChunkEntry",
+    "Codec",
+    "DiskTier",
     "KnownModel",
+    "LocalBucketTier",
+    "Manifest",
     "ModelCatalog",
     "ModelDownloadError",
+    "ObjectNotFoundError",
+    "ObjectTooLargeError",
+    "TensorEntry",
+    "Tier",
+    "TierUsage",
+    "choose_codec",
+    "chunk_ranges",
+    "codec_for",
     "convert_gguf_to_hf",
     "default_home",
     "find_known_model",
+    "model_key",
+    "plan_chunks",
+    "validate_model_id",
     "validate_model_name",
 ]

@@ -1,0 +1,269 @@
+"""Chunk codecs: how a chunk's raw bytes are stored (``raw``, ``zstd``, ``zstd-bytegroup``).
+
+``zstd-bytegroup`` is for 16-bit floats (bfloat16, float16). The high byte of such a value
+(sign and most of the exponent) is highly repetitive across a tensor while the low byte
+(mantissa) is close to noise; interleaved, zstd sees neither pattern well. Splitting every
+value's low and high bytes into two streams (the idea ZipNN uses) lets zstd squeeze the
+exponent stream hard and leave the mantissa stream alone.
+
+Thread safety: ``zstandard.ZstdCompressor`` and ``ZstdDecompressor`` objects must not be shared
+between threads, so every codec call makes its own (they are cheap next to a 16 MiB chunk) and
+the codec objects themselves hold no state: one codec may be used from many threads at once.
+zstd releases the GIL while it works, so a loader decompressing chunks on a thread pool scales
+with cores.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import zstandard
+
+from ember_core import InvalidRequestError, ModelFormatError
+
+__all__ = [
+    "CODEC_NAMES",
+    "MIN_SAVING_FRACTION",
+    "Codec",
+    "RawCodec",
+    "ZstdBytegroupCodec",
+    "ZstdCodec",
+    "choose_codec",
+    "codec_for",
+]
+
+#: A chunk is stored compressed only if that saves at least this fraction of its raw size;
+#: below it, decompression time costs more on load than the bytes saved on fetch.
+MIN_SAVING_FRACTION = 0.05
+
+_Buffer = bytes | bytearray | memoryview
+
+
+@runtime_checkable
+class Codec(Protocol):
+    """Turns a chunk's raw bytes into stored bytes and back. Stateless and thread-safe."""
+
+    @property
+    def name(self) -> str: ...
+
+    def encode(self, raw: _Buffer, *, level: int = 3) -> bytes:
+        """Return the stored form of ``raw``."""
+        ...
+
+    def decode(self, stored: _Buffer, *, raw_size: int) -> bytes:
+        """Return the raw bytes; raise ModelFormatError unless they are exactly ``raw_size``."""
+        ...
+
+    def decode_into(self, stored: _Buffer, out: memoryview) -> None:
+        """Write the raw bytes into ``out``, which must be exactly the raw size, writable."""
+        ...
+
+
+def _check_level(level: int) -> None:
+    if isinstance(level, bool) or not isinstance(level, int) or not 1 <= level <= 22:
+        raise InvalidRequestError(
+            f"zstd level must be an integer from 1 to 22, got {level!r}", param="level"
+        )
+
+
+def _byte_view(buf: _Buffer) -> memoryview:
+    view = memoryview(buf)
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+
+
+def _writable_out(out: memoryview) -> memoryview:
+    view = _byte_view(out)
+    if view.readonly:
+        raise InvalidRequestError("decode_into needs a writable output buffer", param="out")
+    if not view.contiguous:
+        raise InvalidRequestError("decode_into needs a contiguous output buffer", param="out")
+    return view
+
+
+def _check_raw_size(raw_size: int) -> None:
+    if isinstance(raw_size, bool) or not isinstance(raw_size, int) or raw_size < 0:
+        raise InvalidRequestError(
+            f"raw_size must be a non-negative integer, got {raw_size!r}", param="raw_size"
+        )
+
+
+def _zstd_compress(raw: _Buffer, level: int) -> bytes:
+    # write_content_size (the default) records the raw size in the frame header, which lets
+    # decode check the expected size before doing any work.
+    return zstandard.ZstdCompressor(level=level).compress(raw)
+
+
+def _zstd_decompress_into(stored: _Buffer, out: memoryview, codec: str) -> None:
+    """Decompress one zstd frame straight into ``out`` (no intermediate bytes object)."""
+    expected = len(out)
+    try:
+        declared = zstandard.frame_content_size(stored)
+    except zstandard.ZstdError as exc:
+        raise ModelFormatError(
+            f"{codec} chunk is not a valid zstd frame ({exc}); the stored chunk is corrupt, "
+            "fetch it again from another tier"
+        ) from exc
+    if declared not in (-1, expected):
+        raise ModelFormatError(
+            f"{codec} chunk decompresses to {declared} bytes but {expected} were expected; "
+            "the manifest and the chunk disagree, re-import the model"
+        )
+    written = 0
+    try:
+        # stream_reader.readinto decompresses directly into the caller's buffer (the C
+        # backend hands the buffer to ZSTD_decompressStream), with the GIL released.
+        with zstandard.ZstdDecompressor().stream_reader(stored, read_across_frames=False) as r:
+            while written < expected:
+                n = r.readinto(out[written:])
+                if n == 0:
+                    break
+                written += n
+            extra = r.read(1)
+    except zstandard.ZstdError as exc:
+        raise ModelFormatError(
+            f"{codec} chunk failed to decompress ({exc}); the stored chunk is corrupt, "
+            "fetch it again from another tier"
+        ) from exc
+    if written != expected or extra:
+        got = f"{written}" if not extra else f"more than {expected}"
+        raise ModelFormatError(
+            f"{codec} chunk decompressed to {got} bytes but {expected} were expected; "
+            "the stored chunk is truncated or corrupt, fetch it again from another tier"
+        )
+
+
+class RawCodec:
+    """Stored bytes are the raw bytes."""
+
+    name = "raw"
+
+    def encode(self, raw: _Buffer, *, level: int = 3) -> bytes:
+        return bytes(raw)
+
+    def decode(self, stored: _Buffer, *, raw_size: int) -> bytes:
+        _check_raw_size(raw_size)
+        if len(_byte_view(stored)) != raw_size:
+            raise ModelFormatError(
+                f"raw chunk holds {len(_byte_view(stored))} bytes but {raw_size} were expected; "
+                "the stored chunk is truncated or corrupt, fetch it again from another tier"
+            )
+        return bytes(stored)
+
+    def decode_into(self, stored: _Buffer, out: memoryview) -> None:
+        dst = _writable_out(out)
+        src = _byte_view(stored)
+        if len(src) != len(dst):
+            raise ModelFormatError(
+                f"raw chunk holds {len(src)} bytes but {len(dst)} were expected; "
+                "the stored chunk is truncated or corrupt, fetch it again from another tier"
+            )
+        dst[:] = src
+
+
+class ZstdCodec:
+    """One zstd frame over the raw bytes."""
+
+    name = "zstd"
+
+    def encode(self, raw: _Buffer, *, level: int = 3) -> bytes:
+        _check_level(level)
+        return _zstd_compress(raw, level)
+
+    def decode(self, stored: _Buffer, *, raw_size: int) -> bytes:
+        _check_raw_size(raw_size)
+        out = bytearray(raw_size)
+        self.decode_into(stored, memoryview(out))
+        return bytes(out)
+
+    def decode_into(self, stored: _Buffer, out: memoryview) -> None:
+        _zstd_decompress_into(stored, _writable_out(out), self.name)
+
+
+class ZstdBytegroupCodec:
+    """Low bytes of every 16-bit value, then the high bytes, as one zstd frame."""
+
+    name = "zstd-bytegroup"
+
+    def _pairs(self, buf: _Buffer, what: str) -> np.ndarray:
+        view = _byte_view(buf)
+        if len(view) % 2:
+            raise InvalidRequestError(
+                f"zstd-bytegroup works on 16-bit values but the {what} is {len(view)} bytes "
+                "(odd); use the 'zstd' codec for data that is not 16-bit",
+                param="raw",
+            )
+        return np.frombuffer(view, dtype=np.uint8).reshape(-1, 2)
+
+    def encode(self, raw: _Buffer, *, level: int = 3) -> bytes:
+        _check_level(level)
+        pairs = self._pairs(raw, "input")
+        # .T then ascontiguousarray: row 0 is every low byte, row 1 every high byte.
+        grouped = np.ascontiguousarray(pairs.T).reshape(-1)
+        return _zstd_compress(grouped.data, level)
+
+    def decode(self, stored: _Buffer, *, raw_size: int) -> bytes:
+        _check_raw_size(raw_size)
+        out = bytearray(raw_size)
+        self.decode_into(stored, memoryview(out))
+        return bytes(out)
+
+    def decode_into(self, stored: _Buffer, out: memoryview) -> None:
+        dst = _writable_out(out)
+        if len(dst) % 2:
+            raise ModelFormatError(
+                f"zstd-bytegroup chunk must have an even raw size, the manifest says {len(dst)}; "
+                "re-import the model"
+            )
+        # The one scratch buffer: the grouped streams must be un-interleaved after zstd.
+        scratch = np.empty(len(dst), dtype=np.uint8)
+        _zstd_decompress_into(stored, scratch.data, self.name)
+        half = len(dst) // 2
+        pairs = np.frombuffer(dst, dtype=np.uint8).reshape(-1, 2)
+        pairs[:, 0] = scratch[:half]
+        pairs[:, 1] = scratch[half:]
+
+
+_CODECS: dict[str, type[RawCodec] | type[ZstdCodec] | type[ZstdBytegroupCodec]] = {
+    RawCodec.name: RawCodec,
+    ZstdCodec.name: ZstdCodec,
+    ZstdBytegroupCodec.name: ZstdBytegroupCodec,
+}
+
+#: Every codec name a manifest may use.
+CODEC_NAMES: frozenset[str] = frozenset(_CODECS)
+
+
+def codec_for(name: str) -> Codec:
+    """The codec called ``name``; ModelFormatError for a name this version does not know."""
+    cls = _CODECS.get(name)
+    if cls is None:
+        raise ModelFormatError(
+            f"unknown chunk codec {name!r}; known codecs: {', '.join(sorted(CODEC_NAMES))}. "
+            "The model was probably written by a newer Ember: upgrade, or re-import it"
+        )
+    return cls()
+
+
+def choose_codec(raw: _Buffer, *, dtype_bytes: int, level: int = 3) -> tuple[str, bytes]:
+    """Encode one chunk the best way this store knows; return ``(codec name, stored bytes)``.
+
+    16-bit data (``dtype_bytes == 2``) tries ``zstd-bytegroup``, anything else ``zstd``.
+    Compression is kept only if it saves at least ``MIN_SAVING_FRACTION`` of the raw size;
+    otherwise the chunk is stored ``raw`` so loading it costs no decompression at all.
+    """
+    if isinstance(dtype_bytes, bool) or not isinstance(dtype_bytes, int) or dtype_bytes < 1:
+        raise InvalidRequestError(
+            f"dtype_bytes must be a positive integer, got {dtype_bytes!r}", param="dtype_bytes"
+        )
+    _check_level(level)
+    view = _byte_view(raw)
+    size = len(view)
+    if size == 0:
+        return RawCodec.name, b""
+    codec: Codec
+    codec = ZstdBytegroupCodec() if dtype_bytes == 2 and size % 2 == 0 else ZstdCodec()
+    stored = codec.encode(view, level=level)
+    if len(stored) <= size * (1.0 - MIN_SAVING_FRACTION):
+        return codec.name, stored
+    return RawCodec.name, bytes(view)
