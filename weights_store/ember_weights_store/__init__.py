@@ -19,6 +19,7 @@ from ember_weights_store.codecs import (
 )
 from ember_weights_store.gguf_import import convert_gguf_to_hf
 from ember_weights_store.layout import chunk_ranges, plan_chunks
+from ember_weights_store.loader import LoadedWeights, LoadReport, load
 from ember_weights_store.manifest import (
     DEFAULT_CHUNK_SIZE_BYTES,
     DTYPE_SIZES,
@@ -29,6 +30,7 @@ from ember_weights_store.manifest import (
     model_key,
     validate_model_id,
 )
+from ember_weights_store.store import ImportReport, WeightsStore
 from ember_weights_store.tiers import (
     DiskTier,
     LocalBucketTier,
@@ -48,7 +50,10 @@ __all__ = [
     "ChunkEntry",
     "Codec",
     "DiskTier",
+    "ImportReport",
     "KnownModel",
+    "LoadReport",
+    "LoadedWeights",
     "LocalBucketTier",
     "Manifest",
     "ModelCatalog",
@@ -58,12 +63,14 @@ __all__ = [
     "TensorEntry",
     "Tier",
     "TierUsage",
+    "WeightsStore",
     "choose_codec",
     "chunk_ranges",
     "codec_for",
     "convert_gguf_to_hf",
     "default_home",
     "find_known_model",
+    "load",
     "model_key",
     "plan_chunks",
     "validate_model_id",

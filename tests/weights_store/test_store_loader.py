@@ -1,0 +1,113 @@
+"""Import a model into tiers, load it back: exact tensors, fallback past corrupt copies,
+clear errors when no good copy exists, deduplicated fine-tunes."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from ember_core import ModelFormatError, NotFoundError
+from ember_weights_store import DiskTier, LocalBucketTier
+from ember_weights_store.loader import load
+from ember_weights_store.store import WeightsStore
+
+CHUNK = 16 * 1024  # small chunks, so a tiny model has many
+
+
+def stores(tmp_path: Path) -> tuple[WeightsStore, DiskTier, LocalBucketTier]:
+    bucket = LocalBucketTier(tmp_path / "bucket")
+    disk = DiskTier(tmp_path / "disk", budget_bytes=64 << 20)
+    return WeightsStore([disk, bucket]), disk, bucket
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_import_then_load_gives_identical_tensors(
+    tiny_model: Callable[..., Path], tmp_path: Path, dtype: torch.dtype
+) -> None:
+    model_dir = tiny_model("qwen2", dtype)
+    store, _, _ = stores(tmp_path)
+    report = store.import_hf_dir(model_dir, model_id="acme/tiny", chunk_size_bytes=CHUNK)
+    assert report.num_chunks > 4 and report.dedup_bytes == 0
+    loaded = load(store, "acme/tiny")
+    original = load_file(str(model_dir / "model.safetensors"))
+    assert set(loaded.tensors) == set(original)
+    for name, t in original.items():
+        assert torch.equal(loaded.tensors[name], t), name
+    assert loaded.report.chunks_by_tier == {"bucket": report.num_chunks}
+    # Every chunk was promoted into the disk tier: the next cold start never leaves it.
+    again = load(store, "acme/tiny", buffers=loaded.buffers)
+    assert again.report.chunks_by_tier == {"disk": report.num_chunks}
+    assert (
+        again.buffers["bfloat16" if dtype == torch.bfloat16 else "float32"]
+        is loaded.buffers["bfloat16" if dtype == torch.bfloat16 else "float32"]
+    )
+    assert (
+        store.tokenizer_file(loaded.manifest, "tokenizer.json")
+        == (model_dir / "tokenizer.json").read_bytes()
+    )
+
+
+def test_corrupt_chunk_is_discarded_and_fetched_from_the_next_tier(
+    tiny_model: Callable[..., Path], tmp_path: Path
+) -> None:
+    store, disk, bucket = stores(tmp_path)
+    store.import_hf_dir(tiny_model("llama"), model_id="tiny", chunk_size_bytes=CHUNK)
+    first = load(store, "tiny")
+    victim = first.manifest.chunks[3].hash
+    data = bytearray(disk.get(victim))
+    data[len(data) // 2] ^= 0xFF
+    disk.put(victim, bytes(data))
+    second = load(store, "tiny")
+    assert second.report.discarded == [f"disk:{victim}"]
+    assert second.report.chunks_by_tier["bucket"] == 1
+    for name, t in first.tensors.items():
+        assert torch.equal(second.tensors[name], t)
+    assert disk.get(victim) == bucket.get(victim)  # the good copy was promoted back
+
+
+def test_no_good_copy_names_model_chunk_and_tiers(
+    tiny_model: Callable[..., Path], tmp_path: Path
+) -> None:
+    store, _, bucket = stores(tmp_path)
+    store.import_hf_dir(tiny_model("llama"), model_id="tiny", chunk_size_bytes=CHUNK)
+    victim = store.manifest("tiny").chunks[0].hash
+    bucket.put(victim, b"\x00" * len(bucket.get(victim)))
+    with pytest.raises(ModelFormatError) as err:
+        load(store, "tiny")
+    msg = err.value.message
+    assert "'tiny'" in msg and victim in msg and "bucket (corrupt, discarded)" in msg
+    assert "disk (absent)" in msg
+
+
+def test_unknown_model_is_not_found(tmp_path: Path) -> None:
+    store, _, _ = stores(tmp_path)
+    with pytest.raises(NotFoundError, match="import it first"):
+        load(store, "nobody/nothing")
+
+
+def test_fine_tune_sharing_tensors_stores_only_new_chunks(
+    tiny_model: Callable[..., Path], tmp_path: Path
+) -> None:
+    base = tiny_model("llama")
+    tuned = tmp_path / "tuned"
+    shutil.copytree(base, tuned)
+    weights = load_file(str(tuned / "model.safetensors"))
+    weights["model.layers.1.mlp.down_proj.weight"] = (
+        weights["model.layers.1.mlp.down_proj.weight"] + 1
+    )
+    save_file(weights, str(tuned / "model.safetensors"))
+    store, _, _ = stores(tmp_path)
+    first = store.import_hf_dir(base, model_id="base", chunk_size_bytes=CHUNK)
+    second = store.import_hf_dir(tuned, model_id="base-tuned", chunk_size_bytes=CHUNK)
+    assert second.dedup_bytes > 0.8 * second.raw_bytes
+    assert second.stored_bytes < 0.2 * first.stored_bytes
+    loaded = load(store, "base-tuned")
+    assert torch.equal(
+        loaded.tensors["model.layers.1.mlp.down_proj.weight"],
+        weights["model.layers.1.mlp.down_proj.weight"],
+    )
