@@ -8,7 +8,10 @@ on a background thread and streams outputs to callers.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -21,6 +24,7 @@ import torch
 from ember_core import ContextLengthError, InvalidRequestError, ModelNotFoundError
 from ember_functions.attention import KVCache
 from ember_functions.block_manager import BlockManager
+from ember_functions.config import ModelConfig
 from ember_functions.engine_config import EngineConfig
 from ember_functions.model import LlamaModel
 from ember_functions.runner import ModelRunner
@@ -32,11 +36,14 @@ from ember_functions.sequence import Sequence as Seq
 from ember_functions.stop_strings import StopStringMatcher
 from ember_functions.tokenizer import IncrementalDetokenizer, Tokenizer
 from ember_functions.weights import (
+    build_model,
     checkpoint_dtype,
     gemv_dtype_for,
     load_model,
     resolve_compute_dtype,
 )
+from ember_weights_store import LoadReport, WeightsStore
+from ember_weights_store import load as load_weights
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +114,7 @@ class LLMEngine:
         self.sampler = Sampler(seed=config.seed)
         self._requests: dict[str, PreparedRequest] = {}
         self._pending: list[RequestOutput] = []  # outputs produced outside step()
+        self.load_report: LoadReport | None = None  # set when loaded through the store
 
     @classmethod
     def from_dir(
@@ -143,6 +151,55 @@ class LLMEngine:
             model_name=model_name or model_dir.name,
             aliases=aliases,
         )
+
+    @classmethod
+    def from_store(
+        cls,
+        store: WeightsStore,
+        model_id: str,
+        *,
+        revision: str = "main",
+        config: EngineConfig | None = None,
+        tokenizer_cache: Path,
+        threads: int = 4,
+    ) -> LLMEngine:
+        """Loads a model through the weights store: chunks from the nearest tier into
+        flat buffers, tensors as views. Tokenizer files are written once per content
+        hash under ``tokenizer_cache``."""
+        config = config or EngineConfig()
+        device = torch.device(config.device)
+        if device.type == "cpu" and config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        loaded = load_weights(store, model_id, revision, threads=threads)
+        manifest = loaded.manifest
+        mc = ModelConfig.from_hf(manifest.architecture)
+        weights_dtype = loaded.tensors[EMBED_NAME].dtype
+        dtype = resolve_compute_dtype(config.dtype, weights_dtype=weights_dtype, device=device)
+        gemv = (
+            gemv_dtype_for(weights_dtype=weights_dtype, compute_dtype=dtype, device=device)
+            if config.gemv_weights and config.dtype == "auto"
+            else None
+        )
+        model = build_model(
+            mc,
+            loaded.tensors.items(),
+            source=f"{model_id}@{revision} from the weights store",
+            dtype=dtype,
+            device=device,
+            max_positions=config.max_model_len,
+            gemv_dtype=gemv,
+        )
+        tok_dir = tokenizer_cache / _tokenizer_dir_name(manifest.tokenizer_files)
+        if not tok_dir.is_dir():
+            tmp = tok_dir.with_name(tok_dir.name + f".tmp-{uuid.uuid4().hex}")
+            tmp.mkdir(parents=True)
+            for name in manifest.tokenizer_files:
+                (tmp / name).write_bytes(store.tokenizer_file(manifest, name))
+            (tmp / "config.json").write_text(json.dumps(manifest.architecture))
+            os.replace(tmp, tok_dir)
+        engine = cls(model, Tokenizer.from_dir(tok_dir), config=config, model_name=model_id)
+        engine.load_report = loaded.report
+        return engine
 
     # -- requests ------------------------------------------------------------------
 
@@ -363,6 +420,14 @@ class LLMEngine:
                 if out.request_id in parts:
                     parts[out.request_id].append(out)
         return [Completion.from_outputs(parts[rid]) for rid in ids]
+
+
+EMBED_NAME = "model.embed_tokens.weight"
+
+
+def _tokenizer_dir_name(files: Mapping[str, str]) -> str:
+    digest = hashlib.sha256(json.dumps(sorted(files.items())).encode()).hexdigest()
+    return digest[:32]
 
 
 def _is_chat(prompt: Prompt) -> bool:

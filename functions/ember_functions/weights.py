@@ -8,7 +8,7 @@ model's meta parameters to the result.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -105,15 +105,37 @@ def load_model(
     max_positions: int | None = None,
     gemv_dtype: torch.dtype | None = None,
 ) -> LlamaModel:
-    """Builds the model on the meta device and binds it to the checkpoint's tensors.
+    """Builds the model from a Hugging Face directory (see :func:`build_model`)."""
+    return build_model(
+        ModelConfig.from_dir(model_dir),
+        iter_hf_tensors(model_dir),
+        source=str(model_dir),
+        dtype=dtype,
+        device=device,
+        max_positions=max_positions,
+        gemv_dtype=gemv_dtype,
+    )
+
+
+def build_model(
+    config: ModelConfig,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    *,
+    source: str,
+    dtype: torch.dtype,
+    device: torch.device,
+    max_positions: int | None = None,
+    gemv_dtype: torch.dtype | None = None,
+) -> LlamaModel:
+    """Builds the model on the meta device and binds it to ``tensors`` (HF names),
+    from a directory or from the weights store's flat buffers alike.
 
     ``gemv_dtype`` keeps a copy of every matrix in that dtype for single-sequence
     decode (see linear.py); :func:`gemv_dtype_for` says when that pays.
     """
-    config = ModelConfig.from_dir(model_dir)
     hf = {
         name.removeprefix("model."): t.to(device=device, dtype=dtype)
-        for name, t in iter_hf_tensors(model_dir)
+        for name, t in tensors
         if "rotary_emb" not in name
     }
     state = _fuse(config, hf)
@@ -122,7 +144,7 @@ def load_model(
     leftover = sorted(n for n in hf if not (n == "lm_head.weight" and config.tie_word_embeddings))
     if leftover:
         raise ModelFormatError(
-            f"checkpoint in {model_dir} has tensors Ember does not use: {leftover[:4]}"
+            f"checkpoint {source} has tensors Ember does not use: {leftover[:4]}"
             f"{' ...' if len(leftover) > 4 else ''}; this {config.model_type} variant "
             "(e.g. attention_bias or mlp_bias on a llama) is not supported"
         )
@@ -133,7 +155,7 @@ def load_model(
     missing = sorted(set(expected) - set(state))
     if missing:
         raise ModelFormatError(
-            f"checkpoint in {model_dir} lacks tensors for {missing[:4]}"
+            f"checkpoint {source} lacks tensors for {missing[:4]}"
             f"{' ...' if len(missing) > 4 else ''}; is it a complete {config.model_type} model?"
         )
     for name, tensor in state.items():

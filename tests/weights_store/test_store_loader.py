@@ -111,3 +111,27 @@ def test_fine_tune_sharing_tensors_stores_only_new_chunks(
         loaded.tensors["model.layers.1.mlp.down_proj.weight"],
         weights["model.layers.1.mlp.down_proj.weight"],
     )
+
+
+def test_engine_loads_through_the_store_and_answers_like_the_directory(
+    tiny_model: Callable[..., Path], tmp_path: Path
+) -> None:
+    from ember_functions.engine import LLMEngine
+    from ember_functions.engine_config import EngineConfig
+    from ember_functions.sampling_params import SamplingParams
+
+    model_dir = tiny_model("smollm2")
+    store, _, _ = stores(tmp_path)
+    store.import_hf_dir(model_dir, model_id="acme/smol", chunk_size_bytes=CHUNK)
+    config = EngineConfig(dtype="float32", num_kv_blocks=32)
+    from_store = LLMEngine.from_store(
+        store, "acme/smol", config=config, tokenizer_cache=tmp_path / "tok"
+    )
+    from_dir = LLMEngine.from_dir(model_dir, config=config)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    prompt = [{"role": "user", "content": "hello there"}]
+    assert from_store.generate([prompt], params)[0].token_ids == (
+        from_dir.generate([prompt], params)[0].token_ids
+    )
+    assert from_store.load_report is not None and from_store.load_report.raw_bytes > 0
+    assert from_store.model_name == "acme/smol"
