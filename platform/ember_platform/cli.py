@@ -45,10 +45,20 @@ def _engine(args: argparse.Namespace, err: TextIO) -> Any:
 
     model_dir = _model_dir(args, err)
     config = EngineConfig(dtype=args.dtype, num_threads=args.threads, max_num_seqs=8)
+    catalog = _catalog(args)
+    store = catalog.store()
     t0 = time.perf_counter()
-    engine = LLMEngine.from_dir(model_dir, config=config, model_name=model_dir.name)
+    in_store = model_dir.parent == catalog.models_dir
+    if in_store:  # installed models load through the weights store, as workers do
+        catalog.ensure_in_store(model_dir.name)
+        engine = LLMEngine.from_store(
+            store, model_dir.name, config=config, tokenizer_cache=catalog.home / "tokenizers"
+        )
+    else:
+        engine = LLMEngine.from_dir(model_dir, config=config, model_name=model_dir.name)
+    source = "weights store" if in_store else str(model_dir)
     print(
-        f"loaded {model_dir.name} in {time.perf_counter() - t0:.2f} s "
+        f"loaded {model_dir.name} from {source} in {time.perf_counter() - t0:.2f} s "
         f"(compute {str(engine.model.dtype).removeprefix('torch.')})",
         file=err,
     )

@@ -18,6 +18,7 @@ from ember_weights_store.codecs import (
     codec_for,
 )
 from ember_weights_store.gguf_import import convert_gguf_to_hf
+from ember_weights_store.host_tier import HostTier, HostTierFullError
 from ember_weights_store.layout import chunk_ranges, plan_chunks
 from ember_weights_store.loader import LoadedWeights, LoadReport, load
 from ember_weights_store.manifest import (
@@ -50,6 +51,8 @@ __all__ = [
     "ChunkEntry",
     "Codec",
     "DiskTier",
+    "HostTier",
+    "HostTierFullError",
     "ImportReport",
     "KnownModel",
     "LoadReport",
@@ -76,3 +79,6 @@ __all__ = [
     "validate_model_id",
     "validate_model_name",
 ]
+
+# S3Tier lives in ember_weights_store.s3_tier, imported only where used: boto3 costs
+# a worker's cold start time it does not need when its weights are local.

@@ -28,6 +28,8 @@ from ember_core import (
     ModelNotFoundError,
 )
 from ember_weights_store.gguf_import import convert_gguf_to_hf
+from ember_weights_store.store import WeightsStore, manifest_key
+from ember_weights_store.tiers import LocalBucketTier
 
 __all__ = [
     "KNOWN_MODELS",
@@ -184,6 +186,18 @@ class ModelCatalog:
         if self.is_installed(name):
             return target
         return self._convert(Path(gguf_path), target, dtype=dtype, progress=progress)
+
+    def store(self) -> WeightsStore:
+        """The embedded weights store: a bucket-like directory under the home."""
+        return WeightsStore([LocalBucketTier(self.home / "bucket")])
+
+    def ensure_in_store(self, name: str) -> None:
+        """Imports an installed model's directory into the store (chunks are shared
+        with anything already there), unless its manifest is there already. The CLI
+        calls it before serving, so served models always load through the store."""
+        store = self.store()
+        if not store.origin.has(manifest_key(name, "main")):
+            store.import_hf_dir(self.path_for(name), model_id=name)
 
     def remove(self, name: str) -> None:
         """Delete an installed model. Its downloaded GGUF stays, so adding it again is quick."""
