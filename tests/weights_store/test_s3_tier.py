@@ -278,3 +278,72 @@ def test_rejects_parts_s3_would_refuse(client: Any) -> None:
         S3Tier(bucket="b", client=client, multipart_part_bytes=MIN_PART_BYTES - 1)
     with pytest.raises(InvalidRequestError, match="bucket"):
         S3Tier(bucket="b/sub", client=client)
+
+
+def _logits(engine: Any, ids: list[int]) -> Any:
+    import torch
+
+    from ember_functions.attention import AttentionBatch, PrefillChunk
+
+    n = len(ids)
+    batch = AttentionBatch(
+        slot_mapping=torch.arange(n),
+        num_decodes=0,
+        decode_slots=None,
+        decode_mask=None,
+        prefills=[PrefillChunk(0, n, None, None)],
+    )
+    with torch.inference_mode():
+        hidden = engine.model(torch.tensor(ids), torch.arange(n), engine.kv_cache, batch)
+        return engine.model.logits(hidden)
+
+
+def test_import_push_drop_local_tiers_load_gives_identical_logits(
+    client: Any, bucket: str, tiny_model: Callable[..., Any], tmp_path: Any
+) -> None:
+    """The issue's end-to-end path: import into the object store over HTTP, start from
+    empty local tiers, load cold from S3: same logits; the next load comes from host RAM.
+    (Multipart uploads are covered above: these chunks are below S3's 5 MiB part size.)"""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ember_functions.engine import LLMEngine
+    from ember_functions.engine_config import EngineConfig
+    from ember_weights_store import DiskTier, WeightsStore
+    from ember_weights_store.host_tier import HostTier
+
+    model_dir = tiny_model("qwen2")
+    s3 = S3Tier(
+        bucket=bucket,
+        prefix="models",
+        client=client,
+        multipart_threshold_bytes=MIN_PART_BYTES,
+        multipart_part_bytes=MIN_PART_BYTES,
+    )
+    report = WeightsStore([s3]).import_hf_dir(
+        model_dir, model_id="acme/tiny", chunk_size_bytes=64 * 1024
+    )
+    assert report.num_chunks > 1
+    shm = tmp_path / "shm"  # a plain directory stands in for /dev/shm here
+    fresh = WeightsStore(
+        [
+            HostTier(shm, budget_bytes=64 * MiB),
+            DiskTier(tmp_path / "disk", budget_bytes=64 * MiB),
+            s3,
+        ]
+    )
+    config = EngineConfig(dtype="float32", num_kv_blocks=8)
+    cold = LLMEngine.from_store(fresh, "acme/tiny", config=config, tokenizer_cache=tmp_path / "t")
+    assert cold.load_report is not None
+    assert cold.load_report.chunks_by_tier == {"s3": report.num_chunks}
+    direct = LLMEngine.from_dir(model_dir, config=config)
+    ids = list(range(5, 45))
+    ours = _logits(cold, ids)
+    assert torch.equal(ours, _logits(direct, ids))
+    ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)(
+        torch.tensor([ids])
+    ).logits[0]
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
+    warm = LLMEngine.from_store(fresh, "acme/tiny", config=config, tokenizer_cache=tmp_path / "t")
+    assert warm.load_report is not None
+    assert warm.load_report.chunks_by_tier == {"host": report.num_chunks}  # promoted
