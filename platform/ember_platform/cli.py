@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from ember_core import EmberError
+from ember_core import EmberError, InvalidRequestError
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -179,6 +179,71 @@ def cmd_models_rm(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return 0
 
 
+def _s3_tier(args: argparse.Namespace) -> Any:
+    from ember_weights_store.s3_tier import S3Tier
+
+    url = args.url
+    if not url.startswith("s3://"):
+        raise InvalidRequestError(f"expected an s3://bucket/prefix URL, got {url!r}")
+    bucket, _, prefix = url.removeprefix("s3://").partition("/")
+    return S3Tier(bucket=bucket, prefix=prefix, endpoint_url=args.endpoint_url)
+
+
+def cmd_models_show(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    catalog = _catalog(args)
+    catalog.ensure_in_store(Path(catalog.resolve(args.name)).name)
+    m = catalog.store().manifest(Path(catalog.resolve(args.name)).name)
+    raw = sum(c.raw_size for c in m.chunks)
+    stored = sum(c.stored_size for c in m.chunks)
+    codecs: dict[str, int] = {}
+    for c in m.chunks:
+        codecs[c.codec] = codecs.get(c.codec, 0) + 1
+    print(f"model      {m.model_id}@{m.revision} ({m.architecture.get('model_type')})", file=out)
+    print(f"tensors    {len(m.tensors)} in buffers {m.buffer_sizes}", file=out)
+    print(
+        f"chunks     {len(m.chunks)} x <= {m.chunk_size_bytes >> 20} MiB, codecs {codecs}", file=out
+    )
+    print(
+        f"bytes      raw {raw / 1e6:.1f} MB, stored {stored / 1e6:.1f} MB "
+        f"({stored / raw:.3f} of raw)",
+        file=out,
+    )
+    print(f"tokenizer  {', '.join(sorted(m.tokenizer_files))}", file=out)
+    return 0
+
+
+def cmd_models_verify(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from ember_weights_store.store import verify_model
+
+    catalog = _catalog(args)
+    name = Path(catalog.resolve(args.name)).name
+    catalog.ensure_in_store(name)
+    problems = verify_model(catalog.store(), name)
+    for p in problems:
+        print(f"BAD  {p}", file=out)
+    print(f"{name}: {'OK' if not problems else f'{len(problems)} bad copies'}", file=out)
+    return 0 if not problems else 1
+
+
+def cmd_models_push(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from ember_weights_store.store import copy_model
+
+    catalog = _catalog(args)
+    name = Path(catalog.resolve(args.name)).name
+    catalog.ensure_in_store(name)
+    copied = copy_model(catalog.store().origin, _s3_tier(args), name)
+    print(f"pushed {name} to {args.url}: {copied / 1e6:.1f} MB sent", file=out)
+    return 0
+
+
+def cmd_models_pull(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from ember_weights_store.store import copy_model
+
+    copied = copy_model(_s3_tier(args), _catalog(args).store().origin, args.name)
+    print(f"pulled {args.name} from {args.url}: {copied / 1e6:.1f} MB received", file=out)
+    return 0
+
+
 def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="installed name, alias, or directory")
     p.add_argument("--max-tokens", type=int, default=256)
@@ -213,6 +278,15 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_parser("list", help="installed and installable models")
     rm = models.add_parser("rm", help="remove an installed model")
     rm.add_argument("name")
+    show = models.add_parser("show", help="a model's manifest: tensors, chunks, codecs, sizes")
+    show.add_argument("name")
+    verify = models.add_parser("verify", help="check every stored copy of every chunk")
+    verify.add_argument("name")
+    for verb, helptext in (("push", "copy a model to S3"), ("pull", "copy a model from S3")):
+        p = models.add_parser(verb, help=helptext)
+        p.add_argument("name")
+        p.add_argument("url", help="s3://bucket/prefix")
+        p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint")
     return parser
 
 
@@ -230,6 +304,10 @@ def main(
         "add": cmd_models_add,
         "list": cmd_models_list,
         "rm": cmd_models_rm,
+        "show": cmd_models_show,
+        "verify": cmd_models_verify,
+        "push": cmd_models_push,
+        "pull": cmd_models_pull,
     }
     try:
         if args.command == "chat":

@@ -185,3 +185,44 @@ class WeightsStore:
         raise ModelFormatError(
             f"{name} of {manifest.model_id} ({key}) has no good copy in any tier; re-import it"
         )
+
+
+def copy_model(src: Tier, dst: Tier, model_id: str, revision: str = "main") -> int:
+    """Copies a model's manifest, chunks and tokenizer blobs from ``src`` to ``dst``
+    (push and pull); objects ``dst`` already holds are skipped. Returns bytes copied.
+    The manifest goes last, so ``dst`` never lists a model whose chunks it lacks."""
+    key = manifest_key(validate_model_id(model_id), revision)
+    if not src.has(key):
+        raise NotFoundError(f"{model_id}@{revision} is not in tier {src.name}; nothing to copy")
+    manifest_bytes = src.get(key)
+    manifest = Manifest.from_json(manifest_bytes.decode())
+    copied = 0
+    for blob in [c.hash for c in manifest.chunks] + list(manifest.tokenizer_files.values()):
+        if not dst.has(blob):
+            data = src.get(blob)
+            dst.put(blob, data)
+            copied += len(data)
+    dst.put(key, manifest_bytes)
+    return copied + len(manifest_bytes)
+
+
+def verify_model(store: WeightsStore, model_id: str, revision: str = "main") -> list[str]:
+    """Reads every copy of every chunk in every tier; returns the problems found
+    (``"tier: chunk: what"``), empty when all copies decode and hash right."""
+    from ember_weights_store.codecs import codec_for
+
+    manifest = store.manifest(model_id, revision)
+    problems = []
+    for chunk in manifest.chunks:
+        holders = [t for t in store.tiers if t.has(chunk.hash)]
+        if not holders:
+            problems.append(f"(no tier): {chunk.hash}: missing everywhere")
+        for tier in holders:
+            try:
+                raw = codec_for(chunk.codec).decode(tier.get(chunk.hash), raw_size=chunk.raw_size)
+            except ModelFormatError as exc:
+                problems.append(f"{tier.name}: {chunk.hash}: {exc.message}")
+                continue
+            if blob_key(raw) != chunk.hash:
+                problems.append(f"{tier.name}: {chunk.hash}: content does not match its hash")
+    return problems
