@@ -160,6 +160,33 @@ def cmd_models_add(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return 0
 
 
+def cmd_models_import(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """A Hugging Face model directory into the catalog and the store; chunks shared with
+    models already stored (a fine-tune of one, say) are not stored twice."""
+    import shutil
+
+    from ember_weights_store import validate_model_name
+    from ember_weights_store.store import WeightsStore
+
+    src = Path(args.path)
+    if not (src / "config.json").is_file():
+        raise InvalidRequestError(f"{src} has no config.json; point at a Hugging Face model dir")
+    catalog = _catalog(args)
+    name = validate_model_name(args.name or src.name)
+    if catalog.is_installed(name):
+        raise InvalidRequestError(f"{name!r} is installed already; `ember models rm {name}` first")
+    store: WeightsStore = catalog.store()
+    report = store.import_hf_dir(src, model_id=name)
+    shutil.copytree(src, catalog.path_for(name))
+    print(
+        f"imported {name}: {report.num_chunks} chunks, {report.raw_bytes / 1e6:.1f} MB raw, "
+        f"{report.stored_bytes / 1e6:.1f} MB written, {report.dedup_bytes / 1e6:.1f} MB "
+        f"deduplicated, {report.seconds:.1f} s",
+        file=out,
+    )
+    return 0
+
+
 def cmd_models_list(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from ember_weights_store import KNOWN_MODELS
 
@@ -276,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("source", help="a known model name (see `ember models list`) or a .gguf path")
     add.add_argument("--name", default=None, help="name for an imported .gguf")
     models.add_parser("list", help="installed and installable models")
+    imp = models.add_parser("import", help="import a Hugging Face model directory")
+    imp.add_argument("path")
+    imp.add_argument("--name", default=None, help="catalog name (default: the dir's name)")
     rm = models.add_parser("rm", help="remove an installed model")
     rm.add_argument("name")
     show = models.add_parser("show", help="a model's manifest: tensors, chunks, codecs, sizes")
@@ -302,6 +332,7 @@ def main(
     handlers: dict[str, Callable[[argparse.Namespace, TextIO, TextIO], int]] = {
         "generate": cmd_generate,
         "add": cmd_models_add,
+        "import": cmd_models_import,
         "list": cmd_models_list,
         "rm": cmd_models_rm,
         "show": cmd_models_show,

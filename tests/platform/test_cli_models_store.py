@@ -99,3 +99,25 @@ def test_push_then_pull_into_an_empty_home(home: Path, tmp_path: Path, s3_endpoi
 def test_push_needs_an_s3_url(home: Path) -> None:
     code, _, err = run("--home", str(home), "models", "push", "tiny", "/tmp/x")
     assert code == 2 and "s3://" in err
+
+
+def test_import_dedups_against_the_store_and_serves_it(
+    home: Path, tiny_model: Callable[..., Path], tmp_path: Path
+) -> None:
+    # Same weights under a new name (a re-upload, a renamed copy): nothing new is written.
+    # Partial sharing (a fine-tune) is covered in tests/weights_store/test_store_loader.py.
+    copy = tmp_path / "tiny-copy"
+    shutil.copytree(tiny_model("llama"), copy)
+    run("--home", str(home), "models", "verify", "tiny")  # puts the base into the store
+    code, out, err = run("--home", str(home), "models", "import", str(copy))
+    assert code == 0, err
+    assert "imported tiny-copy" in out and "0.0 MB written" in out
+    raw_mb = float(out.split(" MB raw")[0].split()[-1])
+    dedup_mb = float(out.split(" MB deduplicated")[0].split()[-1])
+    assert dedup_mb == raw_mb > 0
+    code, out, err = run(
+        "--home", str(home), "generate", "hi", "--model", "tiny-copy", "--max-tokens", "4"
+    )
+    assert code == 0 and "from weights store" in err
+    code, _, err = run("--home", str(home), "models", "import", str(copy))
+    assert code == 2 and "installed already" in err
