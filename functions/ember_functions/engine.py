@@ -14,7 +14,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +39,7 @@ from ember_functions.weights import (
     build_model,
     checkpoint_dtype,
     gemv_dtype_for,
-    load_model,
+    iter_hf_tensors,
     resolve_compute_dtype,
 )
 from ember_weights_store import LoadReport, WeightsStore
@@ -126,27 +126,16 @@ class LLMEngine:
         aliases: Sequence[str] = (),
     ) -> LLMEngine:
         config = config or EngineConfig()
-        device = torch.device(config.device)
-        if device.type == "cpu" and config.num_threads:
-            torch.set_num_threads(config.num_threads)
-        weights_dtype = checkpoint_dtype(model_dir)
-        dtype = resolve_compute_dtype(config.dtype, weights_dtype=weights_dtype, device=device)
-        gemv = (
-            gemv_dtype_for(weights_dtype=weights_dtype, compute_dtype=dtype, device=device)
-            if config.gemv_weights and config.dtype == "auto"
-            else None
+        model = _build_model(
+            config,
+            ModelConfig.from_dir(model_dir),
+            iter_hf_tensors(model_dir),
+            weights_dtype=checkpoint_dtype(model_dir),
+            source=str(model_dir),
         )
-        model = load_model(
-            model_dir,
-            dtype=dtype,
-            device=device,
-            max_positions=config.max_model_len,
-            gemv_dtype=gemv,
-        )
-        tokenizer = Tokenizer.from_dir(model_dir)
         return cls(
             model,
-            tokenizer,
+            Tokenizer.from_dir(model_dir),
             config=config,
             model_name=model_name or model_dir.name,
             aliases=aliases,
@@ -167,27 +156,14 @@ class LLMEngine:
         flat buffers, tensors as views. Tokenizer files are written once per content
         hash under ``tokenizer_cache``."""
         config = config or EngineConfig()
-        device = torch.device(config.device)
-        if device.type == "cpu" and config.num_threads:
-            torch.set_num_threads(config.num_threads)
         loaded = load_weights(store, model_id, revision, threads=threads)
         manifest = loaded.manifest
-        mc = ModelConfig.from_hf(manifest.architecture)
-        weights_dtype = loaded.tensors[EMBED_NAME].dtype
-        dtype = resolve_compute_dtype(config.dtype, weights_dtype=weights_dtype, device=device)
-        gemv = (
-            gemv_dtype_for(weights_dtype=weights_dtype, compute_dtype=dtype, device=device)
-            if config.gemv_weights and config.dtype == "auto"
-            else None
-        )
-        model = build_model(
-            mc,
+        model = _build_model(
+            config,
+            ModelConfig.from_hf(manifest.architecture),
             loaded.tensors.items(),
+            weights_dtype=loaded.tensors[EMBED_NAME].dtype,
             source=f"{model_id}@{revision} from the weights store",
-            dtype=dtype,
-            device=device,
-            max_positions=config.max_model_len,
-            gemv_dtype=gemv,
         )
         tok_dir = tokenizer_cache / _tokenizer_dir_name(manifest.tokenizer_files)
         if not tok_dir.is_dir():
@@ -423,6 +399,34 @@ class LLMEngine:
 
 
 EMBED_NAME = "model.embed_tokens.weight"
+
+
+def _build_model(
+    config: EngineConfig,
+    model_config: ModelConfig,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    *,
+    weights_dtype: torch.dtype,
+    source: str,
+) -> LlamaModel:
+    """The one place an engine's settings become a model: threads, compute dtype, and
+    the bf16 copies for single-sequence decode (dtype="auto" only)."""
+    device = torch.device(config.device)
+    if device.type == "cpu" and config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    dtype = resolve_compute_dtype(config.dtype, weights_dtype=weights_dtype, device=device)
+    gemv = None
+    if config.gemv_weights and config.dtype == "auto":
+        gemv = gemv_dtype_for(weights_dtype=weights_dtype, compute_dtype=dtype, device=device)
+    return build_model(
+        model_config,
+        tensors,
+        source=source,
+        dtype=dtype,
+        device=device,
+        max_positions=config.max_model_len,
+        gemv_dtype=gemv,
+    )
 
 
 def _tokenizer_dir_name(files: Mapping[str, str]) -> str:

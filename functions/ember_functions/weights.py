@@ -7,9 +7,11 @@ model's meta parameters to the result.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -77,24 +79,48 @@ def _weight_files(model_dir: Path) -> list[Path]:
     )
 
 
+@contextlib.contextmanager
+def _readable(path: Path) -> Iterator[Any]:
+    """``safe_open`` whose failures, on opening or on reading, are ModelFormatErrors."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            yield f
+    except (SafetensorError, OSError) as exc:
+        raise ModelFormatError(
+            f"{path} is not a readable safetensors file ({exc}); it may be truncated or "
+            "corrupt: copy or convert it again"
+        ) from None
+
+
 def iter_hf_tensors(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
     for path in _weight_files(model_dir):
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                for name in f.keys():  # noqa: SIM118 - safe_open is not a Mapping
-                    yield name, f.get_tensor(name)
-        except (SafetensorError, OSError) as exc:
-            raise ModelFormatError(
-                f"{path} is not a readable safetensors file ({exc}); it may be truncated or "
-                "corrupt: copy or convert it again"
-            ) from None
+        with _readable(path) as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open is not a Mapping
+                yield name, f.get_tensor(name)
 
 
 def checkpoint_dtype(model_dir: Path) -> torch.dtype:
-    for name, tensor in iter_hf_tensors(model_dir):
-        if name.endswith("embed_tokens.weight"):
-            return tensor.dtype
+    """The embedding table's dtype, read from the safetensors headers alone."""
+    for path in _weight_files(model_dir):
+        with _readable(path) as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open is not a Mapping
+                if name.endswith("embed_tokens.weight"):
+                    code = f.get_slice(name).get_dtype()
+                    if code not in _SAFETENSORS_DTYPES:
+                        raise ModelFormatError(
+                            f"{path} stores weights as {code}; Ember loads F32, BF16 or F16 "
+                            "checkpoints: convert it first"
+                        )
+                    return _SAFETENSORS_DTYPES[code]
     raise ModelFormatError(f"{model_dir} has no model.embed_tokens.weight tensor")
+
+
+_SAFETENSORS_DTYPES = {
+    "F32": torch.float32,
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F64": torch.float64,
+}
 
 
 def load_model(

@@ -23,6 +23,7 @@ from ember_core import EmberError, ModelFormatError
 from ember_weights_store.codecs import codec_for
 from ember_weights_store.manifest import ChunkEntry, Manifest
 from ember_weights_store.store import WeightsStore
+from ember_weights_store.tiers import ObjectNotFoundError
 
 
 @dataclass
@@ -107,10 +108,10 @@ def _load_chunk(
     tried: list[str] = []
     for i, tier in enumerate(store.tiers):
         started = time.perf_counter()
-        if not tier.has(chunk.hash):
-            continue
-        try:
+        try:  # one request per tier: a miss costs the same as has() would
             stored = tier.get(chunk.hash)
+        except ObjectNotFoundError:
+            continue
         except EmberError:
             tried.append(f"{tier.name} (read failed)")
             continue

@@ -7,6 +7,7 @@ the chunks that differ; the import report says how many bytes that saved.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
@@ -27,7 +28,7 @@ from ember_weights_store.manifest import (
     model_key,
     validate_model_id,
 )
-from ember_weights_store.tiers import Tier
+from ember_weights_store.tiers import ObjectNotFoundError, Tier
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -168,7 +169,7 @@ class WeightsStore:
     def manifest(self, model_id: str, revision: str = "main") -> Manifest:
         key = manifest_key(validate_model_id(model_id), revision)
         for tier in self.tiers:
-            if tier.has(key):
+            with contextlib.suppress(ObjectNotFoundError):
                 return Manifest.from_json(tier.get(key).decode())
         raise NotFoundError(
             f"model {model_id!r} revision {revision!r} is not in the store "
@@ -178,7 +179,7 @@ class WeightsStore:
     def tokenizer_file(self, manifest: Manifest, name: str) -> bytes:
         key = manifest.tokenizer_files[name]
         for tier in self.tiers:
-            if tier.has(key):
+            with contextlib.suppress(ObjectNotFoundError):
                 data = tier.get(key)
                 if blob_key(data) == key:
                     return data
