@@ -34,7 +34,7 @@ class ModelRunner:
         row = 0
         for chunk in step.chunks:
             seq, start, n = chunk.seq, chunk.start_pos, chunk.num_tokens
-            input_ids.extend(seq.token_ids[start : start + n])
+            input_ids.extend(seq.tokens(start, start + n))
             positions.extend(range(start, start + n))
             slots.extend(self._slots(seq.block_table, start, start + n))
             row += n

@@ -218,8 +218,9 @@ def _s3_tier(args: argparse.Namespace) -> Any:
 
 def cmd_models_show(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     catalog = _catalog(args)
-    catalog.ensure_in_store(Path(catalog.resolve(args.name)).name)
-    m = catalog.store().manifest(Path(catalog.resolve(args.name)).name)
+    name = Path(catalog.resolve(args.name)).name
+    catalog.ensure_in_store(name)
+    m = catalog.store().manifest(name)
     raw = sum(c.raw_size for c in m.chunks)
     stored = sum(c.stored_size for c in m.chunks)
     codecs: dict[str, int] = {}

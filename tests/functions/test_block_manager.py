@@ -294,3 +294,12 @@ def test_kv_blocks_export_and_import_round_trip() -> None:
     assert torch.equal(cache.data[:, :, 3], cache.data[:, :, 1])
     with pytest.raises(ValueError, match="expected"):
         cache.write_blocks([0], saved)
+
+
+def test_sequence_token_slices_match_the_full_list() -> None:
+    s = seq("slices", list(range(10)))
+    s.output_ids.extend([100, 101, 102])
+    full = s.token_ids
+    for start in range(len(full) + 1):
+        for end in range(start, len(full) + 1):
+            assert s.tokens(start, end) == full[start:end]

@@ -38,6 +38,7 @@ from ember_weights_store.tiers import (
     ObjectTooLargeError,
     TierUsage,
     _Dir,
+    check_budget,
 )
 
 __all__ = ["DEFAULT_HOST_ROOT", "HostTier", "HostTierFullError"]
@@ -66,11 +67,7 @@ class HostTier:
     def __init__(
         self, root: Path = DEFAULT_HOST_ROOT, *, budget_bytes: int, name: str = "host"
     ) -> None:
-        if budget_bytes <= 0:
-            raise InvalidRequestError(
-                f"host tier budget_bytes={budget_bytes}; give a positive byte budget",
-                param="budget_bytes",
-            )
+        check_budget(budget_bytes, tier=name)
         self.name = name
         self.budget_bytes = budget_bytes
         # No fsync: tmpfs has no disk behind it, and the tier is gone on reboot anyway.

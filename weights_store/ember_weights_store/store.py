@@ -123,14 +123,14 @@ class WeightsStore:
                 raw = buf[offset : offset + size].numpy().tobytes()
                 key = blob_key(raw)
                 raw_total += size
+                # Encoding is deterministic for a level, so a chunk already stored gets
+                # the same codec and size it was stored with; only new chunks are written.
+                codec, stored = choose_codec(raw, dtype_bytes=dtype_bytes, level=level)
+                stored_size = len(stored)
                 if self.origin.has(key):
                     dedup += size
-                    # The stored codec is recorded per chunk; reuse the same choice.
-                    codec, stored_size = self._stored_codec(key, raw, dtype_bytes, level)
                 else:
-                    codec, stored = choose_codec(raw, dtype_bytes=dtype_bytes, level=level)
                     self.origin.put(key, stored)
-                    stored_size = len(stored)
                     written += stored_size
                 chunks.append(ChunkEntry(key, codec, size, stored_size, dtype, offset))
         tokenizer_files = {}
@@ -159,12 +159,6 @@ class WeightsStore:
             dedup_bytes=dedup,
             seconds=time.perf_counter() - started,
         )
-
-    def _stored_codec(self, key: str, raw: bytes, dtype_bytes: int, level: int) -> tuple[str, int]:
-        # Encoding is deterministic for a given level, so re-encoding tells the codec and
-        # stored size of the existing object without trusting anything but its key.
-        codec, stored = choose_codec(raw, dtype_bytes=dtype_bytes, level=level)
-        return codec, len(stored)
 
     def manifest(self, model_id: str, revision: str = "main") -> Manifest:
         key = manifest_key(validate_model_id(model_id), revision)

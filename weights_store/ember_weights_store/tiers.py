@@ -230,6 +230,14 @@ class _Dir:
                     continue
 
 
+def check_budget(budget_bytes: int, *, tier: str) -> None:
+    if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int) or budget_bytes <= 0:
+        raise InvalidRequestError(
+            f"{tier} tier budget_bytes={budget_bytes!r}; give a positive byte budget",
+            param="budget_bytes",
+        )
+
+
 def _stale_temp(fname: str) -> bool:
     # A live writer (another tier instance, another worker process) may still rename its temp
     # file, so only files whose writing process is gone are removed.
@@ -295,11 +303,7 @@ class DiskTier:
     def __init__(
         self, root: Path, *, budget_bytes: int, name: str = "disk", fsync: bool = True
     ) -> None:
-        if budget_bytes <= 0:
-            raise InvalidRequestError(
-                f"disk tier budget_bytes={budget_bytes}; give a positive byte budget",
-                param="budget_bytes",
-            )
+        check_budget(budget_bytes, tier=name)
         self.name = name
         self.budget_bytes = budget_bytes
         self._dir = _Dir(root, tier=name, fsync=fsync)
