@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from ember_core import ModelFormatError, NotFoundError
 from ember_weights_store import DiskTier, LocalBucketTier
+from ember_weights_store.digests import sha256_key
 from ember_weights_store.loader import load
 from ember_weights_store.store import WeightsStore
 
@@ -39,8 +40,10 @@ def test_import_then_load_gives_identical_tensors(
     for name, t in original.items():
         assert torch.equal(loaded.tensors[name], t), name
     assert loaded.report.chunks_by_tier == {"bucket": report.num_chunks}
-    # Every chunk was promoted into the disk tier: the next cold start never leaves it.
-    again = load(store, "acme/tiny", buffers=loaded.buffers)
+    # Every chunk is promoted into the disk tier in the background: once that is done,
+    # the next cold start never leaves it.
+    assert loaded.wait_promoted() == report.raw_bytes
+    again = load(store, "acme/tiny", reuse=loaded)
     assert again.report.chunks_by_tier == {"disk": report.num_chunks}
     assert (
         again.buffers["bfloat16" if dtype == torch.bfloat16 else "float32"]
@@ -58,6 +61,7 @@ def test_corrupt_chunk_is_discarded_and_fetched_from_the_next_tier(
     store, disk, bucket = stores(tmp_path)
     store.import_hf_dir(tiny_model("llama"), model_id="tiny", chunk_size_bytes=CHUNK)
     first = load(store, "tiny")
+    first.wait_promoted()
     victim = first.manifest.chunks[3].hash
     data = bytearray(disk.get(victim))
     data[len(data) // 2] ^= 0xFF
@@ -67,7 +71,10 @@ def test_corrupt_chunk_is_discarded_and_fetched_from_the_next_tier(
     assert second.report.chunks_by_tier["bucket"] == 1
     for name, t in first.tensors.items():
         assert torch.equal(second.tensors[name], t)
-    assert disk.get(victim) == bucket.get(victim)  # the good copy was promoted back
+    second.wait_promoted()
+    # The good copy was promoted back, decoded: the disk tier holds raw chunk bytes.
+    assert sha256_key(disk.get(victim)) == victim
+    assert disk.get(victim) != bucket.get(victim)  # the bucket holds it compressed
 
 
 def test_no_good_copy_names_model_chunk_and_tiers(

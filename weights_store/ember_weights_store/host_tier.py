@@ -28,7 +28,7 @@ import mmap
 import os
 import re
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from ember_core import CapacityError, InvalidRequestError
@@ -63,6 +63,8 @@ class HostTier:
     files) are not counted until they are committed, so the tier can briefly exceed its
     budget by the size of the puts in flight.
     """
+
+    holds_decoded = True
 
     def __init__(
         self, root: Path = DEFAULT_HOST_ROOT, *, budget_bytes: int, name: str = "host"
@@ -119,6 +121,12 @@ class HostTier:
         self._touch(self._dir.path(key))
         return data
 
+    def read_into(
+        self, key: str, out: memoryview, *, on_piece: Callable[[memoryview], None] | None = None
+    ) -> None:
+        self._dir.read_into(key, out, on_piece)
+        self._touch(self._dir.path(key))
+
     def open_view(self, key: str) -> memoryview:
         """A read-only view of the object's bytes, mapped straight from tmpfs.
 
@@ -142,7 +150,7 @@ class HostTier:
         self._touch(path)
         return memoryview(mapped)
 
-    def put(self, key: str, data: bytes) -> None:
+    def put(self, key: str, data: bytes | bytearray | memoryview) -> None:
         validate_key(key)
         size = len(data)
         if size > self.budget_bytes:

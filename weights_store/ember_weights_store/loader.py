@@ -1,10 +1,24 @@
-"""The cold-start path: manifest -> chunks from the nearest tier -> verified ->
-decompressed straight into one flat buffer per dtype -> tensors are views.
+"""The cold-start path: manifest -> chunks from the nearest tier -> verified -> written
+straight into one flat buffer per dtype -> tensors are views.
 
-Chunks load in parallel threads: fetching waits on I/O and zstd releases the GIL, so
-both overlap. A chunk whose bytes do not hash to its key is discarded from the tier
-that served it and fetched from the next one; a good copy found further away is
-promoted into the nearer tiers.
+Each chunk is one task on a thread pool; fetching waits on I/O, and zstd, XXH3 and
+``preadv`` all release the GIL, so tasks overlap on every core. Where a chunk comes from
+decides what the task does:
+
+- a cache tier (host RAM, local disk) holds it decoded: ``read_into`` reads it straight into
+  its place in the flat buffer, checksumming each piece as it lands. No copy, no scratch
+  memory, no decompression: a warm load runs at the speed of the medium.
+- an object tier (local bucket, S3) holds it as stored: fetch the stored bytes, decode them
+  into the buffer, checksum the result.
+
+A copy that fails its checksum (or has the wrong size, or does not decode) is deleted from
+the tier that served it and the chunk is fetched from the next one. Once a chunk is good it is
+promoted into every nearer tier: cache tiers get the decoded bytes, written from the flat
+buffer by a background thread so the load does not wait for them (``wait_promoted``).
+
+Memory in flight is bounded by construction: only chunks fetched from an object tier occupy
+memory outside the flat buffers, one stored chunk (plus, for ``zstd-bytegroup``, one raw-size
+scratch) per worker thread. The report records the peak.
 """
 
 from __future__ import annotations
@@ -13,35 +27,46 @@ import contextlib
 import hashlib
 import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 
-from ember_core import EmberError, ModelFormatError
+from ember_core import EmberError, InvalidRequestError, ModelFormatError
 from ember_weights_store.codecs import codec_for
+from ember_weights_store.digests import FastChecksum
 from ember_weights_store.manifest import ChunkEntry, Manifest
 from ember_weights_store.store import WeightsStore
-from ember_weights_store.tiers import ObjectNotFoundError
+from ember_weights_store.tiers import CacheTier, ObjectNotFoundError, Tier
+
+__all__ = ["DEFAULT_LOAD_THREADS", "LoadReport", "LoadedWeights", "load"]
+
+#: Enough requests in flight to keep a cold disk or an object store busy; CPU work (zstd,
+#: checksums) never needs more threads than cores, but waiting ones cost nothing.
+DEFAULT_LOAD_THREADS = 8
 
 
 @dataclass
 class LoadReport:
-    """Seconds per phase, summed over worker threads (so they can exceed wall time)."""
+    """Where the time went. Phase seconds are summed over worker threads, so together they
+    can exceed ``wall_s``; ``wall_s`` is what a cold start waits for."""
 
     manifest_s: float = 0.0
-    fetch_s: float = 0.0
+    alloc_s: float = 0.0
+    fetch_s: float = 0.0  # reading cache tiers, fetching from object tiers
     decompress_s: float = 0.0
     verify_s: float = 0.0
     wall_s: float = 0.0
     raw_bytes: int = 0
-    stored_bytes: int = 0
+    stored_bytes: int = 0  # bytes read from the tiers that served each chunk
     chunks_by_tier: dict[str, int] = field(default_factory=dict)
     discarded: list[str] = field(default_factory=list)  # "tier:key" of corrupt copies
+    peak_in_flight_bytes: int = 0  # stored chunks and scratch held outside the flat buffers
+    promoted_bytes: int = 0  # written into nearer tiers (after ``wait_promoted``)
 
     @property
     def gbps(self) -> float:
+        """Raw bytes made ready per second of wall time."""
         return self.raw_bytes / self.wall_s / 1e9 if self.wall_s else 0.0
 
 
@@ -51,6 +76,19 @@ class LoadedWeights:
     buffers: dict[str, torch.Tensor]  # dtype -> [buffer_bytes] uint8
     tensors: dict[str, torch.Tensor]  # views into the buffers
     report: LoadReport
+    _promotions: list[Future[int]] = field(default_factory=list, repr=False)
+
+    def wait_promoted(self, timeout_s: float | None = None) -> int:
+        """Blocks until the background promotions of this load are written; returns their
+        bytes. A promotion that failed (a full cache) is skipped: it never fails a load."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        total = 0
+        for f in self._promotions:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            total += f.result(timeout=left)
+        self._promotions.clear()
+        self.report.promoted_bytes += total
+        return total
 
 
 def load(
@@ -58,92 +96,205 @@ def load(
     model_id: str,
     revision: str = "main",
     *,
-    threads: int = 4,
-    buffers: dict[str, torch.Tensor] | None = None,
+    threads: int = DEFAULT_LOAD_THREADS,
+    reuse: LoadedWeights | None = None,
+    promote: bool = True,
 ) -> LoadedWeights:
-    """Loads a model's tensors. Pass ``buffers`` from a previous load of the same
-    layout to reuse them instead of allocating."""
+    """Loads a model's tensors from the nearest tiers that hold them.
+
+    Pass ``reuse=`` a previous load of a model with the same buffer sizes (a worker swapping
+    revisions or reloading) to fill its buffers again instead of allocating and faulting in
+    fresh memory; its tensors are overwritten. ``promote=False`` leaves nearer tiers alone.
+
+    Example::
+
+        store = ModelCatalog(home).store()
+        weights = load(store, "smollm2-135m")
+        print(weights.report.gbps, weights.report.chunks_by_tier)
+    """
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise InvalidRequestError(f"threads must be a positive integer, got {threads!r}")
     t0 = time.perf_counter()
     report = LoadReport()
     manifest = store.manifest(model_id, revision)
     report.manifest_s = time.perf_counter() - t0
-    sizes = manifest.buffer_sizes
-    if buffers is None or {k: v.numel() for k, v in buffers.items()} != sizes:
-        buffers = {d: torch.empty(n, dtype=torch.uint8) for d, n in sizes.items()}
-    lock = threading.Lock()
-
-    def one(chunk: ChunkEntry) -> None:
-        out = buffers[chunk.dtype][chunk.offset_bytes : chunk.offset_bytes + chunk.raw_size]
-        view = memoryview(out.numpy())  # type: ignore[arg-type]  # ndarray is a Buffer
-        _load_chunk(store, manifest, chunk, view, report, lock)
-
-    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        for f in [pool.submit(one, c) for c in manifest.chunks]:
+    buffers = _buffers_for(manifest, reuse)
+    report.alloc_s = time.perf_counter() - t0 - report.manifest_s
+    job = _LoadJob(store, manifest, report)
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ember-load") as pool:
+        for f in [pool.submit(job.load_chunk, c, buffers) for c in manifest.chunks]:
             f.result()
     tensors = {}
     for e in manifest.tensors:
         raw = buffers[e.dtype][e.offset_bytes : e.end_bytes]
         tensors[e.name] = raw.view(getattr(torch, e.dtype)).view(e.shape)
     report.wall_s = time.perf_counter() - t0
-    return LoadedWeights(manifest, buffers, tensors, report)
+    loaded = LoadedWeights(manifest, buffers, tensors, report)
+    if promote:
+        loaded._promotions = job.promote_in_background(buffers)
+    return loaded
 
 
-def _timed(report: LoadReport, lock: threading.Lock, phase: str) -> Callable[[float], None]:
-    def add(started: float) -> None:
-        with lock:
-            setattr(report, phase, getattr(report, phase) + time.perf_counter() - started)
+def _buffers_for(manifest: Manifest, reuse: LoadedWeights | None) -> dict[str, torch.Tensor]:
+    sizes = manifest.buffer_sizes
+    if reuse is not None:
+        have = {k: v.numel() for k, v in reuse.buffers.items()}
+        if have == sizes:
+            reuse.wait_promoted()  # its promotions read these buffers; let them finish first
+            return reuse.buffers
+    return {d: torch.empty(n, dtype=torch.uint8) for d, n in sizes.items()}
 
-    return add
 
+class _LoadJob:
+    """The per-load state shared by worker threads: accounting, and what to promote."""
 
-def _load_chunk(
-    store: WeightsStore,
-    manifest: Manifest,
-    chunk: ChunkEntry,
-    out: memoryview,
-    report: LoadReport,
-    lock: threading.Lock,
-) -> None:
-    codec = codec_for(chunk.codec)
-    tried: list[str] = []
-    for i, tier in enumerate(store.tiers):
+    def __init__(self, store: WeightsStore, manifest: Manifest, report: LoadReport) -> None:
+        self.store = store
+        self.manifest = manifest
+        self.report = report
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        self._to_promote: list[tuple[ChunkEntry, int]] = []  # (chunk, index of its source)
+
+    def _add(self, phase: str, started: float) -> None:
+        with self._lock:
+            setattr(self.report, phase, getattr(self.report, phase) + time.perf_counter() - started)
+
+    def _hold(self, nbytes: int) -> None:
+        with self._lock:
+            self._in_flight += nbytes
+            self.report.peak_in_flight_bytes = max(
+                self.report.peak_in_flight_bytes, self._in_flight
+            )
+
+    def load_chunk(self, chunk: ChunkEntry, buffers: dict[str, torch.Tensor]) -> None:
+        out = memoryview(buffers[chunk.dtype][chunk.offset_bytes : chunk.end_bytes].numpy())  # type: ignore[arg-type]  # ndarray is a Buffer
+        tried: list[str] = []
+        for i, tier in enumerate(self.store.tiers):
+            try:
+                if isinstance(tier, CacheTier) and tier.holds_decoded:
+                    ok, stored_size = self._read_decoded(tier, chunk, out), chunk.raw_size
+                else:
+                    ok, stored_size = self._fetch_and_decode(tier, chunk, out, i)
+            except ObjectNotFoundError:
+                continue
+            except EmberError:
+                tried.append(f"{tier.name} (read failed)")
+                continue
+            if not ok:
+                tier.delete(chunk.hash)  # never serve this copy again
+                tried.append(f"{tier.name} (corrupt, discarded)")
+                with self._lock:
+                    self.report.discarded.append(f"{tier.name}:{chunk.hash}")
+                continue
+            with self._lock:
+                self.report.raw_bytes += chunk.raw_size
+                self.report.stored_bytes += stored_size
+                self.report.chunks_by_tier[tier.name] = (
+                    self.report.chunks_by_tier.get(tier.name, 0) + 1
+                )
+                if i:
+                    self._to_promote.append((chunk, i))
+            return
+        absent = [t.name for t in self.store.tiers if f"{t.name} (" not in " ".join(tried)]
+        raise ModelFormatError(
+            f"model {self.manifest.model_id!r}: chunk {chunk.hash} ({chunk.dtype} bytes "
+            f"{chunk.offset_bytes}..{chunk.end_bytes}) has no good copy; tiers tried: "
+            f"{', '.join(tried + [f'{n} (absent)' for n in absent]) or 'none'}. "
+            "Re-import or push the model again"
+        )
+
+    def _read_decoded(self, tier: CacheTier, chunk: ChunkEntry, out: memoryview) -> bool:
         started = time.perf_counter()
-        try:  # one request per tier: a miss costs the same as has() would
-            stored = tier.get(chunk.hash)
-        except ObjectNotFoundError:
-            continue
-        except EmberError:
-            tried.append(f"{tier.name} (read failed)")
-            continue
-        _timed(report, lock, "fetch_s")(started)
-        started = time.perf_counter()
+        if not chunk.checksum:  # a manifest from before checksums: check the name instead
+            try:
+                tier.read_into(chunk.hash, out)
+            except ModelFormatError:
+                return False
+            self._add("fetch_s", started)
+            return self._verify(chunk, out)
+        checksum = FastChecksum()
+        hashing_s = 0.0
+
+        def on_piece(piece: memoryview) -> None:
+            nonlocal hashing_s
+            t = time.perf_counter()
+            checksum.update(piece)
+            hashing_s += time.perf_counter() - t
+
         try:
-            codec.decode_into(stored, out)
+            tier.read_into(chunk.hash, out, on_piece=on_piece)
         except ModelFormatError:
-            ok = False
-        else:
-            _timed(report, lock, "decompress_s")(started)
+            return False
+        with self._lock:
+            self.report.fetch_s += time.perf_counter() - started - hashing_s
+            self.report.verify_s += hashing_s
+        return checksum.hexdigest() == chunk.checksum
+
+    def _fetch_and_decode(
+        self, tier: Tier, chunk: ChunkEntry, out: memoryview, index: int
+    ) -> tuple[bool, int]:
+        started = time.perf_counter()
+        stored = tier.get(chunk.hash)
+        self._add("fetch_s", started)
+        scratch = chunk.raw_size if chunk.codec == "zstd-bytegroup" else 0
+        self._hold(len(stored) + scratch)
+        try:
             started = time.perf_counter()
+            try:
+                codec_for(chunk.codec).decode_into(stored, out)
+            except ModelFormatError:
+                return False, len(stored)
+            self._add("decompress_s", started)
+            if not self._verify(chunk, out):
+                return False, len(stored)
+            # Nearer object tiers (a bucket in front of S3) take the stored form; it is only
+            # in memory now, so write it before letting it go rather than queueing it.
+            for nearer in self.store.tiers[:index]:
+                if not nearer.holds_decoded:
+                    with contextlib.suppress(EmberError):  # a full cache is not a failed load
+                        nearer.put(chunk.hash, stored)
+            return True, len(stored)
+        finally:
+            self._hold(-(len(stored) + scratch))
+
+    def _verify(self, chunk: ChunkEntry, out: memoryview) -> bool:
+        started = time.perf_counter()
+        if chunk.checksum:
+            fast = FastChecksum()
+            fast.update(out)
+            ok = fast.hexdigest() == chunk.checksum
+        else:
             ok = "sha256:" + hashlib.sha256(out).hexdigest() == chunk.hash
-            _timed(report, lock, "verify_s")(started)
-        if not ok:
-            tier.delete(chunk.hash)  # never serve this copy again
-            tried.append(f"{tier.name} (corrupt, discarded)")
-            with lock:
-                report.discarded.append(f"{tier.name}:{chunk.hash}")
-            continue
-        for nearer in store.tiers[:i]:  # promote for the next cold start
-            with contextlib.suppress(EmberError):  # a full cache is not a failed load
-                nearer.put(chunk.hash, stored)
-        with lock:
-            report.raw_bytes += chunk.raw_size
-            report.stored_bytes += len(stored)
-            report.chunks_by_tier[tier.name] = report.chunks_by_tier.get(tier.name, 0) + 1
-        return
-    missing = [t.name for t in store.tiers if f"{t.name} (" not in " ".join(tried)]
-    raise ModelFormatError(
-        f"model {manifest.model_id!r}: chunk {chunk.hash} ({chunk.dtype} bytes "
-        f"{chunk.offset_bytes}..{chunk.offset_bytes + chunk.raw_size}) has no good copy; tiers "
-        f"tried: {', '.join(tried + [f'{n} (absent)' for n in missing]) or 'none'}. "
-        "Re-import or push the model again"
-    )
+        self._add("verify_s", started)
+        return ok
+
+    def promote_in_background(self, buffers: dict[str, torch.Tensor]) -> list[Future[int]]:
+        """Writes every chunk that came from further away into the nearer cache tiers, from
+        the flat buffers (so nothing is copied or held for it), on one background thread."""
+        work = [
+            (chunk, tier)
+            for chunk, index in self._to_promote
+            for tier in self.store.tiers[:index]
+            if tier.holds_decoded
+        ]
+        if not work:
+            return []
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ember-promote")
+
+        def run() -> int:
+            written = 0
+            for chunk, tier in work:
+                data = memoryview(
+                    buffers[chunk.dtype][chunk.offset_bytes : chunk.end_bytes].numpy()  # type: ignore[arg-type]
+                )
+                try:
+                    tier.put(chunk.hash, data)  # type: ignore[arg-type]  # cache tiers take any buffer
+                except EmberError:
+                    continue  # a full cache is not a failed load
+                written += chunk.raw_size
+            return written
+
+        future = pool.submit(run)
+        pool.shutdown(wait=False)  # the thread finishes its work, then exits
+        return [future]

@@ -25,6 +25,7 @@ from typing import Any
 
 from ember_core import InvalidRequestError, ModelFormatError
 from ember_weights_store.codecs import CODEC_NAMES
+from ember_weights_store.digests import CHECKSUM_RE
 
 __all__ = [
     "ALIGNMENT_BYTES",
@@ -177,6 +178,9 @@ class ChunkEntry:
     stored_size: int
     dtype: str
     offset_bytes: int
+    #: ``xxh3_128:<hex>`` of the raw bytes, checked on every load (see ``digests``). Empty in
+    #: manifests written before it existed: those chunks are checked against ``hash``.
+    checksum: str = ""
 
     def __post_init__(self) -> None:
         if not isinstance(self.hash, str) or not _HASH_RE.fullmatch(self.hash):
@@ -193,6 +197,10 @@ class ChunkEntry:
         _check_int(self.offset_bytes, f"{what} offset_bytes")
         if self.codec == "raw" and self.stored_size != self.raw_size:
             raise _bad(f"{what} is stored raw but stored_size {self.stored_size} != raw_size")
+        if self.checksum and (
+            not isinstance(self.checksum, str) or not CHECKSUM_RE.fullmatch(self.checksum)
+        ):
+            raise _bad(f"{what} checksum {self.checksum!r} must be 'xxh3_128:' and 32 hex digits")
 
     @property
     def end_bytes(self) -> int:
@@ -336,7 +344,9 @@ class Manifest:
         chunks = []
         for i, c in enumerate(chunks_raw):
             _require(c, _CHUNK_FIELDS, f"chunks[{i}]")
-            chunks.append(ChunkEntry(**{k: c[k] for k in _CHUNK_FIELDS}))
+            chunks.append(
+                ChunkEntry(**{k: c[k] for k in _CHUNK_FIELDS}, checksum=c.get("checksum", ""))
+            )
         return cls(**{k: data[k] for k in top}, tensors=tuple(tensors), chunks=tuple(chunks))
 
 

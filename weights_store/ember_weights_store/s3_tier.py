@@ -83,6 +83,8 @@ class S3Tier:
     boto3 clients are thread-safe, so one tier serves the loader's parallel fetches.
     """
 
+    holds_decoded = False
+
     def __init__(
         self,
         *,

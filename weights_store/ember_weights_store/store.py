@@ -8,27 +8,31 @@ the chunks that differ; the import report says how many bytes that saved.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
-from ember_core import ModelFormatError, NotFoundError
+from ember_core import ConfigError, ModelFormatError, NotFoundError
 from ember_weights_store.codecs import choose_codec
+from ember_weights_store.digests import fast_checksum, sha256_key
 from ember_weights_store.layout import chunk_ranges, plan_chunks
 from ember_weights_store.manifest import (
     DEFAULT_CHUNK_SIZE_BYTES,
+    DTYPE_SIZES,
     ChunkEntry,
     Manifest,
     model_key,
     validate_model_id,
 )
-from ember_weights_store.tiers import ObjectNotFoundError, Tier
+from ember_weights_store.tiers import CacheTier, ObjectNotFoundError, Tier
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -43,8 +47,8 @@ def manifest_key(model_id: str, revision: str) -> str:
     return f"manifests/{model_key(model_id)}/{revision}.json"
 
 
-def blob_key(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
+#: ``on_progress(done_bytes, total_bytes)``, called as chunks are stored.
+ProgressFn = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)
@@ -58,15 +62,20 @@ class ImportReport:
     seconds: float
 
 
-def _read_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise ModelFormatError(f"no .safetensors files in {model_dir}; nothing to import")
+def _read_tensors(files: Sequence[Path]) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for path in files:
-        with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():  # noqa: SIM118 - safe_open is not a Mapping
-                out[name] = f.get_tensor(name)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():  # noqa: SIM118 - safe_open is not a Mapping
+                    if name in out:
+                        raise ModelFormatError(
+                            f"tensor {name!r} appears in more than one shard ({path.name} "
+                            "and an earlier one); the checkpoint is inconsistent"
+                        )
+                    out[name] = f.get_tensor(name)
+        except (OSError, SafetensorError) as exc:
+            raise ModelFormatError(f"{path} is not a readable safetensors file: {exc}") from None
     return out
 
 
@@ -76,7 +85,13 @@ class WeightsStore:
 
     def __init__(self, tiers: Sequence[Tier]) -> None:
         if not tiers:
-            raise ValueError("a WeightsStore needs at least one tier (its origin)")
+            raise ConfigError("a WeightsStore needs at least one tier (its origin)")
+        for tier in tiers:
+            if tier.holds_decoded and not isinstance(tier, CacheTier):
+                raise ConfigError(
+                    f"tier {tier.name!r} says it holds decoded chunks but has no read_into(); "
+                    "implement CacheTier or set holds_decoded = False"
+                )
         self.tiers = list(tiers)
 
     @property
@@ -91,16 +106,90 @@ class WeightsStore:
         revision: str = "main",
         chunk_size_bytes: int = DEFAULT_CHUNK_SIZE_BYTES,
         level: int = 3,
+        threads: int = 2,
+        on_progress: ProgressFn | None = None,
     ) -> ImportReport:
-        started = time.perf_counter()
-        validate_model_id(model_id)
+        """Imports a Hugging Face model directory: every ``*.safetensors`` shard,
+        ``config.json`` and the tokenizer files."""
         try:
             architecture = json.loads((model_dir / "config.json").read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise ModelFormatError(
                 f"{model_dir}/config.json is missing or invalid: {exc}"
             ) from None
-        tensors = _read_tensors(model_dir)
+        files = sorted(model_dir.glob("*.safetensors"))
+        if not files:
+            raise ModelFormatError(f"no .safetensors files in {model_dir}; nothing to import")
+        extras = {
+            n: (model_dir / n).read_bytes() for n in TOKENIZER_FILES if (model_dir / n).is_file()
+        }
+        return self._import(
+            _read_tensors(files),
+            architecture,
+            extras,
+            model_id=model_id,
+            revision=revision,
+            chunk_size_bytes=chunk_size_bytes,
+            level=level,
+            threads=threads,
+            on_progress=on_progress,
+        )
+
+    def import_safetensors_file(
+        self,
+        path: Path,
+        *,
+        model_id: str,
+        revision: str = "main",
+        architecture: dict[str, Any] | None = None,
+        chunk_size_bytes: int = DEFAULT_CHUNK_SIZE_BYTES,
+        level: int = 3,
+        threads: int = 2,
+        on_progress: ProgressFn | None = None,
+    ) -> ImportReport:
+        """Imports one ``.safetensors`` file on its own: weights only, no tokenizer. The
+        architecture is ``architecture`` if given, else a ``config.json`` beside the file,
+        else empty (enough to store and load tensors, not to serve them)."""
+        if not path.is_file():
+            raise NotFoundError(f"{path} is not a file; pass a .safetensors file")
+        if architecture is None:
+            beside = path.parent / "config.json"
+            try:
+                architecture = json.loads(beside.read_text()) if beside.is_file() else {}
+            except json.JSONDecodeError as exc:
+                raise ModelFormatError(f"{beside} is not valid JSON: {exc}") from None
+        return self._import(
+            _read_tensors([path]),
+            architecture,
+            {},
+            model_id=model_id,
+            revision=revision,
+            chunk_size_bytes=chunk_size_bytes,
+            level=level,
+            threads=threads,
+            on_progress=on_progress,
+        )
+
+    def _import(
+        self,
+        tensors: dict[str, torch.Tensor],
+        architecture: dict[str, Any],
+        extra_files: dict[str, bytes],
+        *,
+        model_id: str,
+        revision: str,
+        chunk_size_bytes: int,
+        level: int,
+        threads: int,
+        on_progress: ProgressFn | None,
+    ) -> ImportReport:
+        started = time.perf_counter()
+        validate_model_id(model_id)
+        if self.origin.holds_decoded:
+            raise ConfigError(
+                f"the store's last tier {self.origin.name!r} is a cache; import into an "
+                "object tier (a local bucket or S3) as the origin"
+            )
         specs = [
             (
                 name,
@@ -115,31 +204,39 @@ class WeightsStore:
         for e in entries:
             flat = tensors[e.name].contiguous().view(-1).view(torch.uint8)
             buffers[e.dtype][e.offset_bytes : e.end_bytes] = flat
-        chunks: list[ChunkEntry] = []
-        written = dedup = raw_total = 0
-        for dtype, buf in buffers.items():
-            dtype_bytes = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
-            for offset, size in chunk_ranges(buf.numel(), chunk_size_bytes=chunk_size_bytes):
-                raw = buf[offset : offset + size].numpy().tobytes()
-                key = blob_key(raw)
-                raw_total += size
-                # Encoding is deterministic for a level, so a chunk already stored gets
-                # the same codec and size it was stored with; only new chunks are written.
-                codec, stored = choose_codec(raw, dtype_bytes=dtype_bytes, level=level)
-                stored_size = len(stored)
-                if self.origin.has(key):
-                    dedup += size
-                else:
-                    self.origin.put(key, stored)
-                    written += stored_size
-                chunks.append(ChunkEntry(key, codec, size, stored_size, dtype, offset))
+        del tensors
+        plan = [
+            (dtype, offset, size)
+            for dtype, buf in buffers.items()
+            for offset, size in chunk_ranges(buf.numel(), chunk_size_bytes=chunk_size_bytes)
+        ]
+        total = sum(size for _, _, size in plan)
+        lock = threading.Lock()
+        counts = {"written": 0, "dedup": 0, "done": 0}
+
+        def one(dtype: str, offset: int, size: int) -> ChunkEntry:
+            raw = memoryview(buffers[dtype][offset : offset + size].numpy())  # type: ignore[arg-type]
+            key = sha256_key(raw)
+            # Encoding is deterministic for a level, so a chunk already stored gets the
+            # same codec and size it was stored with; only new chunks are written.
+            dtype_bytes = DTYPE_SIZES[dtype]
+            codec, stored = choose_codec(raw, dtype_bytes=dtype_bytes, level=level)
+            new = not self.origin.has(key)
+            if new:
+                self.origin.put(key, stored)
+            with lock:
+                counts["written" if new else "dedup"] += len(stored) if new else size
+                counts["done"] += size
+                if on_progress is not None:
+                    on_progress(counts["done"], total)
+            return ChunkEntry(key, codec, size, len(stored), dtype, offset, fast_checksum(raw))
+
+        with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+            chunks = list(pool.map(lambda p: one(*p), plan))
         tokenizer_files = {}
-        for name in TOKENIZER_FILES:
-            path = model_dir / name
-            if path.is_file():
-                data = path.read_bytes()
-                tokenizer_files[name] = blob_key(data)
-                self.origin.put(tokenizer_files[name], data)
+        for name, data in extra_files.items():
+            tokenizer_files[name] = sha256_key(data)
+            self.origin.put(tokenizer_files[name], data)
         manifest = Manifest(
             model_id=model_id,
             revision=revision,
@@ -154,9 +251,9 @@ class WeightsStore:
             model_id=model_id,
             revision=revision,
             num_chunks=len(chunks),
-            raw_bytes=raw_total,
-            stored_bytes=written,
-            dedup_bytes=dedup,
+            raw_bytes=total,
+            stored_bytes=counts["written"],
+            dedup_bytes=counts["dedup"],
             seconds=time.perf_counter() - started,
         )
 
@@ -175,7 +272,7 @@ class WeightsStore:
         for tier in self.tiers:
             with contextlib.suppress(ObjectNotFoundError):
                 data = tier.get(key)
-                if blob_key(data) == key:
+                if sha256_key(data) == key:
                     return data
         raise ModelFormatError(
             f"{name} of {manifest.model_id} ({key}) has no good copy in any tier; re-import it"
@@ -186,6 +283,12 @@ def copy_model(src: Tier, dst: Tier, model_id: str, revision: str = "main") -> i
     """Copies a model's manifest, chunks and tokenizer blobs from ``src`` to ``dst``
     (push and pull); objects ``dst`` already holds are skipped. Returns bytes copied.
     The manifest goes last, so ``dst`` never lists a model whose chunks it lacks."""
+    for tier in (src, dst):
+        if tier.holds_decoded:
+            raise ConfigError(
+                f"tier {tier.name!r} is a cache of decoded chunks; push and pull copy between "
+                "object tiers (a local bucket, S3)"
+            )
     key = manifest_key(validate_model_id(model_id), revision)
     if not src.has(key):
         raise NotFoundError(f"{model_id}@{revision} is not in tier {src.name}; nothing to copy")
@@ -214,10 +317,14 @@ def verify_model(store: WeightsStore, model_id: str, revision: str = "main") -> 
             problems.append(f"(no tier): {chunk.hash}: missing everywhere")
         for tier in holders:
             try:
-                raw = codec_for(chunk.codec).decode(tier.get(chunk.hash), raw_size=chunk.raw_size)
+                data = tier.get(chunk.hash)
+                codec = codec_for("raw" if tier.holds_decoded else chunk.codec)
+                raw = codec.decode(data, raw_size=chunk.raw_size)
             except ModelFormatError as exc:
                 problems.append(f"{tier.name}: {chunk.hash}: {exc.message}")
                 continue
-            if blob_key(raw) != chunk.hash:
+            if sha256_key(raw) != chunk.hash:
                 problems.append(f"{tier.name}: {chunk.hash}: content does not match its hash")
+            elif chunk.checksum and fast_checksum(raw) != chunk.checksum:
+                problems.append(f"{tier.name}: {chunk.hash}: the manifest's checksum is wrong")
     return problems

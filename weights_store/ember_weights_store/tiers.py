@@ -19,12 +19,14 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeVar, runtime_checkable
 
-from ember_core import InvalidRequestError, NotFoundError
+from ember_core import InvalidRequestError, ModelFormatError, NotFoundError
 from ember_weights_store.keys import key_to_path, path_to_key, validate_key
 
 __all__ = [
+    "READ_PIECE_BYTES",
+    "CacheTier",
     "DiskTier",
     "LocalBucketTier",
     "ObjectNotFoundError",
@@ -37,6 +39,8 @@ __all__ = [
 ]
 
 _TMP_PREFIX = ".tmp-"
+_T = TypeVar("_T")
+_Buffer = bytes | bytearray | memoryview
 
 
 class ObjectNotFoundError(NotFoundError):
@@ -70,9 +74,17 @@ class TierUsage:
 
 @runtime_checkable
 class Tier(Protocol):
-    """What the loader and importers need from any place that holds objects."""
+    """What the loader and importers need from any place that holds objects.
+
+    ``holds_decoded`` says what form a chunk takes in this tier. Object tiers (the local
+    bucket, S3) hold chunks as stored, compressed by their codec: that is what travels over
+    the network and what the store's size counts. Cache tiers (disk, host RAM) hold chunks
+    decoded, so a warm load is a read at the speed of the medium with no decompression;
+    they implement ``CacheTier.read_into``.
+    """
 
     name: str
+    holds_decoded: bool
 
     def has(self, key: str) -> bool: ...
 
@@ -85,6 +97,24 @@ class Tier(Protocol):
     def delete(self, key: str) -> bool: ...
 
     def usage(self) -> TierUsage: ...
+
+
+@runtime_checkable
+class CacheTier(Tier, Protocol):
+    """A tier that holds chunks decoded and can read one straight into the caller's buffer."""
+
+    def read_into(
+        self, key: str, out: memoryview, *, on_piece: Callable[[memoryview], None] | None = None
+    ) -> None:
+        """Fill ``out`` with the object's bytes, calling ``on_piece`` on each piece as it lands
+        (the loader checksums it while it is still in cache). ``ModelFormatError`` if the
+        object's size is not ``len(out)``."""
+        ...
+
+
+#: Pieces of a ``read_into``: small enough to be checksummed while still in the CPU's cache,
+#: large enough that the per-call overhead stays under a few percent.
+READ_PIECE_BYTES = 1 << 20
 
 
 def _check_range(key: str, start: int, length: int, size: int) -> None:
@@ -150,7 +180,36 @@ class _Dir:
         finally:
             os.close(fd)
 
-    def write_temp(self, key: str, data: bytes) -> tuple[Path, Path]:
+    def read_into(
+        self, key: str, out: memoryview, on_piece: Callable[[memoryview], None] | None
+    ) -> None:
+        try:
+            fd = os.open(self.path(key), os.O_RDONLY)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise ObjectNotFoundError(key, tier=self.tier) from None
+        try:
+            size = os.fstat(fd).st_size
+            if size != len(out):
+                raise ModelFormatError(
+                    f"tier {self.tier!r} holds {size} bytes for {key!r} but {len(out)} were "
+                    "expected; the copy is truncated or stale, fetch it from another tier"
+                )
+            done = 0
+            while done < size:
+                piece = out[done : done + READ_PIECE_BYTES]
+                n = os.preadv(fd, [piece], done)
+                if n == 0:
+                    raise ModelFormatError(
+                        f"{key!r} in tier {self.tier!r} was truncated while being read; "
+                        "fetch it from another tier"
+                    )
+                if on_piece is not None:
+                    on_piece(piece[:n])
+                done += n
+        finally:
+            os.close(fd)
+
+    def write_temp(self, key: str, data: _Buffer) -> tuple[Path, Path]:
         """Writes ``data`` to a fresh temp file beside the key's path; returns (temp, final)."""
         final = self.path(key)
         try:
@@ -251,6 +310,8 @@ class LocalBucketTier:
     Keeps no state in memory, so several processes may share one root.
     """
 
+    holds_decoded = False
+
     def __init__(self, root: Path, *, name: str = "bucket", fsync: bool = True) -> None:
         self.name = name
         self._dir = _Dir(root, tier=name, fsync=fsync)
@@ -300,6 +361,8 @@ class DiskTier:
     it, every method is thread-safe. Sizes are object bytes, not filesystem blocks.
     """
 
+    holds_decoded = True
+
     def __init__(
         self, root: Path, *, budget_bytes: int, name: str = "disk", fsync: bool = True
     ) -> None:
@@ -343,7 +406,12 @@ class DiskTier:
     def get_range(self, key: str, start: int, length: int) -> bytes:
         return self._read(key, lambda: self._dir.read_range(key, start, length))
 
-    def _read(self, key: str, read: Callable[[], bytes]) -> bytes:
+    def read_into(
+        self, key: str, out: memoryview, *, on_piece: Callable[[memoryview], None] | None = None
+    ) -> None:
+        self._read(key, lambda: self._dir.read_into(key, out, on_piece))
+
+    def _read(self, key: str, read: Callable[[], _T]) -> _T:
         if not self.has(key):
             raise ObjectNotFoundError(key, tier=self.name)
         try:
@@ -356,7 +424,7 @@ class DiskTier:
                     self._size -= self._index.pop(key)
             raise
 
-    def put(self, key: str, data: bytes) -> None:
+    def put(self, key: str, data: _Buffer) -> None:
         validate_key(key)
         size = len(data)
         if size > self.budget_bytes:
