@@ -91,3 +91,47 @@ class EngineError(EmberError):
     error_type = "server_error"
     code = "engine_error"
     retryable = True
+
+
+class AuthenticationError(EmberError):
+    """The API key is missing, malformed, unknown, revoked or expired."""
+
+    http_status = 401
+    error_type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class BudgetExceededError(EmberError):
+    """The request could cost more than what is left of a spend cap this period."""
+
+    http_status = 402
+    error_type = "insufficient_quota"
+    code = "insufficient_quota"
+
+    def __init__(
+        self, message: str, *, remaining_micros: int = 0, param: str | None = None
+    ) -> None:
+        super().__init__(message, param=param)
+        #: What is left of the tightest cap, in integer micro-units of the currency.
+        self.remaining_micros = remaining_micros
+
+
+class RateLimitError(EmberError):
+    """Too many tokens per minute for this key or tenant; retry after ``retry_after_s``."""
+
+    http_status = 429
+    error_type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+    retryable = True
+
+    def __init__(self, message: str, *, retry_after_s: float, param: str | None = None) -> None:
+        super().__init__(message, param=param)
+        self.retry_after_s = retry_after_s
+
+
+class ConflictError(EmberError):
+    """The request contradicts what is already recorded (settle after release, say)."""
+
+    http_status = 409
+    error_type = "invalid_request_error"
+    code = "conflict"

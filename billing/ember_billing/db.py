@@ -1,0 +1,88 @@
+"""Engines and transactions for the two backends: SQLite (WAL) embedded, PostgreSQL
+by URL. Everything dialect-specific about connecting lives here."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session
+
+from ember_core.errors import ConfigError
+
+#: How long a SQLite writer waits for the lock before failing (milliseconds).
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+def normalize_url(url: str) -> str:
+    """``postgres://`` and ``postgresql://`` mean psycopg 3; ``sqlite:///path`` stays."""
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
+def dialect_of(url: str) -> str:
+    name = make_url(normalize_url(url)).get_backend_name()
+    if name not in ("sqlite", "postgresql"):
+        raise ConfigError(
+            f"ledger URL {url!r} names {name!r}; use sqlite:///path/ledger.db or "
+            "postgresql://user@host:port/db"
+        )
+    return name
+
+
+def make_engine(url: str, *, pool_size: int = 8, max_overflow: int = 16) -> Engine:
+    """An engine with the settings the ledger's correctness depends on."""
+    url = normalize_url(url)
+    if dialect_of(url) == "postgresql":
+        return create_engine(
+            url, pool_size=pool_size, max_overflow=max_overflow, pool_pre_ping=True
+        )
+    if make_url(url).database in (None, "", ":memory:"):
+        raise ConfigError(
+            "the ledger needs a SQLite file (sqlite:///path/ledger.db): an in-memory "
+            "database is private to one connection and loses everything on exit"
+        )
+    engine = create_engine(
+        url,
+        connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
+        pool_size=pool_size,
+        max_overflow=max_overflow,
+    )
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # Let SQLAlchemy's "begin" hook below issue BEGIN itself (pysqlite would
+        # otherwise defer it until the first write).
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        # FULL: a committed settle survives power loss too, not just a process kill.
+        cur.execute("PRAGMA synchronous=FULL")
+        cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        # IMMEDIATE takes the write lock up front: a transaction that reads and then
+        # writes can never fail mid-way with "database is locked" on the upgrade, and
+        # read-then-decide code inside it sees data no one else can change.
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+@contextmanager
+def session_scope(engine: Engine) -> Iterator[Session]:
+    """One transaction: committed if the block returns, rolled back if it raises."""
+    session = Session(engine, expire_on_commit=False, autoflush=False)
+    try:
+        with session.begin():
+            yield session
+    finally:
+        session.close()

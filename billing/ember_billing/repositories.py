@@ -1,0 +1,299 @@
+"""SQL for the ledger, one function per statement or small query.
+
+Repositories never commit and never decide policy: ``service.py`` owns transactions
+and decisions. Every write that guards an invariant is a single conditional statement
+whose row count (or RETURNING) says whether it happened, so no check-then-act race
+exists on either backend.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Sequence
+from typing import Any, cast
+
+from sqlalchemy import Row, Table, and_, bindparam, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from ember_billing.models import (
+    ApiKey,
+    Budget,
+    JournalEntry,
+    Posting,
+    Price,
+    Quota,
+    RateWindow,
+    Reservation,
+    Tenant,
+    UsageEvent,
+)
+
+
+def _insert(session: Session, table: Any) -> Any:
+    """The dialect's INSERT, which has ON CONFLICT on both backends."""
+    dialect = session.get_bind().dialect.name
+    return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
+
+
+def find_tenant(session: Session, tenant: str) -> Tenant | None:
+    """By id, else by name."""
+    row = session.get(Tenant, tenant)
+    if row is None:
+        row = session.scalars(select(Tenant).where(Tenant.name == tenant)).first()
+    return row
+
+
+def find_key_by_prefix(session: Session, prefix: str) -> ApiKey | None:
+    return session.scalars(select(ApiKey).where(ApiKey.prefix == prefix)).first()
+
+
+def revoke_key(session: Session, key_id: str, now: dt.datetime) -> bool:
+    res = session.execute(
+        update(ApiKey)
+        .where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None))
+        .values(revoked_at=now)
+    )
+    return bool(res.rowcount)  # type: ignore[attr-defined]
+
+
+def current_price(session: Session, model: str, adapter: str, at: dt.datetime) -> Price | None:
+    """The adapter's own price if it has one, else the base model's, as of ``at``."""
+    for name in dict.fromkeys((adapter, "")):
+        row = session.scalars(
+            select(Price)
+            .where(Price.model == model, Price.adapter == name, Price.effective_from <= at)
+            .order_by(Price.effective_from.desc())
+            .limit(1)
+        ).first()
+        if row is not None:
+            return row
+    return None
+
+
+def quotas_for(session: Session, tenant_id: str, key_ids: Iterable[str]) -> list[Quota]:
+    scopes = ["", *key_ids]
+    return list(
+        session.scalars(select(Quota).where(Quota.tenant_id == tenant_id, Quota.key_id.in_(scopes)))
+    )
+
+
+def upsert_quota(
+    session: Session,
+    tenant_id: str,
+    key_id: str,
+    *,
+    spend_cap_micros: int | None,
+    tokens_per_minute: int | None,
+) -> None:
+    values = {"spend_cap_micros": spend_cap_micros, "tokens_per_minute": tokens_per_minute}
+    stmt = _insert(session, Quota).values(tenant_id=tenant_id, key_id=key_id, **values)
+    session.execute(stmt.on_conflict_do_update(index_elements=["tenant_id", "key_id"], set_=values))
+
+
+def ensure_budget(
+    session: Session, tenant_id: str, key_id: str, period: str, cap_micros: int
+) -> int:
+    """The budget row of this scope and period, made on first use; its id."""
+    session.execute(
+        _insert(session, Budget)
+        .values(
+            tenant_id=tenant_id,
+            key_id=key_id,
+            period=period,
+            cap_micros=cap_micros,
+            spent_micros=0,
+            reserved_micros=0,
+        )
+        .on_conflict_do_nothing()
+    )
+    return int(
+        session.execute(
+            select(Budget.id).where(
+                Budget.tenant_id == tenant_id, Budget.key_id == key_id, Budget.period == period
+            )
+        ).scalar_one()
+    )
+
+
+def set_budget_cap(session: Session, tenant_id: str, key_id: str, period: str, cap: int) -> None:
+    session.execute(
+        update(Budget)
+        .where(Budget.tenant_id == tenant_id, Budget.key_id == key_id, Budget.period == period)
+        .values(cap_micros=cap)
+    )
+
+
+def hold_budget(session: Session, budget_id: int, amount: int) -> bool:
+    """Adds ``amount`` to the hold only if the cap still covers it: one atomic statement."""
+    res = session.execute(
+        update(Budget)
+        .where(
+            Budget.id == budget_id,
+            Budget.spent_micros + Budget.reserved_micros + amount <= Budget.cap_micros,
+        )
+        .values(reserved_micros=Budget.reserved_micros + amount)
+    )
+    return bool(res.rowcount)  # type: ignore[attr-defined]
+
+
+def budget_remaining(session: Session, budget_id: int) -> int:
+    b = session.get(Budget, budget_id)
+    return 0 if b is None else max(0, b.cap_micros - b.spent_micros - b.reserved_micros)
+
+
+def move_budgets(session: Session, moves: dict[int, tuple[int, int]]) -> None:
+    """``{budget_id: (release_from_hold, add_to_spent)}``, in id order so two
+    transactions touching the same budgets lock them in the same order."""
+    if not moves:
+        return
+    t = cast(Table, Budget.__table__)
+    stmt = (
+        update(t)
+        .where(t.c.id == bindparam("b_id"))
+        .values(
+            reserved_micros=t.c.reserved_micros - bindparam("b_release"),
+            spent_micros=t.c.spent_micros + bindparam("b_spend"),
+        )
+    )
+    params = [
+        {"b_id": bid, "b_release": rel, "b_spend": spend}
+        for bid, (rel, spend) in sorted(moves.items())
+    ]
+    session.connection().execute(stmt, params)
+
+
+def take_rate_tokens(session: Session, scope: str, minute: int, tokens: int, limit: int) -> bool:
+    """Counts ``tokens`` into this minute's window only if it stays within ``limit``."""
+    if tokens > limit:
+        return False
+    stmt = _insert(session, RateWindow).values(scope=scope, minute=minute, tokens=tokens)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["scope", "minute"],
+        set_={"tokens": RateWindow.tokens + tokens},
+        where=RateWindow.tokens + tokens <= limit,
+    ).returning(RateWindow.id)
+    return session.execute(stmt).first() is not None
+
+
+def insert_rows(session: Session, model: Any, rows: Sequence[dict[str, Any]]) -> None:
+    if rows:
+        session.connection().execute(model.__table__.insert(), list(rows))
+
+
+def insert_usage_events(session: Session, rows: Sequence[dict[str, Any]]) -> None:
+    """ON CONFLICT DO NOTHING: a request id already recorded stays as it was."""
+    if rows:
+        stmt = _insert(session, UsageEvent.__table__).on_conflict_do_nothing(
+            index_elements=["request_id"]
+        )
+        session.connection().execute(stmt, list(rows))
+
+
+def reservations_by_request(session: Session, request_ids: Sequence[str]) -> list[Reservation]:
+    return list(session.scalars(select(Reservation).where(Reservation.request_id.in_(request_ids))))
+
+
+def lock_reservations(session: Session, ids: Sequence[str]) -> dict[str, Row[Any]]:
+    """Rows locked for this transaction, in id order (no deadlock between batches).
+    Core rows, not ORM objects: this is the hot path of batched settlement."""
+    t = Reservation.__table__
+    rows = session.execute(
+        select(t).where(t.c.id.in_(sorted(set(ids)))).order_by(t.c.id).with_for_update()
+    )
+    return {r.id: r for r in rows}
+
+
+def usage_by_request(session: Session, request_ids: Sequence[str]) -> dict[str, Row[Any]]:
+    t = UsageEvent.__table__
+    rows = session.execute(select(t).where(t.c.request_id.in_(list(request_ids))))
+    return {r.request_id: r for r in rows}
+
+
+def set_reservation_state(
+    session: Session, ids: Sequence[str], state: str, *, only_from: Sequence[str]
+) -> int:
+    res = session.execute(
+        update(Reservation)
+        .where(Reservation.id.in_(ids), Reservation.state.in_(only_from))
+        .values(state=state)
+        .execution_options(synchronize_session=False)
+    )
+    return int(res.rowcount)  # type: ignore[attr-defined]
+
+
+def claim_expired(session: Session, now: dt.datetime, limit: int) -> list[Reservation]:
+    """Open reservations past their expiry, locked; rows a settle holds are skipped."""
+    return list(
+        session.scalars(
+            select(Reservation)
+            .where(Reservation.state == "open", Reservation.expires_at < now)
+            .order_by(Reservation.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+    )
+
+
+def account_balances(session: Session, accounts: Sequence[str] | None = None) -> dict[str, int]:
+    q = select(Posting.account, func.sum(Posting.amount_micros)).group_by(Posting.account)
+    if accounts is not None:
+        q = q.where(Posting.account.in_(accounts))
+    return {a: int(s) for a, s in session.execute(q)}
+
+
+def unbalanced_journals(session: Session) -> list[tuple[str, int]]:
+    q = (
+        select(Posting.journal_id, func.sum(Posting.amount_micros))
+        .group_by(Posting.journal_id)
+        .having(func.sum(Posting.amount_micros) != 0)
+    )
+    return [(str(j), int(t)) for j, t in session.execute(q)]
+
+
+def tenant_period_total(session: Session, tenant_id: str, period: str, account: str) -> int:
+    q = (
+        select(func.coalesce(func.sum(Posting.amount_micros), 0))
+        .join(JournalEntry, JournalEntry.id == Posting.journal_id)
+        .where(
+            and_(
+                JournalEntry.tenant_id == tenant_id,
+                JournalEntry.period == period,
+                Posting.account == account,
+            )
+        )
+    )
+    return int(session.execute(q).scalar_one())
+
+
+def journal_amount(session: Session, journal_id: str, account: str) -> int:
+    q = select(func.coalesce(func.sum(Posting.amount_micros), 0)).where(
+        Posting.journal_id == journal_id, Posting.account == account
+    )
+    return int(session.execute(q).scalar_one())
+
+
+def usage_journal_mismatches(session: Session) -> list[str]:
+    """Usage events whose journal entry is missing or charges another amount, and usage
+    entries without an event."""
+    problems = []
+    charged = (
+        select(Posting.journal_id, func.sum(Posting.amount_micros).label("amount"))
+        .where(Posting.amount_micros > 0)
+        .group_by(Posting.journal_id)
+        .subquery()
+    )
+    q = (
+        select(UsageEvent.request_id, UsageEvent.cost_micros, charged.c.amount)
+        .outerjoin(charged, charged.c.journal_id == UsageEvent.journal_id)
+        .where(func.coalesce(charged.c.amount, 0) != UsageEvent.cost_micros)
+    )
+    for rid, cost, amount in session.execute(q):
+        problems.append(f"usage of {rid} costs {cost} but its entry charges {amount}")
+    orphans = (
+        select(JournalEntry.ref)
+        .outerjoin(UsageEvent, UsageEvent.journal_id == JournalEntry.id)
+        .where(JournalEntry.kind == "usage", UsageEvent.id.is_(None))
+    )
+    problems.extend(f"usage entry {ref} has no usage event" for (ref,) in session.execute(orphans))
+    return problems
