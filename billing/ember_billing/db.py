@@ -3,8 +3,10 @@ by URL. Everything dialect-specific about connecting lives here."""
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
@@ -12,6 +14,11 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
 from ember_core.errors import ConfigError
+
+# SQLite runs one writer at a time. Threads of one process queue on this lock instead
+# of in SQLite's busy handler, which sleeps in growing steps and turns 64 contending
+# threads into a convoy of sleepers. Other processes still meet busy_timeout.
+_SQLITE_WRITERS: weakref.WeakKeyDictionary[Engine, threading.Lock] = weakref.WeakKeyDictionary()
 
 #: How long a SQLite writer waits for the lock before failing (milliseconds).
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -35,13 +42,32 @@ def dialect_of(url: str) -> str:
     return name
 
 
-def make_engine(url: str, *, pool_size: int = 8, max_overflow: int = 16) -> Engine:
-    """An engine with the settings the ledger's correctness depends on."""
+def make_engine(
+    url: str, *, pool_size: int = 8, max_overflow: int = 16, durable: bool = True
+) -> Engine:
+    """An engine with the settings the ledger's correctness depends on.
+
+    ``durable=False`` skips the flush to disk at commit (SQLite ``synchronous=NORMAL``,
+    PostgreSQL ``synchronous_commit=off``): atomicity, isolation and locking are
+    unchanged, only the last commits may be lost if the *machine* crashes. For tests
+    of concurrency, never for a ledger that bills."""
     url = normalize_url(url)
     if dialect_of(url) == "postgresql":
-        return create_engine(
-            url, pool_size=pool_size, max_overflow=max_overflow, pool_pre_ping=True
+        # No pre-ping: it costs a round trip per transaction on the hot path. A dropped
+        # connection fails its transaction cleanly (nothing half-written) and the
+        # pool replaces it; recycling bounds how stale a pooled connection gets.
+        engine = create_engine(
+            url, pool_size=pool_size, max_overflow=max_overflow, pool_recycle=1800
         )
+        if not durable:
+
+            @event.listens_for(engine, "connect")
+            def _no_sync(dbapi_conn: Any, _record: Any) -> None:
+                with dbapi_conn.cursor() as cur:
+                    cur.execute("SET synchronous_commit = off")
+                dbapi_conn.commit()
+
+        return engine
     if make_url(url).database in (None, "", ":memory:"):
         raise ConfigError(
             "the ledger needs a SQLite file (sqlite:///path/ledger.db): an in-memory "
@@ -62,7 +88,7 @@ def make_engine(url: str, *, pool_size: int = 8, max_overflow: int = 16) -> Engi
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA journal_mode=WAL")
         # FULL: a committed settle survives power loss too, not just a process kill.
-        cur.execute("PRAGMA synchronous=FULL")
+        cur.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
         cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.close()
@@ -74,15 +100,18 @@ def make_engine(url: str, *, pool_size: int = 8, max_overflow: int = 16) -> Engi
         # read-then-decide code inside it sees data no one else can change.
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
+    _SQLITE_WRITERS[engine] = threading.Lock()
     return engine
 
 
 @contextmanager
 def session_scope(engine: Engine) -> Iterator[Session]:
     """One transaction: committed if the block returns, rolled back if it raises."""
-    session = Session(engine, expire_on_commit=False, autoflush=False)
-    try:
-        with session.begin():
-            yield session
-    finally:
-        session.close()
+    lock = _SQLITE_WRITERS.get(engine)
+    with lock if lock is not None else nullcontext():
+        session = Session(engine, expire_on_commit=False, autoflush=False)
+        try:
+            with session.begin():
+                yield session
+        finally:
+            session.close()

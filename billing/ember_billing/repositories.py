@@ -30,6 +30,81 @@ from ember_billing.models import (
 )
 
 
+def _table(model: Any) -> Table:
+    return cast(Table, model.__table__)
+
+
+_KEYS, _PRICES, _QUOTAS, _BUDGETS = (_table(m) for m in (ApiKey, Price, Quota, Budget))
+_RESERVATIONS, _EVENTS = _table(Reservation), _table(UsageEvent)
+
+# Hot-path statements are built once: composing a SQLAlchemy expression costs more
+# CPU than running it. Bind parameter names never equal column names (b_*).
+_KEY_BY_ID = select(
+    _KEYS.c.id, _KEYS.c.tenant_id, _KEYS.c.prefix, _KEYS.c.revoked_at, _KEYS.c.expires_at
+).where(_KEYS.c.id == bindparam("b_id"))
+_PRICE_AT = (
+    select(_PRICES.c.id)
+    .where(
+        _PRICES.c.model == bindparam("b_model"),
+        _PRICES.c.adapter == bindparam("b_adapter"),
+        _PRICES.c.effective_from <= bindparam("b_at"),
+    )
+    .order_by(_PRICES.c.effective_from.desc())
+    .limit(1)
+)
+_LIMITS = (
+    select(
+        _QUOTAS.c.key_id,
+        _QUOTAS.c.spend_cap_micros,
+        _QUOTAS.c.tokens_per_minute,
+        _BUDGETS.c.id,
+        _BUDGETS.c.cap_micros - _BUDGETS.c.spent_micros - _BUDGETS.c.reserved_micros,
+    )
+    .outerjoin(
+        _BUDGETS,
+        and_(
+            _BUDGETS.c.tenant_id == _QUOTAS.c.tenant_id,
+            _BUDGETS.c.key_id == _QUOTAS.c.key_id,
+            _BUDGETS.c.period == bindparam("b_period"),
+        ),
+    )
+    .where(
+        _QUOTAS.c.tenant_id == bindparam("b_tenant"),
+        _QUOTAS.c.key_id.in_(bindparam("b_keys", expanding=True)),
+    )
+)
+_HOLD = (
+    update(_BUDGETS)
+    .where(
+        _BUDGETS.c.id == bindparam("b_id"),
+        _BUDGETS.c.spent_micros + _BUDGETS.c.reserved_micros + bindparam("b_amount")
+        <= _BUDGETS.c.cap_micros,
+    )
+    .values(reserved_micros=_BUDGETS.c.reserved_micros + bindparam("b_amount"))
+)
+_LOCK_RESERVATIONS = (
+    select(_RESERVATIONS)
+    .where(_RESERVATIONS.c.id.in_(bindparam("b_ids", expanding=True)))
+    .order_by(_RESERVATIONS.c.id)
+    .with_for_update()
+)
+_EVENTS_BY_REQUEST = select(_EVENTS).where(
+    _EVENTS.c.request_id.in_(bindparam("b_ids", expanding=True))
+)
+_SET_STATE = (
+    update(_RESERVATIONS)
+    .where(
+        _RESERVATIONS.c.id.in_(bindparam("b_ids", expanding=True)),
+        _RESERVATIONS.c.state.in_(bindparam("b_from", expanding=True)),
+    )
+    .values(state=bindparam("b_state"))
+)
+
+
+def key_row(session: Session, key_id: str) -> Any:
+    return session.connection().execute(_KEY_BY_ID, {"b_id": key_id}).first()
+
+
 def _insert(session: Session, table: Any) -> Any:
     """The dialect's INSERT, which has ON CONFLICT on both backends."""
     dialect = session.get_bind().dialect.name
@@ -57,25 +132,23 @@ def revoke_key(session: Session, key_id: str, now: dt.datetime) -> bool:
     return bool(res.rowcount)  # type: ignore[attr-defined]
 
 
-def current_price(session: Session, model: str, adapter: str, at: dt.datetime) -> Price | None:
-    """The adapter's own price if it has one, else the base model's, as of ``at``."""
+def current_price(session: Session, model: str, adapter: str, at: dt.datetime) -> int | None:
+    """Id of the adapter's own price if it has one, else the base model's, as of ``at``."""
+    conn = session.connection()
     for name in dict.fromkeys((adapter, "")):
-        row = session.scalars(
-            select(Price)
-            .where(Price.model == model, Price.adapter == name, Price.effective_from <= at)
-            .order_by(Price.effective_from.desc())
-            .limit(1)
-        ).first()
-        if row is not None:
-            return row
+        found = conn.execute(_PRICE_AT, {"b_model": model, "b_adapter": name, "b_at": at}).scalar()
+        if found is not None:
+            return int(found)
     return None
 
 
-def quotas_for(session: Session, tenant_id: str, key_ids: Iterable[str]) -> list[Quota]:
-    scopes = ["", *key_ids]
-    return list(
-        session.scalars(select(Quota).where(Quota.tenant_id == tenant_id, Quota.key_id.in_(scopes)))
-    )
+def limits_for(
+    session: Session, tenant_id: str, key_ids: Iterable[str], period: str
+) -> list[tuple[str, int | None, int | None, int | None, int | None]]:
+    """``(key_id, spend cap, tokens per minute, this period's budget id, what the
+    budget had left when read)`` of each quota of the tenant and these keys."""
+    params = {"b_tenant": tenant_id, "b_keys": ["", *key_ids], "b_period": period}
+    return [(k, c, t, b, r) for k, c, t, b, r in session.connection().execute(_LIMITS, params)]
 
 
 def upsert_quota(
@@ -95,6 +168,12 @@ def ensure_budget(
     session: Session, tenant_id: str, key_id: str, period: str, cap_micros: int
 ) -> int:
     """The budget row of this scope and period, made on first use; its id."""
+    q = select(Budget.id).where(
+        Budget.tenant_id == tenant_id, Budget.key_id == key_id, Budget.period == period
+    )
+    found = session.execute(q).scalar()
+    if found is not None:
+        return int(found)
     session.execute(
         _insert(session, Budget)
         .values(
@@ -107,13 +186,7 @@ def ensure_budget(
         )
         .on_conflict_do_nothing()
     )
-    return int(
-        session.execute(
-            select(Budget.id).where(
-                Budget.tenant_id == tenant_id, Budget.key_id == key_id, Budget.period == period
-            )
-        ).scalar_one()
-    )
+    return int(session.execute(q).scalar_one())
 
 
 def set_budget_cap(session: Session, tenant_id: str, key_id: str, period: str, cap: int) -> None:
@@ -126,15 +199,8 @@ def set_budget_cap(session: Session, tenant_id: str, key_id: str, period: str, c
 
 def hold_budget(session: Session, budget_id: int, amount: int) -> bool:
     """Adds ``amount`` to the hold only if the cap still covers it: one atomic statement."""
-    res = session.execute(
-        update(Budget)
-        .where(
-            Budget.id == budget_id,
-            Budget.spent_micros + Budget.reserved_micros + amount <= Budget.cap_micros,
-        )
-        .values(reserved_micros=Budget.reserved_micros + amount)
-    )
-    return bool(res.rowcount)  # type: ignore[attr-defined]
+    res = session.connection().execute(_HOLD, {"b_id": budget_id, "b_amount": amount})
+    return bool(res.rowcount)
 
 
 def budget_remaining(session: Session, budget_id: int) -> int:
@@ -191,35 +257,28 @@ def insert_usage_events(session: Session, rows: Sequence[dict[str, Any]]) -> Non
 
 
 def reservations_by_request(session: Session, request_ids: Sequence[str]) -> list[Reservation]:
+    if not request_ids:
+        return []
     return list(session.scalars(select(Reservation).where(Reservation.request_id.in_(request_ids))))
 
 
 def lock_reservations(session: Session, ids: Sequence[str]) -> dict[str, Row[Any]]:
     """Rows locked for this transaction, in id order (no deadlock between batches).
     Core rows, not ORM objects: this is the hot path of batched settlement."""
-    t = Reservation.__table__
-    rows = session.execute(
-        select(t).where(t.c.id.in_(sorted(set(ids)))).order_by(t.c.id).with_for_update()
-    )
+    rows = session.connection().execute(_LOCK_RESERVATIONS, {"b_ids": sorted(set(ids))})
     return {r.id: r for r in rows}
 
 
 def usage_by_request(session: Session, request_ids: Sequence[str]) -> dict[str, Row[Any]]:
-    t = UsageEvent.__table__
-    rows = session.execute(select(t).where(t.c.request_id.in_(list(request_ids))))
+    rows = session.connection().execute(_EVENTS_BY_REQUEST, {"b_ids": list(request_ids)})
     return {r.request_id: r for r in rows}
 
 
 def set_reservation_state(
     session: Session, ids: Sequence[str], state: str, *, only_from: Sequence[str]
 ) -> int:
-    res = session.execute(
-        update(Reservation)
-        .where(Reservation.id.in_(ids), Reservation.state.in_(only_from))
-        .values(state=state)
-        .execution_options(synchronize_session=False)
-    )
-    return int(res.rowcount)  # type: ignore[attr-defined]
+    params = {"b_ids": list(ids), "b_from": list(only_from), "b_state": state}
+    return int(session.connection().execute(_SET_STATE, params).rowcount)
 
 
 def claim_expired(session: Session, now: dt.datetime, limit: int) -> list[Reservation]:

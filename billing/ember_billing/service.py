@@ -17,7 +17,7 @@ from ember_billing import admin, reports, repositories
 from ember_billing.db import make_engine, session_scope
 from ember_billing.ledger import new_id
 from ember_billing.migrations import upgrade_to_head
-from ember_billing.models import ApiKey, Price
+from ember_billing.models import Price, Tenant
 from ember_billing.models import Reservation as ReservationRow
 from ember_billing.money import Prices, format_micros
 from ember_billing.records import (
@@ -50,11 +50,16 @@ class BillingConfig:
     migrate: bool = True
     pool_size: int = 8
     max_overflow: int = 16
+    #: False skips flushing each commit to disk (see ``db.make_engine``): tests only.
+    durable: bool = True
 
     def __post_init__(self) -> None:
         ttl = self.reservation_ttl_s
         if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0 < ttl < 1e7:
             raise ConfigError(f"reservation_ttl_s must be a positive number, got {ttl!r}")
+        for name in ("migrate", "durable"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         for name in ("pool_size", "max_overflow"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -100,7 +105,10 @@ class BillingService(admin.AdminMixin, reports.ReportsMixin):
         self.config = config or BillingConfig()
         self.url = url
         self.engine: Engine = make_engine(
-            url, pool_size=self.config.pool_size, max_overflow=self.config.max_overflow
+            url,
+            pool_size=self.config.pool_size,
+            max_overflow=self.config.max_overflow,
+            durable=self.config.durable,
         )
         self.clock = clock
         self._prices: dict[int, Prices] = {}  # price rows never change, so caching is exact
@@ -149,7 +157,7 @@ class BillingService(admin.AdminMixin, reports.ReportsMixin):
             return row.tenant_id, row.id
 
     @staticmethod
-    def _check_key_usable(row: ApiKey, now: dt.datetime) -> None:
+    def _check_key_usable(row: Any, now: dt.datetime) -> None:
         if row.revoked_at is not None:
             raise AuthenticationError(
                 f"API key ek_{row.prefix}_... was revoked; create a new one with "
@@ -208,7 +216,7 @@ class BillingService(admin.AdminMixin, reports.ReportsMixin):
             holds: dict[tuple[str, str], int] = {}  # budget scope -> amount
             tokens: dict[tuple[str, str], int] = {}  # rate scope -> tokens
             checked: set[tuple[str, str]] = set()
-            prices: dict[tuple[str, str], Price] = {}
+            prices: dict[tuple[str, str], int] = {}
             for r in requests:
                 if r.request_id in earlier:
                     old = earlier[r.request_id]
@@ -223,10 +231,10 @@ class BillingService(admin.AdminMixin, reports.ReportsMixin):
                 if (r.tenant_id, r.key_id) not in checked:
                     self._check_tenant_key(s, r.tenant_id, r.key_id, now)
                     checked.add((r.tenant_id, r.key_id))
-                price = prices.get((r.model, r.adapter))
-                if price is None:
-                    price = repositories.current_price(s, r.model, r.adapter, now)
-                    if price is None:
+                price_id = prices.get((r.model, r.adapter))
+                if price_id is None:
+                    price_id = repositories.current_price(s, r.model, r.adapter, now)
+                    if price_id is None:
                         raise ModelNotFoundError(
                             f"no price for model {r.model!r}"
                             + (f" (adapter {r.adapter!r})" if r.adapter else "")
@@ -234,8 +242,8 @@ class BillingService(admin.AdminMixin, reports.ReportsMixin):
                             "`ember prices set` or BillingService.set_price",
                             param="model",
                         )
-                    prices[(r.model, r.adapter)] = price
-                amount = self._price_of(s, price.id).max_cost(
+                    prices[(r.model, r.adapter)] = price_id
+                amount = self._price_of(s, price_id).max_cost(
                     prompt_tokens=r.prompt_tokens, max_completion_tokens=r.max_completion_tokens
                 )
                 for scope in ((r.tenant_id, ""), (r.tenant_id, r.key_id)):
@@ -248,7 +256,7 @@ class BillingService(admin.AdminMixin, reports.ReportsMixin):
                     "key_id": r.key_id,
                     "model": r.model,
                     "adapter": r.adapter,
-                    "price_id": price.id,
+                    "price_id": price_id,
                     "prompt_tokens": r.prompt_tokens,
                     "max_completion_tokens": r.max_completion_tokens,
                     "amount_micros": amount,
@@ -261,74 +269,87 @@ class BillingService(admin.AdminMixin, reports.ReportsMixin):
                 rows.append(row)
                 out.append(row)
             if rows:
-                budget_ids = self._hold(s, holds, tokens, now, period)
+                limits = self._limits(s, holds, period)
                 for row in rows:
-                    row["tenant_budget_id"] = budget_ids.get((row["tenant_id"], ""))
-                    row["key_budget_id"] = budget_ids.get((row["tenant_id"], row["key_id"]))
+                    row["tenant_budget_id"] = limits.get((row["tenant_id"], ""), (None,))[0]
+                    key_scope = (row["tenant_id"], row["key_id"])
+                    row["key_budget_id"] = limits.get(key_scope, (None,))[0]
                 repositories.insert_rows(s, ReservationRow, rows)
+                self._take(s, limits, holds, tokens, now, period)
         return [o if isinstance(o, Reservation) else _reservation(_Obj(o)) for o in out]
 
     def _check_tenant_key(self, s: Session, tenant_id: str, key_id: str, now: dt.datetime) -> None:
-        if repositories.find_tenant(s, tenant_id) is None:
+        key = repositories.key_row(s, key_id)
+        # A key of this tenant proves the tenant exists (foreign key): one query, not two.
+        if (key is None or key.tenant_id != tenant_id) and s.get(Tenant, tenant_id) is None:
             raise NotFoundError(
                 f"unknown tenant {tenant_id!r}; create it with `ember tenants create`",
                 param="tenant",
             )
-        key = s.get(ApiKey, key_id)
         if key is None or key.tenant_id != tenant_id:
             raise AuthenticationError(f"API key {key_id!r} does not belong to tenant {tenant_id!r}")
         self._check_key_usable(key, now)
 
-    def _hold(
+    def _limits(
+        self, s: Session, holds: dict[tuple[str, str], int], period: str
+    ) -> dict[tuple[str, str], tuple[int | None, int | None]]:
+        """``{scope: (budget_id or None, tokens_per_minute or None)}`` for scopes with
+        limits; budget rows of this period are made on first use.
+
+        A budget already too short when read refuses at once, without queueing for its
+        row lock: a refusal may be a moment stale (a release could be committing), an
+        admission never is, since admitting is the conditional UPDATE in ``_take``."""
+        out: dict[tuple[str, str], tuple[int | None, int | None]] = {}
+        for t in sorted({t for t, _ in holds}):
+            keys = [k for tt, k in holds if tt == t and k]
+            for key_id, cap, tpm, bid, left in repositories.limits_for(s, t, keys, period):
+                if cap is not None and bid is None:
+                    bid = repositories.ensure_budget(s, t, key_id, period, cap)
+                elif cap is not None and left is not None and left < holds[(t, key_id)]:
+                    self._refuse(holds[(t, key_id)], max(0, left), key_id, period)
+                out[(t, key_id)] = (bid if cap is not None else None, tpm)
+        return out
+
+    @staticmethod
+    def _refuse(amount: int, left: int, key_id: str, period: str) -> None:
+        what = "tenant" if not key_id else f"key {key_id}"
+        raise BudgetExceededError(
+            f"this request could cost up to {format_micros(amount)} but the "
+            f"{what}'s spend cap for {period} has {format_micros(left)} left; "
+            "lower max_tokens, or raise the cap (`ember tenants set-quota`)",
+            remaining_micros=left,
+        )
+
+    def _take(
         self,
         s: Session,
+        limits: dict[tuple[str, str], tuple[int | None, int | None]],
         holds: dict[tuple[str, str], int],
         tokens: dict[tuple[str, str], int],
         now: dt.datetime,
         period: str,
-    ) -> dict[tuple[str, str], int]:
-        """Applies every cap and rate limit of the scopes involved; returns the budget
-        ids holding the amounts. Raises (and the transaction rolls back) on refusal."""
-        budget_ids: dict[tuple[str, str], int] = {}
-        tenants = {t for t, _ in holds}
-        quotas = {
-            (q.tenant_id, q.key_id): q
-            for t in tenants
-            for q in repositories.quotas_for(s, t, [k for tt, k in holds if tt == t and k])
-        }
-        caps = []
-        for scope in holds:
-            q = quotas.get(scope)
-            if q is not None and q.spend_cap_micros is not None:
-                caps.append(
-                    (repositories.ensure_budget(s, *scope, period, q.spend_cap_micros), scope)
-                )
-        for bid, scope in sorted(caps):  # id order: concurrent holds lock alike
-            if not repositories.hold_budget(s, bid, holds[scope]):
-                left = repositories.budget_remaining(s, bid)
-                what = "tenant" if not scope[1] else f"key {scope[1]}"
-                raise BudgetExceededError(
-                    f"this request could cost up to {format_micros(holds[scope])} but the "
-                    f"{what}'s spend cap for {period} has {format_micros(left)} left; "
-                    "lower max_tokens, or raise the cap (`ember tenants set-quota`)",
-                    remaining_micros=left,
-                )
-            budget_ids[scope] = bid
+    ) -> None:
+        """Takes tokens from every rate window and holds from every budget involved, or
+        raises (the transaction rolls back). Last in the transaction on purpose: these
+        are the rows every request of a tenant contends for, locked until commit."""
         minute = int(now.replace(tzinfo=dt.UTC).timestamp()) // 60
         for scope, n in sorted(tokens.items()):
-            q = quotas.get(scope)
-            if q is None or q.tokens_per_minute is None:
-                continue
-            rate_scope = f"{scope[0]}:{scope[1]}"
-            if not repositories.take_rate_tokens(s, rate_scope, minute, n, q.tokens_per_minute):
+            tpm = limits.get(scope, (None, None))[1]
+            if tpm is not None and not repositories.take_rate_tokens(
+                s, f"{scope[0]}:{scope[1]}", minute, n, tpm
+            ):
                 wait = 60 - now.second - now.microsecond / 1e6
                 raise RateLimitError(
                     f"{n} tokens (prompt + max_tokens) would pass the limit of "
-                    f"{q.tokens_per_minute} tokens per minute; retry in {math.ceil(wait)} s "
+                    f"{tpm} tokens per minute; retry in {math.ceil(wait)} s "
                     "or lower max_tokens",
                     retry_after_s=wait,
                 )
-        return budget_ids
+        caps = sorted((bid, scope) for scope, (bid, _) in limits.items() if bid is not None)
+        for bid, scope in caps:  # id order: concurrent holds lock alike, no deadlock
+            if not repositories.hold_budget(s, bid, holds[scope]):
+                left = repositories.budget_remaining(s, bid)
+                self._refuse(holds[scope], left, scope[1], period)
 
     def release(self, reservation_id: str) -> Reservation:
         """Gives back the hold of a request that never ran. Releasing twice is a
