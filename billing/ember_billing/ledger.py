@@ -10,7 +10,8 @@ where needed, a new entry.
 from __future__ import annotations
 
 import datetime as dt
-import uuid
+import secrets
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +24,10 @@ def receivable(tenant_id: str) -> str:
 
 
 def new_id() -> str:
-    return uuid.uuid4().hex
+    """32 hex chars: nanoseconds since the epoch, then 64 random bits. Ids made later
+    sort later, so index inserts land at the right edge of the B-tree instead of on
+    a random page; the random half keeps ids made in the same nanosecond apart."""
+    return f"{time.time_ns():016x}{secrets.randbits(64):016x}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,7 +12,20 @@ import datetime as dt
 from collections.abc import Iterable, Sequence
 from typing import Any, cast
 
-from sqlalchemy import Row, Table, and_, bindparam, func, select, update
+from sqlalchemy import (
+    ARRAY,
+    Row,
+    String,
+    Table,
+    TextClause,
+    and_,
+    any_,
+    bindparam,
+    func,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -82,23 +95,39 @@ _HOLD = (
     )
     .values(reserved_micros=_BUDGETS.c.reserved_micros + bindparam("b_amount"))
 )
-_LOCK_RESERVATIONS = (
-    select(_RESERVATIONS)
-    .where(_RESERVATIONS.c.id.in_(bindparam("b_ids", expanding=True)))
-    .order_by(_RESERVATIONS.c.id)
-    .with_for_update()
-)
-_EVENTS_BY_REQUEST = select(_EVENTS).where(
-    _EVENTS.c.request_id.in_(bindparam("b_ids", expanding=True))
-)
-_SET_STATE = (
-    update(_RESERVATIONS)
-    .where(
-        _RESERVATIONS.c.id.in_(bindparam("b_ids", expanding=True)),
-        _RESERVATIONS.c.state.in_(bindparam("b_from", expanding=True)),
-    )
-    .values(state=bindparam("b_state"))
-)
+
+
+def _id_set(name: str, *, pg: bool) -> Any:
+    """A bound list of ids: one array parameter on PostgreSQL (``= ANY(:ids)``, one
+    plan whatever the batch size), an expanding ``IN (...)`` on SQLite."""
+    if pg:
+        return any_(bindparam(name, type_=ARRAY(String)))
+    return bindparam(name, expanding=True)
+
+
+def _by_ids(pg: bool) -> dict[str, Any]:
+    r, e = _RESERVATIONS.c, _EVENTS.c
+    ids, states = _id_set("b_ids", pg=pg), _id_set("b_from", pg=pg)
+    return {
+        "lock": select(_RESERVATIONS)
+        .where(r.id == ids if pg else r.id.in_(ids))
+        .order_by(r.id)
+        .with_for_update(),
+        "events": select(_EVENTS).where(e.request_id == ids if pg else e.request_id.in_(ids)),
+        "set_state": update(_RESERVATIONS)
+        .where(
+            r.id == ids if pg else r.id.in_(ids),
+            r.state == states if pg else r.state.in_(states),
+        )
+        .values(state=bindparam("b_state")),
+    }
+
+
+_BY_IDS = {True: _by_ids(True), False: _by_ids(False)}
+
+
+def _stmt(session: Session, name: str) -> Any:
+    return _BY_IDS[session.get_bind().dialect.name == "postgresql"][name]
 
 
 def key_row(session: Session, key_id: str) -> Any:
@@ -242,18 +271,55 @@ def take_rate_tokens(session: Session, scope: str, minute: int, tokens: int, lim
     return session.execute(stmt).first() is not None
 
 
-def insert_rows(session: Session, model: Any, rows: Sequence[dict[str, Any]]) -> None:
-    if rows:
-        session.connection().execute(model.__table__.insert(), list(rows))
+_UNNEST_SQL: dict[tuple[str, str | None], TextClause] = {}
+
+
+def _unnest_insert(table: Table, conflict_column: str | None) -> TextClause:
+    """``INSERT ... SELECT * FROM unnest(:col1, :col2, ...)``: a whole batch as one
+    statement with one array per column. PostgreSQL plans it once and inserts every
+    row in one pass; executemany would run the statement once per row."""
+    key = (table.name, conflict_column)
+    if key not in _UNNEST_SQL:
+        dialect = postgresql.dialect()
+        cols = [c for c in table.columns if not (c.primary_key and c.autoincrement is True)]
+        arrays = ", ".join(f"CAST(:{c.name} AS {c.type.compile(dialect=dialect)}[])" for c in cols)
+        sql = (
+            f"INSERT INTO {table.name} ({', '.join(c.name for c in cols)}) "
+            f"SELECT * FROM unnest({arrays})"
+        )
+        if conflict_column is not None:
+            sql += f" ON CONFLICT ({conflict_column}) DO NOTHING"
+        _UNNEST_SQL[key] = text(sql)
+    return _UNNEST_SQL[key]
+
+
+def insert_rows(
+    session: Session,
+    model: Any,
+    rows: Sequence[dict[str, Any]],
+    *,
+    skip_conflicts_on: str | None = None,
+) -> None:
+    """Inserts a batch; with ``skip_conflicts_on``, rows whose value in that unique
+    column exists already are skipped (ON CONFLICT DO NOTHING) instead of failing."""
+    if not rows:
+        return
+    table = _table(model)
+    conn = session.connection()
+    if conn.dialect.name == "postgresql" and len(rows) > 1:
+        stmt = _unnest_insert(table, skip_conflicts_on)
+        names = [c.name for c in table.columns if c.name in rows[0]]
+        conn.execute(stmt, {n: [r[n] for r in rows] for n in names})
+    elif skip_conflicts_on is not None:
+        ins = _insert(session, table).on_conflict_do_nothing(index_elements=[skip_conflicts_on])
+        conn.execute(ins, list(rows))
+    else:
+        conn.execute(table.insert(), list(rows))
 
 
 def insert_usage_events(session: Session, rows: Sequence[dict[str, Any]]) -> None:
     """ON CONFLICT DO NOTHING: a request id already recorded stays as it was."""
-    if rows:
-        stmt = _insert(session, UsageEvent.__table__).on_conflict_do_nothing(
-            index_elements=["request_id"]
-        )
-        session.connection().execute(stmt, list(rows))
+    insert_rows(session, UsageEvent, rows, skip_conflicts_on="request_id")
 
 
 def reservations_by_request(session: Session, request_ids: Sequence[str]) -> list[Reservation]:
@@ -265,12 +331,13 @@ def reservations_by_request(session: Session, request_ids: Sequence[str]) -> lis
 def lock_reservations(session: Session, ids: Sequence[str]) -> dict[str, Row[Any]]:
     """Rows locked for this transaction, in id order (no deadlock between batches).
     Core rows, not ORM objects: this is the hot path of batched settlement."""
-    rows = session.connection().execute(_LOCK_RESERVATIONS, {"b_ids": sorted(set(ids))})
+    rows = session.connection().execute(_stmt(session, "lock"), {"b_ids": sorted(set(ids))})
     return {r.id: r for r in rows}
 
 
 def usage_by_request(session: Session, request_ids: Sequence[str]) -> dict[str, Row[Any]]:
-    rows = session.connection().execute(_EVENTS_BY_REQUEST, {"b_ids": list(request_ids)})
+    params = {"b_ids": list(request_ids)}
+    rows = session.connection().execute(_stmt(session, "events"), params)
     return {r.request_id: r for r in rows}
 
 
@@ -278,7 +345,7 @@ def set_reservation_state(
     session: Session, ids: Sequence[str], state: str, *, only_from: Sequence[str]
 ) -> int:
     params = {"b_ids": list(ids), "b_from": list(only_from), "b_state": state}
-    return int(session.connection().execute(_SET_STATE, params).rowcount)
+    return int(session.connection().execute(_stmt(session, "set_state"), params).rowcount)
 
 
 def claim_expired(session: Session, now: dt.datetime, limit: int) -> list[Reservation]:

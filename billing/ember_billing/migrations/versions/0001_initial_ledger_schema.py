@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-12-01 21:17:05.732108
+Create Date: 2026-12-01 21:37:12.728993
 """
 
 from __future__ import annotations
@@ -44,7 +44,6 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name=op.f("pk_postings")),
     )
     with op.batch_alter_table("postings", schema=None) as batch_op:
-        batch_op.create_index(batch_op.f("ix_postings_account"), ["account"], unique=False)
         batch_op.create_index(batch_op.f("ix_postings_journal_id"), ["journal_id"], unique=False)
 
     op.create_table(
@@ -68,6 +67,31 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name=op.f("pk_rate_windows")),
         sa.UniqueConstraint("scope", "minute", name=op.f("uq_rate_windows_scope")),
     )
+    op.create_table(
+        "reservations",
+        sa.Column("id", sa.String(length=32), nullable=False),
+        sa.Column("request_id", sa.String(length=128), nullable=False),
+        sa.Column("tenant_id", sa.String(length=32), nullable=False),
+        sa.Column("key_id", sa.String(length=32), nullable=False),
+        sa.Column("model", sa.String(length=200), nullable=False),
+        sa.Column("adapter", sa.String(length=200), nullable=False),
+        sa.Column("price_id", sa.Integer(), nullable=False),
+        sa.Column("prompt_tokens", sa.BigInteger(), nullable=False),
+        sa.Column("max_completion_tokens", sa.BigInteger(), nullable=False),
+        sa.Column("amount_micros", sa.BigInteger(), nullable=False),
+        sa.Column("tenant_budget_id", sa.Integer(), nullable=True),
+        sa.Column("key_budget_id", sa.Integer(), nullable=True),
+        sa.Column("state", sa.String(length=10), nullable=False),
+        sa.Column("created_at", sa.DateTime(), nullable=False),
+        sa.Column("expires_at", sa.DateTime(), nullable=False),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_reservations")),
+        sa.UniqueConstraint("request_id", name=op.f("uq_reservations_request_id")),
+    )
+    with op.batch_alter_table("reservations", schema=None) as batch_op:
+        batch_op.create_index(
+            "ix_reservations_state_expires", ["state", "expires_at"], unique=False
+        )
+
     op.create_table(
         "tenants",
         sa.Column("id", sa.String(length=32), nullable=False),
@@ -167,38 +191,6 @@ def upgrade() -> None:
         sa.UniqueConstraint("tenant_id", "key_id", name=op.f("uq_quotas_tenant_id")),
     )
     op.create_table(
-        "reservations",
-        sa.Column("id", sa.String(length=32), nullable=False),
-        sa.Column("request_id", sa.String(length=128), nullable=False),
-        sa.Column("tenant_id", sa.String(length=32), nullable=False),
-        sa.Column("key_id", sa.String(length=32), nullable=False),
-        sa.Column("model", sa.String(length=200), nullable=False),
-        sa.Column("adapter", sa.String(length=200), nullable=False),
-        sa.Column("price_id", sa.Integer(), nullable=False),
-        sa.Column("prompt_tokens", sa.BigInteger(), nullable=False),
-        sa.Column("max_completion_tokens", sa.BigInteger(), nullable=False),
-        sa.Column("amount_micros", sa.BigInteger(), nullable=False),
-        sa.Column("tenant_budget_id", sa.Integer(), nullable=True),
-        sa.Column("key_budget_id", sa.Integer(), nullable=True),
-        sa.Column("state", sa.String(length=10), nullable=False),
-        sa.Column("created_at", sa.DateTime(), nullable=False),
-        sa.Column("expires_at", sa.DateTime(), nullable=False),
-        sa.ForeignKeyConstraint(
-            ["price_id"], ["prices.id"], name=op.f("fk_reservations_price_id_prices")
-        ),
-        sa.ForeignKeyConstraint(
-            ["tenant_id"], ["tenants.id"], name=op.f("fk_reservations_tenant_id_tenants")
-        ),
-        sa.PrimaryKeyConstraint("id", name=op.f("pk_reservations")),
-        sa.UniqueConstraint("request_id", name=op.f("uq_reservations_request_id")),
-    )
-    with op.batch_alter_table("reservations", schema=None) as batch_op:
-        batch_op.create_index(
-            "ix_reservations_state_expires", ["state", "expires_at"], unique=False
-        )
-        batch_op.create_index(batch_op.f("ix_reservations_tenant_id"), ["tenant_id"], unique=False)
-
-    op.create_table(
         "invoice_lines",
         sa.Column("id", sa.Integer(), autoincrement=True, nullable=False),
         sa.Column("invoice_id", sa.String(length=32), nullable=False),
@@ -226,11 +218,6 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f("ix_invoice_lines_invoice_id"))
 
     op.drop_table("invoice_lines")
-    with op.batch_alter_table("reservations", schema=None) as batch_op:
-        batch_op.drop_index(batch_op.f("ix_reservations_tenant_id"))
-        batch_op.drop_index("ix_reservations_state_expires")
-
-    op.drop_table("reservations")
     op.drop_table("quotas")
     op.drop_table("invoices")
     op.drop_table("budgets")
@@ -243,11 +230,14 @@ def downgrade() -> None:
 
     op.drop_table("usage_events")
     op.drop_table("tenants")
+    with op.batch_alter_table("reservations", schema=None) as batch_op:
+        batch_op.drop_index("ix_reservations_state_expires")
+
+    op.drop_table("reservations")
     op.drop_table("rate_windows")
     op.drop_table("prices")
     with op.batch_alter_table("postings", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_postings_journal_id"))
-        batch_op.drop_index(batch_op.f("ix_postings_account"))
 
     op.drop_table("postings")
     with op.batch_alter_table("journal_entries", schema=None) as batch_op:
