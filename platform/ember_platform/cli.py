@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ember_core import EmberError, InvalidRequestError
+from ember_platform import cli_billing
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -318,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("name")
         p.add_argument("url", help="s3://bucket/prefix")
         p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint")
+    cli_billing.register(sub)
     return parser
 
 
@@ -344,6 +346,8 @@ def main(
     try:
         if args.command == "chat":
             return cmd_chat(args, out, err, inp)
+        if hasattr(args, "billing_handler"):
+            return int(args.billing_handler(args, out, err))
         key = args.models_command if args.command == "models" else args.command
         return handlers[key](args, out, err)
     except EmberError as exc:
