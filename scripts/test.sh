@@ -11,4 +11,5 @@ echo "== ruff"
 echo "== mypy"
 .venv/bin/mypy
 echo "== pytest"
+bash scripts/ensure_postgres.sh
 .venv/bin/python -m pytest -q "$@"
