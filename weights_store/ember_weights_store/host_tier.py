@@ -127,6 +127,10 @@ class HostTier:
         self._dir.read_into(key, out, on_piece)
         self._touch(self._dir.path(key))
 
+    def object_path(self, key: str) -> Path:
+        """Where ``key``'s file is (whether or not it exists): for mapping it in place."""
+        return self._dir.path(key)
+
     def open_view(self, key: str) -> memoryview:
         """A read-only view of the object's bytes, mapped straight from tmpfs.
 

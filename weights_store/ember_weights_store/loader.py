@@ -25,8 +25,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import mmap
+import os
 import threading
 import time
+import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -35,7 +38,9 @@ import torch
 from ember_core import EmberError, InvalidRequestError, ModelFormatError
 from ember_weights_store.codecs import codec_for
 from ember_weights_store.digests import FastChecksum
+from ember_weights_store.host_tier import HostTier
 from ember_weights_store.manifest import ChunkEntry, Manifest
+from ember_weights_store.mapping import map_chunk_files
 from ember_weights_store.store import WeightsStore
 from ember_weights_store.tiers import CacheTier, ObjectNotFoundError, Tier
 
@@ -63,6 +68,7 @@ class LoadReport:
     discarded: list[str] = field(default_factory=list)  # "tier:key" of corrupt copies
     peak_in_flight_bytes: int = 0  # stored chunks and scratch held outside the flat buffers
     promoted_bytes: int = 0  # written into nearer tiers (after ``wait_promoted``)
+    mapped: bool = False  # zero-copy: the buffers are the host tier's pages, mapped
 
     @property
     def gbps(self) -> float:
@@ -99,12 +105,17 @@ def load(
     threads: int = DEFAULT_LOAD_THREADS,
     reuse: LoadedWeights | None = None,
     promote: bool = True,
+    zero_copy: bool = True,
 ) -> LoadedWeights:
     """Loads a model's tensors from the nearest tiers that hold them.
 
     Pass ``reuse=`` a previous load of a model with the same buffer sizes (a worker swapping
     revisions or reloading) to fill its buffers again instead of allocating and faulting in
     fresh memory; its tensors are overwritten. ``promote=False`` leaves nearer tiers alone.
+
+    When the nearest tier is host RAM and holds every chunk, the buffers are the host tier's
+    own pages mapped copy-on-write (``zero_copy``, the default): nothing is copied, and every
+    worker on the machine shares one physical copy of the model. ``reuse`` is ignored then.
 
     Example::
 
@@ -118,21 +129,96 @@ def load(
     report = LoadReport()
     manifest = store.manifest(model_id, revision)
     report.manifest_s = time.perf_counter() - t0
+    if zero_copy:
+        mapped = _map_from_host(store, manifest, report, threads)
+        if mapped is not None:
+            report.wall_s = time.perf_counter() - t0
+            return LoadedWeights(manifest, mapped, _tensor_views(manifest, mapped), report)
     buffers = _buffers_for(manifest, reuse)
     report.alloc_s = time.perf_counter() - t0 - report.manifest_s
     job = _LoadJob(store, manifest, report)
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ember-load") as pool:
         for f in [pool.submit(job.load_chunk, c, buffers) for c in manifest.chunks]:
             f.result()
+    report.wall_s = time.perf_counter() - t0
+    loaded = LoadedWeights(manifest, buffers, _tensor_views(manifest, buffers), report)
+    if promote:
+        loaded._promotions = job.promote_in_background(buffers)
+    return loaded
+
+
+def _tensor_views(manifest: Manifest, buffers: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     tensors = {}
     for e in manifest.tensors:
         raw = buffers[e.dtype][e.offset_bytes : e.end_bytes]
         tensors[e.name] = raw.view(getattr(torch, e.dtype)).view(e.shape)
-    report.wall_s = time.perf_counter() - t0
-    loaded = LoadedWeights(manifest, buffers, tensors, report)
-    if promote:
-        loaded._promotions = job.promote_in_background(buffers)
-    return loaded
+    return tensors
+
+
+def _map_from_host(
+    store: WeightsStore, manifest: Manifest, report: LoadReport, threads: int
+) -> dict[str, torch.Tensor] | None:
+    """The zero-copy path: when the nearest tier is host RAM and holds every chunk, map the
+    chunk files in place (``mapping``) instead of copying them. Chunks stay pinned while any
+    tensor of this load is alive. Returns None, having changed nothing but a corrupt copy
+    (deleted), when the copying path must run instead."""
+    host = store.tiers[0]
+    if not isinstance(host, HostTier) or manifest.chunk_size_bytes % mmap.PAGESIZE:
+        return None
+    owner = f"load-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+    keys = [c.hash for c in manifest.chunks]
+    host.pin(keys, owner=owner)  # before looking, so nothing we find can be evicted
+    if not all(host.object_path(k).is_file() for k in keys):
+        host.unpin(owner)
+        return None
+    started = time.perf_counter()
+    remaining = [len(manifest.buffer_sizes)]
+    lock = threading.Lock()
+
+    def release() -> None:  # called as each buffer's mapping goes; unpin after the last
+        with lock:
+            remaining[0] -= 1
+            last = remaining[0] == 0
+        if last:
+            with contextlib.suppress(Exception):  # may run at interpreter exit
+                host.unpin(owner)
+
+    try:
+        buffers = {
+            dtype: map_chunk_files(
+                [
+                    (host.object_path(c.hash), c.offset_bytes, c.raw_size)
+                    for c in manifest.chunks
+                    if c.dtype == dtype
+                ],
+                size,
+                on_release=release,
+            )
+            for dtype, size in manifest.buffer_sizes.items()
+        }
+    except (OSError, EmberError):
+        host.unpin(owner)
+        return None  # a chunk vanished or is the wrong size: copy from wherever it is
+    report.fetch_s = time.perf_counter() - started
+    job = _LoadJob(store, manifest, report)
+
+    def verify(chunk: ChunkEntry) -> bool:
+        view = buffers[chunk.dtype][chunk.offset_bytes : chunk.end_bytes]
+        return job._verify(chunk, memoryview(view.numpy()))  # type: ignore[arg-type]
+
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ember-verify") as pool:
+        verdicts = list(pool.map(verify, manifest.chunks))
+    bad = [c for c, ok in zip(manifest.chunks, verdicts, strict=True) if not ok]
+    if bad:
+        for c in bad:
+            host.delete(c.hash)
+            report.discarded.append(f"{host.name}:{c.hash}")
+        return None  # the mapping and pin go with ``buffers``; the copying path refetches
+    report.raw_bytes = sum(c.raw_size for c in manifest.chunks)
+    report.stored_bytes = report.raw_bytes
+    report.chunks_by_tier = {host.name: len(manifest.chunks)}
+    report.mapped = True
+    return buffers
 
 
 def _buffers_for(manifest: Manifest, reuse: LoadedWeights | None) -> dict[str, torch.Tensor]:

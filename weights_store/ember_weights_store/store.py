@@ -47,6 +47,11 @@ def manifest_key(model_id: str, revision: str) -> str:
     return f"manifests/{model_key(model_id)}/{revision}.json"
 
 
+#: zstd level for imports. Decoding costs the same at any level, and a model is imported
+#: once and loaded many times, so pay at import: on SmolLM2's bf16 weights level 3 stores
+#: 0.710 of the bytes, level 9 0.696 (3.5x the import time), level 19 0.668 (150x: too slow).
+DEFAULT_IMPORT_LEVEL = 9
+
 #: ``on_progress(done_bytes, total_bytes)``, called as chunks are stored.
 ProgressFn = Callable[[int, int], None]
 
@@ -105,7 +110,7 @@ class WeightsStore:
         model_id: str,
         revision: str = "main",
         chunk_size_bytes: int = DEFAULT_CHUNK_SIZE_BYTES,
-        level: int = 3,
+        level: int = DEFAULT_IMPORT_LEVEL,
         threads: int = 2,
         on_progress: ProgressFn | None = None,
     ) -> ImportReport:
@@ -143,7 +148,7 @@ class WeightsStore:
         revision: str = "main",
         architecture: dict[str, Any] | None = None,
         chunk_size_bytes: int = DEFAULT_CHUNK_SIZE_BYTES,
-        level: int = 3,
+        level: int = DEFAULT_IMPORT_LEVEL,
         threads: int = 2,
         on_progress: ProgressFn | None = None,
     ) -> ImportReport:

@@ -1,0 +1,172 @@
+"""Loading from the host tier maps its chunk files in place: same tensors, chunks pinned while
+in use, a corrupt copy falls back to the copying path, and four worker processes loading the
+same model hold one copy of it in RAM."""
+
+from __future__ import annotations
+
+import gc
+import shutil
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from ember_weights_store import HostTier, LocalBucketTier
+from ember_weights_store.digests import fast_checksum
+from ember_weights_store.loader import load
+from ember_weights_store.mapping import map_chunk_files
+from ember_weights_store.store import WeightsStore
+
+SHM = Path("/dev/shm")
+pytestmark = pytest.mark.skipif(not SHM.is_dir(), reason="needs a tmpfs at /dev/shm")
+MIB = 1 << 20
+CHUNK = 1 * MIB
+
+
+@pytest.fixture
+def host_root() -> Iterator[Path]:
+    path = SHM / f"ember-zero-copy-test-{uuid.uuid4().hex}"
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def make_checkpoint(path: Path, *, mib: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    n = mib * MIB // 2 // 4  # four bf16 tensors
+    tensors = {f"w{i}": torch.randn(n, generator=gen).to(torch.bfloat16) for i in range(4)}
+    tensors["odd"] = torch.randn(33, generator=gen)  # a second dtype, not page-sized
+    save_file(tensors, str(path))
+    return tensors
+
+
+def stores(tmp_path: Path, host_root: Path) -> tuple[WeightsStore, HostTier, WeightsStore]:
+    bucket = LocalBucketTier(tmp_path / "bucket")
+    host = HostTier(host_root, budget_bytes=256 * MIB)
+    return WeightsStore([host, bucket]), host, WeightsStore([bucket])
+
+
+def test_host_load_maps_chunks_in_place_and_pins_them_while_alive(
+    tmp_path: Path, host_root: Path
+) -> None:
+    original = make_checkpoint(tmp_path / "m.safetensors", mib=8)
+    store, host, origin = stores(tmp_path, host_root)
+    origin.import_safetensors_file(tmp_path / "m.safetensors", model_id="m", chunk_size_bytes=CHUNK)
+    first = load(store, "m")
+    n = len(first.manifest.chunks)
+    assert n == 9  # 8 MiB of bf16 in 1 MiB chunks, and the float32 buffer
+    assert not first.report.mapped and first.report.chunks_by_tier == {"bucket": n}
+    first.wait_promoted()
+    del first
+    gc.collect()
+    mapped = load(store, "m")
+    assert mapped.report.mapped and mapped.report.chunks_by_tier == {"host": n}
+    for name, t in original.items():
+        assert torch.equal(mapped.tensors[name], t), name
+    keys = {c.hash for c in mapped.manifest.chunks}
+    assert keys <= host.pinned_keys()  # in use: never evicted
+    # Copy-on-write: a write changes this process's tensor, never the shared chunk.
+    mapped.tensors["w0"][0] = 1234.0
+    chunk = mapped.manifest.chunks[0]
+    assert fast_checksum(host.get(chunk.hash)) == chunk.checksum
+    del mapped
+    gc.collect()
+    assert not keys & host.pinned_keys()
+
+
+def test_corrupt_host_chunk_is_discarded_and_the_load_copies_instead(
+    tmp_path: Path, host_root: Path
+) -> None:
+    original = make_checkpoint(tmp_path / "m.safetensors", mib=4)
+    store, host, origin = stores(tmp_path, host_root)
+    origin.import_safetensors_file(tmp_path / "m.safetensors", model_id="m", chunk_size_bytes=CHUNK)
+    load(store, "m").wait_promoted()
+    victim = origin.manifest("m").chunks[2].hash
+    path = host.object_path(victim)
+    data = bytearray(path.read_bytes())
+    data[100] ^= 0x40
+    path.write_bytes(bytes(data))
+    loaded = load(store, "m")
+    assert not loaded.report.mapped
+    assert f"host:{victim}" in loaded.report.discarded
+    for name, t in original.items():
+        assert torch.equal(loaded.tensors[name], t), name
+
+
+def test_mapping_refuses_gaps_and_misaligned_chunks(tmp_path: Path) -> None:
+    f = tmp_path / "a"
+    f.write_bytes(b"x" * 8192)
+    with pytest.raises(Exception, match="page-aligned"):
+        map_chunk_files([(f, 100, 8192)], 8292)
+    with pytest.raises(Exception, match="cover"):
+        map_chunk_files([(f, 0, 8192)], 9000)
+
+
+WORKER = """
+import sys
+from pathlib import Path
+from ember_weights_store import HostTier, LocalBucketTier
+from ember_weights_store.loader import load
+from ember_weights_store.store import WeightsStore
+host = HostTier(Path(sys.argv[1]), budget_bytes=1 << 30)
+loaded = load(WeightsStore([host, LocalBucketTier(Path(sys.argv[2]))]), "m")
+total = sum(float(t.float().sum()) for t in loaded.tensors.values())  # use every weight
+print("ready", loaded.report.mapped, flush=True)
+sys.stdin.readline()
+"""
+
+
+def _pss_kb_under(pid: int, root: Path) -> tuple[int, int]:
+    """(Rss, Pss) in kB of the process's mappings of files under ``root``."""
+    rss = pss = 0
+    inside = False
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        head = line.split()
+        if head and "-" in head[0] and not head[0].endswith(":"):
+            inside = len(head) >= 6 and head[5].startswith(str(root))
+        elif inside and head[0] == "Rss:":
+            rss += int(head[1])
+        elif inside and head[0] == "Pss:":
+            pss += int(head[1])
+    return rss, pss
+
+
+@pytest.mark.slow
+def test_four_workers_loading_one_model_hold_one_copy_in_ram(
+    tmp_path: Path, host_root: Path
+) -> None:
+    make_checkpoint(tmp_path / "m.safetensors", mib=32)
+    store, host, origin = stores(tmp_path, host_root)
+    origin.import_safetensors_file(tmp_path / "m.safetensors", model_id="m", chunk_size_bytes=CHUNK)
+    load(store, "m").wait_promoted()
+    size_kb = host.usage().size_bytes // 1024
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER, str(host_root), str(tmp_path / "bucket")],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    try:
+        for proc in procs:
+            assert proc.stdout is not None
+            assert proc.stdout.readline().split() == ["ready", "True"]
+        shares = [_pss_kb_under(p.pid, host_root) for p in procs]
+        for rss, pss in shares:
+            assert rss >= 0.95 * size_kb, shares  # each has the whole model resident...
+            assert pss <= 0.3 * size_kb, shares  # ...but only a quarter of it is its own
+        assert sum(pss for _, pss in shares) <= 1.1 * size_kb, shares
+    finally:
+        for proc in procs:
+            assert proc.stdin is not None
+            proc.stdin.close()
+        for proc in procs:
+            assert proc.wait(timeout=60) == 0
+            assert proc.stdout is not None
+            proc.stdout.close()

@@ -1,0 +1,122 @@
+"""Zero-copy flat buffers: a model's chunk files mapped side by side into one address range.
+
+A model's flat buffer is cut into chunks, and the host tier holds each decoded chunk as a file
+in tmpfs. Mapping those files one after another at fixed addresses inside one reserved range
+gives a single contiguous buffer whose pages *are* the host tier's pages: no copy, no fresh
+memory to fault in, and every worker process that maps the same model shares one physical copy.
+Mappings are private (copy-on-write), so a stray write changes that process's view only, never
+the shared chunk.
+
+Python's ``mmap`` cannot place a mapping at a chosen address, so this calls libc's ``mmap``
+with ``MAP_FIXED`` through ctypes. Chunk offsets are multiples of the chunk size, which the
+manifest keeps a multiple of 4 KiB, so every chunk starts on a page boundary.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import weakref
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from ember_core import InvalidRequestError, ModelFormatError
+
+__all__ = ["map_chunk_files"]
+
+_PAGE = mmap.PAGESIZE
+# Linux values; the mmap module exposes neither.
+_PROT_NONE = 0
+_MAP_FIXED = 0x10
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_long,
+]
+_libc.munmap.restype = ctypes.c_int
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+
+
+def _round_up(n: int) -> int:
+    return -(-n // _PAGE) * _PAGE
+
+
+def _check(addr: int | None, what: str) -> int:
+    if addr is None or addr == _MAP_FAILED:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mmap of {what} failed: {os.strerror(err)}")
+    return addr
+
+
+def map_chunk_files(
+    pieces: Sequence[tuple[Path, int, int]],
+    size_bytes: int,
+    *,
+    on_release: Callable[[], object] | None = None,
+) -> torch.Tensor:
+    """A ``[size_bytes]`` uint8 tensor whose bytes are the files ``pieces`` = (path, offset,
+    length), each mapped at its offset. Offsets must be page-aligned and the pieces must tile
+    the buffer exactly. The mapping lives as long as the tensor (and any view of it); then
+    ``on_release`` is called (the loader unpins the chunks there).
+
+    Raises ModelFormatError if a file is missing or not ``length`` bytes long.
+    """
+    expected = 0
+    for _, offset, length in pieces:
+        if offset != expected or offset % _PAGE:
+            raise InvalidRequestError(
+                f"chunk at byte {offset} is not page-aligned or leaves a gap; mapping needs "
+                f"chunks that tile the buffer on {_PAGE}-byte boundaries"
+            )
+        expected += length
+    if expected != size_bytes:
+        raise InvalidRequestError(f"chunks cover {expected} bytes, the buffer is {size_bytes}")
+    reserved = max(_PAGE, _round_up(size_bytes))
+    # Reserve the whole range first, so the fixed mappings below can never land on (and
+    # silently replace) anything else this process has mapped.
+    base = _check(
+        _libc.mmap(None, reserved, _PROT_NONE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0),
+        "a reserved range",
+    )
+    try:
+        for path, offset, length in pieces:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                if os.fstat(fd).st_size != length:
+                    raise ModelFormatError(
+                        f"{path} holds {os.fstat(fd).st_size} bytes, {length} expected; the "
+                        "cached chunk is truncated or stale"
+                    )
+                _check(
+                    _libc.mmap(
+                        base + offset,
+                        _round_up(length),
+                        mmap.PROT_READ | mmap.PROT_WRITE,
+                        mmap.MAP_PRIVATE | _MAP_FIXED,  # inside our own reservation
+                        fd,
+                        0,
+                    ),
+                    str(path),
+                )
+            finally:
+                os.close(fd)  # the mapping keeps the file's pages alive on its own
+    except BaseException:
+        _libc.munmap(base, reserved)
+        raise
+    holder = (ctypes.c_uint8 * max(1, size_bytes)).from_address(base)
+    # torch.frombuffer keeps ``holder`` alive for as long as any tensor shares its storage;
+    # when the last one goes, ``holder`` is collected and the range unmapped.
+    weakref.finalize(holder, _libc.munmap, base, reserved)
+    if on_release is not None:
+        weakref.finalize(holder, on_release)
+    return torch.frombuffer(holder, dtype=torch.uint8)[:size_bytes]
