@@ -243,7 +243,8 @@ class AdminMixin:
                 if ev is None:
                     raise NotFoundError(f"no usage recorded for request {request_id!r}")
                 orig = s.get(JournalEntry, ev.journal_id)
-                assert orig is not None  # written in the same transaction as the event
+                if orig is None:  # written in the same transaction as the event
+                    raise RuntimeError(f"ledger damaged: usage {request_id} has no entry")
                 legs = [
                     (p.account, p.amount_micros)
                     for p in s.scalars(select(Posting).where(Posting.journal_id == orig.id))
