@@ -8,7 +8,14 @@ import datetime as dt
 import pytest
 
 from ember_billing import BillingService, Usage
-from ember_core.errors import ConflictError, InvalidRequestError, NotFoundError
+from ember_core.errors import (
+    AuthenticationError,
+    BudgetExceededError,
+    ConflictError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    NotFoundError,
+)
 
 from .conftest import Clock
 
@@ -194,3 +201,29 @@ def test_usage_groups(svc: BillingService, world: dict[str, str], clock: Clock) 
         svc.usage("acme", "2026-12", group_by=("colour",))
     with pytest.raises(NotFoundError):
         svc.usage("nobody", "2026-12")
+
+
+def test_tenants_are_isolated(svc: BillingService, world: dict[str, str]) -> None:
+    other = svc.create_tenant("globex")
+    _, other_key = svc.create_key("globex")
+    with pytest.raises(AuthenticationError, match="does not belong"):
+        svc.reserve(other.id, world["key"], "m1", "", 10, 10)
+    r = svc.reserve(other.id, other_key.id, "m1", "", 10, 10)
+    svc.settle(r.id, Usage(10, 10))
+    assert svc.usage("acme", "2026-12") == []
+    assert svc.invoice("acme", "2026-12").total_micros == 0
+    assert svc.invoice("globex", "2026-12").total_micros == 30
+    assert svc.authenticate(world["plaintext"]) == (world["tenant"], world["key"])
+
+
+def test_reserve_many_is_all_or_nothing(svc: BillingService, world: dict[str, str]) -> None:
+    from ember_billing import ReserveRequest
+
+    svc.set_quota(world["tenant"], spend_cap_micros=5000)
+    ok = ReserveRequest(world["tenant"], world["key"], "m1", "", 1000, 1000)  # 3000
+    with pytest.raises(BudgetExceededError):
+        svc.reserve_many([ok, ok])
+    with pytest.raises(ModelNotFoundError):
+        svc.reserve_many([ok, ReserveRequest(world["tenant"], world["key"], "nope", "", 1, 1)])
+    [r] = svc.reserve_many([ok])  # nothing of the refused batches was held
+    assert r.amount_micros == 3000
