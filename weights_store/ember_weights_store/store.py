@@ -284,7 +284,14 @@ class WeightsStore:
         )
 
 
-def copy_model(src: Tier, dst: Tier, model_id: str, revision: str = "main") -> int:
+def copy_model(
+    src: Tier,
+    dst: Tier,
+    model_id: str,
+    revision: str = "main",
+    *,
+    on_progress: ProgressFn | None = None,
+) -> int:
     """Copies a model's manifest, chunks and tokenizer blobs from ``src`` to ``dst``
     (push and pull); objects ``dst`` already holds are skipped. Returns bytes copied.
     The manifest goes last, so ``dst`` never lists a model whose chunks it lacks."""
@@ -300,7 +307,17 @@ def copy_model(src: Tier, dst: Tier, model_id: str, revision: str = "main") -> i
     manifest_bytes = src.get(key)
     manifest = Manifest.from_json(manifest_bytes.decode())
     copied = 0
-    for blob in [c.hash for c in manifest.chunks] + list(manifest.tokenizer_files.values()):
+    total = sum(c.stored_size for c in manifest.chunks)
+    done = 0
+    for chunk in manifest.chunks:
+        if not dst.has(chunk.hash):
+            data = src.get(chunk.hash)
+            dst.put(chunk.hash, data)
+            copied += len(data)
+        done += chunk.stored_size
+        if on_progress is not None:
+            on_progress(done, total)
+    for blob in manifest.tokenizer_files.values():
         if not dst.has(blob):
             data = src.get(blob)
             dst.put(blob, data)
