@@ -41,6 +41,7 @@ from ember_weights_store.digests import FastChecksum
 from ember_weights_store.host_tier import HostTier
 from ember_weights_store.manifest import ChunkEntry, Manifest
 from ember_weights_store.mapping import map_chunk_files
+from ember_weights_store.staging import StagingRing, copy_engine_for
 from ember_weights_store.store import WeightsStore
 from ember_weights_store.tiers import CacheTier, ObjectNotFoundError, Tier
 
@@ -69,6 +70,8 @@ class LoadReport:
     peak_in_flight_bytes: int = 0  # stored chunks and scratch held outside the flat buffers
     promoted_bytes: int = 0  # written into nearer tiers (after ``wait_promoted``)
     mapped: bool = False  # zero-copy: the buffers are the host tier's pages, mapped
+    staged_copies: int = 0  # chunks copied to the device through the pinned ring
+    staging_slots_peak: int = 0  # most pinned slots in use at once (<= staging_slots)
 
     @property
     def gbps(self) -> float:
@@ -106,12 +109,19 @@ def load(
     reuse: LoadedWeights | None = None,
     promote: bool = True,
     zero_copy: bool = True,
+    device: str | torch.device = "cpu",
+    staging_slots: int | None = None,
 ) -> LoadedWeights:
     """Loads a model's tensors from the nearest tiers that hold them.
 
     Pass ``reuse=`` a previous load of a model with the same buffer sizes (a worker swapping
     revisions or reloading) to fill its buffers again instead of allocating and faulting in
     fresh memory; its tensors are overwritten. ``promote=False`` leaves nearer tiers alone.
+
+    ``device="cuda:0"`` loads onto the GPU through ``staging_slots`` (default 4) pinned
+    chunk-sized host slots, overlapping reads with async copies (``staging``); the buffers
+    and tensors are then on the device and nothing is promoted in the background. Passing
+    ``staging_slots`` on the CPU runs the same staged path with synchronous copies.
 
     When the nearest tier is host RAM and holds every chunk, the buffers are the host tier's
     own pages mapped copy-on-write (``zero_copy``, the default): nothing is copied, and every
@@ -129,6 +139,9 @@ def load(
     report = LoadReport()
     manifest = store.manifest(model_id, revision)
     report.manifest_s = time.perf_counter() - t0
+    target = torch.device(device)
+    if target.type != "cpu" or staging_slots is not None:
+        return _load_staged(store, manifest, report, t0, target, threads, staging_slots or 4)
     if zero_copy:
         mapped = _map_from_host(store, manifest, report, threads)
         if mapped is not None:
@@ -138,13 +151,47 @@ def load(
     report.alloc_s = time.perf_counter() - t0 - report.manifest_s
     job = _LoadJob(store, manifest, report)
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ember-load") as pool:
-        for f in [pool.submit(job.load_chunk, c, buffers) for c in manifest.chunks]:
+        for f in [pool.submit(job.into_buffer, c, buffers) for c in manifest.chunks]:
             f.result()
     report.wall_s = time.perf_counter() - t0
     loaded = LoadedWeights(manifest, buffers, _tensor_views(manifest, buffers), report)
     if promote:
         loaded._promotions = job.promote_in_background(buffers)
     return loaded
+
+
+def _load_staged(
+    store: WeightsStore,
+    manifest: Manifest,
+    report: LoadReport,
+    t0: float,
+    device: torch.device,
+    threads: int,
+    slots: int,
+) -> LoadedWeights:
+    buffers = {
+        d: torch.empty(n, dtype=torch.uint8, device=device)
+        for d, n in manifest.buffer_sizes.items()
+    }
+    report.alloc_s = time.perf_counter() - t0 - report.manifest_s
+    ring = StagingRing(
+        slots=slots,
+        slot_bytes=max((c.raw_size for c in manifest.chunks), default=1),
+        engine=copy_engine_for(device),
+        pin=device.type == "cuda",
+    )
+    job = _LoadJob(store, manifest, report)
+    # More workers than slots would only queue on the ring.
+    with ThreadPoolExecutor(
+        max_workers=min(threads, slots), thread_name_prefix="ember-stage"
+    ) as pool:
+        for f in [pool.submit(job.via_staging, c, ring, buffers) for c in manifest.chunks]:
+            f.result()
+    ring.finish()
+    report.staged_copies = ring.copies
+    report.staging_slots_peak = ring.max_in_use
+    report.wall_s = time.perf_counter() - t0
+    return LoadedWeights(manifest, buffers, _tensor_views(manifest, buffers), report)
 
 
 def _tensor_views(manifest: Manifest, buffers: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -253,8 +300,31 @@ class _LoadJob:
                 self.report.peak_in_flight_bytes, self._in_flight
             )
 
-    def load_chunk(self, chunk: ChunkEntry, buffers: dict[str, torch.Tensor]) -> None:
-        out = memoryview(buffers[chunk.dtype][chunk.offset_bytes : chunk.end_bytes].numpy())  # type: ignore[arg-type]  # ndarray is a Buffer
+    def into_buffer(self, chunk: ChunkEntry, buffers: dict[str, torch.Tensor]) -> None:
+        """Loads ``chunk`` into its place in the host flat buffers; promotes it later."""
+        region = buffers[chunk.dtype][chunk.offset_bytes : chunk.end_bytes]
+        index = self.load_chunk(chunk, memoryview(region.numpy()))  # type: ignore[arg-type]
+        if index:
+            with self._lock:
+                self._to_promote.append((chunk, index))
+
+    def via_staging(
+        self, chunk: ChunkEntry, ring: StagingRing, device_buffers: dict[str, torch.Tensor]
+    ) -> None:
+        """Loads ``chunk`` into a pinned slot and copies it on to the device buffers. The slot
+        is reused as soon as the copy is done, so promotion writes from it right away."""
+        slot, view = ring.acquire(chunk.raw_size)
+        out = memoryview(view.numpy())  # type: ignore[arg-type]
+        index = self.load_chunk(chunk, out)
+        for tier in self.store.tiers[:index]:
+            if tier.holds_decoded:
+                with contextlib.suppress(EmberError):  # a full cache is not a failed load
+                    tier.put(chunk.hash, out)  # type: ignore[arg-type]  # any buffer will do
+        ring.submit(slot, device_buffers[chunk.dtype][chunk.offset_bytes : chunk.end_bytes])
+
+    def load_chunk(self, chunk: ChunkEntry, out: memoryview) -> int:
+        """Fills ``out`` with the chunk's verified bytes from the nearest tier that has a good
+        copy; returns that tier's index."""
         tried: list[str] = []
         for i, tier in enumerate(self.store.tiers):
             try:
@@ -279,9 +349,7 @@ class _LoadJob:
                 self.report.chunks_by_tier[tier.name] = (
                     self.report.chunks_by_tier.get(tier.name, 0) + 1
                 )
-                if i:
-                    self._to_promote.append((chunk, i))
-            return
+            return i
         absent = [t.name for t in self.store.tiers if f"{t.name} (" not in " ".join(tried)]
         raise ModelFormatError(
             f"model {self.manifest.model_id!r}: chunk {chunk.hash} ({chunk.dtype} bytes "
