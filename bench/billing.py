@@ -83,6 +83,11 @@ def workload(n: int, rng: random.Random) -> list[tuple[int, int, int, int, int]]
     return out
 
 
+def usage_of(event: tuple[int, int, int, int, int]) -> Usage:
+    _, prompt, _, completion, cached = event
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, cached_tokens=cached)
+
+
 def deliveries(n: int, rng: random.Random) -> list[int]:
     order = list(range(n)) + rng.sample(range(n), int(n * DUP_FRACTION))
     rng.shuffle(order)
@@ -114,8 +119,7 @@ def run_batched(url: str, n: int) -> dict[str, float]:
     t1 = time.perf_counter()
     order = deliveries(n, rng)
     for lo in range(0, len(order), BATCH):
-        svc.settle_many([(ids[i], Usage(events[i][1], events[i][3], events[i][4]))
-                         for i in order[lo:lo + BATCH]])  # fmt: skip
+        svc.settle_many([(ids[i], usage_of(events[i])) for i in order[lo : lo + BATCH]])
     t2 = time.perf_counter()
     verify(svc, tenant, expected, n)
     svc.close()
@@ -139,7 +143,7 @@ def run_naive(url: str, n: int) -> dict[str, float]:
     ids = [svc.reserve(tenant, key, "m", "", p, m).id for _, p, m, _, _ in events]
     order = deliveries(n, rng)
     for i in order:
-        svc.settle(ids[i], Usage(events[i][1], events[i][3], events[i][4]))
+        svc.settle(ids[i], usage_of(events[i]))
     t1 = time.perf_counter()
     verify(svc, tenant, expected, n)
     svc.close()

@@ -50,10 +50,11 @@ def check_name(name: str, value: object, *, allow_empty: bool = False) -> str:
     return value
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Usage:
     """What a request used. ``cached_tokens`` is the part of ``prompt_tokens`` served
-    from the prefix cache, never extra tokens on top of it."""
+    from the prefix cache, never extra tokens on top of it. Keyword-only: three
+    integers in a row are too easy to swap where money depends on them."""
 
     prompt_tokens: int
     completion_tokens: int

@@ -24,7 +24,10 @@ def main(url: str, events_path: str, checkpoint_path: str) -> int:
     i = start
     while i < len(events):
         n = rng.choice([1, 1, 5, 50, 200, 400])
-        batch = [(rid, Usage(p, c, k)) for rid, p, c, k in events[i : i + n]]
+        batch = [
+            (rid, Usage(prompt_tokens=p, completion_tokens=c, cached_tokens=k))
+            for rid, p, c, k in events[i : i + n]
+        ]
         if n == 1:
             svc.settle(*batch[0])
         else:

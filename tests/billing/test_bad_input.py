@@ -32,11 +32,15 @@ def snapshot(svc: BillingService, tenant: str) -> tuple[Any, ...]:
     return svc.ledger_totals(), svc.usage(tenant, "2026-12", group_by=("model",)), budgets, states
 
 
+def u(prompt: Any, completion: Any, cached: Any = 0) -> Usage:
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, cached_tokens=cached)
+
+
 @pytest.fixture
 def seeded(svc: BillingService, world: dict[str, str]) -> dict[str, str]:
     svc.set_quota(world["tenant"], spend_cap_micros=10_000_000)
     done = svc.reserve(world["tenant"], world["key"], "m1", "", 100, 100)
-    svc.settle(done.id, Usage(100, 50, 10))
+    svc.settle(done.id, Usage(prompt_tokens=100, completion_tokens=50, cached_tokens=10))
     released = svc.reserve(world["tenant"], world["key"], "m1", "", 100, 100)
     svc.release(released.id)
     open_ = svc.reserve(world["tenant"], world["key"], "m1", "", 100, 100)
@@ -53,11 +57,11 @@ CASES: list[tuple[str, type[EmberError], str, Callable[[BillingService, dict[str
     ("string tokens", InvalidRequestError, "whole number",
      lambda s, w: s.reserve(w["tenant"], w["key"], "m1", "", "10", 10)),
     ("negative completion usage", InvalidRequestError, "completion_tokens",
-     lambda s, w: s.settle(w["open"], Usage(10, -3))),
+     lambda s, w: s.settle(w["open"], u(10, -3))),
     ("float usage", InvalidRequestError, "whole number",
-     lambda s, w: s.settle(w["open"], Usage(10, 3.0))),
+     lambda s, w: s.settle(w["open"], u(10, 3.0))),
     ("cached > prompt", InvalidRequestError, "subset",
-     lambda s, w: s.settle(w["open"], Usage(10, 3, 11))),
+     lambda s, w: s.settle(w["open"], u(10, 3, 11))),
     ("usage not a Usage", InvalidRequestError, "Usage",
      lambda s, w: s.settle(w["open"], {"prompt_tokens": 1})),
     ("unknown tenant", NotFoundError, "unknown tenant",
@@ -67,15 +71,15 @@ CASES: list[tuple[str, type[EmberError], str, Callable[[BillingService, dict[str
     ("unknown model", ModelNotFoundError, "no price for model 'm9'",
      lambda s, w: s.reserve(w["tenant"], w["key"], "m9", "", 10, 10)),
     ("unknown reservation", NotFoundError, "no reservation",
-     lambda s, w: s.settle("f" * 32, Usage(1, 1))),
+     lambda s, w: s.settle("f" * 32, u(1, 1))),
     ("unknown reservation in a batch", NotFoundError, "no reservation",
-     lambda s, w: s.settle_many([(w["open"], Usage(1, 1)), ("f" * 32, Usage(1, 1))])),
+     lambda s, w: s.settle_many([(w["open"], u(1, 1)), ("f" * 32, u(1, 1))])),
     ("release unknown", NotFoundError, "no reservation",
      lambda s, w: s.release("nope")),
     ("settle after release", ConflictError, "released",
-     lambda s, w: s.settle(w["released"], Usage(10, 10))),
+     lambda s, w: s.settle(w["released"], u(10, 10))),
     ("batch with one released", ConflictError, "released",
-     lambda s, w: s.settle_many([(w["open"], Usage(1, 1)), (w["released"], Usage(1, 1))])),
+     lambda s, w: s.settle_many([(w["open"], u(1, 1)), (w["released"], u(1, 1))])),
     ("float credit", InvalidRequestError, "never pass money as a float",
      lambda s, w: s.credit(w["tenant"], 1.5, reason="x", ref="r")),
     ("zero credit", InvalidRequestError, "amount_micros",

@@ -60,7 +60,7 @@ def one_trial(svc: BillingService, trial: int, rng: random.Random) -> tuple[int,
             if never_ran:
                 svc.release(r.id)
             else:
-                svc.settle(r.id, Usage(PROMPT, completion))
+                svc.settle(r.id, Usage(prompt_tokens=PROMPT, completion_tokens=completion))
         except BaseException as exc:  # surfaced below, never swallowed
             errors.append(exc)
 

@@ -48,7 +48,9 @@ def test_spend_cap_refuses_with_what_remains(svc: BillingService, world: dict[st
         svc.reserve(world["tenant"], world["key"], "m1", "", 1000, 1000)
     assert info.value.remaining_micros == 2000 and info.value.http_status == 402
     assert "0.002000 left" in info.value.message
-    svc.settle(r.id, Usage(1000, 0))  # spent 1000, hold gone: 4000 left
+    svc.settle(
+        r.id, Usage(prompt_tokens=1000, completion_tokens=0)
+    )  # spent 1000, hold gone: 4000 left
     svc.reserve(world["tenant"], world["key"], "m1", "", 1000, 1000)
 
 
@@ -65,7 +67,7 @@ def test_cap_is_per_calendar_month(
 ) -> None:
     svc.set_quota(world["tenant"], spend_cap_micros=1000)
     r = svc.reserve(world["tenant"], world["key"], "m1", "", 1000, 0)
-    svc.settle(r.id, Usage(1000, 0))
+    svc.settle(r.id, Usage(prompt_tokens=1000, completion_tokens=0))
     with pytest.raises(BudgetExceededError):
         svc.reserve(world["tenant"], world["key"], "m1", "", 1, 0)
     clock.now = dt.datetime(2027, 1, 1, 0, 0, 1)

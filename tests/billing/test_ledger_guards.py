@@ -29,7 +29,7 @@ def test_ledger_tables_are_append_only(
     svc: BillingService, world: dict[str, str], sql: str
 ) -> None:
     r = svc.reserve(world["tenant"], world["key"], "m1", "", 10, 10)
-    svc.settle(r.id, Usage(10, 10))
+    svc.settle(r.id, Usage(prompt_tokens=10, completion_tokens=10))
     before = svc.ledger_totals()
     with pytest.raises(DBAPIError, match="append-only"), svc._session() as s:
         s.execute(text(sql))
@@ -40,7 +40,7 @@ def test_second_usage_entry_for_a_request_is_refused_by_the_database(
     svc: BillingService, world: dict[str, str]
 ) -> None:
     r = svc.reserve(world["tenant"], world["key"], "m1", "", 10, 10, request_id="once")
-    svc.settle(r.id, Usage(10, 10))
+    svc.settle(r.id, Usage(prompt_tokens=10, completion_tokens=10))
     with pytest.raises(IntegrityError), svc._session() as s:
         s.execute(
             text(
@@ -68,10 +68,13 @@ def test_concurrent_settles_of_one_request_bill_it_once(db_url: str, clock: Cloc
             results.extend(fn())
 
         def one_by_one() -> list[int]:
-            return [svc.settle(r.id, Usage(100, 0)).cost_micros for r in reservations]
+            return [
+                svc.settle(r.id, Usage(prompt_tokens=100, completion_tokens=0)).cost_micros
+                for r in reservations
+            ]
 
         def batched() -> list[int]:
-            items = [(r.id, Usage(100, 0)) for r in reservations]
+            items = [(r.id, Usage(prompt_tokens=100, completion_tokens=0)) for r in reservations]
             return [x.cost_micros for x in svc.settle_many(items)]
 
         # 8 threads deliver the same 20 settlements at once, singly and in batches.

@@ -36,14 +36,19 @@ def test_reserve_settle_bills_exact_cost_and_balances(
 
 def test_settle_is_idempotent_by_request_id(svc: BillingService, world: dict[str, str]) -> None:
     r = svc.reserve(world["tenant"], world["key"], "m1", "", 10, 10, request_id="dup")
-    first = svc.settle(r.id, Usage(10, 7, 3))
-    again = svc.settle(r.id, Usage(10, 7, 3))
-    both = svc.settle_many([(r.id, Usage(10, 7, 3)), (r.id, Usage(10, 7, 3))])
+    first = svc.settle(r.id, Usage(prompt_tokens=10, completion_tokens=7, cached_tokens=3))
+    again = svc.settle(r.id, Usage(prompt_tokens=10, completion_tokens=7, cached_tokens=3))
+    both = svc.settle_many(
+        [
+            (r.id, Usage(prompt_tokens=10, completion_tokens=7, cached_tokens=3)),
+            (r.id, Usage(prompt_tokens=10, completion_tokens=7, cached_tokens=3)),
+        ]
+    )
     assert again.duplicate and all(b.duplicate for b in both)
     assert again.cost_micros == first.cost_micros
     assert [u.requests for u in svc.usage(world["tenant"], "2026-12")] == [1]
     with pytest.raises(ConflictError, match="different usage"):
-        svc.settle(r.id, Usage(10, 8, 3))
+        svc.settle(r.id, Usage(prompt_tokens=10, completion_tokens=8, cached_tokens=3))
 
 
 def test_reserving_a_request_id_twice_returns_the_first(
@@ -72,8 +77,14 @@ def test_rounding_is_half_up_once_per_event(svc: BillingService, world: dict[str
     # 1 cached token at 0.25/M = 0.25 micros alone rounds to 0; 2 cached = 0.5 -> 1.
     r1 = svc.reserve(world["tenant"], world["key"], "m1", "", 1, 0)
     r2 = svc.reserve(world["tenant"], world["key"], "m1", "", 2, 0)
-    assert svc.settle(r1.id, Usage(1, 0, 1)).cost_micros == 0
-    assert svc.settle(r2.id, Usage(2, 0, 2)).cost_micros == 1
+    assert (
+        svc.settle(r1.id, Usage(prompt_tokens=1, completion_tokens=0, cached_tokens=1)).cost_micros
+        == 0
+    )
+    assert (
+        svc.settle(r2.id, Usage(prompt_tokens=2, completion_tokens=0, cached_tokens=2)).cost_micros
+        == 1
+    )
 
 
 @pytest.mark.parametrize("k", [0, 1, 37, 500])
@@ -93,10 +104,10 @@ def test_usage_beyond_the_reservation_is_refused(
 ) -> None:
     r = svc.reserve(world["tenant"], world["key"], "m1", "", 10, 5)
     with pytest.raises(InvalidRequestError, match="max_completion_tokens"):
-        svc.settle(r.id, Usage(10, 6))
+        svc.settle(r.id, Usage(prompt_tokens=10, completion_tokens=6))
     with pytest.raises(InvalidRequestError, match="prompt tokens"):
-        svc.settle(r.id, Usage(11, 5))
-    assert svc.settle(r.id, Usage(10, 5)).cost_micros == 20
+        svc.settle(r.id, Usage(prompt_tokens=11, completion_tokens=5))
+    assert svc.settle(r.id, Usage(prompt_tokens=10, completion_tokens=5)).cost_micros == 20
 
 
 def test_release_then_settle_is_a_conflict_and_changes_nothing(
@@ -107,10 +118,10 @@ def test_release_then_settle_is_a_conflict_and_changes_nothing(
     assert svc.release(r.id).state == "released"  # twice is a no-op
     before = svc.ledger_totals()
     with pytest.raises(ConflictError, match="released"):
-        svc.settle(r.id, Usage(10, 5))
+        svc.settle(r.id, Usage(prompt_tokens=10, completion_tokens=5))
     assert svc.ledger_totals() == before
     r2 = svc.reserve(world["tenant"], world["key"], "m1", "", 10, 5)
-    svc.settle(r2.id, Usage(10, 5))
+    svc.settle(r2.id, Usage(prompt_tokens=10, completion_tokens=5))
     with pytest.raises(ConflictError, match="settled"):
         svc.release(r2.id)
 
@@ -123,8 +134,14 @@ def test_price_change_never_rewrites_history(
     svc.set_price("m1", input_micros=3_000_000, cached_input_micros=0, output_micros=0)
     r_new = svc.reserve(world["tenant"], world["key"], "m1", "", 1_000_000, 0)
     # The request reserved before the change keeps its price, even settled after it.
-    assert svc.settle(r_old.id, Usage(1_000_000, 0)).cost_micros == 1_000_000
-    assert svc.settle(r_new.id, Usage(1_000_000, 0)).cost_micros == 3_000_000
+    assert (
+        svc.settle(r_old.id, Usage(prompt_tokens=1_000_000, completion_tokens=0)).cost_micros
+        == 1_000_000
+    )
+    assert (
+        svc.settle(r_new.id, Usage(prompt_tokens=1_000_000, completion_tokens=0)).cost_micros
+        == 3_000_000
+    )
     future = clock.now + dt.timedelta(days=1)
     svc.set_price(
         "m1", input_micros=9, cached_input_micros=9, output_micros=9, effective_from=future
@@ -145,15 +162,15 @@ def test_unsettled_reservations_expire_and_give_their_hold_back(
     r2 = svc.reserve(world["tenant"], world["key"], "m1", "", 1000, 1000)  # fits again
     svc.release(r2.id)
     # A late report of a request that did run is still billed, once.
-    assert svc.settle(r.id, Usage(1000, 10)).cost_micros == 1020
-    assert svc.settle(r.id, Usage(1000, 10)).duplicate
+    assert svc.settle(r.id, Usage(prompt_tokens=1000, completion_tokens=10)).cost_micros == 1020
+    assert svc.settle(r.id, Usage(prompt_tokens=1000, completion_tokens=10)).duplicate
 
 
 def test_credit_and_reversal_are_new_entries(
     svc: BillingService, world: dict[str, str], clock: Clock
 ) -> None:
     r = svc.reserve(world["tenant"], world["key"], "m1", "", 1000, 0, request_id="to-reverse")
-    svc.settle(r.id, Usage(1000, 0))
+    svc.settle(r.id, Usage(prompt_tokens=1000, completion_tokens=0))
     clock.advance(seconds=1)
     svc.credit(world["tenant"], 300, reason="goodwill", ref="c-1")
     with pytest.raises(ConflictError):
@@ -172,9 +189,9 @@ def test_invoice_of_a_closed_period_is_stored_once(
     svc: BillingService, world: dict[str, str], clock: Clock
 ) -> None:
     r = svc.reserve(world["tenant"], world["key"], "m1", "ad1", 10, 10)
-    svc.settle(r.id, Usage(10, 10))
+    svc.settle(r.id, Usage(prompt_tokens=10, completion_tokens=10))
     r = svc.reserve(world["tenant"], world["key"], "m1", "", 10, 10)
-    svc.settle(r.id, Usage(10, 10))
+    svc.settle(r.id, Usage(prompt_tokens=10, completion_tokens=10))
     clock.now = dt.datetime(2027, 1, 2)
     inv = svc.invoice("acme", "2026-12")
     assert inv.final and inv.total_micros == 60 + 30
@@ -188,7 +205,7 @@ def test_usage_groups(svc: BillingService, world: dict[str, str], clock: Clock) 
     _, key2 = svc.create_key("acme", name="second")
     for key, adapter in ((world["key"], ""), (key2.id, "ad1"), (key2.id, "ad1")):
         r = svc.reserve(world["tenant"], key, "m1", adapter, 10, 10)
-        svc.settle(r.id, Usage(10, 5, 4))
+        svc.settle(r.id, Usage(prompt_tokens=10, completion_tokens=5, cached_tokens=4))
         clock.advance(days=1)
     rows = svc.usage("acme", "2026-12", group_by=("key", "adapter"))
     assert {(r.key, r.adapter, r.requests) for r in rows} == {
@@ -209,7 +226,7 @@ def test_tenants_are_isolated(svc: BillingService, world: dict[str, str]) -> Non
     with pytest.raises(AuthenticationError, match="does not belong"):
         svc.reserve(other.id, world["key"], "m1", "", 10, 10)
     r = svc.reserve(other.id, other_key.id, "m1", "", 10, 10)
-    svc.settle(r.id, Usage(10, 10))
+    svc.settle(r.id, Usage(prompt_tokens=10, completion_tokens=10))
     assert svc.usage("acme", "2026-12") == []
     assert svc.invoice("acme", "2026-12").total_micros == 0
     assert svc.invoice("globex", "2026-12").total_micros == 30

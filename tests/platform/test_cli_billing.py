@@ -56,7 +56,7 @@ def test_tenant_key_usage_invoice_round_trip(tmp_path: Path, ledger: list[str]) 
     with BillingService(url) as svc:
         tenant, key = svc.authenticate(plaintext)
         r = svc.reserve(tenant, key, "m1", "", 1_000_000, 1000)
-        svc.settle(r.id, Usage(1_000_000, 1000, 0))
+        svc.settle(r.id, Usage(prompt_tokens=1_000_000, completion_tokens=1000, cached_tokens=0))
         period = svc.clock().strftime("%Y-%m")
 
     code, out, _ = run(tmp_path, ledger, "usage", "acme", "--group-by", "model,key")
