@@ -6,11 +6,12 @@ import datetime as dt
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import and_, func, select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from ember_billing import ledger, repositories
-from ember_billing.models import Invoice, InvoiceLine, JournalEntry, Tenant, UsageEvent
+from ember_billing.models import Invoice, InvoiceLine, JournalEntry, Posting, Tenant, UsageEvent
 from ember_billing.records import (
     GROUP_KEYS,
     InvoiceLineView,
@@ -38,6 +39,70 @@ def _sums() -> list[Any]:
         func.coalesce(func.sum(UsageEvent.completion_tokens), 0),
         func.coalesce(func.sum(UsageEvent.cost_micros), 0),
     ]
+
+
+def account_balances(session: Session, accounts: Sequence[str] | None = None) -> dict[str, int]:
+    q = select(Posting.account, func.sum(Posting.amount_micros)).group_by(Posting.account)
+    if accounts is not None:
+        q = q.where(Posting.account.in_(accounts))
+    return {a: int(s) for a, s in session.execute(q)}
+
+
+def unbalanced_journals(session: Session) -> list[tuple[str, int]]:
+    q = (
+        select(Posting.journal_id, func.sum(Posting.amount_micros))
+        .group_by(Posting.journal_id)
+        .having(func.sum(Posting.amount_micros) != 0)
+    )
+    return [(str(j), int(t)) for j, t in session.execute(q)]
+
+
+def tenant_period_total(session: Session, tenant_id: str, period: str, account: str) -> int:
+    q = (
+        select(func.coalesce(func.sum(Posting.amount_micros), 0))
+        .join(JournalEntry, JournalEntry.id == Posting.journal_id)
+        .where(
+            and_(
+                JournalEntry.tenant_id == tenant_id,
+                JournalEntry.period == period,
+                Posting.account == account,
+            )
+        )
+    )
+    return int(session.execute(q).scalar_one())
+
+
+def journal_amount(session: Session, journal_id: str, account: str) -> int:
+    q = select(func.coalesce(func.sum(Posting.amount_micros), 0)).where(
+        Posting.journal_id == journal_id, Posting.account == account
+    )
+    return int(session.execute(q).scalar_one())
+
+
+def usage_journal_mismatches(session: Session) -> list[str]:
+    """Usage events whose journal entry is missing or charges another amount, and usage
+    entries without an event."""
+    problems = []
+    charged = (
+        select(Posting.journal_id, func.sum(Posting.amount_micros).label("amount"))
+        .where(Posting.amount_micros > 0)
+        .group_by(Posting.journal_id)
+        .subquery()
+    )
+    q = (
+        select(UsageEvent.request_id, UsageEvent.cost_micros, charged.c.amount)
+        .outerjoin(charged, charged.c.journal_id == UsageEvent.journal_id)
+        .where(func.coalesce(charged.c.amount, 0) != UsageEvent.cost_micros)
+    )
+    for rid, cost, amount in session.execute(q):
+        problems.append(f"usage of {rid} costs {cost} but its entry charges {amount}")
+    orphans = (
+        select(JournalEntry.ref)
+        .outerjoin(UsageEvent, UsageEvent.journal_id == JournalEntry.id)
+        .where(JournalEntry.kind == "usage", UsageEvent.id.is_(None))
+    )
+    problems.extend(f"usage entry {ref} has no usage event" for (ref,) in session.execute(orphans))
+    return problems
 
 
 class ReportsMixin:
@@ -109,7 +174,7 @@ class ReportsMixin:
                 return self._stored_invoice(s, stored)
             lines = self._invoice_lines(s, t.id, period)
             total = sum(line.amount_micros for line in lines)
-            posted = repositories.tenant_period_total(s, t.id, period, ledger.receivable(t.id))
+            posted = tenant_period_total(s, t.id, period, ledger.receivable(t.id))
             if total != posted:
                 raise RuntimeError(
                     f"ledger inconsistency for {t.name} {period}: lines sum to {total}, "
@@ -147,7 +212,7 @@ class ReportsMixin:
         ).all()
         account = ledger.receivable(tenant_id)
         for kind, memo, jid in adjustments:
-            amount = repositories.journal_amount(s, jid, account)
+            amount = journal_amount(s, jid, account)
             lines.append(InvoiceLineView(f"{kind}: {memo}", "", "", 0, 0, 0, 0, amount))
         return lines
 
@@ -211,14 +276,14 @@ class ReportsMixin:
     def ledger_totals(self) -> dict[str, int]:
         """Balance of every account; they sum to zero."""
         with self._session() as s:
-            return repositories.account_balances(s)
+            return account_balances(s)
 
     def check_ledger(self) -> list[str]:
         """Problems found (empty when healthy): unbalanced entries, usage events
         without their entry or the reverse, amounts that disagree."""
         problems: list[str] = []
         with self._session() as s:
-            for jid, total in repositories.unbalanced_journals(s):
+            for jid, total in unbalanced_journals(s):
                 problems.append(f"journal entry {jid} sums to {total}, not 0")
-            problems.extend(repositories.usage_journal_mismatches(s))
+            problems.extend(usage_journal_mismatches(s))
         return problems

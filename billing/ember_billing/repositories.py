@@ -20,7 +20,6 @@ from sqlalchemy import (
     and_,
     any_,
     bindparam,
-    func,
     select,
     update,
 )
@@ -30,8 +29,6 @@ from sqlalchemy.orm import Session
 from ember_billing.models import (
     ApiKey,
     Budget,
-    JournalEntry,
-    Posting,
     Price,
     Quota,
     RateWindow,
@@ -362,67 +359,3 @@ def claim_expired(session: Session, now: dt.datetime, limit: int) -> list[Reserv
             .with_for_update(skip_locked=True)
         )
     )
-
-
-def account_balances(session: Session, accounts: Sequence[str] | None = None) -> dict[str, int]:
-    q = select(Posting.account, func.sum(Posting.amount_micros)).group_by(Posting.account)
-    if accounts is not None:
-        q = q.where(Posting.account.in_(accounts))
-    return {a: int(s) for a, s in session.execute(q)}
-
-
-def unbalanced_journals(session: Session) -> list[tuple[str, int]]:
-    q = (
-        select(Posting.journal_id, func.sum(Posting.amount_micros))
-        .group_by(Posting.journal_id)
-        .having(func.sum(Posting.amount_micros) != 0)
-    )
-    return [(str(j), int(t)) for j, t in session.execute(q)]
-
-
-def tenant_period_total(session: Session, tenant_id: str, period: str, account: str) -> int:
-    q = (
-        select(func.coalesce(func.sum(Posting.amount_micros), 0))
-        .join(JournalEntry, JournalEntry.id == Posting.journal_id)
-        .where(
-            and_(
-                JournalEntry.tenant_id == tenant_id,
-                JournalEntry.period == period,
-                Posting.account == account,
-            )
-        )
-    )
-    return int(session.execute(q).scalar_one())
-
-
-def journal_amount(session: Session, journal_id: str, account: str) -> int:
-    q = select(func.coalesce(func.sum(Posting.amount_micros), 0)).where(
-        Posting.journal_id == journal_id, Posting.account == account
-    )
-    return int(session.execute(q).scalar_one())
-
-
-def usage_journal_mismatches(session: Session) -> list[str]:
-    """Usage events whose journal entry is missing or charges another amount, and usage
-    entries without an event."""
-    problems = []
-    charged = (
-        select(Posting.journal_id, func.sum(Posting.amount_micros).label("amount"))
-        .where(Posting.amount_micros > 0)
-        .group_by(Posting.journal_id)
-        .subquery()
-    )
-    q = (
-        select(UsageEvent.request_id, UsageEvent.cost_micros, charged.c.amount)
-        .outerjoin(charged, charged.c.journal_id == UsageEvent.journal_id)
-        .where(func.coalesce(charged.c.amount, 0) != UsageEvent.cost_micros)
-    )
-    for rid, cost, amount in session.execute(q):
-        problems.append(f"usage of {rid} costs {cost} but its entry charges {amount}")
-    orphans = (
-        select(JournalEntry.ref)
-        .outerjoin(UsageEvent, UsageEvent.journal_id == JournalEntry.id)
-        .where(JournalEntry.kind == "usage", UsageEvent.id.is_(None))
-    )
-    problems.extend(f"usage entry {ref} has no usage event" for (ref,) in session.execute(orphans))
-    return problems

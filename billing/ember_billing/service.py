@@ -4,7 +4,6 @@ repositories only run statements, and the decisions are made here in plain Pytho
 from __future__ import annotations
 
 import datetime as dt
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
@@ -13,13 +12,13 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from ember_billing import admin, reports, repositories
+from ember_billing import admin, budgets, reports, repositories
 from ember_billing.db import make_engine, session_scope
 from ember_billing.ledger import new_id
 from ember_billing.migrations import upgrade_to_head
 from ember_billing.models import Price, Tenant
 from ember_billing.models import Reservation as ReservationRow
-from ember_billing.money import Prices, format_micros
+from ember_billing.money import Prices
 from ember_billing.records import (
     Reservation,
     ReserveRequest,
@@ -32,13 +31,11 @@ from ember_billing.records import (
 from ember_billing.settlement import settle_batch
 from ember_core.errors import (
     AuthenticationError,
-    BudgetExceededError,
     ConfigError,
     ConflictError,
     InvalidRequestError,
     ModelNotFoundError,
     NotFoundError,
-    RateLimitError,
 )
 
 
@@ -269,13 +266,13 @@ class BillingService(admin.AdminMixin, reports.ReportsMixin):
                 rows.append(row)
                 out.append(row)
             if rows:
-                limits = self._limits(s, holds, period)
+                limits = budgets.limits(s, holds, period)
                 for row in rows:
                     row["tenant_budget_id"] = limits.get((row["tenant_id"], ""), (None,))[0]
                     key_scope = (row["tenant_id"], row["key_id"])
                     row["key_budget_id"] = limits.get(key_scope, (None,))[0]
                 repositories.insert_rows(s, ReservationRow, rows)
-                self._take(s, limits, holds, tokens, now, period)
+                budgets.take(s, limits, holds, tokens, now, period)
         return [o if isinstance(o, Reservation) else _reservation(_Obj(o)) for o in out]
 
     def _check_tenant_key(self, s: Session, tenant_id: str, key_id: str, now: dt.datetime) -> None:
@@ -289,67 +286,6 @@ class BillingService(admin.AdminMixin, reports.ReportsMixin):
         if key is None or key.tenant_id != tenant_id:
             raise AuthenticationError(f"API key {key_id!r} does not belong to tenant {tenant_id!r}")
         self._check_key_usable(key, now)
-
-    def _limits(
-        self, s: Session, holds: dict[tuple[str, str], int], period: str
-    ) -> dict[tuple[str, str], tuple[int | None, int | None]]:
-        """``{scope: (budget_id or None, tokens_per_minute or None)}`` for scopes with
-        limits; budget rows of this period are made on first use.
-
-        A budget already too short when read refuses at once, without queueing for its
-        row lock: a refusal may be a moment stale (a release could be committing), an
-        admission never is, since admitting is the conditional UPDATE in ``_take``."""
-        out: dict[tuple[str, str], tuple[int | None, int | None]] = {}
-        for t in sorted({t for t, _ in holds}):
-            keys = [k for tt, k in holds if tt == t and k]
-            for key_id, cap, tpm, bid, left in repositories.limits_for(s, t, keys, period):
-                if cap is not None and bid is None:
-                    bid = repositories.ensure_budget(s, t, key_id, period, cap)
-                elif cap is not None and left is not None and left < holds[(t, key_id)]:
-                    self._refuse(holds[(t, key_id)], max(0, left), key_id, period)
-                out[(t, key_id)] = (bid if cap is not None else None, tpm)
-        return out
-
-    @staticmethod
-    def _refuse(amount: int, left: int, key_id: str, period: str) -> None:
-        what = "tenant" if not key_id else f"key {key_id}"
-        raise BudgetExceededError(
-            f"this request could cost up to {format_micros(amount)} but the "
-            f"{what}'s spend cap for {period} has {format_micros(left)} left; "
-            "lower max_tokens, or raise the cap (`ember tenants set-quota`)",
-            remaining_micros=left,
-        )
-
-    def _take(
-        self,
-        s: Session,
-        limits: dict[tuple[str, str], tuple[int | None, int | None]],
-        holds: dict[tuple[str, str], int],
-        tokens: dict[tuple[str, str], int],
-        now: dt.datetime,
-        period: str,
-    ) -> None:
-        """Takes tokens from every rate window and holds from every budget involved, or
-        raises (the transaction rolls back). Last in the transaction on purpose: these
-        are the rows every request of a tenant contends for, locked until commit."""
-        minute = int(now.replace(tzinfo=dt.UTC).timestamp()) // 60
-        for scope, n in sorted(tokens.items()):
-            tpm = limits.get(scope, (None, None))[1]
-            if tpm is not None and not repositories.take_rate_tokens(
-                s, f"{scope[0]}:{scope[1]}", minute, n, tpm
-            ):
-                wait = 60 - now.second - now.microsecond / 1e6
-                raise RateLimitError(
-                    f"{n} tokens (prompt + max_tokens) would pass the limit of "
-                    f"{tpm} tokens per minute; retry in {math.ceil(wait)} s "
-                    "or lower max_tokens",
-                    retry_after_s=wait,
-                )
-        caps = sorted((bid, scope) for scope, (bid, _) in limits.items() if bid is not None)
-        for bid, scope in caps:  # id order: concurrent holds lock alike, no deadlock
-            if not repositories.hold_budget(s, bid, holds[scope]):
-                left = repositories.budget_remaining(s, bid)
-                self._refuse(holds[scope], left, scope[1], period)
 
     def release(self, reservation_id: str) -> Reservation:
         """Gives back the hold of a request that never ran. Releasing twice is a
