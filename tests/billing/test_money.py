@@ -31,3 +31,26 @@ def test_amounts_parse_exactly() -> None:
         parse_amount("0.0000001")
     with pytest.raises(InvalidRequestError):
         parse_amount("abc")
+
+
+def test_config_is_validated_and_rejects_unknown_keys() -> None:
+    from ember_billing import BillingConfig
+    from ember_core.errors import ConfigError
+
+    assert BillingConfig.from_dict({"reservation_ttl_s": 60}).reservation_ttl_s == 60
+    with pytest.raises(ConfigError, match="unknown billing settings"):
+        BillingConfig.from_dict({"reservation_ttl": 60})
+    with pytest.raises(ConfigError, match="reservation_ttl_s"):
+        BillingConfig(reservation_ttl_s=-1)
+    with pytest.raises(ConfigError, match="durable"):
+        BillingConfig(durable="yes")  # type: ignore[arg-type]
+
+
+def test_ledger_url_must_be_a_file_or_postgres() -> None:
+    from ember_billing.db import make_engine
+    from ember_core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="in-memory"):
+        make_engine("sqlite://")
+    with pytest.raises(ConfigError, match="mysql"):
+        make_engine("mysql://localhost/x")
