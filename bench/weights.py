@@ -172,15 +172,25 @@ class ModelBench:
         shutil.rmtree(self.host.root, ignore_errors=True)
 
 
-def measure(bench: ModelBench, rounds: int, slow_rounds: int) -> dict[str, float]:
-    """Seconds per run, the median over rounds; every run of a round goes once, in order."""
+def measure(bench: ModelBench, rounds: int, slow_rounds: int) -> tuple[dict[str, float], Row]:
+    """Seconds per run, the median over rounds; every run of a round goes once, in order.
+    A run that fails (a peer that cannot load from this endpoint, say) is recorded with its
+    error and not tried again."""
     samples: dict[str, list[float]] = {}
+    failures: Row = {}
     for r in range(rounds):
         for name, run in bench.runs(slow_peers=r < slow_rounds).items():
+            if name in failures:
+                continue
             gc.collect()
-            samples.setdefault(name, []).append(run())
+            try:
+                samples.setdefault(name, []).append(run())
+            except Exception as exc:  # a peer's failure is a result, not a crash of the bench
+                failures[name] = f"{type(exc).__name__}: {exc}"
+                samples.pop(name, None)
+                print(f"[{bench.name}] {name} failed: {failures[name]}", flush=True)
         print(f"[{bench.name}] round {r + 1}/{rounds} done", flush=True)
-    return {name: statistics.median(xs) for name, xs in samples.items()}
+    return {name: statistics.median(xs) for name, xs in samples.items()}, failures
 
 
 def figures(b: ModelBench, t: dict[str, float]) -> Row:
@@ -188,25 +198,29 @@ def figures(b: ModelBench, t: dict[str, float]) -> Row:
     for k in t:
         if k.startswith("ours"):
             gbps[k] = b.raw_bytes / t[k] / 1e9
-    out: Row = {
+
+    def ratio(num: dict[str, float], a: str, den: dict[str, float], c: str) -> float | None:
+        return num[a] / den[c] if a in num and c in den else None
+
+    return {
         "file_bytes": b.file_bytes,
         "raw_bytes": b.raw_bytes,
         "stored_bytes": b.stored_bytes,
         "seconds": t,
         "gbps": gbps,
         "stored_ratio": b.stored_bytes / b.file_bytes,
-        "warm_load_ratio_vs_safetensors": t["safetensors_warm"] / t["ours_disk_warm"],
-        "warm_load_frac_of_pread": gbps["ours_disk_warm"] / gbps["pread_warm"],
-        "cold_load_frac_of_pread": gbps["ours_disk_cold"] / gbps["pread_cold"],
-        "host_load_frac_of_memcpy": gbps["ours_host"] / gbps["memcpy"],
-        "s3_load_frac_of_get": t["s3_get"] / t["ours_s3"],
-        "s3_load_ratio_vs_runai": t["runai_s3"] / t["ours_s3"] if "runai_s3" in t else None,
-        "cold_load_ratio_vs_safetensors": t["safetensors_cold"] / t["ours_disk_cold"],
-        "warm_load_ratio_vs_transformers": t["transformers_warm"] / t["ours_disk_warm"],
-        "warm_load_ratio_vs_runai": t["runai_local_warm"] / t["ours_disk_warm"],
-        "cold_load_ratio_vs_runai": t["runai_local_cold"] / t["ours_disk_cold"],
+        "warm_load_ratio_vs_safetensors": ratio(t, "safetensors_warm", t, "ours_disk_warm"),
+        "warm_load_frac_of_pread": ratio(gbps, "ours_disk_warm", gbps, "pread_warm"),
+        "cold_load_frac_of_pread": ratio(gbps, "ours_disk_cold", gbps, "pread_cold"),
+        "host_load_frac_of_memcpy": ratio(gbps, "ours_host", gbps, "memcpy"),
+        "s3_load_frac_of_get": ratio(t, "s3_get", t, "ours_s3"),
+        "s3_load_ratio_vs_runai": ratio(t, "runai_s3", t, "ours_s3"),
+        "cold_load_ratio_vs_safetensors": ratio(t, "safetensors_cold", t, "ours_disk_cold"),
+        "warm_load_ratio_vs_transformers": ratio(t, "transformers_warm", t, "ours_disk_warm"),
+        "warm_load_ratio_vs_runai": ratio(t, "runai_local_warm", t, "ours_disk_warm"),
+        "cold_load_ratio_vs_runai": ratio(t, "runai_local_cold", t, "ours_disk_cold"),
+        "fresh_vs_reused_buffers": ratio(t, "ours_disk_warm_fresh", t, "ours_disk_warm"),
     }
-    return out
 
 
 KEYS = (  # (key, higher is better, target)
@@ -224,7 +238,8 @@ def print_table(per_model: dict[str, Row], summary: Row) -> None:
     names = list(per_model)
     print("\nload time, seconds (GB/s), median over rounds")
     print(f"{'run':24}" + "".join(f"{n:>22}" for n in names))
-    for run in per_model[names[0]]["seconds"]:
+    runs = list(dict.fromkeys(r for n in names for r in per_model[n]["seconds"]))
+    for run in runs:
         cells = []
         for n in names:
             s, g = per_model[n]["seconds"].get(run), per_model[n]["gbps"].get(run)
@@ -232,6 +247,9 @@ def print_table(per_model: dict[str, Row], summary: Row) -> None:
         print(f"{run:24}" + "".join(f"{c:>22}" for c in cells))
     print("\nratios (ours vs peer or limit)")
     ratio_keys = [k for k, v in per_model[names[0]].items() if isinstance(v, float | None)]
+    for n in names:
+        for run, why in per_model[n].get("failures", {}).items():
+            print(f"  {n}: {run} failed: {why[:160]}")
     for k in ratio_keys:
         vals = [per_model[n].get(k) for n in names]
         print(f"{k:34}" + "".join(f"{v:>12.3f}" if v is not None else f"{'-':>12}" for v in vals))
@@ -290,7 +308,9 @@ def main() -> None:
                     threads=args.threads,
                 )
                 try:
-                    per_model[name] = figures(b, measure(b, rounds, args.slow_rounds))
+                    seconds, failures = measure(b, rounds, args.slow_rounds)
+                    per_model[name] = figures(b, seconds)
+                    per_model[name]["failures"] = failures
                 finally:
                     b.close()
                 del b

@@ -205,6 +205,9 @@ def cmd_models_list(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     installed = set(catalog.installed())
     for name in sorted(installed):
         print(f"{name:24} installed   {catalog.path_for(name)}", file=out)
+    for model_id, revision in catalog.store().list_models():
+        if model_id not in installed:  # pulled, or a single-file import: in the store only
+            print(f"{model_id:24} stored      {model_id}@{revision}", file=out)
     for known in KNOWN_MODELS:
         if known.name not in installed:
             print(f"{known.name:24} available   ember models add {known.name}", file=out)

@@ -142,3 +142,34 @@ def test_engine_loads_through_the_store_and_answers_like_the_directory(
     )
     assert from_store.load_report is not None and from_store.load_report.raw_bytes > 0
     assert from_store.model_name == "acme/smol"
+
+
+def test_remove_model_keeps_chunks_another_model_shares(
+    tiny_model: Callable[..., Path], tmp_path: Path
+) -> None:
+    base = tiny_model("llama")
+    tuned = tmp_path / "tuned"
+    shutil.copytree(base, tuned)
+    weights = load_file(str(tuned / "model.safetensors"))
+    weights["model.norm.weight"] = weights["model.norm.weight"] * 2
+    save_file(weights, str(tuned / "model.safetensors"))
+    store, disk, bucket = stores(tmp_path)
+    store.import_hf_dir(base, model_id="org/base", chunk_size_bytes=CHUNK)
+    store.import_hf_dir(tuned, model_id="org/tuned", chunk_size_bytes=CHUNK)
+    load(store, "org/tuned").wait_promoted()
+    assert store.list_models() == [("org/base", "main"), ("org/tuned", "main")]
+    only_tuned = {c.hash for c in store.manifest("org/tuned").chunks} - {
+        c.hash for c in store.manifest("org/base").chunks
+    }
+    assert only_tuned
+    store.remove_model("org/tuned")
+    assert store.list_models() == [("org/base", "main")]
+    for key in only_tuned:
+        assert not bucket.has(key) and not disk.has(key)
+    base_loaded = load(store, "org/base")  # every chunk it needs is still there
+    assert torch.equal(
+        base_loaded.tensors["model.norm.weight"],
+        load_file(str(base / "model.safetensors"))["model.norm.weight"],
+    )
+    with pytest.raises(NotFoundError, match="nothing to remove"):
+        store.remove_model("org/tuned")

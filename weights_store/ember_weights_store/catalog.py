@@ -260,9 +260,17 @@ class ModelCatalog:
             store.import_hf_dir(self.path_for(name), model_id=name, on_progress=on_progress)
 
     def remove(self, name: str) -> None:
-        """Delete an installed model. Its downloaded GGUF stays, so adding it again is quick."""
+        """Delete a model: its directory, if installed, and its manifests and the chunks no
+        other model shares from the store. Its downloaded GGUF stays, so adding it again is
+        quick."""
         target = self.path_for(name)
+        store = self.store()
+        in_store = any(mid == name for mid, _ in store.list_models())
+        if in_store:
+            store.remove_model(name)
         if not target.exists():
+            if in_store:
+                return
             raise ModelNotFoundError(self._not_found_message(name, None), param="model")
         # Rename first so no reader ever sees a half-deleted model.
         trash = Path(tempfile.mkdtemp(prefix=f".{name}.removed-", dir=self.models_dir))

@@ -272,6 +272,38 @@ class WeightsStore:
             f"(tiers: {', '.join(t.name for t in self.tiers)}); import it first"
         )
 
+    def list_models(self) -> list[tuple[str, str]]:
+        """(model id, revision) of every model the origin holds, sorted."""
+        found = []
+        for key in _keys(self.origin):
+            if key.startswith("manifests/") and key.endswith(".json"):
+                _, folder, rev = key.split("/", 2)
+                found.append((folder.replace("--", "/"), rev.removesuffix(".json")))
+        return sorted(found)
+
+    def remove_model(self, model_id: str) -> int:
+        """Deletes every revision of ``model_id`` from every tier, then every chunk and
+        tokenizer blob no remaining model references (others' shared chunks stay). Manifests
+        go first, so a concurrent load sees the model gone, never half of it. Returns the
+        number of objects deleted."""
+        validate_model_id(model_id)
+        revisions = [rev for mid, rev in self.list_models() if mid == model_id]
+        if not revisions:
+            raise NotFoundError(f"model {model_id!r} is not in the store; nothing to remove")
+        deleted = 0
+        for tier in self.tiers:
+            for rev in revisions:
+                deleted += tier.delete(manifest_key(model_id, rev))
+        live: set[str] = set()
+        for mid, rev in self.list_models():
+            m = self.manifest(mid, rev)
+            live |= {c.hash for c in m.chunks} | set(m.tokenizer_files.values())
+        for tier in self.tiers:
+            for key in _keys(tier):
+                if key.startswith("sha256:") and key not in live:
+                    deleted += tier.delete(key)
+        return deleted
+
     def tokenizer_file(self, manifest: Manifest, name: str) -> bytes:
         key = manifest.tokenizer_files[name]
         for tier in self.tiers:
@@ -282,6 +314,14 @@ class WeightsStore:
         raise ModelFormatError(
             f"{name} of {manifest.model_id} ({key}) has no good copy in any tier; re-import it"
         )
+
+
+def _keys(tier: Tier) -> list[str]:
+    """Every key ``tier`` holds; every tier Ember ships can list its keys."""
+    lister = getattr(tier, "keys", None)
+    if lister is None:
+        raise ConfigError(f"tier {tier.name!r} cannot list its keys; add a keys() method")
+    return list(lister())
 
 
 def copy_model(
