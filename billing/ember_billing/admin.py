@@ -39,7 +39,7 @@ def _tenant_info(row: Tenant) -> TenantInfo:
 class AdminMixin:
     clock: Callable[[], dt.datetime]
 
-    def _session(self) -> Any:  # provided by BillingService
+    def _session(self, *, snapshot: bool = False) -> Any:  # provided by BillingService
         raise NotImplementedError
 
     def _tenant(self, s: Any, tenant: str) -> Tenant:

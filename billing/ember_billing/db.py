@@ -105,11 +105,19 @@ def make_engine(
 
 
 @contextmanager
-def session_scope(engine: Engine) -> Iterator[Session]:
-    """One transaction: committed if the block returns, rolled back if it raises."""
+def session_scope(engine: Engine, *, snapshot: bool = False) -> Iterator[Session]:
+    """One transaction: committed if the block returns, rolled back if it raises.
+
+    ``snapshot=True`` makes every statement of the transaction see the same committed
+    state (REPEATABLE READ on PostgreSQL, whose default READ COMMITTED gives each
+    statement its own): for reports that add up several queries while settlements
+    commit. SQLite transactions here are serialized anyway."""
     lock = _SQLITE_WRITERS.get(engine)
+    bind = engine
+    if snapshot and lock is None:
+        bind = engine.execution_options(isolation_level="REPEATABLE READ")
     with lock if lock is not None else nullcontext():
-        session = Session(engine, expire_on_commit=False, autoflush=False)
+        session = Session(bind, expire_on_commit=False, autoflush=False)
         try:
             with session.begin():
                 yield session

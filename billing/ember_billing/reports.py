@@ -108,7 +108,7 @@ def usage_journal_mismatches(session: Session) -> list[str]:
 class ReportsMixin:
     clock: Callable[[], dt.datetime]
 
-    def _session(self) -> Any:  # provided by BillingService
+    def _session(self, *, snapshot: bool = False) -> Any:  # provided by BillingService
         raise NotImplementedError
 
     def _tenant(self, s: Any, tenant: str) -> Tenant:  # provided by AdminMixin
@@ -165,7 +165,7 @@ class ReportsMixin:
         tenant's receivable account in the period (checked)."""
         period = check_period(period) if period is not None else period_of(self.clock())
         now = self.clock()
-        with self._session() as s:
+        with self._session(snapshot=True) as s:
             t = self._tenant(s, tenant)
             stored = s.scalars(
                 select(Invoice).where(Invoice.tenant_id == t.id, Invoice.period == period)
@@ -282,7 +282,7 @@ class ReportsMixin:
         """Problems found (empty when healthy): unbalanced entries, usage events
         without their entry or the reverse, amounts that disagree."""
         problems: list[str] = []
-        with self._session() as s:
+        with self._session(snapshot=True) as s:
             for jid, total in unbalanced_journals(s):
                 problems.append(f"journal entry {jid} sums to {total}, not 0")
             problems.extend(usage_journal_mismatches(s))

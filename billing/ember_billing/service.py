@@ -121,8 +121,8 @@ class BillingService(admin.AdminMixin, reports.ReportsMixin):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _session(self) -> Any:
-        return session_scope(self.engine)
+    def _session(self, *, snapshot: bool = False) -> Any:
+        return session_scope(self.engine, snapshot=snapshot)
 
     def _price_of(self, session: Session, price_id: int) -> Prices:
         prices = self._prices.get(price_id)

@@ -244,3 +244,29 @@ def test_reserve_many_is_all_or_nothing(svc: BillingService, world: dict[str, st
         svc.reserve_many([ok, ReserveRequest(world["tenant"], world["key"], "nope", "", 1, 1)])
     [r] = svc.reserve_many([ok])  # nothing of the refused batches was held
     assert r.amount_micros == 3000
+
+
+def test_invoice_adds_up_while_settlements_commit(
+    svc: BillingService, world: dict[str, str]
+) -> None:
+    import threading
+
+    from ember_billing import ReserveRequest
+
+    reservations = svc.reserve_many(
+        [ReserveRequest(world["tenant"], world["key"], "m1", "", 10, 10) for _ in range(150)]
+    )
+    done = threading.Event()
+
+    def settle_all() -> None:
+        for r in reservations:
+            svc.settle(r.id, Usage(prompt_tokens=10, completion_tokens=10))
+        done.set()
+
+    th = threading.Thread(target=settle_all)
+    th.start()
+    totals = []
+    while not done.is_set():  # each invoice checks lines against the ledger
+        totals.append(svc.invoice(world["tenant"], "2026-12").total_micros)
+    th.join()
+    assert totals == sorted(totals) and svc.invoice("acme", "2026-12").total_micros == 150 * 30
