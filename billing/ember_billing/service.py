@@ -287,9 +287,10 @@ class BillingService(admin.AdminMixin, reports.ReportsMixin):
             raise AuthenticationError(f"API key {key_id!r} does not belong to tenant {tenant_id!r}")
         self._check_key_usable(key, now)
 
-    def release(self, reservation_id: str) -> Reservation:
+    def release(self, reservation: str | Reservation) -> Reservation:
         """Gives back the hold of a request that never ran. Releasing twice is a
         no-op; releasing a settled request is a ConflictError."""
+        reservation_id = reservation.id if isinstance(reservation, Reservation) else reservation
         check_name("reservation", reservation_id)
         with self._session() as s:
             locked = repositories.lock_reservations(s, [reservation_id])
@@ -336,17 +337,23 @@ class BillingService(admin.AdminMixin, reports.ReportsMixin):
 
     # -- settlement ----------------------------------------------------------------
 
-    def settle(self, reservation_id: str, usage: Usage) -> SettleResult:
+    def settle(self, reservation: str | Reservation, usage: Usage) -> SettleResult:
         """Records what the request used, once. Sending it again returns the first
         result with ``duplicate=True`` and changes nothing."""
-        return self.settle_many([(reservation_id, usage)])[0]
+        return self.settle_many([(reservation, usage)])[0]
 
-    def settle_many(self, items: Sequence[tuple[str, Usage]]) -> list[SettleResult]:
+    def settle_many(self, items: Sequence[tuple[str | Reservation, Usage]]) -> list[SettleResult]:
         """Batched settle in one transaction; all or nothing."""
         if not items:
             return []
+        batch: list[Any] = [
+            (item[0].id, item[1])
+            if isinstance(item, tuple) and item and isinstance(item[0], Reservation)
+            else item
+            for item in items
+        ]
         with self._session() as s:
-            return settle_batch(s, list(items), now=self.clock(), price_of=self._price_of)
+            return settle_batch(s, batch, now=self.clock(), price_of=self._price_of)
 
 
 class _Obj:

@@ -36,7 +36,7 @@ def test_reserve_settle_bills_exact_cost_and_balances(
 
 def test_settle_is_idempotent_by_request_id(svc: BillingService, world: dict[str, str]) -> None:
     r = svc.reserve(world["tenant"], world["key"], "m1", "", 10, 10, request_id="dup")
-    first = svc.settle(r.id, Usage(prompt_tokens=10, completion_tokens=7, cached_tokens=3))
+    first = svc.settle(r, Usage(prompt_tokens=10, completion_tokens=7, cached_tokens=3))
     again = svc.settle(r.id, Usage(prompt_tokens=10, completion_tokens=7, cached_tokens=3))
     both = svc.settle_many(
         [
