@@ -15,7 +15,7 @@ def test_billing_bench_writes_its_json(tmp_path: Path) -> None:
     out = tmp_path / "billing.json"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "billing.py"), "--json", str(out),
-         "--events", "300", "--naive", "20"],
+         "--events", "300", "--naive", "10"],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
