@@ -1,8 +1,11 @@
 """Shared foundations every Ember package may import: the error hierarchy."""
 
 from ember_core.errors import (
+    AuthenticationError,
+    BudgetExceededError,
     CapacityError,
     ConfigError,
+    ConflictError,
     ContextLengthError,
     EmberError,
     EngineError,
@@ -10,12 +13,16 @@ from ember_core.errors import (
     ModelFormatError,
     ModelNotFoundError,
     NotFoundError,
+    RateLimitError,
     RequestCancelledError,
 )
 
 __all__ = [
+    "AuthenticationError",
+    "BudgetExceededError",
     "CapacityError",
     "ConfigError",
+    "ConflictError",
     "ContextLengthError",
     "EmberError",
     "EngineError",
@@ -23,5 +30,6 @@ __all__ = [
     "ModelFormatError",
     "ModelNotFoundError",
     "NotFoundError",
+    "RateLimitError",
     "RequestCancelledError",
 ]
