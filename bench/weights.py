@@ -130,7 +130,8 @@ class ModelBench:
         seconds, loaded = io.timed(
             lambda: load(store, self.name, reuse=self.prev, promote=False, threads=self.threads)
         )
-        self.prev = loaded
+        if not loaded.report.mapped:  # mapped buffers are not reused (see loader)
+            self.prev = loaded
         return seconds
 
     def runs(self, *, slow_peers: bool) -> dict[str, Callable[[], float]]:

@@ -111,3 +111,23 @@ def test_decode_into_needs_writable_buffer(bf16: bytes) -> None:
     codec = codec_for("zstd")
     with pytest.raises(InvalidRequestError, match="writable"):
         codec.decode_into(codec.encode(bf16[:64]), memoryview(bytes(64)))
+
+
+def test_bytegroup_reads_the_first_layout_one_frame_over_both_streams(bf16: bytes) -> None:
+    import numpy as np
+    import zstandard
+
+    raw = bf16[:8192]
+    pairs = np.frombuffer(raw, dtype=np.uint8).reshape(-1, 2)
+    legacy = zstandard.ZstdCompressor(level=3).compress(np.ascontiguousarray(pairs.T).tobytes())
+    assert codec_for("zstd-bytegroup").decode(legacy, raw_size=len(raw)) == raw
+
+
+def test_bytegroup_keeps_an_incompressible_low_stream_raw(bf16: bytes) -> None:
+    import os
+
+    noisy_low = bytes(b for pair in zip(os.urandom(4096), bytes(4096), strict=True) for b in pair)
+    stored = codec_for("zstd-bytegroup").encode(noisy_low)
+    # The high bytes (all zero) shrink to a tiny frame; the random low bytes stay as they are.
+    assert len(noisy_low) // 2 <= len(stored) < len(noisy_low) // 2 + 64
+    assert codec_for("zstd-bytegroup").decode(stored, raw_size=len(noisy_low)) == noisy_low

@@ -270,7 +270,9 @@ def _map_from_host(
 
 def _buffers_for(manifest: Manifest, reuse: LoadedWeights | None) -> dict[str, torch.Tensor]:
     sizes = manifest.buffer_sizes
-    if reuse is not None:
+    # Mapped buffers are the host tier's pages: writing into them would copy every page
+    # (copy-on-write) and leave the tier's chunks unshared. Only copied buffers are reused.
+    if reuse is not None and not reuse.report.mapped:
         have = {k: v.numel() for k, v in reuse.buffers.items()}
         if have == sizes:
             reuse.wait_promoted()  # its promotions read these buffers; let them finish first
