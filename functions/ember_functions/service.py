@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from ember_core import EngineError, InvalidRequestError
-from ember_functions.engine import Completion, LLMEngine, Prompt, RequestOutput
+from ember_functions.engine import Completion, LLMEngine, PreparedRequest, Prompt, RequestOutput
 from ember_functions.sampling_params import SamplingParams
 from ember_functions.sequence import FinishReason, Usage
 
@@ -139,9 +139,21 @@ class EngineService:
         self, prompt: Prompt, params: SamplingParams | None = None, **kwargs: Any
     ) -> RequestStream:
         """Queues a request; raises at once if it is invalid."""
+        return self.submit_prepared(self.prepare(prompt, params, **kwargs))
+
+    def prepare(
+        self, prompt: Prompt, params: SamplingParams | None = None, **kwargs: Any
+    ) -> PreparedRequest:
+        """Validates and tokenizes on the caller's thread, without queueing: the gateway
+        learns the prompt's token count (to reserve its cost) before anything runs."""
         if self._closed.is_set():
             raise EngineError("the engine is shut down; start a new one to submit requests")
-        request = self.engine.make_request(prompt, params or SamplingParams(), **kwargs)
+        return self.engine.make_request(prompt, params or SamplingParams(), **kwargs)
+
+    def submit_prepared(self, request: PreparedRequest) -> RequestStream:
+        """Queues a request from :meth:`prepare`."""
+        if self._closed.is_set():
+            raise EngineError("the engine is shut down; start a new one to submit requests")
         stream = RequestStream(request.seq.request_id, self)
         with self._lock:
             if self._stopped:
@@ -154,6 +166,20 @@ class EngineService:
         self._inbox.put(("add", request))
         self._wake.set()
         return stream
+
+    @property
+    def alive(self) -> bool:
+        """The engine thread is running and has not failed."""
+        return self._thread.is_alive() and not self._closed.is_set()
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests submitted and not finished (waiting or running); a gauge, read racily."""
+        return len(self._streams)
+
+    @property
+    def free_kv_blocks(self) -> int:
+        return int(self.engine.blocks.num_free_blocks)
 
     def cancel(self, request_id: str) -> None:
         self._inbox.put(("cancel", request_id))

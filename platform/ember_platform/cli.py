@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ember_core import EmberError, InvalidRequestError
-from ember_platform import cli_billing
+from ember_platform import cli_billing, serve
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -27,43 +27,12 @@ def _catalog(args: argparse.Namespace) -> Any:
     return ModelCatalog(Path(args.home) if args.home else default_home())
 
 
-def _model_dir(args: argparse.Namespace, err: TextIO) -> Path:
-    """Resolves ``--model``; a known model that is not installed yet is installed."""
-    from ember_weights_store import find_known_model
-
-    catalog = _catalog(args)
-    name = args.model
-    known = None if Path(name).is_dir() else find_known_model(name)
-    if known is not None and not catalog.is_installed(known.name):
-        print(f"first run: installing {known.name} into {catalog.models_dir}", file=err)
-        return Path(catalog.add(known.name, progress=True))
-    return Path(catalog.resolve(name))
-
-
 def _engine(args: argparse.Namespace, err: TextIO) -> Any:
-    from ember_functions.engine import LLMEngine
     from ember_functions.engine_config import EngineConfig
+    from ember_platform.engines import load_engine
 
-    model_dir = _model_dir(args, err)
     config = EngineConfig(dtype=args.dtype, num_threads=args.threads, max_num_seqs=8)
-    catalog = _catalog(args)
-    store = catalog.store()
-    t0 = time.perf_counter()
-    in_store = model_dir.parent == catalog.models_dir
-    if in_store:  # installed models load through the weights store, as workers do
-        catalog.ensure_in_store(model_dir.name)
-        engine = LLMEngine.from_store(
-            store, model_dir.name, config=config, tokenizer_cache=catalog.home / "tokenizers"
-        )
-    else:
-        engine = LLMEngine.from_dir(model_dir, config=config, model_name=model_dir.name)
-    source = "weights store" if in_store else str(model_dir)
-    print(
-        f"loaded {model_dir.name} from {source} in {time.perf_counter() - t0:.2f} s "
-        f"(compute {str(engine.model.dtype).removeprefix('torch.')})",
-        file=err,
-    )
-    return engine
+    return load_engine(_catalog(args), args.model, config, err=err)
 
 
 def _sampling(args: argparse.Namespace) -> Any:
@@ -345,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--no-progress", dest="progress", action="store_false", help="no progress bar"
         )
     cli_billing.register(sub)
+    serve.register(sub)
     return parser
 
 
@@ -371,6 +341,8 @@ def main(
     try:
         if args.command == "chat":
             return cmd_chat(args, out, err, inp)
+        if hasattr(args, "serve_handler"):
+            return int(args.serve_handler(args, out, err))
         if hasattr(args, "billing_handler"):
             return int(args.billing_handler(args, out, err))
         key = args.models_command if args.command == "models" else args.command

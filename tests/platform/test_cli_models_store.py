@@ -118,7 +118,7 @@ def test_import_dedups_against_the_store_and_serves_it(
     code, out, err = run(
         "--home", str(home), "generate", "hi", "--model", "tiny-copy", "--max-tokens", "4"
     )
-    assert code == 0 and "from weights store" in err
+    assert code == 0 and "from the weights store" in err
     code, _, err = run("--home", str(home), "models", "import", str(copy))
     assert code == 2 and "installed already" in err
 

@@ -1,0 +1,59 @@
+"""Prometheus metrics of one gateway, in a registry of its own (no process-global state, so
+two gateways in one process, as in the tests, never mix their counts)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+__all__ = ["GatewayMetrics"]
+
+# Latency buckets, seconds: a CPU engine's TTFT spans milliseconds to many seconds.
+_TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "ember_requests",
+            "Requests answered, by route and status",
+            ["route", "status"],
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "ember_time_to_first_token_seconds",
+            "From request received to first token sent",
+            ["model"],
+            buckets=_TTFT_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "ember_inter_token_latency_seconds",
+            "Between consecutive streamed deltas",
+            ["model"],
+            buckets=_ITL_BUCKETS,
+            registry=r,
+        )
+        self.tokens_in = Counter(
+            "ember_prompt_tokens", "Prompt tokens of settled requests", ["model"], registry=r
+        )
+        self.tokens_out = Counter(
+            "ember_completion_tokens",
+            "Completion tokens of settled requests",
+            ["model"],
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "ember_queue_depth", "Requests waiting or running in the engines", registry=r
+        )
+        self.engine_ready = Gauge(
+            "ember_engine_ready", "1 when every engine is running, else 0", registry=r
+        )
+        self.free_kv_blocks = Gauge(
+            "ember_free_kv_blocks", "Free KV cache blocks", ["model"], registry=r
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

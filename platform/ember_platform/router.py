@@ -1,0 +1,117 @@
+"""How the gateway reaches workers: a ``Router`` prepares a request (tokenized and
+validated, so its cost is known before it runs), starts it, streams it, and cancels it.
+
+``LocalRouter`` puts one in-process ``EngineService`` per model behind that interface: the
+embedded ``ember serve``. The warm-pool issue puts pools of worker processes behind the same
+interface, so the gateway does not change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from ember_core import ModelNotFoundError
+from ember_functions.engine import PreparedRequest, Prompt, RequestOutput
+from ember_functions.sampling_params import SamplingParams
+from ember_functions.service import EngineService
+
+__all__ = ["LocalRouter", "Prepared", "Router"]
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A request ready to run: what billing needs to reserve, and the handle to start it."""
+
+    request_id: str
+    model: str
+    prompt_tokens: int
+    max_completion_tokens: int  # the most it can generate: max_tokens or the window left
+    handle: object  # opaque to the gateway; the router's own
+
+
+class RunningRequest(Protocol):
+    request_id: str
+
+    def __aiter__(self) -> AsyncIterator[RequestOutput]: ...
+
+    def cancel(self) -> None: ...
+
+
+class Router(Protocol):
+    def models(self) -> list[str]: ...
+
+    def prepare(
+        self,
+        model: str,
+        prompt: Prompt,
+        params: SamplingParams,
+        *,
+        request_id: str,
+        tenant: str,
+    ) -> Prepared: ...
+
+    def start(self, prepared: Prepared) -> RunningRequest: ...
+
+    def ready(self) -> bool: ...
+
+    def queue_depth(self) -> int: ...
+
+    def free_kv_blocks(self) -> dict[str, int]: ...
+
+
+class LocalRouter:
+    """One in-process engine per model name."""
+
+    def __init__(self, services: Mapping[str, EngineService]) -> None:
+        self._services = dict(services)
+
+    def models(self) -> list[str]:
+        return sorted(self._services)
+
+    def _service(self, model: str) -> EngineService:
+        service = self._services.get(model)
+        if service is None:
+            raise ModelNotFoundError(
+                f"model {model!r} is not served here; available: {', '.join(self.models())}. "
+                "List them with GET /v1/models",
+                param="model",
+            )
+        return service
+
+    def prepare(
+        self,
+        model: str,
+        prompt: Prompt,
+        params: SamplingParams,
+        *,
+        request_id: str,
+        tenant: str,
+    ) -> Prepared:
+        # The tenant salts the prefix cache: one tenant's cached prompt never serves another.
+        request: PreparedRequest = self._service(model).prepare(
+            prompt, params, request_id=request_id, cache_salt=f"tenant:{tenant}"
+        )
+        return Prepared(
+            request_id=request_id,
+            model=model,
+            prompt_tokens=len(request.seq.prompt_ids),
+            max_completion_tokens=request.seq.max_tokens,
+            handle=request,
+        )
+
+    def start(self, prepared: Prepared) -> RunningRequest:
+        request = prepared.handle
+        if not isinstance(request, PreparedRequest):
+            raise TypeError("start() takes what this router's prepare() returned")
+        return self._service(prepared.model).submit_prepared(request)
+
+    def ready(self) -> bool:
+        return bool(self._services) and all(s.alive for s in self._services.values())
+
+    def queue_depth(self) -> int:
+        return sum(s.queue_depth for s in self._services.values())
+
+    def free_kv_blocks(self) -> dict[str, int]:
+        return {name: s.free_kv_blocks for name, s in self._services.items()}

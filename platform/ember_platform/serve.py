@@ -1,0 +1,171 @@
+"""``ember serve``: the gateway, one in-process worker running a model, and a SQLite ledger.
+
+Settings come from, highest first: flags, environment (``EMBER_SERVE_<NAME>``), a TOML
+config file (``--config``, its ``[serve]`` table), and the defaults below. All are validated
+before anything starts, and a config file with a key this version does not know is refused.
+
+On first start (an empty ledger) it creates a tenant ``default``, prices the served model,
+and prints an API key for it once: the ledger keeps only the key's salted hash.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, TextIO
+
+from ember_core import ConfigError
+
+__all__ = ["ServeSettings", "build_app", "register"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServeSettings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    model: str = "smollm2-135m"
+    home: str = ""  # empty: $EMBER_HOME, else ~/.cache/ember
+    ledger_url: str = ""  # empty: sqlite at <home>/ledger.db
+    threads: int = 0  # 0: every core
+    max_num_seqs: int = 32
+    max_body_bytes: int = 1 << 20
+    requests_per_minute_per_key: int = 0  # 0: no limit
+    auth_cache_s: float = 5.0
+    # First-start price for the served model, micro-units (of USD) per million tokens.
+    input_micros_per_m: int = 50_000
+    cached_input_micros_per_m: int = 25_000
+    output_micros_per_m: int = 100_000
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        ints = {f.name for f in fields(self) if f.type in ("int", int)}
+        for name in ints:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"serve setting {name} must be an integer >= 0, got {value!r}")
+        if not 1 <= self.port <= 65535:
+            raise ConfigError(f"port must be 1-65535, got {self.port}")
+        if self.max_num_seqs < 1:
+            raise ConfigError("max_num_seqs must be at least 1")
+        if self.log_level not in ("critical", "error", "warning", "info", "debug"):
+            raise ConfigError(f"log_level {self.log_level!r} is not a uvicorn log level")
+
+    @classmethod
+    def load(
+        cls, flags: dict[str, Any], *, env: dict[str, str], config: Path | None
+    ) -> ServeSettings:
+        """Merges defaults < config file < environment < flags (``None`` flags are unset)."""
+        known = {f.name: f for f in fields(cls)}
+        merged: dict[str, Any] = {}
+        if config is not None:
+            try:
+                table = tomllib.loads(config.read_text()).get("serve", {})
+            except (OSError, tomllib.TOMLDecodeError) as exc:
+                raise ConfigError(f"cannot read config file {config}: {exc}") from None
+            unknown = sorted(set(table) - set(known))
+            if unknown:
+                raise ConfigError(
+                    f"{config}: unknown [serve] settings {unknown}; known: {sorted(known)}"
+                )
+            merged.update(table)
+        for name, f in known.items():
+            raw = env.get(f"EMBER_SERVE_{name.upper()}")
+            if raw is not None:
+                merged[name] = _parse(name, raw, f.type)
+        merged.update({k: v for k, v in flags.items() if v is not None and k in known})
+        return cls(**merged)
+
+
+def _parse(name: str, raw: str, kind: Any) -> Any:
+    try:
+        if kind in ("int", int):
+            return int(raw)
+        if kind in ("float", float):
+            return float(raw)
+    except ValueError:
+        raise ConfigError(f"EMBER_SERVE_{name.upper()}={raw!r} is not a {kind}") from None
+    return raw
+
+
+def build_app(settings: ServeSettings, *, out: TextIO) -> Any:
+    """Loads the model and the ledger, bootstraps on first start, and returns the ASGI app."""
+    from ember_billing.service import BillingService
+    from ember_functions.engine_config import EngineConfig
+    from ember_functions.service import EngineService
+    from ember_platform.engines import load_engine
+    from ember_platform.gateway import GatewayConfig, create_app
+    from ember_platform.router import LocalRouter
+    from ember_weights_store import ModelCatalog, default_home
+
+    home = Path(settings.home) if settings.home else default_home()
+    catalog = ModelCatalog(home)
+    config = EngineConfig(num_threads=settings.threads or None, max_num_seqs=settings.max_num_seqs)
+    engine = load_engine(catalog, settings.model, config, err=out)
+    ledger = settings.ledger_url or f"sqlite:///{home / 'ledger.db'}"
+    home.mkdir(parents=True, exist_ok=True)
+    billing = BillingService(ledger)
+    _bootstrap(billing, engine.model_name, settings, out)
+    service = EngineService(engine)
+    service.start()
+    gateway = GatewayConfig(
+        max_body_bytes=settings.max_body_bytes,
+        requests_per_minute_per_key=settings.requests_per_minute_per_key or None,
+        auth_cache_s=settings.auth_cache_s,
+    )
+    app = create_app(LocalRouter({engine.model_name: service}), billing, gateway)
+
+    def close() -> None:
+        service.close()
+        billing.close()
+
+    app.router.add_event_handler("shutdown", close)
+    return app
+
+
+def _bootstrap(billing: Any, model: str, s: ServeSettings, out: TextIO) -> None:
+    if not any(p["model"] == model for p in billing.list_prices()):
+        billing.set_price(
+            model,
+            input_micros=s.input_micros_per_m,
+            cached_input_micros=s.cached_input_micros_per_m,
+            output_micros=s.output_micros_per_m,
+        )
+    if billing.list_tenants():
+        return
+    billing.create_tenant("default")
+    key, _ = billing.create_key("default", name="bootstrap")
+    print(
+        "first start: created tenant 'default' and its API key (shown once, keep it):\n"
+        f"    {key}\n"
+        f"    export OPENAI_BASE_URL=http://{s.host}:{s.port}/v1 OPENAI_API_KEY={key}",
+        file=out,
+        flush=True,
+    )
+
+
+def cmd_serve(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    import uvicorn
+
+    flags = {f.name: getattr(args, f.name, None) for f in fields(ServeSettings)}
+    settings = ServeSettings.load(
+        flags, env=dict(os.environ), config=Path(args.config) if args.config else None
+    )
+    app = build_app(settings, out=err)
+    print(f"serving {settings.model} on http://{settings.host}:{settings.port}/v1", file=err)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    return 0
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("serve", help="the OpenAI-compatible gateway on a local worker")
+    p.add_argument("--config", default=None, help="TOML file with a [serve] table")
+    p.add_argument("--host", default=None)
+    p.add_argument("--port", type=int, default=None)
+    p.add_argument("--model", default=None, help="installed name or alias (default smollm2)")
+    p.add_argument("--ledger-url", dest="ledger_url", default=None, help="SQLAlchemy URL")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--log-level", dest="log_level", default=None)
+    p.set_defaults(serve_handler=cmd_serve)
