@@ -230,8 +230,9 @@ class AdminMixin:
             raise ConflictError(f"credit {ref!r} was already granted", param="ref") from None
 
     def reverse_usage(self, request_id: str, *, reason: str) -> str:
-        """Reverses a request's charge with a reversing entry in the current period,
-        and gives the amount back to the budgets it was counted against."""
+        """Reverses a request's charge (its usage event's cost) with a reversing entry
+        in the current period, and gives the amount back to the budgets it was counted
+        against. The entry's ref is per request, so a second reversal is refused."""
         check_name("request_id", request_id)
         check_name("reason", reason)
         now = self.clock()
@@ -242,19 +243,15 @@ class AdminMixin:
                 ).first()
                 if ev is None:
                     raise NotFoundError(f"no usage recorded for request {request_id!r}")
-                orig = s.get(JournalEntry, ev.journal_id)
-                if orig is None:  # written in the same transaction as the event
+                if s.get(JournalEntry, ev.journal_id) is None:  # written with the event
                     raise RuntimeError(f"ledger damaged: usage {request_id} has no entry")
-                legs = [
-                    (p.account, p.amount_micros)
-                    for p in s.scalars(select(Posting).where(Posting.journal_id == orig.id))
-                ]
-                entry = ledger.reversal_entry(
-                    original_id=orig.id,
-                    original_ref=orig.ref,
+                # The request's own charge, not its entry's: usage is journaled per batch.
+                entry = ledger.usage_reversal_entry(
+                    request_id=request_id,
+                    original_id=ev.journal_id,
                     tenant_id=ev.tenant_id,
                     period=period_of(now),
-                    original_legs=legs,
+                    cost=ev.cost_micros,
                     reason=reason,
                     now=now,
                 )

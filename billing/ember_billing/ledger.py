@@ -3,8 +3,15 @@
 Accounts: ``tenant:<id>:receivable`` (what the tenant owes; an invoice's total is its
 movement in the period), ``revenue`` (usage earned) and ``credits`` (credits
 granted). Every entry's postings sum to zero. Nothing is ever updated or deleted: a
-mistake is answered with a reversing entry (the original's postings negated) and,
-where needed, a new entry.
+mistake is answered with a reversing entry and, where needed, a new entry.
+
+Usage is journaled per settled batch, not per request: one entry per tenant and
+batch, ``receivable +total / revenue -total``, where ``total`` is the sum of the
+``cost_micros`` of the batch's usage events of that tenant, each of which points at
+the entry (``usage_events.journal_id``). The per-request charge is the event's
+``cost_micros``, exact and indexed by request id; ``check_ledger`` proves every
+usage entry charges exactly the sum of its events. Reversing one request posts
+exactly its cost back.
 """
 
 from __future__ import annotations
@@ -56,10 +63,11 @@ def make_entry(
     legs: list[tuple[str, int]],
     now: dt.datetime,
     reverses_id: str | None = None,
+    entry_id: str | None = None,
 ) -> Entry:
     if sum(amount for _, amount in legs) != 0:
         raise ValueError(f"unbalanced journal entry {ref}: {legs}")  # a bug, never input
-    jid = new_id()
+    jid = entry_id or new_id()
     return Entry(
         journal={
             "id": jid,
@@ -75,17 +83,44 @@ def make_entry(
     )
 
 
-def usage_entry(
-    *, request_id: str, tenant_id: str, period: str, cost: int, now: dt.datetime
+def usage_batch_entry(
+    *, entry_id: str, tenant_id: str, period: str, total: int, requests: int, now: dt.datetime
 ) -> Entry:
+    """The one entry of a settled batch for one tenant: ``total`` is the sum of the
+    costs of its ``requests`` usage events, which carry ``journal_id == entry_id``."""
     return make_entry(
-        ref=f"usage:{request_id}",
+        ref=f"settlement:{entry_id}",
         kind="usage",
         tenant_id=tenant_id,
         period=period,
-        memo=f"usage of request {request_id}",
-        legs=[(receivable(tenant_id), cost), (REVENUE, -cost)],
+        memo=f"usage of {requests} request{'s' if requests != 1 else ''}",
+        legs=[(receivable(tenant_id), total), (REVENUE, -total)],
         now=now,
+        entry_id=entry_id,
+    )
+
+
+def usage_reversal_entry(
+    *,
+    request_id: str,
+    original_id: str,
+    tenant_id: str,
+    period: str,
+    cost: int,
+    reason: str,
+    now: dt.datetime,
+) -> Entry:
+    """Gives back one request's charge (its event's cost), whether its usage was
+    journaled alone or in a batch. ``ref`` is per request: reversing twice fails."""
+    return make_entry(
+        ref=f"reversal:usage:{request_id}",
+        kind="reversal",
+        tenant_id=tenant_id,
+        period=period,
+        memo=reason,
+        legs=[(receivable(tenant_id), -cost), (REVENUE, cost)],
+        now=now,
+        reverses_id=original_id,
     )
 
 
@@ -100,26 +135,4 @@ def credit_entry(
         memo=reason,
         legs=[(receivable(tenant_id), -amount), (CREDITS, amount)],
         now=now,
-    )
-
-
-def reversal_entry(
-    *,
-    original_id: str,
-    original_ref: str,
-    tenant_id: str,
-    period: str,
-    original_legs: list[tuple[str, int]],
-    reason: str,
-    now: dt.datetime,
-) -> Entry:
-    return make_entry(
-        ref=f"reversal:{original_ref}",
-        kind="reversal",
-        tenant_id=tenant_id,
-        period=period,
-        memo=reason,
-        legs=[(a, -m) for a, m in original_legs],
-        now=now,
-        reverses_id=original_id,
     )

@@ -80,8 +80,11 @@ def journal_amount(session: Session, journal_id: str, account: str) -> int:
 
 
 def usage_journal_mismatches(session: Session) -> list[str]:
-    """Usage events whose journal entry is missing or charges another amount, and usage
-    entries without an event."""
+    """Usage entries that do not charge exactly the sum of their usage events' costs
+    to the events' tenant, events whose entry is missing or not a usage entry, and
+    usage entries without events. Usage is journaled per settled batch (one entry
+    per tenant and batch), so this is what ties each request's exact charge, its
+    event's ``cost_micros``, to the double-entry ledger."""
     problems = []
     charged = (
         select(Posting.journal_id, func.sum(Posting.amount_micros).label("amount"))
@@ -89,13 +92,36 @@ def usage_journal_mismatches(session: Session) -> list[str]:
         .group_by(Posting.journal_id)
         .subquery()
     )
-    q = (
-        select(UsageEvent.request_id, UsageEvent.cost_micros, charged.c.amount)
-        .outerjoin(charged, charged.c.journal_id == UsageEvent.journal_id)
-        .where(func.coalesce(charged.c.amount, 0) != UsageEvent.cost_micros)
+    events = (
+        select(
+            UsageEvent.journal_id,
+            UsageEvent.tenant_id,
+            func.count(UsageEvent.id).label("n"),
+            func.sum(UsageEvent.cost_micros).label("cost"),
+        )
+        .group_by(UsageEvent.journal_id, UsageEvent.tenant_id)
+        .subquery()
     )
-    for rid, cost, amount in session.execute(q):
-        problems.append(f"usage of {rid} costs {cost} but its entry charges {amount}")
+    q = (
+        select(
+            events.c.journal_id,
+            events.c.tenant_id,
+            events.c.n,
+            events.c.cost,
+            JournalEntry.tenant_id,
+            JournalEntry.kind,
+            charged.c.amount,
+        )
+        .outerjoin(JournalEntry, JournalEntry.id == events.c.journal_id)
+        .outerjoin(charged, charged.c.journal_id == events.c.journal_id)
+    )
+    for jid, tenant, n, cost, entry_tenant, kind, amount in session.execute(q):
+        if kind != "usage":
+            problems.append(f"{n} usage events point at {jid}, which is not a usage entry")
+        elif entry_tenant != tenant:
+            problems.append(f"usage entry {jid} of {entry_tenant} holds events of {tenant}")
+        elif int(amount or 0) != int(cost):
+            problems.append(f"usage entry {jid} charges {amount} but its {n} events cost {cost}")
     orphans = (
         select(JournalEntry.ref)
         .outerjoin(UsageEvent, UsageEvent.journal_id == JournalEntry.id)

@@ -101,14 +101,13 @@ def _id_set(name: str, *, pg: bool) -> Any:
 
 
 def _by_ids(pg: bool) -> dict[str, Any]:
-    r, e = _RESERVATIONS.c, _EVENTS.c
+    r = _RESERVATIONS.c
     ids, states = _id_set("b_ids", pg=pg), _id_set("b_from", pg=pg)
     return {
         "lock": select(_RESERVATIONS)
         .where(r.id == ids if pg else r.id.in_(ids))
         .order_by(r.id)
         .with_for_update(),
-        "events": select(_EVENTS).where(e.request_id == ids if pg else e.request_id.in_(ids)),
         "set_state": update(_RESERVATIONS)
         .where(
             r.id == ids if pg else r.id.in_(ids),
@@ -317,11 +316,6 @@ def insert_rows(
         conn.execute(table.insert(), list(rows))
 
 
-def insert_usage_events(session: Session, rows: Sequence[dict[str, Any]]) -> None:
-    """ON CONFLICT DO NOTHING: a request id already recorded stays as it was."""
-    insert_rows(session, UsageEvent, rows, skip_conflicts_on="request_id")
-
-
 def reservations_by_request(session: Session, request_ids: Sequence[str]) -> list[Reservation]:
     if not request_ids:
         return []
@@ -333,12 +327,6 @@ def lock_reservations(session: Session, ids: Sequence[str]) -> dict[str, Row[Any
     Core rows, not ORM objects: this is the hot path of batched settlement."""
     rows = session.connection().execute(_stmt(session, "lock"), {"b_ids": sorted(set(ids))})
     return {r.id: r for r in rows}
-
-
-def usage_by_request(session: Session, request_ids: Sequence[str]) -> dict[str, Row[Any]]:
-    params = {"b_ids": list(request_ids)}
-    rows = session.connection().execute(_stmt(session, "events"), params)
-    return {r.request_id: r for r in rows}
 
 
 def set_reservation_state(

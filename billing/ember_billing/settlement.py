@@ -1,4 +1,5 @@
-"""Settlement: usage in, exactly one usage event and one balanced journal entry out.
+"""Settlement: usage in, exactly one usage event per request out, and one balanced
+journal entry per tenant and batch charging the sum of the batch's events.
 
 ``settle_batch`` runs inside the caller's transaction and either records the whole
 batch or raises with nothing written. Its order of work is what makes it safe under
@@ -6,13 +7,16 @@ concurrency on PostgreSQL (and trivially on SQLite, whose IMMEDIATE transactions
 one at a time):
 
 1. lock the batch's reservations (``SELECT ... FOR UPDATE`` in id order);
-2. only then look up which request ids already have a usage event: a concurrent
-   settle of the same request id held the lock and has committed by now, so its event
-   is seen here and this one becomes a duplicate that returns the original result;
-3. insert the new events with ``ON CONFLICT (request_id) DO NOTHING`` (a second line
-   of defence: the database itself refuses a second event per request id), their
-   journal entries and postings, move each budget's hold to spent, and mark the
-   reservations settled, all with multi-row statements.
+2. only then read the usage events of the reservations found ``settled``: a
+   concurrent settle of the same request id held the lock and has committed by now,
+   so its reservation reads settled, its event is seen here, and this delivery
+   becomes a duplicate that returns the original result (an event exists exactly
+   when its reservation is settled: both are written in one transaction);
+3. insert the new events with a plain INSERT (``COPY`` on PostgreSQL): a second
+   event for a request id violates UNIQUE(request_id) and fails the whole batch, the
+   database's own last line of defence; then one journal entry per tenant with two
+   postings (receivable +total, revenue -total), move each budget's hold to spent,
+   and mark the reservations settled, all with multi-row statements.
 
 Usage beyond the reservation (more prompt tokens than reserved, more completion
 tokens than ``max_completion_tokens``) is refused: the hold would not cover it, and
@@ -28,7 +32,9 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from ember_billing import ledger, repositories
+from ember_billing import bulk, ledger, repositories
+from ember_billing.bulk import SeenEvent
+from ember_billing.ledger import new_id
 from ember_billing.models import JournalEntry, Posting
 from ember_billing.money import Prices
 from ember_billing.records import SettleResult, Usage, period_of
@@ -52,26 +58,6 @@ def _check_items(items: Sequence[tuple[str, Usage]]) -> None:
                 f"item {i}: usage must be an ember_billing.Usage, got {type(usage).__name__}",
                 param="usage",
             )
-
-
-def _result_of(event: Any, *, duplicate: bool) -> SettleResult:
-    return SettleResult(
-        request_id=event.request_id,
-        reservation_id=event.reservation_id,
-        prompt_tokens=event.prompt_tokens,
-        cached_tokens=event.cached_tokens,
-        completion_tokens=event.completion_tokens,
-        cost_micros=event.cost_micros,
-        duplicate=duplicate,
-    )
-
-
-def _same_usage(event: Any, usage: Usage) -> bool:
-    return (event.prompt_tokens, event.cached_tokens, event.completion_tokens) == (
-        usage.prompt_tokens,
-        usage.cached_tokens,
-        usage.completion_tokens,
-    )
 
 
 def _check_fits(res: Any, usage: Usage) -> None:
@@ -98,36 +84,55 @@ def settle_batch(
     price_of: PriceLookup,
 ) -> list[SettleResult]:
     _check_items(items)
-    locked = repositories.lock_reservations(session, [rid for rid, _ in items])
-    missing = sorted({rid for rid, _ in items} - locked.keys())
-    if missing:
+    drv = bulk.Driver(session)
+    locked = bulk.lock_for_settle(drv, list({rid for rid, _ in items}))
+    if len(locked) != len({rid for rid, _ in items}):
+        missing = sorted({rid for rid, _ in items} - locked.keys())
         raise NotFoundError(
             f"no reservation {missing[0]!r}"
             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
             + "; settle only what reserve() returned",
             param="reservation",
         )
-    existing = repositories.usage_by_request(session, [r.request_id for r in locked.values()])
-    period, day = period_of(now), now.date().isoformat()
+    # An event exists exactly when its reservation is settled: both are written in one
+    # transaction, under the reservation's lock. Only those need looking up.
+    existing = bulk.events_by_request(
+        drv, [r.request_id for r in locked.values() if r.state == "settled"]
+    )
+    period, day, at = period_of(now), now.date().isoformat(), drv.ts(now)
     results: list[SettleResult] = []
-    fresh: dict[str, dict[str, Any]] = {}  # reservation id -> event row, this batch
-    journals: list[dict[str, Any]] = []
-    postings: list[dict[str, Any]] = []
+    fresh: dict[str, SettleResult] = {}  # reservation id -> result, this batch
+    events: list[tuple[Any, ...]] = []
+    entries: dict[str, list[Any]] = {}  # tenant -> [entry id, total, requests]
     moves: dict[int, tuple[int, int]] = {}
+    prices: dict[int, Prices] = {}
     for rid, usage in items:
         res = locked[rid]
-        seen = existing.get(res.request_id) or fresh.get(rid)
+        seen: SeenEvent | SettleResult | None = fresh.get(rid) or existing.get(res.request_id)
         if seen is not None:
-            seen_row = seen if not isinstance(seen, dict) else _Row(seen)
-            if not _same_usage(seen_row, usage):
+            if (seen.prompt_tokens, seen.cached_tokens, seen.completion_tokens) != (
+                usage.prompt_tokens,
+                usage.cached_tokens,
+                usage.completion_tokens,
+            ):
                 raise ConflictError(
                     f"request {res.request_id} was already settled with different usage "
-                    f"({seen_row.prompt_tokens} prompt, {seen_row.cached_tokens} cached, "
-                    f"{seen_row.completion_tokens} completion tokens); a request is billed "
+                    f"({seen.prompt_tokens} prompt, {seen.cached_tokens} cached, "
+                    f"{seen.completion_tokens} completion tokens); a request is billed "
                     "once, so fix the reporter instead of resending",
                     param="usage",
                 )
-            results.append(_result_of(seen_row, duplicate=True))
+            results.append(
+                SettleResult(
+                    request_id=seen.request_id,
+                    reservation_id=seen.reservation_id,
+                    prompt_tokens=seen.prompt_tokens,
+                    cached_tokens=seen.cached_tokens,
+                    completion_tokens=seen.completion_tokens,
+                    cost_micros=seen.cost_micros,
+                    duplicate=True,
+                )
+            )
             continue
         if res.state not in ("open", "expired"):
             raise ConflictError(
@@ -136,59 +141,72 @@ def settle_batch(
                 param="reservation",
             )
         _check_fits(res, usage)
-        cost = price_of(session, res.price_id).cost(
+        price = prices.get(res.price_id)
+        if price is None:
+            price = prices[res.price_id] = price_of(session, res.price_id)
+        cost = price.cost(
             prompt_tokens=usage.prompt_tokens,
             cached_tokens=usage.cached_tokens,
             completion_tokens=usage.completion_tokens,
         )
-        entry = ledger.usage_entry(
-            request_id=res.request_id, tenant_id=res.tenant_id, period=period, cost=cost, now=now
+        entry = entries.get(res.tenant_id)
+        if entry is None:
+            entry = entries[res.tenant_id] = [new_id(), 0, 0]
+        entry[1] += cost
+        entry[2] += 1
+        events.append(
+            (
+                res.request_id,
+                rid,
+                entry[0],
+                res.tenant_id,
+                res.key_id,
+                res.model,
+                res.adapter,
+                res.price_id,
+                usage.prompt_tokens,
+                usage.cached_tokens,
+                usage.completion_tokens,
+                cost,
+                at,
+                period,
+                day,
+            )
         )
-        journals.append(entry.journal)
-        postings.extend(entry.postings)
-        event = {
-            "request_id": res.request_id,
-            "reservation_id": rid,
-            "journal_id": entry.journal["id"],
-            "tenant_id": res.tenant_id,
-            "key_id": res.key_id,
-            "model": res.model,
-            "adapter": res.adapter,
-            "price_id": res.price_id,
-            "prompt_tokens": usage.prompt_tokens,
-            "cached_tokens": usage.cached_tokens,
-            "completion_tokens": usage.completion_tokens,
-            "cost_micros": cost,
-            "occurred_at": now,
-            "period": period,
-            "day": day,
-        }
-        fresh[rid] = event
         # An expired reservation's hold was already given back by the sweeper.
         release = res.amount_micros if res.state == "open" else 0
         for bid in (res.tenant_budget_id, res.key_budget_id):
             if bid is not None:
                 r0, s0 = moves.get(bid, (0, 0))
                 moves[bid] = (r0 + release, s0 + cost)
-        results.append(_result_of(_Row(event), duplicate=False))
+        result = SettleResult(
+            request_id=res.request_id,
+            reservation_id=rid,
+            prompt_tokens=usage.prompt_tokens,
+            cached_tokens=usage.cached_tokens,
+            completion_tokens=usage.completion_tokens,
+            cost_micros=cost,
+        )
+        fresh[rid] = result
+        results.append(result)
     if fresh:
-        repositories.insert_usage_events(session, list(fresh.values()))
+        bulk.insert_usage_events(drv, events)
+        journals, postings = [], []
+        for tenant_id, (entry_id, total, requests) in sorted(entries.items()):
+            e = ledger.usage_batch_entry(
+                entry_id=entry_id,
+                tenant_id=tenant_id,
+                period=period,
+                total=total,
+                requests=requests,
+                now=now,
+            )
+            journals.append(e.journal)
+            postings.extend(e.postings)
         repositories.insert_rows(session, JournalEntry, journals)
         repositories.insert_rows(session, Posting, postings)
         repositories.move_budgets(session, moves)
-        n = repositories.set_reservation_state(
-            session, list(fresh), "settled", only_from=("open", "expired")
-        )
-        if n != len(fresh):  # impossible while the rows are locked; refuse to guess
+        if bulk.mark_settled(drv, list(fresh)) != len(fresh):
+            # impossible while the rows are locked; refuse to guess
             raise ConflictError("reservations changed during settlement; retry the batch")
     return results
-
-
-class _Row:
-    """Attribute access over a dict, so fresh events and stored rows read alike."""
-
-    def __init__(self, values: dict[str, Any]) -> None:
-        self.__dict__.update(values)
-
-    def __getattr__(self, name: str) -> Any:  # pragma: no cover - keeps mypy calm
-        raise AttributeError(name)

@@ -88,7 +88,7 @@ def test_ledger_equals_ground_truth_despite_dupes_and_sigkills(
     total = sum(truth.values())
     totals = svc.ledger_totals()
     assert totals[f"tenant:{t.id}:receivable"] == total and totals["revenue"] == -total
-    assert svc.check_ledger() == []  # every entry balances, one entry per event
+    assert svc.check_ledger() == []  # every entry balances and charges its events exactly
     assert states == {"settled": N_EVENTS}
     assert (budget.spent_micros, budget.reserved_micros) == (total, 0)
     assert svc.invoice(t.id).total_micros == total

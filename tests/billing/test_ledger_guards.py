@@ -36,17 +36,31 @@ def test_ledger_tables_are_append_only(
     assert svc.ledger_totals() == before
 
 
-def test_second_usage_entry_for_a_request_is_refused_by_the_database(
+def test_second_usage_event_for_a_request_is_refused_by_the_database(
     svc: BillingService, world: dict[str, str]
 ) -> None:
+    """Usage is journaled per batch, so the per-request guard is UNIQUE(request_id) on
+    usage_events; settlement inserts there without ON CONFLICT, so a second event can
+    only fail its transaction. Reversals keep a per-request ref."""
     r = svc.reserve(world["tenant"], world["key"], "m1", "", 10, 10, request_id="once")
     svc.settle(r.id, Usage(prompt_tokens=10, completion_tokens=10))
     with pytest.raises(IntegrityError), svc._session() as s:
         s.execute(
             text(
+                "INSERT INTO usage_events (request_id, reservation_id, journal_id, tenant_id, "
+                "key_id, model, adapter, price_id, prompt_tokens, cached_tokens, "
+                "completion_tokens, cost_micros, occurred_at, period, day) VALUES ('once', "
+                "'r', 'j', 't', 'k', 'm1', '', 1, 10, 0, 10, 30, CURRENT_TIMESTAMP, "
+                "'2026-12', '2026-12-10')"
+            )
+        )
+    svc.reverse_usage("once", reason="test")
+    with pytest.raises(IntegrityError), svc._session() as s:
+        s.execute(
+            text(
                 "INSERT INTO journal_entries (id, ref, kind, tenant_id, period, memo, "
-                "created_at) VALUES ('x', 'usage:once', 'usage', 't', '2026-12', '', "
-                "CURRENT_TIMESTAMP)"
+                "created_at) VALUES ('x', 'reversal:usage:once', 'reversal', 't', '2026-12', "
+                "'', CURRENT_TIMESTAMP)"
             )
         )
 
