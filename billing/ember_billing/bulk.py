@@ -64,9 +64,44 @@ def _columns(model: Any) -> list[str]:
     return [c.name for c in table.columns if not (c.primary_key and c.autoincrement is True)]
 
 
-#: Column order of the tuples ``insert_reservations`` and ``insert_usage_events`` take.
-RESERVATION_COLUMNS = _columns(Reservation)
-EVENT_COLUMNS = _columns(UsageEvent)
+#: Column order of the tuples ``insert_reservations`` and ``insert_usage_events`` take
+#: (callers build them positionally, so the order is spelled out and checked).
+RESERVATION_COLUMNS = [
+    "id",
+    "request_id",
+    "tenant_id",
+    "key_id",
+    "model",
+    "adapter",
+    "price_id",
+    "prompt_tokens",
+    "max_completion_tokens",
+    "amount_micros",
+    "tenant_budget_id",
+    "key_budget_id",
+    "state",
+    "created_at",
+    "expires_at",
+]
+EVENT_COLUMNS = [
+    "request_id",
+    "reservation_id",
+    "journal_id",
+    "tenant_id",
+    "key_id",
+    "model",
+    "adapter",
+    "price_id",
+    "prompt_tokens",
+    "cached_tokens",
+    "completion_tokens",
+    "cost_micros",
+    "occurred_at",
+    "period",
+    "day",
+]
+if _columns(Reservation) != RESERVATION_COLUMNS or _columns(UsageEvent) != EVENT_COLUMNS:
+    raise RuntimeError("bulk column lists differ from models.py; update both")  # pragma: no cover
 _LOCKED = ", ".join(Locked._fields)
 _SEEN = ", ".join(SeenEvent._fields)
 

@@ -12,12 +12,11 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from ember_billing import admin, budgets, reports, repositories
+from ember_billing import admin, budgets, bulk, reports, repositories
 from ember_billing.db import make_engine, session_scope
 from ember_billing.ledger import new_id
 from ember_billing.migrations import upgrade_to_head
 from ember_billing.models import Price, Tenant
-from ember_billing.models import Reservation as ReservationRow
 from ember_billing.money import Prices
 from ember_billing.records import (
     Reservation,
@@ -208,12 +207,12 @@ class BillingService(admin.AdminMixin, reports.ReportsMixin):
             earlier = {
                 row.request_id: row for row in repositories.reservations_by_request(s, given)
             }
-            rows: list[dict[str, Any]] = []
-            out: list[Reservation | dict[str, Any]] = []
+            out: list[Reservation] = []
+            fresh: list[tuple[Reservation, int]] = []  # with its price id
             holds: dict[tuple[str, str], int] = {}  # budget scope -> amount
             tokens: dict[tuple[str, str], int] = {}  # rate scope -> tokens
             checked: set[tuple[str, str]] = set()
-            prices: dict[tuple[str, str], int] = {}
+            prices: dict[tuple[str, str], tuple[int, Prices]] = {}
             for r in requests:
                 if r.request_id in earlier:
                     old = earlier[r.request_id]
@@ -228,52 +227,73 @@ class BillingService(admin.AdminMixin, reports.ReportsMixin):
                 if (r.tenant_id, r.key_id) not in checked:
                     self._check_tenant_key(s, r.tenant_id, r.key_id, now)
                     checked.add((r.tenant_id, r.key_id))
-                price_id = prices.get((r.model, r.adapter))
-                if price_id is None:
-                    price_id = repositories.current_price(s, r.model, r.adapter, now)
-                    if price_id is None:
-                        raise ModelNotFoundError(
-                            f"no price for model {r.model!r}"
-                            + (f" (adapter {r.adapter!r})" if r.adapter else "")
-                            + "; unknown models are refused. Add one with "
-                            "`ember prices set` or BillingService.set_price",
-                            param="model",
-                        )
-                    prices[(r.model, r.adapter)] = price_id
-                amount = self._price_of(s, price_id).max_cost(
+                priced = prices.get((r.model, r.adapter))
+                if priced is None:
+                    priced = prices[(r.model, r.adapter)] = self._current_price(s, r, now)
+                amount = priced[1].max_cost(
                     prompt_tokens=r.prompt_tokens, max_completion_tokens=r.max_completion_tokens
                 )
+                n = r.prompt_tokens + r.max_completion_tokens
                 for scope in ((r.tenant_id, ""), (r.tenant_id, r.key_id)):
                     holds[scope] = holds.get(scope, 0) + amount
-                    tokens[scope] = tokens.get(scope, 0) + r.prompt_tokens + r.max_completion_tokens
-                row: dict[str, Any] = {
-                    "id": new_id(),
-                    "request_id": r.request_id or new_id(),
-                    "tenant_id": r.tenant_id,
-                    "key_id": r.key_id,
-                    "model": r.model,
-                    "adapter": r.adapter,
-                    "price_id": price_id,
-                    "prompt_tokens": r.prompt_tokens,
-                    "max_completion_tokens": r.max_completion_tokens,
-                    "amount_micros": amount,
-                    "tenant_budget_id": None,
-                    "key_budget_id": None,
-                    "state": "open",
-                    "created_at": now,
-                    "expires_at": expires,
-                }
-                rows.append(row)
-                out.append(row)
-            if rows:
+                    tokens[scope] = tokens.get(scope, 0) + n
+                rid = new_id()
+                res = Reservation(
+                    rid,
+                    r.request_id or rid,
+                    r.tenant_id,
+                    r.key_id,
+                    r.model,
+                    r.adapter,
+                    r.prompt_tokens,
+                    r.max_completion_tokens,
+                    amount,
+                    "open",
+                    expires,
+                )
+                fresh.append((res, priced[0]))
+                out.append(res)
+            if fresh:
                 limits = budgets.limits(s, holds, period)
-                for row in rows:
-                    row["tenant_budget_id"] = limits.get((row["tenant_id"], ""), (None,))[0]
-                    key_scope = (row["tenant_id"], row["key_id"])
-                    row["key_budget_id"] = limits.get(key_scope, (None,))[0]
-                repositories.insert_rows(s, ReservationRow, rows)
+                drv = bulk.Driver(s)
+                created, expiry = drv.ts(now), drv.ts(expires)
+                bulk.insert_reservations(
+                    drv,
+                    [
+                        (
+                            res.id,
+                            res.request_id,
+                            res.tenant_id,
+                            res.key_id,
+                            res.model,
+                            res.adapter,
+                            price_id,
+                            res.prompt_tokens,
+                            res.max_completion_tokens,
+                            res.amount_micros,
+                            limits.get((res.tenant_id, ""), (None,))[0],
+                            limits.get((res.tenant_id, res.key_id), (None,))[0],
+                            "open",
+                            created,
+                            expiry,
+                        )
+                        for res, price_id in fresh
+                    ],
+                )
                 budgets.take(s, limits, holds, tokens, now, period)
-        return [o if isinstance(o, Reservation) else _reservation(_Obj(o)) for o in out]
+        return out
+
+    def _current_price(self, s: Session, r: ReserveRequest, now: dt.datetime) -> tuple[int, Prices]:
+        price_id = repositories.current_price(s, r.model, r.adapter, now)
+        if price_id is None:
+            raise ModelNotFoundError(
+                f"no price for model {r.model!r}"
+                + (f" (adapter {r.adapter!r})" if r.adapter else "")
+                + "; unknown models are refused. Add one with "
+                "`ember prices set` or BillingService.set_price",
+                param="model",
+            )
+        return price_id, self._price_of(s, price_id)
 
     def _check_tenant_key(self, s: Session, tenant_id: str, key_id: str, now: dt.datetime) -> None:
         key = repositories.key_row(s, key_id)
