@@ -30,6 +30,8 @@ MAX_MICROS = 2**62
 
 def check_tokens(name: str, value: object, *, minimum: int = 0) -> int:
     """``value`` as a token count, or a clear error: ints only (bool and float refused)."""
+    if type(value) is int and minimum <= value <= MAX_TOKENS:  # the common case, fast
+        return value
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidRequestError(
             f"{name} must be a whole number of tokens, got {value!r} ({type(value).__name__})",
