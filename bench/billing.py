@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--events", type=int, default=20_000, help="events per batched run")
     ap.add_argument("--naive", type=int, default=600, help="events per naive run")
     args = ap.parse_args(argv)
-    results: dict[str, object] = {}
+    results: dict[str, object] = {"load_average_at_start": os.getloadavg()[0]}
     rows = []
     runners: list[tuple[str, Callable[[str, int], dict[str, float]], int]] = [
         ("batched", run_batched, args.events),
@@ -179,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     results["duplicate_fraction"] = DUP_FRACTION
     results["batch_size"] = BATCH
     results["durable_commits"] = True
+    results["load_average_at_end"] = os.getloadavg()[0]
     print("\n| backend | batched events/s | naive events/s | batched / naive |")
     print("|---|---:|---:|---:|")
     for backend in ("sqlite", "postgres"):
@@ -187,6 +188,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{results[f'naive_events_per_s_{backend}']:,.0f} | "
             f"{results[f'ratio_vs_naive_{backend}']:.1f}x |"
         )
+    print(
+        f"\nload average (1 min) {results['load_average_at_start']:.1f} at start, "
+        f"{results['load_average_at_end']:.1f} at end"
+    )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0
