@@ -28,17 +28,104 @@ def test_readme_two_commands_point_at_real_scripts() -> None:
     assert "scripts/test.sh" in (root / ".ci" / "run").read_text()
 
 
+SERVED = "# needs: ember serve"
+
+
 @pytest.mark.slow
-def test_readme_python_example_runs(
+def test_readme_python_examples_run_embedded(
     ember_test_home: Path,
     smollm2_dir: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
+    from ember import llm
+
     monkeypatch.setenv("EMBER_HOME", str(ember_test_home))
-    for code in blocks("python"):
-        exec(compile(code, str(README), "exec"), {})
+    for var in ("EMBER_BASE_URL", "EMBER_API_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    llm.use_backend(None)
+    try:
+        for code in blocks("python"):
+            if SERVED not in code:
+                exec(compile(code, str(README), "exec"), {})
+    finally:
+        llm.use_backend(None)
     assert "Paris" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_readme_serve_examples_run_against_ember_serve(
+    ember_test_home: Path,
+    smollm2_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Starts `ember serve` as the README says, then runs its curl and openai examples."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "ember_platform.cli",
+            "--home",
+            str(ember_test_home),
+            "serve",
+            "--port",
+            str(port),
+            "--ledger-url",
+            f"sqlite:///{tmp_path / 'ledger.db'}",
+            "--log-level",
+            "warning",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        assert server.stderr is not None
+        seen = ""
+        while "serving" not in seen:
+            line = server.stderr.readline()
+            assert line, f"ember serve exited: {seen}"
+            seen += line
+        key = re.search(r"\b(ek_\S+)", seen)
+        assert key, seen
+        base = f"http://127.0.0.1:{port}"
+        for _ in range(200):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        env = {**os.environ, "OPENAI_API_KEY": key.group(1), "OPENAI_BASE_URL": f"{base}/v1"}
+        curls = [b for b in blocks("bash") if SERVED in b]
+        assert curls
+        for block in curls:
+            script = block.replace("http://127.0.0.1:8000", base)
+            done = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True)
+            assert done.returncode == 0, done.stderr
+            assert "Paris" in json.loads(done.stdout)["choices"][0]["message"]["content"]
+        monkeypatch.setenv("OPENAI_API_KEY", key.group(1))
+        monkeypatch.setenv("OPENAI_BASE_URL", f"{base}/v1")
+        served = [b for b in blocks("python") if SERVED in b]
+        assert served
+        for code in served:
+            exec(compile(code, str(README), "exec"), {})
+        out = capsys.readouterr().out
+        assert "Paris" in out and "completion_tokens" in out
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 @pytest.mark.slow
@@ -47,7 +134,9 @@ def test_readme_cli_tour_runs(ember_test_home: Path, smollm2_dir: Path) -> None:
         line.strip()
         for b in blocks("bash")
         for line in b.splitlines()
-        if line.strip().startswith(".venv/bin/ember ") and " chat" not in line
+        if line.strip().startswith(".venv/bin/ember ")
+        and " chat" not in line
+        and " serve" not in line
     ]
     assert lines, "the README tour has no ember commands"
     for line in lines:

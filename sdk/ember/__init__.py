@@ -1,1 +1,5 @@
-"""Ember public SDK (lands with the platform issue)."""
+"""Ember's public SDK: ``from ember import llm``, then ``@llm.function``."""
+
+from ember import llm
+
+__all__ = ["llm"]

@@ -150,9 +150,9 @@ def load(
     buffers = _buffers_for(manifest, reuse)
     report.alloc_s = time.perf_counter() - t0 - report.manifest_s
     job = _LoadJob(store, manifest, report)
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ember-load") as pool:
-        for f in [pool.submit(job.into_buffer, c, buffers) for c in manifest.chunks]:
-            f.result()
+    pool = store.pool(threads)
+    for f in [pool.submit(job.into_buffer, c, buffers) for c in manifest.chunks]:
+        f.result()
     report.wall_s = time.perf_counter() - t0
     loaded = LoadedWeights(manifest, buffers, _tensor_views(manifest, buffers), report)
     if promote:
@@ -253,8 +253,7 @@ def _map_from_host(
         view = buffers[chunk.dtype][chunk.offset_bytes : chunk.end_bytes]
         return job._verify(chunk, memoryview(view.numpy()))  # type: ignore[arg-type]
 
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ember-verify") as pool:
-        verdicts = list(pool.map(verify, manifest.chunks))
+    verdicts = list(store.pool(threads).map(verify, manifest.chunks))
     bad = [c for c, ok in zip(manifest.chunks, verdicts, strict=True) if not ok]
     if bad:
         for c in bad:

@@ -98,6 +98,19 @@ class WeightsStore:
                     "implement CacheTier or set holds_decoded = False"
                 )
         self.tiers = list(tiers)
+        self._manifests: dict[str, tuple[bytes, Manifest]] = {}
+        self._pools: dict[int, ThreadPoolExecutor] = {}
+        self._pools_lock = threading.Lock()
+
+    def pool(self, threads: int) -> ThreadPoolExecutor:
+        """This store's loader threads (``threads`` of them), started once and kept: starting
+        eight threads costs a warm load of a small model a noticeable share of its time."""
+        with self._pools_lock:
+            pool = self._pools.get(threads)
+            if pool is None:
+                pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ember-load")
+                self._pools[threads] = pool
+            return pool
 
     @property
     def origin(self) -> Tier:
@@ -266,7 +279,15 @@ class WeightsStore:
         key = manifest_key(validate_model_id(model_id), revision)
         for tier in self.tiers:
             with contextlib.suppress(ObjectNotFoundError):
-                return Manifest.from_json(tier.get(key).decode())
+                raw = tier.get(key)
+                # Parsing and validating a big model's manifest costs milliseconds on every
+                # load; the same bytes always parse to the same (immutable) manifest.
+                cached = self._manifests.get(key)
+                if cached is not None and cached[0] == raw:
+                    return cached[1]
+                manifest = Manifest.from_json(raw.decode())
+                self._manifests[key] = (raw, manifest)
+                return manifest
         raise NotFoundError(
             f"model {model_id!r} revision {revision!r} is not in the store "
             f"(tiers: {', '.join(t.name for t in self.tiers)}); import it first"

@@ -1,0 +1,301 @@
+"""``@llm.function``: a Python function that returns a prompt becomes a call to a model.
+
+Example::
+
+    from ember import llm
+
+    @llm.function(model="smollm2-135m", max_tokens=32, temperature=0)
+    def capital(country: str) -> str:
+        return f"What is the capital of {country}? Answer in one word."
+
+    capital("France")                      # 'Paris'
+    for delta in capital.stream("Peru"):   # text as it is generated
+        print(delta, end="")
+    capital.map(["Chile", "Japan"])        # concurrently: they batch in the engine
+    handle = capital.spawn("Italy"); handle.result()
+    capital.with_options(max_tokens=8)("Spain")
+    await capital.acall("Kenya")           # and astream, amap
+
+A function annotated to return a pydantic model or a dataclass gets the model's JSON reply
+parsed and validated into that type (the schema is sent with the prompt).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import inspect
+import json
+import threading
+import typing
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, fields, replace
+from typing import Any, Generic, ParamSpec, TypeVar, overload
+
+from ember._backends import Backend, Messages, Request, backend_from_env
+from ember_core import ConfigError, InvalidRequestError
+
+__all__ = ["Function", "FunctionOptions", "Handle", "function", "use_backend"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+DEFAULT_MODEL = "smollm2-135m"
+_MAP_THREADS = 64  # requests in flight for .map(): they batch in the engine or gateway
+
+
+@dataclass(frozen=True, kw_only=True)
+class FunctionOptions:
+    model: str = DEFAULT_MODEL
+    max_tokens: int | None = 256
+    temperature: float = 0.0
+    seed: int | None = None
+    system: str | None = None
+    adapter: str | None = None
+    session: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str) or not self.model:
+            raise ConfigError(f"model must be a model name, got {self.model!r}")
+        mt = self.max_tokens
+        if mt is not None and (isinstance(mt, bool) or not isinstance(mt, int) or mt < 1):
+            raise ConfigError(f"max_tokens must be a positive integer or None, got {mt!r}")
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, int | float) or not 0 <= t <= 2:
+            raise ConfigError(f"temperature must be a number from 0 to 2, got {t!r}")
+        if self.adapter is not None:
+            raise ConfigError(
+                f"adapter={self.adapter!r}: per-customer LoRA adapters are not served yet "
+                "(they arrive with the fine-tune endpoints); remove adapter= for now"
+            )
+        if self.session is not None:
+            raise ConfigError(
+                f"session={self.session!r}: session KV restore is not served yet (it arrives "
+                "with the KV tier); remove session= for now"
+            )
+
+    def updated(self, overrides: dict[str, Any]) -> FunctionOptions:
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ConfigError(f"unknown options {unknown}; known: {sorted(known)}")
+        return replace(self, **overrides)
+
+
+class _Backends:
+    """The process's backend, chosen on first call (``use_backend`` replaces it)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.current: Backend | None = None
+
+    def get(self) -> Backend:
+        with self.lock:
+            if self.current is None:
+                self.current = backend_from_env()
+            return self.current
+
+
+_backends = _Backends()
+
+
+def use_backend(backend: Backend | None) -> None:
+    """Run every ``@llm.function`` of this process on ``backend`` (``None``: choose again
+    from the environment on the next call)."""
+    with _backends.lock:
+        _backends.current = backend
+
+
+class Handle(Generic[R]):
+    """A call started by ``.spawn()``."""
+
+    def __init__(self, future: Future[R]) -> None:
+        self._future = future
+
+    def result(self, timeout_s: float | None = None) -> R:
+        return self._future.result(timeout=timeout_s)
+
+    def done(self) -> bool:
+        return self._future.done()
+
+
+class Function(Generic[P, R]):
+    """What ``@llm.function`` returns: call it like the original function."""
+
+    def __init__(self, fn: Callable[P, Any], options: FunctionOptions, output: Any) -> None:
+        self._fn = fn
+        self.options = options
+        self._output = output  # None: text
+        self.__name__ = getattr(fn, "__name__", "function")
+        self.__doc__ = fn.__doc__
+        self.__wrapped__ = fn
+
+    def __repr__(self) -> str:
+        return f"<llm.function {self.__name__} model={self.options.model!r}>"
+
+    # -- building the request ------------------------------------------------------------
+
+    def _request(self, *args: Any, **kwargs: Any) -> Request:
+        prompt = self._fn(*args, **kwargs)
+        messages: Messages
+        if isinstance(prompt, str):
+            messages = [{"role": "user", "content": prompt}]
+        elif isinstance(prompt, list) and all(
+            isinstance(m, dict) and {"role", "content"} <= set(m) for m in prompt
+        ):
+            messages = [{"role": str(m["role"]), "content": str(m["content"])} for m in prompt]
+        else:
+            raise InvalidRequestError(
+                f"{self.__name__}() returned {type(prompt).__name__}; an @llm.function must "
+                "return its prompt: a string, or a list of {'role': ..., 'content': ...} messages"
+            )
+        system = self.options.system
+        if self._output is not None:
+            schema = json.dumps(_schema(self._output))
+            system = (system + "\n\n" if system else "") + (
+                f"Reply with only a JSON object that matches this JSON schema: {schema}"
+            )
+        if system:
+            messages = [{"role": "system", "content": system}, *messages]
+        o = self.options
+        return Request(o.model, messages, o.max_tokens, o.temperature, o.seed)
+
+    def _finish(self, text: str) -> R:
+        if self._output is None:
+            return text  # type: ignore[return-value]
+        return _parse(text, self._output, self.__name__)
+
+    # -- calling -------------------------------------------------------------------------
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        return self._finish("".join(_backends.get().stream(self._request(*args, **kwargs))))
+
+    def stream(self, *args: P.args, **kwargs: P.kwargs) -> Iterator[str]:
+        """Text deltas as they are generated."""
+        return _backends.get().stream(self._request(*args, **kwargs))
+
+    def spawn(self, *args: P.args, **kwargs: P.kwargs) -> Handle[R]:
+        """Starts the call and returns at once; ``.result()`` waits for it."""
+        request = self._request(*args, **kwargs)
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ember-spawn")
+        future = pool.submit(lambda: self._finish("".join(_backends.get().stream(request))))
+        pool.shutdown(wait=False)
+        return Handle(future)
+
+    def map(self, *iterables: Iterable[Any]) -> list[R]:
+        """``[f(*xs) for xs in zip(*iterables)]``, all in flight at once, results in order."""
+        requests = [self._request(*xs) for xs in zip(*iterables, strict=True)]
+        backend = _backends.get()
+        with ThreadPoolExecutor(max_workers=min(_MAP_THREADS, max(1, len(requests)))) as pool:
+            texts = list(pool.map(lambda r: "".join(backend.stream(r)), requests))
+        return [self._finish(t) for t in texts]
+
+    async def acall(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        parts = [d async for d in _backends.get().astream(self._request(*args, **kwargs))]
+        return self._finish("".join(parts))
+
+    async def astream(self, *args: P.args, **kwargs: P.kwargs) -> AsyncIterator[str]:
+        async for delta in _backends.get().astream(self._request(*args, **kwargs)):
+            yield delta
+
+    async def amap(self, *iterables: Iterable[Any]) -> list[R]:
+        calls = [self._acall_tuple(xs) for xs in zip(*iterables, strict=True)]
+        return list(await asyncio.gather(*calls))
+
+    async def _acall_tuple(self, xs: tuple[Any, ...]) -> R:
+        parts = [d async for d in _backends.get().astream(self._request(*xs))]
+        return self._finish("".join(parts))
+
+    def with_options(self, **overrides: Any) -> Function[P, R]:
+        """The same function with some options changed, e.g. ``f.with_options(max_tokens=8)``."""
+        return Function(self._fn, self.options.updated(overrides), self._output)
+
+
+def _is_structured(tp: Any) -> bool:
+    if not inspect.isclass(tp):
+        return False
+    if dataclasses.is_dataclass(tp):
+        return True
+    try:
+        from pydantic import BaseModel
+    except ImportError:  # pragma: no cover - pydantic ships with the platform
+        return False
+    return issubclass(tp, BaseModel)
+
+
+def _schema(tp: Any) -> dict[str, Any]:
+    from pydantic import TypeAdapter
+
+    return TypeAdapter(tp).json_schema()
+
+
+def _parse(text: str, tp: Any, name: str) -> Any:
+    from pydantic import TypeAdapter, ValidationError
+
+    start, end = text.find("{"), text.rfind("}")
+    if start < 0 or end < start:
+        raise InvalidRequestError(
+            f"{name}() must return a {tp.__name__}, but the model's reply has no JSON object: "
+            f"{text[:200]!r}; raise max_tokens, lower the temperature, or use a larger model"
+        )
+    try:
+        return TypeAdapter(tp).validate_json(text[start : end + 1])
+    except ValidationError as exc:
+        raise InvalidRequestError(
+            f"{name}() must return a {tp.__name__}, but the model's JSON does not fit it: "
+            f"{exc.errors()[0].get('msg')} at {exc.errors()[0].get('loc')}; reply was "
+            f"{text[start : end + 1][:200]!r}"
+        ) from None
+
+
+def _output_type(fn: Callable[..., Any]) -> Any:
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception:  # unresolvable annotations: treat the output as text
+        return None
+    tp = hints.get("return")
+    return tp if _is_structured(tp) else None
+
+
+@overload
+def function(fn: Callable[P, R], /) -> Function[P, R]: ...
+
+
+@overload
+def function(
+    *,
+    model: str = ...,
+    max_tokens: int | None = ...,
+    temperature: float = ...,
+    seed: int | None = ...,
+    system: str | None = ...,
+    adapter: str | None = ...,
+    session: str | None = ...,
+) -> Callable[[Callable[P, R]], Function[P, R]]: ...
+
+
+def function(fn: Any = None, /, **options: Any) -> Any:
+    """Turns a function that returns a prompt into a call to a model; see the module doc.
+
+    Example::
+
+        @llm.function(model="smollm2-135m", max_tokens=16)
+        def greet(name: str) -> str:
+            return f"Say hello to {name}."
+    """
+    if fn is not None and not callable(fn):
+        hint = (
+            f"options go by keyword: @llm.function(model={fn!r})"
+            if isinstance(fn, str)
+            else "use it as @llm.function or @llm.function(model=..., ...)"
+        )
+        raise TypeError(f"@llm.function got {fn!r}, which is not a function; {hint}")
+    opts = FunctionOptions().updated(options)
+
+    def wrap(f: Callable[P, R]) -> Function[P, R]:
+        if not callable(f):
+            raise TypeError(f"@llm.function decorates a function, not a {type(f).__name__}")
+        return Function(f, opts, _output_type(f))
+
+    return wrap(fn) if fn is not None else wrap
