@@ -85,9 +85,10 @@ def settle_batch(
 ) -> list[SettleResult]:
     _check_items(items)
     drv = bulk.Driver(session)
-    locked = bulk.lock_for_settle(drv, list({rid for rid, _ in items}))
-    if len(locked) != len({rid for rid, _ in items}):
-        missing = sorted({rid for rid, _ in items} - locked.keys())
+    wanted = {rid for rid, _ in items}
+    locked = bulk.lock_for_settle(drv, list(wanted))
+    if len(locked) != len(wanted):
+        missing = sorted(wanted - locked.keys())
         raise NotFoundError(
             f"no reservation {missing[0]!r}"
             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
