@@ -1,0 +1,248 @@
+"""Gateway overhead: time to first token through ``ember serve`` against the engine itself.
+
+    python bench/gateway.py --json /tmp/gateway_bench.json [--model smollm2-135m] [--quick]
+
+At 1, 8 and 32 concurrent streaming clients (closed loop: each client sends its next request
+when the previous one ends), the same prompts go (a) straight to an in-process
+``EngineService`` and (b) through ``ember serve`` (a separate process: HTTP, auth, reserve
+and settle in a SQLite ledger with durable commits, SSE). Time to first token is measured
+from sending the request to receiving the first non-empty text delta. The server is idle
+while the direct runs go, and the direct engine is idle while the gateway runs go; rounds
+alternate, medians of the percentiles are reported. Overhead = gateway - direct.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+LEVELS = (1, 8, 32)
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def prompts(n: int) -> list[list[dict[str, str]]]:
+    topics = ["rivers", "bread", "clocks", "owls", "glass", "maps", "tea", "bells"]
+    return [
+        [{"role": "user", "content": f"Tell me one fact about {topics[i % 8]} (#{i})."}]
+        for i in range(n)
+    ]
+
+
+async def run_direct(service: Any, level: int, per_client: int, max_tokens: int) -> dict[str, Any]:
+    from ember_functions.sampling_params import SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    ttfts: list[float] = []
+    work = prompts(level * per_client)
+
+    async def client(k: int) -> None:
+        for p in work[k::level]:
+            t0 = time.perf_counter()
+            first = True
+            async for out in service.submit(p, params):
+                if first and out.text:
+                    ttfts.append(time.perf_counter() - t0)
+                    first = False
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client(k) for k in range(level)))
+    return {"ttft": ttfts, "wall_s": time.perf_counter() - t0, "requests": len(work)}
+
+
+async def run_gateway(
+    base: str, key: str, model: str, level: int, per_client: int, max_tokens: int
+) -> dict[str, Any]:
+    ttfts: list[float] = []
+    work = prompts(level * per_client)
+    limits = httpx.Limits(max_connections=level + 4)
+    async with httpx.AsyncClient(base_url=base, timeout=300, limits=limits) as http:
+
+        async def client(k: int) -> None:
+            for p in work[k::level]:
+                body = {
+                    "model": model,
+                    "messages": p,
+                    "max_tokens": max_tokens,
+                    "temperature": 0,
+                    "stream": True,
+                }
+                t0 = time.perf_counter()
+                first = True
+                async with http.stream(
+                    "POST",
+                    "/v1/chat/completions",
+                    json=body,
+                    headers={"Authorization": f"Bearer {key}"},
+                ) as resp:
+                    async for line in resp.aiter_lines():
+                        if (
+                            first
+                            and line.startswith("data: {")
+                            and '"content":"' in line
+                            and '"content":""' not in line
+                        ):
+                            ttfts.append(time.perf_counter() - t0)
+                            first = False
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(k) for k in range(level)))
+    return {"ttft": ttfts, "wall_s": time.perf_counter() - t0, "requests": len(work)}
+
+
+def start_server(
+    model: str, home: Path, ledger: Path, threads: int
+) -> tuple[subprocess.Popen[str], str, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "ember_platform.cli",
+            "--home",
+            str(home),
+            "serve",
+            "--model",
+            model,
+            "--port",
+            str(port),
+            "--ledger-url",
+            f"sqlite:///{ledger}",
+            "--threads",
+            str(threads),
+            "--log-level",
+            "warning",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert proc.stderr is not None
+    seen = ""
+    while "serving" not in seen:
+        line = proc.stderr.readline()
+        if not line:
+            raise RuntimeError(f"ember serve exited:\n{seen}")
+        seen += line
+    key = re.search(r"\b(ek_\S+)", seen)
+    if key is None:
+        raise RuntimeError(f"ember serve printed no key:\n{seen}")
+    for _ in range(400):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    return proc, f"http://127.0.0.1:{port}", key.group(1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--json", type=Path, required=True)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--per-client", type=int, default=4, help="requests each client sends")
+    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="one round, two requests per client")
+    args = ap.parse_args()
+    rounds, per_client = (1, 2) if args.quick else (args.rounds, args.per_client)
+
+    from ember_functions.engine_config import EngineConfig
+    from ember_functions.service import EngineService
+    from ember_platform.engines import load_engine
+    from ember_weights_store import ModelCatalog, default_home
+
+    home = default_home()
+    catalog = ModelCatalog(home)
+    engine = load_engine(
+        catalog, args.model, EngineConfig(num_threads=args.threads, max_num_seqs=32), err=sys.stderr
+    )
+    model_name = engine.model_name
+    service = EngineService(engine)
+    service.start()
+    results: dict[str, dict[int, list[dict[str, Any]]]] = {"direct": {}, "gateway": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        server, base, key = start_server(args.model, home, Path(tmp) / "ledger.db", args.threads)
+        try:
+            # Warm-up on both paths: first calls pay for allocations and lazy imports.
+            asyncio.run(run_direct(service, 2, 1, args.max_tokens))
+            asyncio.run(run_gateway(base, key, model_name, 2, 1, args.max_tokens))
+            for r in range(rounds):
+                for level in LEVELS:
+                    d = asyncio.run(run_direct(service, level, per_client, args.max_tokens))
+                    g = asyncio.run(
+                        run_gateway(base, key, model_name, level, per_client, args.max_tokens)
+                    )
+                    results["direct"].setdefault(level, []).append(d)
+                    results["gateway"].setdefault(level, []).append(g)
+                print(f"round {r + 1}/{rounds} done", flush=True)
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+            service.close()
+
+    out: dict[str, Any] = {
+        "model": model_name,
+        "rounds": rounds,
+        "per_client": per_client,
+        "max_tokens": args.max_tokens,
+        "levels": {},
+    }
+    print(f"\nTTFT ms (median over rounds), {model_name}, {args.max_tokens} tokens per request")
+    print(
+        f"{'clients':>8} {'direct p50':>11} {'gateway p50':>12} {'overhead':>9} "
+        f"{'direct p99':>11} {'gateway p99':>12} {'overhead':>9} {'gw req/s':>9}"
+    )
+    for level in LEVELS:
+        row: dict[str, float] = {}
+        for path in ("direct", "gateway"):
+            runs = results[path][level]
+            row[f"{path}_p50_ms"] = statistics.median(_pct(x["ttft"], 0.5) for x in runs) * 1e3
+            row[f"{path}_p99_ms"] = statistics.median(_pct(x["ttft"], 0.99) for x in runs) * 1e3
+            row[f"{path}_req_s"] = statistics.median(x["requests"] / x["wall_s"] for x in runs)
+        row["overhead_p50_ms"] = row["gateway_p50_ms"] - row["direct_p50_ms"]
+        row["overhead_p99_ms"] = row["gateway_p99_ms"] - row["direct_p99_ms"]
+        out["levels"][level] = row
+        print(
+            f"{level:>8} {row['direct_p50_ms']:>11.1f} {row['gateway_p50_ms']:>12.1f} "
+            f"{row['overhead_p50_ms']:>9.1f} {row['direct_p99_ms']:>11.1f} "
+            f"{row['gateway_p99_ms']:>12.1f} {row['overhead_p99_ms']:>9.1f} "
+            f"{row['gateway_req_s']:>9.2f}"
+        )
+    lv = out["levels"]
+    out["overhead_ttft_p50_ms_c1"] = lv[1]["overhead_p50_ms"]
+    out["overhead_ttft_p99_ms_c32"] = lv[32]["overhead_p99_ms"]
+    out["requests_per_s_c32"] = lv[32]["gateway_req_s"]
+    out["requests_per_s_c32_direct"] = lv[32]["direct_req_s"]
+    print(f"\noverhead_ttft_p50_ms_c1 {out['overhead_ttft_p50_ms_c1']:.1f} (target <= 3)")
+    print(f"overhead_ttft_p99_ms_c32 {out['overhead_ttft_p99_ms_c32']:.1f} (target <= 20)")
+    print(
+        f"requests_per_s_c32 {out['requests_per_s_c32']:.2f} "
+        f"(direct {out['requests_per_s_c32_direct']:.2f})"
+    )
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(out, indent=1))
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
