@@ -205,9 +205,18 @@ def insert_usage_events(drv: Driver, rows: Rows) -> None:
 
 def lock_for_settle(drv: Driver, ids: Sequence[str]) -> dict[str, Locked]:
     """The reservations, locked for this transaction in id order on PostgreSQL (two
-    batches never deadlock); SQLite's IMMEDIATE transaction holds the whole file."""
-    lock = " ORDER BY id FOR UPDATE" if drv.pg else ""
-    sql = f"SELECT {_LOCKED} FROM reservations WHERE id {drv.id_set()}{lock}"
+    batches never deadlock: ``ids`` are sorted and locked in array order); SQLite's
+    IMMEDIATE transaction holds the whole file."""
+    if drv.pg:
+        # One index probe per id, locked in the (sorted) array's order. The plain
+        # ``id = ANY(...)`` form is planned as a scan of the whole table whenever the
+        # statistics are stale or small, as they are in a fresh or fast-growing table.
+        sql = (
+            f"SELECT r.* FROM unnest(%s::text[]) AS k(id) CROSS JOIN LATERAL "
+            f"(SELECT {_LOCKED} FROM reservations WHERE id = k.id FOR UPDATE) AS r"
+        )
+    else:
+        sql = f"SELECT {_LOCKED} FROM reservations WHERE id {drv.id_set()}"
     with drv.cursor(sql) as cur:
         cur.execute(sql, (drv.ids(sorted(ids)),))
         return {row[0]: Locked._make(row) for row in cur.fetchall()}
@@ -216,7 +225,13 @@ def lock_for_settle(drv: Driver, ids: Sequence[str]) -> dict[str, Locked]:
 def events_by_request(drv: Driver, request_ids: Sequence[str]) -> dict[str, SeenEvent]:
     if not request_ids:
         return {}
-    sql = f"SELECT {_SEEN} FROM usage_events WHERE request_id {drv.id_set()}"
+    if drv.pg:  # as in lock_for_settle: one index probe per id, whatever the statistics
+        sql = (
+            f"SELECT e.* FROM unnest(%s::text[]) AS k(id) CROSS JOIN LATERAL "
+            f"(SELECT {_SEEN} FROM usage_events WHERE request_id = k.id) AS e"
+        )
+    else:
+        sql = f"SELECT {_SEEN} FROM usage_events WHERE request_id {drv.id_set()}"
     with drv.cursor(sql) as cur:
         cur.execute(sql, (drv.ids(request_ids),))
         return {row[0]: SeenEvent._make(row) for row in cur.fetchall()}

@@ -20,6 +20,7 @@ from sqlalchemy import (
     MetaData,
     String,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -121,7 +122,15 @@ class RateWindow(Base):
 
 class Reservation(Base):
     __tablename__ = "reservations"
-    __table_args__ = (Index("ix_reservations_state_expires", "state", "expires_at"),)
+    # The sweeper's index: open reservations only, so settling one writes no entry.
+    __table_args__ = (
+        Index(
+            "ix_reservations_open_expires",
+            "expires_at",
+            postgresql_where=text("state = 'open'"),
+            sqlite_where=text("state = 'open'"),
+        ),
+    )
     id: Mapped[str] = mapped_column(Id, primary_key=True)
     request_id: Mapped[str] = mapped_column(String(128), unique=True)
     # No foreign keys on this hot table: reserve() has just read the key (which

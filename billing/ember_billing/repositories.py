@@ -20,6 +20,7 @@ from sqlalchemy import (
     and_,
     any_,
     bindparam,
+    literal_column,
     select,
     update,
 )
@@ -341,7 +342,8 @@ def claim_expired(session: Session, now: dt.datetime, limit: int) -> list[Reserv
     return list(
         session.scalars(
             select(Reservation)
-            .where(Reservation.state == "open", Reservation.expires_at < now)
+            # A literal 'open', so both planners can use the partial index on it.
+            .where(Reservation.state == literal_column("'open'"), Reservation.expires_at < now)
             .order_by(Reservation.id)
             .limit(limit)
             .with_for_update(skip_locked=True)
