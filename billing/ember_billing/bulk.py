@@ -161,9 +161,6 @@ class Driver:
         element to quote, more than the lookup."""
         return list(values) if self.pg else json.dumps(list(values))
 
-    def id_set(self) -> str:
-        return "= ANY(%b)" if self.pg else "IN (SELECT value FROM json_each(?))"
-
 
 def _same(value: Any) -> Any:
     return value
@@ -205,20 +202,35 @@ def insert_usage_events(drv: Driver, rows: Rows) -> None:
     insert_rows(drv, "usage_events", EVENT_COLUMNS, rows)
 
 
+# The settlement statements by dialect (``True``: PostgreSQL). On PostgreSQL the
+# reads are one index probe per id through ``unnest`` + ``LATERAL``: the plain
+# ``id = ANY(...)`` form is planned as a scan of the whole table whenever statistics
+# are missing or small, as they are in a fresh or fast-growing table. The lock is
+# taken in the (sorted) array's order, so two batches never deadlock.
+LOCK_SQL = {
+    True: "SELECT r.* FROM unnest(%b::text[]) AS k(id) CROSS JOIN LATERAL "
+    f"(SELECT {_LOCKED} FROM reservations WHERE id = k.id FOR UPDATE) AS r",
+    False: f"SELECT {_LOCKED} FROM reservations WHERE id IN (SELECT value FROM json_each(?))",
+}
+EVENTS_SQL = {
+    True: "SELECT e.* FROM unnest(%b::text[]) AS k(id) CROSS JOIN LATERAL "
+    f"(SELECT {_SEEN} FROM usage_events WHERE request_id = k.id) AS e",
+    False: f"SELECT {_SEEN} FROM usage_events WHERE request_id IN (SELECT value FROM json_each(?))",
+}
+# ``+state`` on SQLite: without it the planner walks the open-reservations index
+# instead of looking the batch's ids up by primary key (quadratic over a run).
+MARK_SETTLED_SQL = {
+    True: "UPDATE reservations SET state = 'settled' "
+    "WHERE id = ANY(%b) AND state IN ('open', 'expired')",
+    False: "UPDATE reservations SET state = 'settled' "
+    "WHERE id IN (SELECT value FROM json_each(?)) AND +state IN ('open', 'expired')",
+}
+
+
 def lock_for_settle(drv: Driver, ids: Sequence[str]) -> dict[str, Locked]:
-    """The reservations, locked for this transaction in id order on PostgreSQL (two
-    batches never deadlock: ``ids`` are sorted and locked in array order); SQLite's
-    IMMEDIATE transaction holds the whole file."""
-    if drv.pg:
-        # One index probe per id, locked in the (sorted) array's order. The plain
-        # ``id = ANY(...)`` form is planned as a scan of the whole table whenever the
-        # statistics are stale or small, as they are in a fresh or fast-growing table.
-        sql = (
-            f"SELECT r.* FROM unnest(%b::text[]) AS k(id) CROSS JOIN LATERAL "
-            f"(SELECT {_LOCKED} FROM reservations WHERE id = k.id FOR UPDATE) AS r"
-        )
-    else:
-        sql = f"SELECT {_LOCKED} FROM reservations WHERE id {drv.id_set()}"
+    """The reservations, locked for this transaction in id order on PostgreSQL;
+    SQLite's IMMEDIATE transaction holds the whole file."""
+    sql = LOCK_SQL[drv.pg]
     with drv.cursor(sql) as cur:
         cur.execute(sql, (drv.ids(sorted(ids)),))
         return {row[0]: Locked._make(row) for row in cur.fetchall()}
@@ -227,13 +239,7 @@ def lock_for_settle(drv: Driver, ids: Sequence[str]) -> dict[str, Locked]:
 def events_by_request(drv: Driver, request_ids: Sequence[str]) -> dict[str, SeenEvent]:
     if not request_ids:
         return {}
-    if drv.pg:  # as in lock_for_settle: one index probe per id, whatever the statistics
-        sql = (
-            f"SELECT e.* FROM unnest(%b::text[]) AS k(id) CROSS JOIN LATERAL "
-            f"(SELECT {_SEEN} FROM usage_events WHERE request_id = k.id) AS e"
-        )
-    else:
-        sql = f"SELECT {_SEEN} FROM usage_events WHERE request_id {drv.id_set()}"
+    sql = EVENTS_SQL[drv.pg]
     with drv.cursor(sql) as cur:
         cur.execute(sql, (drv.ids(request_ids),))
         return {row[0]: SeenEvent._make(row) for row in cur.fetchall()}
@@ -241,13 +247,7 @@ def events_by_request(drv: Driver, request_ids: Sequence[str]) -> dict[str, Seen
 
 def mark_settled(drv: Driver, ids: Sequence[str]) -> int:
     """``open``/``expired`` -> ``settled``; how many rows changed."""
-    # ``+state`` on SQLite: without it the planner walks the (state, expires_at) index
-    # over every open reservation instead of looking the batch's ids up.
-    state = "state" if drv.pg else "+state"
-    sql = (
-        f"UPDATE reservations SET state = 'settled' "
-        f"WHERE id {drv.id_set()} AND {state} IN ('open', 'expired')"
-    )
+    sql = MARK_SETTLED_SQL[drv.pg]
     with drv.cursor(sql) as cur:
         cur.execute(sql, (drv.ids(ids),))
         return int(cur.rowcount)

@@ -121,3 +121,26 @@ def test_driver_errors_surface_as_sqlalchemy_errors_and_roll_back(
         bulk.insert_reservations(drv, [(*row, at, at)])  # same primary key
     assert svc.settle(r, Usage(prompt_tokens=10, completion_tokens=0)).cost_micros == 10
     assert svc.check_ledger() == []
+
+
+def test_settlement_statements_probe_by_primary_key(svc: BillingService) -> None:
+    """The lock and the settle UPDATE find reservations by id, never by walking the
+    open-reservations index (quadratic in the number of batches on SQLite) or the
+    whole table (what PostgreSQL plans for ``= ANY`` on a fresh table)."""
+    [(tenant, key)] = _two_tenants(svc)[:1]
+    svc.reserve_many([ReserveRequest(tenant, key, "m", "", 10, 0) for _ in range(50)])
+    with svc._session() as s:
+        drv = bulk.Driver(s)
+        explain = "EXPLAIN " if drv.pg else "EXPLAIN QUERY PLAN "
+        plans = []
+        for sql in (bulk.LOCK_SQL[drv.pg], bulk.MARK_SETTLED_SQL[drv.pg]):
+            with drv.cursor(sql) as cur:
+                cur.execute(explain + sql, (drv.ids(["a", "b"]),))
+                plans.append("\n".join(str(r[-1]) for r in cur.fetchall()))
+    lock = plans[0]
+    if drv.pg:
+        assert "Index Scan using pk_reservations" in lock, lock
+    else:
+        for plan in plans:
+            assert "sqlite_autoindex_reservations_1 (id=?)" in plan, plan
+            assert "ix_reservations_open_expires" not in plan, plan
