@@ -50,8 +50,9 @@ class EmbeddedBackend:
     """Engines in this process, one per model, loaded on first use and shared by every
     function that names the model (through the weights store, as a worker loads them)."""
 
-    def __init__(self, home: str | None = None) -> None:
+    def __init__(self, home: str | None = None, *, engine_config: Any = None) -> None:
         self.home = home
+        self.engine_config = engine_config  # an EngineConfig; None: the engine's defaults
         self._services: dict[str, Any] = {}
         self._lock = threading.Lock()
 
@@ -65,7 +66,8 @@ class EmbeddedBackend:
                 from ember_weights_store import ModelCatalog, default_home
 
                 catalog = ModelCatalog(default_home() if self.home is None else Path(self.home))
-                engine = load_engine(catalog, model, EngineConfig(), err=sys.stderr)
+                config = self.engine_config or EngineConfig()
+                engine = load_engine(catalog, model, config, err=sys.stderr)
                 service = EngineService(engine)
                 service.start()
                 self._services[model] = service

@@ -3,6 +3,7 @@ thread, a SQLite ledger with one tenant, one priced model and one API key."""
 
 from __future__ import annotations
 
+import gc
 import socket
 import threading
 import time
@@ -76,7 +77,8 @@ def gateway_factory(
     def make(config: GatewayConfig | None = None, *, max_num_seqs: int = 16) -> Gateway:
         engine = LLMEngine.from_dir(
             tiny_model("llama"),
-            config=EngineConfig(max_num_seqs=max_num_seqs, num_threads=1),
+            # A tiny model needs a tiny KV cache; the 1 GiB default, once per test, adds up.
+            config=EngineConfig(max_num_seqs=max_num_seqs, num_threads=1, kv_cache_bytes=64 << 20),
             model_name=MODEL,
         )
         generated: dict[str, int] = {}
@@ -113,6 +115,8 @@ def gateway_factory(
         thread.join(timeout=20)
         service.close()
         billing.close()
+    started.clear()
+    gc.collect()  # the step() tap is a reference cycle through the engine and its KV cache
 
 
 @pytest.fixture

@@ -28,7 +28,10 @@ def backend(
 ) -> Iterator[str]:
     """Installs a backend for the test and yields the model name to use with it."""
     if request.param == "embedded":
-        embedded = EmbeddedBackend(str(tmp_path / "home"))
+        from ember_functions.engine_config import EngineConfig
+
+        config = EngineConfig(num_threads=1, kv_cache_bytes=64 << 20)
+        embedded = EmbeddedBackend(str(tmp_path / "home"), engine_config=config)
         llm.use_backend(embedded)
         yield str(tiny_model("llama"))
         embedded.close()
