@@ -16,11 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import re
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -136,24 +132,15 @@ def _per(level: int, per_client: int) -> int:
     return max(per_client, -(-16 // level))  # at least 16 requests per level
 
 
-def start_server(
-    model: str, home: Path, ledger: Path, threads: int
-) -> tuple[subprocess.Popen[str], str, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "ember_platform.cli",
-            "--home",
-            str(home),
-            "serve",
+def start_server(model: str, home: Path, ledger: Path, threads: int) -> tuple[Any, str, str]:
+    from ember_platform.serve_process import free_port, start_serve
+
+    server = start_serve(
+        home,
+        port=free_port(),
+        args=[
             "--model",
             model,
-            "--port",
-            str(port),
             "--ledger-url",
             f"sqlite:///{ledger}",
             "--threads",
@@ -161,27 +148,10 @@ def start_server(
             "--log-level",
             "warning",
         ],
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
-    assert proc.stderr is not None
-    seen = ""
-    while "serving" not in seen:
-        line = proc.stderr.readline()
-        if not line:
-            raise RuntimeError(f"ember serve exited:\n{seen}")
-        seen += line
-    key = re.search(r"\b(ek_\S+)", seen)
-    if key is None:
-        raise RuntimeError(f"ember serve printed no key:\n{seen}")
-    for _ in range(400):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
-            break
-        except OSError:
-            time.sleep(0.05)
-    return proc, f"http://127.0.0.1:{port}", key.group(1)
+    if server.key is None:
+        raise RuntimeError(f"ember serve printed no key:\n{server.log}")
+    return server, server.base_url, server.key
 
 
 def main() -> None:
@@ -227,8 +197,7 @@ def main() -> None:
                     results["gateway"].setdefault(level, []).append(g[level])
                 print(f"round {r + 1}/{rounds} done", flush=True)
         finally:
-            server.terminate()
-            server.wait(timeout=30)
+            server.stop()
             service.close()
 
     out: dict[str, Any] = {

@@ -64,50 +64,18 @@ def test_readme_serve_examples_run_against_ember_serve(
     """Starts `ember serve` as the README says, then runs its curl and openai examples."""
     import json
     import os
-    import socket
     import subprocess
-    import sys
-    import time
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "ember_platform.cli",
-            "--home",
-            str(ember_test_home),
-            "serve",
-            "--port",
-            str(port),
-            "--ledger-url",
-            f"sqlite:///{tmp_path / 'ledger.db'}",
-            "--log-level",
-            "warning",
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    from ember_platform.serve_process import free_port, start_serve
+
+    ledger = f"sqlite:///{tmp_path / 'ledger.db'}"
+    server = start_serve(
+        ember_test_home, port=free_port(), args=["--ledger-url", ledger, "--log-level", "warning"]
     )
     try:
-        assert server.stderr is not None
-        seen = ""
-        while "serving" not in seen:
-            line = server.stderr.readline()
-            assert line, f"ember serve exited: {seen}"
-            seen += line
-        key = re.search(r"\b(ek_\S+)", seen)
-        assert key, seen
-        base = f"http://127.0.0.1:{port}"
-        for _ in range(200):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
-                break
-            except OSError:
-                time.sleep(0.05)
-        env = {**os.environ, "OPENAI_API_KEY": key.group(1), "OPENAI_BASE_URL": f"{base}/v1"}
+        assert server.key, server.log
+        base = server.base_url
+        env = {**os.environ, "OPENAI_API_KEY": server.key, "OPENAI_BASE_URL": f"{base}/v1"}
         curls = [b for b in blocks("bash") if SERVED in b]
         assert curls
         for block in curls:
@@ -115,7 +83,7 @@ def test_readme_serve_examples_run_against_ember_serve(
             done = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True)
             assert done.returncode == 0, done.stderr
             assert "Paris" in json.loads(done.stdout)["choices"][0]["message"]["content"]
-        monkeypatch.setenv("OPENAI_API_KEY", key.group(1))
+        monkeypatch.setenv("OPENAI_API_KEY", server.key)
         monkeypatch.setenv("OPENAI_BASE_URL", f"{base}/v1")
         served = [b for b in blocks("python") if SERVED in b]
         assert served
@@ -124,8 +92,7 @@ def test_readme_serve_examples_run_against_ember_serve(
         out = capsys.readouterr().out
         assert "Paris" in out and "completion_tokens" in out
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        server.stop()
 
 
 @pytest.mark.slow

@@ -178,10 +178,7 @@ class _Gateway:
             parts.append(out.text)
             finish = out.finish_reason if out.finished else finish
         await run.settled.wait()
-        usage = run.usage or Usage(run.prompt_tokens, 0)
-        usage_body = oai.usage_body(
-            usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens
-        )
+        usage_body = oai.usage_body(run.usage)
         rid = run.running.request_id
         build = oai.chat_response if kind == "chat" else oai.completion_response
         return build(rid, model, "".join(parts), finish, usage_body)
@@ -217,8 +214,7 @@ class _Gateway:
             return
         if include_usage:
             await run.settled.wait()
-            u = run.usage or Usage(run.prompt_tokens, 0)
-            usage = oai.usage_body(u.prompt_tokens, u.completion_tokens, u.cached_tokens)
+            usage = oai.usage_body(run.usage)
             chunk = (
                 oai.chat_chunk(rid, model, delta=None, usage=usage)
                 if kind == "chat"

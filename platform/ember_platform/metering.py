@@ -46,7 +46,9 @@ class Run:
         self.reservation_id = reservation_id
         self.prompt_tokens = prompt_tokens
         self.queue: asyncio.Queue[RequestOutput | EmberError | None] = asyncio.Queue()
-        self.usage: Usage | None = None
+        # What is billed if the stream ends before the engine reports (nothing generated);
+        # the pump replaces it with the engine's final usage.
+        self.usage = Usage(prompt_tokens, 0)
         self.settled = asyncio.Event()
         self.started_s = time.perf_counter()
         self._on_settled = on_settled
@@ -66,12 +68,13 @@ class Run:
         finally:
             outputs = getattr(self.running, "outputs", None)
             final = outputs[-1] if outputs else last
-            self.usage = final.usage if final is not None else Usage(self.prompt_tokens, 0)
+            if final is not None:
+                self.usage = final.usage
             await self.queue.put(None)
             await self._settle()
 
     async def _settle(self) -> None:
-        usage = self.usage or Usage(self.prompt_tokens, 0)
+        usage = self.usage
         billed = BilledUsage(
             prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens,

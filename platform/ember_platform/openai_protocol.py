@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ember_functions.sampling_params import SamplingParams
+from ember_functions.sequence import Usage
 
 __all__ = [
     "ChatCompletionRequest",
@@ -114,12 +115,12 @@ class CompletionRequest(_Sampling):
     echo: Literal[False] = False
 
 
-def usage_body(prompt: int, completion: int, cached: int) -> dict[str, Any]:
+def usage_body(usage: Usage) -> dict[str, Any]:
     return {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": cached},
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
     }
 
 

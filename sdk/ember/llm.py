@@ -168,8 +168,14 @@ class Function(Generic[P, R]):
 
     # -- calling -------------------------------------------------------------------------
 
+    def _run(self, request: Request) -> R:
+        return self._finish("".join(_backends.get().stream(request)))
+
+    async def _arun(self, request: Request) -> R:
+        return self._finish("".join([d async for d in _backends.get().astream(request)]))
+
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
-        return self._finish("".join(_backends.get().stream(self._request(*args, **kwargs))))
+        return self._run(self._request(*args, **kwargs))
 
     def stream(self, *args: P.args, **kwargs: P.kwargs) -> Iterator[str]:
         """Text deltas as they are generated."""
@@ -179,33 +185,26 @@ class Function(Generic[P, R]):
         """Starts the call and returns at once; ``.result()`` waits for it."""
         request = self._request(*args, **kwargs)
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ember-spawn")
-        future = pool.submit(lambda: self._finish("".join(_backends.get().stream(request))))
+        future = pool.submit(self._run, request)
         pool.shutdown(wait=False)
         return Handle(future)
 
     def map(self, *iterables: Iterable[Any]) -> list[R]:
         """``[f(*xs) for xs in zip(*iterables)]``, all in flight at once, results in order."""
         requests = [self._request(*xs) for xs in zip(*iterables, strict=True)]
-        backend = _backends.get()
         with ThreadPoolExecutor(max_workers=min(_MAP_THREADS, max(1, len(requests)))) as pool:
-            texts = list(pool.map(lambda r: "".join(backend.stream(r)), requests))
-        return [self._finish(t) for t in texts]
+            return list(pool.map(self._run, requests))
 
     async def acall(self, *args: P.args, **kwargs: P.kwargs) -> R:
-        parts = [d async for d in _backends.get().astream(self._request(*args, **kwargs))]
-        return self._finish("".join(parts))
+        return await self._arun(self._request(*args, **kwargs))
 
     async def astream(self, *args: P.args, **kwargs: P.kwargs) -> AsyncIterator[str]:
         async for delta in _backends.get().astream(self._request(*args, **kwargs)):
             yield delta
 
     async def amap(self, *iterables: Iterable[Any]) -> list[R]:
-        calls = [self._acall_tuple(xs) for xs in zip(*iterables, strict=True)]
-        return list(await asyncio.gather(*calls))
-
-    async def _acall_tuple(self, xs: tuple[Any, ...]) -> R:
-        parts = [d async for d in _backends.get().astream(self._request(*xs))]
-        return self._finish("".join(parts))
+        requests = [self._request(*xs) for xs in zip(*iterables, strict=True)]
+        return list(await asyncio.gather(*(self._arun(r) for r in requests)))
 
     def with_options(self, **overrides: Any) -> Function[P, R]:
         """The same function with some options changed, e.g. ``f.with_options(max_tokens=8)``."""

@@ -3,13 +3,6 @@ the official openai client against it; settings from flags, environment and a co
 
 from __future__ import annotations
 
-import os
-import re
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,71 +11,19 @@ import pytest
 
 from ember_core import ConfigError
 from ember_platform.serve import ServeSettings
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _start(home: Path, model: Path, port: int) -> tuple[subprocess.Popen[str], list[str]]:
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "ember_platform.cli",
-            "--home",
-            str(home),
-            "serve",
-            "--model",
-            str(model),
-            "--port",
-            str(port),
-            "--threads",
-            "1",
-            "--log-level",
-            "warning",
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    lines: list[str] = []
-    assert proc.stderr is not None
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if not line:
-            break
-        lines.append(line)
-        if "serving" in line:
-            break
-    for _ in range(200):  # uvicorn binds just after the "serving" line
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
-            return proc, lines
-        except OSError:
-            time.sleep(0.05)
-    proc.kill()
-    raise AssertionError("ember serve did not start:\n" + "".join(lines))
-
-
-def _stop(proc: subprocess.Popen[str]) -> None:
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=30) == 0
+from ember_platform.serve_process import free_port, start_serve
 
 
 @pytest.mark.slow
 def test_ember_serve_bootstraps_a_key_once_and_answers_the_openai_client(
     tiny_model: Callable[..., Path], tmp_path: Path
 ) -> None:
-    home, port = tmp_path / "home", _free_port()
-    proc, lines = _start(home, tiny_model("llama"), port)
+    home = tmp_path / "home"
+    args = ["--model", str(tiny_model("llama")), "--threads", "1", "--log-level", "warning"]
+    server = start_serve(home, port=free_port(), args=args)
     try:
-        keys = re.findall(r"\b(ek_\S+)", "".join(lines))
-        assert keys, "".join(lines)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=keys[0])
+        assert server.key, server.log
+        client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key=server.key)
         (model,) = [m.id for m in client.models.list()]
         assert model == tiny_model("llama").name
         resp = client.chat.completions.create(
@@ -90,11 +31,11 @@ def test_ember_serve_bootstraps_a_key_once_and_answers_the_openai_client(
         )
         assert resp.usage is not None and resp.usage.completion_tokens >= 1
     finally:
-        _stop(proc)
+        assert server.stop() == 0
     # Second start: same ledger, no new tenant, no key printed again.
-    proc, lines = _start(home, tiny_model("llama"), port)
-    _stop(proc)
-    assert not re.findall(r"\bek_\S+", "".join(lines))
+    again = start_serve(home, port=free_port(), args=args)
+    assert again.stop() == 0
+    assert again.key is None, again.log
 
 
 def test_settings_precedence_and_validation(tmp_path: Path) -> None:
