@@ -168,7 +168,7 @@ def main() -> None:
 
     from ember_functions.engine_config import EngineConfig
     from ember_functions.service import EngineService
-    from ember_platform.engines import load_engine
+    from ember_functions.loading import load_engine
     from ember_weights_store import ModelCatalog, default_home
 
     home = default_home()

@@ -27,11 +27,12 @@ from ember_functions.block_manager import BlockManager
 from ember_functions.config import ModelConfig
 from ember_functions.engine_config import EngineConfig
 from ember_functions.model import LlamaModel
+from ember_functions.prompt import EncodedPrompt, Prompt, PromptEncoder
 from ember_functions.runner import ModelRunner
 from ember_functions.sampler import Sampler
 from ember_functions.sampling_params import SamplingParams
 from ember_functions.scheduler import Scheduler
-from ember_functions.sequence import FinishReason, SequenceStatus, Usage
+from ember_functions.sequence import FinishReason, RequestOutput, SequenceStatus, Usage
 from ember_functions.sequence import Sequence as Seq
 from ember_functions.stop_strings import StopStringMatcher
 from ember_functions.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -47,22 +48,6 @@ from ember_weights_store import load as load_weights
 
 log = logging.getLogger(__name__)
 
-#: A prompt is raw text, token ids, or chat messages (rendered with the chat template).
-Prompt = str | Sequence[int] | Sequence[Mapping[str, Any]]
-
-
-@dataclass(frozen=True)
-class RequestOutput:
-    """What one step produced for one request: a delta, and at the end, the usage."""
-
-    request_id: str
-    text: str  # new text since the previous output
-    token_ids: list[int]  # new tokens since the previous output
-    finished: bool
-    finish_reason: str | None
-    usage: Usage
-    error: str | None = None
-
 
 @dataclass(eq=False)
 class PreparedRequest:
@@ -71,6 +56,14 @@ class PreparedRequest:
     seq: Seq
     detok: IncrementalDetokenizer
     stops: StopStringMatcher | None
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.seq.prompt_ids)
+
+    @property
+    def max_tokens(self) -> int:
+        return self.seq.max_tokens
 
 
 class LLMEngine:
@@ -115,6 +108,10 @@ class LLMEngine:
         self._requests: dict[str, PreparedRequest] = {}
         self._pending: list[RequestOutput] = []  # outputs produced outside step()
         self.load_report: LoadReport | None = None  # set when loaded through the store
+        # Encodes and validates prompts for this engine's tokenizer and window.
+        self.prompts = PromptEncoder(
+            tokenizer, vocab_size=mc.vocab_size, token_capacity=self.token_capacity
+        )
 
     @classmethod
     def from_dir(
@@ -201,37 +198,41 @@ class LLMEngine:
                 f"model {model!r} is not served here; available: {', '.join(sorted(self._names))}",
                 param="model",
             )
-        prompt_ids = self._tokenize(prompt)
-        n = len(prompt_ids)
-        capacity = self.token_capacity
-        if n >= capacity:
+        return self.request_from_encoded(
+            self.prompts.encode(prompt, params),
+            params,
+            request_id=request_id or f"req-{uuid.uuid4().hex}",
+            cache_salt=cache_salt,
+            adapter_slot=adapter_slot,
+        )
+
+    def request_from_encoded(
+        self,
+        encoded: EncodedPrompt,
+        params: SamplingParams,
+        *,
+        request_id: str,
+        cache_salt: str = "",
+        adapter_slot: int = 0,
+    ) -> PreparedRequest:
+        """A request from a prompt encoded elsewhere (a router in front of a worker
+        process); the encoder checked it against this engine's capacity."""
+        if len(encoded.ids) + encoded.max_tokens > self.token_capacity:
             raise ContextLengthError(
-                f"prompt is {n} tokens but the context window is {capacity} tokens "
-                "(the prompt must leave room for at least one generated token); "
-                "shorten the prompt",
-                param="prompt",
-            )
-        if params.max_tokens is not None and n + params.max_tokens > capacity:
-            raise ContextLengthError(
-                f"prompt ({n} tokens) plus max_tokens ({params.max_tokens}) is "
-                f"{n + params.max_tokens} tokens, more than the context window of {capacity}; "
-                f"lower max_tokens to at most {capacity - n} or shorten the prompt",
+                f"prompt ({len(encoded.ids)} tokens) plus max_tokens ({encoded.max_tokens}) is "
+                f"more than this engine's {self.token_capacity} tokens; shorten the request",
                 param="max_tokens",
             )
-        max_tokens = params.max_tokens or capacity - n
         seq = Seq(
-            request_id=request_id or f"req-{uuid.uuid4().hex}",
-            prompt_ids=prompt_ids,
+            request_id=request_id,
+            prompt_ids=encoded.ids,
             params=params,
-            max_tokens=max_tokens,
+            max_tokens=encoded.max_tokens,
             arrival_s=time.monotonic(),
             cache_salt=cache_salt,
             adapter_slot=adapter_slot,
         )
-        # A completion continues its prompt's text (a SentencePiece leading space is
-        # part of the answer); a chat reply starts fresh, as OpenAI's replies do.
-        context = None if _is_chat(prompt) else prompt_ids
-        detok = IncrementalDetokenizer(self.tokenizer, context)
+        detok = IncrementalDetokenizer(self.tokenizer, None if encoded.chat else encoded.ids)
         stops = StopStringMatcher(params.stop) if params.stop else None
         return PreparedRequest(seq, detok, stops)
 
@@ -256,41 +257,15 @@ class LLMEngine:
         self._pending.append(self._output(req, "", []))
         return True
 
+    def cancel_all(self) -> None:
+        """Cancels every request; their final outputs come from the next ``step()``."""
+        for rid in list(self._requests):
+            self.cancel(rid)
+
     def usage_of(self, request_id: str) -> Usage | None:
         """Usage so far of a request still in the engine, else None."""
         req = self._requests.get(request_id)
         return req.seq.usage() if req is not None else None
-
-    def _tokenize(self, prompt: Prompt) -> list[int]:
-        if isinstance(prompt, str):
-            if not prompt:
-                raise InvalidRequestError(
-                    "prompt is empty; send at least one character", param="prompt"
-                )
-            ids = self.tokenizer.encode(prompt, add_special_tokens=True)
-        elif _is_chat(prompt):
-            # BOS is added only when the model wants one and the template did not
-            # render it (the fallback template never does).
-            ids = self.tokenizer.encode_chat(prompt)  # type: ignore[arg-type]
-        elif prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            ids = list(prompt)  # type: ignore[arg-type]
-            vocab = self.model.config.vocab_size
-            bad = [t for t in ids if not 0 <= t < vocab]
-            if bad:
-                raise InvalidRequestError(
-                    f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})", param="prompt"
-                )
-        else:
-            raise InvalidRequestError(
-                "prompt must be a non-empty string, a list of token ids, or a list of chat "
-                "messages ({'role': ..., 'content': ...})",
-                param="prompt",
-            )
-        if not ids:
-            raise InvalidRequestError(
-                "prompt encodes to zero tokens; send some text", param="prompt"
-            )
-        return ids
 
     # -- the loop ------------------------------------------------------------------
 
@@ -432,12 +407,6 @@ def _build_model(
 def _tokenizer_dir_name(files: Mapping[str, str]) -> str:
     digest = hashlib.sha256(json.dumps(sorted(files.items())).encode()).hexdigest()
     return digest[:32]
-
-
-def _is_chat(prompt: Prompt) -> bool:
-    return (
-        not isinstance(prompt, str) and bool(prompt) and all(isinstance(m, Mapping) for m in prompt)
-    )
 
 
 @dataclass(frozen=True)

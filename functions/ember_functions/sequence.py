@@ -35,6 +35,19 @@ class Usage:
         return self.prompt_tokens + self.completion_tokens
 
 
+@dataclass(frozen=True)
+class RequestOutput:
+    """What one step produced for one request: a delta, and at the end, the usage."""
+
+    request_id: str
+    text: str  # new text since the previous output
+    token_ids: list[int]  # new tokens since the previous output
+    finished: bool
+    finish_reason: str | None
+    usage: Usage
+    error: str | None = None
+
+
 @dataclass(eq=False)
 class Sequence:
     request_id: str

@@ -14,7 +14,7 @@ import logging
 import queue
 import threading
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 from ember_core import EngineError, InvalidRequestError
 from ember_functions.engine import Completion, LLMEngine, PreparedRequest, Prompt, RequestOutput
@@ -36,6 +36,10 @@ def _aborted(request_id: str, reason: str, usage: Usage) -> RequestOutput:
     )
 
 
+class _Canceller(Protocol):
+    def cancel(self, request_id: str) -> None: ...
+
+
 class RequestStream:
     """Token deltas of one request, readable once, by ``for`` or ``async for``.
 
@@ -43,7 +47,7 @@ class RequestStream:
     :class:`ember_core.EngineError` after the text produced before it.
     """
 
-    def __init__(self, request_id: str, service: EngineService) -> None:
+    def __init__(self, request_id: str, service: _Canceller) -> None:
         self.request_id = request_id
         self._service = service
         self._lock = threading.Lock()

@@ -124,6 +124,7 @@ class Tokenizer:
                 f"the chat templates of {origin} include no 'default' one; name one 'default'"
             )
         self._fallback = compile_template(FALLBACK_TEMPLATE, origin="Ember's fallback template")
+        self.source_dir: Path | None = None  # set by from_dir: another process can load it too
 
     @classmethod
     def from_dir(cls, model_dir: Path) -> Tokenizer:
@@ -174,7 +175,7 @@ class Tokenizer:
         for data, name in ((generation, "generation_config.json"), (model_config, "config.json")):
             eos_ids += _token_ids(data.get("eos_token_id"), "eos_token_id", name)
             pad_ids += _token_ids(data.get("pad_token_id"), "pad_token_id", name)
-        return cls(
+        tokenizer = cls(
             backend,
             special_tokens=specials,
             chat_templates=load_chat_templates(model_dir, config),
@@ -183,6 +184,8 @@ class Tokenizer:
             pad_token_id=pad_ids[0] if pad_ids else None,
             origin=origin,
         )
+        tokenizer.source_dir = model_dir
+        return tokenizer
 
     def _lookup(self, key: str, *, required: bool) -> int | None:
         text = self._special_tokens.get(key)

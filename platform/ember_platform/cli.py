@@ -29,7 +29,7 @@ def _catalog(args: argparse.Namespace) -> Any:
 
 def _engine(args: argparse.Namespace, err: TextIO) -> Any:
     from ember_functions.engine_config import EngineConfig
-    from ember_platform.engines import load_engine
+    from ember_functions.loading import load_engine
 
     config = EngineConfig(dtype=args.dtype, num_threads=args.threads, max_num_seqs=8)
     return load_engine(_catalog(args), args.model, config, err=err)

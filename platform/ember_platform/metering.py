@@ -20,8 +20,7 @@ from typing import Any
 from ember_billing.records import Usage as BilledUsage
 from ember_billing.service import BillingService
 from ember_core import EmberError, EngineError
-from ember_functions.engine import RequestOutput
-from ember_functions.sequence import Usage
+from ember_functions.sequence import RequestOutput, Usage
 from ember_platform.router import RunningRequest
 
 __all__ = ["Run"]

@@ -1,23 +1,24 @@
 """How the gateway reaches workers: a ``Router`` prepares a request (tokenized and
 validated, so its cost is known before it runs), starts it, streams it, and cancels it.
 
-``LocalRouter`` puts one in-process ``EngineService`` per model behind that interface: the
-embedded ``ember serve``. The warm-pool issue puts pools of worker processes behind the same
-interface, so the gateway does not change.
+``LocalRouter`` puts one endpoint per model behind that interface: a worker process
+(``WorkerProcess``, what ``ember serve`` runs) or an in-process ``EngineService`` (tests,
+embedding). The warm-pool issue puts pools of worker processes behind the same interface,
+so the gateway does not change.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from ember_core import ModelNotFoundError
-from ember_functions.engine import PreparedRequest, Prompt, RequestOutput
+from ember_functions.prompt import Prompt
 from ember_functions.sampling_params import SamplingParams
-from ember_functions.service import EngineService
+from ember_functions.sequence import RequestOutput
 
-__all__ = ["LocalRouter", "Prepared", "Router"]
+__all__ = ["Endpoint", "LocalRouter", "Prepared", "Router"]
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,33 @@ class RunningRequest(Protocol):
     def __aiter__(self) -> AsyncIterator[RequestOutput]: ...
 
     def cancel(self) -> None: ...
+
+
+class _EndpointRequest(Protocol):
+    @property
+    def prompt_tokens(self) -> int: ...
+
+    @property
+    def max_tokens(self) -> int: ...
+
+
+class Endpoint(Protocol):
+    """What serves one model: ``EngineService`` in-process, ``WorkerProcess`` out of it."""
+
+    def prepare(
+        self, prompt: Prompt, params: SamplingParams, *, request_id: str, cache_salt: str
+    ) -> Any: ...
+
+    def submit_prepared(self, request: Any) -> RunningRequest: ...
+
+    @property
+    def alive(self) -> bool: ...
+
+    @property
+    def queue_depth(self) -> int: ...
+
+    @property
+    def free_kv_blocks(self) -> int: ...
 
 
 class Router(Protocol):
@@ -62,15 +90,15 @@ class Router(Protocol):
 
 
 class LocalRouter:
-    """One in-process engine per model name."""
+    """One endpoint per model name."""
 
-    def __init__(self, services: Mapping[str, EngineService]) -> None:
+    def __init__(self, services: Mapping[str, Endpoint]) -> None:
         self._services = dict(services)
 
     def models(self) -> list[str]:
         return sorted(self._services)
 
-    def _service(self, model: str) -> EngineService:
+    def _service(self, model: str) -> Endpoint:
         service = self._services.get(model)
         if service is None:
             raise ModelNotFoundError(
@@ -90,22 +118,19 @@ class LocalRouter:
         tenant: str,
     ) -> Prepared:
         # The tenant salts the prefix cache: one tenant's cached prompt never serves another.
-        request: PreparedRequest = self._service(model).prepare(
+        request: _EndpointRequest = self._service(model).prepare(
             prompt, params, request_id=request_id, cache_salt=f"tenant:{tenant}"
         )
         return Prepared(
             request_id=request_id,
             model=model,
-            prompt_tokens=len(request.seq.prompt_ids),
-            max_completion_tokens=request.seq.max_tokens,
+            prompt_tokens=request.prompt_tokens,
+            max_completion_tokens=request.max_tokens,
             handle=request,
         )
 
     def start(self, prepared: Prepared) -> RunningRequest:
-        request = prepared.handle
-        if not isinstance(request, PreparedRequest):
-            raise TypeError("start() takes what this router's prepare() returned")
-        return self._service(prepared.model).submit_prepared(request)
+        return self._service(prepared.model).submit_prepared(prepared.handle)
 
     def ready(self) -> bool:
         return bool(self._services) and all(s.alive for s in self._services.values())

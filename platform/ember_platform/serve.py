@@ -1,4 +1,8 @@
-"""``ember serve``: the gateway, one in-process worker running a model, and a SQLite ledger.
+"""``ember serve``: the gateway, one worker process running a model, and a SQLite ledger.
+
+The worker is a separate process (``ember_functions.worker``) behind the router: the engine
+then never competes with the gateway's event loop for one interpreter's lock, and a worker
+that crashes fails its requests cleanly instead of taking the gateway down.
 
 Settings come from, highest first: flags, environment (``EMBER_SERVE_<NAME>``), a TOML
 config file (``--config``, its ``[serve]`` table), and the defaults below. All are validated
@@ -91,34 +95,47 @@ def _parse(name: str, raw: str, kind: Any) -> Any:
 
 
 def build_app(settings: ServeSettings, *, out: TextIO) -> Any:
-    """Loads the model and the ledger, bootstraps on first start, and returns the ASGI app."""
+    """Installs the model if needed, starts its worker and the ledger, bootstraps on first
+    start, and returns the ASGI app."""
     from ember_billing.service import BillingService
     from ember_functions.engine_config import EngineConfig
-    from ember_functions.service import EngineService
-    from ember_platform.engines import load_engine
+    from ember_functions.loading import resolve_model_dir
+    from ember_functions.worker_process import WorkerProcess
     from ember_platform.gateway import GatewayConfig, create_app
     from ember_platform.router import LocalRouter
     from ember_weights_store import ModelCatalog, default_home
 
     home = Path(settings.home) if settings.home else default_home()
-    catalog = ModelCatalog(home)
-    config = EngineConfig(num_threads=settings.threads or None, max_num_seqs=settings.max_num_seqs)
-    engine = load_engine(catalog, settings.model, config, err=out)
-    ledger = settings.ledger_url or f"sqlite:///{home / 'ledger.db'}"
     home.mkdir(parents=True, exist_ok=True)
+    resolve_model_dir(ModelCatalog(home), settings.model, err=out)  # installs on first use
+    config = EngineConfig(num_threads=settings.threads or None, max_num_seqs=settings.max_num_seqs)
+    ledger = settings.ledger_url or f"sqlite:///{home / 'ledger.db'}"
     billing = BillingService(ledger)
-    _bootstrap(billing, engine.model_name, settings, out)
-    service = EngineService(engine)
-    service.start()
+    try:
+        worker = WorkerProcess.spawn(
+            worker_id=f"serve-{os.getpid()}-0",
+            model=settings.model,
+            home=home,
+            engine_config=config,
+        )
+    except BaseException:
+        billing.close()
+        raise
+    print(
+        f"worker {worker.worker_id} (pid {worker.proc.pid}) ready in "
+        f"{worker.phases['ready_s']:.2f} s",
+        file=out,
+    )
+    _bootstrap(billing, worker.model_name, settings, out)
     gateway = GatewayConfig(
         max_body_bytes=settings.max_body_bytes,
         requests_per_minute_per_key=settings.requests_per_minute_per_key or None,
         auth_cache_s=settings.auth_cache_s,
     )
-    app = create_app(LocalRouter({engine.model_name: service}), billing, gateway)
+    app = create_app(LocalRouter({worker.model_name: worker}), billing, gateway)
 
     def close() -> None:
-        service.close()
+        worker.close()
         billing.close()
 
     app.router.add_event_handler("shutdown", close)

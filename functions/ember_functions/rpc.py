@@ -1,0 +1,142 @@
+"""The worker RPC: length-prefixed JSON frames over one Unix stream socket per worker.
+
+Each frame is a big-endian ``u32`` byte count and a JSON object with an ``op``. The router
+encodes prompts itself (``ember_functions.prompt``), so a worker receives token ids only.
+
+Router -> worker::
+
+    {"op": "start", "id", "prompt_ids", "chat", "max_tokens", "params": {...}, "cache_salt"}
+    {"op": "cancel", "id"}          end one request now; its final output follows
+    {"op": "stop"}                  cancel everything still running and exit
+
+Worker -> router::
+
+    {"op": "state", "state": "LOADING"}              right after connecting
+    {"op": "ready", "model", "pid", "token_capacity", "vocab_size", "tokenizer_dir",
+     "free_kv_blocks", "phases": {name: seconds}}     the model is loaded
+    {"op": "failed", "reason"}                       it could not load; the process exits
+    {"op": "outs", "outs": [OUT, ...], "free_kv_blocks"}   everything one engine step made
+
+where ``OUT`` is ``[id, text, token_ids, finished, finish_reason, prompt_tokens,
+completion_tokens, cached_tokens, error]``: one frame per step whatever the batch size.
+JSON rather than pickle: a socket peer can never make the other side run code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import socket
+import struct
+import threading
+from typing import Any, BinaryIO
+
+from ember_core import EngineError
+from ember_functions.sampling_params import SamplingParams
+from ember_functions.sequence import RequestOutput, Usage
+
+__all__ = ["FrameReader", "FrameWriter", "WorkerState", "pack_output", "unpack_output"]
+
+_HEADER = struct.Struct(">I")
+MAX_FRAME_BYTES = 64 << 20  # a frame this big is a corrupt stream, not a message
+
+
+class WorkerState(enum.Enum):
+    """A worker process's lifecycle, as its router sees it."""
+
+    STARTING = "STARTING"  # spawned, not connected yet
+    LOADING = "LOADING"  # connected, loading the model
+    READY = "READY"  # loaded and idle
+    BUSY = "BUSY"  # running requests
+    DRAINING = "DRAINING"  # finishing what it runs, taking nothing new
+    STOPPED = "STOPPED"  # exited when asked to
+    FAILED = "FAILED"  # could not load, or died
+
+    @property
+    def ended(self) -> bool:
+        return self in (WorkerState.STOPPED, WorkerState.FAILED)
+
+
+class FrameWriter:
+    """Sends frames; safe to call from several threads."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._lock = threading.Lock()
+
+    def send(self, message: dict[str, Any]) -> None:
+        body = json.dumps(message, separators=(",", ":")).encode()
+        with self._lock:
+            self._sock.sendall(_HEADER.pack(len(body)) + body)
+
+    def try_send(self, message: dict[str, Any]) -> bool:
+        """Sends unless the peer is gone; whoever reads the socket notices that anyway."""
+        try:
+            self.send(message)
+        except OSError:
+            return False
+        return True
+
+
+class FrameReader:
+    """Reads frames from one thread; ``read()`` returns None at a clean end of stream."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._file: BinaryIO = sock.makefile("rb")
+
+    def read(self) -> dict[str, Any] | None:
+        head = self._file.read(_HEADER.size)
+        if not head:
+            return None
+        if len(head) < _HEADER.size:
+            raise EngineError("the worker connection ended inside a frame header")
+        (size,) = _HEADER.unpack(head)
+        if size > MAX_FRAME_BYTES:
+            raise EngineError(f"a worker frame claims {size} bytes; the stream is corrupt")
+        body = self._file.read(size)
+        if len(body) < size:
+            raise EngineError("the worker connection ended inside a frame")
+        message = json.loads(body)
+        if not isinstance(message, dict) or "op" not in message:
+            raise EngineError(f"a worker frame is not an RPC message: {body[:80]!r}")
+        return message
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def pack_output(out: RequestOutput) -> list[Any]:
+    u = out.usage
+    return [
+        out.request_id,
+        out.text,
+        out.token_ids,
+        out.finished,
+        out.finish_reason,
+        u.prompt_tokens,
+        u.completion_tokens,
+        u.cached_tokens,
+        out.error,
+    ]
+
+
+def unpack_output(row: list[Any]) -> RequestOutput:
+    rid, text, token_ids, finished, reason, prompt, completion, cached, error = row
+    return RequestOutput(
+        request_id=rid,
+        text=text,
+        token_ids=token_ids,
+        finished=finished,
+        finish_reason=reason,
+        usage=Usage(prompt, completion, cached),
+        error=error,
+    )
+
+
+def pack_params(params: SamplingParams) -> dict[str, Any]:
+    return dataclasses.asdict(params)
+
+
+def unpack_params(values: dict[str, Any]) -> SamplingParams:
+    return SamplingParams(**values)  # router and worker run the same version

@@ -1,0 +1,325 @@
+"""The router's handle on one worker process: spawn it, wait until it is READY, send it
+requests, stream their outputs back, and notice at once when it dies.
+
+It has the same surface as an in-process ``EngineService`` (``prepare``,
+``submit_prepared``, ``alive``, ``queue_depth``, ``free_kv_blocks``, ``close``), so a router
+can put either behind a model name. Prompts are encoded here, with the worker's tokenizer
+and capacity, so a bad request is refused before it crosses the socket.
+
+Example::
+
+    worker = WorkerProcess.spawn(worker_id="w1", model="smollm2-135m", home=home)
+    stream = worker.submit_prepared(worker.prepare("Hello", SamplingParams(max_tokens=8),
+                                                   request_id="r1"))
+    print(stream.result().text)
+    worker.close()
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ember_core import EngineError, InvalidRequestError
+from ember_functions.engine_config import EngineConfig
+from ember_functions.prompt import EncodedPrompt, Prompt, PromptEncoder
+from ember_functions.rpc import (
+    FrameReader,
+    FrameWriter,
+    WorkerState,
+    pack_params,
+    unpack_output,
+)
+from ember_functions.sampling_params import SamplingParams
+from ember_functions.sequence import FinishReason, RequestOutput, Usage
+from ember_functions.service import RequestStream
+from ember_functions.tokenizer import Tokenizer
+
+__all__ = ["RemoteRequest", "WorkerProcess", "socket_path"]
+
+log = logging.getLogger(__name__)
+
+
+def socket_path(worker_id: str, run_dir: Path | None = None) -> Path:
+    """Where worker ``worker_id`` connects: derived from its id, in a directory only this
+    user can enter. Short on purpose: a Unix socket path is at most 107 bytes."""
+    base = run_dir or Path(tempfile.gettempdir()) / f"ember-{os.getuid()}"
+    base.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return base / f"w-{worker_id}.sock"
+
+
+@dataclass(frozen=True)
+class RemoteRequest:
+    """A request encoded for a worker: what billing needs, and what the worker runs."""
+
+    request_id: str
+    encoded: EncodedPrompt
+    params: SamplingParams
+    cache_salt: str
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.encoded.ids)
+
+    @property
+    def max_tokens(self) -> int:
+        return self.encoded.max_tokens
+
+
+@dataclass
+class _Open:
+    stream: RequestStream
+    usage: Usage = field(default_factory=lambda: Usage(0, 0))  # as of the last output
+
+
+class WorkerProcess:
+    """One worker process and the connection to it. Build with :meth:`spawn`."""
+
+    def __init__(self, worker_id: str, proc: subprocess.Popen[bytes], sock: socket.socket) -> None:
+        self.worker_id = worker_id
+        self.proc = proc
+        self.state = WorkerState.LOADING
+        self.failure: str | None = None
+        self.phases: dict[str, float] = {}  # the last cold start, seconds per phase
+        self.model_name = ""
+        self._sock = sock
+        self._reader = FrameReader(sock)
+        self._writer = FrameWriter(sock)
+        self._lock = threading.Lock()
+        self._open: dict[str, _Open] = {}
+        self._free_kv_blocks = 0
+        self._prompts: PromptEncoder | None = None
+        self._closing = False
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    @classmethod
+    def spawn(
+        cls,
+        *,
+        worker_id: str,
+        model: str,
+        home: Path,
+        engine_config: EngineConfig | None = None,
+        run_dir: Path | None = None,
+        connect_timeout_s: float = 60.0,
+        load_timeout_s: float = 600.0,
+    ) -> WorkerProcess:
+        """Starts a worker and returns when it is READY; raises ``EngineError`` with the
+        worker's reason when it fails to start or to load."""
+        t0 = time.perf_counter()
+        path = socket_path(worker_id, run_dir)
+        path.unlink(missing_ok=True)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(path))
+        listener.listen(1)
+        config = dataclasses.asdict(engine_config or EngineConfig())
+        argv = [
+            sys.executable,
+            "-m",
+            "ember_functions.worker",
+            *("--worker-id", worker_id, "--socket", str(path)),
+            *("--home", str(home), "--model", model),
+            *("--engine-config", json.dumps(config)),
+        ]
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+        try:
+            sock = _accept(listener, proc, worker_id, connect_timeout_s)
+        finally:
+            listener.close()
+            path.unlink(missing_ok=True)  # connected or failed: the name is not needed again
+        worker = cls(worker_id, proc, sock)
+        worker.phases["spawn_s"] = time.perf_counter() - t0
+        worker._await_ready(load_timeout_s)
+        worker.phases["ready_s"] = time.perf_counter() - t0
+        threading.Thread(
+            target=worker._read_loop, name=f"ember-worker-{worker_id}", daemon=True
+        ).start()
+        return worker
+
+    def _await_ready(self, timeout_s: float) -> None:
+        self._sock.settimeout(timeout_s)
+        try:
+            while True:
+                message = self._reader.read()
+                if message is None or message["op"] == "failed":
+                    reason = (
+                        message["reason"]
+                        if message
+                        else f"it exited with code {self.proc.wait(timeout=10)}"
+                    )
+                    self._fail(reason)
+                    raise EngineError(f"worker {self.worker_id} failed to load its model: {reason}")
+                if message["op"] == "ready":
+                    break
+        except TimeoutError:
+            self._fail(f"not ready after {timeout_s:.0f} s")
+            self.proc.kill()
+            raise EngineError(
+                f"worker {self.worker_id} was not ready after {timeout_s:.0f} s; "
+                "raise load_timeout_s or check the worker's log"
+            ) from None
+        self._sock.settimeout(None)
+        self.model_name = message["model"]
+        self._free_kv_blocks = message["free_kv_blocks"]
+        self.phases.update(message["phases"])
+        self._prompts = PromptEncoder(
+            Tokenizer.from_dir(Path(message["tokenizer_dir"])),
+            vocab_size=message["vocab_size"],
+            token_capacity=message["token_capacity"],
+        )
+        self.state = WorkerState.READY
+
+    def _fail(self, reason: str) -> None:
+        self.failure = reason
+        self.state = WorkerState.FAILED
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Stops the worker: requests still running end cancelled, with their usage."""
+        self._closing = True
+        if self.proc.poll() is None:
+            self._writer.try_send({"op": "stop"})
+            try:
+                self.proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._sock.close()
+        if not self.state.ended:
+            self.state = WorkerState.STOPPED
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would (tests)."""
+        self.proc.kill()
+
+    # -- requests -----------------------------------------------------------------
+
+    @property
+    def alive(self) -> bool:
+        return self.state in (WorkerState.READY, WorkerState.BUSY)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._open)
+
+    @property
+    def free_kv_blocks(self) -> int:
+        """As of the worker's last step."""
+        return int(self._free_kv_blocks)
+
+    def prepare(
+        self,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        *,
+        request_id: str,
+        cache_salt: str = "",
+    ) -> RemoteRequest:
+        if self._prompts is None or not self.alive:
+            raise EngineError(self._down())
+        params = params or SamplingParams()
+        return RemoteRequest(request_id, self._prompts.encode(prompt, params), params, cache_salt)
+
+    def submit_prepared(self, request: RemoteRequest) -> RequestStream:
+        stream = RequestStream(request.request_id, self)
+        with self._lock:
+            if not self.alive:
+                raise EngineError(self._down())
+            if request.request_id in self._open:
+                raise InvalidRequestError(
+                    f"request id {request.request_id!r} is already running; use a unique id"
+                )
+            self._open[request.request_id] = _Open(stream)
+            self.state = WorkerState.BUSY
+        message = {
+            "op": "start",
+            "id": request.request_id,
+            "prompt_ids": request.encoded.ids,
+            "chat": request.encoded.chat,
+            "max_tokens": request.encoded.max_tokens,
+            "params": pack_params(request.params),
+            "cache_salt": request.cache_salt,
+        }
+        self._writer.try_send(message)  # if the worker is gone, the reader fails the stream
+        return stream
+
+    def cancel(self, request_id: str) -> None:
+        self._writer.try_send({"op": "cancel", "id": request_id})
+
+    def _down(self) -> str:
+        why = f": {self.failure}" if self.failure else ""
+        return (
+            f"worker {self.worker_id} is {self.state.value.lower()}{why}; "
+            "it takes no requests, retrying on another worker is safe"
+        )
+
+    # -- the reader thread ----------------------------------------------------------
+
+    def _read_loop(self) -> None:
+        try:
+            while (message := self._reader.read()) is not None:
+                if message["op"] == "outs":
+                    self._deliver([unpack_output(row) for row in message["outs"]])
+                    self._free_kv_blocks = message["free_kv_blocks"]
+        except (OSError, EngineError, ValueError) as exc:
+            if not self._closing:
+                log.warning("worker %s connection broke: %s", self.worker_id, exc)
+        code = self.proc.wait()
+        if self._closing and not self.state.ended:
+            self.state = WorkerState.STOPPED
+        else:
+            self._fail(f"the worker process (pid {self.proc.pid}) exited with code {code}")
+        with self._lock:
+            orphans, self._open = self._open, {}
+        reason = self.failure or "the worker stopped before the request finished"
+        for rid, entry in orphans.items():
+            entry.stream._deliver(_ended(rid, reason, entry.usage))
+
+    def _deliver(self, outs: list[RequestOutput]) -> None:
+        for out in outs:
+            with self._lock:
+                entry = self._open.get(out.request_id)
+                if entry is None:
+                    continue
+                entry.usage = out.usage
+                if out.finished:
+                    del self._open[out.request_id]
+                    if not self._open and self.state is WorkerState.BUSY:
+                        self.state = WorkerState.READY
+            entry.stream._deliver(out)
+
+
+def _ended(request_id: str, reason: str, usage: Usage) -> RequestOutput:
+    return RequestOutput(request_id, "", [], True, FinishReason.ERROR.value, usage, reason)
+
+
+def _accept(
+    listener: socket.socket, proc: subprocess.Popen[bytes], worker_id: str, timeout_s: float
+) -> socket.socket:
+    """The worker's connection, or a clear error if it exited or hung before connecting."""
+    listener.settimeout(0.1)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            sock, _ = listener.accept()
+            sock.settimeout(None)
+            return sock
+        except TimeoutError:
+            code = proc.poll()
+            if code is not None:
+                raise EngineError(
+                    f"worker {worker_id} exited with code {code} before connecting; "
+                    "its log above says why"
+                ) from None
+    proc.kill()
+    raise EngineError(f"worker {worker_id} did not connect within {timeout_s:.0f} s")
