@@ -18,13 +18,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ember_billing.service import BillingService
 from ember_core.errors import AuthenticationError, ConfigError, EmberError
 from ember_functions.sequence import Usage
 from ember_platform import openai_protocol as oai
+from ember_platform import openapi_docs as docs
 from ember_platform.http_errors import (
     PayloadTooLargeError,
     PayloadTooLargeHTTP,
@@ -236,6 +237,7 @@ def create_app(
     app = FastAPI(title="Ember", version="0.1.0", description="OpenAI-compatible LLM gateway")
     app.state.gateway = gw
     install_handlers(app)
+    docs.install_openapi(app)
 
     async def serve(body: oai._Sampling, prompt: Any, request: Request, kind: str) -> Response:
         received_s = time.perf_counter()
@@ -248,15 +250,27 @@ def create_app(
             )
         return JSONResponse(await gw.complete(run, received_s, body.model, kind))
 
-    @app.post("/v1/chat/completions", response_model=None)
+    # response_model=None everywhere: the routes build their bodies as dicts and FastAPI
+    # must not re-validate them per request; ``responses`` documents them (openapi_docs).
+    @app.post(
+        "/v1/chat/completions",
+        response_model=None,
+        responses=docs.CHAT,
+        openapi_extra=docs.SECURED,
+    )
     async def chat_completions(body: oai.ChatCompletionRequest, request: Request) -> Response:
         return await serve(body, body.prompt(), request, "chat")
 
-    @app.post("/v1/completions", response_model=None)
+    @app.post(
+        "/v1/completions",
+        response_model=None,
+        responses=docs.COMPLETIONS,
+        openapi_extra=docs.SECURED,
+    )
     async def completions(body: oai.CompletionRequest, request: Request) -> Response:
         return await serve(body, body.prompt, request, "text")
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=None, responses=docs.MODELS, openapi_extra=docs.SECURED)
     async def models(request: Request) -> dict[str, Any]:
         await gw.authenticate(request)
         return {
@@ -267,7 +281,7 @@ def create_app(
             ],
         }
 
-    @app.get("/v1/usage")
+    @app.get("/v1/usage", response_model=None, responses=docs.USAGE, openapi_extra=docs.SECURED)
     async def usage(request: Request, period: str | None = None) -> dict[str, Any]:
         tenant, _ = await gw.authenticate(request)
         rows = await asyncio.to_thread(
@@ -291,11 +305,11 @@ def create_app(
             ],
         }
 
-    @app.get("/healthz")
+    @app.get("/healthz", response_model=None, responses=docs.HEALTH)
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz", response_model=None)
+    @app.get("/readyz", response_model=None, responses=docs.READY)
     async def readyz() -> Response:
         ready = gw.router.ready()
         return JSONResponse(
@@ -303,7 +317,7 @@ def create_app(
             status_code=200 if ready else 503,
         )
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses=docs.METRICS)
     async def metrics() -> Response:
         gw.metrics.queue_depth.set(gw.router.queue_depth())
         gw.metrics.engine_ready.set(1 if gw.router.ready() else 0)

@@ -5,6 +5,9 @@ Requests are pydantic models, so FastAPI documents exactly what the server accep
 OpenAPI schema and rejects anything else with a 400 before it reaches the engine. Fields the
 engine cannot honour (``n`` > 1, ``logprobs``, tools) are refused with a message that says
 so, rather than silently ignored.
+
+The response bodies are built as plain dicts (one per streamed token: no validation on the
+hot path); ``openai_responses`` describes them as pydantic models for the OpenAPI schema.
 """
 
 from __future__ import annotations
