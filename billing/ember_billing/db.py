@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
@@ -103,6 +103,13 @@ def make_engine(
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
+        # SQLite refuses to change the safety level inside a transaction, so a hold-only
+        # transaction (see session_scope) sets it here, just before BEGIN.
+        flush = durable and not conn.get_execution_options().get(_HOLD_ONLY, False)
+        level = "FULL" if flush else "NORMAL"
+        if conn.info.get("synchronous") != level:
+            conn.exec_driver_sql(f"PRAGMA synchronous={level}")
+            conn.info["synchronous"] = level
         # IMMEDIATE takes the write lock up front: a transaction that reads and then
         # writes can never fail mid-way with "database is locked" on the upgrade, and
         # read-then-decide code inside it sees data no one else can change.
@@ -112,22 +119,40 @@ def make_engine(
     return engine
 
 
+_HOLD_ONLY = "ember_hold_only"
+
+
 @contextmanager
-def session_scope(engine: Engine, *, snapshot: bool = False) -> Iterator[Session]:
+def session_scope(
+    engine: Engine, *, snapshot: bool = False, hold_only: bool = False
+) -> Iterator[Session]:
     """One transaction: committed if the block returns, rolled back if it raises.
 
     ``snapshot=True`` makes every statement of the transaction see the same committed
     state (REPEATABLE READ on PostgreSQL, whose default READ COMMITTED gives each
     statement its own): for reports that add up several queries while settlements
-    commit. SQLite transactions here are serialized anyway."""
+    commit. SQLite transactions here are serialized anyway.
+
+    ``hold_only=True`` commits without waiting for the disk (SQLite ``synchronous=NORMAL``,
+    PostgreSQL ``synchronous_commit=off`` for this transaction), for writes that are holds,
+    not money: reservations. Both logs are sequential, so the next durable commit (the
+    request's settlement) makes this one durable too; a machine crash before that loses
+    only holds of requests that were running on it, which is what releasing them means.
+    It takes a fsync (~1-3 ms) off the path every request waits on before it starts."""
     lock = _SQLITE_WRITERS.get(engine)
-    bind = engine
+    options: dict[str, Any] = {}
     if snapshot and lock is None:
-        bind = engine.execution_options(isolation_level="REPEATABLE READ")
+        options["isolation_level"] = "REPEATABLE READ"
+    postgres = engine.dialect.name == "postgresql"
+    if hold_only and not postgres:
+        options[_HOLD_ONLY] = True
+    bind = engine.execution_options(**options) if options else engine
     with lock if lock is not None else nullcontext():
         session = Session(bind, expire_on_commit=False, autoflush=False)
         try:
             with session.begin():
+                if hold_only and postgres:
+                    session.execute(text("SET LOCAL synchronous_commit = off"))
                 yield session
         finally:
             session.close()

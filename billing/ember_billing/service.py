@@ -120,8 +120,8 @@ class BillingService(admin.AdminMixin, reports.ReportsMixin):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _session(self, *, snapshot: bool = False) -> Any:
-        return session_scope(self.engine, snapshot=snapshot)
+    def _session(self, *, snapshot: bool = False, hold_only: bool = False) -> Any:
+        return session_scope(self.engine, snapshot=snapshot, hold_only=hold_only)
 
     def _price_of(self, session: Session, price_id: int) -> Prices:
         prices = self._prices.get(price_id)
@@ -203,7 +203,7 @@ class BillingService(admin.AdminMixin, reports.ReportsMixin):
         period = period_of(now)
         expires = now + dt.timedelta(seconds=self.config.reservation_ttl_s)
         given = [r.request_id for r in requests if r.request_id is not None]
-        with self._session() as s:
+        with self._session(hold_only=True) as s:  # holds, not money: no fsync wait
             earlier = {
                 row.request_id: row for row in repositories.reservations_by_request(s, given)
             }

@@ -61,8 +61,8 @@ class EmbeddedBackend:
             service = self._services.get(model)
             if service is None:
                 from ember_functions.engine_config import EngineConfig
-                from ember_functions.service import EngineService
                 from ember_functions.loading import load_engine
+                from ember_functions.service import EngineService
                 from ember_weights_store import ModelCatalog, default_home
 
                 catalog = ModelCatalog(default_home() if self.home is None else Path(self.home))
