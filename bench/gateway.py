@@ -4,11 +4,13 @@
 
 At 1, 8 and 32 concurrent streaming clients (closed loop: each client sends its next request
 when the previous one ends), the same prompts go (a) straight to an in-process
-``EngineService`` and (b) through ``ember serve`` (a separate process: HTTP, auth, reserve
-and settle in a SQLite ledger with durable commits, SSE). Time to first token is measured
-from sending the request to receiving the first non-empty text delta. The server is idle
-while the direct runs go, and the direct engine is idle while the gateway runs go; rounds
-alternate, medians of the percentiles are reported. Overhead = gateway - direct.
+``EngineService`` (the issue's baseline, "direct"), (b) to the same engine in a worker process
+driven through ``WorkerProcess`` (no HTTP: what the process hop costs or saves), and (c)
+through ``ember serve`` (HTTP, auth, reserve and settle in a SQLite ledger with durable
+commits, SSE, then the same kind of worker process). Time to first token is measured from
+sending the request to receiving the first non-empty text delta. Only one path runs at a
+time; rounds alternate, medians of the percentiles are reported. Overhead = gateway - direct;
+``overhead_vs_worker`` = gateway - worker is what the HTTP layers alone add.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -24,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 LEVELS = (1, 8, 32)
+PATHS = ("direct", "worker", "gateway")
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -39,7 +43,8 @@ def prompts(n: int) -> list[list[dict[str, str]]]:
     ]
 
 
-async def run_direct(service: Any, level: int, per_client: int, max_tokens: int) -> dict[str, Any]:
+async def run_direct(endpoint: Any, level: int, per_client: int, max_tokens: int) -> dict[str, Any]:
+    """Closed-loop clients on an ``EngineService`` or a ``WorkerProcess`` (same surface)."""
     from ember_functions.sampling_params import SamplingParams
 
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
@@ -47,10 +52,12 @@ async def run_direct(service: Any, level: int, per_client: int, max_tokens: int)
     work = prompts(level * per_client)
 
     async def client(k: int) -> None:
-        for p in work[k::level]:
+        for i, p in enumerate(work[k::level]):
             t0 = time.perf_counter()
             first = True
-            async for out in service.submit(p, params):
+            rid = f"bench-{k}-{i}-{time.monotonic_ns()}"
+            stream = endpoint.submit_prepared(endpoint.prepare(p, params, request_id=rid))
+            async for out in stream:
                 if first and out.text:
                     ttfts.append(time.perf_counter() - t0)
                     first = False
@@ -167,30 +174,36 @@ def main() -> None:
     rounds, per_client = (1, 2) if args.quick else (args.rounds, args.per_client)
 
     from ember_functions.engine_config import EngineConfig
-    from ember_functions.service import EngineService
     from ember_functions.loading import load_engine
+    from ember_functions.service import EngineService
+    from ember_functions.worker_process import WorkerProcess
     from ember_weights_store import ModelCatalog, default_home
 
     home = default_home()
     catalog = ModelCatalog(home)
-    engine = load_engine(
-        catalog, args.model, EngineConfig(num_threads=args.threads, max_num_seqs=32), err=sys.stderr
-    )
+    config = EngineConfig(num_threads=args.threads, max_num_seqs=32)
+    engine = load_engine(catalog, args.model, config, err=sys.stderr)
     model_name = engine.model_name
     service = EngineService(engine)
     service.start()
-    results: dict[str, dict[int, list[dict[str, Any]]]] = {"direct": {}, "gateway": {}}
+    worker = WorkerProcess.spawn(
+        worker_id=f"bench-{os.getpid()}", model=args.model, home=home, engine_config=config
+    )
+    endpoints = {"direct": service, "worker": worker}
+    results: dict[str, dict[int, list[dict[str, Any]]]] = {p: {} for p in PATHS}
     with tempfile.TemporaryDirectory() as tmp:
         server, base, key = start_server(args.model, home, Path(tmp) / "ledger.db", args.threads)
         try:
-            # Warm-up on both paths: first calls pay for allocations and lazy imports.
-            asyncio.run(run_direct(service, 2, 1, args.max_tokens))
+            # Warm-up on every path: first calls pay for allocations and lazy imports.
+            for endpoint in endpoints.values():
+                asyncio.run(run_direct(endpoint, 2, 1, args.max_tokens))
             for r in range(rounds):
-                for level in LEVELS:
-                    d = asyncio.run(
-                        run_direct(service, level, _per(level, per_client), args.max_tokens)
-                    )
-                    results["direct"].setdefault(level, []).append(d)
+                for path, endpoint in endpoints.items():
+                    for level in LEVELS:
+                        d = asyncio.run(
+                            run_direct(endpoint, level, _per(level, per_client), args.max_tokens)
+                        )
+                        results[path].setdefault(level, []).append(d)
                 port = int(base.rsplit(":", 1)[1])
                 g = asyncio.run(gateway_round(port, key, model_name, per_client, args.max_tokens))
                 for level in LEVELS:
@@ -199,6 +212,7 @@ def main() -> None:
         finally:
             server.stop()
             service.close()
+            worker.close()
 
     out: dict[str, Any] = {
         "model": model_name,
@@ -209,32 +223,39 @@ def main() -> None:
     }
     print(f"\nTTFT ms (median over rounds), {model_name}, {args.max_tokens} tokens per request")
     print(
-        f"{'clients':>8} {'direct p50':>11} {'gateway p50':>12} {'overhead':>9} "
-        f"{'direct p99':>11} {'gateway p99':>12} {'overhead':>9} {'gw req/s':>9}"
+        f"{'clients':>7} {'pct':>4} {'direct':>8} {'worker':>8} {'gateway':>8} "
+        f"{'gw-direct':>10} {'gw-worker':>10}   req/s direct / worker / gateway"
     )
     for level in LEVELS:
         row: dict[str, float] = {}
-        for path in ("direct", "gateway"):
+        for path in PATHS:
             runs = results[path][level]
             row[f"{path}_p50_ms"] = statistics.median(_pct(x["ttft"], 0.5) for x in runs) * 1e3
             row[f"{path}_p99_ms"] = statistics.median(_pct(x["ttft"], 0.99) for x in runs) * 1e3
             row[f"{path}_req_s"] = statistics.median(x["requests"] / x["wall_s"] for x in runs)
-        row["overhead_p50_ms"] = row["gateway_p50_ms"] - row["direct_p50_ms"]
-        row["overhead_p99_ms"] = row["gateway_p99_ms"] - row["direct_p99_ms"]
+        for q in ("p50", "p99"):
+            row[f"overhead_{q}_ms"] = row[f"gateway_{q}_ms"] - row[f"direct_{q}_ms"]
+            row[f"overhead_vs_worker_{q}_ms"] = row[f"gateway_{q}_ms"] - row[f"worker_{q}_ms"]
+            rates = " / ".join(f"{row[f'{p}_req_s']:.2f}" for p in PATHS) if q == "p50" else ""
+            print(
+                f"{level:>7} {q:>4} {row[f'direct_{q}_ms']:>8.1f} {row[f'worker_{q}_ms']:>8.1f} "
+                f"{row[f'gateway_{q}_ms']:>8.1f} {row[f'overhead_{q}_ms']:>+10.1f} "
+                f"{row[f'overhead_vs_worker_{q}_ms']:>+10.1f}   {rates}"
+            )
         out["levels"][level] = row
-        print(
-            f"{level:>8} {row['direct_p50_ms']:>11.1f} {row['gateway_p50_ms']:>12.1f} "
-            f"{row['overhead_p50_ms']:>9.1f} {row['direct_p99_ms']:>11.1f} "
-            f"{row['gateway_p99_ms']:>12.1f} {row['overhead_p99_ms']:>9.1f} "
-            f"{row['gateway_req_s']:>9.2f}"
-        )
     lv = out["levels"]
     out["overhead_ttft_p50_ms_c1"] = lv[1]["overhead_p50_ms"]
     out["overhead_ttft_p99_ms_c32"] = lv[32]["overhead_p99_ms"]
     out["requests_per_s_c32"] = lv[32]["gateway_req_s"]
     out["requests_per_s_c32_direct"] = lv[32]["direct_req_s"]
+    out["overhead_vs_worker_ttft_p50_ms_c1"] = lv[1]["overhead_vs_worker_p50_ms"]
+    out["overhead_vs_worker_ttft_p99_ms_c32"] = lv[32]["overhead_vs_worker_p99_ms"]
     print(f"\noverhead_ttft_p50_ms_c1 {out['overhead_ttft_p50_ms_c1']:.1f} (target <= 3)")
     print(f"overhead_ttft_p99_ms_c32 {out['overhead_ttft_p99_ms_c32']:.1f} (target <= 20)")
+    print(
+        f"gateway - worker process: p50 at 1 client {out['overhead_vs_worker_ttft_p50_ms_c1']:+.1f}"
+        f" ms, p99 at 32 {out['overhead_vs_worker_ttft_p99_ms_c32']:+.1f} ms"
+    )
     print(
         f"requests_per_s_c32 {out['requests_per_s_c32']:.2f} "
         f"(direct {out['requests_per_s_c32_direct']:.2f})"

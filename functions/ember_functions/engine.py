@@ -32,7 +32,13 @@ from ember_functions.runner import ModelRunner
 from ember_functions.sampler import Sampler
 from ember_functions.sampling_params import SamplingParams
 from ember_functions.scheduler import Scheduler
-from ember_functions.sequence import FinishReason, RequestOutput, SequenceStatus, Usage
+from ember_functions.sequence import (
+    Completion,
+    FinishReason,
+    RequestOutput,
+    SequenceStatus,
+    Usage,
+)
 from ember_functions.sequence import Sequence as Seq
 from ember_functions.stop_strings import StopStringMatcher
 from ember_functions.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -407,25 +413,3 @@ def _build_model(
 def _tokenizer_dir_name(files: Mapping[str, str]) -> str:
     digest = hashlib.sha256(json.dumps(sorted(files.items())).encode()).hexdigest()
     return digest[:32]
-
-
-@dataclass(frozen=True)
-class Completion:
-    request_id: str
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None
-    usage: Usage
-    error: str | None = None
-
-    @classmethod
-    def from_outputs(cls, outputs: Sequence[RequestOutput]) -> Completion:
-        last = outputs[-1]
-        return cls(
-            request_id=last.request_id,
-            text="".join(o.text for o in outputs),
-            token_ids=[t for o in outputs for t in o.token_ids],
-            finish_reason=last.finish_reason,
-            usage=last.usage,
-            error=last.error,
-        )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence as _Seq
 from dataclasses import dataclass, field
 
 from ember_functions.sampling_params import SamplingParams
@@ -46,6 +47,28 @@ class RequestOutput:
     finish_reason: str | None
     usage: Usage
     error: str | None = None
+
+
+@dataclass(frozen=True)
+class Completion:
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    usage: Usage
+    error: str | None = None
+
+    @classmethod
+    def from_outputs(cls, outputs: _Seq[RequestOutput]) -> Completion:
+        last = outputs[-1]
+        return cls(
+            request_id=last.request_id,
+            text="".join(o.text for o in outputs),
+            token_ids=[t for o in outputs for t in o.token_ids],
+            finish_reason=last.finish_reason,
+            usage=last.usage,
+            error=last.error,
+        )
 
 
 @dataclass(eq=False)

@@ -41,8 +41,8 @@ from ember_functions.rpc import (
     unpack_output,
 )
 from ember_functions.sampling_params import SamplingParams
-from ember_functions.sequence import FinishReason, RequestOutput, Usage
-from ember_functions.service import RequestStream
+from ember_functions.sequence import RequestOutput, Usage
+from ember_functions.stream import RequestStream, aborted
 from ember_functions.tokenizer import Tokenizer
 
 __all__ = ["RemoteRequest", "WorkerProcess", "socket_path"]
@@ -283,7 +283,7 @@ class WorkerProcess:
             orphans, self._open = self._open, {}
         reason = self.failure or "the worker stopped before the request finished"
         for rid, entry in orphans.items():
-            entry.stream._deliver(_ended(rid, reason, entry.usage))
+            entry.stream._deliver(aborted(rid, reason, entry.usage))
 
     def _deliver(self, outs: list[RequestOutput]) -> None:
         for out in outs:
@@ -297,10 +297,6 @@ class WorkerProcess:
                     if not self._open and self.state is WorkerState.BUSY:
                         self.state = WorkerState.READY
             entry.stream._deliver(out)
-
-
-def _ended(request_id: str, reason: str, usage: Usage) -> RequestOutput:
-    return RequestOutput(request_id, "", [], True, FinishReason.ERROR.value, usage, reason)
 
 
 def _accept(

@@ -16,7 +16,8 @@ from ember_core import ContextLengthError, EngineError, InvalidRequestError, Mod
 from ember_functions.engine import Completion, LLMEngine, RequestOutput
 from ember_functions.sampling_params import SamplingParams
 from ember_functions.sequence import Usage
-from ember_functions.service import EngineService, RequestStream
+from ember_functions.service import EngineService
+from ember_functions.stream import RequestStream
 
 EngineFactory = Callable[..., LLMEngine]
 TIMEOUT_S = 30.0

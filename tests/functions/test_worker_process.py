@@ -1,0 +1,196 @@
+"""Worker processes: a real ``python -m ember_functions.worker`` per test, spoken to over
+its Unix socket by ``WorkerProcess``, the router's handle."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from ember_core import ContextLengthError, EngineError, InvalidRequestError
+from ember_functions.engine import Completion, LLMEngine
+from ember_functions.engine_config import EngineConfig
+from ember_functions.prompt import Prompt
+from ember_functions.rpc import WorkerState
+from ember_functions.sampling_params import SamplingParams
+from ember_functions.stream import RequestStream
+from ember_functions.worker_process import WorkerProcess, socket_path
+
+EngineFactory = Callable[..., LLMEngine]
+TIMEOUT_S = 60.0
+CONFIG = EngineConfig(dtype="float32", num_kv_blocks=256, block_size=16, num_threads=1)
+GREEDY_16 = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+LONG = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
+
+
+def prompt_ids(seed: int, length: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(256) for _ in range(length)]
+
+
+def spawn(model: Path, home: Path, worker_id: str = "") -> WorkerProcess:
+    return WorkerProcess.spawn(
+        worker_id=worker_id or f"t{os.getpid()}-{time.monotonic_ns()}",
+        model=str(model),
+        home=home,
+        engine_config=CONFIG,
+    )
+
+
+@pytest.fixture
+def worker(tiny_model: Callable[..., Path], tmp_path: Path) -> Iterator[WorkerProcess]:
+    w = spawn(tiny_model("llama"), tmp_path)
+    yield w
+    w.close()
+
+
+def submit(
+    worker: WorkerProcess, prompt: object, params: SamplingParams, rid: str
+) -> RequestStream:
+    return worker.submit_prepared(worker.prepare(prompt, params, request_id=rid))  # type: ignore[arg-type]
+
+
+def result_within(stream: RequestStream, timeout: float = TIMEOUT_S) -> Completion:
+    box: list[Completion | BaseException] = []
+
+    def read() -> None:
+        try:
+            box.append(stream.result())
+        except BaseException as exc:
+            box.append(exc)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout)
+    if not box:
+        pytest.fail(f"stream {stream.request_id} did not end within {timeout} s")
+    if isinstance(box[0], BaseException):
+        raise box[0]
+    return box[0]
+
+
+def wait_for(predicate: Callable[[], bool], what: str, timeout: float = TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting until {what}")
+        time.sleep(0.01)
+
+
+def test_ready_worker_reports_its_cold_start_and_serves_exactly_what_the_engine_does(
+    worker: WorkerProcess, make_engine: EngineFactory
+) -> None:
+    assert worker.state is WorkerState.READY and worker.alive
+    assert worker.model_name == "llama-float32"
+    for phase in ("spawn_s", "imports_s", "load_s", "ready_s"):
+        assert worker.phases[phase] > 0, phase
+    assert worker.phases["ready_s"] >= worker.phases["load_s"]
+
+    reference = make_engine("llama", **{"num_threads": 1})
+    prompts: list[Prompt] = [
+        prompt_ids(1, 20),
+        "hello there",
+        [{"role": "user", "content": "hi"}],
+    ]
+    for i, prompt in enumerate(prompts):
+        got = result_within(submit(worker, prompt, GREEDY_16, f"r{i}"))
+        (want,) = reference.generate([prompt], GREEDY_16)
+        assert (got.token_ids, got.text, got.usage) == (want.token_ids, want.text, want.usage)
+        assert got.finish_reason == "length"
+
+
+def test_concurrent_streams_batch_and_give_every_kv_block_back(worker: WorkerProcess) -> None:
+    start_blocks = worker.free_kv_blocks
+
+    async def run_all() -> list[list[str]]:
+        async def one(i: int) -> list[str]:
+            stream = submit(worker, prompt_ids(i, 10 + i), GREEDY_16, f"c{i}")
+            return [out.text async for out in stream]
+
+        return await asyncio.gather(*(one(i) for i in range(12)))
+
+    texts = asyncio.run(run_all())
+    assert len(texts) == 12 and all(texts)
+    assert worker.queue_depth == 0 and worker.state is WorkerState.READY
+    assert worker.free_kv_blocks == start_blocks
+
+
+def test_cancel_mid_stream_ends_the_request_with_its_usage(worker: WorkerProcess) -> None:
+    start_blocks = worker.free_kv_blocks
+    stream = submit(worker, prompt_ids(3, 12), LONG, "cancel-me")
+    outputs = iter(stream)
+    for _ in range(3):
+        next(outputs)
+    stream.cancel()
+    rest = list(outputs)
+    final = rest[-1]
+    assert final.finished and final.finish_reason == "cancelled"
+    assert 3 <= final.usage.completion_tokens < LONG.max_tokens  # type: ignore[operator]
+    wait_for(lambda: worker.free_kv_blocks == start_blocks, "the worker freed the blocks")
+
+
+def test_bad_requests_are_refused_before_they_reach_the_worker(worker: WorkerProcess) -> None:
+    with pytest.raises(ContextLengthError, match="context window"):
+        worker.prepare(prompt_ids(4, 5000), GREEDY_16, request_id="too-long")
+    with pytest.raises(InvalidRequestError, match="outside the vocabulary"):
+        worker.prepare([10**6], GREEDY_16, request_id="bad-token")
+    stream = submit(worker, prompt_ids(5, 8), LONG, "dup")
+    with pytest.raises(InvalidRequestError, match="already running"):
+        submit(worker, prompt_ids(5, 8), GREEDY_16, "dup")
+    stream.cancel()
+    result_within(stream)
+    assert result_within(submit(worker, "still serving", GREEDY_16, "after")).token_ids
+
+
+def test_kill_9_mid_stream_fails_open_requests_with_a_retryable_error(
+    worker: WorkerProcess,
+) -> None:
+    streams = [submit(worker, prompt_ids(i, 10), LONG, f"k{i}") for i in range(3)]
+    first = iter(streams[0])
+    next(first)  # it is generating
+    os.kill(worker.proc.pid, signal.SIGKILL)
+    for stream in streams:
+        with pytest.raises(EngineError, match=r"exited with code -9.*retrying it is safe"):
+            result_within(stream)
+    # What each request produced before the crash is its usage (what gets billed).
+    assert streams[0].outputs[-1].usage.completion_tokens >= 1
+    wait_for(lambda: worker.state is WorkerState.FAILED, "the worker is FAILED")
+    assert not worker.alive and "exited with code -9" in (worker.failure or "")
+    with pytest.raises(EngineError, match=r"failed.*retrying on another worker is safe"):
+        worker.prepare("hi", GREEDY_16, request_id="after-death")
+
+
+def test_a_worker_that_cannot_load_fails_with_the_reason(
+    copy_model: Callable[..., Path], tmp_path: Path
+) -> None:
+    model = copy_model("llama")
+    config = json.loads((model / "config.json").read_text())
+    config["hidden_size"] = 24  # no longer matches the weights
+    (model / "config.json").write_text(json.dumps(config))
+    t0 = time.monotonic()
+    with pytest.raises(EngineError, match=r"failed to load its model: ") as err:
+        spawn(model, tmp_path, "corrupt")
+    assert time.monotonic() - t0 < TIMEOUT_S
+    assert "hidden" in str(err.value) or "shape" in str(err.value)
+    assert not socket_path("corrupt").exists()
+
+
+def test_close_ends_running_requests_as_cancelled_and_removes_the_socket(
+    tiny_model: Callable[..., Path], tmp_path: Path
+) -> None:
+    worker = spawn(tiny_model("llama"), tmp_path, "closing")
+    assert not socket_path("closing").exists()  # connected: the name is gone already
+    stream = submit(worker, prompt_ids(6, 10), LONG, "running")
+    next(iter(stream))
+    worker.close()
+    final = result_within(stream)
+    assert final.finish_reason == "cancelled" and final.usage.completion_tokens >= 1
+    assert worker.state is WorkerState.STOPPED and worker.proc.returncode == 0
