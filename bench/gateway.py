@@ -47,7 +47,8 @@ async def run_direct(endpoint: Any, level: int, per_client: int, max_tokens: int
     """Closed-loop clients on an ``EngineService`` or a ``WorkerProcess`` (same surface)."""
     from ember_functions.sampling_params import SamplingParams
 
-    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    # What the gateway path asks for too (the OpenAI API has no ignore_eos): same tokens.
+    params = SamplingParams(max_tokens=max_tokens, temperature=0)
     ttfts: list[float] = []
     work = prompts(level * per_client)
 

@@ -15,6 +15,7 @@ from ember_core.errors import (
     NotFoundError,
     RateLimitError,
     RequestCancelledError,
+    WorkerUnavailableError,
 )
 
 __all__ = [
@@ -32,4 +33,5 @@ __all__ = [
     "NotFoundError",
     "RateLimitError",
     "RequestCancelledError",
+    "WorkerUnavailableError",
 ]

@@ -76,6 +76,12 @@ class CapacityError(EmberError):
     retryable = True
 
 
+class WorkerUnavailableError(CapacityError):
+    """No worker can run this model's requests now (it failed, or is stopping)."""
+
+    code = "worker_unavailable"
+
+
 class RequestCancelledError(EmberError):
     """The request was cancelled (client went away or the caller cancelled it)."""
 

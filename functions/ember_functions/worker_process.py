@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ember_core import EngineError, InvalidRequestError
+from ember_core import EngineError, InvalidRequestError, WorkerUnavailableError
 from ember_functions.engine_config import EngineConfig
 from ember_functions.prompt import EncodedPrompt, Prompt, PromptEncoder
 from ember_functions.rpc import (
@@ -226,7 +226,7 @@ class WorkerProcess:
         cache_salt: str = "",
     ) -> RemoteRequest:
         if self._prompts is None or not self.alive:
-            raise EngineError(self._down())
+            raise WorkerUnavailableError(self._down())
         params = params or SamplingParams()
         return RemoteRequest(request_id, self._prompts.encode(prompt, params), params, cache_salt)
 
@@ -234,7 +234,7 @@ class WorkerProcess:
         stream = RequestStream(request.request_id, self)
         with self._lock:
             if not self.alive:
-                raise EngineError(self._down())
+                raise WorkerUnavailableError(self._down())
             if request.request_id in self._open:
                 raise InvalidRequestError(
                     f"request id {request.request_id!r} is already running; use a unique id"

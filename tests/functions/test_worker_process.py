@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from ember_core import ContextLengthError, EngineError, InvalidRequestError
+from ember_core import ContextLengthError, EngineError, InvalidRequestError, WorkerUnavailableError
 from ember_functions.engine import Completion, LLMEngine
 from ember_functions.engine_config import EngineConfig
 from ember_functions.prompt import Prompt
@@ -164,7 +164,7 @@ def test_kill_9_mid_stream_fails_open_requests_with_a_retryable_error(
     assert streams[0].outputs[-1].usage.completion_tokens >= 1
     wait_for(lambda: worker.state is WorkerState.FAILED, "the worker is FAILED")
     assert not worker.alive and "exited with code -9" in (worker.failure or "")
-    with pytest.raises(EngineError, match=r"failed.*retrying on another worker is safe"):
+    with pytest.raises(WorkerUnavailableError, match=r"failed.*retrying on another worker"):
         worker.prepare("hi", GREEDY_16, request_id="after-death")
 
 
