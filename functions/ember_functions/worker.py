@@ -126,12 +126,12 @@ class _Serve:
                 log.warning("ignoring unknown command %r", message["op"])
 
 
-def _load(args: argparse.Namespace) -> tuple[LLMEngine, dict[str, float]]:
+def _load(args: argparse.Namespace, t0: float) -> tuple[LLMEngine, dict[str, float]]:
     from ember_functions.engine_config import EngineConfig
     from ember_functions.loading import load_engine
     from ember_weights_store import ModelCatalog
 
-    phases = {"imports_s": time.perf_counter() - _T0}
+    phases = {"imports_s": time.perf_counter() - t0}
     t_load = time.perf_counter()
     config = EngineConfig.from_dict(json.loads(args.engine_config))
     engine = load_engine(ModelCatalog(Path(args.home)), args.model, config, err=sys.stderr)
@@ -148,7 +148,10 @@ def _load(args: argparse.Namespace) -> tuple[LLMEngine, dict[str, float]]:
     return engine, phases
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, started_s: float | None = None) -> int:
+    """Runs a worker until its router goes away. ``started_s`` (``time.perf_counter()``) is
+    when this worker began: a zygote's fork, else this module's import."""
+    t0 = _T0 if started_s is None else started_s
     ap = argparse.ArgumentParser(prog="python -m ember_functions.worker")
     ap.add_argument("--worker-id", required=True)
     ap.add_argument("--socket", required=True)
@@ -164,13 +167,13 @@ def main(argv: list[str] | None = None) -> int:
     writer, reader = FrameWriter(sock), FrameReader(sock)
     writer.send({"op": "state", "state": "LOADING", "pid": os.getpid()})
     try:
-        engine, phases = _load(args)
+        engine, phases = _load(args, t0)
     except Exception as exc:
         reason = f"{type(exc).__name__}: {getattr(exc, 'message', exc)}"
         log.error("could not load %s: %s", args.model, reason)
         writer.send({"op": "failed", "reason": reason})
         return 1
-    phases["ready_s"] = time.perf_counter() - _T0
+    phases["ready_s"] = time.perf_counter() - t0
     writer.send(
         {
             "op": "ready",

@@ -20,11 +20,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import socket
 import subprocess
-import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -32,6 +29,7 @@ from pathlib import Path
 
 from ember_core import EngineError, InvalidRequestError, WorkerUnavailableError
 from ember_functions.engine_config import EngineConfig
+from ember_functions.launch import Launched, Launcher, SubprocessLauncher, accept, socket_path
 from ember_functions.prompt import EncodedPrompt, Prompt, PromptEncoder
 from ember_functions.rpc import (
     FrameReader,
@@ -48,14 +46,6 @@ from ember_functions.tokenizer import Tokenizer
 __all__ = ["RemoteRequest", "WorkerProcess", "socket_path"]
 
 log = logging.getLogger(__name__)
-
-
-def socket_path(worker_id: str, run_dir: Path | None = None) -> Path:
-    """Where worker ``worker_id`` connects: derived from its id, in a directory only this
-    user can enter. Short on purpose: a Unix socket path is at most 107 bytes."""
-    base = run_dir or Path(tempfile.gettempdir()) / f"ember-{os.getuid()}"
-    base.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return base / f"w-{worker_id}.sock"
 
 
 @dataclass(frozen=True)
@@ -85,7 +75,7 @@ class _Open:
 class WorkerProcess:
     """One worker process and the connection to it. Build with :meth:`spawn`."""
 
-    def __init__(self, worker_id: str, proc: subprocess.Popen[bytes], sock: socket.socket) -> None:
+    def __init__(self, worker_id: str, proc: Launched, sock: socket.socket) -> None:
         self.worker_id = worker_id
         self.proc = proc
         self.state = WorkerState.LOADING
@@ -112,10 +102,12 @@ class WorkerProcess:
         home: Path,
         engine_config: EngineConfig | None = None,
         run_dir: Path | None = None,
+        launcher: Launcher | None = None,
         connect_timeout_s: float = 60.0,
         load_timeout_s: float = 600.0,
     ) -> WorkerProcess:
-        """Starts a worker and returns when it is READY; raises ``EngineError`` with the
+        """Starts a worker (a new interpreter, or a fork of a ``Zygote`` given as
+        ``launcher``) and returns when it is READY; raises ``EngineError`` with the
         worker's reason when it fails to start or to load."""
         t0 = time.perf_counter()
         path = socket_path(worker_id, run_dir)
@@ -124,17 +116,19 @@ class WorkerProcess:
         listener.bind(str(path))
         listener.listen(1)
         config = dataclasses.asdict(engine_config or EngineConfig())
-        argv = [
-            sys.executable,
-            "-m",
-            "ember_functions.worker",
+        args = [
             *("--worker-id", worker_id, "--socket", str(path)),
             *("--home", str(home), "--model", model),
             *("--engine-config", json.dumps(config)),
         ]
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
         try:
-            sock = _accept(listener, proc, worker_id, connect_timeout_s)
+            proc = (launcher or SubprocessLauncher()).launch(args)
+        except BaseException:
+            listener.close()
+            path.unlink(missing_ok=True)
+            raise
+        try:
+            sock = accept(listener, proc, f"worker {worker_id}", connect_timeout_s)
         finally:
             listener.close()
             path.unlink(missing_ok=True)  # connected or failed: the name is not needed again
@@ -297,25 +291,3 @@ class WorkerProcess:
                     if not self._open and self.state is WorkerState.BUSY:
                         self.state = WorkerState.READY
             entry.stream._deliver(out)
-
-
-def _accept(
-    listener: socket.socket, proc: subprocess.Popen[bytes], worker_id: str, timeout_s: float
-) -> socket.socket:
-    """The worker's connection, or a clear error if it exited or hung before connecting."""
-    listener.settimeout(0.1)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            sock, _ = listener.accept()
-            sock.settimeout(None)
-            return sock
-        except TimeoutError:
-            code = proc.poll()
-            if code is not None:
-                raise EngineError(
-                    f"worker {worker_id} exited with code {code} before connecting; "
-                    "its log above says why"
-                ) from None
-    proc.kill()
-    raise EngineError(f"worker {worker_id} did not connect within {timeout_s:.0f} s")

@@ -18,6 +18,7 @@ import pytest
 from ember_core import ContextLengthError, EngineError, InvalidRequestError, WorkerUnavailableError
 from ember_functions.engine import Completion, LLMEngine
 from ember_functions.engine_config import EngineConfig
+from ember_functions.launch import Zygote
 from ember_functions.prompt import Prompt
 from ember_functions.rpc import WorkerState
 from ember_functions.sampling_params import SamplingParams
@@ -194,3 +195,65 @@ def test_close_ends_running_requests_as_cancelled_and_removes_the_socket(
     final = result_within(stream)
     assert final.finish_reason == "cancelled" and final.usage.completion_tokens >= 1
     assert worker.state is WorkerState.STOPPED and worker.proc.returncode == 0
+
+
+# -- the zygote -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def zygote() -> Iterator[Zygote]:
+    with Zygote.start(zygote_id=f"t{os.getpid()}-{time.monotonic_ns()}") as z:
+        yield z
+
+
+def test_a_worker_forked_from_the_zygote_skips_the_imports_and_serves_the_same_tokens(
+    zygote: Zygote, tiny_model: Callable[..., Path], tmp_path: Path, worker: WorkerProcess
+) -> None:
+    assert zygote.imports_s > 0.2  # torch and Ember, paid once, in the zygote
+    forked = WorkerProcess.spawn(
+        worker_id=f"f{os.getpid()}",
+        model=str(tiny_model("llama")),
+        home=tmp_path,
+        engine_config=CONFIG,
+        launcher=zygote,
+    )
+    try:
+        # A fork starts with everything imported: what an interpreter spends on imports,
+        # the forked worker does not.
+        assert forked.phases["imports_s"] < worker.phases["imports_s"] / 4, forked.phases
+        assert forked.proc.pid != zygote.proc.pid
+        prompt = prompt_ids(9, 12)
+        got = result_within(submit(forked, prompt, GREEDY_16, "z1"))
+        want = result_within(submit(worker, prompt, GREEDY_16, "p1"))
+        assert got.token_ids == want.token_ids
+    finally:
+        forked.close()
+    assert forked.proc.wait(timeout=10) == 0  # the exit code came from the zygote
+
+
+def test_kill_9_of_a_forked_worker_is_reported_through_the_zygote(
+    zygote: Zygote, tiny_model: Callable[..., Path], tmp_path: Path
+) -> None:
+    forked = WorkerProcess.spawn(
+        worker_id=f"k{os.getpid()}",
+        model=str(tiny_model("llama")),
+        home=tmp_path,
+        engine_config=CONFIG,
+        launcher=zygote,
+    )
+    stream = submit(forked, prompt_ids(10, 10), LONG, "zk")
+    next(iter(stream))
+    forked.kill()
+    with pytest.raises(EngineError, match="exited with code -9"):
+        result_within(stream)
+    assert forked.proc.wait(timeout=10) == -9 and forked.state is WorkerState.FAILED
+    # The zygote is unharmed and forks the next one.
+    again = WorkerProcess.spawn(
+        worker_id=f"k2{os.getpid()}",
+        model=str(tiny_model("llama")),
+        home=tmp_path,
+        engine_config=CONFIG,
+        launcher=zygote,
+    )
+    assert result_within(submit(again, "after", GREEDY_16, "za")).token_ids
+    again.close()

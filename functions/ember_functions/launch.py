@@ -1,0 +1,233 @@
+"""How a worker process comes to exist: a fresh interpreter, or a fork of the zygote.
+
+A ``Launcher`` turns worker arguments (``python -m ember_functions.worker``'s flags) into a
+running process and hands back a ``Launched``: its pid, and ``poll``/``wait``/``kill`` with
+``subprocess.Popen``'s meaning, whoever its parent is. ``WorkerProcess.spawn`` takes either.
+
+- ``SubprocessLauncher``: ``python -m ember_functions.worker``; every start pays for an
+  interpreter and the imports (torch alone is ~1-2 s).
+- ``Zygote``: a fork server (``ember_functions.zygote``) that imported all of that once; a
+  start is a ``fork()``. Its children are the zygote's, not ours, so their exits reach us
+  as messages from it.
+
+Example::
+
+    with Zygote.start(zygote_id="z1") as zygote:
+        worker = WorkerProcess.spawn(worker_id="w1", model=name, home=home, launcher=zygote)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from ember_core import EngineError
+from ember_functions.rpc import FrameReader, FrameWriter
+
+__all__ = ["Launched", "Launcher", "SubprocessLauncher", "Zygote", "accept", "socket_path"]
+
+
+class Launched(Protocol):
+    """A started worker process, as ``subprocess.Popen`` describes one."""
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    def poll(self) -> int | None: ...
+
+    def wait(self, timeout: float | None = None) -> int: ...
+
+    def kill(self) -> None: ...
+
+
+class Launcher(Protocol):
+    def launch(self, worker_args: Sequence[str]) -> Launched: ...
+
+
+def socket_path(name: str, run_dir: Path | None = None) -> Path:
+    """Where process ``name`` (a worker or zygote id) connects to its router: derived from
+    the id, in a directory only this user can enter. Short on purpose: a Unix socket path
+    is at most 107 bytes."""
+    base = run_dir or Path(tempfile.gettempdir()) / f"ember-{os.getuid()}"
+    base.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return base / f"w-{name}.sock"
+
+
+def accept(listener: socket.socket, proc: Launched, what: str, timeout_s: float) -> socket.socket:
+    """The child's connection, or a clear error if it exited or hung before connecting."""
+    listener.settimeout(0.1)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            sock, _ = listener.accept()
+            sock.settimeout(None)
+            return sock
+        except TimeoutError:
+            code = proc.poll()
+            if code is not None:
+                raise EngineError(
+                    f"{what} exited with code {code} before connecting; its log above says why"
+                ) from None
+    proc.kill()
+    raise EngineError(f"{what} did not connect within {timeout_s:.0f} s")
+
+
+class SubprocessLauncher:
+    """A new interpreter per worker."""
+
+    def launch(self, worker_args: Sequence[str]) -> Launched:
+        argv = [sys.executable, "-m", "ember_functions.worker", *worker_args]
+        return subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+
+
+class _Forked:
+    """A child of the zygote; its exit code arrives as a message."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+        self._exited = threading.Event()
+
+    def _set_exit(self, code: int) -> None:
+        self.returncode = code
+        self._exited.set()
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if not self._exited.wait(timeout):
+            raise subprocess.TimeoutExpired(f"worker pid {self.pid}", timeout or 0.0)
+        return self.returncode  # type: ignore[return-value]  # set before the event
+
+    def kill(self) -> None:
+        if self.returncode is None:
+            # If it exited already, the zygote reports the code.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+
+
+class Zygote:
+    """The router's handle on one fork server. Build with :meth:`start`."""
+
+    def __init__(self, zygote_id: str, proc: subprocess.Popen[bytes], sock: socket.socket) -> None:
+        self.zygote_id = zygote_id
+        self.proc = proc
+        self.imports_s = 0.0  # what each fork saves
+        self._sock = sock
+        self._reader = FrameReader(sock)
+        self._writer = FrameWriter(sock)
+        self._fork_lock = threading.Lock()  # one fork request in flight
+        self._replies: list[dict[str, Any]] = []
+        self._reply = threading.Condition()
+        self._children: dict[int, _Forked] = {}
+        self._early_exits: dict[int, int] = {}  # exits reported before the fork reply
+        self._closed = False
+
+    @classmethod
+    def start(
+        cls, *, zygote_id: str, run_dir: Path | None = None, timeout_s: float = 120.0
+    ) -> Zygote:
+        """Starts the fork server and returns once it has imported everything."""
+        path = socket_path(f"z-{zygote_id}", run_dir)
+        path.unlink(missing_ok=True)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(path))
+        listener.listen(1)
+        argv = [sys.executable, "-m", "ember_functions.zygote"]
+        argv += ["--zygote-id", zygote_id, "--socket", str(path)]
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+        try:
+            sock = accept(listener, proc, f"zygote {zygote_id}", timeout_s)
+        finally:
+            listener.close()
+            path.unlink(missing_ok=True)
+        zygote = cls(zygote_id, proc, sock)
+        sock.settimeout(timeout_s)
+        try:
+            hello = zygote._reader.read()
+        except TimeoutError:
+            proc.kill()
+            raise EngineError(f"zygote {zygote_id} did not finish its imports") from None
+        if hello is None or hello["op"] != "ready":
+            proc.kill()
+            raise EngineError(f"zygote {zygote_id} exited during its imports; see its log")
+        sock.settimeout(None)
+        zygote.imports_s = float(hello["imports_s"])
+        threading.Thread(
+            target=zygote._read_loop, name=f"ember-zygote-{zygote_id}", daemon=True
+        ).start()
+        return zygote
+
+    def __enter__(self) -> Zygote:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def alive(self) -> bool:
+        return not self._closed and self.proc.poll() is None
+
+    def launch(self, worker_args: Sequence[str]) -> Launched:
+        with self._fork_lock:
+            if not self.alive:
+                raise EngineError(
+                    f"zygote {self.zygote_id} is not running; start a new one "
+                    "(or launch workers as new interpreters)"
+                )
+            self._writer.send({"op": "fork", "args": list(worker_args)})
+            with self._reply:
+                while not self._replies:
+                    answered = self._reply.wait(timeout=30)
+                    if (not answered or not self.alive) and not self._replies:
+                        raise EngineError(f"zygote {self.zygote_id} did not answer a fork")
+                pid = int(self._replies.pop(0)["pid"])
+                child = _Forked(pid)
+                self._children[pid] = child
+                if pid in self._early_exits:
+                    child._set_exit(self._early_exits.pop(pid))
+            return child
+
+    def _read_loop(self) -> None:
+        try:
+            while (message := self._reader.read()) is not None:
+                with self._reply:
+                    if message["op"] == "forked":
+                        self._replies.append(message)
+                        self._reply.notify_all()
+                    elif message["op"] == "exited":
+                        pid, code = int(message["pid"]), int(message["code"])
+                        child = self._children.pop(pid, None)
+                        if child is None:
+                            self._early_exits[pid] = code
+                        else:
+                            child._set_exit(code)
+        except (OSError, EngineError, ValueError):
+            pass
+        with self._reply:
+            self._closed = True
+            self._reply.notify_all()
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Stops the fork server. Its children keep running until their routers let go."""
+        self._closed = True
+        self._sock.close()
+        try:
+            self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()

@@ -1,0 +1,131 @@
+"""The zygote: a fork server that has already imported torch and Ember, so starting a
+worker costs a ``fork()``, not an interpreter start and its imports.
+
+    python -m ember_functions.zygote --zygote-id ID --socket PATH
+
+It connects to its router's socket (like a worker) and serves one connection, strictly
+one request at a time, over the frames of ``ember_functions.rpc``::
+
+    router -> zygote: {"op": "fork", "args": [worker flags...]}
+    zygote -> router: {"op": "forked", "pid"}  the reply
+                      {"op": "ready"}          once, after the imports
+                      {"op": "exited", "pid", "code"}   whenever a child ends (code < 0: signal)
+
+The zygote never runs a torch operation, so it has no OpenMP pool or CUDA context for a
+child to inherit half-initialised; it stays single-threaded (a select loop, SIGCHLD through
+a wakeup pipe) because ``fork()`` copies only the calling thread. The router's connection
+closing ends the zygote; its children live on until their own router connections close.
+"""
+
+from __future__ import annotations
+
+import time
+
+_T0 = time.perf_counter()
+
+import argparse  # noqa: E402
+import os  # noqa: E402
+import select  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import sys  # noqa: E402
+
+from ember_functions.rpc import FrameReader, FrameWriter  # noqa: E402
+
+__all__ = ["main"]
+
+
+def _preload() -> None:
+    """Everything a worker imports before it can load a model."""
+    import torch  # noqa: F401
+
+    import ember_functions.engine
+    import ember_functions.loading
+    import ember_functions.worker  # noqa: F401
+    import ember_weights_store  # noqa: F401
+
+
+def _fork(args: list[str], control: socket.socket, wake_fds: tuple[int, int]) -> int:
+    started_s = time.perf_counter()
+    pid = os.fork()
+    if pid:
+        return pid
+    # The child: shed the zygote's plumbing, then become a worker.
+    code = 1
+    try:
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for fd in wake_fds:
+            os.close(fd)
+        control.close()
+        from ember_functions import worker
+
+        code = worker.main(args, started_s=started_s)
+    except SystemExit as exc:  # argparse errors
+        code = exc.code if isinstance(exc.code, int) else 2
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _reap(writer: FrameWriter) -> None:
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        code = os.waitstatus_to_exitcode(status)
+        writer.try_send({"op": "exited", "pid": pid, "code": code})
+
+
+def serve(control: socket.socket) -> None:
+    reader, writer = FrameReader(control), FrameWriter(control)
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    # A handler must be installed for the wakeup fd to be written; the work is in the loop.
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    writer.send({"op": "ready", "pid": os.getpid(), "imports_s": time.perf_counter() - _T0})
+    while True:
+        readable, _, _ = select.select([control.fileno(), wake_r], [], [])
+        if wake_r in readable:
+            while True:
+                try:
+                    if not os.read(wake_r, 512):
+                        break
+                except BlockingIOError:
+                    break
+            _reap(writer)
+        if control.fileno() in readable:
+            # One request at a time, so no second frame can sit in the reader's buffer
+            # unseen by select.
+            message = reader.read()
+            if message is None:
+                return
+            if message["op"] == "fork":
+                pid = _fork(list(message["args"]), control, (wake_r, wake_w))
+                writer.send({"op": "forked", "pid": pid})
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m ember_functions.zygote")
+    ap.add_argument("--zygote-id", required=True)
+    ap.add_argument("--socket", required=True)
+    args = ap.parse_args(argv)
+    control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    control.connect(args.socket)
+    _preload()
+    serve(control)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
