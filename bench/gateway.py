@@ -127,13 +127,29 @@ async def run_gateway(
     return {"ttft": ttfts, "wall_s": time.perf_counter() - t0, "requests": len(work)}
 
 
+def cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of process ``pid`` (every thread), from /proc; None
+    where there is no /proc."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def gateway_round(
-    port: int, key: str, model: str, per_client: int, max_tokens: int
+    port: int, key: str, model: str, per_client: int, max_tokens: int, server_pid: int
 ) -> dict[int, dict[str, Any]]:
-    return {
-        level: await run_gateway(port, key, model, level, _per(level, per_client), max_tokens)
-        for level in LEVELS
-    }
+    """Each level's run, with the CPU the gateway process (not its worker) spent on it."""
+    out: dict[int, dict[str, Any]] = {}
+    for level in LEVELS:
+        before = cpu_s(server_pid)
+        run = await run_gateway(port, key, model, level, _per(level, per_client), max_tokens)
+        after = cpu_s(server_pid)
+        if before is not None and after is not None:
+            run["gateway_cpu_s"] = after - before
+        out[level] = run
+    return out
 
 
 def _per(level: int, per_client: int) -> int:
@@ -206,7 +222,11 @@ def main() -> None:
                         )
                         results[path].setdefault(level, []).append(d)
                 port = int(base.rsplit(":", 1)[1])
-                g = asyncio.run(gateway_round(port, key, model_name, per_client, args.max_tokens))
+                g = asyncio.run(
+                    gateway_round(
+                        port, key, model_name, per_client, args.max_tokens, server.proc.pid
+                    )
+                )
                 for level in LEVELS:
                     results["gateway"].setdefault(level, []).append(g[level])
                 print(f"round {r + 1}/{rounds} done", flush=True)
@@ -234,6 +254,13 @@ def main() -> None:
             row[f"{path}_p50_ms"] = statistics.median(_pct(x["ttft"], 0.5) for x in runs) * 1e3
             row[f"{path}_p99_ms"] = statistics.median(_pct(x["ttft"], 0.99) for x in runs) * 1e3
             row[f"{path}_req_s"] = statistics.median(x["requests"] / x["wall_s"] for x in runs)
+        cpu = [
+            x["gateway_cpu_s"] / x["requests"]
+            for x in results["gateway"][level]
+            if "gateway_cpu_s" in x
+        ]
+        if cpu:
+            row["gateway_cpu_ms_per_request"] = statistics.median(cpu) * 1e3
         for q in ("p50", "p99"):
             row[f"overhead_{q}_ms"] = row[f"gateway_{q}_ms"] - row[f"direct_{q}_ms"]
             row[f"overhead_vs_worker_{q}_ms"] = row[f"gateway_{q}_ms"] - row[f"worker_{q}_ms"]
@@ -257,6 +284,12 @@ def main() -> None:
         f"gateway - worker process: p50 at 1 client {out['overhead_vs_worker_ttft_p50_ms_c1']:+.1f}"
         f" ms, p99 at 32 {out['overhead_vs_worker_ttft_p99_ms_c32']:+.1f} ms"
     )
+    cpu_row = [lv[level].get("gateway_cpu_ms_per_request") for level in LEVELS]
+    if all(c is not None for c in cpu_row):
+        print(
+            "gateway process CPU per request (ms) at "
+            + ", ".join(f"c{level}: {c:.1f}" for level, c in zip(LEVELS, cpu_row, strict=True))
+        )
     print(
         f"requests_per_s_c32 {out['requests_per_s_c32']:.2f} "
         f"(direct {out['requests_per_s_c32_direct']:.2f})"
