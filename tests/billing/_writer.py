@@ -35,6 +35,7 @@ def main(url: str, events_path: str, checkpoint_path: str) -> int:
         tmp = ckpt.with_suffix(".tmp")
         tmp.write_text(str(previous))
         os.replace(tmp, ckpt)
+        print("committed", flush=True)  # lets the test kill it mid-run, not after it ended
         previous, i = i, i + n
     svc.close()
     return 0
