@@ -199,6 +199,13 @@ class WorkerProcess:
     # -- requests -----------------------------------------------------------------
 
     @property
+    def prompts(self) -> PromptEncoder:
+        """Encodes prompts the way this worker's engine would (its tokenizer and window)."""
+        if self._prompts is None:
+            raise WorkerUnavailableError(self._down())
+        return self._prompts
+
+    @property
     def alive(self) -> bool:
         return self.state in (WorkerState.READY, WorkerState.BUSY)
 

@@ -1,0 +1,340 @@
+"""The process manager: one model's pool of worker processes, run the way ``decide`` says.
+
+``ModelPool`` owns the workers of one model. A tick thread observes them (and the
+requests waiting for one), builds a ``PoolView``, asks :func:`ember_warmpool.decide`, and
+carries out the ``Decision``: it starts workers (each on a thread of its own, since a
+start blocks until the worker is READY), and stops idle ones. Nothing else decides.
+
+Placement (``try_place``) packs: among workers running fewer than ``target_concurrency``
+requests it picks the busiest, so load concentrates and idle workers really go idle (and
+stop after ``keepalive_s``); when all are at that level it overflows onto the least loaded
+worker the engine still has room on, which beats waiting seconds for a cold start. Only
+when no worker can take the request does it wait, counted in ``queued``, which makes the
+policy start more. The seam for adapter and session locality is ``try_place``.
+
+Only READY warmth is carried out so far: ``promote``/``demote`` orders for PROCESS and
+HOST warmth are logged and skipped.
+
+Example::
+
+    pool = ModelPool("smollm2-135m", home=home, policy=PoolPolicy(min_warm=1))
+    pool.start()                      # boots one worker: the prompt encoder comes from it
+    worker = pool.try_place()
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from ember_core import EngineError, RateLimitError
+from ember_functions.engine_config import EngineConfig
+from ember_functions.launch import Launcher
+from ember_functions.prompt import PromptEncoder
+from ember_functions.rpc import WorkerState
+from ember_functions.worker_process import WorkerProcess
+from ember_warmpool.forecast import Forecaster
+from ember_warmpool.policy import Decision, PoolPolicy, decide, start_hold
+from ember_warmpool.view import PoolView, Warmth, WorkerView
+
+__all__ = ["ModelPool"]
+
+log = logging.getLogger(__name__)
+
+Spawn = Callable[..., WorkerProcess]
+
+
+class ModelPool:
+    """The worker processes of one model, scaled by a ``PoolPolicy``."""
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        home: Path,
+        policy: PoolPolicy,
+        engine_config: EngineConfig | None = None,
+        launcher: Launcher | None = None,
+        forecaster: Forecaster | None = None,
+        service_s: float = 2.0,  # a request's typical time on a worker, for the forecast
+        max_queue: int = 64,
+        tick_s: float = 0.25,
+        clock: Callable[[], float] = time.monotonic,
+        spawn: Spawn = WorkerProcess.spawn,
+    ) -> None:
+        self.model = model
+        self.policy = policy
+        self.engine_config = engine_config or EngineConfig()
+        self.home = home
+        self.max_queue = max_queue
+        self.pool_id = f"{re.sub(r'[^A-Za-z0-9]+', '-', Path(model).name)[:24]}-{os.getpid()}"
+        self.encoder: PromptEncoder | None = None  # from the first worker: all share it
+        self.model_name = ""
+        self.last_decision: Decision | None = None
+        self.cold_starts: dict[str, dict[str, float]] = {}  # worker id -> its phases
+        self._launcher = launcher
+        self._forecaster = forecaster
+        self._service_s = service_s
+        self._tick_s = tick_s
+        self._clock = clock
+        self._spawn = spawn
+        self._cond = threading.Condition()
+        self._workers: dict[str, WorkerProcess] = {}
+        self._starting: dict[str, float] = {}  # worker id -> when its start began
+        self._idle_since: dict[str, float] = {}
+        self._queued = 0
+        self._arrivals = 0  # since the last tick, for the forecaster
+        self._load_failures = 0
+        self._last_failure: tuple[float, str] | None = None
+        self._ids = itertools.count(1)
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name=f"ember-pool-{model}", daemon=True)
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    def start(self) -> None:
+        """Boots one worker (its READY message carries the tokenizer and the capacity every
+        request is encoded with), then lets the policy run the pool."""
+        worker = self._spawn_one()
+        if worker is None:
+            reason = self._last_failure[1] if self._last_failure else "unknown"
+            raise EngineError(f"the first worker of {self.model} failed to load: {reason}")
+        self._thread.start()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            workers, self._workers = list(self._workers.values()), {}
+            self._cond.notify_all()
+        for worker in workers:
+            worker.close()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+
+    # -- placement ------------------------------------------------------------------
+
+    def try_place(self) -> WorkerProcess | None:
+        """A worker to send one request to now, or None if none can take it.
+
+        Counts the request as an arrival for the forecaster."""
+        with self._cond:
+            self._arrivals += 1
+            serving = [w for w in self._workers.values() if w.alive]
+            tc = self.policy.target_concurrency
+            room = [w for w in serving if w.queue_depth < tc]
+            if room:  # pack: the busiest with room, the oldest on ties
+                return max(room, key=lambda w: w.queue_depth)
+            cap = self.engine_config.max_num_seqs
+            overflow = [w for w in serving if w.queue_depth < cap]
+            return min(overflow, key=lambda w: w.queue_depth) if overflow else None
+
+    def check_admission(self) -> None:
+        """Refuses a request now (429) when the queue for workers is full."""
+        with self._cond:
+            if self._queued >= self.max_queue:
+                raise RateLimitError(
+                    f"{self.max_queue} requests already wait for a {self.model} worker; "
+                    "retry shortly",
+                    retry_after_s=max(1.0, self._service_s),
+                )
+
+    @contextmanager
+    def waiting(self) -> Iterator[None]:
+        """Counts the caller as queued for a worker while inside, and wakes the policy."""
+        with self._cond:
+            self._queued += 1
+            self._cond.notify_all()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._queued -= 1
+
+    def held_back(self) -> str | None:
+        """Why no worker can come for a waiting request (the model keeps failing to load
+        and none is running or starting); None while one may."""
+        with self._cond:
+            if any(w.alive for w in self._workers.values()) or self._starting:
+                return None
+            hold = start_hold(self.policy, self._view(self._clock()), self._clock())
+        if hold is None or hold[1] is not None:  # no hold, or one that ends by waiting
+            return None
+        return hold[0]
+
+    # -- what the gateway and `ember pool status` read --------------------------------
+
+    @property
+    def queued(self) -> int:
+        return self._queued
+
+    @property
+    def load_failures(self) -> int:
+        """Consecutive failures to start a worker; a worker reaching READY resets it."""
+        return self._load_failures
+
+    def in_flight(self) -> int:
+        with self._cond:
+            return sum(w.queue_depth for w in self._workers.values())
+
+    def free_kv_blocks(self) -> int:
+        with self._cond:
+            return sum(w.free_kv_blocks for w in self._workers.values() if w.alive)
+
+    def status(self) -> list[dict[str, Any]]:
+        """One row per worker: id, pid, state, requests in flight, idle seconds, and the
+        phases of its cold start."""
+        now = self._clock()
+        with self._cond:
+            rows = [
+                {
+                    "worker_id": wid,
+                    "pid": w.proc.pid,
+                    "state": w.state.value,
+                    "in_flight": w.queue_depth,
+                    "idle_s": round(now - self._idle_since[wid], 1)
+                    if wid in self._idle_since
+                    else None,
+                    "cold_start": self.cold_starts.get(wid, {}),
+                }
+                for wid, w in self._workers.items()
+            ]
+            rows += [
+                {"worker_id": wid, "pid": None, "state": WorkerState.STARTING.value}
+                for wid in self._starting
+            ]
+        return rows
+
+    # -- the tick thread ------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                if self._closed:
+                    return
+                self._cond.wait(self._tick_s)
+                if self._closed:
+                    return
+            try:
+                self.tick()
+            except Exception:  # a bug must not stop scaling for good; say so loudly
+                log.exception("pool %s: tick failed", self.model)
+
+    def tick(self) -> Decision:
+        """One observe-decide-act round; the tick thread calls it, tests may too."""
+        now = self._clock()
+        ended: list[WorkerProcess] = []
+        with self._cond:
+            for wid, worker in list(self._workers.items()):
+                if worker.state.ended:
+                    ended.append(self._workers.pop(wid))
+                    self._idle_since.pop(wid, None)
+                elif worker.queue_depth == 0:
+                    self._idle_since.setdefault(wid, now)
+                else:
+                    self._idle_since.pop(wid, None)
+            arrivals, self._arrivals = self._arrivals, 0
+            view = self._view(now)
+        for worker in ended:
+            log.warning(
+                "pool %s: worker %s ended: %s", self.model, worker.worker_id, worker.failure
+            )
+        rate = None
+        if self._forecaster is not None:
+            self._forecaster.observe(now, arrivals)
+            if self.policy.predictive:
+                rate = self._forecaster.rate(now, self.policy.lead_s)
+        decision = decide(
+            self.policy,
+            view,
+            now,
+            forecast_rate_per_s=rate,
+            service_s=self._service_s if rate is not None else None,
+        )
+        self.last_decision = decision
+        self._act(decision)
+        return decision
+
+    def _view(self, now: float) -> PoolView:  # under the lock
+        workers = [
+            WorkerView(
+                worker_id=wid,
+                state=w.state,
+                in_flight=w.queue_depth,
+                idle_since_s=self._idle_since.get(wid),
+            )
+            for wid, w in self._workers.items()
+        ]
+        workers += [
+            WorkerView(worker_id=wid, state=WorkerState.STARTING, warmth=Warmth.READY)
+            for wid in self._starting
+        ]
+        failure = self._last_failure
+        return PoolView(
+            workers=tuple(workers),
+            queued=self._queued,
+            load_failures=self._load_failures,
+            last_failure_s=failure[0] if failure else None,
+            last_failure_reason=failure[1] if failure else None,
+        )
+
+    def _act(self, decision: Decision) -> None:
+        for order in decision.start:
+            if order.warmth is not Warmth.READY:
+                log.info("pool %s: %s warmth is not built yet; skipped", self.model, order.warmth)
+                continue
+            for _ in range(order.count):
+                threading.Thread(target=self._spawn_one, daemon=True).start()
+        for stop in decision.stop:
+            with self._cond:
+                worker = self._workers.pop(stop.worker_id, None)
+                self._idle_since.pop(stop.worker_id, None)
+            if worker is not None:
+                log.info("pool %s: stopping %s (%s)", self.model, stop.worker_id, stop.reason)
+                threading.Thread(target=worker.close, daemon=True).start()
+
+    def _spawn_one(self) -> WorkerProcess | None:
+        wid = f"{self.pool_id}-{next(self._ids)}"
+        with self._cond:
+            if self._closed:
+                return None
+            self._starting[wid] = self._clock()
+        try:
+            worker = self._spawn(
+                worker_id=wid,
+                model=self.model,
+                home=self.home,
+                engine_config=self.engine_config,
+                launcher=self._launcher,
+            )
+        except EngineError as exc:
+            with self._cond:
+                self._starting.pop(wid, None)
+                self._load_failures += 1
+                self._last_failure = (self._clock(), exc.message)
+                self._cond.notify_all()
+            log.error("pool %s: worker %s failed to start: %s", self.model, wid, exc.message)
+            return None
+        with self._cond:
+            self._starting.pop(wid, None)
+            if self._closed:
+                closing = True
+            else:
+                closing = False
+                self._workers[wid] = worker
+                self._load_failures = 0
+                self.cold_starts[wid] = dict(worker.phases)
+                if self.encoder is None:
+                    self.encoder, self.model_name = worker.prompts, worker.model_name
+                self._cond.notify_all()
+        if closing:
+            worker.close()
+            return None
+        return worker
