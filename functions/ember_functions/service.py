@@ -10,6 +10,7 @@ engine thread, which owns it.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 from typing import Any
@@ -98,6 +99,18 @@ class EngineService:
     @property
     def free_kv_blocks(self) -> int:
         return int(self.engine.blocks.num_free_blocks)
+
+    def describe(self) -> dict[str, Any]:
+        """A status row: the engine runs on a thread of this process."""
+        busy = self.queue_depth > 0
+        return {
+            "worker_id": "in-process",
+            "pid": os.getpid(),
+            "state": ("BUSY" if busy else "READY") if self.alive else "STOPPED",
+            "in_flight": self.queue_depth,
+            "idle_s": None,
+            "cold_start": {},
+        }
 
     def cancel(self, request_id: str) -> None:
         self._inbox.put(("cancel", request_id))

@@ -26,6 +26,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ember_core import EngineError, InvalidRequestError, WorkerUnavailableError
 from ember_functions.engine_config import EngineConfig
@@ -217,6 +218,17 @@ class WorkerProcess:
     def free_kv_blocks(self) -> int:
         """As of the worker's last step."""
         return int(self._free_kv_blocks)
+
+    def describe(self) -> dict[str, Any]:
+        """A status row for ``ember pool status`` and /workers."""
+        return {
+            "worker_id": self.worker_id,
+            "pid": self.proc.pid,
+            "state": self.state.value,
+            "in_flight": self.queue_depth,
+            "idle_s": None,
+            "cold_start": dict(self.phases),
+        }
 
     def prepare(
         self,

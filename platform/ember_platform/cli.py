@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ember_core import EmberError, InvalidRequestError
-from ember_platform import cli_billing, serve
+from ember_platform import cli_billing, cli_pool, serve
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -314,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--no-progress", dest="progress", action="store_false", help="no progress bar"
         )
     cli_billing.register(sub)
+    cli_pool.register(sub)
     serve.register(sub)
     return parser
 
@@ -343,6 +344,8 @@ def main(
             return cmd_chat(args, out, err, inp)
         if hasattr(args, "serve_handler"):
             return int(args.serve_handler(args, out, err))
+        if hasattr(args, "pool_handler"):
+            return int(args.pool_handler(args, out, err))
         if hasattr(args, "billing_handler"):
             return int(args.billing_handler(args, out, err))
         key = args.models_command if args.command == "models" else args.command

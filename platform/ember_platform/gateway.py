@@ -317,12 +317,18 @@ def create_app(
             status_code=200 if ready else 503,
         )
 
+    @app.get("/workers", response_model=None, responses=docs.WORKERS)
+    async def workers() -> dict[str, Any]:
+        # Operator information, open like /metrics: bind the gateway to a private address.
+        return {"object": "list", "data": gw.router.workers()}
+
     @app.get("/metrics", response_class=PlainTextResponse, responses=docs.METRICS)
     async def metrics() -> Response:
         gw.metrics.queue_depth.set(gw.router.queue_depth())
         gw.metrics.engine_ready.set(1 if gw.router.ready() else 0)
         for model, free in gw.router.free_kv_blocks().items():
             gw.metrics.free_kv_blocks.labels(model).set(free)
+        gw.metrics.observe_workers(gw.router.workers())
         return Response(gw.metrics.render(), media_type="text/plain; version=0.0.4")
 
     app.add_middleware(_Edge, limit=gw.config.max_body_bytes, metrics=gw.metrics)

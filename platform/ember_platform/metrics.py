@@ -3,10 +3,13 @@ two gateways in one process, as in the tests, never mix their counts)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 __all__ = ["GatewayMetrics"]
 
+_COLD_START_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
 # Latency buckets, seconds: a CPU engine's TTFT spans milliseconds to many seconds.
 _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
@@ -54,6 +57,34 @@ class GatewayMetrics:
         self.free_kv_blocks = Gauge(
             "ember_free_kv_blocks", "Free KV cache blocks", ["model"], registry=r
         )
+
+        self.workers = Gauge(
+            "ember_workers", "Worker processes by model and state", ["model", "state"], registry=r
+        )
+        self.cold_start = Histogram(
+            "ember_cold_start_seconds",
+            "Phases of worker cold starts (spawn, imports, load, manifest, fetch, ..., ready)",
+            ["model", "phase"],
+            buckets=_COLD_START_BUCKETS,
+            registry=r,
+        )
+        self._cold_starts_seen: set[tuple[str, str]] = set()
+
+    def observe_workers(self, rows: list[dict[str, Any]]) -> None:
+        """Sets the worker gauges, and records each worker's cold start the first time the
+        worker is seen (a histogram, not a label per worker: ids are unbounded)."""
+        self.workers.clear()
+        counts: dict[tuple[str, str], int] = {}
+        for row in rows:
+            key = (row["model"], row["state"])
+            counts[key] = counts.get(key, 0) + 1
+            seen = (row["model"], row["worker_id"])
+            if row["cold_start"] and seen not in self._cold_starts_seen:
+                self._cold_starts_seen.add(seen)
+                for phase, seconds in row["cold_start"].items():
+                    self.cold_start.labels(row["model"], phase).observe(seconds)
+        for (model, state), n in counts.items():
+            self.workers.labels(model, state).set(n)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -186,6 +186,21 @@ class Readiness(_Body):
     models: list[str]
 
 
+class WorkerRow(_Body):
+    model: str
+    worker_id: str
+    pid: int | None  # None while it starts
+    state: str  # a WorkerState name
+    in_flight: int
+    idle_s: float | None
+    cold_start: dict[str, float]  # the phases of its start, seconds
+
+
+class WorkerList(_Body):
+    object: Literal["list"]
+    data: list[WorkerRow]
+
+
 class ErrorDetail(_Body):
     message: str = Field(description="What was wrong and what to do about it.")
     type: str = Field(

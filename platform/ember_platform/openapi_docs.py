@@ -122,6 +122,9 @@ READY: Responses = {
     503: {"model": out.Readiness, "description": "No model, or an engine is not running."},
 }
 METRICS: Responses = {200: {"description": "Prometheus text exposition format 0.0.4."}}
+WORKERS: Responses = {
+    200: {"model": out.WorkerList, "description": "Every worker, its state and cold start."}
+}
 
 
 def _finish(schema: dict[str, Any]) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Mapping
+from typing import Any
 
 from ember_core import CapacityError, EngineError, ModelNotFoundError, WorkerUnavailableError
 from ember_functions.prompt import Prompt
@@ -148,3 +149,10 @@ class PoolRouter:
 
     def free_kv_blocks(self) -> dict[str, int]:
         return {name: p.free_kv_blocks() for name, p in self._pools.items()}
+
+    def workers(self) -> list[dict[str, Any]]:
+        return [
+            {"model": name, **row}
+            for name, pool in sorted(self._pools.items())
+            for row in pool.status()
+        ]

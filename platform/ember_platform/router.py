@@ -66,6 +66,8 @@ class Endpoint(Protocol):
     @property
     def free_kv_blocks(self) -> int: ...
 
+    def describe(self) -> dict[str, Any]: ...
+
 
 class Router(Protocol):
     def models(self) -> list[str]: ...
@@ -87,6 +89,10 @@ class Router(Protocol):
     def queue_depth(self) -> int: ...
 
     def free_kv_blocks(self) -> dict[str, int]: ...
+
+    def workers(self) -> list[dict[str, Any]]:
+        """One row per worker: model, worker_id, pid, state, in_flight, idle_s, cold_start."""
+        ...
 
 
 class LocalRouter:
@@ -140,3 +146,6 @@ class LocalRouter:
 
     def free_kv_blocks(self) -> dict[str, int]:
         return {name: s.free_kv_blocks for name, s in self._services.items()}
+
+    def workers(self) -> list[dict[str, Any]]:
+        return [{"model": name, **s.describe()} for name, s in sorted(self._services.items())]

@@ -1,8 +1,11 @@
-"""``ember serve``: the gateway, one worker process running a model, and a SQLite ledger.
+"""``ember serve``: the gateway, a warm pool of worker processes running a model, and a
+SQLite ledger.
 
-The worker is a separate process (``ember_functions.worker``) behind the router: the engine
-then never competes with the gateway's event loop for one interpreter's lock, and a worker
-that crashes fails its requests cleanly instead of taking the gateway down.
+Workers are separate processes (``ember_functions.worker``), forked from a zygote that
+imported torch and Ember once, in a ``ModelPool`` behind a ``PoolRouter``: the engine never
+competes with the gateway's event loop for one interpreter's lock, a worker that crashes
+fails its requests cleanly (or they are retried) and is replaced, and the pool scales
+between ``pool_min_warm`` and ``pool_max_workers`` (by default exactly one worker).
 
 Settings come from, highest first: flags, environment (``EMBER_SERVE_<NAME>``), a TOML
 config file (``--config``, its ``[serve]`` table), and the defaults below. All are validated
@@ -43,6 +46,14 @@ class ServeSettings:
     cached_input_micros_per_m: int = 25_000
     output_micros_per_m: int = 100_000
     log_level: str = "info"
+    # The warm pool (ember_warmpool.PoolPolicy): by default one worker, always warm.
+    pool_min_warm: int = 1
+    pool_max_workers: int = 1
+    pool_buffer: int = 0
+    pool_keepalive_s: float = 300.0
+    pool_predictive: bool = False
+    queue_timeout_s: float = 120.0  # how long a request waits for a worker before a 503
+    zygote: bool = True  # fork workers from a process that imported everything once
 
     def __post_init__(self) -> None:
         ints = {f.name for f in fields(self) if f.type in ("int", int)}
@@ -56,6 +67,21 @@ class ServeSettings:
             raise ConfigError("max_num_seqs must be at least 1")
         if self.log_level not in ("critical", "error", "warning", "info", "debug"):
             raise ConfigError(f"log_level {self.log_level!r} is not a uvicorn log level")
+        if not self.queue_timeout_s > 0:
+            raise ConfigError(f"queue_timeout_s must be > 0, got {self.queue_timeout_s!r}")
+        self.pool_policy()  # validates the pool settings together
+
+    def pool_policy(self) -> Any:
+        """The warm pool's ``PoolPolicy``; ConfigError if the pool settings disagree."""
+        from ember_warmpool import PoolPolicy
+
+        return PoolPolicy(
+            min_warm=self.pool_min_warm,
+            max_workers=self.pool_max_workers,
+            buffer=self.pool_buffer,
+            keepalive_s=self.pool_keepalive_s,
+            predictive=self.pool_predictive,
+        )
 
     @classmethod
     def load(
@@ -89,20 +115,25 @@ def _parse(name: str, raw: str, kind: Any) -> Any:
             return int(raw)
         if kind in ("float", float):
             return float(raw)
+        if kind in ("bool", bool):
+            if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                raise ValueError(raw)
+            return raw.lower() in ("1", "true", "yes")
     except ValueError:
         raise ConfigError(f"EMBER_SERVE_{name.upper()}={raw!r} is not a {kind}") from None
     return raw
 
 
 def build_app(settings: ServeSettings, *, out: TextIO) -> Any:
-    """Installs the model if needed, starts its worker and the ledger, bootstraps on first
-    start, and returns the ASGI app."""
+    """Installs the model if needed, starts its warm pool (the first worker is READY when
+    this returns) and the ledger, bootstraps on first start, and returns the ASGI app."""
     from ember_billing.service import BillingService
     from ember_functions.engine_config import EngineConfig
+    from ember_functions.launch import Zygote
     from ember_functions.loading import resolve_model_dir
-    from ember_functions.worker_process import WorkerProcess
     from ember_platform.gateway import GatewayConfig, create_app
-    from ember_platform.router import LocalRouter
+    from ember_platform.pool_router import PoolRouter
+    from ember_warmpool.manager import ModelPool
     from ember_weights_store import ModelCatalog, default_home
 
     home = Path(settings.home) if settings.home else default_home()
@@ -111,31 +142,43 @@ def build_app(settings: ServeSettings, *, out: TextIO) -> Any:
     config = EngineConfig(num_threads=settings.threads or None, max_num_seqs=settings.max_num_seqs)
     ledger = settings.ledger_url or f"sqlite:///{home / 'ledger.db'}"
     billing = BillingService(ledger)
+    zygote = Zygote.start(zygote_id=f"serve-{os.getpid()}") if settings.zygote else None
+    pool = ModelPool(
+        settings.model,
+        home=home,
+        policy=settings.pool_policy(),
+        engine_config=config,
+        launcher=zygote,
+    )
     try:
-        worker = WorkerProcess.spawn(
-            worker_id=f"serve-{os.getpid()}-0",
-            model=settings.model,
-            home=home,
-            engine_config=config,
-        )
+        pool.start()
     except BaseException:
+        pool.close()
+        if zygote is not None:
+            zygote.close()
         billing.close()
         raise
+    (first,) = pool.status()
+    phases = pool.cold_starts[str(first["worker_id"])]
     print(
-        f"worker {worker.worker_id} (pid {worker.proc.pid}) ready in "
-        f"{worker.phases['ready_s']:.2f} s",
+        f"worker {first['worker_id']} (pid {first['pid']}) ready in {phases['ready_s']:.2f} s"
+        f"{' (forked from the zygote)' if zygote else ''}; pool of {settings.pool_min_warm}"
+        f"-{settings.pool_max_workers} workers",
         file=out,
     )
-    _bootstrap(billing, worker.model_name, settings, out)
+    _bootstrap(billing, pool.model_name, settings, out)
     gateway = GatewayConfig(
         max_body_bytes=settings.max_body_bytes,
         requests_per_minute_per_key=settings.requests_per_minute_per_key or None,
         auth_cache_s=settings.auth_cache_s,
     )
-    app = create_app(LocalRouter({worker.model_name: worker}), billing, gateway)
+    router = PoolRouter({pool.model_name: pool}, queue_timeout_s=settings.queue_timeout_s)
+    app = create_app(router, billing, gateway)
 
     def close() -> None:
-        worker.close()
+        pool.close()
+        if zygote is not None:
+            zygote.close()
         billing.close()
 
     app.router.add_event_handler("shutdown", close)
@@ -184,5 +227,7 @@ def register(sub: Any) -> None:
     p.add_argument("--model", default=None, help="installed name or alias (default smollm2)")
     p.add_argument("--ledger-url", dest="ledger_url", default=None, help="SQLAlchemy URL")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--min-warm", dest="pool_min_warm", type=int, default=None)
+    p.add_argument("--max-workers", dest="pool_max_workers", type=int, default=None)
     p.add_argument("--log-level", dest="log_level", default=None)
     p.set_defaults(serve_handler=cmd_serve)

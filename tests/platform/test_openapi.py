@@ -40,6 +40,7 @@ DOCUMENTED_STATUSES = {
     ("/healthz", "get"): {"200"},
     ("/readyz", "get"): {"200", "503"},
     ("/metrics", "get"): {"200"},
+    ("/workers", "get"): {"200"},
 }
 
 
@@ -188,6 +189,9 @@ def test_models_usage_health_and_ready_match_the_schema(gateway: Gateway) -> Non
         media = metrics.headers["content-type"].split(";")[0]
         assert media in documented(doc, "/metrics", "get", 200)["content"]
         assert "ember_requests_total" in metrics.text
+        assert 'ember_workers{model="' in metrics.text
+        (worker,) = check(doc, "/workers", "get", http.get("/workers"))["data"]
+        assert worker["model"] == MODEL and worker["state"] == "READY"
 
 
 HUGE = "x" * 2_000_000  # over the default 1 MiB body limit

@@ -1,9 +1,10 @@
 """`ember serve` with its worker process killed mid-stream: the client gets a clean error,
-the ledger bills exactly what was delivered, and the gateway says it is not ready instead
-of hanging or dying."""
+the ledger bills exactly what was delivered, the pool replaces the worker, and
+`ember pool status` shows it."""
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import time
@@ -14,22 +15,26 @@ import httpx
 import openai
 import pytest
 
+from ember_platform.cli import main as cli_main
 from ember_platform.serve_process import free_port, start_serve
 
 
-def _children(pid: int) -> list[int]:
-    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+def _workers(http: httpx.Client) -> list[dict[str, object]]:
+    rows: list[dict[str, object]] = http.get("/workers").json()["data"]
+    return rows
 
 
 @pytest.mark.slow
-def test_worker_killed_mid_stream_errors_cleanly_and_bills_what_was_delivered(
+def test_worker_killed_mid_stream_errors_cleanly_bills_what_was_delivered_and_is_replaced(
     tiny_model: Callable[..., Path], tmp_path: Path
 ) -> None:
     model_dir = tiny_model("llama")
     args = ["--model", str(model_dir), "--threads", "1", "--log-level", "warning"]
     server = start_serve(tmp_path / "home", port=free_port(), args=args)
+    http = httpx.Client(base_url=server.base_url, headers={"Authorization": f"Bearer {server.key}"})
     try:
-        (worker_pid,) = _children(server.proc.pid)
+        (first,) = _workers(http)
+        assert first["state"] == "READY" and first["cold_start"]
         client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key=server.key, max_retries=0)
         stream = client.chat.completions.create(
             model=model_dir.name,
@@ -45,15 +50,12 @@ def test_worker_killed_mid_stream_errors_cleanly_and_bills_what_was_delivered(
                 if chunk.choices and chunk.choices[0].delta.content:
                     deltas += 1
                     if deltas == 3:
-                        os.kill(worker_pid, signal.SIGKILL)
+                        os.kill(int(str(first["pid"])), signal.SIGKILL)
                 if chunk.choices and chunk.choices[0].finish_reason is not None:
                     pytest.fail("the stream finished before the worker was killed")
         assert "exited with code -9" in err.value.message and "retrying" in err.value.message
 
-        http = httpx.Client(
-            base_url=server.base_url, headers={"Authorization": f"Bearer {server.key}"}
-        )
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30
         while http.get("/v1/usage").json()["data"] == []:  # settling is asynchronous
             assert time.monotonic() < deadline, "the killed request was never settled"
             time.sleep(0.05)
@@ -62,16 +64,23 @@ def test_worker_killed_mid_stream_errors_cleanly_and_bills_what_was_delivered(
         # Billed: the tokens the worker had delivered before it died, no more.
         assert deltas <= row["completion_tokens"] < 400
 
-        assert http.get("/healthz").status_code == 200
-        ready = http.get("/readyz")
-        assert ready.status_code == 503 and ready.json()["status"] == "not ready"
-        again = http.post(
-            "/v1/chat/completions",
-            json={"model": model_dir.name, "messages": [{"role": "user", "content": "hi"}]},
+        # The pool (min_warm=1) replaces the worker, forked from the zygote.
+        while not [w for w in _workers(http) if w["state"] == "READY"]:
+            assert time.monotonic() < deadline, f"no replacement worker: {_workers(http)}"
+            time.sleep(0.05)
+        (second,) = _workers(http)
+        assert second["worker_id"] != first["worker_id"] and second["pid"] != first["pid"]
+        assert http.get("/readyz").status_code == 200
+        again = client.chat.completions.create(
+            model=model_dir.name, messages=[{"role": "user", "content": "hi"}], max_tokens=3
         )
-        assert again.status_code == 503, again.text
-        error = again.json()["error"]
-        assert error["code"] == "worker_unavailable" and "exited with code -9" in error["message"]
-        assert http.get("/v1/usage").json()["data"][0]["requests"] == 1  # nothing more billed
+        assert again.usage is not None and again.usage.completion_tokens >= 1
+        assert http.get("/v1/usage").json()["data"][0]["requests"] == 2
+
+        out = io.StringIO()
+        assert cli_main(["pool", "status", "--url", server.base_url], stdout=out) == 0
+        assert str(second["worker_id"]) in out.getvalue() and "READY" in out.getvalue()
+        assert 'ember_cold_start_seconds_count{model="' in http.get("/metrics").text
     finally:
+        http.close()
         assert server.stop() == 0

@@ -193,21 +193,21 @@ class ModelPool:
         phases of its cold start."""
         now = self._clock()
         with self._cond:
-            rows = [
+            rows = []
+            for wid, worker in self._workers.items():
+                row = worker.describe()
+                idle_since = self._idle_since.get(wid)
+                row["idle_s"] = None if idle_since is None else round(now - idle_since, 1)
+                rows.append(row)
+            rows += [
                 {
                     "worker_id": wid,
-                    "pid": w.proc.pid,
-                    "state": w.state.value,
-                    "in_flight": w.queue_depth,
-                    "idle_s": round(now - self._idle_since[wid], 1)
-                    if wid in self._idle_since
-                    else None,
-                    "cold_start": self.cold_starts.get(wid, {}),
+                    "pid": None,
+                    "state": WorkerState.STARTING.value,
+                    "in_flight": 0,
+                    "idle_s": None,
+                    "cold_start": {},
                 }
-                for wid, w in self._workers.items()
-            ]
-            rows += [
-                {"worker_id": wid, "pid": None, "state": WorkerState.STARTING.value}
                 for wid in self._starting
             ]
         return rows

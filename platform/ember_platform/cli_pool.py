@@ -1,0 +1,67 @@
+"""``ember pool status``: the workers of a running ``ember serve``, their states, and where
+the time of each one's cold start went."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import urllib.error
+import urllib.request
+from typing import Any, TextIO
+
+from ember_core import ConfigError
+
+__all__ = ["register"]
+
+# The phases shown, in the order a cold start goes through them.
+PHASES = ("spawn_s", "imports_s", "manifest_s", "fetch_s", "decompress_s", "load_s", "ready_s")
+
+
+def fetch_workers(url: str) -> list[dict[str, Any]]:
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/workers", timeout=10) as resp:
+            body = json.loads(resp.read())
+    except (urllib.error.URLError, OSError) as exc:
+        raise ConfigError(
+            f"cannot reach ember serve at {url}: {exc}; start it, or pass --url"
+        ) from None
+    rows: list[dict[str, Any]] = body["data"]
+    return rows
+
+
+def render(rows: list[dict[str, Any]]) -> str:
+    head = ["model", "worker", "pid", "state", "in flight", "idle s", *PHASES]
+    table = [head]
+    for r in rows:
+        cold = r.get("cold_start") or {}
+        table.append(
+            [
+                str(r["model"]),
+                str(r["worker_id"]),
+                str(r["pid"] or "-"),
+                str(r["state"]),
+                str(r["in_flight"]),
+                "-" if r.get("idle_s") is None else f"{r['idle_s']:.1f}",
+                *(f"{cold[p]:.3f}" if p in cold else "-" for p in PHASES),
+            ]
+        )
+    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in table]
+    if not rows:
+        lines.append("(no workers: the pool scaled to zero)")
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def cmd_pool_status(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    rows = fetch_workers(args.url)
+    print(json.dumps(rows, indent=1) if args.json else render(rows), file=out)
+    return 0
+
+
+def register(sub: Any) -> None:
+    pool = sub.add_parser("pool", help="the warm pool of a running ember serve")
+    verbs = pool.add_subparsers(dest="pool_command", required=True)
+    status = verbs.add_parser("status", help="workers, their states and last cold starts")
+    status.add_argument("--url", default="http://127.0.0.1:8000", help="ember serve's address")
+    status.add_argument("--json", action="store_true", help="rows as JSON")
+    status.set_defaults(pool_handler=cmd_pool_status)
