@@ -4,16 +4,69 @@ models through the weights store, as workers do; a model directory loads directl
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
+
+from ember_core import ConfigError
 
 if TYPE_CHECKING:
     from ember_functions.engine import LLMEngine
     from ember_functions.engine_config import EngineConfig
     from ember_weights_store import ModelCatalog
+    from ember_weights_store.tiers import Tier
 
-__all__ = ["load_engine", "resolve_model_dir"]
+__all__ = ["StoreConfig", "load_engine", "resolve_model_dir"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class StoreConfig:
+    """Where a worker's weights come from, nearest tier first: host RAM (shared by the
+    machine's workers; 0 turns it off), a disk cache of decoded chunks, then the origin:
+    the home's bucket, or ``s3://bucket/prefix`` at ``endpoint_url``.
+
+    Example::
+
+        StoreConfig(host_cache_bytes=2 << 30, origin="s3://models/ember")
+    """
+
+    host_cache_bytes: int = 0
+    disk_cache_bytes: int = 20 << 30
+    origin: str = ""  # "": the home's bucket
+    endpoint_url: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.origin and not self.origin.startswith("s3://"):
+            raise ConfigError(
+                f"origin must be empty (the home's bucket) or s3://bucket/prefix, "
+                f"got {self.origin!r}"
+            )
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> StoreConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown store setting(s) {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+    def catalog(self, home: Path) -> ModelCatalog:
+        from ember_weights_store import ModelCatalog
+
+        return ModelCatalog(
+            home, disk_cache_bytes=self.disk_cache_bytes, host_cache_bytes=self.host_cache_bytes
+        )
+
+    def origin_tier(self) -> Tier | None:
+        if not self.origin:
+            return None
+        from ember_weights_store.s3_tier import S3Tier
+
+        bucket, _, prefix = self.origin.removeprefix("s3://").partition("/")
+        return S3Tier(bucket=bucket, prefix=prefix, endpoint_url=self.endpoint_url)
 
 
 def resolve_model_dir(catalog: ModelCatalog, name: str, *, err: TextIO) -> Path:
@@ -28,9 +81,27 @@ def resolve_model_dir(catalog: ModelCatalog, name: str, *, err: TextIO) -> Path:
 
 
 def load_engine(
-    catalog: ModelCatalog, name: str, config: EngineConfig, *, err: TextIO
+    catalog: ModelCatalog,
+    name: str,
+    config: EngineConfig,
+    *,
+    err: TextIO,
+    origin: Tier | None = None,
 ) -> LLMEngine:
+    """``name`` loaded through the catalog's store; with ``origin`` (an object store
+    holding the model, e.g. S3), straight from the store: nothing is installed locally."""
     from ember_functions.engine import LLMEngine
+
+    if origin is not None:
+        t0 = time.perf_counter()
+        engine = LLMEngine.from_store(
+            catalog.store(origin=origin),
+            name,
+            config=config,
+            tokenizer_cache=catalog.home / "tokenizers",
+        )
+        print(f"loaded {name} from {origin} in {time.perf_counter() - t0:.2f} s", file=err)
+        return engine
 
     model_dir = resolve_model_dir(catalog, name, err=err)
     t0 = time.perf_counter()

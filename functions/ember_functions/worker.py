@@ -126,15 +126,32 @@ class _Serve:
                 log.warning("ignoring unknown command %r", message["op"])
 
 
+def preload() -> None:
+    """Everything a worker imports before it can load a model: the imports phase of a
+    cold start, and what the zygote does once for all its children."""
+    import torch  # noqa: F401
+
+    import ember_functions.engine
+    import ember_functions.loading  # noqa: F401
+    import ember_weights_store  # noqa: F401
+
+
 def _load(args: argparse.Namespace, t0: float) -> tuple[LLMEngine, dict[str, float]]:
+    preload()
     from ember_functions.engine_config import EngineConfig
-    from ember_functions.loading import load_engine
-    from ember_weights_store import ModelCatalog
+    from ember_functions.loading import StoreConfig, load_engine
 
     phases = {"imports_s": time.perf_counter() - t0}
     t_load = time.perf_counter()
     config = EngineConfig.from_dict(json.loads(args.engine_config))
-    engine = load_engine(ModelCatalog(Path(args.home)), args.model, config, err=sys.stderr)
+    store = StoreConfig.from_dict(json.loads(args.store))
+    engine = load_engine(
+        store.catalog(Path(args.home)),
+        args.model,
+        config,
+        err=sys.stderr,
+        origin=store.origin_tier(),
+    )
     phases["load_s"] = time.perf_counter() - t_load
     report = engine.load_report
     if report is not None:
@@ -158,6 +175,7 @@ def main(argv: list[str] | None = None, *, started_s: float | None = None) -> in
     ap.add_argument("--home", required=True)
     ap.add_argument("--model", required=True)
     ap.add_argument("--engine-config", default="{}")
+    ap.add_argument("--store", default="{}", help="StoreConfig as JSON: where weights come from")
     args = ap.parse_args(argv)
     logging.basicConfig(
         level=logging.WARNING, format=f"worker {args.worker_id}: %(levelname)s %(message)s"
@@ -184,6 +202,7 @@ def main(argv: list[str] | None = None, *, started_s: float | None = None) -> in
             "tokenizer_dir": str(engine.tokenizer.source_dir),
             "free_kv_blocks": engine.blocks.num_free_blocks,
             "phases": phases,
+            "chunks_by_tier": engine.load_report.chunks_by_tier if engine.load_report else {},
         }
     )
     _Serve(engine, reader, writer).run()

@@ -31,6 +31,7 @@ from typing import Any
 from ember_core import EngineError, InvalidRequestError, WorkerUnavailableError
 from ember_functions.engine_config import EngineConfig
 from ember_functions.launch import Launched, Launcher, SubprocessLauncher, accept, socket_path
+from ember_functions.loading import StoreConfig
 from ember_functions.prompt import EncodedPrompt, Prompt, PromptEncoder
 from ember_functions.rpc import (
     FrameReader,
@@ -82,6 +83,7 @@ class WorkerProcess:
         self.state = WorkerState.LOADING
         self.failure: str | None = None
         self.phases: dict[str, float] = {}  # the last cold start, seconds per phase
+        self.chunks_by_tier: dict[str, int] = {}  # where its weights came from
         self.model_name = ""
         self._sock = sock
         self._reader = FrameReader(sock)
@@ -102,6 +104,7 @@ class WorkerProcess:
         model: str,
         home: Path,
         engine_config: EngineConfig | None = None,
+        store: StoreConfig | None = None,
         run_dir: Path | None = None,
         launcher: Launcher | None = None,
         connect_timeout_s: float = 60.0,
@@ -121,6 +124,7 @@ class WorkerProcess:
             *("--worker-id", worker_id, "--socket", str(path)),
             *("--home", str(home), "--model", model),
             *("--engine-config", json.dumps(config)),
+            *("--store", json.dumps(dataclasses.asdict(store or StoreConfig()))),
         ]
         try:
             proc = (launcher or SubprocessLauncher()).launch(args)
@@ -168,6 +172,7 @@ class WorkerProcess:
         self.model_name = message["model"]
         self._free_kv_blocks = message["free_kv_blocks"]
         self.phases.update(message["phases"])
+        self.chunks_by_tier = dict(message.get("chunks_by_tier", {}))
         self._prompts = PromptEncoder(
             Tokenizer.from_dir(Path(message["tokenizer_dir"])),
             vocab_size=message["vocab_size"],

@@ -35,16 +35,6 @@ from ember_functions.rpc import FrameReader, FrameWriter  # noqa: E402
 __all__ = ["main"]
 
 
-def _preload() -> None:
-    """Everything a worker imports before it can load a model."""
-    import torch  # noqa: F401
-
-    import ember_functions.engine
-    import ember_functions.loading
-    import ember_functions.worker  # noqa: F401
-    import ember_weights_store  # noqa: F401
-
-
 def _fork(args: list[str], control: socket.socket, wake_fds: tuple[int, int]) -> int:
     started_s = time.perf_counter()
     pid = os.fork()
@@ -122,7 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     control.connect(args.socket)
-    _preload()
+    from ember_functions.worker import preload
+
+    preload()
     serve(control)
     return 0
 

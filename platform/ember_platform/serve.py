@@ -54,6 +54,9 @@ class ServeSettings:
     pool_predictive: bool = False
     queue_timeout_s: float = 120.0  # how long a request waits for a worker before a 503
     zygote: bool = True  # fork workers from a process that imported everything once
+    # Host RAM (/dev/shm) the machine's workers share the model's weights in: a worker the
+    # pool starts then loads from RAM instead of disk. 0 turns the tier off.
+    host_cache_mib: int = 0
 
     def __post_init__(self) -> None:
         ints = {f.name for f in fields(self) if f.type in ("int", int)}
@@ -130,7 +133,7 @@ def build_app(settings: ServeSettings, *, out: TextIO) -> Any:
     from ember_billing.service import BillingService
     from ember_functions.engine_config import EngineConfig
     from ember_functions.launch import Zygote
-    from ember_functions.loading import resolve_model_dir
+    from ember_functions.loading import StoreConfig, resolve_model_dir
     from ember_platform.gateway import GatewayConfig, create_app
     from ember_platform.pool_router import PoolRouter
     from ember_warmpool.manager import ModelPool
@@ -148,6 +151,7 @@ def build_app(settings: ServeSettings, *, out: TextIO) -> Any:
         home=home,
         policy=settings.pool_policy(),
         engine_config=config,
+        store=StoreConfig(host_cache_bytes=settings.host_cache_mib << 20),
         launcher=zygote,
     )
     try:

@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import random
+import shutil
 import signal
 import threading
 import time
@@ -19,6 +20,7 @@ from ember_core import ContextLengthError, EngineError, InvalidRequestError, Wor
 from ember_functions.engine import Completion, LLMEngine
 from ember_functions.engine_config import EngineConfig
 from ember_functions.launch import Zygote
+from ember_functions.loading import StoreConfig
 from ember_functions.prompt import Prompt
 from ember_functions.rpc import WorkerState
 from ember_functions.sampling_params import SamplingParams
@@ -257,3 +259,71 @@ def test_kill_9_of_a_forked_worker_is_reported_through_the_zygote(
     )
     assert result_within(submit(again, "after", GREEDY_16, "za")).token_ids
     again.close()
+
+
+# -- where weights come from ----------------------------------------------------------
+
+
+@pytest.fixture
+def s3_endpoint(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A real S3 HTTP endpoint on 127.0.0.1 (moto's server); workers inherit the keys."""
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    for var, value in {
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
+        monkeypatch.setenv(var, value)
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+def test_a_worker_loads_from_s3_into_an_empty_home_and_from_host_ram_next(
+    s3_endpoint: str, tiny_model: Callable[..., Path], tmp_path: Path, worker: WorkerProcess
+) -> None:
+    import boto3
+
+    from ember_weights_store import ModelCatalog
+    from ember_weights_store.s3_tier import S3Tier
+
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="models")
+    origin = S3Tier(bucket="models", prefix="ember", endpoint_url=s3_endpoint)
+    ModelCatalog(tmp_path / "publisher").store(origin=origin).import_hf_dir(
+        tiny_model("llama"), model_id="tiny"
+    )
+    home = tmp_path / "fresh"  # nothing installed, nothing cached
+    store = StoreConfig(
+        origin="s3://models/ember",
+        endpoint_url=s3_endpoint,
+        disk_cache_bytes=0,
+        host_cache_bytes=64 << 20,
+    )
+    prompt = prompt_ids(11, 12)
+    want = result_within(submit(worker, prompt, GREEDY_16, "ref")).token_ids
+    tiers = []
+    try:
+        for i in range(2):  # first from S3, then from the host tier it filled
+            w = WorkerProcess.spawn(
+                worker_id=f"s3-{os.getpid()}-{i}",
+                model="tiny",
+                home=home,
+                engine_config=CONFIG,
+                store=store,
+            )
+            try:
+                assert result_within(submit(w, prompt, GREEDY_16, f"s{i}")).token_ids == want
+                tiers.append(w.chunks_by_tier)
+            finally:
+                w.close()
+        assert not (home / "models").exists()  # loaded straight from the store
+        assert list(tiers[0]) == ["s3"] and list(tiers[1]) == ["host"], tiers
+    finally:
+        shutil.rmtree(ModelCatalog(home).host_cache_root, ignore_errors=True)

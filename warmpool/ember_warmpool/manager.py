@@ -38,6 +38,7 @@ from typing import Any
 from ember_core import EngineError, RateLimitError
 from ember_functions.engine_config import EngineConfig
 from ember_functions.launch import Launcher
+from ember_functions.loading import StoreConfig
 from ember_functions.prompt import PromptEncoder
 from ember_functions.rpc import WorkerState
 from ember_functions.worker_process import WorkerProcess
@@ -62,6 +63,7 @@ class ModelPool:
         home: Path,
         policy: PoolPolicy,
         engine_config: EngineConfig | None = None,
+        store: StoreConfig | None = None,
         launcher: Launcher | None = None,
         forecaster: Forecaster | None = None,
         service_s: float = 2.0,  # a request's typical time on a worker, for the forecast
@@ -73,6 +75,7 @@ class ModelPool:
         self.model = model
         self.policy = policy
         self.engine_config = engine_config or EngineConfig()
+        self.store = store or StoreConfig()
         self.home = home
         self.max_queue = max_queue
         self.pool_id = f"{re.sub(r'[^A-Za-z0-9]+', '-', Path(model).name)[:24]}-{os.getpid()}"
@@ -312,6 +315,7 @@ class ModelPool:
                 model=self.model,
                 home=self.home,
                 engine_config=self.engine_config,
+                store=self.store,
                 launcher=self._launcher,
             )
         except EngineError as exc:

@@ -238,17 +238,18 @@ class ModelCatalog:
         digest = hashlib.sha256(str(self.home.resolve()).encode()).hexdigest()[:12]
         return Path("/dev/shm") / f"ember-host-{digest}"
 
-    def store(self) -> WeightsStore:
+    def store(self, *, origin: Tier | None = None) -> WeightsStore:
         """The embedded weights store, nearest tier first: host RAM (when
         ``host_cache_bytes`` > 0; worker pools turn it on, so their workers share one copy),
         a disk cache of decoded chunks under ``home/cache`` (when ``disk_cache_bytes`` > 0),
-        and the bucket-like directory ``home/bucket`` that holds every model compressed."""
+        and the bucket-like directory ``home/bucket`` that holds every model compressed,
+        or ``origin`` instead of it (an ``S3Tier``: workers at scale)."""
         tiers: list[Tier] = []
         if self.host_cache_bytes:
             tiers.append(HostTier(self.host_cache_root, budget_bytes=self.host_cache_bytes))
         if self.disk_cache_bytes:
             tiers.append(DiskTier(self.home / "cache", budget_bytes=self.disk_cache_bytes))
-        tiers.append(LocalBucketTier(self.home / "bucket"))
+        tiers.append(origin if origin is not None else LocalBucketTier(self.home / "bucket"))
         return WeightsStore(tiers)
 
     def ensure_in_store(self, name: str, *, on_progress: ProgressFn | None = None) -> None:
