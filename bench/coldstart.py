@@ -1,0 +1,400 @@
+"""Cold start: time to first token from each start state, and where the time goes.
+
+    python bench/coldstart.py --json /tmp/coldstart.json [--png /tmp/coldstart.png]
+        [--models smollm2,llama-1b] [--rounds 3] [--quick]
+
+For one request (a short chat prompt, one generated token), from the moment it arrives:
+
+- ``object``: a new interpreter loads the weights from the object store (an S3 endpoint:
+  moto's server on 127.0.0.1) into an empty home;
+- ``disk``: a new interpreter, weights in the disk tier with their page cache evicted;
+- ``host``: a new interpreter, weights in the host tier (/dev/shm);
+- ``prewarmed``: a worker forked from the zygote (imports done), weights in the host tier;
+- ``ready``: a READY worker.
+
+Peers in the same run, what people write today: a fresh ``python`` running transformers
+``AutoModelForCausalLM.from_pretrained`` on the same model from local disk and generating
+the first token; and a fresh process starting vLLM's CPU build (``.venv-peers``, from
+``bench/setup_peers.sh``; ``enforce_eager=True``) and generating the first token.
+Each state is measured ``--rounds`` times, interleaved, medians reported. Phases come
+from the worker's own report: spawn (until it connects), imports, manifest, fetch,
+decompress, bind (load minus the weights' wall time: building the model on the
+weights), first token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _io_limits
+import _random_llama
+
+ROOT = Path(__file__).resolve().parents[1]
+STATES = ("object", "disk", "host", "prewarmed", "ready")
+PHASES = ("spawn", "imports", "manifest", "fetch", "decompress", "bind", "first_token")
+PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _start_moto(port: int) -> subprocess.Popen[bytes]:
+    code = (
+        "import time\nfrom moto.server import ThreadedMotoServer\n"
+        f"ThreadedMotoServer(ip_address='127.0.0.1', port={port}, verbose=False).start()\n"
+        "time.sleep(1e9)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.DEVNULL)
+    import socket
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return proc
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError(f"moto's S3 server did not start on 127.0.0.1:{port}")
+
+
+def _phases(worker: Any, first_token_s: float) -> dict[str, float]:
+    p = worker.phases
+    weights = p.get("weights_wall_s", 0.0)
+    return {
+        "spawn": p.get("spawn_s", 0.0),
+        "imports": p.get("imports_s", 0.0),
+        "manifest": p.get("manifest_s", 0.0),
+        # The loader's fetch and decompress are summed over its threads; scale them to the
+        # weights' wall time so the stacked phases add up to what a request waited.
+        **_share(p, weights),
+        "bind": max(0.0, p.get("load_s", 0.0) - weights),
+        "first_token": first_token_s,
+    }
+
+
+def _share(p: dict[str, float], wall_s: float) -> dict[str, float]:
+    fetch, decompress = p.get("fetch_s", 0.0), p.get("decompress_s", 0.0)
+    total = fetch + decompress
+    if total <= 0:
+        return {"fetch": wall_s, "decompress": 0.0}
+    return {"fetch": wall_s * fetch / total, "decompress": wall_s * decompress / total}
+
+
+def _first_token(worker: Any, rid: str) -> float:
+    from ember_functions.sampling_params import SamplingParams
+
+    params = SamplingParams(max_tokens=1, temperature=0)
+    t0 = time.perf_counter()
+    worker.submit_prepared(worker.prepare(PROMPT, params, request_id=rid)).result()
+    return time.perf_counter() - t0
+
+
+class ModelRun:
+    """One model's homes and tiers, and one timed cold start per state."""
+
+    def __init__(self, name: str, model_dir: Path, work: Path, s3_url: str, threads: int) -> None:
+        from ember_functions.engine_config import EngineConfig
+        from ember_weights_store import ModelCatalog
+        from ember_weights_store.s3_tier import S3Tier
+
+        self.name = name
+        self.model_dir = model_dir
+        self.work = work
+        self.s3_url = s3_url
+        self.config = EngineConfig(num_threads=threads, kv_cache_bytes=64 << 20)
+        self.home = work / "home"
+        publisher = ModelCatalog(self.home)
+        print(f"[{name}] importing into the bucket and S3 ...", flush=True)
+        publisher.store().import_hf_dir(model_dir, model_id=name)
+        # Installed in this home as `ember models add` would leave it (workers resolve the
+        # name here, then load through the store).
+        publisher.models_dir.mkdir(parents=True, exist_ok=True)
+        (publisher.models_dir / name).symlink_to(model_dir)
+        origin = S3Tier(bucket="models", prefix=name, endpoint_url=s3_url)
+        ModelCatalog(work / "publisher").store(origin=origin).import_hf_dir(
+            model_dir, model_id=name
+        )
+        self.host_bytes = 8 << 30
+        self._counter = 0
+
+    def _store(self, state: str) -> Any:
+        from ember_functions.loading import StoreConfig
+
+        if state == "object":
+            return StoreConfig(
+                origin=f"s3://models/{self.name}", endpoint_url=self.s3_url, disk_cache_bytes=0
+            )
+        if state == "disk":
+            return StoreConfig()
+        return StoreConfig(host_cache_bytes=self.host_bytes)
+
+    def _spawn(self, state: str, launcher: Any = None, home: Path | None = None) -> Any:
+        from ember_functions.worker_process import WorkerProcess
+
+        self._counter += 1
+        return WorkerProcess.spawn(
+            worker_id=f"cs{os.getpid()}-{self._counter}",
+            model=self.name,
+            home=home or self.home,
+            engine_config=self.config,
+            store=self._store(state),
+            launcher=launcher,
+        )
+
+    def prepare_tiers(self) -> None:
+        """Fills the disk and host tiers: one load through each, promotions waited for."""
+        from ember_weights_store import load
+
+        for state in ("disk", "host"):
+            loaded = load(self._store(state).catalog(self.home).store(), self.name)
+            loaded.wait_promoted()
+            del loaded
+
+    def measure(self, state: str, zygote: Any) -> tuple[float, dict[str, float], str]:
+        """(ttft_s, phases, tiers the chunks came from) of one cold start in ``state``."""
+        if state == "ready":
+            worker = self._spawn("host")
+            try:
+                _first_token(worker, "warm")
+                ttft = _first_token(worker, "ready")
+            finally:
+                worker.close()
+            return ttft, {p: 0.0 for p in PHASES} | {"first_token": ttft}, "-"
+        home = None
+        if state == "object":
+            home = self.work / f"empty-{self._counter}"  # nothing installed, nothing cached
+        if state == "disk":
+            _io_limits.evict_page_cache(_io_limits.tree_files(self.home / "cache"))
+        t0 = time.perf_counter()
+        worker = self._spawn(state, zygote if state == "prewarmed" else None, home)
+        try:
+            first = _first_token(worker, state)
+            ttft = time.perf_counter() - t0
+            tiers = ",".join(sorted(worker.chunks_by_tier))
+            return ttft, _phases(worker, first), tiers
+        finally:
+            worker.close()
+            if home is not None:
+                shutil.rmtree(home, ignore_errors=True)
+
+
+def transformers_ttft(model_dir: Path, threads: int) -> float:
+    """A fresh interpreter: import transformers, from_pretrained, one generated token."""
+    code = f"""
+import torch
+torch.set_num_threads({threads})
+from transformers import AutoModelForCausalLM, AutoTokenizer
+tok = AutoTokenizer.from_pretrained({str(model_dir)!r})
+model = AutoModelForCausalLM.from_pretrained({str(model_dir)!r}, torch_dtype=torch.float32)
+enc = tok.apply_chat_template(
+    {PROMPT!r}, add_generation_prompt=True, return_tensors="pt", return_dict=True
+)
+with torch.inference_mode():
+    model.generate(**enc, max_new_tokens=1, do_sample=False)
+print("FIRST_TOKEN", flush=True)
+"""
+    return _time_to_marker([sys.executable, "-c", code])
+
+
+def vllm_ttft(model_dir: Path, threads: int) -> float | str:
+    python = ROOT / ".venv-peers" / "bin" / "python"
+    if not python.exists():
+        return "not installed: run bash bench/setup_peers.sh"
+    code = f"""
+from vllm import LLM, SamplingParams
+llm = LLM(model={str(model_dir)!r}, enforce_eager=True, dtype="float32")
+llm.chat({PROMPT!r}, SamplingParams(max_tokens=1, temperature=0))
+print("FIRST_TOKEN", flush=True)
+"""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "VLLM_CPU_KVCACHE_SPACE": "1"}
+    try:
+        return _time_to_marker([str(python), "-c", code], env=env)
+    except RuntimeError as exc:
+        return f"failed: {exc}"
+
+
+def _time_to_marker(argv: list[str], env: dict[str, str] | None = None) -> float:
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+    if proc.stdout is None:
+        raise RuntimeError("no stdout pipe")
+    for line in proc.stdout:
+        if line.startswith("FIRST_TOKEN"):
+            elapsed = time.perf_counter() - t0
+            proc.wait()
+            return elapsed
+    err = proc.stderr.read() if proc.stderr else ""
+    proc.wait()
+    raise RuntimeError(f"exited {proc.returncode} before the first token: {err[-600:]}")
+
+
+def run_model(
+    name: str, model_dir: Path, s3_url: str, *, rounds: int, threads: int, peers: bool
+) -> dict[str, Any]:
+    from ember_functions.launch import Zygote
+
+    with tempfile.TemporaryDirectory(prefix="ember-coldstart-") as tmp:
+        run = ModelRun(name, model_dir, Path(tmp), s3_url, threads)
+        run.prepare_tiers()
+        ttft: dict[str, list[float]] = {s: [] for s in STATES}
+        phases: dict[str, list[dict[str, float]]] = {s: [] for s in STATES}
+        tiers: dict[str, str] = {}
+        peer_ttft: dict[str, list[float]] = {"transformers": [], "vllm": []}
+        peer_errors: dict[str, str] = {}
+        with Zygote.start(zygote_id=f"cs{os.getpid()}") as zygote:
+            for r in range(rounds):
+                for state in STATES:
+                    t, p, where = run.measure(state, zygote)
+                    ttft[state].append(t)
+                    phases[state].append(p)
+                    tiers[state] = where
+                if peers:
+                    peer_ttft["transformers"].append(transformers_ttft(model_dir, threads))
+                    v = vllm_ttft(model_dir, threads) if r == 0 else None
+                    if isinstance(v, float):
+                        peer_ttft["vllm"].append(v)
+                    elif isinstance(v, str):
+                        peer_errors["vllm"] = v
+                print(f"[{name}] round {r + 1}/{rounds} done", flush=True)
+    out: dict[str, Any] = {"model": name, "rounds": rounds, "tiers": tiers}
+    for state in STATES:
+        out[f"ttft_s_{state}"] = statistics.median(ttft[state])
+        out[f"phases_{state}"] = {
+            ph: statistics.median(p[ph] for p in phases[state]) for ph in PHASES
+        }
+    for peer, values in peer_ttft.items():
+        out[f"ttft_s_{peer}"] = statistics.median(values) if values else None
+    out["peer_errors"] = peer_errors
+    base = out["ttft_s_transformers"]
+    for state in STATES:
+        out[f"speedup_{state}"] = base / out[f"ttft_s_{state}"] if base else None
+    vllm = out["ttft_s_vllm"]
+    out["speedup_vllm_disk"] = vllm / out["ttft_s_disk"] if vllm else None
+    return out
+
+
+def print_table(res: dict[str, Any]) -> None:
+    print(f"\n{res['model']}: time to first token, seconds (median of {res['rounds']})")
+    head = f"{'state':<12}{'ttft':>8}{'x tfm':>8}  " + "".join(f"{p:>12}" for p in PHASES)
+    print(head + "   tiers")
+    for state in STATES:
+        ph = res[f"phases_{state}"]
+        speed = res[f"speedup_{state}"]
+        print(
+            f"{state:<12}{res[f'ttft_s_{state}']:>8.3f}"
+            f"{(f'{speed:.1f}' if speed else '-'):>8}  "
+            + "".join(f"{ph[p]:>12.3f}" for p in PHASES)
+            + f"   {res['tiers'].get(state, '')}"
+        )
+    for peer in ("transformers", "vllm"):
+        t = res[f"ttft_s_{peer}"]
+        note = res["peer_errors"].get(peer, "")
+        print(f"{peer:<12}{(f'{t:.3f}' if t else '-'):>8}   {note}")
+
+
+def draw(results: list[dict[str, Any]], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"no PNG: matplotlib is not installed (pip install matplotlib); {path} skipped")
+        return
+    fig, axes = plt.subplots(1, len(results), figsize=(7 * len(results), 4.5), squeeze=False)
+    for ax, res in zip(axes[0], results, strict=True):
+        labels = [*STATES, "transformers", "vllm"]
+        bottom = [0.0] * len(labels)
+        for ph in PHASES:
+            heights = [res[f"phases_{s}"][ph] for s in STATES] + [0.0, 0.0]
+            ax.bar(labels, heights, bottom=bottom, label=ph)
+            bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
+        peers = [res["ttft_s_transformers"] or 0.0, res["ttft_s_vllm"] or 0.0]
+        ax.bar(labels[-2:], peers, color="grey", label="peer, total")
+        # Linear: stacked phases on a log axis would misstate their shares.
+        totals = [res[f"ttft_s_{s}"] for s in STATES] + peers
+        for x, total in enumerate(totals):
+            if total:
+                ax.annotate(f"{total:.2f} s", (x, total), ha="center", va="bottom", fontsize=8)
+        ax.set_ylabel("seconds to first token")
+        ax.set_title(res["model"])
+        ax.tick_params(axis="x", rotation=30)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--json", type=Path, required=True)
+    ap.add_argument("--png", type=Path, default=None)
+    ap.add_argument("--models", default="smollm2,llama-1b")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-peers", dest="peers", action="store_false")
+    ap.add_argument("--quick", action="store_true", help="one round, SmolLM2 only")
+    args = ap.parse_args()
+    models = ["smollm2"] if args.quick else args.models.split(",")
+    rounds = 1 if args.quick else args.rounds
+
+    import boto3
+
+    from ember_weights_store import ModelCatalog
+
+    port = _free_port()
+    moto = _start_moto(port)
+    s3_url = f"http://127.0.0.1:{port}"
+    os.environ.update(
+        AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test", AWS_DEFAULT_REGION="us-east-1"
+    )
+    boto3.client("s3", endpoint_url=s3_url).create_bucket(Bucket="models")
+    results: list[dict[str, Any]] = []
+    try:
+        for name in models:
+            if name == "smollm2":
+                home = Path(os.environ.get("EMBER_HOME", Path.home() / ".cache" / "ember"))
+                model_dir = Path(ModelCatalog(home).add("smollm2-135m", progress=False))
+            else:
+                model_dir = _random_llama.build(
+                    ROOT / ".cache" / "bench" / "llama-1b-random", seed=0
+                )
+            res = run_model(
+                name, model_dir, s3_url, rounds=rounds, threads=args.threads, peers=args.peers
+            )
+            print_table(res)
+            results.append(res)
+    finally:
+        moto.kill()
+    out = dict(results[0])
+    for res in results[1:]:
+        out["model_1b" if res["model"] == "llama-1b" else res["model"]] = res
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(out, indent=1))
+    print(f"wrote {args.json}")
+    if args.png:
+        draw(results, args.png)
+
+
+if __name__ == "__main__":
+    main()
