@@ -7,6 +7,8 @@ fused at load time, so a layer is four matmuls.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -131,16 +133,29 @@ class LlamaModel(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, vocab] fp32
         return self.linear(hidden, self.head, None, self.head_gemv).float()
 
-    def add_gemv_weights(self, dtype: torch.dtype) -> None:
-        """Keeps a ``dtype`` copy of every matrix for single-row decode (see linear.py)."""
-        for layer in self.decoder_layers:
+    def add_gemv_weights(
+        self, dtype: torch.dtype, given: Mapping[str, torch.Tensor] | None = None
+    ) -> None:
+        """Keeps a ``dtype`` copy of every matrix for single-row decode (see linear.py).
+        ``given`` (state-dict names) supplies ones already in ``dtype``, such as the
+        checkpoint's own 16-bit tensors, so they are shared instead of converted back."""
+        given = given or {}
+
+        def copy(name: str, weight: torch.Tensor) -> torch.Tensor:
+            have = given.get(name)
+            if have is not None and have.shape == weight.shape and have.dtype == dtype:
+                return have
+            return weight.to(dtype)
+
+        for i, layer in enumerate(self.decoder_layers):
+            p = f"layers.{i}."
             layer.gemv = {
-                "qkv": layer.qkv_weight.to(dtype),
-                "o": layer.o_weight.to(dtype),
-                "gate_up": layer.gate_up_weight.to(dtype),
-                "down": layer.down_weight.to(dtype),
+                "qkv": copy(p + "qkv_weight", layer.qkv_weight),
+                "o": copy(p + "o_weight", layer.o_weight),
+                "gate_up": copy(p + "gate_up_weight", layer.gate_up_weight),
+                "down": copy(p + "down_weight", layer.down_weight),
             }
-        self.head_gemv = self.head.to(dtype)
+        self.head_gemv = copy("embed" if self.lm_head is None else "lm_head", self.head)
 
     def decode_bytes_per_token(self) -> int:
         """Weight bytes one single-sequence decode step streams from memory: every

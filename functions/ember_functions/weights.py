@@ -147,7 +147,7 @@ def build_model(
     config: ModelConfig,
     tensors: Iterable[tuple[str, torch.Tensor]],
     *,
-    source: str,
+    source: str,  # where the tensors came from, for errors
     dtype: torch.dtype,
     device: torch.device,
     max_positions: int | None = None,
@@ -159,21 +159,22 @@ def build_model(
     ``gemv_dtype`` keeps a copy of every matrix in that dtype for single-sequence
     decode (see linear.py); :func:`gemv_dtype_for` says when that pays.
     """
-    hf = {
-        name.removeprefix("model."): t.to(device=device, dtype=dtype)
-        for name, t in tensors
-        if "rotary_emb" not in name
-    }
-    state = _fuse(config, hf)
+    source_name = source  # the fused tensors are not the only "source" here
+    # Fuse in the checkpoint's own dtype (half the bytes of float32 to concatenate), then
+    # convert once. The 16-bit fused matrices are exactly what a float32 -> 16-bit copy
+    # would give back, so they double as the gemv copies: no second conversion pass.
+    hf = {name.removeprefix("model."): t for name, t in tensors if "rotary_emb" not in name}
+    fused = _fuse(config, hf)
     # Tensors we would silently drop (an o_proj or MLP bias, extra layers) mean the
     # checkpoint is a variant we do not run exactly: refuse rather than run it wrong.
     leftover = sorted(n for n in hf if not (n == "lm_head.weight" and config.tie_word_embeddings))
     if leftover:
         raise ModelFormatError(
-            f"checkpoint {source} has tensors Ember does not use: {leftover[:4]}"
+            f"checkpoint {source_name} has tensors Ember does not use: {leftover[:4]}"
             f"{' ...' if len(leftover) > 4 else ''}; this {config.model_type} variant "
             "(e.g. attention_bias or mlp_bias on a llama) is not supported"
         )
+    state = {name: t.to(device=device, dtype=dtype) for name, t in fused.items()}
     linear = Linear(device=device, dtype=dtype)  # probes real kernels: outside "meta"
     with torch.device("meta"):
         model = LlamaModel(config, linear=linear)
@@ -197,7 +198,17 @@ def build_model(
         p.requires_grad_(False)
     model.init_rope(max_positions=max_positions or config.max_context, device=device)
     if gemv_dtype is not None and gemv_dtype != dtype:
-        model.add_gemv_weights(gemv_dtype)
+        # The concatenated matrices are new tensors; the others are views of the loaded
+        # buffers, cloned so those buffers are freed rather than held by a few views.
+        made = {n for n in fused if n.endswith(("qkv_weight", "gate_up_weight"))}
+        model.add_gemv_weights(
+            gemv_dtype,
+            {
+                n: t if n in made else t.clone()
+                for n, t in fused.items()
+                if t.dtype == gemv_dtype and t.dim() == 2
+            },
+        )
     return model.eval()
 
 
