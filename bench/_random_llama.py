@@ -55,11 +55,22 @@ def _shapes() -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def build(path: Path, *, seed: int = 0) -> Path:
-    """Writes the checkpoint to ``path`` unless an identical one is there; returns ``path``."""
+def build(path: Path, *, seed: int = 0, with_tokenizer: bool = False) -> Path:
+    """Writes the checkpoint to ``path`` unless an identical one is there; returns ``path``.
+    ``with_tokenizer`` adds a byte-level tokenizer (ids < 259, inside the vocabulary), for
+    benchmarks that serve the model rather than only load its weights."""
     config_path = path / "config.json"
-    if config_path.is_file() and json.loads(config_path.read_text()) == CONFIG:
-        return path
+    if not (config_path.is_file() and json.loads(config_path.read_text()) == CONFIG):
+        _write(path, seed)
+    if with_tokenizer and not (path / "tokenizer.json").is_file():
+        from ember_functions.tiny import write_byte_tokenizer
+
+        write_byte_tokenizer(path, max_length=int(CONFIG["max_position_embeddings"]))
+    return path
+
+
+def _write(path: Path, seed: int) -> None:
+    config_path = path / "config.json"
     path.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
     shapes = _shapes()
@@ -80,7 +91,6 @@ def build(path: Path, *, seed: int = 0) -> Path:
     index = {"metadata": {}, "weight_map": weight_map}
     (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
     config_path.write_text(json.dumps(CONFIG))  # last: its presence means "complete"
-    return path
 
 
 def num_params() -> int:

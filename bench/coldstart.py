@@ -377,7 +377,7 @@ def main() -> None:
                 model_dir = Path(ModelCatalog(home).add("smollm2-135m", progress=False))
             else:
                 model_dir = _random_llama.build(
-                    ROOT / ".cache" / "bench" / "llama-1b-random", seed=0
+                    ROOT / ".cache" / "bench" / "llama-1b-random", seed=0, with_tokenizer=True
                 )
             res = run_model(
                 name, model_dir, s3_url, rounds=rounds, threads=args.threads, peers=args.peers

@@ -124,6 +124,29 @@ def _random_weights(config: dict[str, Any], seed: int) -> dict[str, torch.Tensor
     return out
 
 
+def write_byte_tokenizer(model_dir: Path, *, max_length: int) -> None:
+    """Writes :func:`byte_tokenizer` and a ChatML template into ``model_dir``: for models
+    built from a seed (tests, benchmarks), which come without a tokenizer."""
+    byte_tokenizer().save(str(model_dir / "tokenizer.json"))
+    (model_dir / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "bos_token": "<|endoftext|>",
+                "eos_token": "<|im_end|>",
+                "pad_token": "<|endoftext|>",
+                "add_bos_token": False,
+                "chat_template": CHATML,
+                "model_max_length": max_length,
+                "tokenizer_class": "PreTrainedTokenizerFast",
+            },
+            indent=2,
+        )
+    )
+    (model_dir / "generation_config.json").write_text(
+        json.dumps({"bos_token_id": 256, "eos_token_id": 258})
+    )
+
+
 def write_tiny_model(
     out_dir: Path, *, family: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32
 ) -> Path:
@@ -136,24 +159,7 @@ def write_tiny_model(
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=out_dir.parent))
     save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    byte_tokenizer().save(str(tmp / "tokenizer.json"))
-    (tmp / "tokenizer_config.json").write_text(
-        json.dumps(
-            {
-                "bos_token": "<|endoftext|>",
-                "eos_token": "<|im_end|>",
-                "pad_token": "<|endoftext|>",
-                "add_bos_token": False,
-                "chat_template": CHATML,
-                "model_max_length": config["max_position_embeddings"],
-                "tokenizer_class": "PreTrainedTokenizerFast",
-            },
-            indent=2,
-        )
-    )
-    (tmp / "generation_config.json").write_text(
-        json.dumps({"bos_token_id": 256, "eos_token_id": 258})
-    )
+    write_byte_tokenizer(tmp, max_length=config["max_position_embeddings"])
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)

@@ -136,7 +136,7 @@ class PoolRouter:
 
     def start(self, prepared: Prepared) -> _PooledRun:
         pool = self._pool(prepared.model)
-        pool.check_admission()
+        pool.admit()
         if not isinstance(prepared.handle, RemoteRequest):
             raise TypeError("start() takes what this router's prepare() returned")
         return _PooledRun(pool, prepared.handle, self._queue_timeout_s)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ember_core import EngineError, WorkerUnavailableError
+from ember_core import EngineError, RateLimitError, WorkerUnavailableError
 from ember_functions.engine_config import EngineConfig
 from ember_functions.launch import Zygote
 from ember_functions.sampling_params import SamplingParams
@@ -198,3 +198,26 @@ def test_a_model_that_cannot_load_is_not_retried_forever(
     assert not router.ready()  # /readyz says 503, with the pool's reason in the logs
     with pytest.raises(WorkerUnavailableError, match="has not started"):
         router.prepare("m", "hi", SHORT, request_id="x", tenant="t")
+
+
+def test_a_full_queue_is_refused_at_once_with_retry_after(
+    make_pool: Callable[..., ModelPool],
+) -> None:
+    pool = make_pool(PoolPolicy(min_warm=1, buffer=0, max_workers=1, keepalive_s=60))
+    pool.max_queue = 1
+    pool.start()
+    router = PoolRouter({"m": pool}, queue_timeout_s=30)
+
+    async def go() -> None:
+        running = asyncio.ensure_future(collect(router, "m", "running", LONG))
+        waiting = asyncio.ensure_future(collect(router, "m", "waiting", SHORT))
+        while pool.queued < 1:  # the only worker runs one sequence: the second one waits
+            await asyncio.sleep(0.01)
+        prepared = router.prepare("m", [1, 2], SHORT, request_id="third", tenant="t")
+        with pytest.raises(RateLimitError, match="already wait") as refused:
+            router.start(prepared)
+        assert refused.value.retry_after_s >= 1
+        assert (await running)[-1].usage.completion_tokens == 300
+        assert (await waiting)[-1].usage.completion_tokens == 4  # it ran once a slot freed
+
+    asyncio.run(go())

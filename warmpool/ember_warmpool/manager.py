@@ -125,11 +125,8 @@ class ModelPool:
     # -- placement ------------------------------------------------------------------
 
     def try_place(self) -> WorkerProcess | None:
-        """A worker to send one request to now, or None if none can take it.
-
-        Counts the request as an arrival for the forecaster."""
+        """A worker to send one request to now, or None if none can take it."""
         with self._cond:
-            self._arrivals += 1
             serving = [w for w in self._workers.values() if w.alive]
             tc = self.policy.target_concurrency
             room = [w for w in serving if w.queue_depth < tc]
@@ -139,9 +136,11 @@ class ModelPool:
             overflow = [w for w in serving if w.queue_depth < cap]
             return min(overflow, key=lambda w: w.queue_depth) if overflow else None
 
-    def check_admission(self) -> None:
-        """Refuses a request now (429) when the queue for workers is full."""
+    def admit(self) -> None:
+        """Counts a request's arrival (the forecaster's input), or refuses it now (429)
+        when the queue for workers is full."""
         with self._cond:
+            self._arrivals += 1
             if self._queued >= self.max_queue:
                 raise RateLimitError(
                     f"{self.max_queue} requests already wait for a {self.model} worker; "
