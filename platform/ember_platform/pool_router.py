@@ -56,24 +56,30 @@ class _PooledRun:
 
     async def _place(self) -> None:
         pool = self._pool
-        worker = pool.try_place()
-        if worker is None:
-            deadline = time.monotonic() + self._queue_timeout_s
-            with pool.waiting():
-                while (worker := pool.try_place()) is None:
-                    reason = pool.held_back()
-                    if reason is not None:
-                        raise WorkerUnavailableError(f"no {pool.model} worker can start: {reason}")
-                    if time.monotonic() > deadline:
-                        raise CapacityError(
-                            f"no {pool.model} worker became free within "
-                            f"{self._queue_timeout_s:.0f} s; retry later"
-                        )
-                    if self._cancelled:
-                        raise asyncio.CancelledError
-                    await asyncio.sleep(_POLL_S)
-        self.attempts += 1
-        self._stream = worker.submit_prepared(self._request)
+        if self._submit_to_any():
+            return
+        deadline = time.monotonic() + self._queue_timeout_s
+        with pool.waiting():
+            while not self._submit_to_any():
+                reason = pool.held_back()
+                if reason is not None:
+                    raise WorkerUnavailableError(f"no {pool.model} worker can start: {reason}")
+                if time.monotonic() > deadline:
+                    raise CapacityError(
+                        f"no {pool.model} worker became free within "
+                        f"{self._queue_timeout_s:.0f} s; retry later"
+                    )
+                if self._cancelled:
+                    raise asyncio.CancelledError
+                await asyncio.sleep(_POLL_S)
+
+    def _submit_to_any(self) -> bool:
+        with self._pool.placing() as worker:
+            if worker is None:
+                return False
+            self.attempts += 1
+            self._stream = worker.submit_prepared(self._request)
+            return True
 
     async def __aiter__(self) -> AsyncIterator[RequestOutput]:
         while True:

@@ -221,3 +221,19 @@ def test_a_full_queue_is_refused_at_once_with_retry_after(
         assert (await waiting)[-1].usage.completion_tokens == 4  # it ran once a slot freed
 
     asyncio.run(go())
+
+
+def test_a_worker_being_placed_on_is_not_stopped_under_it(
+    make_pool: Callable[..., ModelPool],
+) -> None:
+    pool = make_pool(PoolPolicy(min_warm=0, buffer=0, max_workers=1, keepalive_s=0.2))
+    pool.start()  # its tick thread runs too: the race is real, not staged
+    with pool.placing() as worker:
+        assert worker is not None
+        time.sleep(0.6)  # idle past keepalive: the policy wants it gone
+        assert worker.alive and [r["state"] for r in live(pool)] == ["READY"]
+        stream = worker.submit_prepared(worker.prepare([1, 2, 3], SHORT, request_id="late"))
+    # The request it was chosen for runs to the end on it, then the worker may go.
+    (*_, last) = stream
+    assert last.finish_reason == "length" and last.usage.completion_tokens == 4
+    wait_for(lambda: live(pool) == [], "the idle worker stopped after the request")

@@ -93,6 +93,7 @@ class ModelPool:
         self._workers: dict[str, WorkerProcess] = {}
         self._starting: dict[str, float] = {}  # worker id -> when its start began
         self._idle_since: dict[str, float] = {}
+        self._placing: dict[str, int] = {}  # worker id -> requests chosen, not yet sent
         self._queued = 0
         self._arrivals = 0  # since the last tick, for the forecaster
         self._load_failures = 0
@@ -125,7 +126,8 @@ class ModelPool:
     # -- placement ------------------------------------------------------------------
 
     def try_place(self) -> WorkerProcess | None:
-        """A worker to send one request to now, or None if none can take it."""
+        """A worker to send one request to now, or None if none can take it (see
+        :meth:`placing`, which also keeps it from being stopped meanwhile)."""
         with self._cond:
             serving = [w for w in self._workers.values() if w.alive]
             tc = self.policy.target_concurrency
@@ -135,6 +137,24 @@ class ModelPool:
             cap = self.engine_config.max_num_seqs
             overflow = [w for w in serving if w.queue_depth < cap]
             return min(overflow, key=lambda w: w.queue_depth) if overflow else None
+
+    @contextmanager
+    def placing(self) -> Iterator[WorkerProcess | None]:
+        """``try_place``, with the chosen worker kept from being stopped until the block
+        ends: submit the request inside it. Without this, a worker idle past keepalive
+        could be stopped between being chosen and receiving the request."""
+        with self._cond:
+            worker = self.try_place()
+            if worker is not None:
+                self._placing[worker.worker_id] = self._placing.get(worker.worker_id, 0) + 1
+        try:
+            yield worker
+        finally:
+            if worker is not None:
+                with self._cond:
+                    left = self._placing.pop(worker.worker_id) - 1
+                    if left:
+                        self._placing[worker.worker_id] = left
 
     def admit(self) -> None:
         """Counts a request's arrival (the forecaster's input), or refuses it now (429)
@@ -296,7 +316,10 @@ class ModelPool:
                 threading.Thread(target=self._spawn_one, daemon=True).start()
         for stop in decision.stop:
             with self._cond:
-                worker = self._workers.pop(stop.worker_id, None)
+                worker = self._workers.get(stop.worker_id)
+                if worker is not None and (worker.queue_depth or self._placing.get(stop.worker_id)):
+                    continue  # a request reached it since the view was taken: keep it
+                self._workers.pop(stop.worker_id, None)
                 self._idle_since.pop(stop.worker_id, None)
             if worker is not None:
                 log.info("pool %s: stopping %s (%s)", self.model, stop.worker_id, stop.reason)
