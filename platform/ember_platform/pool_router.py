@@ -77,8 +77,12 @@ class _PooledRun:
         with self._pool.placing() as worker:
             if worker is None:
                 return False
+            try:
+                stream = worker.submit_prepared(self._request)
+            except WorkerUnavailableError:
+                return False  # it died after being chosen: the next look finds another
             self.attempts += 1
-            self._stream = worker.submit_prepared(self._request)
+            self._stream = stream
             return True
 
     async def __aiter__(self) -> AsyncIterator[RequestOutput]:
