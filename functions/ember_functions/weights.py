@@ -8,6 +8,7 @@ model's meta parameters to the result.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -198,16 +199,16 @@ def build_model(
         p.requires_grad_(False)
     model.init_rope(max_positions=max_positions or config.max_context, device=device)
     if gemv_dtype is not None and gemv_dtype != dtype:
-        # The concatenated matrices are new tensors; the others are views of the loaded
-        # buffers, cloned so those buffers are freed rather than held by a few views.
-        made = {n for n in fused if n.endswith(("qkv_weight", "gate_up_weight"))}
+        # When every fused matrix is a view of the loaded buffers, the 16-bit copies are
+        # those buffers, whole and shared (mapped host-tier pages stay shared). Otherwise
+        # the concatenations are new tensors, and views of the loaded buffers are cloned
+        # so that those buffers are freed rather than held by a few views.
+        mats = {n: t for n, t in fused.items() if t.dtype == gemv_dtype and t.dim() == 2}
+        fused_names = [n for n in mats if n.endswith(("qkv_weight", "gate_up_weight"))]
+        shared = all(mats[n]._base is not None for n in fused_names)
         model.add_gemv_weights(
             gemv_dtype,
-            {
-                n: t if n in made else t.clone()
-                for n, t in fused.items()
-                if t.dtype == gemv_dtype and t.dim() == 2
-            },
+            {n: t if shared or n in fused_names else t.clone() for n, t in mats.items()},
         )
     return model.eval()
 
@@ -221,6 +222,24 @@ def gemv_dtype_for(
     if device.type == "cpu" and compute_dtype == torch.float32 and weights_dtype == torch.bfloat16:
         return weights_dtype
     return None
+
+
+def _concat(parts: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat(parts)`` along rows; a view, not a copy, when the parts already lie
+    side by side in one storage (the weights store lays fused projections out so)."""
+    first = parts[0]
+    adjacent = all(
+        p.is_contiguous()
+        and p.dtype == first.dtype
+        and p.shape[1:] == first.shape[1:]
+        and p.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+        for p in parts
+    ) and all(b.data_ptr() == a.data_ptr() + a.nbytes for a, b in itertools.pairwise(parts))
+    if not adjacent:
+        return torch.cat(parts)
+    rows = sum(p.shape[0] for p in parts)
+    shape = (rows, *first.shape[1:])
+    return first.as_strided(shape, first.stride(), first.storage_offset())
 
 
 def _fuse(config: ModelConfig, hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -239,7 +258,7 @@ def _fuse(config: ModelConfig, hf: dict[str, torch.Tensor]) -> dict[str, torch.T
     for i in range(config.num_layers):
         p = f"layers.{i}."
         attn, mlp = p + "self_attn.", p + "mlp."
-        state[p + "qkv_weight"] = torch.cat(
+        state[p + "qkv_weight"] = _concat(
             [take(attn + f"{n}_proj.weight") for n in ("q", "k", "v")]
         )
         if config.qkv_bias:
@@ -247,7 +266,7 @@ def _fuse(config: ModelConfig, hf: dict[str, torch.Tensor]) -> dict[str, torch.T
                 [take(attn + f"{n}_proj.bias") for n in ("q", "k", "v")]
             )
         state[p + "o_weight"] = take(attn + "o_proj.weight")
-        state[p + "gate_up_weight"] = torch.cat(
+        state[p + "gate_up_weight"] = _concat(
             [take(mlp + "gate_proj.weight"), take(mlp + "up_proj.weight")]
         )
         state[p + "down_weight"] = take(mlp + "down_proj.weight")

@@ -52,3 +52,33 @@ def test_auto_dtype_keeps_bf16_copies_only_for_bf16_checkpoints(
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     [out] = auto.generate([[5, 6, 7]], params)
     assert len(out.token_ids) == 8
+
+
+def test_from_the_store_fused_bf16_copies_are_views_of_the_loaded_buffers(
+    tiny_model: Callable[..., Path], tmp_path: Path
+) -> None:
+    """The store lays q/k/v and gate/up side by side, so binding a bf16 checkpoint makes
+    no 16-bit copies: the decode matrices are the loaded buffers. Same tokens either way."""
+    from ember_weights_store import ModelCatalog
+
+    bf16_dir = tiny_model("llama", torch.bfloat16)
+    catalog = ModelCatalog(tmp_path)
+    catalog.store().import_hf_dir(bf16_dir, model_id="tiny-bf16")
+    config = EngineConfig(num_kv_blocks=16)
+    stored = LLMEngine.from_store(
+        catalog.store(), "tiny-bf16", config=config, tokenizer_cache=tmp_path / "tok"
+    )
+    direct = LLMEngine.from_dir(bf16_dir, config=config)
+    if stored.model.dtype != torch.float32:
+        return  # a CPU computing in bf16 keeps no decode copies to share
+    layer = stored.model.decoder_layers[0]
+    base = layer.gemv["qkv"]._base
+    assert base is not None, "the fused bf16 qkv was copied, not viewed"
+    assert layer.gemv["o"].untyped_storage().data_ptr() == base.untyped_storage().data_ptr()
+    assert direct.model.decoder_layers[0].gemv["qkv"]._base is None  # files: concatenated
+    assert torch.equal(layer.gemv["qkv"], direct.model.decoder_layers[0].gemv["qkv"])
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    prompt = [[3, 14, 15, 92, 65]]
+    assert (
+        stored.generate(prompt, params)[0].token_ids == direct.generate(prompt, params)[0].token_ids
+    )

@@ -6,6 +6,7 @@ Pure functions: the importer plans a layout with them, the manifest records it.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 
 from ember_core import InvalidRequestError
@@ -22,6 +23,18 @@ def _align(n: int) -> int:
     return -(-n // ALIGNMENT_BYTES) * ALIGNMENT_BYTES
 
 
+# Name order, except that the projections an engine fuses sit side by side in the order
+# it fuses them (q, k, v; gate, up): their concatenation is then a view of the loaded
+# buffer instead of a copy. Plain name order would put k, o, q, v.
+_FUSED = re.compile(r"\.(q|k|v)_proj\.")
+_QKV_RANK = {"q": "0", "k": "1", "v": "2"}
+
+
+def layout_key(name: str) -> str:
+    """The sort key of a tensor name in a flat buffer."""
+    return _FUSED.sub(lambda m: f".{_QKV_RANK[m.group(1)]}{m.group(1)}_proj.", name)
+
+
 def plan_chunks(
     tensors: Sequence[tuple[str, str, Sequence[int], int]],
     *,
@@ -29,8 +42,9 @@ def plan_chunks(
 ) -> tuple[list[TensorEntry], dict[str, int]]:
     """Lay ``(name, dtype, shape, nbytes)`` tensors out in one flat buffer per dtype.
 
-    Tensors are placed in name order, not input order, so a model resharded or re-exported in
-    another order gets the same layout and thus the same chunks (deduplicated). Each starts on
+    Tensors are placed in a canonical name order (:func:`layout_key`), not input order, so a
+    model resharded or re-exported in another order gets the same layout and thus the same
+    chunks (deduplicated). Each starts on
     a 64-byte boundary; each buffer's size is rounded up to 64 bytes (padding is zeros). Cut
     each buffer into chunks with ``chunk_ranges``.
     """
@@ -42,7 +56,7 @@ def plan_chunks(
     ends: dict[str, int] = {}
     entries: list[TensorEntry] = []
     seen: set[str] = set()
-    for name, dtype, shape, nbytes in sorted(tensors, key=lambda t: t[0]):
+    for name, dtype, shape, nbytes in sorted(tensors, key=lambda t: layout_key(t[0])):
         if name in seen:
             raise InvalidRequestError(f"tensor {name!r} appears twice", param="tensors")
         seen.add(name)
