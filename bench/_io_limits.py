@@ -10,6 +10,9 @@ on the same files: every function leaves every tensor in memory, materialized.
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -149,3 +152,28 @@ def s3_parallel_get(client: Any, bucket: str, names: Sequence[str], *, threads: 
 
     with ThreadPoolExecutor(max_workers=threads) as pool:
         return sum(pool.map(one, names))
+
+
+def start_moto(port: int) -> subprocess.Popen[bytes]:
+    """moto's S3 server on 127.0.0.1:``port``, in its own process (it does not share our GIL)."""
+    code = (
+        "import time\nfrom moto.server import ThreadedMotoServer\n"
+        f"ThreadedMotoServer(ip_address='127.0.0.1', port={port}, verbose=False).start()\n"
+        "time.sleep(1e9)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return proc
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError(f"moto's S3 server did not start on 127.0.0.1:{port} within 30 s")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

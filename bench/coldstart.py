@@ -47,34 +47,6 @@ PHASES = ("spawn", "imports", "manifest", "fetch", "decompress", "bind", "first_
 PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _start_moto(port: int) -> subprocess.Popen[bytes]:
-    code = (
-        "import time\nfrom moto.server import ThreadedMotoServer\n"
-        f"ThreadedMotoServer(ip_address='127.0.0.1', port={port}, verbose=False).start()\n"
-        "time.sleep(1e9)\n"
-    )
-    proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.DEVNULL)
-    import socket
-
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return proc
-        except OSError:
-            time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError(f"moto's S3 server did not start on 127.0.0.1:{port}")
-
-
 def _phases(worker: Any, first_token_s: float) -> dict[str, float]:
     p = worker.phases
     weights = p.get("weights_wall_s", 0.0)
@@ -362,8 +334,8 @@ def main() -> None:
 
     from ember_weights_store import ModelCatalog
 
-    port = _free_port()
-    moto = _start_moto(port)
+    port = _io_limits.free_port()
+    moto = _io_limits.start_moto(port)
     s3_url = f"http://127.0.0.1:{port}"
     os.environ.update(
         AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test", AWS_DEFAULT_REGION="us-east-1"

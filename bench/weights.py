@@ -26,12 +26,9 @@ import argparse
 import gc
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -43,6 +40,7 @@ sys.path.insert(0, str(BENCH))  # sibling scripts, not a package
 
 import _io_limits as io  # noqa: E402
 import _random_llama  # noqa: E402
+from _io_limits import free_port, start_moto  # noqa: E402
 
 from ember_weights_store import DiskTier, HostTier, LocalBucketTier, ModelCatalog  # noqa: E402
 from ember_weights_store.loader import LoadedWeights, load  # noqa: E402
@@ -52,30 +50,6 @@ MODELS = ("smollm2", "llama-1b")
 BIG = 1 << 40  # cache budgets that never evict during the bench
 INNER_REPEATS = 5
 Row = dict[str, Any]
-
-
-def start_moto(port: int) -> subprocess.Popen[bytes]:
-    code = (
-        "import time\nfrom moto.server import ThreadedMotoServer\n"
-        f"ThreadedMotoServer(ip_address='127.0.0.1', port={port}, verbose=False).start()\n"
-        "time.sleep(1e9)\n"
-    )
-    proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return proc
-        except OSError:
-            time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError(f"moto's S3 server did not start on 127.0.0.1:{port} within 30 s")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def model_dir_for(name: str, cache: Path) -> Path:

@@ -6,7 +6,7 @@ components that never touch a model stays fast.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -65,3 +65,26 @@ def smollm2_dir(ember_test_home: Path) -> Path:
     from ember_weights_store import ModelCatalog
 
     return Path(ModelCatalog(ember_test_home).add("smollm2-135m", progress=False))
+
+
+@pytest.fixture
+def s3_endpoint(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A real S3 HTTP endpoint on 127.0.0.1 (moto's server), with test credentials in the
+    environment (child processes, such as workers, inherit them)."""
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    for var, value in {
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
+        monkeypatch.setenv(var, value)
+    yield f"http://127.0.0.1:{port}"
+    server.stop()

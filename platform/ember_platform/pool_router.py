@@ -18,13 +18,13 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
-from ember_core import CapacityError, EngineError, ModelNotFoundError, WorkerUnavailableError
+from ember_core import CapacityError, EngineError, WorkerUnavailableError
 from ember_functions.prompt import Prompt
 from ember_functions.sampling_params import SamplingParams
 from ember_functions.sequence import RequestOutput
 from ember_functions.stream import RequestStream
 from ember_functions.worker_process import RemoteRequest
-from ember_platform.router import Prepared
+from ember_platform.router import Prepared, served
 from ember_warmpool.manager import ModelPool
 
 __all__ = ["PoolRouter"]
@@ -112,14 +112,7 @@ class PoolRouter:
         return sorted(self._pools)
 
     def _pool(self, model: str) -> ModelPool:
-        pool = self._pools.get(model)
-        if pool is None:
-            raise ModelNotFoundError(
-                f"model {model!r} is not served here; available: {', '.join(self.models())}. "
-                "List them with GET /v1/models",
-                param="model",
-            )
-        return pool
+        return served(self._pools, model)
 
     def prepare(
         self,
@@ -136,13 +129,7 @@ class PoolRouter:
         request = RemoteRequest(
             request_id, pool.encoder.encode(prompt, params), params, f"tenant:{tenant}"
         )
-        return Prepared(
-            request_id=request_id,
-            model=model,
-            prompt_tokens=request.prompt_tokens,
-            max_completion_tokens=request.max_tokens,
-            handle=request,
-        )
+        return Prepared.of(request_id, model, request)
 
     def start(self, prepared: Prepared) -> _PooledRun:
         pool = self._pool(prepared.model)

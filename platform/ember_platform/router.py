@@ -11,14 +11,28 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from ember_core import ModelNotFoundError
 from ember_functions.prompt import Prompt
 from ember_functions.sampling_params import SamplingParams
 from ember_functions.sequence import RequestOutput
 
-__all__ = ["Endpoint", "LocalRouter", "Prepared", "Router"]
+__all__ = ["Endpoint", "LocalRouter", "Prepared", "Router", "served"]
+
+T = TypeVar("T")
+
+
+def served(table: Mapping[str, T], model: str) -> T:
+    """``table[model]``, or the 404 that names the models served here."""
+    found = table.get(model)
+    if found is None:
+        raise ModelNotFoundError(
+            f"model {model!r} is not served here; available: {', '.join(sorted(table))}. "
+            "List them with GET /v1/models",
+            param="model",
+        )
+    return found
 
 
 @dataclass(frozen=True)
@@ -30,6 +44,16 @@ class Prepared:
     prompt_tokens: int
     max_completion_tokens: int  # the most it can generate: max_tokens or the window left
     handle: object  # opaque to the gateway; the router's own
+
+    @classmethod
+    def of(cls, request_id: str, model: str, request: _EndpointRequest) -> Prepared:
+        return cls(
+            request_id=request_id,
+            model=model,
+            prompt_tokens=request.prompt_tokens,
+            max_completion_tokens=request.max_tokens,
+            handle=request,
+        )
 
 
 class RunningRequest(Protocol):
@@ -105,14 +129,7 @@ class LocalRouter:
         return sorted(self._services)
 
     def _service(self, model: str) -> Endpoint:
-        service = self._services.get(model)
-        if service is None:
-            raise ModelNotFoundError(
-                f"model {model!r} is not served here; available: {', '.join(self.models())}. "
-                "List them with GET /v1/models",
-                param="model",
-            )
-        return service
+        return served(self._services, model)
 
     def prepare(
         self,
@@ -127,13 +144,7 @@ class LocalRouter:
         request: _EndpointRequest = self._service(model).prepare(
             prompt, params, request_id=request_id, cache_salt=f"tenant:{tenant}"
         )
-        return Prepared(
-            request_id=request_id,
-            model=model,
-            prompt_tokens=request.prompt_tokens,
-            max_completion_tokens=request.max_tokens,
-            handle=request,
-        )
+        return Prepared.of(request_id, model, request)
 
     def start(self, prepared: Prepared) -> RunningRequest:
         return self._service(prepared.model).submit_prepared(prepared.handle)

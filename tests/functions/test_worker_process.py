@@ -264,28 +264,6 @@ def test_kill_9_of_a_forked_worker_is_reported_through_the_zygote(
 # -- where weights come from ----------------------------------------------------------
 
 
-@pytest.fixture
-def s3_endpoint(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """A real S3 HTTP endpoint on 127.0.0.1 (moto's server); workers inherit the keys."""
-    import socket
-
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    for var, value in {
-        "AWS_ACCESS_KEY_ID": "test",
-        "AWS_SECRET_ACCESS_KEY": "test",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }.items():
-        monkeypatch.setenv(var, value)
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
-
-
 def test_a_worker_loads_from_s3_into_an_empty_home_and_from_host_ram_next(
     s3_endpoint: str, tiny_model: Callable[..., Path], tmp_path: Path, worker: WorkerProcess
 ) -> None:

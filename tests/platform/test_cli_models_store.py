@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import io
 import shutil
-import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from moto.server import ThreadedMotoServer
 
 from ember_platform.cli import main
 
@@ -27,23 +25,6 @@ def home(tiny_model: Callable[..., Path], tmp_path: Path) -> Path:
     home = tmp_path / "home"
     shutil.copytree(tiny_model("llama"), home / "models" / "tiny")
     return home
-
-
-@pytest.fixture
-def s3_endpoint(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    for var, value in {
-        "AWS_ACCESS_KEY_ID": "test",
-        "AWS_SECRET_ACCESS_KEY": "test",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }.items():
-        monkeypatch.setenv(var, value)
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
 
 
 def test_show_and_verify(home: Path) -> None:
