@@ -329,6 +329,7 @@ def create_app(
         for model, free in gw.router.free_kv_blocks().items():
             gw.metrics.free_kv_blocks.labels(model).set(free)
         gw.metrics.observe_workers(gw.router.workers())
+        gw.metrics.observe_pools(gw.router.pool_stats())
         return Response(gw.metrics.render(), media_type="text/plain; version=0.0.4")
 
     app.add_middleware(_Edge, limit=gw.config.max_body_bytes, metrics=gw.metrics)

@@ -3,9 +3,11 @@ two gateways in one process, as in the tests, never mix their counts)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
 __all__ = ["GatewayMetrics"]
 
@@ -69,6 +71,11 @@ class GatewayMetrics:
             registry=r,
         )
         self._cold_starts_seen: set[tuple[str, str]] = set()
+        self._pools = _PoolCounters(registry=r)
+
+    def observe_pools(self, stats: dict[str, dict[str, float]]) -> None:
+        """The pools' cumulative counters (``Router.pool_stats``), exported as they are."""
+        self._pools.stats = stats
 
     def observe_workers(self, rows: list[dict[str, Any]]) -> None:
         """Sets the worker gauges, and records each worker's cold start the first time the
@@ -88,3 +95,33 @@ class GatewayMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _PoolCounters:
+    """Counters whose source of truth is the pool (it counts under its own lock): they
+    are read at scrape time rather than incremented twice."""
+
+    def __init__(self, *, registry: CollectorRegistry) -> None:
+        self.stats: dict[str, dict[str, float]] = {}
+        registry.register(self)  # type: ignore[arg-type]
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        worker_s = CounterMetricFamily(
+            "ember_pool_worker_seconds",
+            "Seconds summed over every worker process of the pool, whatever its state",
+            labels=["model"],
+        )
+        starts = CounterMetricFamily(
+            "ember_pool_worker_starts", "Worker processes started", labels=["model"]
+        )
+        requests = CounterMetricFamily(
+            "ember_pool_requests",
+            "Requests placed on a worker; start=cold if it waited on the worker becoming READY",
+            labels=["model", "start"],
+        )
+        for model, s in sorted(self.stats.items()):
+            worker_s.add_metric([model], s["worker_s"])
+            starts.add_metric([model], s["starts"])
+            requests.add_metric([model, "warm"], s["requests"] - s["cold_requests"])
+            requests.add_metric([model, "cold"], s["cold_requests"])
+        yield from (worker_s, starts, requests)

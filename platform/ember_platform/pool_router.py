@@ -36,8 +36,11 @@ class _PooledRun:
     """One request on a pool: placed on first read, retried once if its worker dies
     before any output."""
 
-    def __init__(self, pool: ModelPool, request: RemoteRequest, queue_timeout_s: float) -> None:
+    def __init__(
+        self, pool: ModelPool, request: RemoteRequest, queue_timeout_s: float, arrived_s: float
+    ) -> None:
         self.request_id = request.request_id
+        self._arrived_s = arrived_s  # on the pool's clock
         self._pool = pool
         self._request = request
         self._queue_timeout_s = queue_timeout_s
@@ -82,6 +85,8 @@ class _PooledRun:
             except WorkerUnavailableError:
                 return False  # it died after being chosen: the next look finds another
             self.attempts += 1
+            if self.attempts == 1:
+                self._pool.placed(worker, self._arrived_s)
             self._stream = stream
             return True
 
@@ -133,10 +138,10 @@ class PoolRouter:
 
     def start(self, prepared: Prepared) -> _PooledRun:
         pool = self._pool(prepared.model)
-        pool.admit()
         if not isinstance(prepared.handle, RemoteRequest):
             raise TypeError("start() takes what this router's prepare() returned")
-        return _PooledRun(pool, prepared.handle, self._queue_timeout_s)
+        arrived_s = pool.admit()
+        return _PooledRun(pool, prepared.handle, self._queue_timeout_s, arrived_s)
 
     def ready(self) -> bool:
         return bool(self._pools) and all(p.held_back() is None for p in self._pools.values())
@@ -146,6 +151,9 @@ class PoolRouter:
 
     def free_kv_blocks(self) -> dict[str, int]:
         return {name: p.free_kv_blocks() for name, p in self._pools.items()}
+
+    def pool_stats(self) -> dict[str, dict[str, float]]:
+        return {name: pool.stats() for name, pool in sorted(self._pools.items())}
 
     def workers(self) -> list[dict[str, Any]]:
         return [

@@ -118,6 +118,11 @@ class Router(Protocol):
         """One row per worker: model, worker_id, pid, state, in_flight, idle_s, cold_start."""
         ...
 
+    def pool_stats(self) -> dict[str, dict[str, float]]:
+        """Per model, cumulative: ``worker_s``, ``starts``, ``requests``, ``cold_requests``
+        (see ``ModelPool.stats``); empty where nothing scales."""
+        ...
+
 
 class LocalRouter:
     """One endpoint per model name."""
@@ -160,3 +165,6 @@ class LocalRouter:
 
     def workers(self) -> list[dict[str, Any]]:
         return [{"model": name, **s.describe()} for name, s in sorted(self._services.items())]
+
+    def pool_stats(self) -> dict[str, dict[str, float]]:
+        return {}  # engines in this process: nothing starts or stops

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -51,7 +52,13 @@ class ServeSettings:
     pool_max_workers: int = 1
     pool_buffer: int = 0
     pool_keepalive_s: float = 300.0
-    pool_predictive: bool = False
+    pool_predictive: bool = False  # start workers ahead of the forecast arrival rate
+    pool_target_concurrency: int = 1  # requests a worker takes before the pool grows
+    pool_lead_s: float = 10.0  # how far ahead to forecast: about one cold start
+    pool_service_s: float = 2.0  # a request's typical time on a worker (Little's law)
+    # The forecaster's season (0: no season, EWMA with trend only) and its rate bucket.
+    pool_season_s: float = 86_400.0
+    pool_forecast_bucket_s: float = 60.0
     queue_timeout_s: float = 120.0  # how long a request waits for a worker before a 503
     zygote: bool = True  # fork workers from a process that imported everything once
     # Host RAM (/dev/shm) the machine's workers share the model's weights in: a worker the
@@ -72,7 +79,14 @@ class ServeSettings:
             raise ConfigError(f"log_level {self.log_level!r} is not a uvicorn log level")
         if not self.queue_timeout_s > 0:
             raise ConfigError(f"queue_timeout_s must be > 0, got {self.queue_timeout_s!r}")
+        for name in ("pool_service_s", "pool_forecast_bucket_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0 seconds, got {getattr(self, name)!r}")
         self.pool_policy()  # validates the pool settings together
+        try:
+            self.forecaster(start_s=0.0)
+        except ValueError as exc:
+            raise ConfigError(f"pool_season_s / pool_forecast_bucket_s: {exc}") from None
 
     def pool_policy(self) -> Any:
         """The warm pool's ``PoolPolicy``; ConfigError if the pool settings disagree."""
@@ -84,6 +98,26 @@ class ServeSettings:
             buffer=self.pool_buffer,
             keepalive_s=self.pool_keepalive_s,
             predictive=self.pool_predictive,
+            target_concurrency=self.pool_target_concurrency,
+            lead_s=self.pool_lead_s,
+        )
+
+    def forecaster(self, *, start_s: float) -> Any:
+        """The arrival-rate forecaster of a predictive pool (None otherwise): Holt-Winters
+        with a ``pool_season_s`` season, or Holt's EWMA with trend when that is 0."""
+        from ember_warmpool import HoltForecaster, SeasonalForecaster
+
+        if not self.pool_predictive:
+            return None
+        bucket_s = self.pool_forecast_bucket_s
+        if self.pool_season_s == 0:
+            return HoltForecaster(bucket_s=bucket_s, start_s=start_s)
+        buckets = min(48, int(self.pool_season_s // bucket_s))
+        return SeasonalForecaster(
+            season_s=self.pool_season_s,
+            profile_buckets=buckets,
+            bucket_s=bucket_s,
+            start_s=start_s,
         )
 
     @classmethod
@@ -153,6 +187,8 @@ def build_app(settings: ServeSettings, *, out: TextIO) -> Any:
         engine_config=config,
         store=StoreConfig(host_cache_bytes=settings.host_cache_mib << 20),
         launcher=zygote,
+        forecaster=settings.forecaster(start_s=time.monotonic()),
+        service_s=settings.pool_service_s,
     )
     try:
         pool.start()

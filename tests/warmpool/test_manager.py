@@ -94,11 +94,18 @@ def test_scales_up_under_load_and_back_to_zero_when_idle(
     results = asyncio.run(burst())
     assert all(r[-1].finish_reason == "length" for r in results)
     assert len(pool.cold_starts) == 3  # one worker per concurrent request, no more
+    # Two of the three waited for the workers their arrival started.
+    assert pool.stats()["requests"] == 3 and pool.stats()["cold_requests"] == 2
     # Idle past keepalive: every worker stops, min_warm=0 scales to zero.
     wait_for(lambda: live(pool) == [], "the pool scaled to zero")
+    stopped = pool.stats()
+    time.sleep(0.3)
+    assert pool.stats()["worker_s"] == stopped["worker_s"]  # nothing runs, nothing accrues
+    assert stopped["starts"] == 3 and stopped["worker_s"] > 3 * 2.0  # each idled keepalive_s
     # And a new request brings one back (a cold start, from the zygote).
     again = asyncio.run(collect(router, "m", "after", SHORT))
     assert again[-1].usage.completion_tokens == 4 and len(pool.cold_starts) == 4
+    assert pool.stats()["cold_requests"] == 3
 
 
 def test_kill_9_mid_stream_errors_cleanly_and_the_pool_replaces_the_worker(

@@ -98,6 +98,14 @@ class ModelPool:
         self._arrivals = 0  # since the last tick, for the forecaster
         self._load_failures = 0
         self._last_failure: tuple[float, str] | None = None
+        # Accounting, for /metrics and bench/trace.py: every process's lifetime counts,
+        # whatever it is doing (that is what a GPU container is billed for).
+        self._born: dict[str, float] = {}  # worker id -> when its start began
+        self._ready_at: dict[str, float] = {}  # worker id -> when it became READY
+        self._worker_s_ended = 0.0  # lifetimes of workers gone
+        self._starts = 0
+        self._placed = 0  # requests placed on a worker (each once, retries not counted)
+        self._placed_cold = 0  # ... of which on a worker that became READY after they arrived
         self._ids = itertools.count(1)
         self._closed = False
         self._thread = threading.Thread(target=self._run, name=f"ember-pool-{model}", daemon=True)
@@ -117,6 +125,8 @@ class ModelPool:
         with self._cond:
             self._closed = True
             workers, self._workers = list(self._workers.values()), {}
+            for wid in list(self._born):
+                self._retire(wid)
             self._cond.notify_all()
         for worker in workers:
             worker.close()
@@ -156,9 +166,9 @@ class ModelPool:
                     if left:
                         self._placing[worker.worker_id] = left
 
-    def admit(self) -> None:
-        """Counts a request's arrival (the forecaster's input), or refuses it now (429)
-        when the queue for workers is full."""
+    def admit(self) -> float:
+        """Counts a request's arrival (the forecaster's input) and returns its time for
+        :meth:`placed`, or refuses it now (429) when the queue for workers is full."""
         with self._cond:
             self._arrivals += 1
             if self._queued >= self.max_queue:
@@ -167,6 +177,7 @@ class ModelPool:
                     "retry shortly",
                     retry_after_s=max(1.0, self._service_s),
                 )
+            return self._clock()
 
     @contextmanager
     def waiting(self) -> Iterator[None]:
@@ -201,6 +212,35 @@ class ModelPool:
     def load_failures(self) -> int:
         """Consecutive failures to start a worker; a worker reaching READY resets it."""
         return self._load_failures
+
+    def placed(self, worker: WorkerProcess, arrived_s: float) -> None:
+        """Counts a request placed on ``worker`` (once per request); it waited on a cold
+        start if the worker became READY after the request arrived (``clock`` time)."""
+        with self._cond:
+            self._placed += 1
+            if self._ready_at.get(worker.worker_id, -float("inf")) > arrived_s:
+                self._placed_cold += 1
+
+    def stats(self) -> dict[str, float]:
+        """Cumulative since the pool started: ``worker_s`` (seconds summed over every worker
+        process, starting ones included), ``starts``, ``requests`` placed and
+        ``cold_requests`` (those that waited on a worker becoming READY)."""
+        now = self._clock()
+        with self._cond:
+            live_s = sum(now - born for born in self._born.values())
+            return {
+                "worker_s": self._worker_s_ended + live_s,
+                "starts": float(self._starts),
+                "requests": float(self._placed),
+                "cold_requests": float(self._placed_cold),
+            }
+
+    def _retire(self, wid: str) -> None:  # under the lock: the worker's process is leaving
+        born = self._born.pop(wid, None)
+        if born is not None:
+            self._worker_s_ended += self._clock() - born
+        self._ready_at.pop(wid, None)
+        self._idle_since.pop(wid, None)
 
     def in_flight(self) -> int:
         with self._cond:
@@ -257,7 +297,7 @@ class ModelPool:
             for wid, worker in list(self._workers.items()):
                 if worker.state.ended:
                     ended.append(self._workers.pop(wid))
-                    self._idle_since.pop(wid, None)
+                    self._retire(wid)
                 elif worker.queue_depth == 0:
                     self._idle_since.setdefault(wid, now)
                 else:
@@ -320,7 +360,7 @@ class ModelPool:
                 if worker is not None and (worker.queue_depth or self._placing.get(stop.worker_id)):
                     continue  # a request reached it since the view was taken: keep it
                 self._workers.pop(stop.worker_id, None)
-                self._idle_since.pop(stop.worker_id, None)
+                self._retire(stop.worker_id)
             if worker is not None:
                 log.info("pool %s: stopping %s (%s)", self.model, stop.worker_id, stop.reason)
                 threading.Thread(target=worker.close, daemon=True).start()
@@ -330,7 +370,8 @@ class ModelPool:
         with self._cond:
             if self._closed:
                 return None
-            self._starting[wid] = self._clock()
+            self._starting[wid] = self._born[wid] = self._clock()
+            self._starts += 1
         try:
             worker = self._spawn(
                 worker_id=wid,
@@ -343,6 +384,7 @@ class ModelPool:
         except EngineError as exc:
             with self._cond:
                 self._starting.pop(wid, None)
+                self._retire(wid)
                 self._load_failures += 1
                 self._last_failure = (self._clock(), exc.message)
                 self._cond.notify_all()
@@ -352,9 +394,11 @@ class ModelPool:
             self._starting.pop(wid, None)
             if self._closed:
                 closing = True
+                self._retire(wid)
             else:
                 closing = False
                 self._workers[wid] = worker
+                self._ready_at[wid] = self._clock()
                 self._load_failures = 0
                 self.cold_starts[wid] = dict(worker.phases)
                 if self.encoder is None:
