@@ -225,6 +225,10 @@ class Zygote:
     def close(self, timeout_s: float = 10.0) -> None:
         """Stops the fork server. Its children keep running until their routers let go."""
         self._closed = True
+        # shutdown, not only close: the reader's makefile() keeps the descriptor open, so
+        # close() alone sends no EOF and the zygote would wait out timeout_s for its kill.
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
         self._sock.close()
         try:
             self.proc.wait(timeout=timeout_s)
