@@ -3,6 +3,11 @@
 Both speak the same small protocol (``Backend``), so a function behaves the same against
 either; ``backend_from_env`` picks one when a function is first called, never at import:
 ``EMBER_BASE_URL`` and ``EMBER_API_KEY`` set means the gateway, otherwise embedded.
+
+A request may carry the warm pool its function declared (``@llm.function(pool=...)``).
+Embedded, it runs in worker processes of that pool (``ember._pools``); over HTTP the
+gateway's operator owns the pools, so the declared one is ignored with one warning per
+function and policy.
 """
 
 from __future__ import annotations
@@ -11,10 +16,11 @@ import json
 import os
 import sys
 import threading
+import warnings
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ember_core import (
     AuthenticationError,
@@ -25,6 +31,11 @@ from ember_core import (
     ModelNotFoundError,
     RateLimitError,
 )
+
+if TYPE_CHECKING:
+    from ember._pools import FunctionPools
+    from ember_warmpool import PoolPolicy
+    from ember_warmpool.manager import ModelPool
 
 Messages = list[dict[str, str]]
 
@@ -38,6 +49,8 @@ class Request:
     max_tokens: int | None
     temperature: float
     seed: int | None
+    pool: PoolPolicy | None = None  # the function's declared pool; None: no pool
+    function: str = ""  # the function's name, for messages
 
 
 class Backend(Protocol):
@@ -47,14 +60,58 @@ class Backend(Protocol):
 
 
 class EmbeddedBackend:
-    """Engines in this process, one per model, loaded on first use and shared by every
-    function that names the model (through the weights store, as a worker loads them)."""
+    """Runs functions on this machine, loading models on first use (through the weights
+    store, as a worker loads them).
 
-    def __init__(self, home: str | None = None, *, engine_config: Any = None) -> None:
+    A function without ``pool=`` runs on an engine in this process, one per model, shared
+    by every such function that names the model. A function with ``pool=`` runs in worker
+    processes of a warm pool, one pool per (model, policy), forked from one zygote per
+    backend, all started on the first pooled call (see ``ember._pools``). ``close()``, and
+    interpreter exit, stop the engines, the pools' workers and the zygote.
+
+    Example::
+
+        backend = EmbeddedBackend(engine_config=EngineConfig(num_threads=2))
+        llm.use_backend(backend)
+        ...
+        backend.pools()     # {(model, policy): ModelPool} of the pools started so far
+        backend.close()
+    """
+
+    def __init__(
+        self,
+        home: str | None = None,
+        *,
+        engine_config: Any = None,
+        queue_timeout_s: float = 120.0,
+    ) -> None:
         self.home = home
         self.engine_config = engine_config  # an EngineConfig; None: the engine's defaults
+        self.queue_timeout_s = queue_timeout_s  # a pooled call's wait for a worker: then 503
         self._services: dict[str, Any] = {}
+        self._pools: FunctionPools | None = None
         self._lock = threading.Lock()
+
+    def _home(self) -> Path:
+        from ember_weights_store import default_home
+
+        return default_home() if self.home is None else Path(self.home)
+
+    def _function_pools(self) -> FunctionPools:
+        with self._lock:
+            if self._pools is None:
+                from ember._pools import FunctionPools
+
+                self._pools = FunctionPools(
+                    self._home(),
+                    engine_config=self.engine_config,
+                    queue_timeout_s=self.queue_timeout_s,
+                )
+            return self._pools
+
+    def pools(self) -> dict[tuple[str, PoolPolicy], ModelPool]:
+        """The warm pools started so far, by (model, policy)."""
+        return {} if self._pools is None else self._pools.pools()
 
     def _service(self, model: str) -> Any:
         with self._lock:
@@ -63,9 +120,9 @@ class EmbeddedBackend:
                 from ember_functions.engine_config import EngineConfig
                 from ember_functions.loading import load_engine
                 from ember_functions.service import EngineService
-                from ember_weights_store import ModelCatalog, default_home
+                from ember_weights_store import ModelCatalog
 
-                catalog = ModelCatalog(default_home() if self.home is None else Path(self.home))
+                catalog = ModelCatalog(self._home())
                 config = self.engine_config or EngineConfig()
                 engine = load_engine(catalog, model, config, err=sys.stderr)
                 service = EngineService(engine)
@@ -82,17 +139,29 @@ class EmbeddedBackend:
         return self._service(request.model).submit(request.messages, params)
 
     def stream(self, request: Request) -> Iterator[str]:
+        if request.pool is not None:
+            return self._function_pools().stream(request)
         return self._submit(request).text()
 
     async def astream(self, request: Request) -> AsyncIterator[str]:
+        if request.pool is not None:
+            async for delta in self._function_pools().astream(request):
+                yield delta
+            return
         async for out in self._submit(request):
             if out.text:
                 yield out.text
 
     def close(self) -> None:
-        for service in self._services.values():
+        """Stops the in-process engines, the pools' workers and the zygote. Calling a
+        function afterwards starts what it needs again."""
+        with self._lock:
+            services, self._services = list(self._services.values()), {}
+            pools = self._pools
+        for service in services:
             service.close()
-        self._services.clear()
+        if pools is not None:
+            pools.close()
 
 
 _STATUS_ERRORS: dict[int, type[EmberError]] = {
@@ -104,8 +173,21 @@ _STATUS_ERRORS: dict[int, type[EmberError]] = {
 }
 
 
+_GATEWAY_POOL_SETTINGS = (
+    "pool_min_warm, pool_buffer, pool_max_workers, pool_keepalive_s and pool_predictive in "
+    "`ember serve`'s [serve] config (or EMBER_SERVE_POOL_*, --min-warm/--max-workers)"
+)
+
+
 class HTTPBackend:
-    """An Ember (or any OpenAI-compatible) gateway: ``/v1/chat/completions``, streamed."""
+    """An Ember (or any OpenAI-compatible) gateway: ``/v1/chat/completions``, streamed.
+
+    Pools on a gateway are its operator's: they are set once per served model by
+    ``ember serve``'s ``pool_*`` settings and shared by every client. A function's own
+    ``pool=`` is therefore ignored here (the call itself runs unchanged), and the first
+    call of each function with a given policy warns once (``UserWarning``) naming those
+    settings; silence it with ``warnings.filterwarnings`` or drop ``pool=`` for HTTP.
+    """
 
     def __init__(self, base_url: str, api_key: str, *, timeout_s: float = 600.0) -> None:
         import httpx
@@ -116,6 +198,24 @@ class HTTPBackend:
         self._headers = {"Authorization": f"Bearer {api_key}"}
         self._timeout_s = timeout_s
         self._client = httpx.Client(headers=self._headers, timeout=timeout_s)
+        self._warned: set[tuple[str, PoolPolicy]] = set()
+        self._warned_lock = threading.Lock()
+
+    def _warn_pool_ignored(self, request: Request) -> None:
+        if request.pool is None:
+            return
+        key = (request.function, request.pool)
+        with self._warned_lock:
+            if key in self._warned:
+                return
+            self._warned.add(key)
+        warnings.warn(
+            f"{request.function or 'this function'}(): pool= is ignored over HTTP; on the "
+            f"gateway at {self.base_url} the operator's pool runs {request.model!r}, set by "
+            f"{_GATEWAY_POOL_SETTINGS}",
+            UserWarning,
+            stacklevel=4,
+        )
 
     def _body(self, request: Request) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -131,6 +231,10 @@ class HTTPBackend:
         return body
 
     def stream(self, request: Request) -> Iterator[str]:
+        self._warn_pool_ignored(request)
+        return self._stream(request)
+
+    def _stream(self, request: Request) -> Iterator[str]:
         with self._client.stream(
             "POST", f"{self.base_url}/chat/completions", json=self._body(request)
         ) as resp:
@@ -145,6 +249,7 @@ class HTTPBackend:
     async def astream(self, request: Request) -> AsyncIterator[str]:
         import httpx
 
+        self._warn_pool_ignored(request)
         # A client per call: an async client's connections belong to one event loop, and
         # callers may run each call under its own ``asyncio.run``.
         async with (

@@ -16,6 +16,22 @@ Example::
     capital.with_options(max_tokens=8)("Spain")
     await capital.acall("Kenya")           # and astream, amap
 
+A function may declare the warm pool its calls run on::
+
+    @llm.function(model="smollm2-135m", pool=llm.Pool(min_warm=0, buffer=1, max_workers=2,
+                                                      keepalive_s=60))
+    def summarize(text: str) -> str:
+        return f"Summarize in one sentence: {text}"
+
+Embedded, its calls then run in worker processes of a pool of its own (shared with every
+function that declares the same model and the same policy), started on the first call and
+scaled by the policy: ``min_warm=0`` lets the workers stop after ``keepalive_s`` idle, and
+the next call starts one again. ``pool`` may also be a dict of the same settings
+(``{"max_workers": 2}``); see ``ember_warmpool.PoolPolicy`` for all of them. Without
+``pool=`` a function runs on an engine inside this process. Over HTTP (``EMBER_BASE_URL``)
+the gateway's operator owns the pools (``ember serve``'s ``pool_*`` settings): a declared
+pool is ignored there, with one warning per function.
+
 A function annotated to return a pydantic model or a dataclass gets the model's JSON reply
 parsed and validated into that type (the schema is sent with the prompt).
 """
@@ -28,15 +44,29 @@ import inspect
 import json
 import threading
 import typing
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, fields, replace
-from typing import Any, Generic, ParamSpec, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
 from ember._backends import Backend, Messages, Request, backend_from_env
 from ember_core import ConfigError, InvalidRequestError
 
-__all__ = ["Function", "FunctionOptions", "Handle", "function", "use_backend"]
+if TYPE_CHECKING:
+    from ember_warmpool import PoolPolicy as Pool
+
+__all__ = ["Function", "FunctionOptions", "Handle", "Pool", "function", "use_backend"]
+
+
+def __getattr__(name: str) -> Any:
+    # ``llm.Pool`` is ``ember_warmpool.PoolPolicy``, imported on first use so that
+    # ``from ember import llm`` stays light.
+    if name == "Pool":
+        from ember_warmpool import PoolPolicy
+
+        return PoolPolicy
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -54,6 +84,8 @@ class FunctionOptions:
     system: str | None = None
     adapter: str | None = None
     session: str | None = None
+    # The warm pool this function's calls run on (embedded); a dict is validated into one.
+    pool: Pool | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -74,6 +106,8 @@ class FunctionOptions:
                 f"session={self.session!r}: session KV restore is not served yet (it arrives "
                 "with the KV tier); remove session= for now"
             )
+        if self.pool is not None:
+            object.__setattr__(self, "pool", _pool_policy(self.pool))
 
     def updated(self, overrides: dict[str, Any]) -> FunctionOptions:
         known = {f.name for f in fields(self)}
@@ -81,6 +115,31 @@ class FunctionOptions:
         if unknown:
             raise ConfigError(f"unknown options {unknown}; known: {sorted(known)}")
         return replace(self, **overrides)
+
+
+_POOL_HINT = (
+    "pass pool=llm.Pool(min_warm=0, buffer=1, max_workers=2, keepalive_s=60) or a dict of "
+    "the same settings, or leave pool= out to run in this process"
+)
+
+
+def _pool_policy(value: object) -> Pool:
+    """``value`` as a validated ``PoolPolicy``, or a ConfigError that says how to fix it."""
+    from ember_warmpool import PoolPolicy
+
+    if isinstance(value, PoolPolicy):
+        return value
+    if not isinstance(value, Mapping):
+        raise ConfigError(
+            f"pool must be an llm.Pool or a dict of its settings, got "
+            f"{type(value).__name__} {value!r}; {_POOL_HINT}"
+        )
+    try:
+        return PoolPolicy.from_dict(value)
+    except ConfigError as exc:
+        raise ConfigError(f"pool={dict(value)!r}: {exc.message} (see help(llm.Pool))") from None
+    except TypeError as exc:  # e.g. keys that are not strings
+        raise ConfigError(f"pool={dict(value)!r}: {exc}; {_POOL_HINT}") from None
 
 
 class _Backends:
@@ -159,7 +218,15 @@ class Function(Generic[P, R]):
         if system:
             messages = [{"role": "system", "content": system}, *messages]
         o = self.options
-        return Request(o.model, messages, o.max_tokens, o.temperature, o.seed)
+        return Request(
+            o.model,
+            messages,
+            o.max_tokens,
+            o.temperature,
+            o.seed,
+            pool=o.pool,
+            function=self.__name__,
+        )
 
     def _finish(self, text: str) -> R:
         if self._output is None:
@@ -207,7 +274,10 @@ class Function(Generic[P, R]):
         return list(await asyncio.gather(*(self._arun(r) for r in requests)))
 
     def with_options(self, **overrides: Any) -> Function[P, R]:
-        """The same function with some options changed, e.g. ``f.with_options(max_tokens=8)``."""
+        """The same function with some options changed, e.g. ``f.with_options(max_tokens=8)``.
+
+        ``pool=`` may change too: ``f.with_options(pool=llm.Pool(max_workers=4))`` runs on
+        the pool of that policy, ``f.with_options(pool=None)`` in this process."""
         return Function(self._fn, self.options.updated(overrides), self._output)
 
 
@@ -271,6 +341,7 @@ def function(
     system: str | None = ...,
     adapter: str | None = ...,
     session: str | None = ...,
+    pool: Pool | Mapping[str, Any] | None = ...,
 ) -> Callable[[Callable[P, R]], Function[P, R]]: ...
 
 
@@ -282,6 +353,13 @@ def function(fn: Any = None, /, **options: Any) -> Any:
         @llm.function(model="smollm2-135m", max_tokens=16)
         def greet(name: str) -> str:
             return f"Say hello to {name}."
+
+        @llm.function(model="smollm2-135m", pool=llm.Pool(min_warm=0, keepalive_s=30))
+        def pooled(name: str) -> str:   # runs in worker processes of its own warm pool
+            return f"Say hello to {name}."
+
+    Options are keyword-only and validated here: a bad one raises ``ConfigError`` now,
+    not on the first call.
     """
     if fn is not None and not callable(fn):
         hint = (
