@@ -214,7 +214,7 @@ class HTTPBackend:
             f"gateway at {self.base_url} the operator's pool runs {request.model!r}, set by "
             f"{_GATEWAY_POOL_SETTINGS}",
             UserWarning,
-            stacklevel=4,
+            stacklevel=_caller_stacklevel(),
         )
 
     def _body(self, request: Request) -> dict[str, Any]:
@@ -265,6 +265,16 @@ class HTTPBackend:
                 delta = _delta(line)
                 if delta:
                     yield delta
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` of the first frame outside the SDK: a warning points at the
+    user's line that called the function."""
+    sdk = str(Path(__file__).parent)
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(sdk):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _delta(line: str) -> str:

@@ -135,6 +135,8 @@ class FunctionPools:
                 entry = self._entries.get(key)
                 if entry is not None:
                     return entry
+            self._resolve(model)  # an unknown model fails here, before any process starts
+            with self._lock:
                 zygote = self._ensure_zygote()
                 generation = self._generation
             entry = self._start_pool(model, policy, zygote)
@@ -158,16 +160,19 @@ class FunctionPools:
                     _atexit_registered = True
         return self._zygote
 
-    def _start_pool(self, model: str, policy: PoolPolicy, zygote: Zygote) -> _Entry:
+    def _resolve(self, model: str) -> None:
         from ember_functions.loading import resolve_model_dir
-        from ember_platform.pool_router import PoolRouter
-        from ember_warmpool import HoltForecaster
-        from ember_warmpool.manager import ModelPool
         from ember_weights_store import ModelCatalog
 
         self.home.mkdir(parents=True, exist_ok=True)
-        # Install a known model once here, not in each worker at once.
+        # Installs a known model once here, not in each worker at once.
         resolve_model_dir(ModelCatalog(self.home), model, err=sys.stderr)
+
+    def _start_pool(self, model: str, policy: PoolPolicy, zygote: Zygote) -> _Entry:
+        from ember_platform.pool_router import PoolRouter
+        from ember_warmpool import HoltForecaster
+        from ember_warmpool.manager import ModelPool
+
         pool = ModelPool(
             model,
             home=self.home,

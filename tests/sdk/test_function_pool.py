@@ -21,7 +21,7 @@ import pytest
 
 from ember import llm
 from ember._backends import EmbeddedBackend, HTTPBackend
-from ember_core import ConfigError, ModelNotFoundError
+from ember_core import ConfigError, ModelNotFoundError, RateLimitError
 
 TIMEOUT_S = 30.0
 # Short keepalive: idle workers of a min_warm=0 pool stop within a second.
@@ -148,6 +148,24 @@ def test_min_warm_zero_scales_to_zero_and_each_policy_gets_its_own_pool(
     assert live_workers(backend, other.options.pool, model)  # the other pool kept its own
 
 
+def test_pool_errors_are_ember_errors(backend: EmbeddedBackend, model: str) -> None:
+    @llm.function(model=model, max_tokens=4, pool={"max_workers": 1, "buffer": 0})
+    def f(x: str) -> str:
+        return x
+
+    f("warm")
+    pool = backend.pools()[(model, f.options.pool)]
+    pool.max_queue = 0  # the pool's queue for workers is full: 429 at once, nothing runs
+    try:
+        with pytest.raises(RateLimitError, match="already wait"):
+            f("x")
+        with pytest.raises(RateLimitError):
+            asyncio.run(f.acall("x"))
+    finally:
+        pool.max_queue = 64
+    assert isinstance(f("x"), str)
+
+
 def test_invalid_pool_options_fail_at_decoration_with_what_to_do() -> None:
     with pytest.raises(ConfigError, match=r"unknown pool setting\(s\) min_warmm"):
         llm.function(pool={"min_warmm": 1})
@@ -254,6 +272,7 @@ def test_http_ignores_a_declared_pool_with_one_warning_per_function() -> None:
                     call()
         (warning,) = caught
         assert issubclass(warning.category, UserWarning)
+        assert warning.filename == __file__  # it points at the caller's line
         message = str(warning.message)
         assert "pooled(): pool= is ignored over HTTP" in message and "pool_min_warm" in message
     finally:
