@@ -71,17 +71,18 @@ async def run_direct(endpoint: Any, level: int, per_client: int, max_tokens: int
 _FIRST_TEXT = b'"delta":{"content":"'
 
 
-async def _stream_once(port: int, key: str, body: bytes) -> float:
-    """One streamed chat completion over a bare HTTP/1.1 connection; returns seconds to the
-    first non-empty content delta. A byte scan instead of an HTTP library: on a 2-core box
-    the client shares the cores with the server, and its parsing cost is not the gateway's."""
+async def stream_ttft(port: int, key: str, body: bytes, *, since: float | None = None) -> float:
+    """One streamed chat completion over a bare HTTP/1.1 connection; returns seconds from
+    ``since`` (a ``perf_counter`` time; default: now) to the first non-empty content delta.
+    A byte scan instead of an HTTP library: on a 2-core box the client shares the cores
+    with the server, and its parsing cost is not the gateway's."""
+    t0 = time.perf_counter() if since is None else since
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     head = (
         f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
         f"Authorization: Bearer {key}\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
     ).encode()
-    t0 = time.perf_counter()
     writer.write(head + body)
     ttft = -1.0
     tail = b""
@@ -120,7 +121,7 @@ async def run_gateway(
                 "temperature": 0,
                 "stream": True,
             }
-            ttfts.append(await _stream_once(port, key, json.dumps(body).encode()))
+            ttfts.append(await stream_ttft(port, key, json.dumps(body).encode()))
 
     t0 = time.perf_counter()
     await asyncio.gather(*(client(k) for k in range(level)))

@@ -103,7 +103,7 @@ class _PoolCounters:
 
     def __init__(self, *, registry: CollectorRegistry) -> None:
         self.stats: dict[str, dict[str, float]] = {}
-        registry.register(self)  # type: ignore[arg-type]
+        registry.register(self)
 
     def collect(self) -> Iterator[CounterMetricFamily]:
         worker_s = CounterMetricFamily(

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -84,7 +83,7 @@ class ServeSettings:
                 raise ConfigError(f"{name} must be > 0 seconds, got {getattr(self, name)!r}")
         self.pool_policy()  # validates the pool settings together
         try:
-            self.forecaster(start_s=0.0)
+            self.forecaster()
         except ValueError as exc:
             raise ConfigError(f"pool_season_s / pool_forecast_bucket_s: {exc}") from None
 
@@ -102,7 +101,7 @@ class ServeSettings:
             lead_s=self.pool_lead_s,
         )
 
-    def forecaster(self, *, start_s: float) -> Any:
+    def forecaster(self) -> Any:
         """The arrival-rate forecaster of a predictive pool (None otherwise): Holt-Winters
         with a ``pool_season_s`` season, or Holt's EWMA with trend when that is 0."""
         from ember_warmpool import HoltForecaster, SeasonalForecaster
@@ -111,13 +110,12 @@ class ServeSettings:
             return None
         bucket_s = self.pool_forecast_bucket_s
         if self.pool_season_s == 0:
-            return HoltForecaster(bucket_s=bucket_s, start_s=start_s)
+            return HoltForecaster(bucket_s=bucket_s)
         buckets = min(48, int(self.pool_season_s // bucket_s))
         return SeasonalForecaster(
             season_s=self.pool_season_s,
             profile_buckets=buckets,
             bucket_s=bucket_s,
-            start_s=start_s,
         )
 
     @classmethod
@@ -187,7 +185,7 @@ def build_app(settings: ServeSettings, *, out: TextIO) -> Any:
         engine_config=config,
         store=StoreConfig(host_cache_bytes=settings.host_cache_mib << 20),
         launcher=zygote,
-        forecaster=settings.forecaster(start_s=time.monotonic()),
+        forecaster=settings.forecaster(),  # its clock: seconds since the pool started
         service_s=settings.pool_service_s,
     )
     try:

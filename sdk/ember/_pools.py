@@ -180,10 +180,10 @@ class FunctionPools:
             engine_config=self.engine_config,
             launcher=zygote,
             forecaster=HoltForecaster() if policy.predictive else None,
+            # Worker ids name their sockets: two pools of one model in this process must
+            # not share them.
+            pool_id=f"sdk-{os.getpid()}-{next(_ids)}",
         )
-        # Worker ids name their sockets: two pools of one model in this process must not
-        # share them.
-        pool.pool_id = f"{pool.pool_id}-{next(_ids)}"
         try:
             pool.start()
         except BaseException:

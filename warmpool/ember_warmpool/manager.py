@@ -71,6 +71,7 @@ class ModelPool:
         tick_s: float = 0.25,
         clock: Callable[[], float] = time.monotonic,
         spawn: Spawn = WorkerProcess.spawn,
+        pool_id: str | None = None,  # names worker ids and sockets; default: model and pid
     ) -> None:
         self.model = model
         self.policy = policy
@@ -78,7 +79,9 @@ class ModelPool:
         self.store = store or StoreConfig()
         self.home = home
         self.max_queue = max_queue
-        self.pool_id = f"{re.sub(r'[^A-Za-z0-9]+', '-', Path(model).name)[:24]}-{os.getpid()}"
+        self.pool_id = (
+            pool_id or f"{re.sub(r'[^A-Za-z0-9]+', '-', Path(model).name)[:24]}-{os.getpid()}"
+        )
         self.encoder: PromptEncoder | None = None  # from the first worker: all share it
         self.model_name = ""
         self.last_decision: Decision | None = None
@@ -88,6 +91,7 @@ class ModelPool:
         self._service_s = service_s
         self._tick_s = tick_s
         self._clock = clock
+        self._started_s = clock()  # the forecaster's time is seconds since this
         self._spawn = spawn
         self._cond = threading.Condition()
         self._workers: dict[str, WorkerProcess] = {}
@@ -310,9 +314,9 @@ class ModelPool:
             )
         rate = None
         if self._forecaster is not None:
-            self._forecaster.observe(now, arrivals)
+            self._forecaster.observe(now - self._started_s, arrivals)
             if self.policy.predictive:
-                rate = self._forecaster.rate(now, self.policy.lead_s)
+                rate = self._forecaster.rate(now - self._started_s, self.policy.lead_s)
         decision = decide(
             self.policy,
             view,

@@ -1,0 +1,372 @@
+"""Replays a bursty arrival trace through a real ``ember serve`` under three pool policies.
+
+    python bench/trace.py --json bench/out/trace.json            # SmolLM2, ~10 min
+    python bench/trace.py --json /tmp/t.json --quick --model DIR  # a smoke run, ~1 min
+
+The trace is generated from a seed (``ember_warmpool.traces.daily_arrivals``): a daily
+curve compressed into ``--day-s`` seconds, with random bursts and idle gaps. The same
+trace is replayed, in real time, against three gateways in turn, each a fresh
+``ember serve`` process whose worker pool follows one policy:
+
+- **zero**: scale to zero; a worker stops after ``keepalive_s`` idle, and the next request
+  waits for a cold start (forked from the zygote, weights from the host tier);
+- **fixed**: ``min_warm = max_workers = N``, sized for the peak with its bursts: no cold
+  start ever, at the price of N workers all day;
+- **predictive**: scale to zero plus a Holt-Winters forecast of the arrival rate with a
+  daily season, ``lead_s`` ahead, and a buffer of one warm worker while there is load.
+
+The first day trains the forecaster (every policy sees it, so each starts day two warm
+the way it would be); everything is measured from day two on. Time to first token is
+measured by the client from the request's *scheduled* arrival, so a late send counts.
+Worker-seconds, starts and cold requests (placed on a worker that became READY after the
+request arrived) are the gateway's own counters (``/metrics``, ``ember_pool_*``), read at
+the start and the end of the measured window.
+
+Request service time and the cold start are measured first (``service_s`` feeds the
+pools' Little's-law sizing), and printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import re
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from gateway import stream_ttft
+
+POLICIES = ("zero", "fixed", "predictive")
+TARGETS = {  # key: (bound, "<=")
+    "p99_ratio_predictive_vs_fixed": 1.5,
+    "worker_s_ratio_predictive_vs_fixed": 0.6,
+    "cold_share_ratio_predictive_vs_zero": 0.33,
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Scenario:
+    day_s: float
+    days: int
+    peak_rate_per_s: float
+    trough_rate_per_s: float
+    burst_factor: float
+    seed: int
+    max_tokens: int
+    max_workers: int
+    target_concurrency: int
+    threads: int
+
+    def trace(self) -> list[float]:
+        from ember_warmpool.traces import daily_arrivals
+
+        return daily_arrivals(
+            peak_rate_per_s=self.peak_rate_per_s,
+            trough_rate_per_s=self.trough_rate_per_s,
+            day_s=self.day_s,
+            days=self.days,
+            seed=self.seed,
+            burst_every_s=self.day_s / 2,
+            burst_s=self.day_s / 24,
+            burst_factor=self.burst_factor,
+            gap_every_s=self.day_s / 2,
+            gap_s=self.day_s / 12,
+        )
+
+    def pools(self, service_s: float, cold_s: float) -> dict[str, dict[str, Any]]:
+        """The ``[serve]`` pool settings of each policy."""
+        peak_workers = self.peak_rate_per_s * self.burst_factor * service_s
+        fixed_n = max(1, min(self.max_workers, math.ceil(peak_workers / self.target_concurrency)))
+        common = {
+            "pool_max_workers": self.max_workers,
+            "pool_target_concurrency": self.target_concurrency,
+            "pool_service_s": round(service_s, 3),
+            "pool_keepalive_s": round(self.day_s / 12, 3),
+        }
+        bucket_s = self.day_s / 24
+        return {
+            "zero": {**common, "pool_min_warm": 0, "pool_buffer": 0},
+            "fixed": {
+                **common,
+                "pool_min_warm": fixed_n,
+                "pool_max_workers": fixed_n,
+                "pool_buffer": 0,
+            },
+            "predictive": {
+                **common,
+                "pool_min_warm": 0,
+                "pool_buffer": 1,
+                "pool_predictive": True,
+                "pool_lead_s": round(max(2 * cold_s, bucket_s), 3),
+                "pool_season_s": self.day_s,
+                "pool_forecast_bucket_s": round(bucket_s, 3),
+            },
+        }
+
+
+def _toml(values: dict[str, Any]) -> str:
+    def fmt(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        return json.dumps(v)
+
+    return "[serve]\n" + "".join(f"{k} = {fmt(v)}\n" for k, v in values.items())
+
+
+_COUNTER = re.compile(r'^(ember_pool_\w+?)_total\{model="[^"]*"(?:,start="(\w+)")?\} (\S+)$')
+
+
+def pool_counters(metrics_text: str) -> dict[str, float]:
+    """``worker_seconds``, ``worker_starts``, ``requests_warm``, ``requests_cold`` from a
+    gateway's /metrics (summed over models: the bench serves one)."""
+    out: dict[str, float] = {}
+    for line in metrics_text.splitlines():
+        m = _COUNTER.match(line)
+        if m:
+            name = m.group(1).removeprefix("ember_pool_") + (f"_{m.group(2)}" if m.group(2) else "")
+            out[name] = out.get(name, 0.0) + float(m.group(3))
+    return out
+
+
+class Gateway:
+    """One ``ember serve`` process with a pool policy, and a plain HTTP client on it."""
+
+    def __init__(self, model: str, home: Path, tmp: Path, name: str, serve: dict[str, Any]):
+        from ember_platform.serve_process import free_port, start_serve
+
+        config = tmp / f"{name}.toml"
+        config.write_text(_toml(serve))
+        self.server = start_serve(
+            home,
+            port=free_port(),
+            args=[
+                "--model", model, "--config", str(config), "--log-level", "warning",
+                "--ledger-url", f"sqlite:///{tmp / f'{name}.db'}",
+            ],
+        )  # fmt: skip
+        if self.server.key is None:
+            raise RuntimeError(f"ember serve printed no key:\n{self.server.log}")
+        self.key: str = self.server.key
+        self.port = int(self.server.base_url.rsplit(":", 1)[1])
+        try:
+            self.model = self.get("/v1/models")["data"][0]["id"]
+        except BaseException:
+            self.stop()
+            raise
+
+    def get(self, path: str) -> Any:
+        import httpx
+
+        auth = {"Authorization": f"Bearer {self.key}"}
+        resp = httpx.get(self.server.base_url + path, headers=auth, timeout=30)
+        resp.raise_for_status()
+        return resp.json() if "json" in resp.headers.get("content-type", "") else resp.text
+
+    def counters(self) -> dict[str, float]:
+        return pool_counters(self.get("/metrics"))
+
+    def wait_ready_workers(self, n: int, timeout_s: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while sum(w["state"] == "READY" for w in self.get("/workers")["data"]) < n:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{n} workers never became READY: {self.get('/workers')}")
+            time.sleep(0.1)
+
+    def body(self, i: int, max_tokens: int) -> bytes:
+        return json.dumps(
+            {
+                "model": self.model,
+                "messages": [{"role": "user", "content": f"Say something about the number {i}."}],
+                "max_tokens": max_tokens,
+                "temperature": 0,
+                "stream": True,
+            }
+        ).encode()
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+async def _request(gw: Gateway, i: int, max_tokens: int, at: float) -> tuple[float, float, bool]:
+    """(TTFT from ``at``, total seconds from ``at``, ok)."""
+    await asyncio.sleep(max(0.0, at - time.perf_counter()))
+    try:
+        ttft = await stream_ttft(gw.port, gw.key, gw.body(i, max_tokens), since=at)
+    except (RuntimeError, OSError):
+        return math.nan, time.perf_counter() - at, False
+    return ttft, time.perf_counter() - at, True
+
+
+async def replay(gw: Gateway, trace: list[float], sc: Scenario) -> dict[str, Any]:
+    """Sends every request at its time; reads the pool's counters as the measured window
+    (day two on) opens and as the trace ends."""
+    measure_from_s, end_s = sc.day_s, sc.day_s * sc.days
+    t0 = time.perf_counter() + 0.5
+    tasks = [
+        asyncio.create_task(_request(gw, i, sc.max_tokens, t0 + t)) for i, t in enumerate(trace)
+    ]
+    await asyncio.sleep(max(0.0, t0 + measure_from_s - time.perf_counter()))
+    before = await asyncio.to_thread(gw.counters)
+    await asyncio.sleep(max(0.0, t0 + end_s - time.perf_counter()))
+    after = await asyncio.to_thread(gw.counters)
+    results = await asyncio.gather(*tasks)
+    measured = [r for r, t in zip(results, trace, strict=True) if t >= measure_from_s]
+    ttfts = [r[0] for r in measured if r[2]]
+    d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    placed = d.get("requests_warm", 0.0) + d.get("requests_cold", 0.0)
+    return {
+        "requests": len(measured),
+        "failed": sum(1 for r in measured if not r[2]),
+        "p50_ttft_s": _pct(ttfts, 0.5),
+        "p99_ttft_s": _pct(ttfts, 0.99),
+        "max_ttft_s": max(ttfts, default=math.nan),
+        "cold_share": d.get("requests_cold", 0.0) / placed if placed else 0.0,
+        "worker_s": d.get("worker_seconds", 0.0),
+        "starts": d.get("worker_starts", 0.0),
+    }
+
+
+def _pct(xs: list[float], q: float) -> float:
+    from ember_warmpool.simulate import percentile
+
+    return percentile(xs, q) if xs else math.nan
+
+
+def calibrate(gw: Gateway, max_tokens: int) -> tuple[float, float]:
+    """(a request's seconds on a warm worker, median of 3; the first worker's cold start
+    READY seconds, from ``/workers``)."""
+
+    async def one(i: int) -> float:
+        t0 = time.perf_counter()
+        await _request(gw, i, max_tokens, t0)
+        return time.perf_counter() - t0
+
+    asyncio.run(one(0))  # first-call allocations
+    service_s = statistics.median(asyncio.run(one(i)) for i in range(1, 4))
+    ready = [w["cold_start"].get("ready_s") for w in gw.get("/workers")["data"]]
+    return service_s, float(next((r for r in ready if r), 1.0))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--json", type=Path, required=True)
+    ap.add_argument("--model", default="smollm2-135m", help="installed name, alias or directory")
+    ap.add_argument("--day-s", type=float, default=90.0, help="one compressed day, seconds")
+    ap.add_argument("--days", type=int, default=2, help="the first trains; the rest count")
+    ap.add_argument("--peak", type=float, default=1.5, help="requests/s at midday")
+    ap.add_argument("--trough", type=float, default=0.05, help="requests/s at midnight")
+    ap.add_argument("--burst-factor", type=float, default=3.0)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--max-workers", type=int, default=4)
+    ap.add_argument("--target-concurrency", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="per worker")
+    ap.add_argument("--host-cache-mib", type=int, default=1024, help="workers' shared RAM tier")
+    ap.add_argument("--quick", action="store_true", help="12 s days: a smoke run")
+    args = ap.parse_args()
+    sc = Scenario(
+        day_s=12.0 if args.quick else args.day_s,
+        days=args.days,
+        peak_rate_per_s=args.peak,
+        trough_rate_per_s=args.trough,
+        burst_factor=args.burst_factor,
+        seed=args.seed,
+        max_tokens=args.max_tokens,
+        max_workers=args.max_workers,
+        target_concurrency=args.target_concurrency,
+        threads=args.threads,
+    )
+    from ember_weights_store import default_home
+
+    home = default_home()
+    trace = sc.trace()
+    common = {"threads": sc.threads, "host_cache_mib": args.host_cache_mib}
+    measured_n = sum(1 for t in trace if t >= sc.day_s)
+    print(f"trace: {len(trace)} requests over {sc.days} x {sc.day_s:.0f} s, {measured_n} measured")
+    results: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        probe = Gateway(args.model, home, tmp, "calibrate", {**common, "pool_min_warm": 1})
+        try:
+            service_s, cold_s = calibrate(probe, sc.max_tokens)
+        finally:
+            probe.stop()
+        pools = sc.pools(service_s, cold_s)
+        print(f"service_s {service_s:.3f} (a request on a warm worker), cold start {cold_s:.3f} s")
+        for name in POLICIES:
+            gw = Gateway(args.model, home, tmp, name, {**common, **pools[name]})
+            try:
+                gw.wait_ready_workers(pools[name]["pool_min_warm"])
+                results[name] = asyncio.run(replay(gw, trace, sc))
+            finally:
+                gw.stop()
+            r = results[name]
+            print(
+                f"{name:>10}: p50 {r['p50_ttft_s']:.3f} s  p99 {r['p99_ttft_s']:.3f} s  "
+                f"cold {r['cold_share']:.3f}  worker-s {r['worker_s']:.1f}  starts "
+                f"{r['starts']:.0f}  failed {r['failed']}",
+                flush=True,
+            )
+    out = report(results, sc, service_s, cold_s, pools)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(out, indent=1))
+    print(f"wrote {args.json}")
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b else (0.0 if a == 0 else math.inf)
+
+
+def report(
+    results: dict[str, dict[str, Any]],
+    sc: Scenario,
+    service_s: float,
+    cold_s: float,
+    pools: dict[str, dict[str, Any]],
+) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "scenario": sc.__dict__,
+        "service_s": service_s,
+        "cold_start_s": cold_s,
+        "pools": pools,
+        "requests": results["fixed"]["requests"],
+    }
+    for name, r in results.items():
+        for key, value in r.items():
+            out[f"{key}_{name}"] = value
+    out["p99_ratio_predictive_vs_fixed"] = _ratio(
+        out["p99_ttft_s_predictive"], out["p99_ttft_s_fixed"]
+    )
+    out["worker_s_ratio_predictive_vs_fixed"] = _ratio(
+        out["worker_s_predictive"], out["worker_s_fixed"]
+    )
+    out["cold_share_ratio_predictive_vs_zero"] = _ratio(
+        out["cold_share_predictive"], out["cold_share_zero"]
+    )
+    print(
+        f"\n{'policy':>10} {'p50 TTFT s':>11} {'p99 TTFT s':>11} {'cold share':>11} {'worker-s':>9}"
+    )
+    for name in POLICIES:
+        r = results[name]
+        print(
+            f"{name:>10} {r['p50_ttft_s']:>11.3f} {r['p99_ttft_s']:>11.3f} "
+            f"{r['cold_share']:>11.3f} {r['worker_s']:>9.1f}"
+        )
+    print()
+    for key, bound in TARGETS.items():
+        ok = "ok" if out[key] <= bound else "MISSED"
+        print(f"{key} {out[key]:.3f} (target <= {bound}: {ok})")
+    return out
+
+
+if __name__ == "__main__":
+    main()
