@@ -8,14 +8,10 @@ on a background thread and streams outputs to callers.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +23,7 @@ from ember_functions.attention import KVCache
 from ember_functions.block_manager import BlockManager
 from ember_functions.config import ModelConfig
 from ember_functions.engine_config import EngineConfig
+from ember_functions.host_model import HostModel
 from ember_functions.model import LlamaModel
 from ember_functions.prompt import EncodedPrompt, Prompt, PromptEncoder
 from ember_functions.runner import ModelRunner
@@ -50,8 +47,7 @@ from ember_functions.weights import (
     iter_hf_tensors,
     resolve_compute_dtype,
 )
-from ember_weights_store import LoadReport, Manifest, WeightsStore
-from ember_weights_store import load as load_weights
+from ember_weights_store import LoadReport, WeightsStore
 
 log = logging.getLogger(__name__)
 
@@ -156,26 +152,26 @@ class LLMEngine:
         tokenizer_cache: Path,
         threads: int = 4,
     ) -> LLMEngine:
-        """Loads a model through the weights store: chunks from the nearest tier into
-        flat buffers, tensors as views. Tokenizer files are written once per content
-        hash under ``tokenizer_cache``."""
+        """Loads a model through the weights store (``HostModel.from_store``) and binds it."""
+        host = HostModel.from_store(
+            store, model_id, revision=revision, tokenizer_cache=tokenizer_cache, threads=threads
+        )
+        return cls.from_host(host, config=config)
+
+    @classmethod
+    def from_host(cls, host: HostModel, *, config: EngineConfig | None = None) -> LLMEngine:
+        """Binds a model already in host RAM: compute dtype, fused layout, KV cache. The
+        host copy is left as it was, so a worker can drop the engine and bind again."""
         config = config or EngineConfig()
-        manifest = store.manifest(model_id, revision)
-        # The tokenizer (~0.2 s of JSON parsing for a 49k vocabulary) loads on a thread
-        # while the weights load and bind: most of that is torch work without the GIL.
-        with ThreadPoolExecutor(1, thread_name_prefix="ember-tokenizer") as pool:
-            tokenizer = pool.submit(_store_tokenizer, store, manifest, tokenizer_cache)
-            loaded = load_weights(store, model_id, revision, threads=threads)
-            model = _build_model(
-                config,
-                ModelConfig.from_hf(manifest.architecture),
-                loaded.tensors.items(),
-                weights_dtype=loaded.tensors[EMBED_NAME].dtype,
-                source=f"{model_id}@{revision} from the weights store",
-            )
-            tok = tokenizer.result()
-        engine = cls(model, tok, config=config, model_name=model_id)
-        engine.load_report = loaded.report
+        model = _build_model(
+            config,
+            host.model_config,
+            host.tensors.items(),
+            weights_dtype=host.weights_dtype,
+            source=host.source,
+        )
+        engine = cls(model, host.tokenizer, config=config, model_name=host.model_id)
+        engine.load_report = host.report
         return engine
 
     # -- requests ------------------------------------------------------------------
@@ -377,9 +373,6 @@ class LLMEngine:
         return [Completion.from_outputs(parts[rid]) for rid in ids]
 
 
-EMBED_NAME = "model.embed_tokens.weight"
-
-
 def _build_model(
     config: EngineConfig,
     model_config: ModelConfig,
@@ -406,21 +399,3 @@ def _build_model(
         max_positions=config.max_model_len,
         gemv_dtype=gemv,
     )
-
-
-def _store_tokenizer(store: WeightsStore, manifest: Manifest, cache: Path) -> Tokenizer:
-    """The manifest's tokenizer, its files written once per content hash under ``cache``."""
-    tok_dir = cache / _tokenizer_dir_name(manifest.tokenizer_files)
-    if not tok_dir.is_dir():
-        tmp = tok_dir.with_name(tok_dir.name + f".tmp-{uuid.uuid4().hex}")
-        tmp.mkdir(parents=True)
-        for name in manifest.tokenizer_files:
-            (tmp / name).write_bytes(store.tokenizer_file(manifest, name))
-        (tmp / "config.json").write_text(json.dumps(manifest.architecture))
-        os.replace(tmp, tok_dir)
-    return Tokenizer.from_dir(tok_dir)
-
-
-def _tokenizer_dir_name(files: Mapping[str, str]) -> str:
-    digest = hashlib.sha256(json.dumps(sorted(files.items())).encode()).hexdigest()
-    return digest[:32]

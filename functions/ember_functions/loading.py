@@ -16,10 +16,11 @@ from ember_core import ConfigError
 if TYPE_CHECKING:
     from ember_functions.engine import LLMEngine
     from ember_functions.engine_config import EngineConfig
+    from ember_functions.host_model import HostModel
     from ember_weights_store import ModelCatalog
     from ember_weights_store.tiers import Tier
 
-__all__ = ["StoreConfig", "load_engine", "resolve_model_dir"]
+__all__ = ["StoreConfig", "load_engine", "load_host", "resolve_model_dir"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -123,3 +124,21 @@ def load_engine(
         file=err,
     )
     return engine
+
+
+def load_host(
+    catalog: ModelCatalog, name: str, *, err: TextIO, origin: Tier | None = None
+) -> HostModel:
+    """``name``'s weights, tokenizer and architecture in host RAM, not bound (a worker's
+    HOST warmth), from where ``load_engine`` would load them; ``LLMEngine.from_host``
+    binds them."""
+    from ember_functions.host_model import HostModel
+
+    tokenizers = catalog.home / "tokenizers"
+    if origin is not None:
+        return HostModel.from_store(catalog.store(origin=origin), name, tokenizer_cache=tokenizers)
+    model_dir = resolve_model_dir(catalog, name, err=err)
+    if model_dir.parent == catalog.models_dir:
+        catalog.ensure_in_store(model_dir.name)
+        return HostModel.from_store(catalog.store(), model_dir.name, tokenizer_cache=tokenizers)
+    return HostModel.from_dir(model_dir)

@@ -7,6 +7,8 @@ Router -> worker::
 
     {"op": "start", "id", "prompt_ids", "chat", "max_tokens", "params": {...}, "cache_salt"}
     {"op": "cancel", "id"}          end one request now; its final output follows
+    {"op": "warm", "to": WARMTH}    a parked worker: load up to HOST or READY
+    {"op": "demote"}                an idle READY worker: drop the engine, keep the weights
     {"op": "stop"}                  cancel everything still running and exit
 
 Worker -> router::
@@ -14,6 +16,7 @@ Worker -> router::
     {"op": "state", "state": "LOADING"}              right after connecting
     {"op": "ready", "model", "pid", "token_capacity", "vocab_size", "tokenizer_dir",
      "free_kv_blocks", "phases": {name: seconds}}     the model is loaded
+    {"op": "warm", "warmth": WARMTH, "phases"}       parked at PROCESS or HOST, waiting
     {"op": "failed", "reason"}                       it could not load; the process exits
     {"op": "outs", "outs": [OUT, ...], "free_kv_blocks"}   everything one engine step made
 
@@ -32,11 +35,18 @@ import struct
 import threading
 from typing import Any, BinaryIO
 
-from ember_core import EngineError
+from ember_core import ConfigError, EngineError
 from ember_functions.sampling_params import SamplingParams
 from ember_functions.sequence import RequestOutput, Usage
 
-__all__ = ["FrameReader", "FrameWriter", "WorkerState", "pack_output", "unpack_output"]
+__all__ = [
+    "FrameReader",
+    "FrameWriter",
+    "Warmth",
+    "WorkerState",
+    "pack_output",
+    "unpack_output",
+]
 
 _HEADER = struct.Struct(">I")
 MAX_FRAME_BYTES = 64 << 20  # a frame this big is a corrupt stream, not a message
@@ -56,6 +66,35 @@ class WorkerState(enum.Enum):
     @property
     def ended(self) -> bool:
         return self in (WorkerState.STOPPED, WorkerState.FAILED)
+
+
+class Warmth(enum.IntEnum):
+    """How close a worker is to serving, cheapest first (so ``HOST < READY``).
+
+    A worker's ``warmth`` is the level it holds, or the one it is starting or loading
+    towards; a READY-state worker whose warmth is below ``READY`` is parked in reserve
+    and cannot serve until promoted.
+    """
+
+    PROCESS = 1  # a started worker process with its imports done, no model
+    HOST = 2  # the model's weights in the worker's host RAM, not bound: no engine, no KV cache
+    READY = 3  # the model loaded: the worker can serve
+
+    @classmethod
+    def parse(cls, value: str | Warmth) -> Warmth:
+        """``"host"``, ``"HOST"`` or ``Warmth.HOST`` -> ``Warmth.HOST``.
+
+        Example::
+
+            Warmth.parse("ready")   # -> Warmth.READY
+        """
+        if isinstance(value, Warmth):
+            return value
+        try:
+            return cls[str(value).upper()]
+        except KeyError:
+            names = ", ".join(w.name for w in cls)
+            raise ConfigError(f"unknown warmth {value!r}; use one of {names}") from None
 
 
 class FrameWriter:

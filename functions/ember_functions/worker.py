@@ -1,15 +1,17 @@
 """A worker process: one engine, serving its router over the RPC in ``ember_functions.rpc``.
 
     python -m ember_functions.worker --worker-id ID --socket PATH --home DIR --model NAME \
-        [--engine-config JSON]
+        [--engine-config JSON] [--store JSON] [--warmth PROCESS|HOST|READY]
 
 It connects to the router's socket before importing torch, so the router sees it alive
 (LOADING) within an interpreter start, then loads the model through the weights store and
-reports READY with the phases of its cold start, or FAILED with the reason. After that,
-one thread reads commands and the main thread runs the engine: each ``step()``'s outputs
-go back as one frame. The router's socket closing (it exited or was killed) ends the
-worker; so does ``stop``. The worker holds no state a request needs after it ends: any
-worker of the same model can serve the next one.
+reports READY with the phases of its cold start, or FAILED with the reason. A worker held
+in reserve stops short: at PROCESS (imports done) or HOST (weights in RAM, not bound) it
+reports ``warm`` and waits to be told to climb; a READY worker told to ``demote`` drops its
+engine and waits at HOST. One thread reads commands and the main thread runs the engine:
+each ``step()``'s outputs go back as one frame. The router's socket closing (it exited
+or was killed) ends the worker; so does ``stop``. The worker holds no state a request
+needs after it ends: any worker of the same model can serve the next one.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import time
 _T0 = time.perf_counter()  # before anything heavy is imported: the imports phase starts
 
 import argparse  # noqa: E402
+import gc  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
@@ -38,46 +41,61 @@ from ember_functions.rpc import (  # noqa: E402
 
 if TYPE_CHECKING:
     from ember_functions.engine import LLMEngine
+    from ember_functions.host_model import HostModel
     from ember_functions.sequence import RequestOutput
+    from ember_weights_store import LoadReport
 
 log = logging.getLogger("ember.worker")
 
 __all__ = ["main"]
 
 
-class _Serve:
-    """The loop after READY: commands in on a reader thread, engine steps on this one."""
+class _Inbox:
+    """The router's commands, read on a thread of their own for the worker's whole life:
+    the engine loop polls them between steps, a parked worker blocks on them."""
 
-    def __init__(self, engine: LLMEngine, reader: FrameReader, writer: FrameWriter) -> None:
-        self.engine = engine
+    def __init__(self, reader: FrameReader) -> None:
         self.reader = reader
-        self.writer = writer
-        self.inbox: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
+        self.queue: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
         self.wake = threading.Event()
+        threading.Thread(target=self._read, name="ember-worker-rpc", daemon=True).start()
 
     def _read(self) -> None:
         try:
             while (message := self.reader.read()) is not None:
-                self.inbox.put(message)
+                self.queue.put(message)
                 self.wake.set()
         except Exception:  # a corrupt stream: treat it as the router going away
             log.exception("reading from the router failed")
-        self.inbox.put(None)  # end of stream: the router is gone
+        self.queue.put(None)  # end of stream: the router is gone
         self.wake.set()
 
-    def run(self) -> None:
-        threading.Thread(target=self._read, name="ember-worker-rpc", daemon=True).start()
-        engine = self.engine
+
+class _Serve:
+    """The loop while READY: commands from the inbox, engine steps on this thread."""
+
+    def __init__(self, engine: LLMEngine, inbox: _Inbox, writer: FrameWriter) -> None:
+        self.engine = engine
+        self.inbox = inbox
+        self.writer = writer
+        self.demote = False  # the router asked for the engine to go, the weights to stay
+
+    def run(self) -> str:
+        """Serves until told to stop or demote; returns ``"stop"`` or ``"demote"``."""
+        engine, wake = self.engine, self.inbox.wake
         while self._drain():
             if not engine.has_unfinished():
-                self.wake.wait(timeout=1.0)
-                self.wake.clear()
+                if self.demote:
+                    return "demote"
+                wake.wait(timeout=1.0)
+                wake.clear()
                 continue
             self._send(engine.step())
         engine.cancel_all()
         outs = engine.step()
         if outs:  # the router may be gone: then nobody is left to tell
             self.writer.try_send(self._frame(outs))
+        return "stop"
 
     def _frame(self, outs: list[RequestOutput]) -> dict[str, Any]:
         return {
@@ -97,12 +115,14 @@ class _Serve:
 
         while True:
             try:
-                message = self.inbox.get_nowait()
+                message = self.inbox.queue.get_nowait()
             except queue.Empty:
                 return True
             if message is None or message["op"] == "stop":
                 return False
-            if message["op"] == "cancel":
+            if message["op"] == "demote":
+                self.demote = True  # once what runs has finished (the router sent it idle)
+            elif message["op"] == "cancel":
                 self.engine.cancel(message["id"])
             elif message["op"] == "start":
                 rid = message["id"]
@@ -136,33 +156,119 @@ def preload() -> None:
     import ember_weights_store  # noqa: F401
 
 
-def _load(args: argparse.Namespace, t0: float) -> tuple[LLMEngine, dict[str, float]]:
-    preload()
-    from ember_functions.engine_config import EngineConfig
-    from ember_functions.loading import StoreConfig, load_engine
+class _Loader:
+    """Brings this worker's model up the warmth levels, timing each step."""
 
-    phases = {"imports_s": time.perf_counter() - t0}
-    t_load = time.perf_counter()
-    config = EngineConfig.from_dict(json.loads(args.engine_config))
-    store = StoreConfig.from_dict(json.loads(args.store))
-    engine = load_engine(
-        store.catalog(Path(args.home)),
-        args.model,
-        config,
-        err=sys.stderr,
-        origin=store.origin_tier(),
-    )
-    phases["load_s"] = time.perf_counter() - t_load
-    report = engine.load_report
-    if report is not None:
-        phases.update(
-            manifest_s=report.manifest_s,
-            fetch_s=report.fetch_s,
-            decompress_s=report.decompress_s,
-            verify_s=report.verify_s,
-            weights_wall_s=report.wall_s,
+    def __init__(self, args: argparse.Namespace) -> None:
+        from ember_functions.engine_config import EngineConfig
+        from ember_functions.loading import StoreConfig
+
+        self.args = args
+        self.config = EngineConfig.from_dict(json.loads(args.engine_config))
+        self.store = StoreConfig.from_dict(json.loads(args.store))
+        self.host: HostModel | None = None
+
+    def _weights_phases(self, report: LoadReport | None) -> dict[str, float]:
+        if report is None:
+            return {}
+        return {
+            "manifest_s": report.manifest_s,
+            "fetch_s": report.fetch_s,
+            "decompress_s": report.decompress_s,
+            "verify_s": report.verify_s,
+            "weights_wall_s": report.wall_s,
+        }
+
+    def to_host(self) -> dict[str, float]:
+        from ember_functions.loading import load_host
+
+        t0 = time.perf_counter()
+        self.host = load_host(
+            self.store.catalog(Path(self.args.home)),
+            self.args.model,
+            err=sys.stderr,
+            origin=self.store.origin_tier(),
         )
-    return engine, phases
+        return {"host_s": time.perf_counter() - t0, **self._weights_phases(self.host.report)}
+
+    def to_ready(self) -> tuple[LLMEngine, dict[str, float]]:
+        from ember_functions.engine import LLMEngine
+        from ember_functions.loading import load_engine
+
+        t0 = time.perf_counter()
+        if self.host is not None:  # promoted from HOST: bind what is in RAM
+            engine = LLMEngine.from_host(self.host, config=self.config)
+            return engine, {"bind_s": time.perf_counter() - t0}
+        engine = load_engine(
+            self.store.catalog(Path(self.args.home)),
+            self.args.model,
+            self.config,
+            err=sys.stderr,
+            origin=self.store.origin_tier(),
+        )
+        return engine, {
+            "load_s": time.perf_counter() - t0,
+            **self._weights_phases(engine.load_report),
+        }
+
+
+def _ready_frame(engine: LLMEngine, phases: dict[str, float]) -> dict[str, Any]:
+    return {
+        "op": "ready",
+        "model": engine.model_name,
+        "pid": os.getpid(),
+        "token_capacity": engine.token_capacity,
+        "vocab_size": engine.model.config.vocab_size,
+        "tokenizer_dir": str(engine.tokenizer.source_dir),
+        "free_kv_blocks": engine.blocks.num_free_blocks,
+        "phases": phases,
+        "chunks_by_tier": engine.load_report.chunks_by_tier if engine.load_report else {},
+    }
+
+
+_LEVELS = ("PROCESS", "HOST", "READY")
+
+
+def _serve(args: argparse.Namespace, t0: float, writer: FrameWriter, inbox: _Inbox) -> int:
+    """Climbs to ``args.warmth``, then serves or waits to be told to climb further;
+    a READY worker told to demote drops its engine and waits at HOST."""
+    preload()
+    phases = {"imports_s": time.perf_counter() - t0}
+    loader = _Loader(args)
+    target = args.warmth
+    since = t0  # a first start is timed from the fork, a promotion from its command
+    while True:
+        try:
+            if target == "HOST" and loader.host is None:
+                phases.update(loader.to_host())
+            if target == "READY":
+                engine, more = loader.to_ready()
+                phases.update(more)
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {getattr(exc, 'message', exc)}"
+            log.error("could not load %s: %s", args.model, reason)
+            writer.send({"op": "failed", "reason": reason})
+            return 1
+        if target == "READY":
+            phases["ready_s"] = time.perf_counter() - since
+            writer.send(_ready_frame(engine, phases))
+            if _Serve(engine, inbox, writer).run() == "stop":
+                return 0
+            del engine  # demoted: the bound weights and the KV cache go, the host copy stays
+            gc.collect()
+            if loader.host is None:  # it was loaded straight to READY: keep a host copy now
+                phases = loader.to_host()
+            target = "HOST"
+        writer.send({"op": "warm", "warmth": target, "phases": phases})
+        phases = {}
+        while True:  # parked: wait to be told to climb, or to go
+            message = inbox.queue.get()
+            if message is None or message["op"] == "stop":
+                return 0
+            if message["op"] == "warm" and _LEVELS.index(message["to"]) > _LEVELS.index(target):
+                target, since = message["to"], time.perf_counter()
+                break
+            log.warning("ignoring %r while parked at %s", message["op"], target)
 
 
 def main(argv: list[str] | None = None, *, started_s: float | None = None) -> int:
@@ -176,37 +282,18 @@ def main(argv: list[str] | None = None, *, started_s: float | None = None) -> in
     ap.add_argument("--model", required=True)
     ap.add_argument("--engine-config", default="{}")
     ap.add_argument("--store", default="{}", help="StoreConfig as JSON: where weights come from")
+    ap.add_argument(
+        "--warmth", default="READY", choices=_LEVELS, help="how far to load before waiting"
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(
         level=logging.WARNING, format=f"worker {args.worker_id}: %(levelname)s %(message)s"
     )
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.connect(args.socket)
-    writer, reader = FrameWriter(sock), FrameReader(sock)
+    writer = FrameWriter(sock)
     writer.send({"op": "state", "state": "LOADING", "pid": os.getpid()})
-    try:
-        engine, phases = _load(args, t0)
-    except Exception as exc:
-        reason = f"{type(exc).__name__}: {getattr(exc, 'message', exc)}"
-        log.error("could not load %s: %s", args.model, reason)
-        writer.send({"op": "failed", "reason": reason})
-        return 1
-    phases["ready_s"] = time.perf_counter() - t0
-    writer.send(
-        {
-            "op": "ready",
-            "model": engine.model_name,
-            "pid": os.getpid(),
-            "token_capacity": engine.token_capacity,
-            "vocab_size": engine.model.config.vocab_size,
-            "tokenizer_dir": str(engine.tokenizer.source_dir),
-            "free_kv_blocks": engine.blocks.num_free_blocks,
-            "phases": phases,
-            "chunks_by_tier": engine.load_report.chunks_by_tier if engine.load_report else {},
-        }
-    )
-    _Serve(engine, reader, writer).run()
-    return 0
+    return _serve(args, t0, writer, _Inbox(FrameReader(sock)))
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from ember_functions.prompt import EncodedPrompt, Prompt, PromptEncoder
 from ember_functions.rpc import (
     FrameReader,
     FrameWriter,
+    Warmth,
     WorkerState,
     pack_params,
     unpack_output,
@@ -81,6 +82,9 @@ class WorkerProcess:
         self.worker_id = worker_id
         self.proc = proc
         self.state = WorkerState.LOADING
+        # The level it holds (state READY) or is loading towards (state LOADING): below
+        # READY it is parked in reserve and takes no requests until promoted.
+        self.warmth = Warmth.READY
         self.failure: str | None = None
         self.phases: dict[str, float] = {}  # the last cold start, seconds per phase
         self.chunks_by_tier: dict[str, int] = {}  # where its weights came from
@@ -89,6 +93,7 @@ class WorkerProcess:
         self._reader = FrameReader(sock)
         self._writer = FrameWriter(sock)
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # state, warmth or failure changed
         self._open: dict[str, _Open] = {}
         self._free_kv_blocks = 0
         self._prompts: PromptEncoder | None = None
@@ -107,12 +112,14 @@ class WorkerProcess:
         store: StoreConfig | None = None,
         run_dir: Path | None = None,
         launcher: Launcher | None = None,
+        warmth: Warmth = Warmth.READY,
         connect_timeout_s: float = 60.0,
         load_timeout_s: float = 600.0,
     ) -> WorkerProcess:
         """Starts a worker (a new interpreter, or a fork of a ``Zygote`` given as
-        ``launcher``) and returns when it is READY; raises ``EngineError`` with the
-        worker's reason when it fails to start or to load."""
+        ``launcher``) and returns when it holds ``warmth`` (READY: it serves; PROCESS or
+        HOST: parked until :meth:`promote`); raises ``EngineError`` with the worker's
+        reason when it fails to start or to load."""
         t0 = time.perf_counter()
         path = socket_path(worker_id, run_dir)
         path.unlink(missing_ok=True)
@@ -125,6 +132,7 @@ class WorkerProcess:
             *("--home", str(home), "--model", model),
             *("--engine-config", json.dumps(config)),
             *("--store", json.dumps(dataclasses.asdict(store or StoreConfig()))),
+            *("--warmth", warmth.name),
         ]
         try:
             proc = (launcher or SubprocessLauncher()).launch(args)
@@ -138,51 +146,98 @@ class WorkerProcess:
             listener.close()
             path.unlink(missing_ok=True)  # connected or failed: the name is not needed again
         worker = cls(worker_id, proc, sock)
+        worker.warmth = warmth
         worker.phases["spawn_s"] = time.perf_counter() - t0
-        worker._await_ready(load_timeout_s)
-        worker.phases["ready_s"] = time.perf_counter() - t0
         threading.Thread(
             target=worker._read_loop, name=f"ember-worker-{worker_id}", daemon=True
         ).start()
+        worker._await_warmth(load_timeout_s)
+        worker.phases["ready_s" if warmth is Warmth.READY else f"{warmth.name.lower()}_s"] = (
+            time.perf_counter() - t0
+        )
         return worker
 
-    def _await_ready(self, timeout_s: float) -> None:
-        self._sock.settimeout(timeout_s)
-        try:
-            while True:
-                message = self._reader.read()
-                if message is None or message["op"] == "failed":
-                    reason = (
-                        message["reason"]
-                        if message
-                        else f"it exited with code {self.proc.wait(timeout=10)}"
-                    )
-                    self._fail(reason)
-                    raise EngineError(f"worker {self.worker_id} failed to load its model: {reason}")
-                if message["op"] == "ready":
-                    break
-        except TimeoutError:
-            self._fail(f"not ready after {timeout_s:.0f} s")
+    def promote(self, *, timeout_s: float = 600.0) -> None:
+        """Brings a parked worker to READY (from HOST: binds the weights in its RAM; from
+        PROCESS: loads them) and returns when it serves; ``EngineError`` if it fails."""
+        t0 = time.perf_counter()
+        with self._lock:
+            if self.state is not WorkerState.READY or self.warmth is Warmth.READY:
+                raise EngineError(
+                    f"worker {self.worker_id} is {self.state.value} at {self.warmth.name}; "
+                    "only a parked (READY, below READY warmth) worker can be promoted"
+                )
+            self.state, self.warmth = WorkerState.LOADING, Warmth.READY
+            self.phases = {}
+        self._writer.try_send({"op": "warm", "to": Warmth.READY.name})
+        self._await_warmth(timeout_s)
+        self.phases["promote_s"] = time.perf_counter() - t0
+
+    def demote(self, warmth: Warmth = Warmth.HOST) -> bool:
+        """Parks an idle READY worker at HOST: its engine and KV cache go, its weights
+        stay in RAM. False (nothing done) if it is running requests or not READY."""
+        if warmth is not Warmth.HOST:
+            raise ValueError(f"a worker demotes to HOST only, not {warmth.name}")
+        with self._lock:
+            if self.state is not WorkerState.READY or self.warmth is not Warmth.READY:
+                return False
+            if self._open:
+                return False
+            self.warmth = warmth  # from now on nothing is placed on it
+        self._writer.try_send({"op": "demote"})
+        return True
+
+    def _await_warmth(self, timeout_s: float) -> None:
+        """Waits until the worker holds the warmth it is loading towards."""
+        with self._changed:
+            reached = self._changed.wait_for(
+                lambda: self.state is not WorkerState.LOADING, timeout=timeout_s
+            )
+            failed = self.state is WorkerState.FAILED
+        if failed:
+            raise EngineError(f"worker {self.worker_id} failed to load its model: {self.failure}")
+        if not reached:
+            with self._lock:
+                self._fail(f"not {self.warmth.name} after {timeout_s:.0f} s")
             self.proc.kill()
             raise EngineError(
-                f"worker {self.worker_id} was not ready after {timeout_s:.0f} s; "
+                f"worker {self.worker_id} was not {self.warmth.name} after {timeout_s:.0f} s; "
                 "raise load_timeout_s or check the worker's log"
-            ) from None
-        self._sock.settimeout(None)
-        self.model_name = message["model"]
-        self._free_kv_blocks = message["free_kv_blocks"]
-        self.phases.update(message["phases"])
-        self.chunks_by_tier = dict(message.get("chunks_by_tier", {}))
-        self._prompts = PromptEncoder(
-            Tokenizer.from_dir(Path(message["tokenizer_dir"])),
-            vocab_size=message["vocab_size"],
-            token_capacity=message["token_capacity"],
-        )
-        self.state = WorkerState.READY
+            )
 
-    def _fail(self, reason: str) -> None:
-        self.failure = reason
+    def _on_ready(self, message: dict[str, Any]) -> None:
+        prompts = self._prompts
+        if prompts is None:  # the tokenizer is the same after a promotion: read it once
+            prompts = PromptEncoder(
+                Tokenizer.from_dir(Path(message["tokenizer_dir"])),
+                vocab_size=message["vocab_size"],
+                token_capacity=message["token_capacity"],
+            )
+        with self._changed:
+            self.model_name = message["model"]
+            self._free_kv_blocks = message["free_kv_blocks"]
+            self.phases.update(message["phases"])
+            self.chunks_by_tier = dict(message.get("chunks_by_tier", {}))
+            self._prompts = prompts
+            self.state, self.warmth = WorkerState.READY, Warmth.READY
+            self._changed.notify_all()
+
+    def _on_warm(self, message: dict[str, Any]) -> None:
+        held = Warmth[message["warmth"]]
+        with self._changed:
+            if self.state is WorkerState.LOADING and held < self.warmth:
+                return  # a demotion's confirmation overtaken by a promotion: not there yet
+            self.phases.update(message["phases"])
+            if self.state is WorkerState.LOADING:
+                self.state = WorkerState.READY
+            self.warmth = held  # reached (a demotion was already noted when it was sent)
+            self._changed.notify_all()
+
+    def _fail(self, reason: str) -> None:  # under the lock
+        if self.failure is None:  # the first reason is the one that explains
+            self.failure = reason
         self.state = WorkerState.FAILED
+        self._changed.notify_all()
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Stops the worker: requests still running end cancelled, with their usage."""
@@ -213,7 +268,8 @@ class WorkerProcess:
 
     @property
     def alive(self) -> bool:
-        return self.state in (WorkerState.READY, WorkerState.BUSY)
+        """It serves requests: READY or BUSY, and not parked below READY warmth."""
+        return self.state in (WorkerState.READY, WorkerState.BUSY) and self.warmth is Warmth.READY
 
     @property
     def queue_depth(self) -> int:
@@ -230,6 +286,7 @@ class WorkerProcess:
             "worker_id": self.worker_id,
             "pid": self.proc.pid,
             "state": self.state.value,
+            "warmth": self.warmth.name,
             "in_flight": self.queue_depth,
             "idle_s": None,
             "cold_start": dict(self.phases),
@@ -286,18 +343,27 @@ class WorkerProcess:
     def _read_loop(self) -> None:
         try:
             while (message := self._reader.read()) is not None:
-                if message["op"] == "outs":
+                op = message["op"]
+                if op == "outs":
                     self._deliver([unpack_output(row) for row in message["outs"]])
                     self._free_kv_blocks = message["free_kv_blocks"]
+                elif op == "ready":
+                    self._on_ready(message)
+                elif op == "warm":
+                    self._on_warm(message)
+                elif op == "failed":
+                    with self._lock:
+                        self._fail(message["reason"])
         except (OSError, EngineError, ValueError) as exc:
             if not self._closing:
                 log.warning("worker %s connection broke: %s", self.worker_id, exc)
         code = self.proc.wait()
-        if self._closing and not self.state.ended:
-            self.state = WorkerState.STOPPED
-        else:
-            self._fail(f"the worker process (pid {self.proc.pid}) exited with code {code}")
-        with self._lock:
+        with self._changed:
+            if self._closing and not self.state.ended:
+                self.state = WorkerState.STOPPED
+                self._changed.notify_all()
+            else:
+                self._fail(f"the worker process (pid {self.proc.pid}) exited with code {code}")
             orphans, self._open = self._open, {}
         reason = self.failure or "the worker stopped before the request finished"
         for rid, entry in orphans.items():

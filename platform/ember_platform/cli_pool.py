@@ -14,7 +14,17 @@ from ember_core import ConfigError
 __all__ = ["register"]
 
 # The phases shown, in the order a cold start goes through them.
-PHASES = ("spawn_s", "imports_s", "manifest_s", "fetch_s", "decompress_s", "load_s", "ready_s")
+PHASES = (
+    "spawn_s",
+    "imports_s",
+    "manifest_s",
+    "fetch_s",
+    "decompress_s",
+    "load_s",
+    "host_s",  # to HOST warmth: the weights in RAM
+    "bind_s",  # a promotion from HOST: binding them
+    "ready_s",
+)
 
 
 def fetch_workers(url: str) -> list[dict[str, Any]]:
@@ -30,7 +40,7 @@ def fetch_workers(url: str) -> list[dict[str, Any]]:
 
 
 def render(rows: list[dict[str, Any]]) -> str:
-    head = ["model", "worker", "pid", "state", "in flight", "idle s", *PHASES]
+    head = ["model", "worker", "pid", "state", "warmth", "in flight", "idle s", *PHASES]
     table = [head]
     for r in rows:
         cold = r.get("cold_start") or {}
@@ -40,6 +50,7 @@ def render(rows: list[dict[str, Any]]) -> str:
                 str(r["worker_id"]),
                 str(r["pid"] or "-"),
                 str(r["state"]),
+                str(r.get("warmth", "-")),
                 str(r["in_flight"]),
                 "-" if r.get("idle_s") is None else f"{r['idle_s']:.1f}",
                 *(f"{cold[p]:.3f}" if p in cold else "-" for p in PHASES),

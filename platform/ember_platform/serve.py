@@ -52,6 +52,9 @@ class ServeSettings:
     pool_buffer: int = 0
     pool_keepalive_s: float = 300.0
     pool_predictive: bool = False  # start workers ahead of the forecast arrival rate
+    # Warmth of workers held beyond those serving: READY, HOST (weights in RAM, not bound;
+    # a promotion binds them) or PROCESS (imports done; a promotion loads).
+    pool_reserve_warmth: str = "READY"
     pool_target_concurrency: int = 1  # requests a worker takes before the pool grows
     pool_lead_s: float = 10.0  # how far ahead to forecast: about one cold start
     pool_service_s: float = 2.0  # a request's typical time on a worker (Little's law)
@@ -89,7 +92,7 @@ class ServeSettings:
 
     def pool_policy(self) -> Any:
         """The warm pool's ``PoolPolicy``; ConfigError if the pool settings disagree."""
-        from ember_warmpool import PoolPolicy
+        from ember_warmpool import PoolPolicy, Warmth
 
         return PoolPolicy(
             min_warm=self.pool_min_warm,
@@ -99,6 +102,7 @@ class ServeSettings:
             predictive=self.pool_predictive,
             target_concurrency=self.pool_target_concurrency,
             lead_s=self.pool_lead_s,
+            reserve_warmth=Warmth.parse(self.pool_reserve_warmth),
         )
 
     def forecaster(self) -> Any:

@@ -28,8 +28,8 @@ function that declares the same model and the same policy), started on the first
 scaled by the policy: ``min_warm=0`` lets the workers stop after ``keepalive_s`` idle, and
 the next call starts one again. ``pool`` may also be a dict of the same settings
 (``{"max_workers": 2}``); see ``ember_warmpool.PoolPolicy`` for all of them
-(``reserve_warmth`` is accepted, but worker pools carry out READY warmth only so far, as on
-the gateway). Without ``pool=`` a function runs on an engine inside this process. Over
+(``reserve_warmth="HOST"`` parks idle workers with the weights in RAM, promoted when
+calls come). Without ``pool=`` a function runs on an engine inside this process. Over
 HTTP (``EMBER_BASE_URL``) the gateway's operator owns the pools (``ember serve``'s
 ``pool_*`` settings): a declared pool is ignored there, with one warning per function.
 

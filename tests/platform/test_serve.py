@@ -51,3 +51,29 @@ def test_settings_precedence_and_validation(tmp_path: Path) -> None:
         ServeSettings(port=70000)
     with pytest.raises(ConfigError, match="EMBER_SERVE_PORT='x' is not a int"):
         ServeSettings.load({}, env={"EMBER_SERVE_PORT": "x"}, config=None)
+
+
+def test_pool_settings_build_the_policy_and_forecaster_or_say_what_is_wrong() -> None:
+    from ember_warmpool import HoltForecaster, SeasonalForecaster, Warmth
+
+    s = ServeSettings(
+        pool_min_warm=0,
+        pool_max_workers=3,
+        pool_reserve_warmth="host",
+        pool_predictive=True,
+        pool_season_s=600.0,
+        pool_forecast_bucket_s=25.0,
+    )
+    policy = s.pool_policy()
+    assert (policy.max_workers, policy.reserve_warmth, policy.predictive) == (3, Warmth.HOST, True)
+    assert isinstance(s.forecaster(), SeasonalForecaster)
+    assert isinstance(
+        ServeSettings(pool_predictive=True, pool_season_s=0).forecaster(), HoltForecaster
+    )
+    assert ServeSettings().forecaster() is None  # not predictive: nothing to forecast
+    with pytest.raises(ConfigError, match="unknown warmth 'warm'"):
+        ServeSettings(pool_reserve_warmth="warm")
+    with pytest.raises(ConfigError, match="min_warm=2 exceeds max_workers=1"):
+        ServeSettings(pool_min_warm=2)
+    with pytest.raises(ConfigError, match="season_s must be at least two buckets"):
+        ServeSettings(pool_predictive=True, pool_season_s=60.0)

@@ -20,7 +20,7 @@ from ember_functions.launch import Zygote
 from ember_functions.sampling_params import SamplingParams
 from ember_functions.sequence import RequestOutput
 from ember_platform.pool_router import PoolRouter
-from ember_warmpool import PoolPolicy
+from ember_warmpool import PoolPolicy, Warmth
 from ember_warmpool.manager import ModelPool
 
 TIMEOUT_S = 60.0
@@ -244,3 +244,30 @@ def test_a_worker_being_placed_on_is_not_stopped_under_it(
     (*_, last) = stream
     assert last.finish_reason == "length" and last.usage.completion_tokens == 4
     wait_for(lambda: live(pool) == [], "the idle worker stopped after the request")
+
+
+def test_a_host_reserve_parks_idle_workers_and_promotes_one_for_a_request(
+    make_pool: Callable[..., ModelPool],
+) -> None:
+    policy = PoolPolicy(
+        min_warm=2, buffer=0, max_workers=2, keepalive_s=0.3, reserve_warmth=Warmth.HOST
+    )
+    pool = make_pool(policy)
+    pool.start()
+    router = PoolRouter({"m": pool})
+
+    def parked() -> list[dict[str, object]]:
+        return [r for r in pool.status() if r["state"] == "READY" and r["warmth"] == "HOST"]
+
+    # The boot worker is demoted once idle past keepalive; the second starts at HOST.
+    wait_for(lambda: len(parked()) == 2, "both workers parked at HOST")
+    out = asyncio.run(collect(router, "m", "r1", SHORT))
+    assert out[-1].usage.completion_tokens == 4
+    stats = pool.stats()
+    # Served by a promoted worker: no new process, and the request waited on it.
+    assert stats["starts"] == 2 and stats["cold_requests"] == 1
+    promoted = [p for p in pool.cold_starts.values() if "promote_s" in p]
+    assert promoted and "bind_s" in promoted[0], pool.cold_starts
+    # Idle again: it goes back to HOST; the processes stay.
+    wait_for(lambda: len(parked()) == 2, "the promoted worker parked again")
+    assert pool.stats()["starts"] == 2

@@ -12,8 +12,10 @@ worker the engine still has room on, which beats waiting seconds for a cold star
 when no worker can take the request does it wait, counted in ``queued``, which makes the
 policy start more. The seam for adapter and session locality is ``try_place``.
 
-Only READY warmth is carried out so far: ``promote``/``demote`` orders for PROCESS and
-HOST warmth are logged and skipped.
+Workers held in reserve (``policy.reserve_warmth`` below READY) are started to that
+warmth and parked: a PROCESS worker has its imports done, a HOST worker also has the
+weights in its RAM. ``promote`` orders bring them to READY (a HOST worker only binds),
+``demote`` orders park idle READY workers at HOST; only READY workers are placed on.
 
 Example::
 
@@ -95,7 +97,8 @@ class ModelPool:
         self._spawn = spawn
         self._cond = threading.Condition()
         self._workers: dict[str, WorkerProcess] = {}
-        self._starting: dict[str, float] = {}  # worker id -> when its start began
+        self._starting: dict[str, Warmth] = {}  # worker id -> the warmth it starts to
+        self._promoting: set[str] = set()
         self._idle_since: dict[str, float] = {}
         self._placing: dict[str, int] = {}  # worker id -> requests chosen, not yet sent
         self._queued = 0
@@ -199,7 +202,7 @@ class ModelPool:
         """Why no worker can come for a waiting request (the model keeps failing to load
         and none is running or starting); None while one may."""
         with self._cond:
-            if any(w.alive for w in self._workers.values()) or self._starting:
+            if any(not w.state.ended for w in self._workers.values()) or self._starting:
                 return None
             hold = start_hold(self.policy, self._view(self._clock()), self._clock())
         if hold is None or hold[1] is not None:  # no hold, or one that ends by waiting
@@ -270,11 +273,12 @@ class ModelPool:
                     "worker_id": wid,
                     "pid": None,
                     "state": WorkerState.STARTING.value,
+                    "warmth": warmth.name,
                     "in_flight": 0,
                     "idle_s": None,
                     "cold_start": {},
                 }
-                for wid in self._starting
+                for wid, warmth in self._starting.items()
             ]
         return rows
 
@@ -333,14 +337,15 @@ class ModelPool:
             WorkerView(
                 worker_id=wid,
                 state=w.state,
+                warmth=w.warmth,
                 in_flight=w.queue_depth,
                 idle_since_s=self._idle_since.get(wid),
             )
             for wid, w in self._workers.items()
         ]
         workers += [
-            WorkerView(worker_id=wid, state=WorkerState.STARTING, warmth=Warmth.READY)
-            for wid in self._starting
+            WorkerView(worker_id=wid, state=WorkerState.STARTING, warmth=warmth)
+            for wid, warmth in self._starting.items()
         ]
         failure = self._last_failure
         return PoolView(
@@ -353,11 +358,23 @@ class ModelPool:
 
     def _act(self, decision: Decision) -> None:
         for order in decision.start:
-            if order.warmth is not Warmth.READY:
-                log.info("pool %s: %s warmth is not built yet; skipped", self.model, order.warmth)
-                continue
             for _ in range(order.count):
-                threading.Thread(target=self._spawn_one, daemon=True).start()
+                threading.Thread(target=self._spawn_one, args=(order.warmth,), daemon=True).start()
+        for wid in decision.promote:
+            with self._cond:
+                worker = self._workers.get(wid)
+                if worker is None or wid in self._promoting:
+                    continue
+                self._promoting.add(wid)
+            threading.Thread(target=self._promote, args=(worker,), daemon=True).start()
+        for wid in decision.demote:
+            with self._cond:
+                worker = self._workers.get(wid)
+                if worker is None or self._placing.get(wid):
+                    continue  # a request is being placed on it: keep it serving
+                if worker.demote(self.policy.reserve_warmth):
+                    self._ready_at.pop(wid, None)
+                    log.info("pool %s: %s parked at %s", self.model, wid, worker.warmth.name)
         for stop in decision.stop:
             with self._cond:
                 worker = self._workers.get(stop.worker_id)
@@ -369,12 +386,33 @@ class ModelPool:
                 log.info("pool %s: stopping %s (%s)", self.model, stop.worker_id, stop.reason)
                 threading.Thread(target=worker.close, daemon=True).start()
 
-    def _spawn_one(self) -> WorkerProcess | None:
+    def _promote(self, worker: WorkerProcess) -> None:
+        """Brings a parked worker to READY (a thread per promotion: it blocks)."""
+        wid = worker.worker_id
+        try:
+            worker.promote()
+        except EngineError as exc:
+            with self._cond:
+                self._load_failures += 1
+                self._last_failure = (self._clock(), exc.message)
+            log.error("pool %s: promoting %s failed: %s", self.model, wid, exc.message)
+        else:
+            with self._cond:
+                self._ready_at[wid] = self._clock()
+                self._load_failures = 0
+                self.cold_starts[wid] = dict(worker.phases)
+                self._cond.notify_all()
+        finally:
+            with self._cond:
+                self._promoting.discard(wid)
+
+    def _spawn_one(self, warmth: Warmth = Warmth.READY) -> WorkerProcess | None:
         wid = f"{self.pool_id}-{next(self._ids)}"
         with self._cond:
             if self._closed:
                 return None
-            self._starting[wid] = self._born[wid] = self._clock()
+            self._starting[wid] = warmth
+            self._born[wid] = self._clock()
             self._starts += 1
         try:
             worker = self._spawn(
@@ -384,6 +422,7 @@ class ModelPool:
                 engine_config=self.engine_config,
                 store=self.store,
                 launcher=self._launcher,
+                warmth=warmth,
             )
         except EngineError as exc:
             with self._cond:
@@ -402,10 +441,11 @@ class ModelPool:
             else:
                 closing = False
                 self._workers[wid] = worker
-                self._ready_at[wid] = self._clock()
+                if warmth is Warmth.READY:
+                    self._ready_at[wid] = self._clock()
                 self._load_failures = 0
                 self.cold_starts[wid] = dict(worker.phases)
-                if self.encoder is None:
+                if self.encoder is None and warmth is Warmth.READY:
                     self.encoder, self.model_name = worker.prompts, worker.model_name
                 self._cond.notify_all()
         if closing:

@@ -6,43 +6,12 @@ policy never sees a pool change under it.
 
 from __future__ import annotations
 
-import enum
 import math
 from dataclasses import dataclass
 
-from ember_core import ConfigError
-from ember_functions.rpc import WorkerState
+from ember_functions.rpc import Warmth, WorkerState
 
 __all__ = ["PoolView", "Warmth", "WorkerView"]
-
-
-class Warmth(enum.IntEnum):
-    """How close a worker is to serving, cheapest first (so ``HOST < READY``).
-
-    A worker's ``warmth`` is the level it holds, or the one it is starting or loading
-    towards; a READY-state worker whose warmth is below ``READY`` is parked in reserve
-    and cannot serve until promoted.
-    """
-
-    PROCESS = 1  # a started worker process with its imports done, no model
-    HOST = 2  # the model's weights in host RAM, shared between worker processes
-    READY = 3  # the model loaded: the worker can serve
-
-    @classmethod
-    def parse(cls, value: str | Warmth) -> Warmth:
-        """``"host"``, ``"HOST"`` or ``Warmth.HOST`` -> ``Warmth.HOST``.
-
-        Example::
-
-            Warmth.parse("ready")   # -> Warmth.READY
-        """
-        if isinstance(value, Warmth):
-            return value
-        try:
-            return cls[str(value).upper()]
-        except KeyError:
-            names = ", ".join(w.name for w in cls)
-            raise ConfigError(f"unknown warmth {value!r}; use one of {names}") from None
 
 
 @dataclass(frozen=True, kw_only=True)

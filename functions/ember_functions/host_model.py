@@ -1,0 +1,128 @@
+"""A model held in host RAM, not bound: the HOST warmth of a worker.
+
+Loading a model is two steps with different costs. ``HostModel.from_store`` (or
+``from_dir``) brings the checkpoint's tensors into this process's memory in their stored
+dtype: fetched from the nearest tier, decompressed and verified, with the tokenizer and
+the architecture. ``LLMEngine.from_host`` then binds them: the compute-dtype conversion,
+the fused layout, the KV cache. A worker held in reserve at HOST warmth has paid for the
+first step only; promoting it to READY pays for the second. Demoting it drops the engine
+and keeps this.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import uuid
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from ember_functions.config import ModelConfig
+from ember_functions.tokenizer import Tokenizer
+from ember_functions.weights import checkpoint_dtype, iter_hf_tensors
+
+if TYPE_CHECKING:
+    from ember_weights_store import LoadReport, Manifest, WeightsStore
+
+__all__ = ["HostModel", "store_tokenizer"]
+
+EMBED_NAME = "model.embed_tokens.weight"
+
+
+@dataclass(frozen=True, kw_only=True)
+class HostModel:
+    """A checkpoint's tensors in host RAM, with what building an engine from them needs.
+
+    Example::
+
+        host = HostModel.from_store(store, "smollm2-135m", tokenizer_cache=home / "tokenizers")
+        engine = LLMEngine.from_host(host, config=EngineConfig())
+    """
+
+    model_id: str
+    model_config: ModelConfig
+    tensors: dict[str, torch.Tensor]  # HF names -> tensors in the stored dtype
+    weights_dtype: torch.dtype
+    tokenizer: Tokenizer
+    source: str  # for error messages: where the tensors came from
+    report: LoadReport | None = None  # the store's account of the load, if through it
+    load_s: float = 0.0
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    @classmethod
+    def from_store(
+        cls,
+        store: WeightsStore,
+        model_id: str,
+        *,
+        revision: str = "main",
+        tokenizer_cache: Path,
+        threads: int = 4,
+    ) -> HostModel:
+        """Chunks from the nearest tier into flat buffers, tensors as views. Tokenizer
+        files are written once per content hash under ``tokenizer_cache``."""
+        from ember_weights_store import load as load_weights
+
+        t0 = time.perf_counter()
+        manifest = store.manifest(model_id, revision)
+        # The tokenizer (~0.2 s of JSON parsing for a 49k vocabulary) loads on a thread
+        # while the weights load: most of that is copying and hashing without the GIL.
+        with ThreadPoolExecutor(1, thread_name_prefix="ember-tokenizer") as pool:
+            tokenizer = pool.submit(store_tokenizer, store, manifest, tokenizer_cache)
+            loaded = load_weights(store, model_id, revision, threads=threads)
+            tok = tokenizer.result()
+        return cls(
+            model_id=model_id,
+            model_config=ModelConfig.from_hf(manifest.architecture),
+            tensors=loaded.tensors,
+            weights_dtype=loaded.tensors[EMBED_NAME].dtype,
+            tokenizer=tok,
+            source=f"{model_id}@{revision} from the weights store",
+            report=loaded.report,
+            load_s=time.perf_counter() - t0,
+        )
+
+    @classmethod
+    def from_dir(cls, model_dir: Path, *, model_id: str | None = None) -> HostModel:
+        """A Hugging Face directory's safetensors, read into memory."""
+        t0 = time.perf_counter()
+        # Cloned: safetensors hands out views of a mapped file, which are host RAM only
+        # once touched; a reserve worker must have paid for the read.
+        tensors = {name: t.clone() for name, t in iter_hf_tensors(model_dir)}
+        return cls(
+            model_id=model_id or model_dir.name,
+            model_config=ModelConfig.from_dir(model_dir),
+            tensors=tensors,
+            weights_dtype=checkpoint_dtype(model_dir),
+            tokenizer=Tokenizer.from_dir(model_dir),
+            source=str(model_dir),
+            load_s=time.perf_counter() - t0,
+        )
+
+
+def store_tokenizer(store: WeightsStore, manifest: Manifest, cache: Path) -> Tokenizer:
+    """The manifest's tokenizer, its files written once per content hash under ``cache``."""
+    tok_dir = cache / _tokenizer_dir_name(manifest.tokenizer_files)
+    if not tok_dir.is_dir():
+        tmp = tok_dir.with_name(tok_dir.name + f".tmp-{uuid.uuid4().hex}")
+        tmp.mkdir(parents=True)
+        for name in manifest.tokenizer_files:
+            (tmp / name).write_bytes(store.tokenizer_file(manifest, name))
+        (tmp / "config.json").write_text(json.dumps(manifest.architecture))
+        os.replace(tmp, tok_dir)
+    return Tokenizer.from_dir(tok_dir)
+
+
+def _tokenizer_dir_name(files: Mapping[str, str]) -> str:
+    digest = hashlib.sha256(json.dumps(sorted(files.items())).encode()).hexdigest()
+    return digest[:32]
