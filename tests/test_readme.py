@@ -39,17 +39,21 @@ def test_readme_python_examples_run_embedded(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     from ember import llm
+    from ember._backends import EmbeddedBackend
 
     monkeypatch.setenv("EMBER_HOME", str(ember_test_home))
     for var in ("EMBER_BASE_URL", "EMBER_API_KEY"):
         monkeypatch.delenv(var, raising=False)
-    llm.use_backend(None)
+    backend = EmbeddedBackend(str(ember_test_home))  # closed here: pools stop their workers
+    llm.use_backend(backend)
     try:
         for code in blocks("python"):
             if SERVED not in code:
                 exec(compile(code, str(README), "exec"), {})
+        assert len(backend.pools()) == 1  # the example that declares a pool ran on it
     finally:
         llm.use_backend(None)
+        backend.close()
     assert "Paris" in capsys.readouterr().out
 
 
