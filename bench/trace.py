@@ -1,6 +1,6 @@
 """Replays a bursty arrival trace through a real ``ember serve`` under three pool policies.
 
-    python bench/trace.py --json bench/out/trace.json            # SmolLM2, ~10 min
+    python bench/trace.py --json bench/out/trace.json            # SmolLM2, ~20 min
     python bench/trace.py --json /tmp/t.json --quick --model DIR  # a smoke run, ~1 min
 
 The trace is generated from a seed (``ember_warmpool.traces.daily_arrivals``): a daily
@@ -13,7 +13,8 @@ trace is replayed, in real time, against three gateways in turn, each a fresh
 - **fixed**: ``min_warm = max_workers = N``, sized for the peak with its bursts: no cold
   start ever, at the price of N workers all day;
 - **predictive**: scale to zero plus a Holt-Winters forecast of the arrival rate with a
-  daily season, ``lead_s`` ahead: Little's law on the forecast sets the warm target.
+  daily season, ``lead_s`` ahead: Little's law on the forecast, plus one standard
+  deviation of Poisson demand (square-root staffing), sets the warm target.
 
 The first day trains the forecaster (every policy sees it, so each starts day two warm
 the way it would be); everything is measured from day two on. Time to first token is
@@ -90,7 +91,9 @@ class Scenario:
             "pool_max_workers": self.max_workers,
             "pool_target_concurrency": self.target_concurrency,
             "pool_service_s": round(service_s, 3),
-            "pool_keepalive_s": round(self.day_s / 12, 3),
+            # A few cold starts: long enough not to churn, short next to a (compressed)
+            # day, as a minute is next to a real one.
+            "pool_keepalive_s": round(max(2.0, 3 * cold_s), 3),
         }
         bucket_s = self.day_s / 24
         return {
@@ -106,6 +109,7 @@ class Scenario:
                 "pool_min_warm": 0,
                 "pool_buffer": 0,  # the forecast is the headroom
                 "pool_predictive": True,
+                "pool_headroom_sd": 1.0,  # square-root staffing above the forecast
                 "pool_lead_s": round(max(2 * cold_s, bucket_s), 3),
                 "pool_season_s": self.day_s,
                 "pool_forecast_bucket_s": round(bucket_s, 3),
@@ -262,7 +266,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, required=True)
     ap.add_argument("--model", default="smollm2-135m", help="installed name, alias or directory")
     ap.add_argument("--day-s", type=float, default=120.0, help="one compressed day, seconds")
-    ap.add_argument("--days", type=int, default=2, help="the first trains; the rest count")
+    ap.add_argument("--days", type=int, default=3, help="the first trains; the rest count")
     ap.add_argument("--peak", type=float, default=1.5, help="requests/s at midday")
     ap.add_argument("--trough", type=float, default=0.05, help="requests/s at midnight")
     ap.add_argument("--burst-factor", type=float, default=3.0)

@@ -57,6 +57,7 @@ class ServeSettings:
     pool_reserve_warmth: str = "READY"
     pool_target_concurrency: int = 1  # requests a worker takes before the pool grows
     pool_lead_s: float = 10.0  # how far ahead to forecast: about one cold start
+    pool_headroom_sd: float = 0.0  # workers above the forecast load, in its std devs
     pool_service_s: float = 2.0  # a request's typical time on a worker (Little's law)
     # The forecaster's season (0: no season, EWMA with trend only) and its rate bucket.
     pool_season_s: float = 86_400.0
@@ -102,6 +103,7 @@ class ServeSettings:
             predictive=self.pool_predictive,
             target_concurrency=self.pool_target_concurrency,
             lead_s=self.pool_lead_s,
+            headroom_sd=self.pool_headroom_sd,
             reserve_warmth=Warmth.parse(self.pool_reserve_warmth),
         )
 

@@ -210,3 +210,15 @@ def test_idle_ready_workers_beyond_the_serving_ones_are_demoted_to_the_reserve()
     assert decide(policy, view, now_s=11.0).demote == ("a",)
     ready_policy = PoolPolicy(min_warm=1, buffer=0, keepalive_s=10.0)
     assert decide(ready_policy, view, now_s=1e6).is_noop
+
+
+def test_square_root_staffing_holds_headroom_above_the_forecast_load() -> None:
+    view = PoolView(workers=())
+    # 2 requests/s for 2 s each on one-request workers: 4 busy on average; one standard
+    # deviation of Poisson demand above that is sqrt(4) = 2 more.
+    little = PoolPolicy(max_workers=16, buffer=0, predictive=True)
+    staffed = PoolPolicy(max_workers=16, buffer=0, predictive=True, headroom_sd=1.0)
+    assert decide(little, view, 0.0, forecast_rate_per_s=2.0, service_s=2.0).desired == 4
+    assert decide(staffed, view, 0.0, forecast_rate_per_s=2.0, service_s=2.0).desired == 6
+    with pytest.raises(ConfigError, match="headroom_sd must be finite and >= 0"):
+        PoolPolicy(headroom_sd=-1.0)

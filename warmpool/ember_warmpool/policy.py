@@ -17,8 +17,9 @@ The rules, in the order ``decide`` applies them:
 3. **Target**: ``desired = max(min_warm, busy + buffer, queued demand, predictive)``
    clipped to ``max_workers``. The buffer applies only while something runs or waits
    (as Modal's ``buffer_containers``), so ``min_warm=0`` scales to zero when idle.
-   ``predictive`` (only with ``policy.predictive`` and a forecast) is Little's law:
-   ceil(rate_per_s * service_s / target_concurrency) + buffer, where the caller takes
+   ``predictive`` (only with ``policy.predictive`` and a forecast) is Little's law with
+   square-root staffing: load = rate_per_s * service_s / target_concurrency, and
+   ceil(load + headroom_sd * sqrt(load)) + buffer workers, where the caller takes
    the rate ``lead_s`` ahead (a typical cold start), so workers started now are ready
    when the demand arrives. Rates below ``min_forecast_rate_per_s`` count as zero:
    otherwise a decaying forecast would hold one worker forever.
@@ -83,6 +84,10 @@ class PoolPolicy:
     predictive: bool = False
     target_concurrency: int = 1  # requests one worker serves at once, for sizing
     lead_s: float = 10.0  # how far ahead the forecast is taken: a typical cold start
+    # Workers held above the forecast load, in standard deviations of Poisson demand
+    # (square-root staffing): 0 holds the mean (Little's law), 1-2 keeps arrivals from
+    # finding every worker busy.
+    headroom_sd: float = 0.0
     min_forecast_rate_per_s: float = 0.01
     max_load_failures: int = 3  # consecutive load failures before starts stop
     failure_backoff_s: float = 5.0  # wait after the first load failure; doubles after each
@@ -92,7 +97,13 @@ class PoolPolicy:
             _check_int(name, getattr(self, name), minimum=0)
         for name in ("max_workers", "target_concurrency", "max_load_failures"):
             _check_int(name, getattr(self, name), minimum=1)
-        for name in ("keepalive_s", "lead_s", "min_forecast_rate_per_s", "failure_backoff_s"):
+        for name in (
+            "keepalive_s",
+            "lead_s",
+            "min_forecast_rate_per_s",
+            "failure_backoff_s",
+            "headroom_sd",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise ConfigError(f"{name} must be a number of seconds or a rate, got {value!r}")
@@ -248,8 +259,12 @@ def decide(
         and service_s is not None
         and rate >= policy.min_forecast_rate_per_s
     ):
+        # Square-root staffing: Poisson arrivals at ``load`` busy workers on average
+        # fluctuate by about sqrt(load); holding ``headroom_sd`` of that above the mean
+        # keeps the chance that an arrival finds every worker busy small (Halfin-Whitt).
+        load = rate * service_s / tc
         # The epsilon keeps float noise (2.0000000001 workers) from adding a worker.
-        little = math.ceil(rate * service_s / tc - 1e-9)
+        little = math.ceil(load + policy.headroom_sd * math.sqrt(load) - 1e-9)
     predictive = little + policy.buffer if little > 0 else 0
     under_load = busy > 0 or view.queued > 0
     desired = max(policy.min_warm, busy + policy.buffer if under_load else 0)
