@@ -98,6 +98,7 @@ class WorkerProcess:
         self._free_kv_blocks = 0
         self._prompts: PromptEncoder | None = None
         self._closing = False
+        self._heard_s = time.monotonic()  # the last frame from the worker
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -253,9 +254,19 @@ class WorkerProcess:
         if not self.state.ended:
             self.state = WorkerState.STOPPED
 
-    def kill(self) -> None:
-        """SIGKILL, as a crash would (tests)."""
+    def kill(self, reason: str | None = None) -> None:
+        """SIGKILL: its open requests fail (retryably) with ``reason``, or with its exit
+        code when there is none (a crash, as tests simulate)."""
+        if reason is not None:
+            with self._lock:
+                self._fail(reason)
         self.proc.kill()
+
+    @property
+    def silent_s(self) -> float:
+        """Seconds since the worker last sent anything. A serving worker sends a frame
+        every engine step or, idle, every heartbeat; long silence means it hangs."""
+        return time.monotonic() - self._heard_s
 
     # -- requests -----------------------------------------------------------------
 
@@ -343,6 +354,7 @@ class WorkerProcess:
     def _read_loop(self) -> None:
         try:
             while (message := self._reader.read()) is not None:
+                self._heard_s = time.monotonic()
                 op = message["op"]
                 if op == "outs":
                     self._deliver([unpack_output(row) for row in message["outs"]])

@@ -5,12 +5,14 @@ worker dies before any output, and a model that cannot load."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -44,7 +46,7 @@ def make_pool(
 ) -> Iterator[Callable[..., ModelPool]]:
     pools: list[ModelPool] = []
 
-    def make(policy: PoolPolicy, *, model: Path | None = None) -> ModelPool:
+    def make(policy: PoolPolicy, *, model: Path | None = None, **options: Any) -> ModelPool:
         pool = ModelPool(
             str(model or tiny_model("llama")),
             home=tmp_path,
@@ -52,6 +54,7 @@ def make_pool(
             engine_config=ONE_SEQ,
             launcher=zygote,
             tick_s=0.05,
+            **options,
         )
         pools.append(pool)
         return pool
@@ -271,3 +274,41 @@ def test_a_host_reserve_parks_idle_workers_and_promotes_one_for_a_request(
     # Idle again: it goes back to HOST; the processes stay.
     wait_for(lambda: len(parked()) == 2, "the promoted worker parked again")
     assert pool.stats()["starts"] == 2
+
+
+def test_a_hung_worker_is_killed_by_the_health_check_and_replaced(
+    make_pool: Callable[..., ModelPool],
+) -> None:
+    pool = make_pool(
+        PoolPolicy(min_warm=1, buffer=0, max_workers=2, keepalive_s=60), health_timeout_s=2.0
+    )
+    pool.start()
+    router = PoolRouter({"m": pool})
+    (first,) = pool.status()
+    pid = int(str(first["pid"]))
+    time.sleep(3.0)  # idle longer than the timeout: its heartbeats keep it healthy
+    assert [r["worker_id"] for r in live(pool)] == [first["worker_id"]]
+    got: list[RequestOutput] = []
+
+    async def run() -> None:
+        prepared = router.prepare("m", [1, 2, 3], LONG, request_id="h", tenant="t")
+        async for out in router.start(prepared):
+            got.append(out)
+            if len(got) == 3:
+                os.kill(pid, signal.SIGSTOP)  # hangs: alive, silent
+
+    try:
+        with pytest.raises(
+            EngineError, match=r"did not respond .*\(health check\); retrying it is safe"
+        ):
+            asyncio.run(run())
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+    wait_for(
+        lambda: (
+            [r["state"] for r in live(pool)] == ["READY"]
+            and live(pool)[0]["worker_id"] != first["worker_id"]
+        ),
+        "the pool replaced the hung worker",
+    )
