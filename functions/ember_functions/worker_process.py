@@ -240,6 +240,14 @@ class WorkerProcess:
         self.state = WorkerState.FAILED
         self._changed.notify_all()
 
+    def drain(self, timeout_s: float) -> bool:
+        """DRAINING: takes nothing new and waits up to ``timeout_s`` for what it runs to
+        finish; True if it did. :meth:`close` then stops it."""
+        with self._changed:
+            if self.state in (WorkerState.READY, WorkerState.BUSY):
+                self.state = WorkerState.DRAINING
+            return self._changed.wait_for(lambda: not self._open, timeout=timeout_s)
+
     def close(self, timeout_s: float = 10.0) -> None:
         """Stops the worker: requests still running end cancelled, with their usage."""
         self._closing = True
@@ -390,6 +398,8 @@ class WorkerProcess:
                 entry.usage = out.usage
                 if out.finished:
                     del self._open[out.request_id]
-                    if not self._open and self.state is WorkerState.BUSY:
-                        self.state = WorkerState.READY
+                    if not self._open:
+                        if self.state is WorkerState.BUSY:
+                            self.state = WorkerState.READY
+                        self._changed.notify_all()  # a drain waits for this
             entry.stream._deliver(out)

@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -312,3 +313,31 @@ def test_a_hung_worker_is_killed_by_the_health_check_and_replaced(
         ),
         "the pool replaced the hung worker",
     )
+
+
+def test_closing_with_a_drain_lets_running_requests_finish(
+    make_pool: Callable[..., ModelPool],
+) -> None:
+    pool = make_pool(PoolPolicy(min_warm=1, buffer=0, max_workers=1))
+    pool.start()
+    router = PoolRouter({"m": pool})
+    closer: list[threading.Thread] = []
+    states: list[object] = []
+
+    async def run() -> list[RequestOutput]:
+        got = []
+        prepared = router.prepare("m", [1, 2, 3], LONG, request_id="d", tenant="t")
+        async for out in router.start(prepared):
+            got.append(out)
+            if len(got) == 2:  # mid-stream: the pool starts closing, draining first
+                closer.append(threading.Thread(target=pool.close, kwargs={"drain_timeout_s": 60}))
+                closer[0].start()
+            if len(got) == 5:
+                states.extend(r["state"] for r in pool.status())
+        return got
+
+    got = asyncio.run(run())
+    closer[0].join(timeout=30)
+    assert got[-1].finish_reason == "length" and got[-1].usage.completion_tokens == 300
+    assert states == ["DRAINING"]
+    assert pool.status() == []  # and then it stopped

@@ -130,13 +130,21 @@ class ModelPool:
             raise EngineError(f"the first worker of {self.model} failed to load: {reason}")
         self._thread.start()
 
-    def close(self) -> None:
+    def close(self, *, drain_timeout_s: float = 0.0) -> None:
+        """Stops every worker. With ``drain_timeout_s``, workers first drain: they take
+        nothing new and finish what they run, for up to that long in all; what is still
+        running then ends cancelled, with its usage."""
         with self._cond:
             self._closed = True
-            workers, self._workers = list(self._workers.values()), {}
+            workers = list(self._workers.values())
+            self._cond.notify_all()
+        deadline = time.monotonic() + drain_timeout_s
+        for worker in workers if drain_timeout_s > 0 else ():
+            worker.drain(max(0.0, deadline - time.monotonic()))
+        with self._cond:
+            self._workers = {}
             for wid in list(self._born):
                 self._retire(wid)
-            self._cond.notify_all()
         for worker in workers:
             worker.close()
         if self._thread.is_alive():
