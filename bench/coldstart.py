@@ -132,13 +132,25 @@ class ModelRun:
         )
 
     def prepare_tiers(self) -> None:
-        """Fills the disk and host tiers: one load through each, promotions waited for."""
+        """Fills the disk and host tiers: one load through each, promotions waited for;
+        then one worker through the host tier, which keeps its bound weights there, as the
+        first worker of a pool does for the rest."""
         from ember_weights_store import load
 
         for state in ("disk", "host"):
             loaded = load(self._store(state).catalog(self.home).store(), self.name)
             loaded.wait_promoted()
             del loaded
+        host = self._store("host").catalog(self.home).host_cache_root
+        worker = self._spawn("host")
+        try:
+            deadline = time.monotonic() + 300
+            while not list(host.glob("bound/*-index")):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the first worker kept no bound weights in {host}")
+                time.sleep(0.05)
+        finally:
+            worker.close()
 
     def measure(self, state: str, zygote: Any) -> tuple[float, dict[str, float], str]:
         """(ttft_s, phases, tiers the chunks came from) of one cold start in ``state``."""

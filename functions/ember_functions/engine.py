@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ import torch
 from ember_core import ContextLengthError, InvalidRequestError, ModelNotFoundError
 from ember_functions.attention import KVCache
 from ember_functions.block_manager import BlockManager
+from ember_functions.bound_cache import BoundCache
 from ember_functions.config import ModelConfig
 from ember_functions.engine_config import EngineConfig
 from ember_functions.host_model import HostModel
@@ -169,6 +170,7 @@ class LLMEngine:
             host.tensors.items(),
             weights_dtype=host.weights_dtype,
             source=host.source,
+            bound=host.bound_cache,
         )
         engine = cls(model, host.tokenizer, config=config, model_name=host.model_id)
         engine.load_report = host.report
@@ -380,9 +382,11 @@ def _build_model(
     *,
     weights_dtype: torch.dtype,
     source: str,
+    bound: Callable[[torch.dtype], BoundCache | None] | None = None,
 ) -> LlamaModel:
     """The one place an engine's settings become a model: threads, compute dtype, and
-    the bf16 copies for single-sequence decode (dtype="auto" only)."""
+    the bf16 copies for single-sequence decode (dtype="auto" only). ``bound`` gives where
+    weights bound in a dtype are kept between workers (see ``bound_cache``)."""
     device = torch.device(config.device)
     if device.type == "cpu" and config.num_threads:
         torch.set_num_threads(config.num_threads)
@@ -398,4 +402,5 @@ def _build_model(
         device=device,
         max_positions=config.max_model_len,
         gemv_dtype=gemv,
+        bound=bound(dtype) if bound is not None else None,
     )

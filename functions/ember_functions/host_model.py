@@ -29,7 +29,9 @@ from ember_functions.tokenizer import Tokenizer
 from ember_functions.weights import checkpoint_dtype, iter_hf_tensors
 
 if TYPE_CHECKING:
+    from ember_functions.bound_cache import BoundCache
     from ember_weights_store import LoadReport, Manifest, WeightsStore
+    from ember_weights_store.host_tier import HostTier
 
 __all__ = ["HostModel", "store_tokenizer"]
 
@@ -54,6 +56,18 @@ class HostModel:
     source: str  # for error messages: where the tensors came from
     report: LoadReport | None = None  # the store's account of the load, if through it
     load_s: float = 0.0
+    # Through a store with a host tier: where bound weights are kept for the next worker.
+    host_tier: HostTier | None = None
+    manifest: Manifest | None = None
+
+    def bound_cache(self, dtype: torch.dtype) -> BoundCache | None:
+        """Where this model's weights bound in ``dtype`` are kept on this machine, if
+        anywhere (a store with a host tier)."""
+        if self.host_tier is None or self.manifest is None:
+            return None
+        from ember_functions.bound_cache import BoundCache
+
+        return BoundCache.for_model(self.host_tier, self.manifest, dtype)
 
     @property
     def size_bytes(self) -> int:
@@ -72,6 +86,7 @@ class HostModel:
         """Chunks from the nearest tier into flat buffers, tensors as views. Tokenizer
         files are written once per content hash under ``tokenizer_cache``."""
         from ember_weights_store import load as load_weights
+        from ember_weights_store.host_tier import HostTier
 
         t0 = time.perf_counter()
         manifest = store.manifest(model_id, revision)
@@ -90,6 +105,8 @@ class HostModel:
             source=f"{model_id}@{revision} from the weights store",
             report=loaded.report,
             load_s=time.perf_counter() - t0,
+            host_tier=next((t for t in store.tiers if isinstance(t, HostTier)), None),
+            manifest=manifest,
         )
 
     @classmethod

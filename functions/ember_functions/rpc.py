@@ -17,6 +17,7 @@ Worker -> router::
     {"op": "ready", "model", "pid", "token_capacity", "vocab_size", "tokenizer_dir",
      "free_kv_blocks", "phases": {name: seconds}}     the model is loaded
     {"op": "warm", "warmth": WARMTH, "phases"}       parked at PROCESS or HOST, waiting
+    {"op": "alive"}                                  idle or parked: every second
     {"op": "failed", "reason"}                       it could not load; the process exits
     {"op": "outs", "outs": [OUT, ...], "free_kv_blocks"}   everything one engine step made
 

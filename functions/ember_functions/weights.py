@@ -12,7 +12,7 @@ import itertools
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -21,6 +21,9 @@ from ember_core import ConfigError, ModelFormatError
 from ember_functions.config import ModelConfig
 from ember_functions.linear import Linear
 from ember_functions.model import LlamaModel
+
+if TYPE_CHECKING:
+    from ember_functions.bound_cache import BoundCache
 
 
 def cpu_has_native_bf16() -> bool:
@@ -131,6 +134,7 @@ def load_model(
     device: torch.device,
     max_positions: int | None = None,
     gemv_dtype: torch.dtype | None = None,
+    bound: BoundCache | None = None,
 ) -> LlamaModel:
     """Builds the model from a Hugging Face directory (see :func:`build_model`)."""
     return build_model(
@@ -153,12 +157,15 @@ def build_model(
     device: torch.device,
     max_positions: int | None = None,
     gemv_dtype: torch.dtype | None = None,
+    bound: BoundCache | None = None,
 ) -> LlamaModel:
     """Builds the model on the meta device and binds it to ``tensors`` (HF names),
     from a directory or from the weights store's flat buffers alike.
 
     ``gemv_dtype`` keeps a copy of every matrix in that dtype for single-sequence
-    decode (see linear.py); :func:`gemv_dtype_for` says when that pays.
+    decode (see linear.py); :func:`gemv_dtype_for` says when that pays. ``bound`` (CPU
+    only) maps what an earlier worker bound instead of converting, or keeps what this
+    one converts for the next.
     """
     source_name = source  # the fused tensors are not the only "source" here
     # Fuse in the checkpoint's own dtype (half the bytes of float32 to concatenate), then
@@ -175,7 +182,14 @@ def build_model(
             f"{' ...' if len(leftover) > 4 else ''}; this {config.model_type} variant "
             "(e.g. attention_bias or mlp_bias on a llama) is not supported"
         )
-    state = {name: t.to(device=device, dtype=dtype) for name, t in fused.items()}
+    converts = device.type == "cpu" and any(t.dtype != dtype for t in fused.values())
+    state = None
+    if bound is not None and converts:
+        state = bound.load({name: t.shape for name, t in fused.items()})
+    if state is None:
+        state = {name: t.to(device=device, dtype=dtype) for name, t in fused.items()}
+        if bound is not None and converts:
+            bound.store_in_background(state)
     linear = Linear(device=device, dtype=dtype)  # probes real kernels: outside "meta"
     with torch.device("meta"):
         model = LlamaModel(config, linear=linear)

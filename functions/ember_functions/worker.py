@@ -47,6 +47,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ember.worker")
 
+# An idle worker says it is alive this often (a busy one's outputs say it every step), so
+# its router can tell a hung worker from a quiet one (see ``WorkerProcess.silent_s``).
+HEARTBEAT_S = 1.0
+_ALIVE = {"op": "alive"}
+
 __all__ = ["main"]
 
 
@@ -87,7 +92,8 @@ class _Serve:
             if not engine.has_unfinished():
                 if self.demote:
                     return "demote"
-                wake.wait(timeout=1.0)
+                if not wake.wait(timeout=HEARTBEAT_S):
+                    self.writer.send(_ALIVE)  # idle, and this loop still turns
                 wake.clear()
                 continue
             self._send(engine.step())
@@ -262,7 +268,11 @@ def _serve(args: argparse.Namespace, t0: float, writer: FrameWriter, inbox: _Inb
         writer.send({"op": "warm", "warmth": target, "phases": phases})
         phases = {}
         while True:  # parked: wait to be told to climb, or to go
-            message = inbox.queue.get()
+            try:
+                message = inbox.queue.get(timeout=HEARTBEAT_S)
+            except queue.Empty:
+                writer.send(_ALIVE)
+                continue
             if message is None or message["op"] == "stop":
                 return 0
             if message["op"] == "warm" and _LEVELS.index(message["to"]) > _LEVELS.index(target):

@@ -98,6 +98,7 @@ class WorkerProcess:
         self._free_kv_blocks = 0
         self._prompts: PromptEncoder | None = None
         self._closing = False
+        self._heard_s = time.monotonic()  # the last frame from the worker
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -239,6 +240,14 @@ class WorkerProcess:
         self.state = WorkerState.FAILED
         self._changed.notify_all()
 
+    def drain(self, timeout_s: float) -> bool:
+        """DRAINING: takes nothing new and waits up to ``timeout_s`` for what it runs to
+        finish; True if it did. :meth:`close` then stops it."""
+        with self._changed:
+            if self.state in (WorkerState.READY, WorkerState.BUSY):
+                self.state = WorkerState.DRAINING
+            return self._changed.wait_for(lambda: not self._open, timeout=timeout_s)
+
     def close(self, timeout_s: float = 10.0) -> None:
         """Stops the worker: requests still running end cancelled, with their usage."""
         self._closing = True
@@ -253,9 +262,19 @@ class WorkerProcess:
         if not self.state.ended:
             self.state = WorkerState.STOPPED
 
-    def kill(self) -> None:
-        """SIGKILL, as a crash would (tests)."""
+    def kill(self, reason: str | None = None) -> None:
+        """SIGKILL: its open requests fail (retryably) with ``reason``, or with its exit
+        code when there is none (a crash, as tests simulate)."""
+        if reason is not None:
+            with self._lock:
+                self._fail(reason)
         self.proc.kill()
+
+    @property
+    def silent_s(self) -> float:
+        """Seconds since the worker last sent anything. A serving worker sends a frame
+        every engine step or, idle, every heartbeat; long silence means it hangs."""
+        return time.monotonic() - self._heard_s
 
     # -- requests -----------------------------------------------------------------
 
@@ -343,6 +362,7 @@ class WorkerProcess:
     def _read_loop(self) -> None:
         try:
             while (message := self._reader.read()) is not None:
+                self._heard_s = time.monotonic()
                 op = message["op"]
                 if op == "outs":
                     self._deliver([unpack_output(row) for row in message["outs"]])
@@ -378,6 +398,8 @@ class WorkerProcess:
                 entry.usage = out.usage
                 if out.finished:
                     del self._open[out.request_id]
-                    if not self._open and self.state is WorkerState.BUSY:
-                        self.state = WorkerState.READY
+                    if not self._open:
+                        if self.state is WorkerState.BUSY:
+                            self.state = WorkerState.READY
+                        self._changed.notify_all()  # a drain waits for this
             entry.stream._deliver(out)

@@ -63,6 +63,8 @@ class ServeSettings:
     pool_season_s: float = 86_400.0
     pool_forecast_bucket_s: float = 60.0
     queue_timeout_s: float = 120.0  # how long a request waits for a worker before a 503
+    # On shutdown, workers take nothing new and finish what they run, for up to this long.
+    drain_timeout_s: float = 30.0
     zygote: bool = True  # fork workers from a process that imported everything once
     # Host RAM (/dev/shm) the machine's workers share the model's weights in: a worker the
     # pool starts then loads from RAM instead of disk. 0 turns the tier off.
@@ -220,7 +222,7 @@ def build_app(settings: ServeSettings, *, out: TextIO) -> Any:
     app = create_app(router, billing, gateway)
 
     def close() -> None:
-        pool.close()
+        pool.close(drain_timeout_s=settings.drain_timeout_s)
         if zygote is not None:
             zygote.close()
         billing.close()

@@ -5,12 +5,15 @@ worker dies before any output, and a model that cannot load."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -44,7 +47,7 @@ def make_pool(
 ) -> Iterator[Callable[..., ModelPool]]:
     pools: list[ModelPool] = []
 
-    def make(policy: PoolPolicy, *, model: Path | None = None) -> ModelPool:
+    def make(policy: PoolPolicy, *, model: Path | None = None, **options: Any) -> ModelPool:
         pool = ModelPool(
             str(model or tiny_model("llama")),
             home=tmp_path,
@@ -52,6 +55,7 @@ def make_pool(
             engine_config=ONE_SEQ,
             launcher=zygote,
             tick_s=0.05,
+            **options,
         )
         pools.append(pool)
         return pool
@@ -271,3 +275,69 @@ def test_a_host_reserve_parks_idle_workers_and_promotes_one_for_a_request(
     # Idle again: it goes back to HOST; the processes stay.
     wait_for(lambda: len(parked()) == 2, "the promoted worker parked again")
     assert pool.stats()["starts"] == 2
+
+
+def test_a_hung_worker_is_killed_by_the_health_check_and_replaced(
+    make_pool: Callable[..., ModelPool],
+) -> None:
+    pool = make_pool(
+        PoolPolicy(min_warm=1, buffer=0, max_workers=2, keepalive_s=60), health_timeout_s=2.0
+    )
+    pool.start()
+    router = PoolRouter({"m": pool})
+    (first,) = pool.status()
+    pid = int(str(first["pid"]))
+    time.sleep(3.0)  # idle longer than the timeout: its heartbeats keep it healthy
+    assert [r["worker_id"] for r in live(pool)] == [first["worker_id"]]
+    got: list[RequestOutput] = []
+
+    async def run() -> None:
+        prepared = router.prepare("m", [1, 2, 3], LONG, request_id="h", tenant="t")
+        async for out in router.start(prepared):
+            got.append(out)
+            if len(got) == 3:
+                os.kill(pid, signal.SIGSTOP)  # hangs: alive, silent
+
+    try:
+        with pytest.raises(
+            EngineError, match=r"did not respond .*\(health check\); retrying it is safe"
+        ):
+            asyncio.run(run())
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+    wait_for(
+        lambda: (
+            [r["state"] for r in live(pool)] == ["READY"]
+            and live(pool)[0]["worker_id"] != first["worker_id"]
+        ),
+        "the pool replaced the hung worker",
+    )
+
+
+def test_closing_with_a_drain_lets_running_requests_finish(
+    make_pool: Callable[..., ModelPool],
+) -> None:
+    pool = make_pool(PoolPolicy(min_warm=1, buffer=0, max_workers=1))
+    pool.start()
+    router = PoolRouter({"m": pool})
+    closer: list[threading.Thread] = []
+    states: list[object] = []
+
+    async def run() -> list[RequestOutput]:
+        got = []
+        prepared = router.prepare("m", [1, 2, 3], LONG, request_id="d", tenant="t")
+        async for out in router.start(prepared):
+            got.append(out)
+            if len(got) == 2:  # mid-stream: the pool starts closing, draining first
+                closer.append(threading.Thread(target=pool.close, kwargs={"drain_timeout_s": 60}))
+                closer[0].start()
+            if len(got) == 5:
+                states.extend(r["state"] for r in pool.status())
+        return got
+
+    got = asyncio.run(run())
+    closer[0].join(timeout=30)
+    assert got[-1].finish_reason == "length" and got[-1].usage.completion_tokens == 300
+    assert states == ["DRAINING"]
+    assert pool.status() == []  # and then it stopped

@@ -71,6 +71,7 @@ class ModelPool:
         service_s: float = 2.0,  # a request's typical time on a worker, for the forecast
         max_queue: int = 64,
         tick_s: float = 0.25,
+        health_timeout_s: float = 30.0,  # a serving worker silent this long is killed
         clock: Callable[[], float] = time.monotonic,
         spawn: Spawn = WorkerProcess.spawn,
         pool_id: str | None = None,  # names worker ids and sockets; default: model and pid
@@ -92,6 +93,7 @@ class ModelPool:
         self._forecaster = forecaster
         self._service_s = service_s
         self._tick_s = tick_s
+        self._health_timeout_s = health_timeout_s
         self._clock = clock
         self._started_s = clock()  # the forecaster's time is seconds since this
         self._spawn = spawn
@@ -128,13 +130,21 @@ class ModelPool:
             raise EngineError(f"the first worker of {self.model} failed to load: {reason}")
         self._thread.start()
 
-    def close(self) -> None:
+    def close(self, *, drain_timeout_s: float = 0.0) -> None:
+        """Stops every worker. With ``drain_timeout_s``, workers first drain: they take
+        nothing new and finish what they run, for up to that long in all; what is still
+        running then ends cancelled, with its usage."""
         with self._cond:
             self._closed = True
-            workers, self._workers = list(self._workers.values()), {}
+            workers = list(self._workers.values())
+            self._cond.notify_all()
+        deadline = time.monotonic() + drain_timeout_s
+        for worker in workers if drain_timeout_s > 0 else ():
+            worker.drain(max(0.0, deadline - time.monotonic()))
+        with self._cond:
+            self._workers = {}
             for wid in list(self._born):
                 self._retire(wid)
-            self._cond.notify_all()
         for worker in workers:
             worker.close()
         if self._thread.is_alive():
@@ -303,6 +313,20 @@ class ModelPool:
         ended: list[WorkerProcess] = []
         with self._cond:
             for wid, worker in list(self._workers.items()):
+                hung = worker.state in (WorkerState.READY, WorkerState.BUSY)
+                if hung and worker.silent_s > self._health_timeout_s:
+                    # Hung (a deadlock, a stopped process): its requests fail retryably
+                    # now rather than wait forever, and the policy replaces it.
+                    log.error(
+                        "pool %s: worker %s silent for %.0f s; killing it",
+                        self.model,
+                        wid,
+                        worker.silent_s,
+                    )
+                    worker.kill(
+                        f"the worker did not respond for {worker.silent_s:.0f} s and was "
+                        "killed (health check)"
+                    )
                 if worker.state.ended:
                     ended.append(self._workers.pop(wid))
                     self._retire(wid)
