@@ -5,8 +5,8 @@ float32: on SmolLM2 that is ~540 MB of fresh pages and most of a prewarmed worke
 start. The result depends only on the checkpoint and the compute dtype, so the first
 worker to bind a model writes it into the machine's host tier (one flat object plus a
 small index), and every later worker maps that object privately (copy-on-write, pages
-prefaulted in bulk): the conversion is paid once per machine, and the bytes are in RAM
-once however many workers use them.
+faulted in as the first forward reads them): the conversion is paid once per machine,
+and the bytes are in RAM once however many workers use them.
 
 The key names the model's content (a hash of its manifest), the dtype and the layout
 version; a stale or partial entry is never read (the index is written last, and a
@@ -85,7 +85,6 @@ class BoundCache:
             flat = map_chunk_files(
                 [(self.host.object_path(self.key), 0, index["size_bytes"])],
                 index["size_bytes"],
-                populate=True,
             )
         except (OSError, ValueError, KeyError) as exc:
             log.warning("bound weights %s unreadable (%s); binding instead", self.key, exc)

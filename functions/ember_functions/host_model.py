@@ -17,7 +17,7 @@ import os
 import time
 import uuid
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -52,7 +52,8 @@ class HostModel:
     model_config: ModelConfig
     tensors: dict[str, torch.Tensor]  # HF names -> tensors in the stored dtype
     weights_dtype: torch.dtype
-    tokenizer: Tokenizer
+    # A future while it still loads (on a thread, overlapping the weights and the bind).
+    tokenizer_future: Future[Tokenizer]
     source: str  # for error messages: where the tensors came from
     report: LoadReport | None = None  # the store's account of the load, if through it
     load_s: float = 0.0
@@ -68,6 +69,10 @@ class HostModel:
         from ember_functions.bound_cache import BoundCache
 
         return BoundCache.for_model(self.host_tier, self.manifest, dtype)
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.tokenizer_future.result()
 
     @property
     def size_bytes(self) -> int:
@@ -91,17 +96,17 @@ class HostModel:
         t0 = time.perf_counter()
         manifest = store.manifest(model_id, revision)
         # The tokenizer (~0.2 s of JSON parsing for a 49k vocabulary) loads on a thread
-        # while the weights load: most of that is copying and hashing without the GIL.
-        with ThreadPoolExecutor(1, thread_name_prefix="ember-tokenizer") as pool:
-            tokenizer = pool.submit(store_tokenizer, store, manifest, tokenizer_cache)
-            loaded = load_weights(store, model_id, revision, threads=threads)
-            tok = tokenizer.result()
+        # while the weights load and bind: most of that is torch work without the GIL.
+        pool = ThreadPoolExecutor(1, thread_name_prefix="ember-tokenizer")
+        tokenizer = pool.submit(store_tokenizer, store, manifest, tokenizer_cache)
+        pool.shutdown(wait=False)  # the thread ends with its one task
+        loaded = load_weights(store, model_id, revision, threads=threads)
         return cls(
             model_id=model_id,
             model_config=ModelConfig.from_hf(manifest.architecture),
             tensors=loaded.tensors,
             weights_dtype=loaded.tensors[EMBED_NAME].dtype,
-            tokenizer=tok,
+            tokenizer_future=tokenizer,
             source=f"{model_id}@{revision} from the weights store",
             report=loaded.report,
             load_s=time.perf_counter() - t0,
@@ -121,10 +126,16 @@ class HostModel:
             model_config=ModelConfig.from_dir(model_dir),
             tensors=tensors,
             weights_dtype=checkpoint_dtype(model_dir),
-            tokenizer=Tokenizer.from_dir(model_dir),
+            tokenizer_future=_done(Tokenizer.from_dir(model_dir)),
             source=str(model_dir),
             load_s=time.perf_counter() - t0,
         )
+
+
+def _done(tokenizer: Tokenizer) -> Future[Tokenizer]:
+    future: Future[Tokenizer] = Future()
+    future.set_result(tokenizer)
+    return future
 
 
 def store_tokenizer(store: WeightsStore, manifest: Manifest, cache: Path) -> Tokenizer:
