@@ -147,6 +147,10 @@ class S3Tier:
 
     # -- errors ----------------------------------------------------------------------------
 
+    def __str__(self) -> str:
+        where = f" at {self.endpoint_url}" if self.endpoint_url else ""
+        return f"s3://{self.bucket}/{self.prefix}{where}"
+
     def _where(self) -> str:
         endpoint = self.endpoint_url or "the default AWS endpoint"
         return f"bucket {self.bucket!r} at {endpoint}"
