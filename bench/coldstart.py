@@ -107,6 +107,10 @@ class ModelRun:
         self.host_bytes = 8 << 30
         self._counter = 0
 
+    @property
+    def host_root(self) -> Path:
+        return Path(self._store("host").catalog(self.home).host_cache_root)
+
     def _store(self, state: str) -> Any:
         from ember_functions.loading import StoreConfig
 
@@ -141,10 +145,10 @@ class ModelRun:
             loaded = load(self._store(state).catalog(self.home).store(), self.name)
             loaded.wait_promoted()
             del loaded
-        host = self._store("host").catalog(self.home).host_cache_root
+        host = self.host_root
         worker = self._spawn("host")
         try:
-            deadline = time.monotonic() + 300
+            deadline = time.monotonic() + 900
             while not list(host.glob("bound/*-index")):
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"the first worker kept no bound weights in {host}")
@@ -235,31 +239,42 @@ def _time_to_marker(argv: list[str], env: dict[str, str] | None = None) -> float
 def run_model(
     name: str, model_dir: Path, s3_url: str, *, rounds: int, threads: int, peers: bool
 ) -> dict[str, Any]:
-    from ember_functions.launch import Zygote
 
     with tempfile.TemporaryDirectory(prefix="ember-coldstart-") as tmp:
         run = ModelRun(name, model_dir, Path(tmp), s3_url, threads)
-        run.prepare_tiers()
-        ttft: dict[str, list[float]] = {s: [] for s in STATES}
-        phases: dict[str, list[dict[str, float]]] = {s: [] for s in STATES}
-        tiers: dict[str, str] = {}
-        peer_ttft: dict[str, list[float]] = {"transformers": [], "vllm": []}
-        peer_errors: dict[str, str] = {}
-        with Zygote.start(zygote_id=f"cs{os.getpid()}") as zygote:
-            for r in range(rounds):
-                for state in STATES:
-                    t, p, where = run.measure(state, zygote)
-                    ttft[state].append(t)
-                    phases[state].append(p)
-                    tiers[state] = where
-                if peers:
-                    peer_ttft["transformers"].append(transformers_ttft(model_dir, threads))
-                    v = vllm_ttft(model_dir, threads) if r == 0 else None
-                    if isinstance(v, float):
-                        peer_ttft["vllm"].append(v)
-                    elif isinstance(v, str):
-                        peer_errors["vllm"] = v
-                print(f"[{name}] round {r + 1}/{rounds} done", flush=True)
+        try:
+            return _measure_model(run, name, model_dir, rounds=rounds, threads=threads, peers=peers)
+        finally:
+            # The host tier is RAM (tmpfs) outside the temporary home: give it back.
+            shutil.rmtree(run.host_root, ignore_errors=True)
+
+
+def _measure_model(
+    run: ModelRun, name: str, model_dir: Path, *, rounds: int, threads: int, peers: bool
+) -> dict[str, Any]:
+    from ember_functions.launch import Zygote
+
+    run.prepare_tiers()
+    ttft: dict[str, list[float]] = {s: [] for s in STATES}
+    phases: dict[str, list[dict[str, float]]] = {s: [] for s in STATES}
+    tiers: dict[str, str] = {}
+    peer_ttft: dict[str, list[float]] = {"transformers": [], "vllm": []}
+    peer_errors: dict[str, str] = {}
+    with Zygote.start(zygote_id=f"cs{os.getpid()}") as zygote:
+        for r in range(rounds):
+            for state in STATES:
+                t, p, where = run.measure(state, zygote)
+                ttft[state].append(t)
+                phases[state].append(p)
+                tiers[state] = where
+            if peers:
+                peer_ttft["transformers"].append(transformers_ttft(model_dir, threads))
+                v = vllm_ttft(model_dir, threads) if r == 0 else None
+                if isinstance(v, float):
+                    peer_ttft["vllm"].append(v)
+                elif isinstance(v, str):
+                    peer_errors["vllm"] = v
+            print(f"[{name}] round {r + 1}/{rounds} done", flush=True)
     out: dict[str, Any] = {"model": name, "rounds": rounds, "tiers": tiers}
     for state in STATES:
         out[f"ttft_s_{state}"] = statistics.median(ttft[state])
