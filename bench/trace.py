@@ -329,10 +329,6 @@ def main() -> None:
     print(f"wrote {args.json}")
 
 
-def _ratio(a: float, b: float) -> float:
-    return a / b if b else (0.0 if a == 0 else math.inf)
-
-
 def report(
     results: dict[str, dict[str, Any]],
     sc: Scenario,
@@ -340,6 +336,8 @@ def report(
     cold_s: float,
     pools: dict[str, dict[str, Any]],
 ) -> dict[str, Any]:
+    from ember_warmpool.simulate import policy_ratios
+
     out: dict[str, Any] = {
         "scenario": sc.__dict__,
         "service_s": service_s,
@@ -350,15 +348,7 @@ def report(
     for name, r in results.items():
         for key, value in r.items():
             out[f"{key}_{name}"] = value
-    out["p99_ratio_predictive_vs_fixed"] = _ratio(
-        out["p99_ttft_s_predictive"], out["p99_ttft_s_fixed"]
-    )
-    out["worker_s_ratio_predictive_vs_fixed"] = _ratio(
-        out["worker_s_predictive"], out["worker_s_fixed"]
-    )
-    out["cold_share_ratio_predictive_vs_zero"] = _ratio(
-        out["cold_share_predictive"], out["cold_share_zero"]
-    )
+    out.update(policy_ratios(out))
     print(
         f"\n{'policy':>10} {'p50 TTFT s':>11} {'p99 TTFT s':>11} {'cold share':>11} {'worker-s':>9}"
     )

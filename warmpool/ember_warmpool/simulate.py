@@ -19,7 +19,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ember_functions.rpc import WorkerState
@@ -27,7 +27,15 @@ from ember_warmpool.forecast import Forecaster
 from ember_warmpool.policy import Decision, PoolPolicy, decide
 from ember_warmpool.view import PoolView, Warmth, WorkerView
 
-__all__ = ["ColdStartModel", "SimConfig", "SimResult", "compare", "percentile", "simulate"]
+__all__ = [
+    "ColdStartModel",
+    "SimConfig",
+    "SimResult",
+    "compare",
+    "percentile",
+    "policy_ratios",
+    "simulate",
+]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -347,13 +355,28 @@ def compare(
         out[f"worker_s_{key}"] = r.worker_s
         out[f"starts_{key}"] = r.starts
     out["requests"] = results["fixed"].requests
-    out["p99_ratio_predictive_vs_fixed"] = _ratio(
-        out["p99_ttft_s_predictive"], out["p99_ttft_s_fixed"]
-    )
-    out["worker_s_ratio_predictive_vs_fixed"] = _ratio(
-        out["worker_s_predictive"], out["worker_s_fixed"]
-    )
-    out["cold_share_ratio_predictive_vs_zero"] = _ratio(
-        out["cold_share_predictive"], out["cold_share_zero"]
-    )
+    out.update(policy_ratios(out))
     return out
+
+
+def policy_ratios(figures: Mapping[str, float]) -> dict[str, float]:
+    """The warm-pool issue's three ratios, from figures keyed ``<metric>_<policy>``
+    (``p99_ttft_s_fixed``, ``worker_s_predictive``, ...): what the simulator and
+    ``bench/trace.py`` both report.
+
+    Example::
+
+        policy_ratios({"p99_ttft_s_predictive": 0.6, "p99_ttft_s_fixed": 0.4, ...})
+        # -> {"p99_ratio_predictive_vs_fixed": 1.5, ...}
+    """
+    return {
+        "p99_ratio_predictive_vs_fixed": _ratio(
+            figures["p99_ttft_s_predictive"], figures["p99_ttft_s_fixed"]
+        ),
+        "worker_s_ratio_predictive_vs_fixed": _ratio(
+            figures["worker_s_predictive"], figures["worker_s_fixed"]
+        ),
+        "cold_share_ratio_predictive_vs_zero": _ratio(
+            figures["cold_share_predictive"], figures["cold_share_zero"]
+        ),
+    }
