@@ -125,7 +125,4 @@ class BoundCache:
 
 
 def _nbytes(dtype: torch.dtype, shape: list[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n * torch.empty(0, dtype=dtype).element_size()
+    return torch.Size(shape).numel() * dtype.itemsize

@@ -174,17 +174,15 @@ class WorkerProcess:
         self._await_warmth(timeout_s)
         self.phases["promote_s"] = time.perf_counter() - t0
 
-    def demote(self, warmth: Warmth = Warmth.HOST) -> bool:
+    def demote(self) -> bool:
         """Parks an idle READY worker at HOST: its engine and KV cache go, its weights
         stay in RAM. False (nothing done) if it is running requests or not READY."""
-        if warmth is not Warmth.HOST:
-            raise ValueError(f"a worker demotes to HOST only, not {warmth.name}")
         with self._lock:
             if self.state is not WorkerState.READY or self.warmth is not Warmth.READY:
                 return False
             if self._open:
                 return False
-            self.warmth = warmth  # from now on nothing is placed on it
+            self.warmth = Warmth.HOST  # from now on nothing is placed on it
         self._writer.try_send({"op": "demote"})
         return True
 

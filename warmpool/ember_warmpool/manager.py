@@ -396,7 +396,9 @@ class ModelPool:
                 worker = self._workers.get(wid)
                 if worker is None or self._placing.get(wid):
                     continue  # a request is being placed on it: keep it serving
-                if worker.demote(self.policy.reserve_warmth):
+                # To HOST whatever the reserve warmth: a PROCESS reserve gains nothing by
+                # also dropping weights it already holds (a worker demotes to HOST only).
+                if worker.demote():
                     self._ready_at.pop(wid, None)
                     log.info("pool %s: %s parked at %s", self.model, wid, worker.warmth.name)
         for stop in decision.stop:
