@@ -145,6 +145,8 @@ class ModelRun:
             loaded = load(self._store(state).catalog(self.home).store(), self.name)
             loaded.wait_promoted()
             del loaded
+        if not self._binding_converts():
+            return  # the model computes in its stored dtype: no bound weights to keep
         host = self.host_root
         worker = self._spawn("host")
         try:
@@ -155,6 +157,15 @@ class ModelRun:
                 time.sleep(0.05)
         finally:
             worker.close()
+
+    def _binding_converts(self) -> bool:
+        import torch
+
+        from ember_functions.weights import checkpoint_dtype, resolve_compute_dtype
+
+        stored = checkpoint_dtype(self.model_dir)
+        device = torch.device("cpu")
+        return resolve_compute_dtype(self.config.dtype, weights_dtype=stored, device=device) != stored
 
     def measure(self, state: str, zygote: Any) -> tuple[float, dict[str, float], str]:
         """(ttft_s, phases, tiers the chunks came from) of one cold start in ``state``."""
