@@ -9,7 +9,9 @@ For one request (a short chat prompt, one generated token), from the moment it a
   moto's server on 127.0.0.1) into an empty home;
 - ``disk``: a new interpreter, weights in the disk tier with their page cache evicted;
 - ``host``: a new interpreter, weights in the host tier (/dev/shm);
-- ``prewarmed``: a worker forked from the zygote (imports done), weights in the host tier;
+- ``prewarmed``: a worker of a pool that is already running, forked from its zygote
+  (imports done, the model's tokenizer parsed once the first worker reported it) with
+  the weights in the host tier; the router reuses the first worker's prompt encoder;
 - ``ready``: a READY worker.
 
 Peers in the same run, what people write today: a fresh ``python`` running transformers
@@ -106,6 +108,7 @@ class ModelRun:
         )
         self.host_bytes = 8 << 30
         self._counter = 0
+        self.encoder: Any = None  # the pool's, from its first worker (see first_worker)
 
     @property
     def host_root(self) -> Path:
@@ -133,12 +136,24 @@ class ModelRun:
             engine_config=self.config,
             store=self._store(state),
             launcher=launcher,
+            prompts=self.encoder if launcher is not None else None,
         )
+
+    def first_worker(self, zygote: Any) -> None:
+        """What a pool does once, with its first worker: keep its prompt encoder for the
+        router, and have the zygote parse the tokenizer for the workers it forks next."""
+        worker = self._spawn("host", zygote)
+        try:
+            self.encoder = worker.prompts
+        finally:
+            worker.close()
+        zygote.prepare(self.encoder.tokenizer.source_dir)
 
     def prepare_tiers(self) -> None:
         """Fills the disk and host tiers: one load through each, promotions waited for;
-        then one worker through the host tier, which keeps its bound weights there, as the
-        first worker of a pool does for the rest."""
+        then, if binding converts the weights' dtype, one worker through the host tier,
+        which keeps its bound weights there, as the first worker of a pool does for the
+        rest."""
         from ember_weights_store import load
 
         for state in ("disk", "host"):
@@ -272,6 +287,7 @@ def _measure_model(
     peer_ttft: dict[str, list[float]] = {"transformers": [], "vllm": []}
     peer_errors: dict[str, str] = {}
     with Zygote.start(zygote_id=f"cs{os.getpid()}") as zygote:
+        run.first_worker(zygote)
         for r in range(rounds):
             for state in STATES:
                 t, p, where = run.measure(state, zygote)

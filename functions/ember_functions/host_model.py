@@ -86,10 +86,12 @@ class HostModel:
         *,
         revision: str = "main",
         tokenizer_cache: Path,
+        tokenizers: Mapping[str, Tokenizer] | None = None,
         threads: int = 4,
     ) -> HostModel:
         """Chunks from the nearest tier into flat buffers, tensors as views. Tokenizer
-        files are written once per content hash under ``tokenizer_cache``."""
+        files are written once per content hash under ``tokenizer_cache``; one found
+        parsed in ``tokenizers`` (its directory -> it: a zygote's) is not parsed again."""
         from ember_weights_store import load as load_weights
         from ember_weights_store.host_tier import HostTier
 
@@ -98,7 +100,7 @@ class HostModel:
         # The tokenizer (~0.2 s of JSON parsing for a 49k vocabulary) loads on a thread
         # while the weights load and bind: most of that is torch work without the GIL.
         pool = ThreadPoolExecutor(1, thread_name_prefix="ember-tokenizer")
-        tokenizer = pool.submit(store_tokenizer, store, manifest, tokenizer_cache)
+        tokenizer = pool.submit(store_tokenizer, store, manifest, tokenizer_cache, tokenizers)
         pool.shutdown(wait=False)  # the thread ends with its one task
         loaded = load_weights(store, model_id, revision, threads=threads)
         return cls(
@@ -115,8 +117,15 @@ class HostModel:
         )
 
     @classmethod
-    def from_dir(cls, model_dir: Path, *, model_id: str | None = None) -> HostModel:
-        """A Hugging Face directory's safetensors, read into memory."""
+    def from_dir(
+        cls,
+        model_dir: Path,
+        *,
+        model_id: str | None = None,
+        tokenizers: Mapping[str, Tokenizer] | None = None,
+    ) -> HostModel:
+        """A Hugging Face directory's safetensors, read into memory; its tokenizer from
+        ``tokenizers`` (directory -> parsed) if there, else parsed."""
         t0 = time.perf_counter()
         # Cloned: safetensors hands out views of a mapped file, which are host RAM only
         # once touched; a reserve worker must have paid for the read.
@@ -126,7 +135,9 @@ class HostModel:
             model_config=ModelConfig.from_dir(model_dir),
             tensors=tensors,
             weights_dtype=checkpoint_dtype(model_dir),
-            tokenizer_future=_done(Tokenizer.from_dir(model_dir)),
+            tokenizer_future=_done(
+                (tokenizers or {}).get(str(model_dir)) or Tokenizer.from_dir(model_dir)
+            ),
             source=str(model_dir),
             load_s=time.perf_counter() - t0,
         )
@@ -138,9 +149,17 @@ def _done(tokenizer: Tokenizer) -> Future[Tokenizer]:
     return future
 
 
-def store_tokenizer(store: WeightsStore, manifest: Manifest, cache: Path) -> Tokenizer:
-    """The manifest's tokenizer, its files written once per content hash under ``cache``."""
+def store_tokenizer(
+    store: WeightsStore,
+    manifest: Manifest,
+    cache: Path,
+    parsed: Mapping[str, Tokenizer] | None = None,
+) -> Tokenizer:
+    """The manifest's tokenizer, its files written once per content hash under ``cache``;
+    taken from ``parsed`` (directory -> tokenizer) when it is there."""
     tok_dir = cache / _tokenizer_dir_name(manifest.tokenizer_files)
+    if parsed and str(tok_dir) in parsed:
+        return parsed[str(tok_dir)]  # the directory is named by its content: the same files
     if not tok_dir.is_dir():
         tmp = tok_dir.with_name(tok_dir.name + f".tmp-{uuid.uuid4().hex}")
         tmp.mkdir(parents=True)

@@ -19,6 +19,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -35,6 +36,8 @@ from ember_core import EngineError
 from ember_functions.rpc import FrameReader, FrameWriter
 
 __all__ = ["Launched", "Launcher", "SubprocessLauncher", "Zygote", "accept", "socket_path"]
+
+log = logging.getLogger(__name__)
 
 
 class Launched(Protocol):
@@ -55,6 +58,10 @@ class Launched(Protocol):
 
 class Launcher(Protocol):
     def launch(self, worker_args: Sequence[str]) -> Launched: ...
+
+    def prepare(self, tokenizer_dir: Path) -> None:
+        """Readies what the workers launched from now on can share: the tokenizer in
+        ``tokenizer_dir``, parsed (a pool calls it when its first worker is READY)."""
 
 
 def socket_path(name: str, run_dir: Path | None = None) -> Path:
@@ -91,6 +98,9 @@ class SubprocessLauncher:
     def launch(self, worker_args: Sequence[str]) -> Launched:
         argv = [sys.executable, "-m", "ember_functions.worker", *worker_args]
         return subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+
+    def prepare(self, tokenizer_dir: Path) -> None:
+        """Nothing: a new interpreter inherits nothing, so each worker parses its own."""
 
 
 class _Forked:
@@ -130,7 +140,7 @@ class Zygote:
         self._sock = sock
         self._reader = FrameReader(sock)
         self._writer = FrameWriter(sock)
-        self._fork_lock = threading.Lock()  # one fork request in flight
+        self._request_lock = threading.Lock()  # one request (fork, prepare) in flight
         self._replies: list[dict[str, Any]] = []
         self._reply = threading.Condition()
         self._children: dict[int, _Forked] = {}
@@ -183,30 +193,49 @@ class Zygote:
         return not self._closed and self.proc.poll() is None
 
     def launch(self, worker_args: Sequence[str]) -> Launched:
-        with self._fork_lock:
-            if not self.alive:
-                raise EngineError(
-                    f"zygote {self.zygote_id} is not running; start a new one "
-                    "(or launch workers as new interpreters)"
-                )
-            self._writer.send({"op": "fork", "args": list(worker_args)})
+        with self._request_lock:
+            reply = self._request({"op": "fork", "args": list(worker_args)}, "a fork")
+            pid = int(reply["pid"])
             with self._reply:
-                while not self._replies:
-                    answered = self._reply.wait(timeout=30)
-                    if (not answered or not self.alive) and not self._replies:
-                        raise EngineError(f"zygote {self.zygote_id} did not answer a fork")
-                pid = int(self._replies.pop(0)["pid"])
                 child = _Forked(pid)
                 self._children[pid] = child
                 if pid in self._early_exits:
                     child._set_exit(self._early_exits.pop(pid))
             return child
 
+    def prepare(self, tokenizer_dir: Path) -> None:
+        """Has the zygote parse the tokenizer in ``tokenizer_dir`` once, so the workers it
+        forks from now on start with it parsed. A tokenizer that fails to parse is left to
+        the workers, which report why."""
+        message = {"op": "prepare", "tokenizer_dir": str(tokenizer_dir)}
+        with self._request_lock:
+            reply = self._request(message, "prepare")
+        if reply.get("error"):
+            log.warning(
+                "zygote %s could not parse %s: %s", self.zygote_id, tokenizer_dir, reply["error"]
+            )
+
+    def _request(self, message: dict[str, Any], what: str) -> dict[str, Any]:
+        """Sends one request and waits for its reply (under ``_request_lock``: the zygote
+        answers strictly one at a time, in order)."""
+        if not self.alive:
+            raise EngineError(
+                f"zygote {self.zygote_id} is not running; start a new one "
+                "(or launch workers as new interpreters)"
+            )
+        self._writer.send(message)
+        with self._reply:
+            while not self._replies:
+                answered = self._reply.wait(timeout=30)
+                if (not answered or not self.alive) and not self._replies:
+                    raise EngineError(f"zygote {self.zygote_id} did not answer {what}")
+            return self._replies.pop(0)
+
     def _read_loop(self) -> None:
         try:
             while (message := self._reader.read()) is not None:
                 with self._reply:
-                    if message["op"] == "forked":
+                    if message["op"] in ("forked", "prepared"):
                         self._replies.append(message)
                         self._reply.notify_all()
                     elif message["op"] == "exited":

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from ember_functions.engine import LLMEngine
     from ember_functions.engine_config import EngineConfig
     from ember_functions.host_model import HostModel
+    from ember_functions.tokenizer import Tokenizer
     from ember_weights_store import ModelCatalog
     from ember_weights_store.tiers import Tier
 
@@ -127,18 +128,26 @@ def load_engine(
 
 
 def load_host(
-    catalog: ModelCatalog, name: str, *, err: TextIO, origin: Tier | None = None
+    catalog: ModelCatalog,
+    name: str,
+    *,
+    err: TextIO,
+    origin: Tier | None = None,
+    tokenizers: Mapping[str, Tokenizer] | None = None,
 ) -> HostModel:
     """``name``'s weights, tokenizer and architecture in host RAM, not bound (a worker's
     HOST warmth), from where ``load_engine`` would load them; ``LLMEngine.from_host``
-    binds them."""
+    binds them. ``tokenizers`` (directory -> parsed) are used instead of parsing again."""
     from ember_functions.host_model import HostModel
 
-    tokenizers = catalog.home / "tokenizers"
+    cache = catalog.home / "tokenizers"
     if origin is not None:
-        return HostModel.from_store(catalog.store(origin=origin), name, tokenizer_cache=tokenizers)
+        store = catalog.store(origin=origin)
+        return HostModel.from_store(store, name, tokenizer_cache=cache, tokenizers=tokenizers)
     model_dir = resolve_model_dir(catalog, name, err=err)
     if model_dir.parent == catalog.models_dir:
         catalog.ensure_in_store(model_dir.name)
-        return HostModel.from_store(catalog.store(), model_dir.name, tokenizer_cache=tokenizers)
-    return HostModel.from_dir(model_dir)
+        return HostModel.from_store(
+            catalog.store(), model_dir.name, tokenizer_cache=cache, tokenizers=tokenizers
+        )
+    return HostModel.from_dir(model_dir, tokenizers=tokenizers)

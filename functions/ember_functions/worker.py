@@ -29,6 +29,7 @@ import queue  # noqa: E402
 import socket  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
+from collections.abc import Mapping  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import TYPE_CHECKING, Any  # noqa: E402
 
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
     from ember_functions.engine import LLMEngine
     from ember_functions.host_model import HostModel
     from ember_functions.sequence import RequestOutput
+    from ember_functions.tokenizer import Tokenizer
     from ember_weights_store import LoadReport
 
 log = logging.getLogger("ember.worker")
@@ -162,14 +164,34 @@ def preload() -> None:
     import ember_weights_store  # noqa: F401
 
 
+def _readahead(args: argparse.Namespace) -> None:
+    """Starts the disk reading this worker's chunks while the main thread imports torch
+    (1-2 s in a new interpreter): nothing here imports torch, and the reads themselves
+    are the kernel's (``WeightsStore.readahead``). A forked worker has no imports left to
+    overlap, but its disk reads start a little earlier all the same."""
+    from ember_functions.loading import StoreConfig
+
+    try:
+        store = StoreConfig.from_dict(json.loads(args.store))
+        if store.origin:
+            return  # chunks not on this machine are the loader's to fetch
+        catalog = store.catalog(Path(args.home))
+        model_dir = catalog.resolve(args.model)
+        if model_dir.parent == catalog.models_dir:
+            catalog.store().readahead(model_dir.name)
+    except Exception as exc:  # only a head start: the loader reads whatever this did not
+        log.debug("readahead for %s skipped: %s", args.model, exc)
+
+
 class _Loader:
     """Brings this worker's model up the warmth levels, timing each step."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, tokenizers: Mapping[str, Tokenizer]) -> None:
         from ember_functions.engine_config import EngineConfig
         from ember_functions.loading import StoreConfig
 
         self.args = args
+        self.tokenizers = tokenizers  # parsed by the zygote before the fork
         self.config = EngineConfig.from_dict(json.loads(args.engine_config))
         self.store = StoreConfig.from_dict(json.loads(args.store))
         self.host: HostModel | None = None
@@ -185,33 +207,31 @@ class _Loader:
             "weights_wall_s": report.wall_s,
         }
 
-    def to_host(self) -> dict[str, float]:
+    def _load_host(self) -> HostModel:
         from ember_functions.loading import load_host
 
-        t0 = time.perf_counter()
-        self.host = load_host(
+        return load_host(
             self.store.catalog(Path(self.args.home)),
             self.args.model,
             err=sys.stderr,
             origin=self.store.origin_tier(),
+            tokenizers=self.tokenizers,
         )
+
+    def to_host(self) -> dict[str, float]:
+        t0 = time.perf_counter()
+        self.host = self._load_host()
         return {"host_s": time.perf_counter() - t0, **self._weights_phases(self.host.report)}
 
     def to_ready(self) -> tuple[LLMEngine, dict[str, float]]:
         from ember_functions.engine import LLMEngine
-        from ember_functions.loading import load_engine
 
         t0 = time.perf_counter()
         if self.host is not None:  # promoted from HOST: bind what is in RAM
             engine = LLMEngine.from_host(self.host, config=self.config)
             return engine, {"bind_s": time.perf_counter() - t0}
-        engine = load_engine(
-            self.store.catalog(Path(self.args.home)),
-            self.args.model,
-            self.config,
-            err=sys.stderr,
-            origin=self.store.origin_tier(),
-        )
+        # Straight to READY: the host copy is not kept (a demotion reloads it).
+        engine = LLMEngine.from_host(self._load_host(), config=self.config)
         return engine, {
             "load_s": time.perf_counter() - t0,
             **self._weights_phases(engine.load_report),
@@ -235,12 +255,19 @@ def _ready_frame(engine: LLMEngine, phases: dict[str, float]) -> dict[str, Any]:
 _LEVELS = ("PROCESS", "HOST", "READY")
 
 
-def _serve(args: argparse.Namespace, t0: float, writer: FrameWriter, inbox: _Inbox) -> int:
+def _serve(
+    args: argparse.Namespace,
+    t0: float,
+    writer: FrameWriter,
+    inbox: _Inbox,
+    tokenizers: Mapping[str, Tokenizer],
+) -> int:
     """Climbs to ``args.warmth``, then serves or waits to be told to climb further;
     a READY worker told to demote drops its engine and waits at HOST."""
+    threading.Thread(target=_readahead, args=(args,), name="ember-readahead", daemon=True).start()
     preload()
     phases = {"imports_s": time.perf_counter() - t0}
-    loader = _Loader(args)
+    loader = _Loader(args, tokenizers)
     target = args.warmth
     since = t0  # a first start is timed from the fork, a promotion from its command
     while True:
@@ -281,9 +308,15 @@ def _serve(args: argparse.Namespace, t0: float, writer: FrameWriter, inbox: _Inb
             log.warning("ignoring %r while parked at %s", message["op"], target)
 
 
-def main(argv: list[str] | None = None, *, started_s: float | None = None) -> int:
+def main(
+    argv: list[str] | None = None,
+    *,
+    started_s: float | None = None,
+    tokenizers: Mapping[str, Tokenizer] | None = None,
+) -> int:
     """Runs a worker until its router goes away. ``started_s`` (``time.perf_counter()``) is
-    when this worker began: a zygote's fork, else this module's import."""
+    when this worker began: a zygote's fork, else this module's import. ``tokenizers``
+    (directory -> parsed) are what its zygote parsed before the fork."""
     t0 = _T0 if started_s is None else started_s
     ap = argparse.ArgumentParser(prog="python -m ember_functions.worker")
     ap.add_argument("--worker-id", required=True)
@@ -303,7 +336,7 @@ def main(argv: list[str] | None = None, *, started_s: float | None = None) -> in
     sock.connect(args.socket)
     writer = FrameWriter(sock)
     writer.send({"op": "state", "state": "LOADING", "pid": os.getpid()})
-    return _serve(args, t0, writer, _Inbox(FrameReader(sock)))
+    return _serve(args, t0, writer, _Inbox(FrameReader(sock)), tokenizers or {})
 
 
 if __name__ == "__main__":

@@ -97,6 +97,7 @@ class WorkerProcess:
         self._open: dict[str, _Open] = {}
         self._free_kv_blocks = 0
         self._prompts: PromptEncoder | None = None
+        self._known_prompts: PromptEncoder | None = None  # offered by spawn(prompts=)
         self._closing = False
         self._heard_s = time.monotonic()  # the last frame from the worker
 
@@ -114,13 +115,16 @@ class WorkerProcess:
         run_dir: Path | None = None,
         launcher: Launcher | None = None,
         warmth: Warmth = Warmth.READY,
+        prompts: PromptEncoder | None = None,
         connect_timeout_s: float = 60.0,
         load_timeout_s: float = 600.0,
     ) -> WorkerProcess:
         """Starts a worker (a new interpreter, or a fork of a ``Zygote`` given as
         ``launcher``) and returns when it holds ``warmth`` (READY: it serves; PROCESS or
         HOST: parked until :meth:`promote`); raises ``EngineError`` with the worker's
-        reason when it fails to start or to load."""
+        reason when it fails to start or to load. ``prompts`` is an encoder another worker
+        of this model gave (``WorkerProcess.prompts``: a pool's first worker): used if the
+        worker reports the same tokenizer and window, it spares parsing the tokenizer."""
         t0 = time.perf_counter()
         path = socket_path(worker_id, run_dir)
         path.unlink(missing_ok=True)
@@ -148,6 +152,7 @@ class WorkerProcess:
             path.unlink(missing_ok=True)  # connected or failed: the name is not needed again
         worker = cls(worker_id, proc, sock)
         worker.warmth = warmth
+        worker._known_prompts = prompts
         worker.phases["spawn_s"] = time.perf_counter() - t0
         threading.Thread(
             target=worker._read_loop, name=f"ember-worker-{worker_id}", daemon=True
@@ -205,13 +210,20 @@ class WorkerProcess:
             )
 
     def _on_ready(self, message: dict[str, Any]) -> None:
-        prompts = self._prompts
-        if prompts is None:  # the tokenizer is the same after a promotion: read it once
-            prompts = PromptEncoder(
-                Tokenizer.from_dir(Path(message["tokenizer_dir"])),
-                vocab_size=message["vocab_size"],
-                token_capacity=message["token_capacity"],
-            )
+        # The tokenizer is the same after a promotion, and across a pool's workers: parse
+        # it only when no encoder at hand has this worker's tokenizer and window.
+        prompts = next(
+            (
+                p
+                for p in (self._prompts, self._known_prompts)
+                if p is not None and _fits(p, message)
+            ),
+            None,
+        ) or PromptEncoder(
+            Tokenizer.from_dir(Path(message["tokenizer_dir"])),
+            vocab_size=message["vocab_size"],
+            token_capacity=message["token_capacity"],
+        )
         with self._changed:
             self.model_name = message["model"]
             self._free_kv_blocks = message["free_kv_blocks"]
@@ -401,3 +413,12 @@ class WorkerProcess:
                             self.state = WorkerState.READY
                         self._changed.notify_all()  # a drain waits for this
             entry.stream._deliver(out)
+
+
+def _fits(prompts: PromptEncoder, ready: dict[str, Any]) -> bool:
+    """Whether ``prompts`` encodes for the worker whose READY message is ``ready``."""
+    return (
+        str(prompts.tokenizer.source_dir) == ready["tokenizer_dir"]
+        and prompts.vocab_size == ready["vocab_size"]
+        and prompts.token_capacity == ready["token_capacity"]
+    )

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -110,6 +111,25 @@ def test_scales_up_under_load_and_back_to_zero_when_idle(
     again = asyncio.run(collect(router, "m", "after", SHORT))
     assert again[-1].usage.completion_tokens == 4 and len(pool.cold_starts) == 4
     assert pool.stats()["cold_requests"] == 3
+
+
+def test_later_workers_start_on_the_first_workers_parsed_tokenizer(
+    make_pool: Callable[..., ModelPool], tiny_model: Callable[..., Path], tmp_path: Path
+) -> None:
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model("llama"), model)
+    pool = make_pool(PoolPolicy(min_warm=0, buffer=0, max_workers=3, keepalive_s=30.0), model=model)
+    pool.start()
+    # From here only the zygote's parsed copy (and the router's encoder) can serve.
+    (model / "tokenizer.json").rename(model / "tokenizer.json.hidden")
+    router = PoolRouter({"m": pool})
+
+    async def burst() -> list[list[RequestOutput]]:
+        return await asyncio.gather(*(collect(router, "m", f"t{i}", LONG) for i in range(3)))
+
+    results = asyncio.run(burst())
+    assert all(r[-1].finish_reason == "length" for r in results)
+    assert len(pool.cold_starts) == 3
 
 
 def test_kill_9_mid_stream_errors_cleanly_and_the_pool_replaces_the_worker(

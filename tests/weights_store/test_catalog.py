@@ -24,6 +24,7 @@ from ember_weights_store import (
     find_known_model,
 )
 from ember_weights_store import catalog as catalog_module
+from ember_weights_store import gguf_import as gguf_import_module
 
 GGUF_BYTES = b"GGUF fake model bytes"
 TINY = KnownModel(
@@ -83,7 +84,7 @@ def pip(monkeypatch: pytest.MonkeyPatch) -> FakePip:
 @pytest.fixture
 def convert(monkeypatch: pytest.MonkeyPatch) -> FakeConvert:
     fake = FakeConvert()
-    monkeypatch.setattr(catalog_module, "convert_gguf_to_hf", fake)
+    monkeypatch.setattr(gguf_import_module, "convert_gguf_to_hf", fake)
     return fake
 
 
@@ -228,7 +229,7 @@ def test_concurrent_install_counts_as_success(
         (out_dir / "config.json").write_text("{}")
         raise InvalidRequestError(f"{out_dir} appeared while converting")
 
-    monkeypatch.setattr(catalog_module, "convert_gguf_to_hf", raced)
+    monkeypatch.setattr(gguf_import_module, "convert_gguf_to_hf", raced)
     assert catalog.add_gguf(Path("x.gguf"), name="m") == catalog.path_for("m")
 
 

@@ -432,6 +432,15 @@ class ModelPool:
             with self._cond:
                 self._promoting.discard(wid)
 
+    def _prepare_launcher(self, tokenizer_dir: Path | None) -> None:
+        """Has a zygote parse the model's tokenizer once, for every worker it forks next."""
+        if self._launcher is None or tokenizer_dir is None:
+            return
+        try:
+            self._launcher.prepare(tokenizer_dir)
+        except EngineError as exc:  # the workers parse it themselves, as before
+            log.warning("pool %s: zygote not prepared: %s", self.model, exc.message)
+
     def _spawn_one(self, warmth: Warmth = Warmth.READY) -> WorkerProcess | None:
         wid = f"{self.pool_id}-{next(self._ids)}"
         with self._cond:
@@ -449,6 +458,7 @@ class ModelPool:
                 store=self.store,
                 launcher=self._launcher,
                 warmth=warmth,
+                prompts=self.encoder,
             )
         except EngineError as exc:
             with self._cond:
@@ -459,6 +469,7 @@ class ModelPool:
                 self._cond.notify_all()
             log.error("pool %s: worker %s failed to start: %s", self.model, wid, exc.message)
             return None
+        first = False  # the pool's first READY worker: its tokenizer is everyone's
         with self._cond:
             self._starting.pop(wid, None)
             if self._closed:
@@ -471,9 +482,12 @@ class ModelPool:
                     self._ready_at[wid] = self._clock()
                 self._load_failures = 0
                 self.cold_starts[wid] = dict(worker.phases)
-                if self.encoder is None and warmth is Warmth.READY:
+                first = self.encoder is None and warmth is Warmth.READY
+                if first:
                     self.encoder, self.model_name = worker.prompts, worker.model_name
                 self._cond.notify_all()
+        if first:
+            self._prepare_launcher(worker.prompts.tokenizer.source_dir)
         if closing:
             worker.close()
             return None

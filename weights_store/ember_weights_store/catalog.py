@@ -19,8 +19,7 @@ import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ember_core import (
     EmberError,
@@ -28,10 +27,12 @@ from ember_core import (
     ModelFormatError,
     ModelNotFoundError,
 )
-from ember_weights_store.gguf_import import convert_gguf_to_hf
 from ember_weights_store.host_tier import HostTier
 from ember_weights_store.store import ProgressFn, WeightsStore, manifest_key
 from ember_weights_store.tiers import DiskTier, LocalBucketTier, Tier
+
+if TYPE_CHECKING:  # torch is imported by the GGUF conversion alone: see __init__
+    import torch
 
 #: The disk cache holds decoded chunks, so warm loads skip decompression; models past this
 #: budget fall back to the (compressed) bucket, least recently used first.
@@ -193,10 +194,11 @@ class ModelCatalog:
             return self.path_for(name)
         raise ModelNotFoundError(self._not_found_message(text, known), param="model")
 
-    def add(self, name: str, *, progress: bool = True, dtype: torch.dtype = torch.bfloat16) -> Path:
+    def add(self, name: str, *, progress: bool = True, dtype: torch.dtype | None = None) -> Path:
         """Install a known model (or a local ``.gguf`` path) and return its directory.
 
         Idempotent: an installed model is returned as it is, without touching the network.
+        ``dtype`` is what the GGUF's tensors are converted to (None: bfloat16).
         """
         if name.endswith(".gguf"):
             path = Path(name).expanduser()
@@ -218,7 +220,7 @@ class ModelCatalog:
         *,
         name: str,
         progress: bool = True,
-        dtype: torch.dtype = torch.bfloat16,
+        dtype: torch.dtype | None = None,
     ) -> Path:
         """Install a local GGUF file under ``name``; an installed ``name`` is returned as is."""
         target = self.path_for(name)
@@ -279,10 +281,16 @@ class ModelCatalog:
         shutil.rmtree(trash, ignore_errors=True)
 
     def _convert(
-        self, gguf_path: Path, target: Path, *, dtype: torch.dtype, progress: bool
+        self, gguf_path: Path, target: Path, *, dtype: torch.dtype | None, progress: bool
     ) -> Path:
+        import torch
+
+        from ember_weights_store.gguf_import import convert_gguf_to_hf
+
         try:
-            return convert_gguf_to_hf(gguf_path, target, dtype=dtype, progress=progress)
+            return convert_gguf_to_hf(
+                gguf_path, target, dtype=dtype or torch.bfloat16, progress=progress
+            )
         except InvalidRequestError:
             # Another process installed the same model meanwhile: theirs is as good as ours.
             if (target / "config.json").is_file():

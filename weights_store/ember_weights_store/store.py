@@ -15,10 +15,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors import SafetensorError, safe_open
+from typing import TYPE_CHECKING, Any
 
 from ember_core import ConfigError, ModelFormatError, NotFoundError
 from ember_weights_store.codecs import choose_codec
@@ -32,7 +29,16 @@ from ember_weights_store.manifest import (
     model_key,
     validate_model_id,
 )
-from ember_weights_store.tiers import CacheTier, ObjectNotFoundError, Tier
+from ember_weights_store.tiers import (
+    CacheTier,
+    DiskTier,
+    LocalBucketTier,
+    ObjectNotFoundError,
+    Tier,
+)
+
+if TYPE_CHECKING:  # imported where models are imported, not where they are read: see __init__
+    import torch
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -68,6 +74,8 @@ class ImportReport:
 
 
 def _read_tensors(files: Sequence[Path]) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError, safe_open
+
     out: dict[str, torch.Tensor] = {}
     for path in files:
         try:
@@ -208,6 +216,8 @@ class WeightsStore:
                 f"the store's last tier {self.origin.name!r} is a cache; import into an "
                 "object tier (a local bucket or S3) as the origin"
             )
+        import torch
+
         specs = [
             (
                 name,
@@ -292,6 +302,30 @@ class WeightsStore:
             f"model {model_id!r} revision {revision!r} is not in the store "
             f"(tiers: {', '.join(t.name for t in self.tiers)}); import it first"
         )
+
+    def readahead(self, model_id: str, revision: str = "main") -> int:
+        """Asks the kernel to start reading the model's chunks from the disk (the disk
+        tier, or a local bucket) into the page cache, and returns at once with the bytes
+        asked for. A worker in a new interpreter calls it on a thread before importing
+        torch, so the disk reads while the interpreter imports (1-2 s); the loader then
+        finds the pages cached or on their way. Chunks held in host RAM or only in a
+        remote origin are left to the loader. Imports nothing heavy: see ``__init__``."""
+        manifest = self.manifest(model_id, revision)
+        asked = 0
+        for chunk in manifest.chunks:
+            # Warm the copy the loader will read: the nearest. Remote tiers are not asked
+            # whether they hold it (a request each); the loader fetches those chunks.
+            for tier in self.tiers:
+                if isinstance(tier, (DiskTier, LocalBucketTier)):
+                    size = tier.readahead(chunk.hash)
+                    asked += size
+                    if size:
+                        break
+                elif tier.holds_decoded and not tier.has(chunk.hash):
+                    continue  # a RAM cache without it: look further
+                else:
+                    break  # in host RAM already, or only remote
+        return asked
 
     def list_models(self) -> list[tuple[str, str]]:
         """(model id, revision) of every model the origin holds, sorted."""

@@ -209,6 +209,19 @@ class _Dir:
         finally:
             os.close(fd)
 
+    def readahead(self, key: str) -> int:
+        """Asks the kernel to read the object into the page cache in the background;
+        returns its size (0 if absent). Nothing is read or copied here."""
+        try:
+            fd = os.open(self.path(key), os.O_RDONLY)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            return 0
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            return os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+
     def write_temp(self, key: str, data: _Buffer) -> tuple[Path, Path]:
         """Writes ``data`` to a fresh temp file beside the key's path; returns (temp, final)."""
         final = self.path(key)
@@ -336,6 +349,11 @@ class LocalBucketTier:
     def delete(self, key: str) -> bool:
         return self._dir.unlink(key)
 
+    def readahead(self, key: str) -> int:
+        """Starts reading ``key`` from the disk into the page cache; returns its size."""
+        validate_key(key)
+        return self._dir.readahead(key)
+
     def keys(self) -> Iterator[str]:
         for key, _ in self._dir.scan(remove_stale_temp=False):
             yield key
@@ -410,6 +428,15 @@ class DiskTier:
         self, key: str, out: memoryview, *, on_piece: Callable[[memoryview], None] | None = None
     ) -> None:
         self._read(key, lambda: self._dir.read_into(key, out, on_piece))
+
+    def readahead(self, key: str) -> int:
+        """Starts reading ``key`` from the disk into the page cache; returns its size
+        (0 if this tier does not hold it). Does not count as a use for eviction."""
+        validate_key(key)
+        with self._cond:
+            if key not in self._index:
+                return 0
+        return self._dir.readahead(key)
 
     def _read(self, key: str, read: Callable[[], _T]) -> _T:
         if not self.has(key):

@@ -1,0 +1,158 @@
+"""``WeightsStore.readahead``: a new worker's disk reads start while torch still imports.
+
+Residency is read from the kernel (``mincore``), so these tests see what the loader will
+find: pages in the page cache, or not.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import mmap
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from ember_weights_store import DiskTier, LocalBucketTier
+from ember_weights_store.keys import key_to_path
+from ember_weights_store.loader import load
+from ember_weights_store.store import WeightsStore
+
+CHUNK = 64 * 1024
+_LIBC = ctypes.CDLL(None, use_errno=True)
+
+
+def _resident_fraction(paths: list[Path]) -> float:
+    """Of these files' pages, the share in the page cache."""
+    resident = total = 0
+    for path in paths:
+        size = path.stat().st_size
+        if size == 0:
+            continue
+        with path.open("rb") as f:
+            # A private writable mapping exposes an address without touching a page.
+            mm = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY)
+            try:
+                pages = -(-size // mmap.PAGESIZE)
+                vec = (ctypes.c_ubyte * pages)()
+                anchor = ctypes.c_char.from_buffer(mm)
+                try:
+                    addr = ctypes.addressof(anchor)
+                    if _LIBC.mincore(ctypes.c_void_p(addr), ctypes.c_size_t(size), vec) != 0:
+                        raise OSError(ctypes.get_errno(), "mincore failed")
+                finally:
+                    del anchor
+                resident += sum(v & 1 for v in vec)
+                total += pages
+            finally:
+                mm.close()
+    return resident / total if total else 1.0
+
+
+def _evict(paths: list[Path]) -> None:
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # DONTNEED drops clean pages only
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+@pytest.fixture
+def filled(tiny_model: Callable[..., Path], tmp_path: Path) -> tuple[WeightsStore, DiskTier]:
+    """A tiny model in a bucket and, after one load, in the disk tier too."""
+    bucket = LocalBucketTier(tmp_path / "bucket")
+    disk = DiskTier(tmp_path / "disk", budget_bytes=64 << 20)
+    store = WeightsStore([disk, bucket])
+    store.import_hf_dir(tiny_model("llama"), model_id="acme/tiny", chunk_size_bytes=CHUNK)
+    load(store, "acme/tiny").wait_promoted()
+    return store, disk
+
+
+def test_readahead_brings_the_disk_tier_copy_into_the_page_cache(
+    filled: tuple[WeightsStore, DiskTier], tmp_path: Path
+) -> None:
+    store, disk = filled
+    manifest = store.manifest("acme/tiny")
+    chunk_files = [disk.root / key_to_path(c.hash) for c in manifest.chunks]
+    bucket_files = [tmp_path / "bucket" / key_to_path(c.hash) for c in manifest.chunks]
+    _evict(chunk_files + bucket_files)
+    if _resident_fraction(chunk_files) > 0.5:
+        pytest.skip("this filesystem keeps pages after POSIX_FADV_DONTNEED")
+
+    asked = store.readahead("acme/tiny")
+
+    assert asked == sum(c.raw_size for c in manifest.chunks)
+    deadline = time.monotonic() + 10
+    while _resident_fraction(chunk_files) < 1.0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert _resident_fraction(chunk_files) == 1.0
+    # Only the copy the loader will read is warmed, not the bucket's as well.
+    assert _resident_fraction(bucket_files) < 0.5
+
+
+def test_readahead_never_asks_a_remote_tier_about_chunks(
+    filled: tuple[WeightsStore, DiskTier], tmp_path: Path
+) -> None:
+    store, disk = filled
+
+    class Remote:
+        """The origin as an object store: every ``has`` would be a request."""
+
+        name = "remote"
+        holds_decoded = False
+
+        def __init__(self, inner: LocalBucketTier) -> None:
+            self.inner = inner
+            self.asked: list[str] = []
+
+        def __getattr__(self, attr: str) -> object:
+            return getattr(self.inner, attr)
+
+        def has(self, key: str) -> bool:
+            self.asked.append(key)
+            return self.inner.has(key)
+
+        def get(self, key: str) -> bytes:
+            return self.inner.get(key)
+
+    remote = Remote(LocalBucketTier(tmp_path / "bucket"))
+    manifest = store.manifest("acme/tiny")
+    remote_store = WeightsStore([disk, remote])  # type: ignore[list-item]
+    assert remote_store.readahead("acme/tiny") == sum(c.raw_size for c in manifest.chunks)
+    assert not {c.hash for c in manifest.chunks} & set(remote.asked)
+
+
+def test_the_readahead_path_imports_no_torch(
+    filled: tuple[WeightsStore, DiskTier], tmp_path: Path
+) -> None:
+    """What a worker runs on its readahead thread while its main thread imports torch:
+    were torch imported here, the two would only take turns."""
+    code = f"""
+import json, sys
+from pathlib import Path
+from ember_weights_store import DiskTier, LocalBucketTier
+from ember_weights_store.keys import key_to_path
+from ember_weights_store.store import WeightsStore
+from ember_functions.loading import StoreConfig
+
+StoreConfig()  # the worker parses its store settings on this thread too
+store = WeightsStore([
+    DiskTier(Path({str(tmp_path / "disk")!r}), budget_bytes=64 << 20),
+    LocalBucketTier(Path({str(tmp_path / "bucket")!r})),
+])
+asked = store.readahead("acme/tiny")
+print(json.dumps({{"asked": asked, "torch": "torch" in sys.modules}}))
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["asked"] > 0
+    assert result["torch"] is False
