@@ -73,11 +73,15 @@ def _share(p: dict[str, float], wall_s: float) -> dict[str, float]:
 
 
 def _first_token(worker: Any, rid: str) -> float:
+    """Seconds to the first token of PROMPT. Each request gets its own cache salt: a READY
+    worker that answered the same prompt before would otherwise reuse its KV blocks
+    (prefix cache) and skip most of the prefill, which a new user's request cannot."""
     from ember_functions.sampling_params import SamplingParams
 
     params = SamplingParams(max_tokens=1, temperature=0)
     t0 = time.perf_counter()
-    worker.submit_prepared(worker.prepare(PROMPT, params, request_id=rid)).result()
+    request = worker.prepare(PROMPT, params, request_id=rid, cache_salt=f"coldstart-{rid}")
+    worker.submit_prepared(request).result()
     return time.perf_counter() - t0
 
 
@@ -179,8 +183,8 @@ class ModelRun:
         from ember_functions.weights import checkpoint_dtype, resolve_compute_dtype
 
         stored = checkpoint_dtype(self.model_dir)
-        device = torch.device("cpu")
-        return resolve_compute_dtype(self.config.dtype, weights_dtype=stored, device=device) != stored
+        cpu = torch.device("cpu")
+        return resolve_compute_dtype(self.config.dtype, weights_dtype=stored, device=cpu) != stored
 
     def measure(self, state: str, zygote: Any) -> tuple[float, dict[str, float], str]:
         """(ttft_s, phases, tiers the chunks came from) of one cold start in ``state``."""

@@ -43,7 +43,8 @@ def test_import_then_load_gives_identical_tensors(
     # Every chunk is promoted into the disk tier in the background: once that is done,
     # the next cold start never leaves it.
     assert loaded.wait_promoted() == report.raw_bytes
-    again = load(store, "acme/tiny", reuse=loaded)
+    # Copied (not mapped, which ignores reuse=) into the first load's buffers.
+    again = load(store, "acme/tiny", reuse=loaded, zero_copy=False)
     assert again.report.chunks_by_tier == {"disk": report.num_chunks}
     assert (
         again.buffers["bfloat16" if dtype == torch.bfloat16 else "float32"]

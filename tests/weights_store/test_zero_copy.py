@@ -1,6 +1,7 @@
 """Loading from the host tier maps its chunk files in place: same tensors, chunks pinned while
 in use, a corrupt copy falls back to the copying path, and four worker processes loading the
-same model hold one copy of it in RAM."""
+same model hold one copy of it in RAM. The disk tier's chunk files are mapped the same way
+when no nearer tier holds them all, and promoted into the host tier from the mapping."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ember_weights_store import HostTier, LocalBucketTier
+from ember_weights_store import DiskTier, HostTier, LocalBucketTier
 from ember_weights_store.digests import fast_checksum
 from ember_weights_store.loader import load
 from ember_weights_store.mapping import map_chunk_files
@@ -97,6 +98,56 @@ def test_corrupt_host_chunk_is_discarded_and_the_load_copies_instead(
         assert torch.equal(loaded.tensors[name], t), name
 
 
+def test_disk_load_maps_the_disk_tiers_files_and_promotes_to_the_host_tier(
+    tmp_path: Path, host_root: Path
+) -> None:
+    original = make_checkpoint(tmp_path / "m.safetensors", mib=4)
+    bucket = LocalBucketTier(tmp_path / "bucket")
+    disk = DiskTier(tmp_path / "disk", budget_bytes=256 * MIB)
+    bucket_store = WeightsStore([bucket])
+    bucket_store.import_safetensors_file(
+        tmp_path / "m.safetensors", model_id="m", chunk_size_bytes=CHUNK
+    )
+    load(WeightsStore([disk, bucket]), "m").wait_promoted()  # the disk tier holds it now
+    host = HostTier(host_root, budget_bytes=256 * MIB)
+    store = WeightsStore([host, disk, bucket])
+
+    from_disk = load(store, "m")
+
+    n = len(from_disk.manifest.chunks)
+    assert from_disk.report.mapped and from_disk.report.chunks_by_tier == {"disk": n}
+    for name, t in original.items():
+        assert torch.equal(from_disk.tensors[name], t), name
+    # Evicting a chunk from the disk tier unlinks its file; the mapping keeps its pages.
+    first = from_disk.manifest.chunks[0]
+    disk.delete(first.hash)
+    assert torch.equal(from_disk.tensors["w0"], original["w0"])
+    assert from_disk.wait_promoted() == sum(c.raw_size for c in from_disk.manifest.chunks)
+    again = load(store, "m")
+    assert again.report.mapped and again.report.chunks_by_tier == {"host": n}
+
+
+def test_corrupt_disk_chunk_is_discarded_and_the_load_copies_instead(tmp_path: Path) -> None:
+    original = make_checkpoint(tmp_path / "m.safetensors", mib=4)
+    bucket = LocalBucketTier(tmp_path / "bucket")
+    disk = DiskTier(tmp_path / "disk", budget_bytes=256 * MIB)
+    store = WeightsStore([disk, bucket])
+    store.import_safetensors_file(tmp_path / "m.safetensors", model_id="m", chunk_size_bytes=CHUNK)
+    load(store, "m").wait_promoted()
+    victim = store.manifest("m").chunks[1].hash
+    path = disk.object_path(victim)
+    data = bytearray(path.read_bytes())
+    data[7] ^= 0x01
+    path.write_bytes(bytes(data))
+
+    loaded = load(store, "m")
+
+    assert not loaded.report.mapped
+    assert f"disk:{victim}" in loaded.report.discarded
+    for name, t in original.items():
+        assert torch.equal(loaded.tensors[name], t), name
+
+
 def test_mapping_refuses_gaps_and_misaligned_chunks(tmp_path: Path) -> None:
     f = tmp_path / "a"
     f.write_bytes(b"x" * 8192)
@@ -109,7 +160,7 @@ def test_mapping_refuses_gaps_and_misaligned_chunks(tmp_path: Path) -> None:
 WORKER = """
 import sys
 from pathlib import Path
-from ember_weights_store import HostTier, LocalBucketTier
+from ember_weights_store import DiskTier, HostTier, LocalBucketTier
 from ember_weights_store.loader import load
 from ember_weights_store.store import WeightsStore
 host = HostTier(Path(sys.argv[1]), budget_bytes=1 << 30)

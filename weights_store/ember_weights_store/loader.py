@@ -43,7 +43,7 @@ from ember_weights_store.manifest import ChunkEntry, Manifest
 from ember_weights_store.mapping import map_chunk_files
 from ember_weights_store.staging import StagingRing, copy_engine_for
 from ember_weights_store.store import WeightsStore
-from ember_weights_store.tiers import CacheTier, ObjectNotFoundError, Tier
+from ember_weights_store.tiers import CacheTier, DiskTier, ObjectNotFoundError, Tier
 
 __all__ = ["DEFAULT_LOAD_THREADS", "LoadReport", "LoadedWeights", "load"]
 
@@ -69,7 +69,7 @@ class LoadReport:
     discarded: list[str] = field(default_factory=list)  # "tier:key" of corrupt copies
     peak_in_flight_bytes: int = 0  # stored chunks and scratch held outside the flat buffers
     promoted_bytes: int = 0  # written into nearer tiers (after ``wait_promoted``)
-    mapped: bool = False  # zero-copy: the buffers are the host tier's pages, mapped
+    mapped: bool = False  # zero-copy: the buffers are a cache tier's files' pages, mapped
     staged_copies: int = 0  # chunks copied to the device through the pinned ring
     staging_slots_peak: int = 0  # most pinned slots in use at once (<= staging_slots)
 
@@ -123,9 +123,11 @@ def load(
     and tensors are then on the device and nothing is promoted in the background. Passing
     ``staging_slots`` on the CPU runs the same staged path with synchronous copies.
 
-    When the nearest tier is host RAM and holds every chunk, the buffers are the host tier's
-    own pages mapped copy-on-write (``zero_copy``, the default): nothing is copied, and every
-    worker on the machine shares one physical copy of the model. ``reuse`` is ignored then.
+    When the nearest cache tier that holds every chunk keeps them as files (host RAM; or
+    the disk tier, when no nearer tier holds them all), the buffers are those files' pages
+    mapped copy-on-write (``zero_copy``, the default): nothing is copied, every worker on
+    the machine shares one physical copy of the model, and chunks are promoted into the
+    nearer tiers from the mapping. ``reuse`` is ignored then.
 
     Example::
 
@@ -143,10 +145,14 @@ def load(
     if target.type != "cpu" or staging_slots is not None:
         return _load_staged(store, manifest, report, t0, target, threads, staging_slots or 4)
     if zero_copy:
-        mapped = _map_from_host(store, manifest, report, threads)
+        mapped = _map_from_cache(store, manifest, report, threads)
         if mapped is not None:
+            buffers, job = mapped
             report.wall_s = time.perf_counter() - t0
-            return LoadedWeights(manifest, mapped, _tensor_views(manifest, mapped), report)
+            loaded = LoadedWeights(manifest, buffers, _tensor_views(manifest, buffers), report)
+            if promote:
+                loaded._promotions = job.promote_in_background(buffers)
+            return loaded
     buffers = _buffers_for(manifest, reuse)
     report.alloc_s = time.perf_counter() - t0 - report.manifest_s
     job = _LoadJob(store, manifest, report)
@@ -202,22 +208,46 @@ def _tensor_views(manifest: Manifest, buffers: dict[str, torch.Tensor]) -> dict[
     return tensors
 
 
-def _map_from_host(
+def _map_from_cache(
     store: WeightsStore, manifest: Manifest, report: LoadReport, threads: int
-) -> dict[str, torch.Tensor] | None:
-    """The zero-copy path: when the nearest tier is host RAM and holds every chunk, map the
-    chunk files in place (``mapping``) instead of copying them. Chunks stay pinned while any
-    tensor of this load is alive. Returns None, having changed nothing but a corrupt copy
-    (deleted), when the copying path must run instead."""
-    host = store.tiers[0]
-    if not isinstance(host, HostTier) or manifest.chunk_size_bytes % mmap.PAGESIZE:
+) -> tuple[dict[str, torch.Tensor], _LoadJob] | None:
+    """The zero-copy path: when the nearest cache tier holding every chunk keeps them as
+    files (host RAM, or the disk tier when no nearer tier holds them all), map the chunk
+    files in place (``mapping``) instead of copying them, and verify them there. Returns
+    the buffers and the job (whose promotions fill nearer tiers), or None, having changed
+    nothing but a corrupt copy (deleted), when the copying path must run instead.
+
+    From host RAM the chunks are pinned while any tensor of this load is alive. From the
+    disk tier nothing is pinned: an evicted chunk's file is unlinked, and a mapping keeps
+    an unlinked file's pages. Mapped disk-tier pages are the page cache's: no fresh memory
+    to fault in and no copy, which on a cold disk leaves the reads alone (and those may
+    have started before this process imported torch: ``WeightsStore.readahead``)."""
+    if manifest.chunk_size_bytes % mmap.PAGESIZE:
         return None
-    owner = f"load-{os.getpid()}-{uuid.uuid4().hex[:12]}"
     keys = [c.hash for c in manifest.chunks]
-    host.pin(keys, owner=owner)  # before looking, so nothing we find can be evicted
-    if not all(host.object_path(k).is_file() for k in keys):
-        host.unpin(owner)
-        return None
+    for index, tier in enumerate(store.tiers):
+        if isinstance(tier, HostTier):
+            owner = f"load-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+            tier.pin(keys, owner=owner)  # before looking, so nothing we find can be evicted
+            if all(tier.object_path(k).is_file() for k in keys):
+                return _map_tier(store, manifest, report, threads, index, tier, owner)
+            tier.unpin(owner)
+        elif isinstance(tier, DiskTier) and all(tier.has(k) for k in keys):
+            return _map_tier(store, manifest, report, threads, index, tier, None)
+        if not tier.holds_decoded:
+            return None  # an object tier: chunks must be fetched and decoded
+    return None
+
+
+def _map_tier(
+    store: WeightsStore,
+    manifest: Manifest,
+    report: LoadReport,
+    threads: int,
+    index: int,  # of ``tier`` in the store: chunks are promoted into the tiers before it
+    tier: HostTier | DiskTier,
+    owner: str | None,  # the host tier's pin, released when the last buffer goes
+) -> tuple[dict[str, torch.Tensor], _LoadJob] | None:
     started = time.perf_counter()
     remaining = [len(manifest.buffer_sizes)]
     lock = threading.Lock()
@@ -226,15 +256,15 @@ def _map_from_host(
         with lock:
             remaining[0] -= 1
             last = remaining[0] == 0
-        if last:
+        if last and owner is not None and isinstance(tier, HostTier):
             with contextlib.suppress(Exception):  # may run at interpreter exit
-                host.unpin(owner)
+                tier.unpin(owner)
 
     try:
         buffers = {
             dtype: map_chunk_files(
                 [
-                    (host.object_path(c.hash), c.offset_bytes, c.raw_size)
+                    (tier.object_path(c.hash), c.offset_bytes, c.raw_size)
                     for c in manifest.chunks
                     if c.dtype == dtype
                 ],
@@ -244,7 +274,8 @@ def _map_from_host(
             for dtype, size in manifest.buffer_sizes.items()
         }
     except (OSError, EmberError):
-        host.unpin(owner)
+        if owner is not None and isinstance(tier, HostTier):
+            tier.unpin(owner)
         return None  # a chunk vanished or is the wrong size: copy from wherever it is
     report.fetch_s = time.perf_counter() - started
     job = _LoadJob(store, manifest, report)
@@ -257,14 +288,15 @@ def _map_from_host(
     bad = [c for c, ok in zip(manifest.chunks, verdicts, strict=True) if not ok]
     if bad:
         for c in bad:
-            host.delete(c.hash)
-            report.discarded.append(f"{host.name}:{c.hash}")
+            tier.delete(c.hash)
+            report.discarded.append(f"{tier.name}:{c.hash}")
         return None  # the mapping and pin go with ``buffers``; the copying path refetches
     report.raw_bytes = sum(c.raw_size for c in manifest.chunks)
     report.stored_bytes = report.raw_bytes
-    report.chunks_by_tier = {host.name: len(manifest.chunks)}
+    report.chunks_by_tier = {tier.name: len(manifest.chunks)}
     report.mapped = True
-    return buffers
+    job._to_promote = [(c, index) for c in manifest.chunks]  # into the nearer cache tiers
+    return buffers, job
 
 
 def _buffers_for(manifest: Manifest, reuse: LoadedWeights | None) -> dict[str, torch.Tensor]:

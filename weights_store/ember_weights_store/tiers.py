@@ -429,6 +429,12 @@ class DiskTier:
     ) -> None:
         self._read(key, lambda: self._dir.read_into(key, out, on_piece))
 
+    def object_path(self, key: str) -> Path:
+        """The file holding ``key`` (for mapping it; it may be evicted, i.e. unlinked,
+        at any time, which a mapping survives)."""
+        validate_key(key)
+        return self._dir.path(key)
+
     def readahead(self, key: str) -> int:
         """Starts reading ``key`` from the disk into the page cache; returns its size
         (0 if this tier does not hold it). Does not count as a use for eviction."""
