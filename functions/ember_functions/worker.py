@@ -168,7 +168,7 @@ def _readahead(args: argparse.Namespace) -> None:
     """Starts the disk reading this worker's chunks while the main thread imports torch
     (1-2 s in a new interpreter): nothing here imports torch, and the reads themselves
     are the kernel's (``WeightsStore.readahead``). A forked worker has no imports left to
-    overlap, but its disk reads start a little earlier all the same."""
+    overlap, so it skips this: the manifest and tier scan would only be done twice."""
     from ember_functions.loading import StoreConfig
 
     try:
@@ -264,7 +264,10 @@ def _serve(
 ) -> int:
     """Climbs to ``args.warmth``, then serves or waits to be told to climb further;
     a READY worker told to demote drops its engine and waits at HOST."""
-    threading.Thread(target=_readahead, args=(args,), name="ember-readahead", daemon=True).start()
+    if "torch" not in sys.modules:  # a new interpreter: its reads can overlap the imports
+        threading.Thread(
+            target=_readahead, args=(args,), name="ember-readahead", daemon=True
+        ).start()
     preload()
     phases = {"imports_s": time.perf_counter() - t0}
     loader = _Loader(args, tokenizers)

@@ -45,6 +45,13 @@ def make_checkpoint(path: Path, *, mib: int, seed: int = 0) -> dict[str, torch.T
     return tensors
 
 
+def _flip_bit(path: Path, *, at: int) -> None:
+    """Corrupts a cached chunk in place, as a bad disk or a stray write would."""
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
 def stores(tmp_path: Path, host_root: Path) -> tuple[WeightsStore, HostTier, WeightsStore]:
     bucket = LocalBucketTier(tmp_path / "bucket")
     host = HostTier(host_root, budget_bytes=256 * MIB)
@@ -87,10 +94,7 @@ def test_corrupt_host_chunk_is_discarded_and_the_load_copies_instead(
     origin.import_safetensors_file(tmp_path / "m.safetensors", model_id="m", chunk_size_bytes=CHUNK)
     load(store, "m").wait_promoted()
     victim = origin.manifest("m").chunks[2].hash
-    path = host.object_path(victim)
-    data = bytearray(path.read_bytes())
-    data[100] ^= 0x40
-    path.write_bytes(bytes(data))
+    _flip_bit(host.object_path(victim), at=100)
     loaded = load(store, "m")
     assert not loaded.report.mapped
     assert f"host:{victim}" in loaded.report.discarded
@@ -135,10 +139,7 @@ def test_corrupt_disk_chunk_is_discarded_and_the_load_copies_instead(tmp_path: P
     store.import_safetensors_file(tmp_path / "m.safetensors", model_id="m", chunk_size_bytes=CHUNK)
     load(store, "m").wait_promoted()
     victim = store.manifest("m").chunks[1].hash
-    path = disk.object_path(victim)
-    data = bytearray(path.read_bytes())
-    data[7] ^= 0x01
-    path.write_bytes(bytes(data))
+    _flip_bit(disk.object_path(victim), at=7)
 
     loaded = load(store, "m")
 
