@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -344,6 +345,11 @@ def test_import_push_drop_local_tiers_load_gives_identical_logits(
         torch.tensor([ids])
     ).logits[0]
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
+    # The cold load promotes into host RAM on a background thread: let it finish.
+    host, keys = fresh.tiers[0], [c.hash for c in fresh.manifest("acme/tiny").chunks]
+    deadline = time.monotonic() + 30
+    while not all(host.has(k) for k in keys) and time.monotonic() < deadline:
+        time.sleep(0.02)
     warm = LLMEngine.from_store(fresh, "acme/tiny", config=config, tokenizer_cache=tmp_path / "t")
     assert warm.load_report is not None
     assert warm.load_report.chunks_by_tier == {"host": report.num_chunks}  # promoted
