@@ -43,7 +43,10 @@ class AttentionBatch:
 
 
 class KVCache:
-    """Per-layer K and V tensors, ``[num_blocks, block_size, num_kv_heads, head_dim]``."""
+    """Per-layer K and V tensors, head-major: ``[num_kv_heads, num_blocks, block_size,
+    head_dim]``. Head-major because a batched decode gathers each sequence's context as
+    ``[Hkv, n, L, D]``, which two batched matmuls read without a transposing copy; the
+    slot-major layout cost a permuted copy of every gathered context in every layer."""
 
     def __init__(
         self,
@@ -56,29 +59,32 @@ class KVCache:
         dtype: torch.dtype,
         device: torch.device,
     ) -> None:
-        shape = (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim)
+        shape = (num_layers, 2, num_kv_heads, num_blocks, block_size, head_dim)
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.data = torch.zeros(shape, dtype=dtype, device=device)
 
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Flat ``[num_slots, num_kv_heads, head_dim]`` views of one layer's K and V."""
+        """Flat ``[num_kv_heads, num_slots, head_dim]`` views of one layer's K and V."""
         k, v = self.data[index]
-        return k.flatten(0, 1), v.flatten(0, 1)
+        return k.flatten(1, 2), v.flatten(1, 2)
 
     def read_blocks(self, block_ids: list[int]) -> torch.Tensor:
-        """Copies blocks out, ``[layers, 2, len(block_ids), block_size, kv_heads, head_dim]``:
-        the unit the KV tier saves and restores."""
+        """Copies blocks out, ``[layers, 2, len(block_ids), block_size, kv_heads, head_dim]``
+        (block-major, whatever the cache's own layout): the unit the KV tier saves and
+        restores."""
         index = torch.tensor(block_ids, dtype=torch.int64, device=self.data.device)
-        return self.data.index_select(2, index)
+        return self.data.index_select(3, index).permute(0, 1, 3, 4, 2, 5).contiguous()
 
     def write_blocks(self, block_ids: list[int], blocks: torch.Tensor) -> None:
         """Restores blocks produced by :meth:`read_blocks` into ``block_ids``."""
-        expected = (*self.data.shape[:2], len(block_ids), *self.data.shape[3:])
+        layers, two, kv_heads, _, block_size, head_dim = self.data.shape
+        expected = (layers, two, len(block_ids), block_size, kv_heads, head_dim)
         if tuple(blocks.shape) != expected:
             raise ValueError(f"blocks have shape {tuple(blocks.shape)}, expected {expected}")
         index = torch.tensor(block_ids, dtype=torch.int64, device=self.data.device)
-        self.data.index_copy_(2, index, blocks.to(self.data.device, self.data.dtype))
+        head_major = blocks.to(self.data.device, self.data.dtype).permute(0, 1, 4, 2, 3, 5)
+        self.data.index_copy_(3, index, head_major)
 
     @property
     def size_bytes(self) -> int:
@@ -89,30 +95,29 @@ def paged_attention(
     q: torch.Tensor,  # [T, H, D]
     k: torch.Tensor,  # [T, Hkv, D]
     v: torch.Tensor,  # [T, Hkv, D]
-    k_cache: torch.Tensor,  # [num_slots, Hkv, D]
-    v_cache: torch.Tensor,  # [num_slots, Hkv, D]
+    k_cache: torch.Tensor,  # [Hkv, num_slots, D]
+    v_cache: torch.Tensor,  # [Hkv, num_slots, D]
     batch: AttentionBatch,
     *,
     scale: float,
 ) -> torch.Tensor:  # [T, H, D]
-    k_cache.index_copy_(0, batch.slot_mapping, k)
-    v_cache.index_copy_(0, batch.slot_mapping, v)
+    k_cache.index_copy_(1, batch.slot_mapping, k.transpose(0, 1))
+    v_cache.index_copy_(1, batch.slot_mapping, v.transpose(0, 1))
     out = torch.empty_like(q)
     n = batch.num_decodes
     if n:
         assert batch.decode_slots is not None  # built together with num_decodes
-        num_kv_heads, head_dim = k.shape[1], k.shape[2]
         flat = batch.decode_slots.view(-1)
-        shape = (n, batch.decode_slots.shape[1], num_kv_heads, head_dim)
-        kk = k_cache.index_select(0, flat).view(shape)  # [n, L, Hkv, D]
-        vv = v_cache.index_select(0, flat).view(shape)
+        shape = (k.shape[1], n, batch.decode_slots.shape[1], k.shape[2])
+        kk = k_cache.index_select(1, flat).view(shape)  # [Hkv, n, L, D]
+        vv = v_cache.index_select(1, flat).view(shape)
         if q.device.type == "cpu":
             out[:n] = _decode_attention_cpu(q[:n], kk, vv, batch.decode_mask, scale=scale)
         else:
             o = F.scaled_dot_product_attention(
                 q[:n].unsqueeze(2),  # [n, H, 1, D]
-                kk.transpose(1, 2),  # [n, Hkv, L, D]
-                vv.transpose(1, 2),
+                kk.transpose(0, 1),  # [n, Hkv, L, D]
+                vv.transpose(0, 1),
                 attn_mask=batch.decode_mask,
                 scale=scale,
                 enable_gqa=True,
@@ -121,16 +126,16 @@ def paged_attention(
     for chunk in batch.prefills:
         rows = slice(chunk.start, chunk.start + chunk.num_tokens)
         if chunk.context_slots is None:
-            kk, vv = k[rows], v[rows]
+            kk, vv = k[rows].transpose(0, 1), v[rows].transpose(0, 1)  # [Hkv, n, D]
         else:
-            kk = k_cache.index_select(0, chunk.context_slots)
-            vv = v_cache.index_select(0, chunk.context_slots)
+            kk = k_cache.index_select(1, chunk.context_slots)  # [Hkv, ctx, D]
+            vv = v_cache.index_select(1, chunk.context_slots)
         # 4-D inputs: with 3-D ones and enable_gqa, CPU SDPA falls back to its math kernel
         # (2.3x slower on a 512-token prompt than the flash kernel these reach).
         o = F.scaled_dot_product_attention(
             q[rows].transpose(0, 1).unsqueeze(0),  # [1, H, n, D]
-            kk.transpose(0, 1).unsqueeze(0),  # [1, Hkv, ctx, D]
-            vv.transpose(0, 1).unsqueeze(0),
+            kk.unsqueeze(0),  # [1, Hkv, ctx, D]
+            vv.unsqueeze(0),
             attn_mask=chunk.mask,
             is_causal=chunk.mask is None,
             scale=scale,
@@ -142,25 +147,29 @@ def paged_attention(
 
 def _decode_attention_cpu(
     q: torch.Tensor,  # [n, H, D]
-    k: torch.Tensor,  # [n, L, Hkv, D]
-    v: torch.Tensor,  # [n, L, Hkv, D]
+    k: torch.Tensor,  # [Hkv, n, L, D]
+    v: torch.Tensor,  # [Hkv, n, L, D]
     mask: torch.Tensor | None,  # [n, 1, 1, L] bool, True = attend
     *,
     scale: float,
 ) -> torch.Tensor:  # [n, H, D]
-    """One query token per sequence, as two batched matmuls. CPU SDPA runs this shape
-    (q_len 1) through its flash kernel one query block at a time, 16x slower at 32
-    sequences than the matmuls. The scores are float32, as a flash kernel keeps them:
-    bf16 scores would round logits of ~10 by ~0.04. Softmax weights go back to the cache
-    dtype for the value product, as flash kernels do."""
+    """One query token per sequence, as two batched matmuls over (KV head, sequence).
+    CPU SDPA runs this shape (q_len 1) through its flash kernel one query block at a
+    time, 16x slower at 32 sequences. The scores are float32, as a flash kernel keeps
+    them (bf16 scores would round logits of ~10 by ~0.04); the softmax weights go back
+    to the cache dtype for the value product, as flash kernels do."""
     n, num_heads, head_dim = q.shape
-    num_kv_heads = k.shape[2]
+    num_kv_heads, _, context, _ = k.shape
     group = num_heads // num_kv_heads
-    qg = q.view(n, num_kv_heads, group, head_dim).float()  # [n, Hkv, G, D]
-    scores = torch.matmul(qg, k.permute(0, 2, 3, 1).float())  # [n, Hkv, G, L]
-    scores.mul_(scale)
+    batches = num_kv_heads * n
+    qg = q.view(n, num_kv_heads, group, head_dim).transpose(0, 1)  # [Hkv, n, G, D]
+    qg = qg.reshape(batches, group, head_dim).float()
+    kf = k.reshape(batches, context, head_dim).float()
+    scores = torch.bmm(qg, kf.transpose(1, 2)).mul_(scale)  # [Hkv * n, G, L]
     if mask is not None:
-        scores.masked_fill_(~mask, float("-inf"))
+        scores.view(num_kv_heads, n, group, context).masked_fill_(
+            ~mask.view(1, n, 1, context), float("-inf")
+        )
     weights = torch.softmax(scores, dim=-1).to(v.dtype)
-    out = torch.matmul(weights, v.transpose(1, 2))  # [n, Hkv, G, D]
-    return out.view(n, num_heads, head_dim)
+    o = torch.bmm(weights, v.reshape(batches, context, head_dim))  # [Hkv * n, G, D]
+    return o.view(num_kv_heads, n, group, head_dim).transpose(0, 1).reshape(n, num_heads, head_dim)

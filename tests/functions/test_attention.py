@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from ember_functions.attention import AttentionBatch, PrefillChunk, paged_attention
+from ember_functions.attention import AttentionBatch, KVCache, PrefillChunk, paged_attention
 
 H, HKV, D = 6, 2, 16  # 3 query heads per KV head
 SCALE = 1 / math.sqrt(D)
@@ -32,8 +32,22 @@ def test_decodes_of_unequal_lengths_then_prefills_match_the_reference(
 ) -> None:
     gen = torch.Generator().manual_seed(0)
     num_slots = 64
-    k_cache = torch.zeros(num_slots, HKV, D, dtype=dtype)
-    v_cache = torch.zeros(num_slots, HKV, D, dtype=dtype)
+    cache = KVCache(
+        num_layers=1,
+        num_blocks=num_slots // 4,
+        block_size=4,
+        num_kv_heads=HKV,
+        head_dim=D,
+        dtype=dtype,
+        device=torch.device("cpu"),
+    )
+    k_cache, v_cache = cache.layer(0)  # [Hkv, slots, D]
+
+    def at(cache: torch.Tensor, slots: list[int]) -> torch.Tensor:
+        return cache[:, slots].transpose(0, 1)  # [len(slots), Hkv, D]
+
+    def put(cache: torch.Tensor, slots: list[int], values: torch.Tensor) -> None:
+        cache[:, slots] = values.transpose(0, 1)
 
     def rand(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=gen).to(dtype)
@@ -47,11 +61,11 @@ def test_decodes_of_unequal_lengths_then_prefills_match_the_reference(
     fresh_slots = perm[30:34].tolist()
     chunk_slots = perm[40:49].tolist()  # 6 cached + 3 new
     cached = chunk_slots[:6]
-    k_cache[torch.tensor(cached)] = rand(6, HKV, D)
-    v_cache[torch.tensor(cached)] = rand(6, HKV, D)
+    put(k_cache, cached, rand(6, HKV, D))
+    put(v_cache, cached, rand(6, HKV, D))
     for slots, n in zip(decode_slots, decode_ctx, strict=True):
-        k_cache[torch.tensor(slots[:-1])] = rand(n - 1, HKV, D)
-        v_cache[torch.tensor(slots[:-1])] = rand(n - 1, HKV, D)
+        put(k_cache, slots[:-1], rand(n - 1, HKV, D))
+        put(v_cache, slots[:-1], rand(n - 1, HKV, D))
 
     new_slots = [s[-1] for s in decode_slots] + fresh_slots + chunk_slots[6:]
     T = len(new_slots)  # 3 decodes + 4 + 3
@@ -78,11 +92,9 @@ def test_decodes_of_unequal_lengths_then_prefills_match_the_reference(
 
     assert out.dtype == dtype and out.shape == (T, H, D)
     for i, (slots, n) in enumerate(zip(decode_slots, decode_ctx, strict=True)):
-        ctx = torch.tensor(slots)
-        want = reference(q[i : i + 1], k_cache[ctx], v_cache[ctx], [n - 1])
+        want = reference(q[i : i + 1], at(k_cache, slots), at(v_cache, slots), [n - 1])
         torch.testing.assert_close(out[i : i + 1].double(), want, atol=atol, rtol=0)
     want = reference(q[3:7], k[3:7], v[3:7], [0, 1, 2, 3])
     torch.testing.assert_close(out[3:7].double(), want, atol=atol, rtol=0)
-    ctx = torch.tensor(chunk_slots)
-    want = reference(q[7:], k_cache[ctx], v_cache[ctx], [6, 7, 8])
+    want = reference(q[7:], at(k_cache, chunk_slots), at(v_cache, chunk_slots), [6, 7, 8])
     torch.testing.assert_close(out[7:].double(), want, atol=atol, rtol=0)

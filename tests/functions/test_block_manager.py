@@ -290,8 +290,11 @@ def test_kv_blocks_export_and_import_round_trip() -> None:
     saved = cache.read_blocks([4, 1])  # [layers, 2, 2 blocks, block_size, kv_heads, head_dim]
     assert saved.shape == (2, 2, 2, 4, 2, 8)
     cache.write_blocks([0, 3], saved)
-    assert torch.equal(cache.data[:, :, 0], cache.data[:, :, 4])
-    assert torch.equal(cache.data[:, :, 3], cache.data[:, :, 1])
+    assert torch.equal(cache.read_blocks([0, 3]), saved)
+    assert torch.equal(cache.read_blocks([0]), cache.read_blocks([4]))
+    k_layer0, _ = cache.layer(0)  # [kv_heads, slots, head_dim]: block 3 holds block 1's
+    assert torch.equal(k_layer0[:, 12:16], k_layer0[:, 4:8])
+    assert torch.equal(saved[0, 0, 1].transpose(0, 1), k_layer0[:, 4:8])
     with pytest.raises(ValueError, match="expected"):
         cache.write_blocks([0], saved)
 
