@@ -271,6 +271,14 @@ class LLMEngine:
 
     # -- the loop ------------------------------------------------------------------
 
+    def pack_weights(self, *, max_layers: int | None = None) -> bool:
+        """Packs up to ``max_layers`` more layers' matrices for faster matmuls (all of
+        them by default; see ``LlamaModel.pack_weights``); True once nothing is left to
+        pack, or when ``config.pack_weights`` is off or packing does not apply here."""
+        if not self.config.pack_weights:
+            return True
+        return self.model.pack_weights(max_layers=max_layers)
+
     def has_unfinished(self) -> bool:
         return bool(self._requests) or bool(self._pending)
 

@@ -45,6 +45,8 @@ class DecoderLayer(nn.Module):
         self.linear = linear
         # Low-precision copies for single-row decode, by projection (see linear.py).
         self.gemv: dict[str, torch.Tensor] = {}
+        # Linear.pack copies, by projection, once LlamaModel.pack_weights reaches this layer.
+        self.packed: dict[str, torch.Tensor] = {}
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
@@ -68,8 +70,7 @@ class DecoderLayer(nn.Module):
         batch: AttentionBatch,
     ) -> torch.Tensor:
         t = hidden.shape[0]
-        g = self.gemv
-        qkv = self.linear(self.input_norm(hidden), self.qkv_weight, self.qkv_bias, g.get("qkv"))
+        qkv = self._project("qkv", self.input_norm(hidden), self.qkv_weight, self.qkv_bias)
         # RoPE rotates q and k heads together: one pass over [T, H + Hkv, D].
         qk = qkv[:, : self.q_size + self.kv_size].view(t, self.num_heads + self.num_kv_heads, -1)
         qk = rope(positions, qk)
@@ -77,10 +78,23 @@ class DecoderLayer(nn.Module):
         v = qkv[:, self.q_size + self.kv_size :].reshape(t, self.num_kv_heads, self.head_dim)
         k_cache, v_cache = kv_cache.layer(self.index)
         attn = paged_attention(q, k, v, k_cache, v_cache, batch, scale=self.scale)
-        hidden = hidden + self.linear(attn.view(t, self.q_size), self.o_weight, None, g.get("o"))
+        hidden = hidden + self._project("o", attn.view(t, self.q_size), self.o_weight)
         normed = self.post_attention_norm(hidden)
-        gate, up = self.linear(normed, self.gate_up_weight, None, g.get("gate_up")).chunk(2, -1)
-        return hidden + self.linear(F.silu(gate) * up, self.down_weight, None, g.get("down"))
+        gate, up = self._project("gate_up", normed, self.gate_up_weight).chunk(2, -1)
+        return hidden + self._project("down", F.silu(gate) * up, self.down_weight)
+
+    def _project(
+        self, name: str, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self.linear(x, w, b, self.gemv.get(name), self.packed.get(name))
+
+    def matrices(self) -> dict[str, torch.Tensor]:
+        return {
+            "qkv": self.qkv_weight,
+            "o": self.o_weight,
+            "gate_up": self.gate_up_weight,
+            "down": self.down_weight,
+        }
 
 
 class LlamaModel(nn.Module):
@@ -92,6 +106,8 @@ class LlamaModel(nn.Module):
         self.config = config
         self.linear = linear
         self.head_gemv: torch.Tensor | None = None
+        self.head_packed: torch.Tensor | None = None
+        self._packed_units = 0  # layers packed so far; the LM head is the last unit
         self.embed = _param(config.vocab_size, config.hidden_size)
         self.decoder_layers = [DecoderLayer(config, i, linear) for i in range(config.num_layers)]
         self.layers = nn.ModuleList(self.decoder_layers)  # registers them as submodules
@@ -131,7 +147,33 @@ class LlamaModel(nn.Module):
         return self.embed if self.lm_head is None else self.lm_head
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, vocab] fp32
-        return self.linear(hidden, self.head, None, self.head_gemv).float()
+        return self.linear(hidden, self.head, None, self.head_gemv, self.head_packed).float()
+
+    def pack_weights(self, *, max_layers: int | None = None) -> bool:
+        """Packs the matrices of up to ``max_layers`` more layers (the LM head counts as
+        one, packed last) with :meth:`Linear.pack`; True once every one is packed, or at
+        once when packing does not apply. A worker calls it with ``max_layers=1`` while
+        idle, so a request never waits on more than one layer's packing.
+
+        Example::
+
+            while not model.pack_weights(max_layers=1):
+                pass
+        """
+        if not self.linear.packs:
+            return True
+        total = len(self.decoder_layers) + 1
+        budget = total if max_layers is None else max_layers
+        while self._packed_units < total and budget > 0:
+            if self._packed_units < len(self.decoder_layers):
+                layer = self.decoder_layers[self._packed_units]
+                packed = {name: self.linear.pack(w) for name, w in layer.matrices().items()}
+                layer.packed = {name: p for name, p in packed.items() if p is not None}
+            else:
+                self.head_packed = self.linear.pack(self.head)
+            self._packed_units += 1
+            budget -= 1
+        return self._packed_units == total
 
     def add_gemv_weights(
         self, dtype: torch.dtype, given: Mapping[str, torch.Tensor] | None = None
@@ -164,12 +206,7 @@ class LlamaModel(nn.Module):
         head = self.head_gemv if self.head_gemv is not None else self.head
         total += head.numel() * head.element_size()
         for layer in self.decoder_layers:
-            mats = layer.gemv or {
-                "qkv": layer.qkv_weight,
-                "o": layer.o_weight,
-                "gate_up": layer.gate_up_weight,
-                "down": layer.down_weight,
-            }
+            mats = layer.gemv or layer.matrices()
             total += sum(m.numel() * m.element_size() for m in mats.values())
             small = [layer.input_norm.weight, layer.post_attention_norm.weight, layer.qkv_bias]
             total += sum(p.numel() * p.element_size() for p in small if p is not None)

@@ -90,10 +90,16 @@ class _Serve:
     def run(self) -> str:
         """Serves until told to stop or demote; returns ``"stop"`` or ``"demote"``."""
         engine, wake = self.engine, self.inbox.wake
+        packed = False
         while self._drain():
             if not engine.has_unfinished():
                 if self.demote:
                     return "demote"
+                if not packed and not wake.is_set():
+                    # Idle: pack one more layer, then look at the inbox again, so a
+                    # request that arrives waits for one layer's packing at most.
+                    packed = engine.pack_weights(max_layers=1)
+                    continue
                 if not wake.wait(timeout=HEARTBEAT_S):
                     self.writer.send(_ALIVE)  # idle, and this loop still turns
                 wake.clear()

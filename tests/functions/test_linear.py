@@ -1,10 +1,12 @@
-"""The projection kernel policy: float32 compute, bf16 copies for single-row decode."""
+"""The projection kernel policy: float32 compute, bf16 copies for single-row decode,
+and packed (oneDNN-blocked) matrices where the CPU computes bf16."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import torch
 
 from ember_functions.engine import LLMEngine
@@ -82,3 +84,59 @@ def test_from_the_store_fused_bf16_copies_are_views_of_the_loaded_buffers(
     assert (
         stored.generate(prompt, params)[0].token_ids == direct.generate(prompt, params)[0].token_ids
     )
+
+
+needs_packing = pytest.mark.skipif(
+    not Linear(device=CPU, dtype=torch.bfloat16).packs,
+    reason="this CPU or torch build cannot pack bf16 matrices (no oneDNN bf16)",
+)
+
+
+@needs_packing
+def test_packed_matrices_give_what_the_plain_ones_give() -> None:
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(96, 64, generator=g).bfloat16()
+    b = torch.randn(96, generator=g).bfloat16()
+    lin = Linear(device=CPU, dtype=torch.bfloat16)
+    packed = lin.pack(w)
+    assert packed is not None and packed.is_mkldnn
+    for rows in (1, 5, 512):
+        x = torch.randn(rows, 64, generator=g).bfloat16()
+        ref = torch.nn.functional.linear(x.float(), w.float(), b.float())
+        torch.testing.assert_close(lin(x, w, b, None, packed).float(), ref, atol=0.1, rtol=0.02)
+        torch.testing.assert_close(lin(x, w, None, None, packed), lin(x, w))
+
+
+def test_nothing_is_packed_in_float32() -> None:
+    lin = Linear(device=CPU, dtype=torch.float32)
+    assert lin.pack(torch.randn(8, 8)) is None
+
+
+@needs_packing
+def test_an_engine_packs_a_layer_at_a_time_and_generates_the_same_tokens(
+    tiny_model: Callable[..., Path],
+) -> None:
+    model_dir = tiny_model("llama", torch.bfloat16)
+    engine = LLMEngine.from_dir(model_dir, config=EngineConfig(num_kv_blocks=32, dtype="bfloat16"))
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    prompts = [[5, 6, 7, 8], [9, 10, 11]]
+    before = [o.token_ids for o in engine.generate(prompts, params)]
+    layers = engine.model.config.num_layers
+    for done in range(1, layers + 1):  # every layer, then the LM head
+        assert engine.pack_weights(max_layers=1) is False
+        assert set(engine.model.decoder_layers[done - 1].packed) == {"qkv", "o", "gate_up", "down"}
+    assert engine.model.head_packed is None
+    assert engine.pack_weights(max_layers=1) is True
+    assert engine.model.head_packed is not None
+    assert engine.pack_weights() is True  # nothing left
+    after = [o.token_ids for o in engine.generate(prompts, params)]
+    assert after == before
+
+
+def test_packing_can_be_turned_off(tiny_model: Callable[..., Path]) -> None:
+    model_dir = tiny_model("llama", torch.bfloat16)
+    config = EngineConfig(num_kv_blocks=16, dtype="bfloat16", pack_weights=False)
+    engine = LLMEngine.from_dir(model_dir, config=config)
+    assert engine.pack_weights() is True
+    assert engine.model.head_packed is None
+    assert all(not layer.packed for layer in engine.model.decoder_layers)

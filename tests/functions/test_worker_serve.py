@@ -1,0 +1,84 @@
+"""A READY worker's loop over the real frame protocol (a socket pair): while idle it
+packs its matrices one layer at a time, and a request sent meanwhile is still served."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from ember_functions.engine import LLMEngine
+from ember_functions.engine_config import EngineConfig
+from ember_functions.linear import Linear
+from ember_functions.rpc import FrameReader, FrameWriter, pack_params, unpack_output
+from ember_functions.sampling_params import SamplingParams
+from ember_functions.worker import _Inbox, _Serve
+
+pytestmark = pytest.mark.skipif(
+    not Linear(device=torch.device("cpu"), dtype=torch.bfloat16).packs,
+    reason="this CPU or torch build cannot pack bf16 matrices (no oneDNN bf16)",
+)
+
+
+@pytest.fixture
+def serving(
+    tiny_model: Callable[..., Path],
+) -> Iterator[tuple[LLMEngine, FrameWriter, FrameReader, threading.Thread]]:
+    engine = LLMEngine.from_dir(
+        tiny_model("llama", torch.bfloat16), config=EngineConfig(num_kv_blocks=32, dtype="bfloat16")
+    )
+    worker_end, router_end = socket.socketpair()
+    loop = _Serve(engine, _Inbox(FrameReader(worker_end)), FrameWriter(worker_end))
+    thread = threading.Thread(target=loop.run, daemon=True)
+    thread.start()
+    router = FrameWriter(router_end), FrameReader(router_end)
+    try:
+        yield engine, *router, thread
+    finally:
+        router[0].try_send({"op": "stop"})
+        thread.join(timeout=10)
+        worker_end.close()
+        router_end.close()
+
+
+def test_an_idle_worker_packs_its_matrices_and_still_serves(
+    serving: tuple[LLMEngine, FrameWriter, FrameReader, threading.Thread],
+) -> None:
+    engine, send, receive, thread = serving
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    deadline = time.monotonic() + 30
+    while engine.model.head_packed is None:  # the LM head is packed last
+        assert time.monotonic() < deadline, "the idle worker never finished packing"
+        time.sleep(0.01)
+    assert all(layer.packed for layer in engine.model.decoder_layers)
+
+    send.send(
+        {
+            "op": "start",
+            "id": "r1",
+            "prompt_ids": [5, 6, 7, 8],
+            "chat": False,
+            "max_tokens": 6,
+            "params": pack_params(params),
+            "cache_salt": None,
+        }
+    )
+    tokens: list[int] = []
+    finished = False
+    while not finished:
+        frame = receive.read()
+        assert frame is not None
+        if frame["op"] != "outs":
+            continue  # heartbeats
+        for out in map(unpack_output, frame["outs"]):
+            tokens += out.token_ids
+            finished = finished or out.finished
+    assert len(tokens) == 6
+    send.send({"op": "stop"})
+    thread.join(timeout=10)
+    assert not thread.is_alive()
