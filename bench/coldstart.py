@@ -12,7 +12,8 @@ For one request (a short chat prompt, one generated token), from the moment it a
 - ``prewarmed``: a worker of a pool that is already running, forked from its zygote
   (imports done, the model's tokenizer parsed once the first worker reported it) with
   the weights in the host tier; the router reuses the first worker's prompt encoder;
-- ``ready``: a READY worker.
+- ``ready``: a READY worker that has served one request and packed its matrices
+  (what it does when idle once it serves).
 
 Peers in the same run, what people write today: a fresh ``python`` running transformers
 ``AutoModelForCausalLM.from_pretrained`` on the same model from local disk and generating
@@ -192,6 +193,10 @@ class ModelRun:
             worker = self._spawn("host")
             try:
                 _first_token(worker, "warm")
+                # A READY worker of a pool has been idle a moment, enough to pack its
+                # matrices (Linear.pack, a layer per idle turn): wait for that too.
+                if not worker.wait_packed(timeout_s=120):
+                    raise RuntimeError(f"worker {worker.worker_id} never packed its matrices")
                 ttft = _first_token(worker, "ready")
             finally:
                 worker.close()

@@ -90,7 +90,7 @@ class _Serve:
     def run(self) -> str:
         """Serves until told to stop or demote; returns ``"stop"`` or ``"demote"``."""
         engine, wake = self.engine, self.inbox.wake
-        packed = False
+        packed, pack_s = False, 0.0
         while self._drain():
             if not engine.has_unfinished():
                 if self.demote:
@@ -98,7 +98,11 @@ class _Serve:
                 if not packed and not wake.is_set():
                     # Idle: pack one more layer, then look at the inbox again, so a
                     # request that arrives waits for one layer's packing at most.
+                    t0 = time.perf_counter()
                     packed = engine.pack_weights(max_layers=1)
+                    pack_s += time.perf_counter() - t0
+                    if packed:
+                        self.writer.send({"op": "packed", "pack_s": pack_s})
                     continue
                 if not wake.wait(timeout=HEARTBEAT_S):
                     self.writer.send(_ALIVE)  # idle, and this loop still turns

@@ -87,6 +87,9 @@ class WorkerProcess:
         self.warmth = Warmth.READY
         self.failure: str | None = None
         self.phases: dict[str, float] = {}  # the last cold start, seconds per phase
+        # Seconds its engine spent packing its matrices (Linear.pack), once done: a READY
+        # worker packs while idle, and runs at full speed from then on. None before.
+        self.pack_s: float | None = None
         self.chunks_by_tier: dict[str, int] = {}  # where its weights came from
         self.model_name = ""
         self._sock = sock
@@ -230,6 +233,7 @@ class WorkerProcess:
             self.phases.update(message["phases"])
             self.chunks_by_tier = dict(message.get("chunks_by_tier", {}))
             self._prompts = prompts
+            self.pack_s = None  # a new engine: packing starts over
             self.state, self.warmth = WorkerState.READY, Warmth.READY
             self._changed.notify_all()
 
@@ -309,6 +313,18 @@ class WorkerProcess:
         """As of the worker's last step."""
         return int(self._free_kv_blocks)
 
+    def wait_packed(self, timeout_s: float) -> bool:
+        """Waits until this READY worker has packed its matrices (see ``pack_s``); False
+        if it did not within ``timeout_s``, or stopped being READY."""
+        deadline = time.monotonic() + timeout_s
+        with self._changed:
+            while self.pack_s is None:
+                left = deadline - time.monotonic()
+                if left <= 0 or self.state not in (WorkerState.READY, WorkerState.BUSY):
+                    return False
+                self._changed.wait(left)
+            return True
+
     def describe(self) -> dict[str, Any]:
         """A status row for ``ember pool status`` and /workers."""
         return {
@@ -317,6 +333,7 @@ class WorkerProcess:
             "state": self.state.value,
             "warmth": self.warmth.name,
             "in_flight": self.queue_depth,
+            "pack_s": self.pack_s,
             "idle_s": None,
             "cold_start": dict(self.phases),
         }
@@ -381,6 +398,10 @@ class WorkerProcess:
                     self._on_ready(message)
                 elif op == "warm":
                     self._on_warm(message)
+                elif op == "packed":
+                    with self._changed:
+                        self.pack_s = message["pack_s"]
+                        self._changed.notify_all()
                 elif op == "failed":
                     with self._lock:
                         self._fail(message["reason"])

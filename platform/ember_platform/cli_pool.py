@@ -40,7 +40,7 @@ def fetch_workers(url: str) -> list[dict[str, Any]]:
 
 
 def render(rows: list[dict[str, Any]]) -> str:
-    head = ["model", "worker", "pid", "state", "warmth", "in flight", "idle s", *PHASES]
+    head = ["model", "worker", "pid", "state", "warmth", "in flight", "idle s", "packed", *PHASES]
     table = [head]
     for r in rows:
         cold = r.get("cold_start") or {}
@@ -53,6 +53,7 @@ def render(rows: list[dict[str, Any]]) -> str:
                 str(r.get("warmth", "-")),
                 str(r["in_flight"]),
                 "-" if r.get("idle_s") is None else f"{r['idle_s']:.1f}",
+                "-" if r.get("pack_s") is None else f"{r['pack_s']:.3f}",
                 *(f"{cold[p]:.3f}" if p in cold else "-" for p in PHASES),
             ]
         )

@@ -4,6 +4,7 @@ its Unix socket by ``WorkerProcess``, the router's handle."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import random
@@ -108,6 +109,32 @@ def test_ready_worker_reports_its_cold_start_and_serves_exactly_what_the_engine_
         (want,) = reference.generate([prompt], GREEDY_16)
         assert (got.token_ids, got.text, got.usage) == (want.token_ids, want.text, want.usage)
         assert got.finish_reason == "length"
+
+
+def test_an_idle_bf16_worker_packs_its_matrices_and_its_tokens_do_not_change(
+    tiny_model: Callable[..., Path], tmp_path: Path
+) -> None:
+    import torch
+
+    from ember_functions.linear import Linear
+
+    config = dataclasses.replace(CONFIG, dtype="bfloat16")
+    worker = WorkerProcess.spawn(
+        worker_id=f"t{os.getpid()}-packs",
+        model=str(tiny_model("llama", torch.bfloat16)),
+        home=tmp_path,
+        engine_config=config,
+    )
+    try:
+        first = result_within(submit(worker, prompt_ids(7, 20), GREEDY_16, "before"))
+        assert worker.wait_packed(timeout_s=TIMEOUT_S)
+        assert worker.pack_s is not None and worker.describe()["pack_s"] == worker.pack_s
+        if Linear(device=torch.device("cpu"), dtype=torch.bfloat16).packs:
+            assert worker.pack_s > 0
+        again = result_within(submit(worker, prompt_ids(7, 20), GREEDY_16, "after"))
+        assert again.token_ids == first.token_ids
+    finally:
+        worker.close()
 
 
 def test_concurrent_streams_batch_and_give_every_kv_block_back(worker: WorkerProcess) -> None:

@@ -285,6 +285,7 @@ class ModelPool:
                     "state": WorkerState.STARTING.value,
                     "warmth": warmth.name,
                     "in_flight": 0,
+                    "pack_s": None,
                     "idle_s": None,
                     "cold_start": {},
                 }
