@@ -11,6 +11,8 @@ SDPA call each, causal with an offset when earlier context is cached.
 
 from __future__ import annotations
 
+import math
+import mmap
 from dataclasses import dataclass, field
 
 import torch
@@ -62,7 +64,7 @@ class KVCache:
         shape = (num_layers, 2, num_kv_heads, num_blocks, block_size, head_dim)
         self.block_size = block_size
         self.num_blocks = num_blocks
-        self.data = torch.zeros(shape, dtype=dtype, device=device)
+        self.data = _zeros(shape, dtype=dtype, device=device)
 
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Flat ``[num_kv_heads, num_slots, head_dim]`` views of one layer's K and V."""
@@ -89,6 +91,19 @@ class KVCache:
     @property
     def size_bytes(self) -> int:
         return self.data.numel() * self.data.element_size()
+
+
+def _zeros(shape: tuple[int, ...], *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zero tensor. On CPU it lives in anonymous memory, which the kernel zero-fills a
+    page at a time when first touched: ``torch.zeros`` would write the whole cache up
+    front (a page fault and a memset per 4 KiB, ~0.3 s per GiB on a cold start), while
+    a request only touches the blocks it fills. Zeros, not garbage, because padded
+    decode slots are read (masked, but 0 x NaN is NaN)."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    count = math.prod(shape)
+    buffer = mmap.mmap(-1, max(1, count * dtype.itemsize))
+    return torch.frombuffer(buffer, dtype=dtype, count=count).view(shape)
 
 
 def paged_attention(

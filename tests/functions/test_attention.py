@@ -98,3 +98,28 @@ def test_decodes_of_unequal_lengths_then_prefills_match_the_reference(
     torch.testing.assert_close(out[3:7].double(), want, atol=atol, rtol=0)
     want = reference(q[7:], at(k_cache, chunk_slots), at(v_cache, chunk_slots), [6, 7, 8])
     torch.testing.assert_close(out[7:].double(), want, atol=atol, rtol=0)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+def test_a_cpu_kv_cache_reads_as_zeros_and_takes_memory_only_where_written() -> None:
+    before = _rss_bytes()
+    cache = KVCache(
+        num_layers=8,
+        num_blocks=4096,
+        block_size=16,
+        num_kv_heads=4,
+        head_dim=64,
+        dtype=torch.bfloat16,
+        device=torch.device("cpu"),
+    )  # 512 MiB
+    assert cache.size_bytes == 512 << 20
+    grown = _rss_bytes() - before
+    assert grown < 32 << 20, f"allocating the cache touched {grown >> 20} MiB of it"
+    k, _ = cache.layer(3)
+    assert not k[:, 1000:1100].any()
+    k[:, 5:9] = 1.0
+    assert cache.read_blocks([0]).sum() == 4 * 4 * 64
