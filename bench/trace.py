@@ -24,7 +24,13 @@ request arrived) are the gateway's own counters (``/metrics``, ``ember_pool_*``)
 the start and the end of the measured window.
 
 Request service time and the cold start are measured first (``service_s`` feeds the
-pools' Little's-law sizing), and printed.
+pools' Little's-law sizing), and printed. The trace's rates are set from that service
+time: ``--peak-load`` is the load at midday in busy workers (rate x service time), so
+the pool at the peak of a burst needs about ``peak_load * burst_factor`` workers on any
+machine and engine. A fixed rate would not keep the comparison about pool policy: when
+the engine got 3x faster, the same 1.5 requests/s sized the fixed pool down to two
+workers, and the policies differed by fractions of one worker. ``--peak`` replays a fixed
+rate instead.
 """
 
 from __future__ import annotations
@@ -236,6 +242,13 @@ async def replay(gw: Gateway, trace: list[float], sc: Scenario) -> dict[str, Any
         "cold_share": d.get("requests_cold", 0.0) / placed if placed else 0.0,
         "worker_s": d.get("worker_seconds", 0.0),
         "starts": d.get("worker_starts", 0.0),
+        # Every measured request: [scheduled arrival s, TTFT s or null], to see where in
+        # the day (a burst, a gap's end) the slow ones fall.
+        "ttft_by_arrival": [
+            [round(t, 3), round(r[0], 4) if r[2] else None]
+            for r, t in zip(results, trace, strict=True)
+            if t >= measure_from_s
+        ],
     }
 
 
@@ -267,8 +280,14 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m", help="installed name, alias or directory")
     ap.add_argument("--day-s", type=float, default=120.0, help="one compressed day, seconds")
     ap.add_argument("--days", type=int, default=3, help="the first trains; the rest count")
-    ap.add_argument("--peak", type=float, default=1.5, help="requests/s at midday")
-    ap.add_argument("--trough", type=float, default=0.05, help="requests/s at midnight")
+    ap.add_argument(
+        "--peak-load",
+        type=float,
+        default=1.2,
+        help="busy workers at midday before bursts (rate x calibrated service time)",
+    )
+    ap.add_argument("--peak", type=float, default=None, help="requests/s at midday (fixed)")
+    ap.add_argument("--trough-fraction", type=float, default=1 / 30, help="midnight / midday")
     ap.add_argument("--burst-factor", type=float, default=3.0)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--max-tokens", type=int, default=16)
@@ -278,25 +297,10 @@ def main() -> None:
     ap.add_argument("--host-cache-mib", type=int, default=1024, help="workers' shared RAM tier")
     ap.add_argument("--quick", action="store_true", help="12 s days: a smoke run")
     args = ap.parse_args()
-    sc = Scenario(
-        day_s=12.0 if args.quick else args.day_s,
-        days=args.days,
-        peak_rate_per_s=args.peak,
-        trough_rate_per_s=args.trough,
-        burst_factor=args.burst_factor,
-        seed=args.seed,
-        max_tokens=args.max_tokens,
-        max_workers=args.max_workers,
-        target_concurrency=args.target_concurrency,
-        threads=args.threads,
-    )
     from ember_weights_store import default_home
 
     home = default_home()
-    trace = sc.trace()
-    common = {"threads": sc.threads, "host_cache_mib": args.host_cache_mib}
-    measured_n = sum(1 for t in trace if t >= sc.day_s)
-    print(f"trace: {len(trace)} requests over {sc.days} x {sc.day_s:.0f} s, {measured_n} measured")
+    common = {"threads": args.threads, "host_cache_mib": args.host_cache_mib}
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -304,11 +308,31 @@ def main() -> None:
         probe = Gateway(args.model, home, tmp, "calibrate", {**common, **two})
         try:
             probe.wait_ready_workers(2)
-            service_s, cold_s = calibrate(probe, sc.max_tokens)
+            service_s, cold_s = calibrate(probe, args.max_tokens)
         finally:
             probe.stop()
-        pools = sc.pools(service_s, cold_s)
         print(f"service_s {service_s:.3f} (a request on a warm worker), cold start {cold_s:.3f} s")
+        peak = args.peak if args.peak is not None else args.peak_load / service_s
+        sc = Scenario(
+            day_s=12.0 if args.quick else args.day_s,
+            days=args.days,
+            peak_rate_per_s=round(peak, 3),
+            trough_rate_per_s=round(peak * args.trough_fraction, 4),
+            burst_factor=args.burst_factor,
+            seed=args.seed,
+            max_tokens=args.max_tokens,
+            max_workers=args.max_workers,
+            target_concurrency=args.target_concurrency,
+            threads=args.threads,
+        )
+        trace = sc.trace()
+        measured_n = sum(1 for t in trace if t >= sc.day_s)
+        print(
+            f"trace: {len(trace)} requests over {sc.days} x {sc.day_s:.0f} s, {measured_n} "
+            f"measured; {sc.peak_rate_per_s:.2f} requests/s at midday, x{sc.burst_factor:g} "
+            "in bursts"
+        )
+        pools = sc.pools(service_s, cold_s)
         for name in POLICIES:
             gw = Gateway(args.model, home, tmp, name, {**common, **pools[name]})
             try:
