@@ -20,6 +20,8 @@ binds (``LLMEngine.pack_weights``).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -28,6 +30,7 @@ def _onednn_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> 
     return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w, b, "none", [], "")
 
 
+@functools.cache  # a property of this torch build and CPU: probed once per process
 def _onednn_works() -> bool:
     if not (
         torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
@@ -45,6 +48,7 @@ def _onednn_works() -> bool:
 _PACK_ROWS = 512
 
 
+@functools.cache
 def _packing_works(dtype: torch.dtype) -> bool:
     if not (
         dtype == torch.bfloat16
@@ -69,8 +73,15 @@ class Linear:
     """
 
     def __init__(self, *, device: torch.device, dtype: torch.dtype) -> None:
+        self.device, self.dtype = device, dtype
         self.onednn = device.type == "cpu" and dtype == torch.float32 and _onednn_works()
-        self.packs = device.type == "cpu" and _packing_works(dtype)
+
+    @functools.cached_property
+    def packs(self) -> bool:
+        """Whether :meth:`pack` applies. Probed when first asked, which is when an idle
+        worker starts packing, so the probe (~10 ms: oneDNN's first call) stays off the
+        bind and the first request."""
+        return self.device.type == "cpu" and _packing_works(self.dtype)
 
     def pack(self, w: torch.Tensor) -> torch.Tensor | None:  # [out, in] -> opaque oneDNN
         """A copy of ``w`` in oneDNN's blocked layout, or None where packing does not
