@@ -36,9 +36,10 @@ class EngineConfig:
     # again in RAM). A lone sequence then rounds activations to bf16, so its tokens can
     # differ from the same request batched; dtype="float32" is exactly batch-invariant.
     gemv_weights: bool = True
-    # On CPUs computing bf16: keep a copy of every matrix in oneDNN's blocked layout
-    # (1.2-2.5x faster matmuls; the model's size again in private RAM). A worker packs
-    # while idle once it serves; an engine in a script packs on pack_weights().
+    # On CPUs with oneDNN: keep a copy of every matrix in its blocked layout (1.2-2.5x
+    # faster matmuls below ~40 rows, even from 64 up; the compute-dtype model's size
+    # again in private RAM). A worker packs while idle once it serves; an engine in a
+    # script packs on pack_weights().
     pack_weights: bool = True
     seed: int = 0  # for requests that give no seed
 

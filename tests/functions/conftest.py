@@ -98,3 +98,15 @@ def copy_model(tiny_model: Callable[..., Path], tmp_path: Path) -> Callable[...,
         return dst
 
     return copy
+
+
+@pytest.fixture
+def packing_dtype() -> str:
+    """A compute dtype this CPU packs matrices in (bf16 where oneDNN computes it, else
+    float32); skips the test where oneDNN packs neither."""
+    from ember_functions.linear import Linear
+
+    for dtype in (torch.bfloat16, torch.float32):
+        if Linear(device=torch.device("cpu"), dtype=dtype).packs:
+            return str(dtype).removeprefix("torch.")
+    pytest.skip("this torch build cannot pack matrices (no oneDNN)")

@@ -1,5 +1,5 @@
 """The projection kernel policy: float32 compute, bf16 copies for single-row decode,
-and packed (oneDNN-blocked) matrices where the CPU computes bf16."""
+and packed (oneDNN-blocked) matrices wherever oneDNN runs the compute dtype."""
 
 from __future__ import annotations
 
@@ -86,38 +86,64 @@ def test_from_the_store_fused_bf16_copies_are_views_of_the_loaded_buffers(
     )
 
 
-needs_packing = pytest.mark.skipif(
-    not Linear(device=CPU, dtype=torch.bfloat16).packs,
-    reason="this CPU or torch build cannot pack bf16 matrices (no oneDNN bf16)",
-)
+def _packs(dtype: torch.dtype) -> bool:
+    return Linear(device=CPU, dtype=dtype).packs
 
 
-@needs_packing
-def test_packed_matrices_give_what_the_plain_ones_give() -> None:
+PACKING_DTYPES = [
+    pytest.param(
+        dtype,
+        marks=pytest.mark.skipif(
+            not _packs(dtype), reason=f"this CPU or torch build cannot pack {dtype} (no oneDNN)"
+        ),
+        id=str(dtype).removeprefix("torch."),
+    )
+    for dtype in (torch.bfloat16, torch.float32)
+]
+
+
+@pytest.mark.parametrize("dtype", PACKING_DTYPES)
+def test_packed_matrices_give_what_the_plain_ones_give(dtype: torch.dtype) -> None:
     g = torch.Generator().manual_seed(2)
-    w = torch.randn(96, 64, generator=g).bfloat16()
-    b = torch.randn(96, generator=g).bfloat16()
-    lin = Linear(device=CPU, dtype=torch.bfloat16)
+    w = torch.randn(96, 64, generator=g).to(dtype)
+    b = torch.randn(96, generator=g).to(dtype)
+    lin = Linear(device=CPU, dtype=dtype)
     packed = lin.pack(w)
     assert packed is not None and packed.is_mkldnn
+    tol = {"atol": 0.1, "rtol": 0.02} if dtype == torch.bfloat16 else {"atol": 1e-4, "rtol": 1e-4}
     for rows in (1, 5, 512):
-        x = torch.randn(rows, 64, generator=g).bfloat16()
+        x = torch.randn(rows, 64, generator=g).to(dtype)
         ref = torch.nn.functional.linear(x.float(), w.float(), b.float())
-        torch.testing.assert_close(lin(x, w, b, None, packed).float(), ref, atol=0.1, rtol=0.02)
-        torch.testing.assert_close(lin(x, w, None, None, packed), lin(x, w))
+        torch.testing.assert_close(lin(x, w, b, None, packed).float(), ref, **tol)
+        torch.testing.assert_close(lin(x, w, None, None, packed), lin(x, w), **tol)
 
 
-def test_nothing_is_packed_in_float32() -> None:
+@pytest.mark.skipif(not _packs(torch.float32), reason="this torch build cannot pack float32")
+def test_a_packed_float32_row_does_not_depend_on_the_rows_beside_it() -> None:
+    """What keeps dtype="float32" batch-invariant once a worker has packed: row i of a
+    packed product is bit-identical whether 1, 37 or 600 rows are multiplied."""
+    g = torch.Generator().manual_seed(3)
     lin = Linear(device=CPU, dtype=torch.float32)
-    assert lin.pack(torch.randn(8, 8)) is None
+    w = torch.randn(3072, 576, generator=g)
+    packed = lin.pack(w)
+    x = torch.randn(600, 576, generator=g)
+    full = lin(x, w, None, None, packed)
+    for rows in (1, 2, 17, 37, 128, 512):
+        assert torch.equal(lin(x[:rows], w, None, None, packed), full[:rows]), rows
 
 
-@needs_packing
+def test_float16_is_not_packed() -> None:
+    lin = Linear(device=CPU, dtype=torch.float16)
+    assert lin.pack(torch.randn(8, 8).half()) is None
+
+
+@pytest.mark.parametrize("dtype", PACKING_DTYPES)
 def test_an_engine_packs_a_layer_at_a_time_and_generates_the_same_tokens(
-    tiny_model: Callable[..., Path],
+    tiny_model: Callable[..., Path], dtype: torch.dtype
 ) -> None:
     model_dir = tiny_model("llama", torch.bfloat16)
-    engine = LLMEngine.from_dir(model_dir, config=EngineConfig(num_kv_blocks=32, dtype="bfloat16"))
+    name = str(dtype).removeprefix("torch.")
+    engine = LLMEngine.from_dir(model_dir, config=EngineConfig(num_kv_blocks=32, dtype=name))
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     prompts = [[5, 6, 7, 8], [9, 10, 11]]
     before = [o.token_ids for o in engine.generate(prompts, params)]

@@ -14,23 +14,18 @@ import torch
 
 from ember_functions.engine import LLMEngine
 from ember_functions.engine_config import EngineConfig
-from ember_functions.linear import Linear
 from ember_functions.rpc import FrameReader, FrameWriter, pack_params, unpack_output
 from ember_functions.sampling_params import SamplingParams
 from ember_functions.worker import _Inbox, _Serve
 
-pytestmark = pytest.mark.skipif(
-    not Linear(device=torch.device("cpu"), dtype=torch.bfloat16).packs,
-    reason="this CPU or torch build cannot pack bf16 matrices (no oneDNN bf16)",
-)
-
 
 @pytest.fixture
 def serving(
-    tiny_model: Callable[..., Path],
+    tiny_model: Callable[..., Path], packing_dtype: str
 ) -> Iterator[tuple[LLMEngine, FrameWriter, FrameReader, threading.Thread]]:
     engine = LLMEngine.from_dir(
-        tiny_model("llama", torch.bfloat16), config=EngineConfig(num_kv_blocks=32, dtype="bfloat16")
+        tiny_model("llama", torch.bfloat16),
+        config=EngineConfig(num_kv_blocks=32, dtype=packing_dtype),
     )
     worker_end, router_end = socket.socketpair()
     loop = _Serve(engine, _Inbox(FrameReader(worker_end)), FrameWriter(worker_end))
