@@ -19,6 +19,9 @@ Peers in the same run, what people write today: a fresh ``python`` running trans
 ``AutoModelForCausalLM.from_pretrained`` on the same model from local disk and generating
 the first token; and a fresh process starting vLLM's CPU build (``.venv-peers``, from
 ``bench/setup_peers.sh``; ``enforce_eager=True``) and generating the first token.
+And the floor: a fresh ``python`` that only imports torch. The object, disk and host
+states start a new interpreter that imports torch too, so transformers' time over this
+one (``speedup_ceiling_new_interpreter``) bounds their speedups on this machine.
 Each state is measured ``--rounds`` times, interleaved, medians reported. Phases come
 from the worker's own report: spawn (until it connects), imports, manifest, fetch,
 decompress, bind (load minus the weights' wall time: building the model on the
@@ -237,6 +240,13 @@ print("FIRST_TOKEN", flush=True)
     return _time_to_marker([sys.executable, "-c", code])
 
 
+def import_torch_s(threads: int) -> float:
+    """A fresh interpreter that imports torch and stops: the floor under the three
+    new-interpreter states, which import it too (as the transformers peer does)."""
+    code = f"import torch\ntorch.set_num_threads({threads})\nprint('FIRST_TOKEN', flush=True)"
+    return _time_to_marker([sys.executable, "-c", code])
+
+
 def vllm_ttft(model_dir: Path, threads: int) -> float | str:
     python = ROOT / ".venv-peers" / "bin" / "python"
     if not python.exists():
@@ -294,6 +304,7 @@ def _measure_model(
     phases: dict[str, list[dict[str, float]]] = {s: [] for s in STATES}
     tiers: dict[str, str] = {}
     peer_ttft: dict[str, list[float]] = {"transformers": [], "vllm": []}
+    floor: list[float] = []
     peer_errors: dict[str, str] = {}
     with Zygote.start(zygote_id=f"cs{os.getpid()}") as zygote:
         run.first_worker(zygote)
@@ -303,6 +314,7 @@ def _measure_model(
                 ttft[state].append(t)
                 phases[state].append(p)
                 tiers[state] = where
+            floor.append(import_torch_s(threads))
             if peers:
                 peer_ttft["transformers"].append(transformers_ttft(model_dir, threads))
                 v = vllm_ttft(model_dir, threads) if r == 0 else None
@@ -325,6 +337,9 @@ def _measure_model(
         out[f"speedup_{state}"] = base / out[f"ttft_s_{state}"] if base else None
     vllm = out["ttft_s_vllm"]
     out["speedup_vllm_disk"] = vllm / out["ttft_s_disk"] if vllm else None
+    # No worker that needs torch, started as a new interpreter, can beat this ratio here.
+    out["import_torch_s"] = statistics.median(floor)
+    out["speedup_ceiling_new_interpreter"] = base / out["import_torch_s"] if base else None
     return out
 
 
@@ -345,6 +360,12 @@ def print_table(res: dict[str, Any]) -> None:
         t = res[f"ttft_s_{peer}"]
         note = res["peer_errors"].get(peer, "")
         print(f"{peer:<12}{(f'{t:.3f}' if t else '-'):>8}   {note}")
+    ceiling = res["speedup_ceiling_new_interpreter"]
+    print(
+        f"{'import torch':<12}{res['import_torch_s']:>8.3f}"
+        f"{(f'{ceiling:.1f}' if ceiling else '-'):>8}  a new interpreter importing torch, "
+        "nothing else: the ceiling of object, disk and host"
+    )
 
 
 def draw(results: list[dict[str, Any]], path: Path) -> None:
@@ -367,6 +388,14 @@ def draw(results: list[dict[str, Any]], path: Path) -> None:
         peers = [res["ttft_s_transformers"] or 0.0, res["ttft_s_vllm"] or 0.0]
         ax.bar(labels[-2:], peers, color="grey", label="peer, total")
         # Linear: stacked phases on a log axis would misstate their shares.
+        ax.axhline(res["import_torch_s"], color="black", linestyle=":", linewidth=1)
+        ax.annotate(
+            "import torch (new interpreter)",
+            (len(labels) - 0.5, res["import_torch_s"]),
+            ha="right",
+            va="bottom",
+            fontsize=7,
+        )
         totals = [res[f"ttft_s_{s}"] for s in STATES] + peers
         for x, total in enumerate(totals):
             if total:

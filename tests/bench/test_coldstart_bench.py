@@ -35,6 +35,9 @@ def test_coldstart_bench_quick_writes_its_json(
         assert set(result[f"phases_{state}"]) >= {"spawn", "imports", "fetch", "first_token"}
     assert result["ttft_s_transformers"] > 0
     assert "ttft_s_vllm" in result and "speedup_vllm_disk" in result
+    # The floor under every new-interpreter state: importing torch, which they all do.
+    assert 0 < result["import_torch_s"] < min(result[f"ttft_s_{s}"] for s in ("disk", "host"))
+    assert result["speedup_ceiling_new_interpreter"] > result["speedup_host"]
     # Where the weights came from is what each state claims.
     assert result["tiers"]["object"] == "s3" and result["tiers"]["host"] == "host"
     assert result["tiers"]["prewarmed"] == "host" and result["tiers"]["disk"] == "disk"
