@@ -53,6 +53,10 @@ log = logging.getLogger("ember.worker")
 # its router can tell a hung worker from a quiet one (see ``WorkerProcess.silent_s``).
 HEARTBEAT_S = 1.0
 _ALIVE = {"op": "alive"}
+# A READY worker packs its matrices (Linear.pack) only once it has been idle this long: one
+# that has just started was usually started for a request on its way, which packing
+# would delay (its first layer also pays oneDNN's first call, ~10 ms).
+PACK_AFTER_IDLE_S = 0.25
 
 __all__ = ["main"]
 
@@ -91,11 +95,13 @@ class _Serve:
         """Serves until told to stop or demote; returns ``"stop"`` or ``"demote"``."""
         engine, wake = self.engine, self.inbox.wake
         packed, pack_s = False, 0.0
+        busy_until = time.monotonic()  # when the engine last had work
         while self._drain():
             if not engine.has_unfinished():
                 if self.demote:
                     return "demote"
-                if not packed and not wake.is_set():
+                idle_s = time.monotonic() - busy_until
+                if not packed and not wake.is_set() and idle_s >= PACK_AFTER_IDLE_S:
                     # Idle: pack one more layer, then look at the inbox again, so a
                     # request that arrives waits for one layer's packing at most.
                     t0 = time.perf_counter()
@@ -104,11 +110,13 @@ class _Serve:
                     if packed:
                         self.writer.send({"op": "packed", "pack_s": pack_s})
                     continue
-                if not wake.wait(timeout=HEARTBEAT_S):
+                wait_s = HEARTBEAT_S if packed else max(0.0, PACK_AFTER_IDLE_S - idle_s)
+                if not wake.wait(timeout=wait_s) and packed:
                     self.writer.send(_ALIVE)  # idle, and this loop still turns
                 wake.clear()
                 continue
             self._send(engine.step())
+            busy_until = time.monotonic()
         engine.cancel_all()
         outs = engine.step()
         if outs:  # the router may be gone: then nobody is left to tell

@@ -16,7 +16,7 @@ from ember_functions.engine import LLMEngine
 from ember_functions.engine_config import EngineConfig
 from ember_functions.rpc import FrameReader, FrameWriter, pack_params, unpack_output
 from ember_functions.sampling_params import SamplingParams
-from ember_functions.worker import _Inbox, _Serve
+from ember_functions.worker import PACK_AFTER_IDLE_S, _Inbox, _Serve
 
 
 @pytest.fixture
@@ -77,3 +77,17 @@ def test_an_idle_worker_packs_its_matrices_and_still_serves(
     send.send({"op": "stop"})
     thread.join(timeout=10)
     assert not thread.is_alive()
+
+
+def test_a_worker_that_has_just_become_ready_waits_before_packing(
+    serving: tuple[LLMEngine, FrameWriter, FrameReader, threading.Thread],
+) -> None:
+    """A new worker was usually started for a request on its way: packing waits until
+    the worker has been idle PACK_AFTER_IDLE_S, so that request does not wait on it."""
+    engine, _send, _receive, _thread = serving
+    time.sleep(PACK_AFTER_IDLE_S / 3)
+    assert not any(layer.packed for layer in engine.model.decoder_layers)
+    deadline = time.monotonic() + 30
+    while engine.model.head_packed is None:
+        assert time.monotonic() < deadline, "the idle worker never packed"
+        time.sleep(0.01)
