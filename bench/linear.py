@@ -37,8 +37,11 @@ _SMOLLM2 = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": 
 
 
 def layer_shapes(model: str) -> dict[str, tuple[int, int]]:
-    """The four [out, in] matrix shapes of one of ``model``'s layers."""
+    """The [out, in] shapes of one of ``model``'s layers' matrices, as the engine lays
+    them out (``DecoderLayer.matrices``: fused qkv, o, fused gate/up, down)."""
     from ember_functions.config import ModelConfig
+    from ember_functions.linear import Linear
+    from ember_functions.model import LlamaModel
     from ember_weights_store import ModelCatalog
 
     try:
@@ -47,13 +50,9 @@ def layer_shapes(model: str) -> dict[str, tuple[int, int]]:
     except Exception as exc:  # not installed: the default model's shapes still say something
         print(f"{model}: {exc}; using SmolLM2-135M's shapes", file=sys.stderr)
         return dict(_SMOLLM2)
-    h = config.hidden_size
-    return {
-        "qkv": (config.q_size + 2 * config.kv_size, h),
-        "o": (h, config.q_size),
-        "gate_up": (2 * config.intermediate_size, h),
-        "down": (h, config.intermediate_size),
-    }
+    with torch.device("meta"):  # shapes only: no weights are allocated
+        layer = LlamaModel(config, linear=Linear(device=torch.device("cpu"), dtype=torch.float32))
+    return {n: (w.shape[0], w.shape[1]) for n, w in layer.decoder_layers[0].matrices().items()}
 
 
 def _median_s(fn: Callable[[], object], repeats: int) -> float:
@@ -76,21 +75,22 @@ def measure(
     lin = Linear(device=torch.device("cpu"), dtype=dtype)
     gen = torch.Generator().manual_seed(0)
     mats = {n: torch.randn(shape, generator=gen).to(dtype) for n, shape in shapes.items()}
-    packed = {n: lin.pack(w) for n, w in mats.items()}
+    packed = {n: lin.pack(w) for n, w in mats.items()} if lin.packs else None
     out = []
     for t in rows:
-        row: dict[str, Any] = {"rows": t, "f_linear_ms": 0.0, "onednn_ms": 0.0, "packed_ms": 0.0}
+        ms = {"f_linear_ms": 0.0, "onednn_ms": 0.0, "packed_ms": 0.0}
         for name, w in mats.items():
             x = torch.randn(t, w.shape[1], generator=gen).to(dtype)
-            row["f_linear_ms"] += 1e3 * _median_s(partial(F.linear, x, w), repeats)
-            row["onednn_ms"] += 1e3 * _median_s(partial(_onednn_linear, x, w, None), repeats)
-            p = packed[name]
-            if p is None:
-                row["packed_ms"] = None
-            elif row["packed_ms"] is not None:
-                row["packed_ms"] += 1e3 * _median_s(partial(_onednn_linear, x, p, None), repeats)
-        if row["packed_ms"]:
-            row["speedup_packed"] = row["f_linear_ms"] / row["packed_ms"]
+            ms["f_linear_ms"] += 1e3 * _median_s(partial(F.linear, x, w), repeats)
+            ms["onednn_ms"] += 1e3 * _median_s(partial(_onednn_linear, x, w, None), repeats)
+            if packed is not None:
+                p = packed[name]
+                ms["packed_ms"] += 1e3 * _median_s(partial(_onednn_linear, x, p, None), repeats)
+        row: dict[str, Any] = {"rows": t, **ms}
+        if packed is None:  # this CPU or build packs nothing
+            row["packed_ms"] = None
+        else:
+            row["speedup_packed"] = ms["f_linear_ms"] / ms["packed_ms"]
         out.append(row)
     return out
 

@@ -47,6 +47,21 @@ def test_smollm2_answers_the_capital_of_france(smollm2_dir: Path, dtype: str) ->
 
 
 @pytest.mark.slow
+def test_smollm2_batched_greedy_matches_single_requests(smollm2_dir: Path) -> None:
+    engine = LLMEngine.from_dir(
+        smollm2_dir, config=EngineConfig(dtype="float32", num_kv_blocks=128)
+    )
+    prompts = [
+        [{"role": "user", "content": q}]
+        for q in ("What is 2 + 2?", "Name a color.", "What is the capital of France?")
+    ]
+    params = SamplingParams(temperature=0, max_tokens=24)
+    batched = engine.generate(prompts, params)
+    single = [engine.generate([p], params)[0] for p in prompts]
+    assert [c.token_ids for c in batched] == [c.token_ids for c in single]
+
+
+@pytest.mark.slow
 def test_smollm2_in_bfloat16_stays_within_rounding_of_float32(
     smollm2_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
