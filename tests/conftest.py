@@ -58,6 +58,27 @@ def ember_test_home() -> Path:
     return Path(os.environ.get("EMBER_TEST_HOME", root / ".cache" / "ember-test"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _release_host_tiers(
+    tmp_path_factory: pytest.TempPathFactory, ember_test_home: Path
+) -> Iterator[None]:
+    """Gives back the RAM of the host tiers this session's homes filled. A host tier lives
+    in /dev/shm, named after its home, and outlives it: without this every test run (every
+    fresh clone, for the shared test home) would leave its models there, in RAM, until
+    the next reboot."""
+    yield
+    import shutil
+
+    from ember_weights_store import ModelCatalog
+
+    basetemp = tmp_path_factory.getbasetemp()
+    homes = [ember_test_home, *(p for p in basetemp.rglob("*") if p.is_dir())]
+    for home in homes:
+        root = ModelCatalog(home).host_cache_root
+        if root.exists():
+            shutil.rmtree(root, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir(ember_test_home: Path) -> Path:
     """The real default model (SmolLM2-135M-Instruct, bf16), installed the way users

@@ -61,17 +61,40 @@ def test_smollm2_batched_greedy_matches_single_requests(smollm2_dir: Path) -> No
     assert [c.token_ids for c in batched] == [c.token_ids for c in single]
 
 
+def _transformers_logits(model_dir: Path, ids: list[int], dtype: torch.dtype) -> torch.Tensor:
+    """transformers' own logits for the next token after ``ids``, computed in ``dtype``."""
+    transformers = pytest.importorskip("transformers")
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    with torch.inference_mode():
+        return model(torch.tensor([ids])).logits[0, -1].float()  # [vocab]
+
+
+def _relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
+    return ((approx - exact).norm() / exact.norm()).item()
+
+
 @pytest.mark.slow
 def test_smollm2_in_bfloat16_stays_within_rounding_of_float32(
     smollm2_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """bf16 compute is approximate, so its greedy text may legitimately differ: on this
-    prompt "The" and "L" are 0.1 apart in float32, and CPUs without bf16 units round
-    enough to swap them (transformers' bf16 lands either way too). What must hold is
-    that bf16's logits are float32's up to rounding, and its pick is a near-tie there."""
-    exact = _first_logits(_engine(smollm2_dir, "float32"), monkeypatch)
+    prompt "The" and "L" are 0.1 apart in float32, and bf16 rounding can swap them
+    (transformers' bf16 lands either way too). What must hold is that our bf16 is no
+    further from our float32 than transformers' bf16 is from its own float32 (how far
+    that is depends on the CPU: 0.8% relative on AVX2, 3.5% with AMX, where transformers'
+    was 5.2%), and that bf16's pick is a near-tie in float32."""
+    fp32 = _engine(smollm2_dir, "float32")
+    ids = fp32.prompts.encode(QUESTION, SamplingParams(temperature=0, max_tokens=1)).ids
+    exact = _first_logits(fp32, monkeypatch)
     approx = _first_logits(_engine(smollm2_dir, "bfloat16"), monkeypatch)
-    rel = ((approx - exact).norm() / exact.norm()).item()
-    assert rel < 0.02, f"bf16 logits are {rel:.3f} (relative) from float32's"
+    theirs = _relative_error(
+        _transformers_logits(smollm2_dir, ids, torch.bfloat16),
+        _transformers_logits(smollm2_dir, ids, torch.float32),
+    )
+    ours = _relative_error(approx, exact)
+    assert ours <= max(0.02, 1.25 * theirs), (
+        f"bf16 logits are {ours:.3f} (relative) from float32's; transformers' bf16 is "
+        f"{theirs:.3f} from its float32"
+    )
     picked = int(approx.argmax())
     assert exact[picked] >= exact.max() - 0.5, "bf16 picked a token float32 ranks far lower"
