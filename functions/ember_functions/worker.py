@@ -175,11 +175,13 @@ class _Serve:
 def preload() -> None:
     """Everything a worker imports before it can load a model: the imports phase of a
     cold start, and what the zygote does once for all its children."""
-    import torch  # noqa: F401
+    import torch
+    import torch.utils._device  # noqa: F401  (what `with torch.device("meta")` imports)
 
     import ember_functions.engine
     import ember_functions.loading  # noqa: F401
-    import ember_weights_store  # noqa: F401
+    import ember_weights_store
+    import ember_weights_store.catalog  # noqa: F401  (the package imports it lazily)
 
 
 def _readahead(args: argparse.Namespace) -> None:
