@@ -279,6 +279,11 @@ class LLMEngine:
             return True
         return self.model.pack_weights(max_layers=max_layers)
 
+    def next_pack_bytes(self) -> int:
+        """Host RAM the next ``pack_weights(max_layers=1)`` will take; 0 when nothing is
+        left to pack, or packing is off or does not apply here."""
+        return self.model.next_pack_bytes() if self.config.pack_weights else 0
+
     def has_unfinished(self) -> bool:
         return bool(self._requests) or bool(self._pending)
 

@@ -41,6 +41,9 @@ class EngineConfig:
     # again in private RAM). A worker packs while idle once it serves; an engine in a
     # script packs on pack_weights().
     pack_weights: bool = True
+    # Host RAM (bytes) packing leaves available: a worker stops packing before the layer
+    # that would go below it (see host_memory.py). None: a tenth of RAM, at least 1 GiB.
+    pack_min_free_bytes: int | None = None
     seed: int = 0  # for requests that give no seed
 
     def __post_init__(self) -> None:
@@ -64,6 +67,12 @@ class EngineConfig:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        floor = self.pack_min_free_bytes
+        bad_floor = isinstance(floor, bool) or not isinstance(floor, int) or floor < 0
+        if floor is not None and bad_floor:
+            raise ConfigError(
+                f"pack_min_free_bytes must be a byte count >= 0 or None, got {floor!r}"
+            )
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> EngineConfig:

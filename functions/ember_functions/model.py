@@ -175,6 +175,19 @@ class LlamaModel(nn.Module):
             budget -= 1
         return self._packed_units == total
 
+    def next_pack_bytes(self) -> int:
+        """Bytes of host RAM the next :meth:`pack_weights` unit (a layer, or the LM head
+        last) will allocate; 0 once everything is packed or packing does not apply."""
+        if not self.linear.packs:
+            return 0
+        if self._packed_units < len(self.decoder_layers):
+            mats = list(self.decoder_layers[self._packed_units].matrices().values())
+        elif self._packed_units == len(self.decoder_layers):
+            mats = [self.head]
+        else:
+            return 0
+        return sum(m.numel() * self.dtype.itemsize for m in mats)  # packed in compute dtype
+
     def add_gemv_weights(
         self, dtype: torch.dtype, given: Mapping[str, torch.Tensor] | None = None
     ) -> None:

@@ -33,6 +33,7 @@ from collections.abc import Mapping  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import TYPE_CHECKING, Any  # noqa: E402
 
+from ember_functions.host_memory import packing_refusal, read_host_memory  # noqa: E402
 from ember_functions.rpc import (  # noqa: E402
     FrameReader,
     FrameWriter,
@@ -104,11 +105,21 @@ class _Serve:
                 if not packed and not wake.is_set() and idle_s >= PACK_AFTER_IDLE_S:
                     # Idle: pack one more layer, then look at the inbox again, so a
                     # request that arrives waits for one layer's packing at most.
+                    refusal = packing_refusal(
+                        engine.next_pack_bytes(),
+                        read_host_memory(),
+                        min_free_bytes=engine.config.pack_min_free_bytes,
+                    )
+                    if refusal is not None:
+                        log.warning("stopped packing: %s", refusal)
+                        packed = True
+                        self.writer.send({"op": "packed", "pack_s": pack_s, "stopped": refusal})
+                        continue
                     t0 = time.perf_counter()
                     packed = engine.pack_weights(max_layers=1)
                     pack_s += time.perf_counter() - t0
                     if packed:
-                        self.writer.send({"op": "packed", "pack_s": pack_s})
+                        self.writer.send({"op": "packed", "pack_s": pack_s, "stopped": None})
                     continue
                 wait_s = HEARTBEAT_S if packed else max(0.0, PACK_AFTER_IDLE_S - idle_s)
                 if not wake.wait(timeout=wait_s) and packed:

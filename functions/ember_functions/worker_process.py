@@ -90,6 +90,8 @@ class WorkerProcess:
         # Seconds its engine spent packing its matrices (Linear.pack), once done: a READY
         # worker packs while idle, and runs at full speed from then on. None before.
         self.pack_s: float | None = None
+        # Why it stopped packing part-way (host RAM ran short), or None.
+        self.pack_stopped: str | None = None
         self.chunks_by_tier: dict[str, int] = {}  # where its weights came from
         self.model_name = ""
         self._sock = sock
@@ -233,7 +235,7 @@ class WorkerProcess:
             self.phases.update(message["phases"])
             self.chunks_by_tier = dict(message.get("chunks_by_tier", {}))
             self._prompts = prompts
-            self.pack_s = None  # a new engine: packing starts over
+            self.pack_s = self.pack_stopped = None  # a new engine: packing starts over
             self.state, self.warmth = WorkerState.READY, Warmth.READY
             self._changed.notify_all()
 
@@ -314,8 +316,9 @@ class WorkerProcess:
         return int(self._free_kv_blocks)
 
     def wait_packed(self, timeout_s: float) -> bool:
-        """Waits until this READY worker has packed its matrices (see ``pack_s``); False
-        if it did not within ``timeout_s``, or stopped being READY."""
+        """Waits until this READY worker has packed its matrices, or stopped packing for
+        want of RAM (see ``pack_s``, ``pack_stopped``); False if neither happened within
+        ``timeout_s``, or it stopped being READY."""
         deadline = time.monotonic() + timeout_s
         with self._changed:
             while self.pack_s is None:
@@ -334,6 +337,7 @@ class WorkerProcess:
             "warmth": self.warmth.name,
             "in_flight": self.queue_depth,
             "pack_s": self.pack_s,
+            "pack_stopped": self.pack_stopped,
             "idle_s": None,
             "cold_start": dict(self.phases),
         }
@@ -401,6 +405,7 @@ class WorkerProcess:
                 elif op == "packed":
                     with self._changed:
                         self.pack_s = message["pack_s"]
+                        self.pack_stopped = message.get("stopped")
                         self._changed.notify_all()
                 elif op == "failed":
                     with self._lock:

@@ -39,6 +39,13 @@ def fetch_workers(url: str) -> list[dict[str, Any]]:
     return rows
 
 
+def _packed(row: dict[str, Any]) -> str:
+    """Seconds spent packing, once done; "partial" when host RAM stopped it part-way."""
+    if row.get("pack_s") is None:
+        return "-"
+    return f"{row['pack_s']:.3f}" + (" partial" if row.get("pack_stopped") else "")
+
+
 def render(rows: list[dict[str, Any]]) -> str:
     head = ["model", "worker", "pid", "state", "warmth", "in flight", "idle s", "packed", *PHASES]
     table = [head]
@@ -53,7 +60,7 @@ def render(rows: list[dict[str, Any]]) -> str:
                 str(r.get("warmth", "-")),
                 str(r["in_flight"]),
                 "-" if r.get("idle_s") is None else f"{r['idle_s']:.1f}",
-                "-" if r.get("pack_s") is None else f"{r['pack_s']:.3f}",
+                _packed(r),
                 *(f"{cold[p]:.3f}" if p in cold else "-" for p in PHASES),
             ]
         )

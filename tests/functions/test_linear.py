@@ -149,12 +149,17 @@ def test_an_engine_packs_a_layer_at_a_time_and_generates_the_same_tokens(
     before = [o.token_ids for o in engine.generate(prompts, params)]
     layers = engine.model.config.num_layers
     for done in range(1, layers + 1):  # every layer, then the LM head
+        mats = engine.model.decoder_layers[done - 1].matrices().values()
+        assert engine.next_pack_bytes() == sum(m.numel() * m.element_size() for m in mats)
         assert engine.pack_weights(max_layers=1) is False
         assert set(engine.model.decoder_layers[done - 1].packed) == {"qkv", "o", "gate_up", "down"}
     assert engine.model.head_packed is None
+    head = engine.model.head
+    assert engine.next_pack_bytes() == head.numel() * head.element_size()
     assert engine.pack_weights(max_layers=1) is True
     assert engine.model.head_packed is not None
     assert engine.pack_weights() is True  # nothing left
+    assert engine.next_pack_bytes() == 0
     after = [o.token_ids for o in engine.generate(prompts, params)]
     assert after == before
 
@@ -163,6 +168,7 @@ def test_packing_can_be_turned_off(tiny_model: Callable[..., Path]) -> None:
     model_dir = tiny_model("llama", torch.bfloat16)
     config = EngineConfig(num_kv_blocks=16, dtype="bfloat16", pack_weights=False)
     engine = LLMEngine.from_dir(model_dir, config=config)
+    assert engine.next_pack_bytes() == 0
     assert engine.pack_weights() is True
     assert engine.model.head_packed is None
     assert all(not layer.packed for layer in engine.model.decoder_layers)

@@ -448,6 +448,9 @@ def test_engine_config_rejects_bad_settings() -> None:
         EngineConfig(num_kv_blocks=-1)
     with pytest.raises(ConfigError, match="device"):
         EngineConfig(device="tpu")
+    with pytest.raises(ConfigError, match="pack_min_free_bytes"):
+        EngineConfig(pack_min_free_bytes=-1)
+    assert EngineConfig(pack_min_free_bytes=0).pack_min_free_bytes == 0
     with pytest.raises(ConfigError, match="blok_size"):
         EngineConfig.from_dict({"blok_size": 8})
     assert EngineConfig.from_dict({"block_size": 8}).block_size == 8

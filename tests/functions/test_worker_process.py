@@ -127,7 +127,32 @@ def test_an_idle_worker_packs_its_matrices_and_its_tokens_do_not_change(
         first = result_within(submit(worker, prompt_ids(7, 20), GREEDY_16, "before"))
         assert worker.wait_packed(timeout_s=TIMEOUT_S)
         assert worker.pack_s is not None and worker.describe()["pack_s"] == worker.pack_s
-        assert worker.pack_s > 0
+        assert worker.pack_s > 0 and worker.pack_stopped is None
+        again = result_within(submit(worker, prompt_ids(7, 20), GREEDY_16, "after"))
+        assert again.token_ids == first.token_ids
+    finally:
+        worker.close()
+
+
+def test_a_worker_stops_packing_where_host_ram_would_run_short_and_still_serves(
+    tiny_model: Callable[..., Path], tmp_path: Path, packing_dtype: str
+) -> None:
+    import torch
+
+    # More free RAM than any machine has: not one layer may be packed.
+    config = dataclasses.replace(CONFIG, dtype=packing_dtype, pack_min_free_bytes=1 << 60)
+    worker = WorkerProcess.spawn(
+        worker_id=f"t{os.getpid()}-no-ram",
+        model=str(tiny_model("llama", torch.bfloat16)),
+        home=tmp_path,
+        engine_config=config,
+    )
+    try:
+        first = result_within(submit(worker, prompt_ids(7, 20), GREEDY_16, "before"))
+        assert worker.wait_packed(timeout_s=TIMEOUT_S)
+        assert worker.pack_s == 0.0
+        assert worker.pack_stopped is not None and "pack_min_free_bytes" in worker.pack_stopped
+        assert worker.describe()["pack_stopped"] == worker.pack_stopped
         again = result_within(submit(worker, prompt_ids(7, 20), GREEDY_16, "after"))
         assert again.token_ids == first.token_ids
     finally:

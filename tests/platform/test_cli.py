@@ -74,3 +74,28 @@ def test_generate_on_the_default_model_knows_paris(
     )
     assert code == 0, err
     assert "Paris" in out
+
+
+def test_pool_status_says_when_a_worker_packed_only_part_of_its_model() -> None:
+    from ember_platform.cli_pool import render
+
+    row = {
+        "model": "m",
+        "worker_id": "w1",
+        "pid": 7,
+        "state": "READY",
+        "warmth": "READY",
+        "in_flight": 0,
+        "idle_s": 1.0,
+        "cold_start": {},
+    }
+    lines = render(
+        [
+            {**row, "pack_s": 0.25, "pack_stopped": None},
+            {**row, "worker_id": "w2", "pack_s": 0.1, "pack_stopped": "host RAM ran short"},
+            {**row, "worker_id": "w3", "pack_s": None, "pack_stopped": None},
+        ]
+    ).splitlines()
+    assert "0.250" in lines[1] and "partial" not in lines[1]
+    assert "0.100 partial" in lines[2]
+    assert lines[3].split()[7] == "-"

@@ -286,6 +286,7 @@ class ModelPool:
                     "warmth": warmth.name,
                     "in_flight": 0,
                     "pack_s": None,
+                    "pack_stopped": None,
                     "idle_s": None,
                     "cold_start": {},
                 }

@@ -1,0 +1,117 @@
+"""Host RAM as the kernel reports it, and whether packing may take more of it.
+
+Packing (``Linear.pack``) gives each worker a private copy of its matrices in oneDNN's
+blocked layout: the compute-dtype model's size again, per worker (SmolLM2 in bf16:
+0.26 GB; the 1.1B model in float32: 4.4 GB). A pool of such workers can pack its machine
+out of memory, and then the kernel's OOM killer ends a worker mid-stream. So a worker
+packs a layer only while the machine keeps ``min_free_bytes`` available afterwards, and
+stops where it would not: a partly packed model runs, its other layers at ``F.linear``'s
+speed. Checking before every layer, not once, bounds what workers packing at the same
+moment can overshoot by to one layer each.
+
+"Available" is ``MemAvailable`` from ``/proc/meminfo`` (free memory plus what the kernel
+can reclaim without swapping), or less under a cgroup v2 memory limit (a container):
+the limit minus the cgroup's usage, its reclaimable file pages counted as free.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["HostMemory", "default_min_free_bytes", "packing_refusal", "read_host_memory"]
+
+_GIB = 1 << 30
+
+
+@dataclass(frozen=True, kw_only=True)
+class HostMemory:
+    total_bytes: int
+    available_bytes: int
+
+
+def read_host_memory(
+    *, proc: Path = Path("/proc"), cgroup_root: Path = Path("/sys/fs/cgroup")
+) -> HostMemory | None:
+    """This process's memory as the kernel reports it; None where it reports none (not
+    Linux), which lets packing go ahead unchecked.
+
+    Example::
+
+        mem = read_host_memory()
+        if mem: print(f"{mem.available_bytes / 2**30:.1f} GiB available")
+    """
+    meminfo = _fields(proc / "meminfo", unit=1024)
+    if "MemTotal" not in meminfo or "MemAvailable" not in meminfo:
+        return None
+    total, available = meminfo["MemTotal"], meminfo["MemAvailable"]
+    group = _cgroup_v2_dir(proc / "self" / "cgroup", cgroup_root)
+    if group is not None:
+        limit = _read_int(group / "memory.max")  # None: "max", no limit
+        usage = _read_int(group / "memory.current")
+        if limit is not None and usage is not None:
+            reclaimable = _fields(group / "memory.stat", unit=1).get("inactive_file", 0)
+            total = min(total, limit)
+            available = min(available, max(0, limit - usage + reclaimable))
+    return HostMemory(total_bytes=total, available_bytes=available)
+
+
+def default_min_free_bytes(total_bytes: int) -> int:
+    """What packing leaves available unless told otherwise: a tenth of RAM, at least
+    1 GiB (the KV caches, a request burst, the next worker's bind)."""
+    return max(total_bytes // 10, _GIB)
+
+
+def packing_refusal(
+    need_bytes: int, memory: HostMemory | None, *, min_free_bytes: int | None = None
+) -> str | None:
+    """None when packing ``need_bytes`` more leaves at least ``min_free_bytes`` (default
+    :func:`default_min_free_bytes`) available; otherwise why not, for the operator."""
+    if memory is None or need_bytes <= 0:
+        return None
+    floor = default_min_free_bytes(memory.total_bytes) if min_free_bytes is None else min_free_bytes
+    left = memory.available_bytes - need_bytes
+    if left >= floor:
+        return None
+    return (
+        f"packing {need_bytes / 2**20:.0f} MiB more would leave {max(left, 0) / _GIB:.2f} GiB "
+        f"of host RAM available, under the {floor / _GIB:.2f} GiB packing keeps free; the "
+        "rest stays unpacked (slower matmuls). Run fewer workers per machine, or lower "
+        "the engine's pack_min_free_bytes"
+    )
+
+
+def _fields(path: Path, *, unit: int) -> dict[str, int]:
+    """``name value`` or ``name: value [kB]`` lines as integers (bytes with ``unit``)."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return {}
+    out: dict[str, int] = {}
+    for line in text.splitlines():
+        name, _, rest = line.replace(":", " ", 1).partition(" ")
+        value = rest.split()
+        if value and value[0].isdigit():
+            out[name] = int(value[0]) * unit
+    return out
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _cgroup_v2_dir(self_cgroup: Path, root: Path) -> Path | None:
+    """This process's cgroup v2 directory (the ``0::/path`` line), if it has one."""
+    try:
+        lines = self_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        if line.startswith("0::"):
+            group = root / line[3:].lstrip("/")
+            return group if (group / "memory.max").exists() else None
+    return None

@@ -1,0 +1,90 @@
+"""Host RAM from /proc (and a cgroup v2 limit), and the packing decision made on it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ember_functions.host_memory import (
+    HostMemory,
+    default_min_free_bytes,
+    packing_refusal,
+    read_host_memory,
+)
+
+GIB = 1 << 30
+
+
+def fake_proc(tmp_path: Path, *, total_kb: int, available_kb: int, cgroup: str = "0::/\n") -> Path:
+    proc = tmp_path / "proc"
+    (proc / "self").mkdir(parents=True)
+    (proc / "meminfo").write_text(
+        f"MemTotal:       {total_kb} kB\nMemFree:         1000 kB\n"
+        f"MemAvailable:   {available_kb} kB\nBuffers:           10 kB\n"
+    )
+    (proc / "self" / "cgroup").write_text(cgroup)
+    return proc
+
+
+def test_reads_total_and_available_from_meminfo(tmp_path: Path) -> None:
+    proc = fake_proc(tmp_path, total_kb=16 * 1024 * 1024, available_kb=9 * 1024 * 1024)
+    memory = read_host_memory(proc=proc, cgroup_root=tmp_path / "no-cgroup")
+    assert memory == HostMemory(total_bytes=16 * GIB, available_bytes=9 * GIB)
+
+
+def test_a_cgroup_v2_limit_caps_total_and_available(tmp_path: Path) -> None:
+    proc = fake_proc(
+        tmp_path, total_kb=64 * 1024 * 1024, available_kb=60 * 1024 * 1024, cgroup="0::/pod/w1\n"
+    )
+    group = tmp_path / "cgroup" / "pod" / "w1"
+    group.mkdir(parents=True)
+    (group / "memory.max").write_text(f"{8 * GIB}\n")
+    (group / "memory.current").write_text(f"{7 * GIB}\n")
+    # Page cache the kernel can drop counts as available inside the limit too.
+    (group / "memory.stat").write_text(f"anon 123\ninactive_file {GIB // 2}\nactive_file 5\n")
+    memory = read_host_memory(proc=proc, cgroup_root=tmp_path / "cgroup")
+    assert memory == HostMemory(total_bytes=8 * GIB, available_bytes=GIB + GIB // 2)
+
+
+def test_an_unlimited_cgroup_leaves_meminfo_as_it_is(tmp_path: Path) -> None:
+    proc = fake_proc(
+        tmp_path, total_kb=4 * 1024 * 1024, available_kb=3 * 1024 * 1024, cgroup="0::/w\n"
+    )
+    group = tmp_path / "cgroup" / "w"
+    group.mkdir(parents=True)
+    (group / "memory.max").write_text("max\n")
+    (group / "memory.current").write_text(f"{GIB}\n")
+    memory = read_host_memory(proc=proc, cgroup_root=tmp_path / "cgroup")
+    assert memory == HostMemory(total_bytes=4 * GIB, available_bytes=3 * GIB)
+
+
+def test_no_meminfo_means_no_reading(tmp_path: Path) -> None:
+    assert read_host_memory(proc=tmp_path / "nothing", cgroup_root=tmp_path) is None
+
+
+def test_this_machine_reports_something_plausible() -> None:
+    memory = read_host_memory()
+    if memory is None:
+        pytest.skip("no /proc/meminfo here")
+    assert 0 < memory.available_bytes <= memory.total_bytes
+
+
+def test_packing_goes_ahead_while_enough_stays_available() -> None:
+    memory = HostMemory(total_bytes=24 * GIB, available_bytes=10 * GIB)
+    assert default_min_free_bytes(memory.total_bytes) == 24 * GIB // 10
+    assert packing_refusal(5 * GIB, memory) is None  # 5 GiB left >= 2.4 GiB
+    assert packing_refusal(5 * GIB, memory, min_free_bytes=5 * GIB) is None
+    assert packing_refusal(0, HostMemory(total_bytes=GIB, available_bytes=0)) is None
+    assert packing_refusal(GIB, None) is None  # nothing reported: nothing to go by
+
+
+def test_packing_stops_where_it_would_eat_the_reserve_and_says_what_to_do() -> None:
+    memory = HostMemory(total_bytes=24 * GIB, available_bytes=3 * GIB)
+    refusal = packing_refusal(GIB, memory)  # 2 GiB left < 2.4 GiB kept free
+    assert refusal is not None
+    assert "1024 MiB" in refusal and "2.40 GiB" in refusal
+    assert "pack_min_free_bytes" in refusal and "fewer workers" in refusal
+    assert packing_refusal(GIB, memory, min_free_bytes=GIB) is None
+    # A small machine still keeps 1 GiB free.
+    assert packing_refusal(GIB, HostMemory(total_bytes=4 * GIB, available_bytes=GIB + GIB // 2))
