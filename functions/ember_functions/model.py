@@ -16,7 +16,7 @@ from torch import nn
 from ember_functions.attention import AttentionBatch, KVCache, paged_attention
 from ember_functions.config import ModelConfig
 from ember_functions.linear import Linear
-from ember_functions.rope import RopeAngles, RotaryEmbedding
+from ember_functions.rope import RotaryEmbedding
 
 
 class RMSNorm(nn.Module):
@@ -64,7 +64,8 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         hidden: torch.Tensor,  # [T, hidden]
-        rope: RopeAngles,  # the step's rows, shared by every layer
+        positions: torch.Tensor,  # [T]
+        rope: RotaryEmbedding,
         kv_cache: KVCache,
         batch: AttentionBatch,
     ) -> torch.Tensor:
@@ -72,7 +73,7 @@ class DecoderLayer(nn.Module):
         qkv = self._project("qkv", self.input_norm(hidden), self.qkv_weight, self.qkv_bias)
         # RoPE rotates q and k heads together: one pass over [T, H + Hkv, D].
         qk = qkv[:, : self.q_size + self.kv_size].view(t, self.num_heads + self.num_kv_heads, -1)
-        qk = rope.rotate(qk)
+        qk = rope(positions, qk)
         q, k = qk.split((self.num_heads, self.num_kv_heads), dim=1)
         v = qkv[:, self.q_size + self.kv_size :].reshape(t, self.num_kv_heads, self.head_dim)
         k_cache, v_cache = kv_cache.layer(self.index)
@@ -137,9 +138,8 @@ class LlamaModel(nn.Module):
         if self.rope is None:
             raise RuntimeError("call init_rope() (load_model does) before running the model")
         hidden = F.embedding(input_ids, self.embed)
-        rope = self.rope.angles(positions)
         for layer in self.decoder_layers:
-            hidden = layer(hidden, rope, kv_cache, batch)
+            hidden = layer(hidden, positions, self.rope, kv_cache, batch)
         return self.norm(hidden)
 
     @property

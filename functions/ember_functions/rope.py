@@ -42,44 +42,25 @@ def _llama3_scale(inv_freq: torch.Tensor, s: RopeScaling) -> torch.Tensor:
 
 
 class RotaryEmbedding(torch.nn.Module):
-    """RoPE tables for every position; :meth:`angles` picks a step's rows once, and
-    every layer rotates its query and key heads with them.
+    """Applies RoPE to query and key heads at given absolute positions."""
 
-    The tables hold ``cos`` twice and ``sin`` with the first half negated, so that
-    rotate-half is one multiply-add over the whole head: ``x * cos + swap(x) * sin``,
-    where ``swap`` exchanges the two halves. That is the textbook
-    ``(x1 cos - x2 sin, x2 cos + x1 sin)`` bit for bit (negating a product is exact).
-    """
-
-    cos: torch.Tensor  # [max_positions, head_dim]
-    sin: torch.Tensor  # [max_positions, head_dim], first half negated
+    cos: torch.Tensor  # [max_positions, head_dim // 2]
+    sin: torch.Tensor  # [max_positions, head_dim // 2]
 
     def __init__(self, config: ModelConfig, *, max_positions: int, device: torch.device) -> None:
         super().__init__()
         inv_freq = inverse_frequencies(config).to(device)
         t = torch.arange(max_positions, dtype=torch.float32, device=device)
-        freqs = torch.outer(t, inv_freq)  # [max_positions, head_dim // 2]
-        cos, sin = freqs.cos(), freqs.sin()
-        self.register_buffer("cos", torch.cat((cos, cos), dim=-1), persistent=False)
-        self.register_buffer("sin", torch.cat((-sin, sin), dim=-1), persistent=False)
+        freqs = torch.outer(t, inv_freq)
+        self.register_buffer("cos", freqs.cos(), persistent=False)
+        self.register_buffer("sin", freqs.sin(), persistent=False)
 
-    def angles(self, positions: torch.Tensor) -> RopeAngles:  # positions: [T]
-        """The rows of a step's tokens, gathered once for all layers."""
-        return RopeAngles(self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1))
-
-
-class RopeAngles:
-    """One step's RoPE rows; ``rotate`` applies them to ``[T, heads, head_dim]``."""
-
-    def __init__(self, cos: torch.Tensor, sin: torch.Tensor) -> None:
-        self.cos = cos  # [T, 1, head_dim] float32
-        self.sin = sin  # [T, 1, head_dim] float32, first half negated
-
-    def rotate(self, x: torch.Tensor) -> torch.Tensor:  # [T, heads, head_dim]
-        # In float32 whatever the activation dtype, as the reference computes it.
-        xf = x.float()
-        half = x.shape[-1] // 2
-        swapped = torch.cat((xf[..., half:], xf[..., :half]), dim=-1)  # a new tensor
-        out = xf * self.cos  # a new tensor too: xf may be x itself (float32)
-        out.add_(swapped.mul_(self.sin))
-        return out if x.dtype == torch.float32 else out.to(x.dtype)
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        # positions [T]; x [T, heads, D] (query and key heads stacked) -> same shape
+        cos = self.cos[positions].unsqueeze(1)  # [T, 1, D/2]
+        sin = self.sin[positions].unsqueeze(1)
+        if x.dtype == torch.float32:
+            x1, x2 = x.chunk(2, dim=-1)
+            return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        x1, x2 = x.float().chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
