@@ -1,7 +1,10 @@
 """Cold start: time to first token from each start state, and where the time goes.
 
     python bench/coldstart.py --json /tmp/coldstart.json [--png /tmp/coldstart.png]
-        [--models smollm2,llama-1b] [--rounds 3] [--quick]
+        [--models smollm2,llama-1b] [--rounds 3] [--quick] [--states prewarmed,ready]
+
+``--states`` with ``--no-peers`` and more ``--rounds`` is the A/B tool for one state: run
+it on two checkouts (``PYTHONPATH`` set to each one's packages), interleaved.
 
 For one request (a short chat prompt, one generated token), from the moment it arrives:
 
@@ -282,26 +285,42 @@ def _time_to_marker(argv: list[str], env: dict[str, str] | None = None) -> float
 
 
 def run_model(
-    name: str, model_dir: Path, s3_url: str, *, rounds: int, threads: int, peers: bool
+    name: str,
+    model_dir: Path,
+    s3_url: str,
+    *,
+    rounds: int,
+    threads: int,
+    peers: bool,
+    states: tuple[str, ...] = STATES,
 ) -> dict[str, Any]:
 
     with tempfile.TemporaryDirectory(prefix="ember-coldstart-") as tmp:
         run = ModelRun(name, model_dir, Path(tmp), s3_url, threads)
         try:
-            return _measure_model(run, name, model_dir, rounds=rounds, threads=threads, peers=peers)
+            return _measure_model(
+                run, name, model_dir, rounds=rounds, threads=threads, peers=peers, states=states
+            )
         finally:
             # The host tier is RAM (tmpfs) outside the temporary home: give it back.
             shutil.rmtree(run.host_root, ignore_errors=True)
 
 
 def _measure_model(
-    run: ModelRun, name: str, model_dir: Path, *, rounds: int, threads: int, peers: bool
+    run: ModelRun,
+    name: str,
+    model_dir: Path,
+    *,
+    rounds: int,
+    threads: int,
+    peers: bool,
+    states: tuple[str, ...],
 ) -> dict[str, Any]:
     from ember_functions.launch import Zygote
 
     run.prepare_tiers()
-    ttft: dict[str, list[float]] = {s: [] for s in STATES}
-    phases: dict[str, list[dict[str, float]]] = {s: [] for s in STATES}
+    ttft: dict[str, list[float]] = {s: [] for s in states}
+    phases: dict[str, list[dict[str, float]]] = {s: [] for s in states}
     tiers: dict[str, str] = {}
     peer_ttft: dict[str, list[float]] = {"transformers": [], "vllm": []}
     floor: list[float] = []
@@ -309,7 +328,7 @@ def _measure_model(
     with Zygote.start(zygote_id=f"cs{os.getpid()}") as zygote:
         run.first_worker(zygote)
         for r in range(rounds):
-            for state in STATES:
+            for state in states:
                 t, p, where = run.measure(state, zygote)
                 ttft[state].append(t)
                 phases[state].append(p)
@@ -323,8 +342,8 @@ def _measure_model(
                 elif isinstance(v, str):
                     peer_errors["vllm"] = v
             print(f"[{name}] round {r + 1}/{rounds} done", flush=True)
-    out: dict[str, Any] = {"model": name, "rounds": rounds, "tiers": tiers}
-    for state in STATES:
+    out: dict[str, Any] = {"model": name, "rounds": rounds, "states": list(states), "tiers": tiers}
+    for state in states:
         out[f"ttft_s_{state}"] = statistics.median(ttft[state])
         out[f"phases_{state}"] = {
             ph: statistics.median(p[ph] for p in phases[state]) for ph in PHASES
@@ -333,10 +352,11 @@ def _measure_model(
         out[f"ttft_s_{peer}"] = statistics.median(values) if values else None
     out["peer_errors"] = peer_errors
     base = out["ttft_s_transformers"]
-    for state in STATES:
+    for state in states:
         out[f"speedup_{state}"] = base / out[f"ttft_s_{state}"] if base else None
     vllm = out["ttft_s_vllm"]
-    out["speedup_vllm_disk"] = vllm / out["ttft_s_disk"] if vllm else None
+    disk = out.get("ttft_s_disk")
+    out["speedup_vllm_disk"] = vllm / disk if vllm and disk else None
     # No worker that needs torch, started as a new interpreter, can beat this ratio here.
     out["import_torch_s"] = statistics.median(floor)
     out["speedup_ceiling_new_interpreter"] = base / out["import_torch_s"] if base else None
@@ -347,7 +367,7 @@ def print_table(res: dict[str, Any]) -> None:
     print(f"\n{res['model']}: time to first token, seconds (median of {res['rounds']})")
     head = f"{'state':<12}{'ttft':>8}{'x tfm':>8}  " + "".join(f"{p:>12}" for p in PHASES)
     print(head + "   tiers")
-    for state in STATES:
+    for state in res["states"]:
         ph = res[f"phases_{state}"]
         speed = res[f"speedup_{state}"]
         print(
@@ -379,10 +399,11 @@ def draw(results: list[dict[str, Any]], path: Path) -> None:
         return
     fig, axes = plt.subplots(1, len(results), figsize=(7 * len(results), 4.5), squeeze=False)
     for ax, res in zip(axes[0], results, strict=True):
-        labels = [*STATES, "transformers", "vllm"]
+        states = res["states"]
+        labels = [*states, "transformers", "vllm"]
         bottom = [0.0] * len(labels)
         for ph in PHASES:
-            heights = [res[f"phases_{s}"][ph] for s in STATES] + [0.0, 0.0]
+            heights = [res[f"phases_{s}"][ph] for s in states] + [0.0, 0.0]
             ax.bar(labels, heights, bottom=bottom, label=ph)
             bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
         peers = [res["ttft_s_transformers"] or 0.0, res["ttft_s_vllm"] or 0.0]
@@ -396,7 +417,7 @@ def draw(results: list[dict[str, Any]], path: Path) -> None:
             va="bottom",
             fontsize=7,
         )
-        totals = [res[f"ttft_s_{s}"] for s in STATES] + peers
+        totals = [res[f"ttft_s_{s}"] for s in states] + peers
         for x, total in enumerate(totals):
             if total:
                 ax.annotate(f"{total:.2f} s", (x, total), ha="center", va="bottom", fontsize=8)
@@ -417,10 +438,19 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-peers", dest="peers", action="store_false")
+    ap.add_argument(
+        "--states",
+        default=",".join(STATES),
+        help="which start states to measure (comma-separated), e.g. prewarmed for an A/B",
+    )
     ap.add_argument("--quick", action="store_true", help="one round, SmolLM2 only")
     args = ap.parse_args()
     models = ["smollm2"] if args.quick else args.models.split(",")
     rounds = 1 if args.quick else args.rounds
+    states = tuple(args.states.split(","))
+    unknown = sorted(set(states) - set(STATES))
+    if unknown:
+        ap.error(f"unknown state(s) {', '.join(unknown)}; pick from {', '.join(STATES)}")
 
     import boto3
 
@@ -444,7 +474,13 @@ def main() -> None:
                     ROOT / ".cache" / "bench" / "llama-1b-random", seed=0, with_tokenizer=True
                 )
             res = run_model(
-                name, model_dir, s3_url, rounds=rounds, threads=args.threads, peers=args.peers
+                name,
+                model_dir,
+                s3_url,
+                rounds=rounds,
+                threads=args.threads,
+                peers=args.peers,
+                states=states,
             )
             print_table(res)
             results.append(res)

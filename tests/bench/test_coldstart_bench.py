@@ -43,3 +43,20 @@ def test_coldstart_bench_quick_writes_its_json(
     assert result["tiers"]["prewarmed"] == "host" and result["tiers"]["disk"] == "disk"
     # A READY worker answers before any cold start does.
     assert result["ttft_s_ready"] < min(result[f"ttft_s_{s}"] for s in ("disk", "host"))
+
+
+@pytest.mark.slow
+def test_coldstart_bench_measures_only_the_states_asked_for(
+    tmp_path: Path, ember_test_home: Path, smollm2_dir: Path
+) -> None:
+    out = tmp_path / "prewarmed.json"
+    run = [sys.executable, str(ROOT / "bench" / "coldstart.py"), "--json", str(out)]
+    env = {**os.environ, "EMBER_HOME": str(ember_test_home)}
+    bad = subprocess.run([*run, "--states", "prewarmed,lukewarm"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "lukewarm" in bad.stderr
+    args = ["--quick", "--no-peers", "--states", "prewarmed", "--rounds", "2"]
+    proc = subprocess.run([*run, *args], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["states"] == ["prewarmed"] and result["ttft_s_prewarmed"] > 0
+    assert "ttft_s_disk" not in result and result["speedup_vllm_disk"] is None
