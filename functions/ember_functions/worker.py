@@ -110,16 +110,15 @@ class _Serve:
                         read_host_memory(),
                         min_free_bytes=engine.config.pack_min_free_bytes,
                     )
-                    if refusal is not None:
+                    if refusal is None:
+                        t0 = time.perf_counter()
+                        packed = engine.pack_weights(max_layers=1)
+                        pack_s += time.perf_counter() - t0
+                    else:  # done packing: the rest stays unpacked
                         log.warning("stopped packing: %s", refusal)
                         packed = True
-                        self.writer.send({"op": "packed", "pack_s": pack_s, "stopped": refusal})
-                        continue
-                    t0 = time.perf_counter()
-                    packed = engine.pack_weights(max_layers=1)
-                    pack_s += time.perf_counter() - t0
                     if packed:
-                        self.writer.send({"op": "packed", "pack_s": pack_s, "stopped": None})
+                        self.writer.send({"op": "packed", "pack_s": pack_s, "stopped": refusal})
                     continue
                 wait_s = HEARTBEAT_S if packed else max(0.0, PACK_AFTER_IDLE_S - idle_s)
                 if not wake.wait(timeout=wait_s) and packed:
@@ -186,13 +185,11 @@ class _Serve:
 def preload() -> None:
     """Everything a worker imports before it can load a model: the imports phase of a
     cold start, and what the zygote does once for all its children."""
-    import torch
-    import torch.utils._device  # noqa: F401  (what `with torch.device("meta")` imports)
+    import torch.utils._device  # noqa: F401  (torch, and what `with torch.device("meta")` imports)
 
     import ember_functions.engine
     import ember_functions.loading  # noqa: F401
-    import ember_weights_store
-    import ember_weights_store.catalog  # noqa: F401  (the package imports it lazily)
+    import ember_weights_store.catalog  # noqa: F401  (the package, and what it imports lazily)
 
 
 def _readahead(args: argparse.Namespace) -> None:

@@ -40,12 +40,14 @@ def prompt_ids(seed: int, length: int) -> list[int]:
     return [rng.randrange(256) for _ in range(length)]
 
 
-def spawn(model: Path, home: Path, worker_id: str = "") -> WorkerProcess:
+def spawn(
+    model: Path, home: Path, worker_id: str = "", *, config: EngineConfig = CONFIG
+) -> WorkerProcess:
     return WorkerProcess.spawn(
         worker_id=worker_id or f"t{os.getpid()}-{time.monotonic_ns()}",
         model=str(model),
         home=home,
-        engine_config=CONFIG,
+        engine_config=config,
     )
 
 
@@ -79,6 +81,14 @@ def result_within(stream: RequestStream, timeout: float = TIMEOUT_S) -> Completi
     if isinstance(box[0], BaseException):
         raise box[0]
     return box[0]
+
+
+def serve_across_packing(worker: WorkerProcess) -> tuple[Completion, Completion]:
+    """The same greedy request before the idle worker packs (or gives up packing) and
+    after."""
+    first = result_within(submit(worker, prompt_ids(7, 20), GREEDY_16, "before"))
+    assert worker.wait_packed(timeout_s=TIMEOUT_S)
+    return first, result_within(submit(worker, prompt_ids(7, 20), GREEDY_16, "after"))
 
 
 def wait_for(predicate: Callable[[], bool], what: str, timeout: float = TIMEOUT_S) -> None:
@@ -117,18 +127,13 @@ def test_an_idle_worker_packs_its_matrices_and_its_tokens_do_not_change(
     import torch
 
     config = dataclasses.replace(CONFIG, dtype=packing_dtype)
-    worker = WorkerProcess.spawn(
-        worker_id=f"t{os.getpid()}-packs",
-        model=str(tiny_model("llama", torch.bfloat16)),
-        home=tmp_path,
-        engine_config=config,
+    worker = spawn(
+        tiny_model("llama", torch.bfloat16), tmp_path, f"t{os.getpid()}-packs", config=config
     )
     try:
-        first = result_within(submit(worker, prompt_ids(7, 20), GREEDY_16, "before"))
-        assert worker.wait_packed(timeout_s=TIMEOUT_S)
+        first, again = serve_across_packing(worker)
         assert worker.pack_s is not None and worker.describe()["pack_s"] == worker.pack_s
         assert worker.pack_s > 0 and worker.pack_stopped is None
-        again = result_within(submit(worker, prompt_ids(7, 20), GREEDY_16, "after"))
         assert again.token_ids == first.token_ids
     finally:
         worker.close()
@@ -141,19 +146,14 @@ def test_a_worker_stops_packing_where_host_ram_would_run_short_and_still_serves(
 
     # More free RAM than any machine has: not one layer may be packed.
     config = dataclasses.replace(CONFIG, dtype=packing_dtype, pack_min_free_bytes=1 << 60)
-    worker = WorkerProcess.spawn(
-        worker_id=f"t{os.getpid()}-no-ram",
-        model=str(tiny_model("llama", torch.bfloat16)),
-        home=tmp_path,
-        engine_config=config,
+    worker = spawn(
+        tiny_model("llama", torch.bfloat16), tmp_path, f"t{os.getpid()}-no-ram", config=config
     )
     try:
-        first = result_within(submit(worker, prompt_ids(7, 20), GREEDY_16, "before"))
-        assert worker.wait_packed(timeout_s=TIMEOUT_S)
+        first, again = serve_across_packing(worker)
         assert worker.pack_s == 0.0
         assert worker.pack_stopped is not None and "pack_min_free_bytes" in worker.pack_stopped
         assert worker.describe()["pack_stopped"] == worker.pack_stopped
-        again = result_within(submit(worker, prompt_ids(7, 20), GREEDY_16, "after"))
         assert again.token_ids == first.token_ids
     finally:
         worker.close()
