@@ -8,6 +8,7 @@ import pytest
 from sqlalchemy import select
 
 from ember_billing import BillingService, Usage
+from ember_billing.keys import split_key
 from ember_billing.models import ApiKey
 from ember_core.errors import AuthenticationError, BudgetExceededError, RateLimitError
 
@@ -23,6 +24,13 @@ def test_key_is_stored_only_as_a_salted_hash(svc: BillingService, world: dict[st
         secret = plaintext.split("_", 2)[2]
         assert secret not in (row.secret_hash, row.salt, row.prefix)
         assert plaintext.split("_")[1] == row.prefix
+
+
+@pytest.mark.parametrize("secret", ["_leading", "in_the_middle", "-dash_", "__"])
+def test_split_key_keeps_underscores_in_the_secret(secret: str) -> None:
+    # token_urlsafe draws '_' in one secret character of 64: a key whose secret
+    # starts with '_' must still split into its 8-char prefix and the whole secret.
+    assert split_key(f"ek_0123abcd_{secret}") == ("0123abcd", secret)
 
 
 def test_revoked_and_expired_keys_are_refused(
