@@ -119,6 +119,9 @@ class Scenario:
                 "pool_lead_s": round(max(2 * cold_s, bucket_s), 3),
                 "pool_season_s": self.day_s,
                 "pool_forecast_bucket_s": round(bucket_s, 3),
+                # Every run learns from the trace's first day, not from an earlier run
+                # whose compressed days were out of phase with this one's.
+                "pool_keep_forecast": False,
             },
         }
 

@@ -62,6 +62,9 @@ class ServeSettings:
     # The forecaster's season (0: no season, EWMA with trend only) and its rate bucket.
     pool_season_s: float = 86_400.0
     pool_forecast_bucket_s: float = 60.0
+    # Keep what the forecaster learned in <home>/pools/<model>.forecast.json, so that a
+    # restart resumes with the day's shape; false: every start learns afresh.
+    pool_keep_forecast: bool = True
     queue_timeout_s: float = 120.0  # how long a request waits for a worker before a 503
     # On shutdown, workers take nothing new and finish what they run, for up to this long.
     drain_timeout_s: float = 30.0
@@ -176,6 +179,7 @@ def build_app(settings: ServeSettings, *, out: TextIO) -> Any:
     from ember_functions.loading import StoreConfig, resolve_model_dir
     from ember_platform.gateway import GatewayConfig, create_app
     from ember_platform.pool_router import PoolRouter
+    from ember_warmpool.forecast_file import forecast_path
     from ember_warmpool.manager import ModelPool
     from ember_weights_store import ModelCatalog, default_home
 
@@ -193,7 +197,8 @@ def build_app(settings: ServeSettings, *, out: TextIO) -> Any:
         engine_config=config,
         store=StoreConfig(host_cache_bytes=settings.host_cache_mib << 20),
         launcher=zygote,
-        forecaster=settings.forecaster(),  # its clock: seconds since the pool started
+        forecaster=settings.forecaster(),  # on wall-clock time: its season is the day
+        forecast_file=forecast_path(home, settings.model) if settings.pool_keep_forecast else None,
         service_s=settings.pool_service_s,
     )
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
 
 import pytest
@@ -156,3 +157,83 @@ def test_traces_have_the_shape_they_claim() -> None:
     night = sum(1 for t in day if t < 60 or t >= 540)
     noon = sum(1 for t in day if 270 <= t < 390)
     assert noon > 10 * night
+
+
+EPOCH_S = 1_764_000_123.0  # an arbitrary wall-clock start, not a multiple of the day
+
+
+def test_a_restored_forecaster_resumes_the_day_at_the_right_hour() -> None:
+    day_s = 600.0
+    trace = [
+        EPOCH_S + t
+        for t in daily_arrivals(
+            peak_rate_per_s=4.0, trough_rate_per_s=0.05, day_s=day_s, days=3, seed=11
+        )
+    ]
+
+    def make() -> SeasonalForecaster:
+        return SeasonalForecaster(season_s=day_s, profile_buckets=24, bucket_s=5.0)
+
+    before = make()
+    feed(before, trace, start_s=EPOCH_S, end_s=EPOCH_S + 2 * day_s)
+    saved = json.loads(json.dumps(before.state()))  # what the file holds
+    # Down for a quarter of a day: the restored forecaster closes no bucket for the gap
+    # (no arrivals were seen, which is not zero arrivals) and drops its trend.
+    back_s = EPOCH_S + 2.25 * day_s
+    restored, fresh = make(), make()
+    restored.restore(saved, now_s=back_s)
+    assert restored.learned and restored.level == before.level and restored.trend == 0.0
+    assert restored.profile == before.profile
+
+    def true_rate(t: float) -> float:
+        return 0.05 + 3.95 * (1 - math.cos(2 * math.pi * (t - EPOCH_S) / day_s)) / 2
+
+    errors: dict[str, list[float]] = {"restored": [], "fresh": []}
+    t = back_s
+    while t < EPOCH_S + 3 * day_s - 30:
+        for f in (restored, fresh):
+            feed(f, trace, start_s=t, end_s=t + 10)
+        t += 10
+        errors["restored"].append(abs(restored.rate(t, 30.0) - true_rate(t + 30)))
+        errors["fresh"].append(abs(fresh.rate(t, 30.0) - true_rate(t + 30)))
+    mae = {k: sum(v) / len(v) for k, v in errors.items()}
+    assert mae["restored"] < 0.45, mae
+    assert mae["restored"] < 0.7 * mae["fresh"], mae
+
+
+def test_restoring_within_the_same_bucket_loses_nothing() -> None:
+    f = HoltForecaster(bucket_s=5.0)
+    for t in range(1, 43):
+        f.observe(EPOCH_S + t, 2)
+    g = HoltForecaster(bucket_s=5.0)
+    g.restore(f.state(), now_s=EPOCH_S + 42.0)  # back at once, in the same bucket
+    for h in (f, g):
+        h.observe(EPOCH_S + 50.0, 20)
+    assert g.state() == f.state()
+    assert g.rate(EPOCH_S + 50.0, 10.0) == pytest.approx(f.rate(EPOCH_S + 50.0, 10.0))
+
+
+def test_a_forecast_learned_under_other_settings_is_refused() -> None:
+    f = SeasonalForecaster(season_s=600.0, profile_buckets=24, bucket_s=5.0)
+    f.observe(EPOCH_S, 1)
+    with pytest.raises(ValueError, match="this pool uses a SeasonalForecaster"):
+        SeasonalForecaster(season_s=1200.0, profile_buckets=24, bucket_s=5.0).restore(
+            f.state(), now_s=EPOCH_S
+        )
+    with pytest.raises(ValueError, match="saved forecast is a SeasonalForecaster"):
+        HoltForecaster(bucket_s=5.0).restore(f.state(), now_s=EPOCH_S)
+    unobserved = HoltForecaster(bucket_s=5.0)
+    unobserved.restore(HoltForecaster(bucket_s=5.0).state(), now_s=EPOCH_S)
+    assert unobserved.rate(EPOCH_S, 0.0) == 0.0
+
+
+def test_buckets_follow_the_wall_clock_grid() -> None:
+    # Anchored on multiples of bucket_s, whenever the first observation comes: two
+    # pools started at different moments bucket (and so forecast) the same hour alike.
+    a, b = HoltForecaster(bucket_s=5.0), HoltForecaster(bucket_s=5.0)
+    a.observe(EPOCH_S + 0.5, 0)
+    b.observe(EPOCH_S + 3.0, 0)
+    for f in (a, b):
+        f.observe(EPOCH_S + 4.0, 3)
+        f.observe(EPOCH_S + 12.0, 8)
+    assert a.state()["bucket_start_s"] == b.state()["bucket_start_s"] == 1_764_000_135.0

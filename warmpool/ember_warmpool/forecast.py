@@ -15,12 +15,17 @@ never returns a negative number.
   that hour: a lull inside a busy hour is more often a pause than the end of the day's
   traffic, and scaling to zero in it makes every request of the resumption wait on a
   cold start. ``floor=0`` is plain Holt-Winters.
+
+Time is any clock that does not go backwards; the pool manager feeds wall-clock seconds
+(Unix time), so the seasonal profile is anchored to the time of day, and the bucket grid
+to multiples of ``bucket_s``: a forecaster saved with :meth:`HoltForecaster.state` and
+restored after a restart with :meth:`HoltForecaster.restore` resumes at the right hour.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Protocol
+from typing import Any, Protocol
 
 __all__ = ["Forecaster", "HoltForecaster", "SeasonalForecaster"]
 
@@ -32,12 +37,22 @@ class Forecaster(Protocol):
     def rate(self, now_s: float, horizon_s: float) -> float:
         """Expected arrivals per second at ``now_s + horizon_s``; never negative."""
 
+    def state(self) -> dict[str, Any]:
+        """What the forecaster learned, as JSON-ready values (see ``restore``)."""
+
+    def restore(self, state: dict[str, Any], now_s: float) -> None:
+        """Takes up ``state`` at ``now_s``; ValueError if it is another forecaster's."""
+
 
 def _check_fraction(name: str, value: float, *, allow_zero: bool = False) -> None:
     low_ok = value >= 0 if allow_zero else value > 0
     if not (math.isfinite(value) and low_ok and value <= 1):
         bound = "[0, 1]" if allow_zero else "(0, 1]"
         raise ValueError(f"{name} must be in {bound}, got {value!r}")
+
+
+def _or_none(t_s: float) -> float | None:
+    return None if math.isnan(t_s) else t_s
 
 
 class HoltForecaster:
@@ -61,7 +76,7 @@ class HoltForecaster:
         beta: float = 0.2,
         phi: float = 0.9,
         bucket_s: float = 5.0,
-        start_s: float = 0.0,
+        start_s: float | None = None,  # None: the bucket-grid point before the first observe
     ) -> None:
         _check_fraction("alpha", alpha)
         _check_fraction("beta", beta, allow_zero=True)
@@ -71,15 +86,17 @@ class HoltForecaster:
         self.alpha, self.beta, self.phi, self.bucket_s = alpha, beta, phi, bucket_s
         self.level: float | None = None  # arrivals per second; None until a bucket closes
         self.trend = 0.0  # change of the level per bucket
-        self._bucket_start_s = start_s
+        self._bucket_start_s = start_s if start_s is not None else math.nan
         self._bucket_count = 0.0
-        self._last_s = start_s
+        self._last_s = self._bucket_start_s
 
     # -- observing -------------------------------------------------------------------
 
     def observe(self, now_s: float, arrivals: int) -> None:
         if arrivals < 0:
             raise ValueError(f"arrivals must be >= 0, got {arrivals}")
+        if math.isnan(self._last_s):
+            self._anchor(self._grid_floor(now_s))
         if now_s < self._last_s:
             raise ValueError(f"time went backwards: {now_s} < {self._last_s}")
         span_s = now_s - self._last_s
@@ -96,6 +113,12 @@ class HoltForecaster:
         elif arrivals:
             self._bucket_count += arrivals
         self._last_s = now_s
+
+    def _grid_floor(self, t_s: float) -> float:
+        return math.floor(t_s / self.bucket_s) * self.bucket_s
+
+    def _anchor(self, start_s: float) -> None:
+        self._bucket_start_s = self._last_s = start_s
 
     def _close_bucket(self, rate_per_s: float) -> None:
         self._update(rate_per_s)
@@ -126,6 +149,61 @@ class HoltForecaster:
         h = self._steps_ahead(now_s, horizon_s)
         return max(0.0, self.level + self._damped(h) * self.trend)
 
+    # -- persistence -----------------------------------------------------------------
+
+    def _params(self) -> dict[str, Any]:
+        return {"alpha": self.alpha, "beta": self.beta, "phi": self.phi, "bucket_s": self.bucket_s}
+
+    def _check_kind(self, state: dict[str, Any]) -> None:
+        kind, params = state.get("kind"), state.get("params")
+        if kind != type(self).__name__ or params != self._params():
+            raise ValueError(
+                f"saved forecast is a {kind} with {params}; this pool uses a "
+                f"{type(self).__name__} with {self._params()}"
+            )
+
+    def state(self) -> dict[str, Any]:
+        """Everything learned, JSON-ready, with the parameters it was learned under.
+
+        Example::
+
+            saved = f.state()                # before a restart
+            g = HoltForecaster(bucket_s=5.0)
+            g.restore(saved, now_s=time.time())
+        """
+        return {
+            "kind": type(self).__name__,
+            "params": self._params(),
+            "level": self.level,
+            "trend": self.trend,
+            "bucket_start_s": _or_none(self._bucket_start_s),
+            "bucket_count": self._bucket_count,
+        }
+
+    def restore(self, state: dict[str, Any], now_s: float) -> None:
+        """Takes up a ``state()`` saved earlier, at ``now_s``.
+
+        The time between the save and ``now_s`` was not observed (the process was down),
+        which is not the same as no arrivals: it closes no bucket. If whole buckets were
+        skipped, the trend is dropped (extrapolating it over an unseen gap is a guess) and
+        counting resumes in the bucket holding ``now_s``. ValueError if the state is not
+        this forecaster's kind or was learned under other parameters.
+        """
+        self._check_kind(state)
+        level = state["level"]
+        self.level = None if level is None else float(level)
+        self.trend = float(state["trend"])
+        if state["bucket_start_s"] is None:  # saved before its first observation
+            return
+        start_s, count = float(state["bucket_start_s"]), float(state["bucket_count"])
+        if start_s <= now_s < start_s + self.bucket_s:
+            self._bucket_start_s, self._bucket_count, self._last_s = start_s, count, now_s
+            return
+        self.trend = 0.0
+        self._anchor(self._grid_floor(now_s))
+        self._last_s = now_s
+        self._bucket_count = 0.0
+
 
 class SeasonalForecaster(HoltForecaster):
     """Holt's damped level and trend plus an additive seasonal profile.
@@ -153,7 +231,7 @@ class SeasonalForecaster(HoltForecaster):
         phi: float = 0.8,
         floor: float = 0.5,
         bucket_s: float = 60.0,
-        start_s: float = 0.0,
+        start_s: float | None = None,
     ) -> None:
         super().__init__(alpha=alpha, beta=beta, phi=phi, bucket_s=bucket_s, start_s=start_s)
         _check_fraction("gamma", gamma, allow_zero=True)
@@ -175,12 +253,18 @@ class SeasonalForecaster(HoltForecaster):
         self._baseline_weight = bucket_s / season_s
         self._first_season: list[list[float]] = [[] for _ in range(profile_buckets)]
         self._learned = False
-        self._start_s = start_s
+        self._start_s = self._bucket_start_s  # the first season ends season_s after this
 
     @property
     def learned(self) -> bool:
         """True once a full season has been observed and the profile initialized."""
         return self._learned
+
+    def _anchor(self, start_s: float) -> None:
+        first = math.isnan(self._last_s)
+        super()._anchor(start_s)
+        if first:
+            self._start_s = start_s
 
     def _index(self, t_s: float) -> int:
         phase = (t_s % self.season_s) / self.season_s
@@ -202,9 +286,11 @@ class SeasonalForecaster(HoltForecaster):
         self.profile[j] += self.gamma * (rate_per_s - previous - self.profile[j])
 
     def _initialize_profile(self, j_now: int) -> None:
-        means = [sum(v) / len(v) if v else 0.0 for v in self._first_season]
-        overall = sum(means) / len(means)
-        self.profile = [m - overall for m in means]
+        # A profile bucket never observed (the process was down then) starts at the
+        # baseline rather than at zero traffic.
+        seen = [sum(v) / len(v) for v in self._first_season if v]
+        overall = sum(seen) / len(seen) if seen else 0.0
+        self.profile = [sum(v) / len(v) - overall if v else 0.0 for v in self._first_season]
         self.baseline = overall
         # The Holt level tracked the raw rate so far; deseasonalize it.
         self.level = (self.level or 0.0) - self.profile[j_now]
@@ -238,3 +324,42 @@ class SeasonalForecaster(HoltForecaster):
         if not self._learned:
             return 0.0
         return max(0.0, self.baseline + self._profile_at(t_s))
+
+    def _params(self) -> dict[str, Any]:
+        return {
+            **super()._params(),
+            "season_s": self.season_s,
+            "profile_buckets": self.profile_buckets,
+            "gamma": self.gamma,
+            "floor": self.floor,
+        }
+
+    def state(self) -> dict[str, Any]:
+        return {
+            **super().state(),
+            "learned": self._learned,
+            "profile": list(self.profile),
+            "baseline": self.baseline,
+            "first_season": [list(v) for v in self._first_season],
+            "start_s": _or_none(self._start_s),
+        }
+
+    def restore(self, state: dict[str, Any], now_s: float) -> None:
+        """As :meth:`HoltForecaster.restore`; the profile is kept whatever the gap, since
+        it is anchored to the time of day, and a first season still being observed goes
+        on counting from where it began."""
+        self._check_kind(state)
+        profile, first = state.get("profile"), state.get("first_season")
+        if not isinstance(profile, list) or len(profile) != self.profile_buckets:
+            raise ValueError(f"saved forecast has no profile of {self.profile_buckets} buckets")
+        learned = bool(state["learned"])
+        first = first if isinstance(first, list) else []
+        if not learned and len(first) != self.profile_buckets:
+            raise ValueError("saved forecast's first season does not match its profile")
+        super().restore(state, now_s)
+        self._learned = learned
+        self.profile = [float(x) for x in profile]
+        self.baseline = float(state["baseline"])
+        self._first_season = [] if learned else [[float(x) for x in v] for v in first]
+        if state["start_s"] is not None:
+            self._start_s = float(state["start_s"])

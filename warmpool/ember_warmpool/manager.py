@@ -45,6 +45,7 @@ from ember_functions.prompt import PromptEncoder
 from ember_functions.rpc import WorkerState
 from ember_functions.worker_process import WorkerProcess
 from ember_warmpool.forecast import Forecaster
+from ember_warmpool.forecast_file import load_forecast, save_forecast
 from ember_warmpool.policy import Decision, PoolPolicy, decide, start_hold
 from ember_warmpool.view import PoolView, Warmth, WorkerView
 
@@ -53,6 +54,8 @@ __all__ = ["ModelPool"]
 log = logging.getLogger(__name__)
 
 Spawn = Callable[..., WorkerProcess]
+
+_FORECAST_SAVE_EVERY_S = 60.0  # a crash loses at most this much of what was learned
 
 
 class ModelPool:
@@ -68,11 +71,13 @@ class ModelPool:
         store: StoreConfig | None = None,
         launcher: Launcher | None = None,
         forecaster: Forecaster | None = None,
+        forecast_file: Path | None = None,  # kept across restarts (see forecast_file.py)
         service_s: float = 2.0,  # a request's typical time on a worker, for the forecast
         max_queue: int = 64,
         tick_s: float = 0.25,
         health_timeout_s: float = 30.0,  # a serving worker silent this long is killed
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
         spawn: Spawn = WorkerProcess.spawn,
         pool_id: str | None = None,  # names worker ids and sockets; default: model and pid
     ) -> None:
@@ -95,7 +100,16 @@ class ModelPool:
         self._tick_s = tick_s
         self._health_timeout_s = health_timeout_s
         self._clock = clock
-        self._started_s = clock()  # the forecaster's time is seconds since this
+        # The forecaster runs on wall-clock time, so its season is the time of day and a
+        # restart resumes it at the right hour; read through ``clock`` so that it never
+        # jumps backwards with the system clock.
+        self._wall_offset_s = wall_clock() - clock()
+        self._forecast_file = forecast_file if forecaster is not None else None
+        self._forecast_saved_s = clock()
+        if self._forecaster is not None and self._forecast_file is not None:
+            note = load_forecast(self._forecaster, self._forecast_file, now_s=self._wall_s())
+            if note:
+                log.info("pool %s: %s", model, note)
         self._spawn = spawn
         self._cond = threading.Condition()
         self._workers: dict[str, WorkerProcess] = {}
@@ -149,6 +163,19 @@ class ModelPool:
             worker.close()
         if self._thread.is_alive():
             self._thread.join(timeout=10)
+        self._save_forecast()
+
+    def _wall_s(self) -> float:
+        return self._clock() + self._wall_offset_s
+
+    def _save_forecast(self) -> None:
+        if self._forecaster is None or self._forecast_file is None:
+            return
+        try:
+            save_forecast(self._forecaster, self._forecast_file)
+        except OSError as exc:  # a full disk must not stop the pool; the next save retries
+            log.warning("pool %s: cannot save the forecast: %s", self.model, exc)
+        self._forecast_saved_s = self._clock()
 
     # -- placement ------------------------------------------------------------------
 
@@ -344,9 +371,12 @@ class ModelPool:
             )
         rate = None
         if self._forecaster is not None:
-            self._forecaster.observe(now - self._started_s, arrivals)
+            wall_s = now + self._wall_offset_s
+            self._forecaster.observe(wall_s, arrivals)
             if self.policy.predictive:
-                rate = self._forecaster.rate(now - self._started_s, self.policy.lead_s)
+                rate = self._forecaster.rate(wall_s, self.policy.lead_s)
+            if now - self._forecast_saved_s >= _FORECAST_SAVE_EVERY_S:
+                self._save_forecast()
         decision = decide(
             self.policy,
             view,
