@@ -279,6 +279,15 @@ class LLMEngine:
             return True
         return self.model.pack_weights(max_layers=max_layers)
 
+    def unpack_weights(self) -> int:
+        """Drops the last packed layer's packed copy (see ``LlamaModel.unpack_weights``);
+        the bytes of host RAM freed, 0 when nothing is packed."""
+        return self.model.unpack_weights()
+
+    @property
+    def packed_units(self) -> int:
+        return self.model.packed_units
+
     def next_pack_bytes(self) -> int:
         """Host RAM the next ``pack_weights(max_layers=1)`` will take; 0 when nothing is
         left to pack, or packing is off or does not apply here."""

@@ -7,7 +7,11 @@ out of memory, and then the kernel's OOM killer ends a worker mid-stream. So a w
 packs a layer only while the machine keeps ``min_free_bytes`` available afterwards, and
 stops where it would not: a partly packed model runs, its other layers at ``F.linear``'s
 speed. Checking before every layer, not once, bounds what workers packing at the same
-moment can overshoot by to one layer each.
+moment can overshoot by to one layer each. RAM can also run short after a worker packed
+(more workers started, the host tier grew): an idle worker then gives packed layers back,
+one per heartbeat, last packed first, until the machine has ``min_free_bytes`` available
+again, and packs them again once packing one would leave that much (``packing_action``:
+between the two thresholds it holds, so a worker does not pack and unpack in turn).
 
 "Available" is ``MemAvailable`` from ``/proc/meminfo`` (free memory plus what the kernel
 can reclaim without swapping), or less under a cgroup v2 memory limit (a container):
@@ -16,10 +20,18 @@ the limit minus the cgroup's usage, its reclaimable file pages counted as free.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["HostMemory", "default_min_free_bytes", "packing_refusal", "read_host_memory"]
+__all__ = [
+    "HostMemory",
+    "PackAction",
+    "default_min_free_bytes",
+    "packing_action",
+    "packing_refusal",
+    "read_host_memory",
+]
 
 _GIB = 1 << 30
 
@@ -79,6 +91,47 @@ def packing_refusal(
         "rest stays unpacked (slower matmuls). Run fewer workers per machine, or lower "
         "the engine's pack_min_free_bytes"
     )
+
+
+class PackAction(enum.Enum):
+    PACK = "pack"  # pack one more layer
+    UNPACK = "unpack"  # give the last packed layer's copy back
+    HOLD = "hold"  # leave things as they are
+
+
+def packing_action(
+    *,
+    next_pack_bytes: int,
+    packed_units: int,
+    memory: HostMemory | None,
+    min_free_bytes: int | None = None,
+) -> tuple[PackAction, str | None]:
+    """What an idle worker does with its packed matrices now, and why (for the operator):
+    UNPACK while less than ``min_free_bytes`` is available and something is packed; PACK
+    while a layer is left to pack and packing it keeps ``min_free_bytes`` available;
+    otherwise HOLD (with the refusal, if packing was refused).
+
+    Example::
+
+        action, why = packing_action(next_pack_bytes=engine.next_pack_bytes(),
+                                     packed_units=engine.packed_units,
+                                     memory=read_host_memory())
+    """
+    if memory is not None and packed_units > 0:
+        floor = (
+            default_min_free_bytes(memory.total_bytes) if min_free_bytes is None else min_free_bytes
+        )
+        if memory.available_bytes < floor:
+            return PackAction.UNPACK, (
+                f"only {memory.available_bytes / _GIB:.2f} GiB of host RAM is available, under "
+                f"the {floor / _GIB:.2f} GiB packing keeps free: giving packed layers back "
+                "(slower matmuls) until it is. Run fewer workers per machine, or lower the "
+                "engine's pack_min_free_bytes"
+            )
+    if next_pack_bytes <= 0:
+        return PackAction.HOLD, None
+    refusal = packing_refusal(next_pack_bytes, memory, min_free_bytes=min_free_bytes)
+    return (PackAction.PACK, None) if refusal is None else (PackAction.HOLD, refusal)
 
 
 def _fields(path: Path, *, unit: int) -> dict[str, int]:

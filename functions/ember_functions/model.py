@@ -175,6 +175,28 @@ class LlamaModel(nn.Module):
             budget -= 1
         return self._packed_units == total
 
+    def unpack_weights(self) -> int:
+        """Drops the packed copy of the last packed layer (or of the LM head, packed
+        last); the layer then runs on its original matrices, unpacked. Returns the bytes
+        of host RAM that frees, 0 if nothing was packed. A worker calls it when the
+        machine runs short of RAM after it packed (see ``host_memory.py``)."""
+        if self._packed_units == 0:
+            return 0
+        self._packed_units -= 1
+        if self._packed_units == len(self.decoder_layers):
+            packed = [self.head_packed] if self.head_packed is not None else []
+            self.head_packed = None
+        else:
+            layer = self.decoder_layers[self._packed_units]
+            packed, layer.packed = list(layer.packed.values()), {}
+        # The unit just dropped is the next one to pack: its size is what was freed.
+        return self.next_pack_bytes() if packed else 0
+
+    @property
+    def packed_units(self) -> int:
+        """Layers packed so far, counting the LM head (packed last) as one."""
+        return self._packed_units
+
     def next_pack_bytes(self) -> int:
         """Bytes of host RAM the next :meth:`pack_weights` unit (a layer, or the LM head
         last) will allocate; 0 once everything is packed or packing does not apply."""

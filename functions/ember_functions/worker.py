@@ -38,11 +38,17 @@ import queue  # noqa: E402
 import socket  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
-from collections.abc import Mapping  # noqa: E402
+from collections.abc import Callable, Mapping  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import TYPE_CHECKING, Any  # noqa: E402
 
-from ember_functions.host_memory import packing_refusal, read_host_memory  # noqa: E402
+from ember_functions.host_memory import (  # noqa: E402
+    HostMemory,
+    PackAction,
+    packing_action,
+    packing_refusal,
+    read_host_memory,
+)
 from ember_functions.rpc import (  # noqa: E402
     FrameReader,
     FrameWriter,
@@ -95,43 +101,53 @@ class _Inbox:
 class _Serve:
     """The loop while READY: commands from the inbox, engine steps on this thread."""
 
-    def __init__(self, engine: LLMEngine, inbox: _Inbox, writer: FrameWriter) -> None:
+    def __init__(
+        self,
+        engine: LLMEngine,
+        inbox: _Inbox,
+        writer: FrameWriter,
+        *,
+        memory: Callable[[], HostMemory | None] = read_host_memory,
+    ) -> None:
         self.engine = engine
         self.inbox = inbox
         self.writer = writer
+        self.memory = memory  # host RAM, read before each packing decision
         self.demote = False  # the router asked for the engine to go, the weights to stay
+        self.pack_s = 0.0  # time spent packing, reported in "packed" frames
 
     def run(self) -> str:
-        """Serves until told to stop or demote; returns ``"stop"`` or ``"demote"``."""
+        """Serves until told to stop or demote; returns ``"stop"`` or ``"demote"``.
+
+        Idle for ``PACK_AFTER_IDLE_S``, it packs its matrices one layer at a time, looking
+        at the inbox between layers, and says so once it has packed all that host RAM
+        allows ("packed"). From then on, once a heartbeat while idle, it looks at host
+        RAM again: short of it, it gives the last packed layer back; with room again, it
+        packs the rest (``host_memory.packing_action``)."""
         engine, wake = self.engine, self.inbox.wake
-        packed, pack_s = False, 0.0
+        settled = False  # packed all it may for now, and said so
         busy_until = time.monotonic()  # when the engine last had work
         while self._drain():
             if not engine.has_unfinished():
                 if self.demote:
                     return "demote"
                 idle_s = time.monotonic() - busy_until
-                if not packed and not wake.is_set() and idle_s >= PACK_AFTER_IDLE_S:
-                    # Idle: pack one more layer, then look at the inbox again, so a
-                    # request that arrives waits for one layer's packing at most.
-                    refusal = packing_refusal(
-                        engine.next_pack_bytes(),
-                        read_host_memory(),
-                        min_free_bytes=engine.config.pack_min_free_bytes,
-                    )
-                    if refusal is None:
+                if not settled and not wake.is_set() and idle_s >= PACK_AFTER_IDLE_S:
+                    action, why = self._packing_action()
+                    if action is PackAction.PACK:
                         t0 = time.perf_counter()
-                        packed = engine.pack_weights(max_layers=1)
-                        pack_s += time.perf_counter() - t0
-                    else:  # done packing: the rest stays unpacked
-                        log.warning("stopped packing: %s", refusal)
-                        packed = True
-                    if packed:
-                        self.writer.send({"op": "packed", "pack_s": pack_s, "stopped": refusal})
+                        engine.pack_weights(max_layers=1)
+                        self.pack_s += time.perf_counter() - t0
+                        continue  # the inbox first: a request waits for one layer at most
+                    if why:
+                        log.warning("stopped packing: %s", why)
+                    self.writer.send({"op": "packed", "pack_s": self.pack_s, "stopped": why})
+                    settled = True
                     continue
-                wait_s = HEARTBEAT_S if packed else max(0.0, PACK_AFTER_IDLE_S - idle_s)
-                if not wake.wait(timeout=wait_s) and packed:
+                wait_s = HEARTBEAT_S if settled else max(0.0, PACK_AFTER_IDLE_S - idle_s)
+                if not wake.wait(timeout=wait_s) and settled:
                     self.writer.send(_ALIVE)  # idle, and this loop still turns
+                    settled = self._follow_host_memory()
                 wake.clear()
                 continue
             self._send(engine.step())
@@ -141,6 +157,34 @@ class _Serve:
         if outs:  # the router may be gone: then nobody is left to tell
             self.writer.try_send(self._frame(outs))
         return "stop"
+
+    def _packing_action(self) -> tuple[PackAction, str | None]:
+        return packing_action(
+            next_pack_bytes=self.engine.next_pack_bytes(),
+            packed_units=self.engine.packed_units,
+            memory=self.memory(),
+            min_free_bytes=self.engine.config.pack_min_free_bytes,
+        )
+
+    def _follow_host_memory(self) -> bool:
+        """One idle heartbeat's look at host RAM: gives one packed layer back if it runs
+        short; returns False when there is room to pack again (the loop then packs)."""
+        action, why = self._packing_action()
+        if action is PackAction.UNPACK:
+            freed = self.engine.unpack_weights()
+            log.warning("gave back %.0f MiB of packed matrices: %s", freed / 2**20, why)
+            self.writer.send({"op": "packed", "pack_s": self.pack_s, "stopped": why})
+            return True
+        if action is not PackAction.PACK:
+            return True
+        # Room again, but it packs only with a layer to spare, so that MemAvailable's
+        # jitter cannot have it pack and give back one layer heartbeat after heartbeat.
+        spare = packing_refusal(
+            2 * self.engine.next_pack_bytes(),
+            self.memory(),
+            min_free_bytes=self.engine.config.pack_min_free_bytes,
+        )
+        return spare is not None
 
     def _frame(self, outs: list[RequestOutput]) -> dict[str, Any]:
         return {

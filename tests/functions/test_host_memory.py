@@ -8,7 +8,9 @@ import pytest
 
 from ember_functions.host_memory import (
     HostMemory,
+    PackAction,
     default_min_free_bytes,
+    packing_action,
     packing_refusal,
     read_host_memory,
 )
@@ -88,3 +90,28 @@ def test_packing_stops_where_it_would_eat_the_reserve_and_says_what_to_do() -> N
     assert packing_refusal(GIB, memory, min_free_bytes=GIB) is None
     # A small machine still keeps 1 GiB free.
     assert packing_refusal(GIB, HostMemory(total_bytes=4 * GIB, available_bytes=GIB + GIB // 2))
+
+
+def test_an_idle_worker_packs_holds_or_gives_back_as_host_ram_allows() -> None:
+    def action(available_gib: float, *, next_bytes: int = GIB, packed: int = 3) -> PackAction:
+        memory = HostMemory(total_bytes=24 * GIB, available_bytes=int(available_gib * GIB))
+        return packing_action(
+            next_pack_bytes=next_bytes, packed_units=packed, memory=memory, min_free_bytes=4 * GIB
+        )[0]
+
+    assert action(6.0) is PackAction.PACK  # 5 GiB left after packing >= 4
+    assert action(4.5) is PackAction.HOLD  # packing would leave 3.5: between the thresholds
+    assert action(3.9) is PackAction.UNPACK  # under the floor with layers packed
+    assert action(3.9, packed=0) is PackAction.HOLD  # nothing left to give back
+    assert action(9.0, next_bytes=0) is PackAction.HOLD  # everything packed
+    assert packing_action(next_pack_bytes=GIB, packed_units=3, memory=None) == (
+        PackAction.PACK,
+        None,
+    )
+    _, why = packing_action(
+        next_pack_bytes=GIB,
+        packed_units=3,
+        memory=HostMemory(total_bytes=24 * GIB, available_bytes=GIB),
+        min_free_bytes=4 * GIB,
+    )
+    assert why is not None and "1.00 GiB" in why and "giving packed layers back" in why

@@ -163,6 +163,22 @@ def test_an_engine_packs_a_layer_at_a_time_and_generates_the_same_tokens(
     after = [o.token_ids for o in engine.generate(prompts, params)]
     assert after == before
 
+    # Given back last packed first (the LM head, then the last layer), each freeing what
+    # packing it took; the model runs the same whatever is packed.
+    assert engine.unpack_weights() == head.numel() * head.element_size()
+    assert engine.model.head_packed is None and engine.packed_units == layers
+    last = engine.model.decoder_layers[-1]
+    assert engine.unpack_weights() == sum(
+        m.numel() * m.element_size() for m in last.matrices().values()
+    )
+    assert not last.packed and engine.model.decoder_layers[0].packed
+    assert [o.token_ids for o in engine.generate(prompts, params)] == before
+    while engine.unpack_weights():
+        pass
+    assert engine.packed_units == 0 and engine.unpack_weights() == 0
+    assert not any(layer.packed for layer in engine.model.decoder_layers)
+    assert [o.token_ids for o in engine.generate(prompts, params)] == before
+
 
 def test_packing_can_be_turned_off(tiny_model: Callable[..., Path]) -> None:
     model_dir = tiny_model("llama", torch.bfloat16)

@@ -1,5 +1,6 @@
 """A READY worker's loop over the real frame protocol (a socket pair): while idle it
-packs its matrices one layer at a time, and a request sent meanwhile is still served."""
+packs its matrices one layer at a time, a request sent meanwhile is still served, and
+packed layers are given back when host RAM runs short (and packed again when it returns)."""
 
 from __future__ import annotations
 
@@ -14,21 +15,39 @@ import torch
 
 from ember_functions.engine import LLMEngine
 from ember_functions.engine_config import EngineConfig
+from ember_functions.host_memory import HostMemory
 from ember_functions.rpc import FrameReader, FrameWriter, pack_params, unpack_output
 from ember_functions.sampling_params import SamplingParams
 from ember_functions.worker import PACK_AFTER_IDLE_S, _Inbox, _Serve
 
+GIB = 1 << 30
+
+
+class FakeMemory:
+    """Host RAM as the worker reads it, set by the test."""
+
+    def __init__(self, available_gib: float) -> None:
+        self.available_gib = available_gib
+
+    def __call__(self) -> HostMemory:
+        return HostMemory(total_bytes=16 * GIB, available_bytes=int(self.available_gib * GIB))
+
+
+@pytest.fixture
+def memory() -> FakeMemory:
+    return FakeMemory(available_gib=12.0)  # plenty: the default floor keeps 1.6 GiB
+
 
 @pytest.fixture
 def serving(
-    tiny_model: Callable[..., Path], packing_dtype: str
+    tiny_model: Callable[..., Path], packing_dtype: str, memory: FakeMemory
 ) -> Iterator[tuple[LLMEngine, FrameWriter, FrameReader, threading.Thread]]:
     engine = LLMEngine.from_dir(
         tiny_model("llama", torch.bfloat16),
         config=EngineConfig(num_kv_blocks=32, dtype=packing_dtype),
     )
     worker_end, router_end = socket.socketpair()
-    loop = _Serve(engine, _Inbox(FrameReader(worker_end)), FrameWriter(worker_end))
+    loop = _Serve(engine, _Inbox(FrameReader(worker_end)), FrameWriter(worker_end), memory=memory)
     thread = threading.Thread(target=loop.run, daemon=True)
     thread.start()
     router = FrameWriter(router_end), FrameReader(router_end)
@@ -91,3 +110,32 @@ def test_a_worker_that_has_just_become_ready_waits_before_packing(
     while engine.model.head_packed is None:
         assert time.monotonic() < deadline, "the idle worker never packed"
         time.sleep(0.01)
+
+
+def packed_frames(receive: FrameReader, count: int) -> list[dict[str, object]]:
+    frames = []
+    while len(frames) < count:
+        frame = receive.read()
+        assert frame is not None, "the worker closed its socket"
+        if frame["op"] == "packed":
+            frames.append(frame)
+    return frames
+
+
+def test_an_idle_worker_gives_packed_layers_back_when_ram_runs_short_and_packs_again(
+    serving: tuple[LLMEngine, FrameWriter, FrameReader, threading.Thread], memory: FakeMemory
+) -> None:
+    engine, send, receive, _thread = serving
+    units = engine.model.config.num_layers + 1  # every layer and the LM head
+    [done] = packed_frames(receive, 1)
+    assert done["stopped"] is None and engine.packed_units == units
+
+    memory.available_gib = 1.0  # other workers came: under the 1.6 GiB floor
+    frames = packed_frames(receive, 2)  # one layer given back per idle heartbeat
+    assert all("giving packed layers back" in str(f["stopped"]) for f in frames)
+    assert engine.packed_units == units - 2 and engine.model.head_packed is None
+
+    memory.available_gib = 12.0  # they went: it packs what it gave back, and says so
+    [again] = packed_frames(receive, 1)
+    assert again["stopped"] is None and engine.packed_units == units
+    send.send({"op": "stop"})
