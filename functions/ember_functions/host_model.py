@@ -16,7 +16,7 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,10 +88,13 @@ class HostModel:
         tokenizer_cache: Path,
         tokenizers: Mapping[str, Tokenizer] | None = None,
         threads: int = 4,
+        on_tokenizer_dir: Callable[[Path], object] | None = None,
     ) -> HostModel:
         """Chunks from the nearest tier into flat buffers, tensors as views. Tokenizer
         files are written once per content hash under ``tokenizer_cache``; one found
-        parsed in ``tokenizers`` (its directory -> it: a zygote's) is not parsed again."""
+        parsed in ``tokenizers`` (its directory -> it: a zygote's) is not parsed again.
+        ``on_tokenizer_dir`` is told the tokenizer's directory as soon as it is written,
+        before it is parsed (a worker tells its router, which parses it meanwhile)."""
         from ember_weights_store import load as load_weights
         from ember_weights_store.host_tier import HostTier
 
@@ -100,7 +103,9 @@ class HostModel:
         # The tokenizer (~0.2 s of JSON parsing for a 49k vocabulary) loads on a thread
         # while the weights load and bind: most of that is torch work without the GIL.
         pool = ThreadPoolExecutor(1, thread_name_prefix="ember-tokenizer")
-        tokenizer = pool.submit(store_tokenizer, store, manifest, tokenizer_cache, tokenizers)
+        tokenizer = pool.submit(
+            store_tokenizer, store, manifest, tokenizer_cache, tokenizers, on_tokenizer_dir
+        )
         pool.shutdown(wait=False)  # the thread ends with its one task
         loaded = load_weights(store, model_id, revision, threads=threads)
         return cls(
@@ -123,10 +128,13 @@ class HostModel:
         *,
         model_id: str | None = None,
         tokenizers: Mapping[str, Tokenizer] | None = None,
+        on_tokenizer_dir: Callable[[Path], object] | None = None,
     ) -> HostModel:
         """A Hugging Face directory's safetensors, read into memory; its tokenizer from
         ``tokenizers`` (directory -> parsed) if there, else parsed."""
         t0 = time.perf_counter()
+        if on_tokenizer_dir is not None:
+            on_tokenizer_dir(model_dir)
         # Cloned: safetensors hands out views of a mapped file, which are host RAM only
         # once touched; a reserve worker must have paid for the read.
         tensors = {name: t.clone() for name, t in iter_hf_tensors(model_dir)}
@@ -154,9 +162,11 @@ def store_tokenizer(
     manifest: Manifest,
     cache: Path,
     parsed: Mapping[str, Tokenizer] | None = None,
+    on_dir: Callable[[Path], object] | None = None,
 ) -> Tokenizer:
     """The manifest's tokenizer, its files written once per content hash under ``cache``;
-    taken from ``parsed`` (directory -> tokenizer) when it is there."""
+    taken from ``parsed`` (directory -> tokenizer) when it is there. ``on_dir`` is told
+    the directory once its files are there, before they are parsed."""
     tok_dir = cache / _tokenizer_dir_name(manifest.tokenizer_files)
     if parsed and str(tok_dir) in parsed:
         return parsed[str(tok_dir)]  # the directory is named by its content: the same files
@@ -167,6 +177,8 @@ def store_tokenizer(
             (tmp / name).write_bytes(store.tokenizer_file(manifest, name))
         (tmp / "config.json").write_text(json.dumps(manifest.architecture))
         os.replace(tmp, tok_dir)
+    if on_dir is not None:
+        on_dir(tok_dir)
     return Tokenizer.from_dir(tok_dir)
 
 

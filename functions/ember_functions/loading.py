@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -134,20 +134,29 @@ def load_host(
     err: TextIO,
     origin: Tier | None = None,
     tokenizers: Mapping[str, Tokenizer] | None = None,
+    on_tokenizer_dir: Callable[[Path], object] | None = None,
 ) -> HostModel:
     """``name``'s weights, tokenizer and architecture in host RAM, not bound (a worker's
     HOST warmth), from where ``load_engine`` would load them; ``LLMEngine.from_host``
-    binds them. ``tokenizers`` (directory -> parsed) are used instead of parsing again."""
+    binds them. ``tokenizers`` (directory -> parsed) are used instead of parsing again;
+    ``on_tokenizer_dir`` hears where the tokenizer is as soon as that is known."""
     from ember_functions.host_model import HostModel
 
     cache = catalog.home / "tokenizers"
     if origin is not None:
-        store = catalog.store(origin=origin)
-        return HostModel.from_store(store, name, tokenizer_cache=cache, tokenizers=tokenizers)
-    model_dir = resolve_model_dir(catalog, name, err=err)
-    if model_dir.parent == catalog.models_dir:
+        store, model_id = catalog.store(origin=origin), name
+    else:
+        model_dir = resolve_model_dir(catalog, name, err=err)
+        if model_dir.parent != catalog.models_dir:
+            return HostModel.from_dir(
+                model_dir, tokenizers=tokenizers, on_tokenizer_dir=on_tokenizer_dir
+            )
         catalog.ensure_in_store(model_dir.name)
-        return HostModel.from_store(
-            catalog.store(), model_dir.name, tokenizer_cache=cache, tokenizers=tokenizers
-        )
-    return HostModel.from_dir(model_dir, tokenizers=tokenizers)
+        store, model_id = catalog.store(), model_dir.name
+    return HostModel.from_store(
+        store,
+        model_id,
+        tokenizer_cache=cache,
+        tokenizers=tokenizers,
+        on_tokenizer_dir=on_tokenizer_dir,
+    )

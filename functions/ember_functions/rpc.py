@@ -14,10 +14,13 @@ Router -> worker::
 Worker -> router::
 
     {"op": "state", "state": "LOADING"}              right after connecting
+    {"op": "tokenizer", "dir"}                       where its tokenizer is, as soon as it
+                                                     knows: the router parses it meanwhile
     {"op": "ready", "model", "pid", "token_capacity", "vocab_size", "tokenizer_dir",
      "free_kv_blocks", "phases": {name: seconds}}     the model is loaded
     {"op": "warm", "warmth": WARMTH, "phases"}       parked at PROCESS or HOST, waiting
     {"op": "alive"}                                  idle or parked: every second
+    {"op": "packed", "pack_s", "stopped"}            packed what host RAM allows (again)
     {"op": "failed", "reason"}                       it could not load; the process exits
     {"op": "outs", "outs": [OUT, ...], "free_kv_blocks"}   everything one engine step made
 

@@ -267,12 +267,15 @@ def _readahead(args: argparse.Namespace) -> None:
 class _Loader:
     """Brings this worker's model up the warmth levels, timing each step."""
 
-    def __init__(self, args: argparse.Namespace, tokenizers: Mapping[str, Tokenizer]) -> None:
+    def __init__(
+        self, args: argparse.Namespace, tokenizers: Mapping[str, Tokenizer], writer: FrameWriter
+    ) -> None:
         from ember_functions.engine_config import EngineConfig
         from ember_functions.loading import StoreConfig
 
         self.args = args
         self.tokenizers = tokenizers  # parsed by the zygote before the fork
+        self.writer = writer
         self.config = EngineConfig.from_dict(json.loads(args.engine_config))
         self.store = StoreConfig.from_dict(json.loads(args.store))
         self.host: HostModel | None = None
@@ -297,6 +300,11 @@ class _Loader:
             err=sys.stderr,
             origin=self.store.origin_tier(),
             tokenizers=self.tokenizers,
+            # The router parses the tokenizer too (its prompt encoder): told now, it does
+            # so while this worker loads and binds, not after READY.
+            on_tokenizer_dir=lambda path: self.writer.try_send(
+                {"op": "tokenizer", "dir": str(path)}
+            ),
         )
 
     def to_host(self) -> dict[str, float]:
@@ -362,7 +370,7 @@ def _serve(
         ).start()
     preload()
     phases = {"imports_s": time.perf_counter() - t0}
-    loader = _Loader(args, tokenizers)
+    loader = _Loader(args, tokenizers, writer)
     target = args.warmth
     since = t0  # a first start is timed from the fork, a promotion from its command
     while True:

@@ -107,6 +107,10 @@ def test_ready_worker_reports_its_cold_start_and_serves_exactly_what_the_engine_
     for phase in ("spawn_s", "imports_s", "load_s", "ready_s"):
         assert worker.phases[phase] > 0, phase
     assert worker.phases["ready_s"] >= worker.phases["load_s"]
+    # It said where its tokenizer is while it loaded: the router's encoder is that parse,
+    # made meanwhile, not one made after READY.
+    early = worker._early_tokenizer
+    assert early is not None and worker.prompts.tokenizer is early[1].result()
 
     reference = make_engine("llama", **{"num_threads": 1})
     prompts: list[Prompt] = [
@@ -348,6 +352,11 @@ def test_a_worker_loads_from_s3_into_an_empty_home_and_from_host_ram_next(
             try:
                 assert result_within(submit(w, prompt, GREEDY_16, f"s{i}")).token_ids == want
                 tiers.append(w.chunks_by_tier)
+                # From the store, the tokenizer's directory is named by its content and
+                # announced once its files are written; the router parsed it meanwhile.
+                early = w._early_tokenizer
+                assert early is not None and w.prompts.tokenizer is early[1].result()
+                assert early[0].startswith(str(home / "tokenizers"))
             finally:
                 w.close()
         assert not (home / "models").exists()  # loaded straight from the store

@@ -95,3 +95,23 @@ def test_a_pool_saves_its_forecast_on_close_and_the_next_one_resumes_it(tmp_path
     assert second._forecaster is not None
     assert second._forecaster.rate(EPOCH_S + 63.0, 0.0) == pytest.approx(2.0, abs=0.05)
     second.close()
+
+
+def test_a_state_that_fails_half_way_leaves_the_forecaster_untouched(tmp_path: Path) -> None:
+    path = forecast_path(tmp_path, "m")
+    save_forecast(trained(), path)
+    saved = json.loads(path.read_text())
+    saved["state"]["baseline"] = "two"  # read after the level, trend and profile
+    path.write_text(json.dumps(saved))
+    f = SeasonalForecaster(season_s=120.0, profile_buckets=6, bucket_s=5.0)
+    before = f.state()
+    note = load_forecast(f, path, now_s=EPOCH_S + 400.0)
+    assert note is not None and "learning afresh" in note
+    assert f.state() == before
+
+
+def test_an_unreadable_forecast_is_reported_not_raised(tmp_path: Path) -> None:
+    path = forecast_path(tmp_path, "m")
+    path.mkdir(parents=True)  # a directory where the file should be: read_text fails
+    note = load_forecast(trained(), path, now_s=EPOCH_S)
+    assert note is not None and "not read" in note

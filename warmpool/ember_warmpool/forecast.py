@@ -190,12 +190,16 @@ class HoltForecaster:
         this forecaster's kind or was learned under other parameters.
         """
         self._check_kind(state)
-        level = state["level"]
-        self.level = None if level is None else float(level)
-        self.trend = float(state["trend"])
-        if state["bucket_start_s"] is None:  # saved before its first observation
+        # Read and convert everything before changing anything: a state that fails
+        # half-way must leave this forecaster as it was (learning afresh).
+        level = None if state["level"] is None else float(state["level"])
+        trend = float(state["trend"])
+        saved_start = state["bucket_start_s"]
+        start_s = None if saved_start is None else float(saved_start)
+        count = float(state["bucket_count"])
+        self.level, self.trend = level, trend
+        if start_s is None:  # saved before its first observation
             return
-        start_s, count = float(state["bucket_start_s"]), float(state["bucket_count"])
         if start_s <= now_s < start_s + self.bucket_s:
             self._bucket_start_s, self._bucket_count, self._last_s = start_s, count, now_s
             return
@@ -356,10 +360,12 @@ class SeasonalForecaster(HoltForecaster):
         first = first if isinstance(first, list) else []
         if not learned and len(first) != self.profile_buckets:
             raise ValueError("saved forecast's first season does not match its profile")
-        super().restore(state, now_s)
-        self._learned = learned
-        self.profile = [float(x) for x in profile]
-        self.baseline = float(state["baseline"])
-        self._first_season = [] if learned else [[float(x) for x in v] for v in first]
-        if state["start_s"] is not None:
-            self._start_s = float(state["start_s"])
+        values = [float(x) for x in profile]
+        baseline = float(state["baseline"])
+        first_season = [] if learned else [[float(x) for x in v] for v in first]
+        start_s = None if state["start_s"] is None else float(state["start_s"])
+        super().restore(state, now_s)  # the last step that can fail: nothing is half-set
+        self._learned, self.profile, self.baseline = learned, values, baseline
+        self._first_season = first_season
+        if start_s is not None:
+            self._start_s = start_s

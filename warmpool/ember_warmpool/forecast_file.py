@@ -57,6 +57,10 @@ def load_forecast(forecaster: Forecaster, path: Path, *, now_s: float) -> str | 
         text = path.read_text()
     except FileNotFoundError:
         return None
+    except OSError as exc:  # unreadable: say so, and serve without it
+        message = f"forecast in {path} not read ({exc}); learning afresh"
+        log.warning("%s", message)
+        return message
     try:
         saved = json.loads(text)
         if not isinstance(saved, dict) or saved.get("version") != _VERSION:
@@ -64,8 +68,12 @@ def load_forecast(forecaster: Forecaster, path: Path, *, now_s: float) -> str | 
         forecaster.restore(saved["state"], now_s)
     except (ValueError, KeyError, TypeError) as exc:
         rejected = path.with_name(path.name + ".rejected")
-        os.replace(path, rejected)
-        message = f"forecast in {path} not used ({exc}); moved to {rejected.name}, learning afresh"
+        try:
+            os.replace(path, rejected)
+            kept = f"moved to {rejected.name}"
+        except OSError as move_error:
+            kept = f"left in place ({move_error})"
+        message = f"forecast in {path} not used ({exc}); {kept}, learning afresh"
         log.warning("%s", message)
         return message
     return f"forecast resumed from {path}"
