@@ -76,7 +76,11 @@ class PoolPolicy:
         PoolPolicy.from_dict({"max_workers": 8, "reserve_warmth": "HOST", "predictive": True})
     """
 
-    min_warm: int = 0  # workers kept whatever the load
+    # Workers kept whatever the load. Idle ones are held at ``reserve_warmth`` like any
+    # other reserve: with HOST, min_warm=1 keeps one worker whose first request waits
+    # for a bind (~0.05 s for SmolLM2), not a cold start; READY (the default) keeps it
+    # serving-ready, at the cost of its bound weights and KV cache in memory.
+    min_warm: int = 0
     buffer: int = 1  # idle workers kept beyond the busy ones, while there is load
     max_workers: int = 4
     keepalive_s: float = 60.0  # an idle worker beyond the target stops after this long
