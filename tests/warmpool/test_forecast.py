@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from collections.abc import Callable
 
 import pytest
 
@@ -23,6 +24,27 @@ def feed(f: Forecaster, trace: list[float], *, start_s: float, end_s: float) -> 
         while i < len(trace) and trace[i] < t:
             n, i = n + 1, i + 1
         f.observe(t, n)
+
+
+def ahead_errors(
+    forecasters: dict[str, Forecaster],
+    trace: list[float],
+    true_rate: Callable[[float], float],
+    *,
+    start_s: float,
+    end_s: float,
+) -> dict[str, float]:
+    """Mean absolute error of each forecaster's rate 30 s ahead, fed ``trace`` 10 s at a
+    time over ``[start_s, end_s)``."""
+    errors: dict[str, list[float]] = {name: [] for name in forecasters}
+    t = start_s
+    while t < end_s:
+        for f in forecasters.values():
+            feed(f, trace, start_s=t, end_s=t + 10)
+        t += 10
+        for name, f in forecasters.items():
+            errors[name].append(abs(f.rate(t, 30.0) - true_rate(t + 30)))
+    return {name: sum(v) / len(v) for name, v in errors.items()}
 
 
 def test_holt_tracks_a_step_change_within_a_few_buckets() -> None:
@@ -57,15 +79,8 @@ def test_seasonal_learns_a_daily_curve_and_forecasts_the_ramp() -> None:
         return 0.05 + 3.95 * (1 - math.cos(2 * math.pi * t / day_s)) / 2
 
     # Through the third day, 30 s ahead: the seasonal forecast knows the ramp is coming.
-    errors: dict[str, list[float]] = {"seasonal": [], "holt": []}
-    t = 2 * day_s
-    while t < 3 * day_s - 30:
-        feed(seasonal, trace, start_s=t, end_s=t + 10)
-        feed(holt, trace, start_s=t, end_s=t + 10)
-        t += 10
-        errors["seasonal"].append(abs(seasonal.rate(t, 30.0) - true_rate(t + 30)))
-        errors["holt"].append(abs(holt.rate(t, 30.0) - true_rate(t + 30)))
-    mae = {k: sum(v) / len(v) for k, v in errors.items()}
+    forecasters = {"seasonal": seasonal, "holt": holt}
+    mae = ahead_errors(forecasters, trace, true_rate, start_s=2 * day_s, end_s=3 * day_s - 30)
     assert mae["seasonal"] < 0.45, mae
     assert mae["seasonal"] < 0.8 * mae["holt"], mae
     # In the trough the floor keeps nothing warm that the season does not expect.
@@ -188,15 +203,10 @@ def test_a_restored_forecaster_resumes_the_day_at_the_right_hour() -> None:
     def true_rate(t: float) -> float:
         return 0.05 + 3.95 * (1 - math.cos(2 * math.pi * (t - EPOCH_S) / day_s)) / 2
 
-    errors: dict[str, list[float]] = {"restored": [], "fresh": []}
-    t = back_s
-    while t < EPOCH_S + 3 * day_s - 30:
-        for f in (restored, fresh):
-            feed(f, trace, start_s=t, end_s=t + 10)
-        t += 10
-        errors["restored"].append(abs(restored.rate(t, 30.0) - true_rate(t + 30)))
-        errors["fresh"].append(abs(fresh.rate(t, 30.0) - true_rate(t + 30)))
-    mae = {k: sum(v) / len(v) for k, v in errors.items()}
+    forecasters = {"restored": restored, "fresh": fresh}
+    mae = ahead_errors(
+        forecasters, trace, true_rate, start_s=back_s, end_s=EPOCH_S + 3 * day_s - 30
+    )
     assert mae["restored"] < 0.45, mae
     assert mae["restored"] < 0.7 * mae["fresh"], mae
 
