@@ -81,7 +81,7 @@ def packing_refusal(
     :func:`default_min_free_bytes`) available; otherwise why not, for the operator."""
     if memory is None or need_bytes <= 0:
         return None
-    floor = default_min_free_bytes(memory.total_bytes) if min_free_bytes is None else min_free_bytes
+    floor = _floor(memory, min_free_bytes)
     left = memory.available_bytes - need_bytes
     if left >= floor:
         return None
@@ -105,11 +105,14 @@ def packing_action(
     packed_units: int,
     memory: HostMemory | None,
     min_free_bytes: int | None = None,
+    margin_bytes: int = 0,
 ) -> tuple[PackAction, str | None]:
     """What an idle worker does with its packed matrices now, and why (for the operator):
     UNPACK while less than ``min_free_bytes`` is available and something is packed; PACK
-    while a layer is left to pack and packing it keeps ``min_free_bytes`` available;
-    otherwise HOLD (with the refusal, if packing was refused).
+    while a layer is left to pack and packing it keeps ``min_free_bytes`` (plus
+    ``margin_bytes``) available; otherwise HOLD (with the refusal, if packing was refused).
+    A worker that gave layers back asks for a layer's margin before it packs again, so
+    that MemAvailable's jitter cannot have it pack and give back one layer in turn.
 
     Example::
 
@@ -118,9 +121,7 @@ def packing_action(
                                      memory=read_host_memory())
     """
     if memory is not None and packed_units > 0:
-        floor = (
-            default_min_free_bytes(memory.total_bytes) if min_free_bytes is None else min_free_bytes
-        )
+        floor = _floor(memory, min_free_bytes)
         if memory.available_bytes < floor:
             return PackAction.UNPACK, (
                 f"only {memory.available_bytes / _GIB:.2f} GiB of host RAM is available, under "
@@ -130,8 +131,12 @@ def packing_action(
             )
     if next_pack_bytes <= 0:
         return PackAction.HOLD, None
-    refusal = packing_refusal(next_pack_bytes, memory, min_free_bytes=min_free_bytes)
+    refusal = packing_refusal(next_pack_bytes + margin_bytes, memory, min_free_bytes=min_free_bytes)
     return (PackAction.PACK, None) if refusal is None else (PackAction.HOLD, refusal)
+
+
+def _floor(memory: HostMemory, min_free_bytes: int | None) -> int:
+    return default_min_free_bytes(memory.total_bytes) if min_free_bytes is None else min_free_bytes
 
 
 def _fields(path: Path, *, unit: int) -> dict[str, int]:

@@ -184,13 +184,12 @@ class LlamaModel(nn.Module):
             return 0
         self._packed_units -= 1
         if self._packed_units == len(self.decoder_layers):
-            packed = [self.head_packed] if self.head_packed is not None else []
-            self.head_packed = None
+            had_copy, self.head_packed = self.head_packed is not None, None
         else:
             layer = self.decoder_layers[self._packed_units]
-            packed, layer.packed = list(layer.packed.values()), {}
+            had_copy, layer.packed = bool(layer.packed), {}
         # The unit just dropped is the next one to pack: its size is what was freed.
-        return self.next_pack_bytes() if packed else 0
+        return self.next_pack_bytes() if had_copy else 0
 
     @property
     def packed_units(self) -> int:

@@ -24,7 +24,7 @@ import gc  # noqa: E402
 
 # No cyclic GC while importing and loading: torch's import makes hundreds of thousands of
 # long-lived objects, and each full collection walks all of them (3 full and ~380 young
-# collections cost 0.19-0.24 s of a 1.2-1.5 s import here). ``_gc_settled`` turns it
+# collections cost 0.19-0.24 s of a 1.2-1.5 s import here). ``gc_settled`` turns it
 # back on, with all that frozen out of its reach, before the worker serves or parks.
 # Only as a program: a process importing this module keeps its collector as it was.
 if __name__ == "__main__":
@@ -46,7 +46,6 @@ from ember_functions.host_memory import (  # noqa: E402
     HostMemory,
     PackAction,
     packing_action,
-    packing_refusal,
     read_host_memory,
 )
 from ember_functions.rpc import (  # noqa: E402
@@ -158,33 +157,25 @@ class _Serve:
             self.writer.try_send(self._frame(outs))
         return "stop"
 
-    def _packing_action(self) -> tuple[PackAction, str | None]:
+    def _packing_action(self, *, margin_bytes: int = 0) -> tuple[PackAction, str | None]:
         return packing_action(
             next_pack_bytes=self.engine.next_pack_bytes(),
             packed_units=self.engine.packed_units,
             memory=self.memory(),
             min_free_bytes=self.engine.config.pack_min_free_bytes,
+            margin_bytes=margin_bytes,
         )
 
     def _follow_host_memory(self) -> bool:
         """One idle heartbeat's look at host RAM: gives one packed layer back if it runs
-        short; returns False when there is room to pack again (the loop then packs)."""
-        action, why = self._packing_action()
+        short; returns False when there is room to pack again, with a layer to spare (the
+        loop then packs)."""
+        action, why = self._packing_action(margin_bytes=self.engine.next_pack_bytes())
         if action is PackAction.UNPACK:
             freed = self.engine.unpack_weights()
             log.warning("gave back %.0f MiB of packed matrices: %s", freed / 2**20, why)
             self.writer.send({"op": "packed", "pack_s": self.pack_s, "stopped": why})
-            return True
-        if action is not PackAction.PACK:
-            return True
-        # Room again, but it packs only with a layer to spare, so that MemAvailable's
-        # jitter cannot have it pack and give back one layer heartbeat after heartbeat.
-        spare = packing_refusal(
-            2 * self.engine.next_pack_bytes(),
-            self.memory(),
-            min_free_bytes=self.engine.config.pack_min_free_bytes,
-        )
-        return spare is not None
+        return action is not PackAction.PACK
 
     def _frame(self, outs: list[RequestOutput]) -> dict[str, Any]:
         return {
@@ -327,7 +318,7 @@ class _Loader:
         }
 
 
-def _gc_settled() -> None:
+def gc_settled() -> None:
     """Freezes what the worker holds now (imports, weights, engine) out of the collector's
     reach and turns collection on: a later collection walks only what requests make, and
     in a forked worker it never writes to the pages it shares with the zygote (which
@@ -385,7 +376,7 @@ def _serve(
             log.error("could not load %s: %s", args.model, reason)
             writer.send({"op": "failed", "reason": reason})
             return 1
-        _gc_settled()
+        gc_settled()
         if target == "READY":
             phases["ready_s"] = time.perf_counter() - since
             writer.send(_ready_frame(engine, phases))
@@ -409,7 +400,7 @@ def _serve(
                 return 0
             if message["op"] == "warm" and _LEVELS.index(message["to"]) > _LEVELS.index(target):
                 target, since = message["to"], time.perf_counter()
-                gc.disable()  # until the climb is done (see _gc_settled)
+                gc.disable()  # until the climb is done (see gc_settled)
                 break
             log.warning("ignoring %r while parked at %s", message["op"], target)
 

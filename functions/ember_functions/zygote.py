@@ -158,11 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     control.connect(args.socket)
-    from ember_functions.worker import preload
+    from ember_functions.worker import gc_settled, preload
 
     preload()
-    gc.freeze()  # the imports stay out of the collector's reach; what serving makes does not
-    gc.enable()
+    gc_settled()  # the imports stay out of the collector's reach; what serving makes does not
     serve(control)
     return 0
 

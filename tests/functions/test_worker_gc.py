@@ -28,7 +28,7 @@ import gc
 from ember_functions import worker
 gc.disable()
 loaded = [[i] for i in range(1000)]          # what loading left behind
-worker._gc_settled()
+worker.gc_settled()
 print(gc.isenabled(), gc.get_freeze_count() >= 1000, gc.get_count()[0] < 50)
 """
     assert run(code) == "True True True"

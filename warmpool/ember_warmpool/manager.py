@@ -107,7 +107,7 @@ class ModelPool:
         self._forecast_file = forecast_file if forecaster is not None else None
         self._forecast_saved_s = clock()
         if self._forecaster is not None and self._forecast_file is not None:
-            note = load_forecast(self._forecaster, self._forecast_file, now_s=self._wall_s())
+            note = load_forecast(self._forecaster, self._forecast_file, now_s=wall_clock())
             if note:
                 log.info("pool %s: %s", model, note)
         self._spawn = spawn
@@ -164,9 +164,6 @@ class ModelPool:
         if self._thread.is_alive():
             self._thread.join(timeout=10)
         self._save_forecast()
-
-    def _wall_s(self) -> float:
-        return self._clock() + self._wall_offset_s
 
     def _save_forecast(self) -> None:
         if self._forecaster is None or self._forecast_file is None:
