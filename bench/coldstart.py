@@ -15,8 +15,11 @@ For one request (a short chat prompt, one generated token), from the moment it a
 - ``prewarmed``: a worker of a pool that is already running, forked from its zygote
   (imports done, the model's tokenizer parsed once the first worker reported it) with
   the weights in the host tier; the router reuses the first worker's prompt encoder;
-- ``ready``: a READY worker that has served one request and packed its matrices
-  (what it does when idle once it serves).
+- ``ready``: a READY worker that has served one request and, idle since, cached the
+  chat template's preamble (the public prefix every tenant's chats share: 16 of this
+  prompt's 37 tokens on SmolLM2) and packed its matrices, as it does once idle. The same
+  with the prefix cache off (``ready_no_prefix_cache``) shows what the cached preamble
+  is worth: there the whole prompt is prefilled.
 
 Peers in the same run, what people write today: a fresh ``python`` running transformers
 ``AutoModelForCausalLM.from_pretrained`` on the same model from local disk and generating
@@ -35,6 +38,7 @@ weights), first token.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -80,17 +84,17 @@ def _share(p: dict[str, float], wall_s: float) -> dict[str, float]:
     return {"fetch": wall_s * fetch / total, "decompress": wall_s * decompress / total}
 
 
-def _first_token(worker: Any, rid: str) -> float:
-    """Seconds to the first token of PROMPT. Each request gets its own cache salt: a READY
-    worker that answered the same prompt before would otherwise reuse its KV blocks
-    (prefix cache) and skip most of the prefill, which a new user's request cannot."""
+def _first_token(worker: Any, rid: str) -> tuple[float, int]:
+    """(seconds, cached prompt tokens) to the first token of PROMPT. Each request gets its
+    own cache salt, as a new tenant's would: a READY worker that answered the same prompt
+    before reuses no KV of it, only the public chat preamble every tenant shares."""
     from ember_functions.sampling_params import SamplingParams
 
     params = SamplingParams(max_tokens=1, temperature=0)
     t0 = time.perf_counter()
     request = worker.prepare(PROMPT, params, request_id=rid, cache_salt=f"coldstart-{rid}")
-    worker.submit_prepared(request).result()
-    return time.perf_counter() - t0
+    done = worker.submit_prepared(request).result()
+    return time.perf_counter() - t0, done.usage.cached_tokens
 
 
 class ModelRun:
@@ -121,6 +125,7 @@ class ModelRun:
         self.host_bytes = 8 << 30
         self._counter = 0
         self.encoder: Any = None  # the pool's, from its first worker (see first_worker)
+        self.ready_cached_tokens = 0  # of PROMPT, by a READY worker (the chat preamble)
 
     @property
     def host_root(self) -> Path:
@@ -137,7 +142,9 @@ class ModelRun:
             return StoreConfig()
         return StoreConfig(host_cache_bytes=self.host_bytes)
 
-    def _spawn(self, state: str, launcher: Any = None, home: Path | None = None) -> Any:
+    def _spawn(
+        self, state: str, launcher: Any = None, home: Path | None = None, config: Any = None
+    ) -> Any:
         from ember_functions.worker_process import WorkerProcess
 
         self._counter += 1
@@ -145,7 +152,7 @@ class ModelRun:
             worker_id=f"cs{os.getpid()}-{self._counter}",
             model=self.name,
             home=home or self.home,
-            engine_config=self.config,
+            engine_config=config or self.config,
             store=self._store(state),
             launcher=launcher,
             prompts=self.encoder if launcher is not None else None,
@@ -194,19 +201,24 @@ class ModelRun:
         cpu = torch.device("cpu")
         return resolve_compute_dtype(self.config.dtype, weights_dtype=stored, device=cpu) != stored
 
+    def ready_ttft(self, *, prefix_cache: bool = True) -> tuple[float, int]:
+        """(seconds, cached prompt tokens) to the first token from a READY worker."""
+        config = dataclasses.replace(self.config, prefix_cache=prefix_cache)
+        worker = self._spawn("host", config=config)
+        try:
+            _first_token(worker, "warm")
+            # A READY worker of a pool has been idle a moment, enough to cache the chat
+            # preamble and pack its matrices (a layer per idle turn): wait for that too.
+            if not worker.wait_packed(timeout_s=120):
+                raise RuntimeError(f"worker {worker.worker_id} never packed its matrices")
+            return _first_token(worker, "ready")
+        finally:
+            worker.close()
+
     def measure(self, state: str, zygote: Any) -> tuple[float, dict[str, float], str]:
         """(ttft_s, phases, tiers the chunks came from) of one cold start in ``state``."""
         if state == "ready":
-            worker = self._spawn("host")
-            try:
-                _first_token(worker, "warm")
-                # A READY worker of a pool has been idle a moment, enough to pack its
-                # matrices (Linear.pack, a layer per idle turn): wait for that too.
-                if not worker.wait_packed(timeout_s=120):
-                    raise RuntimeError(f"worker {worker.worker_id} never packed its matrices")
-                ttft = _first_token(worker, "ready")
-            finally:
-                worker.close()
+            ttft, self.ready_cached_tokens = self.ready_ttft()
             return ttft, {p: 0.0 for p in PHASES} | {"first_token": ttft}, "-"
         home = None
         if state == "object":
@@ -216,7 +228,7 @@ class ModelRun:
         t0 = time.perf_counter()
         worker = self._spawn(state, zygote if state == "prewarmed" else None, home)
         try:
-            first = _first_token(worker, state)
+            first, _ = _first_token(worker, state)
             ttft = time.perf_counter() - t0
             tiers = ",".join(sorted(worker.chunks_by_tier))
             return ttft, _phases(worker, first), tiers
@@ -329,6 +341,7 @@ def _measure_model(
     phases: dict[str, list[dict[str, float]]] = {s: [] for s in states}
     tiers: dict[str, str] = {}
     peer_ttft: dict[str, list[float]] = {"transformers": [], "vllm": []}
+    uncached: list[float] = []  # ready, prefix cache off: the whole prompt prefilled
     floor: list[float] = []
     peer_errors: dict[str, str] = {}
     with Zygote.start(zygote_id=f"cs{os.getpid()}") as zygote:
@@ -339,6 +352,8 @@ def _measure_model(
                 ttft[state].append(t)
                 phases[state].append(p)
                 tiers[state] = where
+            if "ready" in states:
+                uncached.append(run.ready_ttft(prefix_cache=False)[0])
             floor.append(import_torch_s(threads))
             if peers:
                 peer_ttft["transformers"].append(transformers_ttft(model_dir, threads))
@@ -360,6 +375,13 @@ def _measure_model(
     base = out["ttft_s_transformers"]
     for state in states:
         out[f"speedup_{state}"] = base / out[f"ttft_s_{state}"] if base else None
+    if uncached:
+        out["ttft_s_ready_no_prefix_cache"] = statistics.median(uncached)
+        out["speedup_ready_no_prefix_cache"] = (
+            base / out["ttft_s_ready_no_prefix_cache"] if base else None
+        )
+        out["cached_tokens_ready"] = run.ready_cached_tokens
+        out["prompt_tokens"] = len(run.encoder.tokenizer.encode_chat(PROMPT))
     vllm = out["ttft_s_vllm"]
     disk = out.get("ttft_s_disk")
     out["speedup_vllm_disk"] = vllm / disk if vllm and disk else None
@@ -381,6 +403,13 @@ def print_table(res: dict[str, Any]) -> None:
             f"{(f'{speed:.1f}' if speed else '-'):>8}  "
             + "".join(f"{ph[p]:>12.3f}" for p in PHASES)
             + f"   {res['tiers'].get(state, '')}"
+        )
+    if "ttft_s_ready_no_prefix_cache" in res:
+        t, speed = res["ttft_s_ready_no_prefix_cache"], res["speedup_ready_no_prefix_cache"]
+        print(
+            f"{'ready, no prefix cache':<12}{t:>8.3f}{(f'{speed:.1f}' if speed else '-'):>8}  "
+            f"(ready reused {res['cached_tokens_ready']} of the prompt's "
+            f"{res['prompt_tokens']} tokens: the chat preamble)"
         )
     for peer in ("transformers", "vllm"):
         t = res[f"ttft_s_{peer}"]

@@ -8,6 +8,14 @@ instead of recomputing them: those are its *cached* tokens.
 Free blocks keep their contents and hash until they are handed out again, so the
 prefix cache costs no memory beyond the cache itself; uncached free blocks are
 handed out before cached ones, and cached ones least recently freed first.
+
+The prefix key keeps tenants apart: a tenant's cache salt is in every block's hash, so
+a hit can only ever tell a tenant about its own requests. One prefix is exempt, the
+*public prefix* (``set_public_prefix``): token ids derived from public information
+alone (the chat template's preamble, ``Tokenizer.chat_preamble``). Leading blocks that
+hold exactly it are hashed without the salt, in a namespace no salt can reach, so every
+tenant's chat requests share them; the engine computes and pins them itself
+(``pin_public_prefix``), so whether they hit never depends on anyone's traffic.
 """
 
 from __future__ import annotations
@@ -19,12 +27,19 @@ from ember_core import CapacityError
 from ember_functions.sequence import Sequence
 
 
-def block_hash(parent: bytes, salt: str, tokens: list[int]) -> bytes:
+def block_hash(parent: bytes, key: bytes, tokens: list[int]) -> bytes:
     h = hashlib.blake2b(parent, digest_size=16)
-    h.update(salt.encode())
+    h.update(key)
     h.update(b"\x00")
     h.update(b"".join(t.to_bytes(4, "little") for t in tokens))
     return h.digest()
+
+
+def _public_key(adapter_id: str) -> bytes:
+    """The hash key of public blocks. It starts with 0xFF, which no UTF-8 string (so no
+    salt) contains: the public and private namespaces cannot meet. It carries the
+    adapter, whose weights make the blocks' contents."""
+    return b"\xff" + adapter_id.encode()
 
 
 class BlockManager:
@@ -41,6 +56,8 @@ class BlockManager:
         self._free_cached: OrderedDict[int, None] = OrderedDict()
         # Per sequence: the hashes of its full, committed blocks, in order.
         self._seq_hashes: dict[str, list[bytes]] = {}
+        self._public: list[int] = []  # the public prefix's tokens, whole blocks only
+        self._pinned: list[int] = []  # its cached blocks, referenced for good
 
     # -- queries -------------------------------------------------------------------
 
@@ -50,6 +67,36 @@ class BlockManager:
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
+
+    @property
+    def num_pinned_blocks(self) -> int:
+        """Blocks held by ``pin_public_prefix``: in use for good, by every tenant."""
+        return len(self._pinned)
+
+    @property
+    def public_prefix(self) -> list[int]:
+        """The public prefix's tokens that fill whole blocks (the only ones shared)."""
+        return list(self._public)
+
+    def _public_blocks(self, tokens: list[int]) -> int:
+        """How many leading blocks of ``tokens`` hold exactly the public prefix's."""
+        bs, n = self.block_size, 0
+        while (n + 1) * bs <= len(self._public) and (
+            tokens[n * bs : (n + 1) * bs] == self._public[n * bs : (n + 1) * bs]
+        ):
+            n += 1
+        return n
+
+    def _hashes(self, seq: Sequence, start: int, stop: int, parent: bytes) -> abc.Iterator[bytes]:
+        """Hashes of ``seq``'s blocks ``start..stop-1``, chained from ``parent``."""
+        tokens = seq.token_ids
+        private, public = seq.prefix_key.encode(), _public_key(seq.adapter_id)
+        shared = self._public_blocks(tokens)
+        bs = self.block_size
+        for i in range(start, stop):
+            key = public if i < shared else private
+            parent = block_hash(parent, key, tokens[i * bs : (i + 1) * bs])
+            yield parent
 
     def match_prefix(self, seq: Sequence) -> list[int]:
         """Cached blocks holding a prefix of ``seq``'s tokens; takes no reference.
@@ -61,11 +108,8 @@ class BlockManager:
             return []
         tokens = seq.token_ids
         hits: list[int] = []
-        parent = b""
-        for i in range((len(tokens) - 1) // self.block_size):
-            chunk = tokens[i * self.block_size : (i + 1) * self.block_size]
-            parent = block_hash(parent, seq.prefix_key, chunk)
-            block = self._block_of.get(parent)
+        for h in self._hashes(seq, 0, (len(tokens) - 1) // self.block_size, b""):
+            block = self._block_of.get(h)
             if block is None:
                 break
             hits.append(block)
@@ -109,17 +153,13 @@ class BlockManager:
         full = seq.num_computed_tokens // self.block_size
         if full <= len(hashes):
             return
-        tokens = seq.token_ids
         parent = hashes[-1] if hashes else b""
-        for i in range(len(hashes), full):
-            parent = block_hash(
-                parent, seq.prefix_key, tokens[i * self.block_size : (i + 1) * self.block_size]
-            )
-            hashes.append(parent)
+        for i, h in enumerate(self._hashes(seq, len(hashes), full, parent), start=len(hashes)):
+            hashes.append(h)
             block = seq.block_table[i]
-            if parent not in self._block_of:
-                self._block_of[parent] = block
-                self._hash_of[block] = parent
+            if h not in self._block_of:
+                self._block_of[h] = block
+                self._hash_of[block] = h
 
     def release(self, seq: Sequence) -> None:
         """Return every block of ``seq``; its full blocks stay findable by hash."""
@@ -134,14 +174,52 @@ class BlockManager:
         seq.num_computed_tokens = 0
         self._seq_hashes.pop(seq.request_id, None)
 
+    def set_public_prefix(self, tokens: abc.Sequence[int]) -> int:
+        """Makes ``tokens`` the public prefix: it must come from public information only
+        (the chat template), never from a request, or tenants could probe each other's
+        prompts. Returns the tokens that fill whole blocks, the part shared (0 when the
+        prefix cache is off). Blocks pinned for an earlier prefix are let go."""
+        self._unpin()
+        if not self.prefix_cache:
+            self._public = []
+            return 0
+        whole = len(tokens) // self.block_size * self.block_size
+        self._public = list(tokens[:whole])
+        return whole
+
+    def pin_public_prefix(self) -> int:
+        """Takes a lasting reference on the public prefix's blocks the base model has
+        cached so far, so nothing evicts them; returns the tokens they hold."""
+        bs, key, parent = self.block_size, _public_key(""), b""
+        for i in range(len(self._public) // bs):
+            parent = block_hash(parent, key, self._public[i * bs : (i + 1) * bs])
+            block = self._block_of.get(parent)
+            if block is None:
+                break
+            if block not in self._pinned:
+                self._acquire(block)
+                self._pinned.append(block)
+        return len(self._pinned) * bs
+
     def reset_prefix_cache(self) -> None:
-        """Forget every cached prefix (blocks in use keep their contents)."""
+        """Forget every cached prefix (blocks in use keep their contents), pins too."""
+        self._unpin()
         self._free_plain.extend(self._free_cached)
         self._free_cached.clear()
         self._hash_of.clear()
         self._block_of.clear()
 
     # -- internals ------------------------------------------------------------------
+
+    def _unpin(self) -> None:
+        for b in self._pinned:
+            self._ref_count[b] -= 1
+            if self._ref_count[b] == 0:
+                if b in self._hash_of:
+                    self._free_cached[b] = None  # still findable until handed out again
+                else:
+                    self._free_plain.append(b)
+        self._pinned = []
 
     def _acquire(self, block: int) -> None:
         if self._ref_count[block] == 0:

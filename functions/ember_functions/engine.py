@@ -112,6 +112,7 @@ class LLMEngine:
         self._requests: dict[str, PreparedRequest] = {}
         self._pending: list[RequestOutput] = []  # outputs produced outside step()
         self.load_report: LoadReport | None = None  # set when loaded through the store
+        self.public_prefix_tokens: int | None = None  # set by cache_public_prefix
         # Encodes and validates prompts for this engine's tokenizer and window.
         self.prompts = PromptEncoder(
             tokenizer, vocab_size=mc.vocab_size, token_capacity=self.token_capacity
@@ -292,6 +293,39 @@ class LLMEngine:
         """Host RAM the next ``pack_weights(max_layers=1)`` will take; 0 when nothing is
         left to pack, or packing is off or does not apply here."""
         return self.model.next_pack_bytes() if self.config.pack_weights else 0
+
+    def cache_public_prefix(self) -> int:
+        """Computes the KV blocks of the chat template's preamble (``Tokenizer.chat_preamble``:
+        what every chat without a system prompt of its own starts with) and pins them,
+        so every tenant's chat requests start with those tokens cached (``BlockManager``
+        explains why sharing them is safe). Returns the tokens cached: whole blocks
+        only, 0 when the preamble is shorter than a block or the prefix cache is off.
+
+        It runs a prefill of those tokens on the calling thread, so call it from the
+        engine's thread while nothing else runs: a worker does once it is idle.
+
+        Example::
+
+            engine.cache_public_prefix()  # 16 for SmolLM2: 23 preamble tokens, blocks of 16
+        """
+        if self.public_prefix_tokens is not None:
+            return self.public_prefix_tokens  # done once per engine
+        if self.has_unfinished():
+            raise RuntimeError("cache_public_prefix runs only while the engine is idle")
+        whole = self.blocks.set_public_prefix(self.tokenizer.chat_preamble())
+        preamble = self.blocks.public_prefix
+        if whole and whole + 1 <= self.token_capacity:
+            # One sampled token: the prefill computes (and commits) every preamble block.
+            request = self.request_from_encoded(
+                EncodedPrompt(ids=preamble, chat=True, max_tokens=1),
+                SamplingParams(max_tokens=1, temperature=0),
+                request_id=f"public-prefix-{uuid.uuid4().hex}",
+            )
+            self.enqueue(request)
+            while self.has_unfinished():
+                self.step()
+        self.public_prefix_tokens = self.blocks.pin_public_prefix()
+        return self.public_prefix_tokens
 
     def has_unfinished(self) -> bool:
         return bool(self._requests) or bool(self._pending)

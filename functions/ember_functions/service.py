@@ -142,6 +142,9 @@ class EngineService:
         while not self._closed.is_set():
             self._drain_inbox()
             if not engine.has_unfinished():
+                if engine.public_prefix_tokens is None and not self._inbox.qsize():
+                    engine.cache_public_prefix()  # once, while nothing else runs
+                    continue
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
                 continue

@@ -310,6 +310,32 @@ class Tokenizer:
         )
         return self.encode(text, add_special_tokens=True)
 
+    def chat_preamble(self) -> list[int]:
+        """The token ids every chat of one user message starts with, whatever it says:
+        the template's own text before the message (a default system prompt, role
+        markers). Derived from the template alone, never from a request, so it is public
+        and its KV blocks may be shared by every tenant (``BlockManager.public_prefix``).
+
+        Example::
+
+            tok.decode(tok.chat_preamble(), skip_special_tokens=False)
+            # '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, ...'
+        """
+        # Messages starting with different kinds of character: a token that merged the
+        # template's last characters with the message's first would differ among them.
+        probes = ("A", "1", "?", " ")
+        try:
+            renders = [self.encode_chat([{"role": "user", "content": p}]) for p in probes]
+        except InvalidRequestError:  # a template that refuses a lone user message
+            return []
+        common = renders[0]
+        for ids in renders[1:]:
+            n = 0
+            while n < min(len(common), len(ids)) and common[n] == ids[n]:
+                n += 1
+            common = common[:n]
+        return common
+
 
 class IncrementalDetokenizer:
     """Turns one request's sampled ids into text deltas, in O(1) work per token.

@@ -118,8 +118,9 @@ class _Serve:
     def run(self) -> str:
         """Serves until told to stop or demote; returns ``"stop"`` or ``"demote"``.
 
-        Idle for ``PACK_AFTER_IDLE_S``, it packs its matrices one layer at a time, looking
-        at the inbox between layers, and says so once it has packed all that host RAM
+        Idle for ``PACK_AFTER_IDLE_S``, it caches the chat template's preamble
+        (``LLMEngine.cache_public_prefix``), then packs its matrices one layer at a time,
+        looking at the inbox between layers, and says so once it has packed all that host RAM
         allows ("packed"). From then on, once a heartbeat while idle, it looks at host
         RAM again: short of it, it gives the last packed layer back; with room again, it
         packs the rest (``host_memory.packing_action``)."""
@@ -132,6 +133,12 @@ class _Serve:
                     return "demote"
                 idle_s = time.monotonic() - busy_until
                 if not settled and not wake.is_set() and idle_s >= PACK_AFTER_IDLE_S:
+                    if engine.public_prefix_tokens is None:
+                        # First, the chat template's preamble into the prefix cache: a
+                        # short prefill that saves every chat request it (16 of SmolLM2's
+                        # ~37 tokens for a one-line question).
+                        engine.cache_public_prefix()
+                        continue
                     action, why = self._packing_action()
                     if action is PackAction.PACK:
                         t0 = time.perf_counter()

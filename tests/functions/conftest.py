@@ -29,9 +29,10 @@ def _one_torch_thread() -> Iterator[None]:
 
 
 def kv_leak_report(engine: LLMEngine) -> str | None:
-    """None when every KV block of an idle engine is free, else what holds them."""
+    """None when every KV block of an idle engine is free (but the public prefix's, which
+    it pins for good), else what holds them."""
     blocks = engine.blocks
-    if blocks.num_free_blocks == blocks.num_blocks:
+    if blocks.num_free_blocks + blocks.num_pinned_blocks == blocks.num_blocks:
         return None
     held = [b for b, refs in enumerate(blocks._ref_count) if refs]
     sched = engine.scheduler

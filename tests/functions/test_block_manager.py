@@ -101,12 +101,12 @@ def test_prefix_hits_need_the_same_tokens_and_salt() -> None:
 
 
 def test_block_hash_covers_parent_salt_and_tokens() -> None:
-    h = block_hash(b"", "", [1, 2, 3, 4])
-    assert h == block_hash(b"", "", [1, 2, 3, 4])
-    assert h != block_hash(b"", "t", [1, 2, 3, 4])
-    assert h != block_hash(b"\x01", "", [1, 2, 3, 4])
-    assert h != block_hash(b"", "", [1, 2, 3, 5])
-    assert block_hash(b"", "ab", [1]) != block_hash(b"", "a", [ord("b") << 8 | 1])
+    h = block_hash(b"", b"", [1, 2, 3, 4])
+    assert h == block_hash(b"", b"", [1, 2, 3, 4])
+    assert h != block_hash(b"", b"t", [1, 2, 3, 4])
+    assert h != block_hash(b"\x01", b"", [1, 2, 3, 4])
+    assert h != block_hash(b"", b"", [1, 2, 3, 5])
+    assert block_hash(b"", b"ab", [1]) != block_hash(b"", b"a", [ord("b") << 8 | 1])
 
 
 def test_at_least_one_token_is_left_uncached() -> None:
@@ -306,3 +306,68 @@ def test_sequence_token_slices_match_the_full_list() -> None:
     for start in range(len(full) + 1):
         for end in range(start, len(full) + 1):
             assert s.tokens(start, end) == full[start:end]
+
+
+def test_public_prefix_blocks_are_shared_across_tenants_and_nothing_after_them() -> None:
+    bm = BlockManager(num_blocks=16, block_size=4)
+    preamble = [7, 7, 7, 7, 8, 8]  # one whole block public; the last two tokens are not
+    assert bm.set_public_prefix(preamble) == 4
+    assert bm.public_prefix == [7, 7, 7, 7]
+    a = seq("a", [*preamble, 1, 2, 3, 4, 5], salt="tenant-a")
+    admit_and_compute(bm, a)
+    # Another tenant's prompt with the same preamble reuses the public block, and only it:
+    # block 1 holds the tenant's own tokens and is keyed by its salt.
+    b = seq("b", [*preamble, 1, 2, 3, 4, 5], salt="tenant-b")
+    assert bm.match_prefix(b) == a.block_table[:1]
+    # The same tenant gets its private blocks too.
+    again = seq("a2", [*preamble, 1, 2, 3, 4, 5], salt="tenant-a")
+    assert bm.match_prefix(again) == a.block_table[:2]
+    # A prompt that differs inside the public block shares nothing.
+    assert bm.match_prefix(seq("c", [7, 7, 7, 9, 8, 8, 1, 2, 3], salt="tenant-b")) == []
+
+
+def test_public_blocks_are_keyed_by_adapter_and_unreachable_by_any_salt() -> None:
+    bm = BlockManager(num_blocks=16, block_size=4)
+    bm.set_public_prefix([7, 7, 7, 7])
+    base = seq("a", [7, 7, 7, 7, 1], salt="t")
+    admit_and_compute(bm, base)
+    tuned = seq("b", [7, 7, 7, 7, 1], salt="t")
+    tuned.adapter_id = "sha256:adapter"
+    assert bm.match_prefix(tuned) == []  # another adapter's weights make other K/V
+    # No salt hashes into the public namespace: without a public prefix set, nothing hits.
+    other = BlockManager(num_blocks=16, block_size=4)
+    for salt in ("", "\xff", "\x00"):
+        admit_and_compute(other, seq(f"s{salt!r}", [7, 7, 7, 7, 1], salt=salt))
+    other.set_public_prefix([7, 7, 7, 7])
+    assert other.match_prefix(seq("p", [7, 7, 7, 7, 1], salt="x")) == []
+
+
+def test_pinned_public_blocks_survive_eviction_and_unpin_on_reset() -> None:
+    bm = BlockManager(num_blocks=4, block_size=4)
+    bm.set_public_prefix([7, 7, 7, 7])
+    assert bm.pin_public_prefix() == 0  # nothing computed yet
+    first = seq("a", [7, 7, 7, 7, 1], salt="t")
+    admit_and_compute(bm, first)
+    public_block = first.block_table[0]
+    bm.release(first)
+    assert bm.pin_public_prefix() == 4
+    assert bm.pin_public_prefix() == 4  # pinning twice takes one reference
+    assert bm.num_free_blocks == 3
+    # Fill every other block with other tenants' work: the public block stays.
+    hog = seq("b", list(range(12)), salt="u")
+    admit_and_compute(bm, hog)
+    bm.release(hog)
+    hog2 = seq("c", list(range(100, 112)), salt="u")
+    admit_and_compute(bm, hog2)
+    hit = bm.match_prefix(seq("d", [7, 7, 7, 7, 2], salt="v"))
+    assert hit == [public_block]
+    bm.release(hog2)
+    bm.reset_prefix_cache()
+    assert bm.num_free_blocks == 4
+    assert bm.match_prefix(seq("e", [7, 7, 7, 7, 2], salt="v")) == []
+
+
+def test_no_public_prefix_without_the_prefix_cache() -> None:
+    bm = BlockManager(num_blocks=4, block_size=4, prefix_cache=False)
+    assert bm.set_public_prefix([7, 7, 7, 7]) == 0
+    assert bm.public_prefix == []
