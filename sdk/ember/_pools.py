@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import hashlib
 import itertools
 import os
 import queue
@@ -171,8 +172,15 @@ class FunctionPools:
     def _start_pool(self, model: str, policy: PoolPolicy, zygote: Zygote) -> _Entry:
         from ember_platform.pool_router import PoolRouter
         from ember_warmpool import HoltForecaster
+        from ember_warmpool.forecast_file import forecast_path
         from ember_warmpool.manager import ModelPool
 
+        forecast_file = None
+        if policy.predictive:
+            # Each (model, policy) pool learns its own traffic and keeps it across runs of
+            # the program, named by both (the functions sharing the pool share it).
+            policy_id = hashlib.sha256(repr(policy).encode()).hexdigest()[:12]
+            forecast_file = forecast_path(self.home, f"sdk-{model}-{policy_id}")
         pool = ModelPool(
             model,
             home=self.home,
@@ -180,6 +188,7 @@ class FunctionPools:
             engine_config=self.engine_config,
             launcher=zygote,
             forecaster=HoltForecaster() if policy.predictive else None,
+            forecast_file=forecast_file,
             # Worker ids name their sockets: two pools of one model in this process must
             # not share them.
             pool_id=f"sdk-{os.getpid()}-{next(_ids)}",

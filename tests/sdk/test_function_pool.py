@@ -7,6 +7,7 @@ HTTP a declared pool is ignored with one warning."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -202,8 +203,9 @@ def test_close_stops_workers_and_zygote(model: str, tmp_path: Path) -> None:
     embedded = EmbeddedBackend(str(tmp_path / "home"), engine_config=engine_config())
     llm.use_backend(embedded)
     try:
+        pool_options = {"min_warm": 1, "max_workers": 2, "predictive": True}
 
-        @llm.function(model=model, max_tokens=4, pool={"min_warm": 1, "max_workers": 2})
+        @llm.function(model=model, max_tokens=4, pool=pool_options)
         def hello(x: str) -> str:
             return x
 
@@ -220,6 +222,9 @@ def test_close_stops_workers_and_zygote(model: str, tmp_path: Path) -> None:
     assert not pid_alive(zygote.proc.pid)
     assert children(os.getpid()) <= before
     assert embedded.pools() == {}
+    # The predictive pool kept what it learned for the program's next run.
+    (saved,) = (tmp_path / "home" / "pools").glob("sdk-*.forecast.json")
+    assert json.loads(saved.read_text())["state"]
 
 
 def test_interpreter_exit_stops_workers_and_zygote(model: str, tmp_path: Path) -> None:
