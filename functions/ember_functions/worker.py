@@ -121,16 +121,18 @@ class _Serve:
         Idle for ``PACK_AFTER_IDLE_S``, it caches the chat template's preamble
         (``LLMEngine.cache_public_prefix``), then packs its matrices one layer at a time,
         looking at the inbox between layers, and says so once it has packed all that host RAM
-        allows ("packed"). From then on, once a heartbeat while idle, it looks at host
+        allows ("packed"). From then on, once a heartbeat, idle or busy, it looks at host
         RAM again: short of it, it gives the last packed layer back; with room again, it
-        packs the rest (``host_memory.packing_action``)."""
+        packs the rest once idle (``host_memory.packing_action``)."""
         engine, wake = self.engine, self.inbox.wake
         settled = False  # packed all it may for now, and said so
         busy_until = time.monotonic()  # when the engine last had work
+        look_at_ram_s = busy_until  # when a busy worker next looks at host RAM
         while self._drain():
             if not engine.has_unfinished():
                 if self.demote:
                     return "demote"
+                look_at_ram_s = time.monotonic() + HEARTBEAT_S
                 idle_s = time.monotonic() - busy_until
                 if not settled and not wake.is_set() and idle_s >= PACK_AFTER_IDLE_S:
                     if engine.public_prefix_tokens is None:
@@ -158,6 +160,11 @@ class _Serve:
                 continue
             self._send(engine.step())
             busy_until = time.monotonic()
+            if settled and engine.packed_units and busy_until >= look_at_ram_s:
+                # Busy a heartbeat long: RAM other workers need is given back now, a layer
+                # a heartbeat, not when this one next idles (packing waits for idleness).
+                look_at_ram_s = busy_until + HEARTBEAT_S
+                settled = self._follow_host_memory()
         engine.cancel_all()
         outs = engine.step()
         if outs:  # the router may be gone: then nobody is left to tell

@@ -139,3 +139,47 @@ def test_an_idle_worker_gives_packed_layers_back_when_ram_runs_short_and_packs_a
     [again] = packed_frames(receive, 1)
     assert again["stopped"] is None and engine.packed_units == units
     send.send({"op": "stop"})
+
+
+def test_a_busy_worker_gives_packed_layers_back_without_waiting_to_idle(
+    serving: tuple[LLMEngine, FrameWriter, FrameReader, threading.Thread],
+    memory: FakeMemory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import ember_functions.worker as worker
+
+    engine, send, receive, _thread = serving
+    monkeypatch.setattr(worker, "HEARTBEAT_S", 0.02)  # a heartbeat every 20 ms
+    units = engine.model.config.num_layers + 1
+    [done] = packed_frames(receive, 1)
+    assert done["stopped"] is None and engine.packed_units == units
+    params = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
+    send.send(
+        {
+            "op": "start",
+            "id": "long",
+            "prompt_ids": [5, 6, 7, 8],
+            "chat": False,
+            "max_tokens": 400,
+            "params": pack_params(params),
+            "cache_salt": None,
+        }
+    )
+    given_back: list[dict[str, object]] = []
+    tokens_after_ram_ran_short = 0
+    finished = False
+    while not finished:
+        frame = receive.read()
+        assert frame is not None, "the worker closed its socket"
+        if frame["op"] == "packed":
+            given_back.append(frame)
+        elif frame["op"] == "outs":
+            if memory.available_gib > 1.0:  # busy now: other workers come
+                memory.available_gib = 1.0
+            elif not given_back:
+                tokens_after_ram_ran_short += 1
+            finished = any(unpack_output(o).finished for o in frame["outs"])
+    # Given back while the request ran (a layer a heartbeat), not once it had finished.
+    assert given_back and all("giving packed layers back" in str(f["stopped"]) for f in given_back)
+    assert tokens_after_ram_ran_short < 399
+    assert engine.packed_units <= units - len(given_back)
