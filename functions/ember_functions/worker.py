@@ -97,6 +97,33 @@ class _Inbox:
         self.wake.set()
 
 
+class _Heartbeat:
+    """Sends ``alive`` every heartbeat from a thread while the main thread climbs (imports,
+    loads, binds: seconds to minutes without a frame otherwise), so the router can tell a
+    worker that is loading from one that hangs (``WorkerProcess`` ``load_silence_s``)."""
+
+    def __init__(self, writer: FrameWriter) -> None:
+        self.writer = writer
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="ember-heartbeat", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Before the frame that ends the climb (ready, warm or failed)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _run(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            self.writer.try_send(_ALIVE)
+
+
 class _Serve:
     """The loop while READY: commands from the inbox, engine steps on this thread."""
 
@@ -369,6 +396,8 @@ def _serve(
     """Climbs to ``args.warmth``, then serves or waits to be told to climb further;
     a READY worker told to demote drops its engine and waits at HOST."""
     gc.disable()  # a forked worker inherits the zygote's collector, switched on
+    heartbeat = _Heartbeat(writer)
+    heartbeat.start()
     if "torch" not in sys.modules:  # a new interpreter: its reads can overlap the imports
         threading.Thread(
             target=_readahead, args=(args,), name="ember-readahead", daemon=True
@@ -388,8 +417,10 @@ def _serve(
         except Exception as exc:
             reason = f"{type(exc).__name__}: {getattr(exc, 'message', exc)}"
             log.error("could not load %s: %s", args.model, reason)
+            heartbeat.stop()
             writer.send({"op": "failed", "reason": reason})
             return 1
+        heartbeat.stop()
         gc_settled()
         if target == "READY":
             phases["ready_s"] = time.perf_counter() - since
@@ -415,6 +446,7 @@ def _serve(
             if message["op"] == "warm" and _LEVELS.index(message["to"]) > _LEVELS.index(target):
                 target, since = message["to"], time.perf_counter()
                 gc.disable()  # until the climb is done (see gc_settled)
+                heartbeat.start()
                 break
             log.warning("ignoring %r while parked at %s", message["op"], target)
 

@@ -71,6 +71,10 @@ class RemoteRequest:
         return self.encoded.max_tokens
 
 
+#: A loading worker silent this long hangs: killed then, whatever ``load_timeout_s`` says.
+LOAD_SILENCE_S = 30.0
+
+
 @dataclass
 class _Open:
     stream: RequestStream
@@ -109,6 +113,8 @@ class WorkerProcess:
         self._early_tokenizer: tuple[str, Future[Tokenizer]] | None = None
         self._closing = False
         self._heard_s = time.monotonic()  # the last frame from the worker
+        # Silence while loading that means it hangs (it sends a heartbeat every second).
+        self.load_silence_s = LOAD_SILENCE_S
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -127,13 +133,16 @@ class WorkerProcess:
         prompts: PromptEncoder | None = None,
         connect_timeout_s: float = 60.0,
         load_timeout_s: float = 600.0,
+        load_silence_s: float = LOAD_SILENCE_S,
     ) -> WorkerProcess:
         """Starts a worker (a new interpreter, or a fork of a ``Zygote`` given as
         ``launcher``) and returns when it holds ``warmth`` (READY: it serves; PROCESS or
         HOST: parked until :meth:`promote`); raises ``EngineError`` with the worker's
         reason when it fails to start or to load. ``prompts`` is an encoder another worker
         of this model gave (``WorkerProcess.prompts``: a pool's first worker): used if the
-        worker reports the same tokenizer and window, it spares parsing the tokenizer."""
+        worker reports the same tokenizer and window, it spares parsing the tokenizer.
+        A loading worker sends a heartbeat every second: one that sends nothing for
+        ``load_silence_s`` hangs and is killed then, not at ``load_timeout_s``."""
         t0 = time.perf_counter()
         path = socket_path(worker_id, run_dir)
         path.unlink(missing_ok=True)
@@ -162,6 +171,7 @@ class WorkerProcess:
         worker = cls(worker_id, proc, sock)
         worker.warmth = warmth
         worker._known_prompts = prompts
+        worker.load_silence_s = load_silence_s
         worker.phases["spawn_s"] = time.perf_counter() - t0
         threading.Thread(
             target=worker._read_loop, name=f"ember-worker-{worker_id}", daemon=True
@@ -201,22 +211,32 @@ class WorkerProcess:
         return True
 
     def _await_warmth(self, timeout_s: float) -> None:
-        """Waits until the worker holds the warmth it is loading towards."""
+        """Waits until the worker holds the warmth it is loading towards. A loading worker
+        sends a heartbeat every second; one silent for ``load_silence_s`` hangs (a
+        deadlock, a stopped process) and is killed then, not when ``timeout_s`` runs out."""
+        deadline = time.monotonic() + timeout_s
         with self._changed:
-            reached = self._changed.wait_for(
-                lambda: self.state is not WorkerState.LOADING, timeout=timeout_s
-            )
+            while self.state is WorkerState.LOADING:
+                left_s = deadline - time.monotonic()
+                if left_s <= 0 or self.silent_s > self.load_silence_s:
+                    break
+                self._changed.wait(timeout=min(left_s, 0.5))
+            loading = self.state is WorkerState.LOADING
             failed = self.state is WorkerState.FAILED
         if failed:
             raise EngineError(f"worker {self.worker_id} failed to load its model: {self.failure}")
-        if not reached:
-            with self._lock:
-                self._fail(f"not {self.warmth.name} after {timeout_s:.0f} s")
-            self.proc.kill()
-            raise EngineError(
-                f"worker {self.worker_id} was not {self.warmth.name} after {timeout_s:.0f} s; "
-                "raise load_timeout_s or check the worker's log"
-            )
+        if not loading:
+            return
+        if self.silent_s > self.load_silence_s:
+            why = f"sent nothing for {self.silent_s:.0f} s while loading (hung)"
+            advice = "check the worker's log; a stopped or deadlocked process shows this"
+        else:
+            why = f"not {self.warmth.name} after {timeout_s:.0f} s"
+            advice = "raise load_timeout_s or check the worker's log"
+        with self._lock:
+            self._fail(why)
+        self.proc.kill()
+        raise EngineError(f"worker {self.worker_id} {why}; {advice}")
 
     def _on_ready(self, message: dict[str, Any]) -> None:
         # The tokenizer is the same after a promotion, and across a pool's workers: parse

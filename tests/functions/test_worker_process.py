@@ -239,6 +239,46 @@ def test_a_worker_that_cannot_load_fails_with_the_reason(
     assert not socket_path("corrupt").exists()
 
 
+def test_a_worker_that_hangs_while_loading_is_killed_once_silent_not_at_the_load_timeout(
+    tiny_model: Callable[..., Path], tmp_path: Path
+) -> None:
+    """A loading worker sends a heartbeat every second; one that stops (here SIGSTOP, as a
+    deadlock would) is killed after load_silence_s, long before load_timeout_s."""
+    from ember_functions.launch import SubprocessLauncher
+
+    worker_id = f"t{os.getpid()}-hangs"
+    launched: list[object] = []
+
+    class StopOnceConnected(SubprocessLauncher):
+        def launch(self, worker_args: list[str]) -> object:  # type: ignore[override]
+            proc = super().launch(worker_args)
+            launched.append(proc)
+
+            def stop() -> None:  # once the router took the connection (and unlinked its name)
+                deadline = time.monotonic() + TIMEOUT_S
+                while socket_path(worker_id).exists() and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                os.kill(proc.pid, signal.SIGSTOP)
+
+            threading.Thread(target=stop, daemon=True).start()
+            return proc
+
+    t0 = time.monotonic()
+    with pytest.raises(EngineError, match=r"sent nothing for \d+ s while loading \(hung\)"):
+        WorkerProcess.spawn(
+            worker_id=worker_id,
+            model=str(tiny_model("llama")),
+            home=tmp_path,
+            engine_config=CONFIG,
+            launcher=StopOnceConnected(),
+            load_timeout_s=TIMEOUT_S,
+            load_silence_s=2.0,
+        )
+    assert time.monotonic() - t0 < 10  # not the minute load_timeout_s allows
+    (proc,) = launched
+    assert proc.wait(timeout=10) == -signal.SIGKILL  # type: ignore[attr-defined]
+
+
 def test_close_ends_running_requests_as_cancelled_and_removes_the_socket(
     tiny_model: Callable[..., Path], tmp_path: Path
 ) -> None:
