@@ -312,9 +312,9 @@ class LLMEngine:
             return self.public_prefix_tokens  # done once per engine
         if self.has_unfinished():
             raise RuntimeError("cache_public_prefix runs only while the engine is idle")
-        whole = self.blocks.set_public_prefix(self.tokenizer.chat_preamble())
-        preamble = self.blocks.public_prefix
-        if whole and whole + 1 <= self.token_capacity:
+        self.blocks.set_public_prefix(self.tokenizer.chat_preamble())
+        preamble = self.blocks.public_prefix  # whole blocks only
+        if preamble and len(preamble) < self.token_capacity:
             # One sampled token: the prefill computes (and commits) every preamble block.
             request = self.request_from_encoded(
                 EncodedPrompt(ids=preamble, chat=True, max_tokens=1),

@@ -332,13 +332,12 @@ class Tokenizer:
             renders = [self.encode_chat([{"role": "user", "content": p}]) for p in probes]
         except InvalidRequestError:  # a template that refuses a lone user message
             return []
-        common = renders[0]
-        for ids in renders[1:]:
-            n = 0
-            while n < min(len(common), len(ids)) and common[n] == ids[n]:
-                n += 1
-            common = common[:n]
-        return common
+        common = 0
+        for ids_at in zip(*renders, strict=False):  # position by position, to the shortest
+            if len(set(ids_at)) > 1:
+                break
+            common += 1
+        return renders[0][:common]
 
 
 class IncrementalDetokenizer:

@@ -159,8 +159,9 @@ class _Serve:
             if not engine.has_unfinished():
                 if self.demote:
                     return "demote"
-                look_at_ram_s = time.monotonic() + HEARTBEAT_S
-                idle_s = time.monotonic() - busy_until
+                now = time.monotonic()
+                look_at_ram_s = now + HEARTBEAT_S  # a busy spell's first look: a beat in
+                idle_s = now - busy_until
                 if not settled and not wake.is_set() and idle_s >= PACK_AFTER_IDLE_S:
                     if engine.public_prefix_tokens is None:
                         # First, the chat template's preamble into the prefix cache: a
