@@ -6,8 +6,13 @@ prompt starts with the same tokens, under the same tenant and adapter, reuses th
 instead of recomputing them: those are its *cached* tokens.
 
 Free blocks keep their contents and hash until they are handed out again, so the
-prefix cache costs no memory beyond the cache itself; uncached free blocks are
-handed out before cached ones, and cached ones least recently freed first.
+prefix cache costs no memory beyond the cache itself. The allocator hands out, in order:
+free blocks that hold no cached prefix, most recently freed first; then *fresh* blocks,
+never handed out (ids ``first_fresh_block`` and up, in id order); then cached blocks,
+least recently freed first. Reusing used blocks before fresh ones keeps a worker's
+resident KV memory to what its load needed: on CPU a fresh block's pages are not even
+mapped until first written (``KVCache``), and the engine faults in a short runway of
+fresh blocks while idle (``LLMEngine.extend_kv_runway``) so requests do not wait on it.
 
 The prefix key keeps tenants apart: a tenant's cache salt is in every block's hash, so
 a hit can only ever tell a tenant about its own requests. One prefix is exempt, the
@@ -21,7 +26,7 @@ tenant's chat requests share them; the engine computes and pins them itself
 from __future__ import annotations
 
 import hashlib
-from collections import OrderedDict, abc, deque
+from collections import OrderedDict, abc
 
 from ember_core import CapacityError
 from ember_functions.sequence import Sequence
@@ -52,7 +57,8 @@ class BlockManager:
         self._ref_count = [0] * num_blocks
         self._hash_of: dict[int, bytes] = {}
         self._block_of: dict[bytes, int] = {}
-        self._free_plain: deque[int] = deque(range(num_blocks))
+        self._free_used: list[int] = []  # freed, no cached prefix: a stack, newest last
+        self._fresh_from = 0  # blocks [this, num_blocks) were never handed out
         self._free_cached: OrderedDict[int, None] = OrderedDict()
         # Per sequence: the hashes of its full, committed blocks, in order.
         self._seq_hashes: dict[str, list[bytes]] = {}
@@ -63,7 +69,13 @@ class BlockManager:
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self._free_plain) + len(self._free_cached)
+        return len(self._free_used) + self.num_blocks - self._fresh_from + len(self._free_cached)
+
+    @property
+    def first_fresh_block(self) -> int:
+        """Blocks from this id up were never handed out; the allocator takes them in id
+        order, and only once no freed uncached block is left."""
+        return self._fresh_from
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -169,7 +181,7 @@ class BlockManager:
                 if b in self._hash_of:
                     self._free_cached[b] = None
                 else:
-                    self._free_plain.append(b)
+                    self._free_used.append(b)
         seq.block_table = []
         seq.num_computed_tokens = 0
         self._seq_hashes.pop(seq.request_id, None)
@@ -204,7 +216,7 @@ class BlockManager:
     def reset_prefix_cache(self) -> None:
         """Forget every cached prefix (blocks in use keep their contents), pins too."""
         self._unpin()
-        self._free_plain.extend(self._free_cached)
+        self._free_used.extend(self._free_cached)
         self._free_cached.clear()
         self._hash_of.clear()
         self._block_of.clear()
@@ -218,7 +230,7 @@ class BlockManager:
                 if b in self._hash_of:
                     self._free_cached[b] = None  # still findable until handed out again
                 else:
-                    self._free_plain.append(b)
+                    self._free_used.append(b)
         self._pinned = []
 
     def _acquire(self, block: int) -> None:
@@ -229,8 +241,10 @@ class BlockManager:
     def _allocate(self, n: int) -> list[int]:
         out = []
         for _ in range(n):
-            if self._free_plain:
-                b = self._free_plain.popleft()
+            if self._free_used:
+                b = self._free_used.pop()
+            elif self._fresh_from < self.num_blocks:
+                b, self._fresh_from = self._fresh_from, self._fresh_from + 1
             else:
                 b, _ = self._free_cached.popitem(last=False)
                 del self._block_of[self._hash_of.pop(b)]

@@ -327,6 +327,27 @@ class LLMEngine:
         self.public_prefix_tokens = self.blocks.pin_public_prefix()
         return self.public_prefix_tokens
 
+    def extend_kv_runway(self) -> int:
+        """Faults in the KV pages of the fresh blocks the next requests would be given
+        (``KVCache.prefault``), enough for one full step's tokens past the last block
+        ever handed out; returns the blocks faulted in now (0 when the runway is whole,
+        so calling it every idle turn is cheap). Resident KV memory then follows the
+        load the engine has seen plus that runway, not the configured cache size.
+
+        Example::
+
+            if not engine.has_unfinished():
+                engine.extend_kv_runway()
+        """
+        fresh = self.blocks.first_fresh_block
+        runway = self.blocks.blocks_for(self.config.max_num_batched_tokens)
+        start = max(fresh, self.kv_cache.prefaulted_to)
+        stop = min(self.blocks.num_blocks, fresh + runway)
+        if start >= stop:
+            return 0
+        self.kv_cache.prefault(start, stop)
+        return stop - start
+
     def has_unfinished(self) -> bool:
         return bool(self._requests) or bool(self._pending)
 

@@ -142,6 +142,8 @@ class EngineService:
         while not self._closed.is_set():
             self._drain_inbox()
             if not engine.has_unfinished():
+                if not self._inbox.qsize() and engine.extend_kv_runway():
+                    continue  # fresh KV pages faulted in now, not in a request
                 if engine.public_prefix_tokens is None and not self._inbox.qsize():
                     engine.cache_public_prefix()  # once, while nothing else runs
                     continue

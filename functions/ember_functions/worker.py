@@ -145,7 +145,9 @@ class _Serve:
     def run(self) -> str:
         """Serves until told to stop or demote; returns ``"stop"`` or ``"demote"``.
 
-        Idle for ``PACK_AFTER_IDLE_S``, it caches the chat template's preamble
+        Idle for ``PACK_AFTER_IDLE_S``, it faults in the KV pages the next requests will
+        write (``LLMEngine.extend_kv_runway``; again after any spell that used them up),
+        caches the chat template's preamble
         (``LLMEngine.cache_public_prefix``), then packs its matrices one layer at a time,
         looking at the inbox between layers, and says so once it has packed all that host RAM
         allows ("packed"). From then on, once a heartbeat, idle or busy, it looks at host
@@ -162,7 +164,10 @@ class _Serve:
                 now = time.monotonic()
                 look_at_ram_s = now + HEARTBEAT_S  # a busy spell's first look: a beat in
                 idle_s = now - busy_until
-                if not settled and not wake.is_set() and idle_s >= PACK_AFTER_IDLE_S:
+                quiet = not wake.is_set() and idle_s >= PACK_AFTER_IDLE_S
+                if quiet and engine.extend_kv_runway():
+                    continue  # the next requests' fresh KV pages, faulted in now
+                if quiet and not settled:
                     if engine.public_prefix_tokens is None:
                         # First, the chat template's preamble into the prefix cache: a
                         # short prefill that saves every chat request it (16 of SmolLM2's

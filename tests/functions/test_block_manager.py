@@ -182,6 +182,47 @@ def test_plain_free_blocks_are_handed_out_before_cached_ones() -> None:
     assert bm.num_free_blocks == 4
 
 
+def test_used_blocks_are_reused_newest_first_before_fresh_ones() -> None:
+    # Fresh blocks cost a worker resident memory (their pages are mapped on first
+    # write): a freed block that holds no cached prefix is handed out again first.
+    bm = BlockManager(num_blocks=8, block_size=2)
+    assert bm.first_fresh_block == 0
+    a, b = seq("a", [1]), seq("b", [2])
+    bm.admit(a, cached_blocks=[], num_new_tokens=1)
+    bm.admit(b, cached_blocks=[], num_new_tokens=1)
+    assert (a.block_table, b.block_table, bm.first_fresh_block) == ([0], [1], 2)
+    bm.release(a)
+    bm.release(b)
+    c = seq("c", [3, 3, 3])
+    bm.admit(c, cached_blocks=[], num_new_tokens=3)
+    assert c.block_table == [1, 0]  # b's block, freed last, first
+    assert bm.first_fresh_block == 2
+    d = seq("d", [4])
+    bm.admit(d, cached_blocks=[], num_new_tokens=1)
+    assert d.block_table == [2]  # no used block left: the next fresh one, in id order
+    assert bm.first_fresh_block == 3
+    for s in (c, d):
+        bm.release(s)
+    assert bm.num_free_blocks == 8
+
+
+def test_fresh_blocks_are_handed_out_before_cached_prefixes_are_evicted() -> None:
+    bm = BlockManager(num_blocks=3, block_size=2)
+    a = seq("a", [1, 2, 3])
+    admit_and_compute(bm, a)
+    cached = a.block_table[0]
+    bm.release(a)
+    b = seq("b", [7, 7])
+    bm.admit(b, cached_blocks=[], num_new_tokens=2)
+    c = seq("c", [8, 8])
+    bm.admit(c, cached_blocks=[], num_new_tokens=2)
+    assert cached not in b.block_table + c.block_table
+    assert bm.first_fresh_block == 3
+    assert bm.match_prefix(seq("a2", [1, 2, 3])) == [cached]  # still findable
+    for s in (b, c):
+        bm.release(s)
+
+
 def test_cached_blocks_are_evicted_least_recently_freed_first() -> None:
     bm = BlockManager(num_blocks=4, block_size=2)
     x, y = seq("x", [1, 2, 3]), seq("y", [5, 6, 7])

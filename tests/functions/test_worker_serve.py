@@ -1,6 +1,7 @@
 """A READY worker's loop over the real frame protocol (a socket pair): while idle it
-packs its matrices one layer at a time, a request sent meanwhile is still served, and
-packed layers are given back when host RAM runs short (and packed again when it returns)."""
+faults in its next requests' KV pages and packs its matrices one layer at a time, a
+request sent meanwhile is still served, and packed layers are given back when host RAM
+runs short (and packed again when it returns)."""
 
 from __future__ import annotations
 
@@ -70,6 +71,8 @@ def test_an_idle_worker_packs_its_matrices_and_still_serves(
         assert time.monotonic() < deadline, "the idle worker never finished packing"
         time.sleep(0.01)
     assert all(layer.packed for layer in engine.model.decoder_layers)
+    # Before any of that, the next requests' fresh KV pages (here: the whole cache).
+    assert engine.kv_cache.prefaulted_to == engine.blocks.num_blocks
 
     send.send(
         {
@@ -106,6 +109,7 @@ def test_a_worker_that_has_just_become_ready_waits_before_packing(
     engine, _send, _receive, _thread = serving
     time.sleep(PACK_AFTER_IDLE_S / 3)
     assert not any(layer.packed for layer in engine.model.decoder_layers)
+    assert engine.kv_cache.prefaulted_to == 0
     deadline = time.monotonic() + 30
     while engine.model.head_packed is None:
         assert time.monotonic() < deadline, "the idle worker never packed"
