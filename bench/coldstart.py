@@ -16,7 +16,7 @@ For one request (a short chat prompt, one generated token), from the moment it a
   (imports done, the model's tokenizer parsed once the first worker reported it) with
   the weights in the host tier; the router reuses the first worker's prompt encoder;
 - ``ready``: a READY worker that has served one request and, idle since, cached the
-  chat template's preamble (the public prefix every tenant's chats share: 16 of this
+  chat template's preamble (the public prefix every tenant's chats share: 23 of this
   prompt's 37 tokens on SmolLM2) and packed its matrices, as it does once idle. The same
   with the prefix cache off (``ready_no_prefix_cache``) shows what the cached preamble
   is worth: there the whole prompt is prefilled.

@@ -90,6 +90,11 @@ class KVCache:
         head_major = blocks.to(self.data.device, self.data.dtype).permute(0, 1, 4, 2, 3, 5)
         self.data.index_copy_(3, index, head_major)
 
+    def copy_slots(self, src_block: int, dst_block: int, num_tokens: int) -> None:
+        """Copies the K and V of the first ``num_tokens`` slots of ``src_block`` into
+        ``dst_block``, in every layer (a ``SlotCopy`` from the block manager)."""
+        self.data[:, :, :, dst_block, :num_tokens] = self.data[:, :, :, src_block, :num_tokens]
+
     def prefault(self, start_block: int, stop_block: int) -> None:
         """Faults in the pages of blocks ``start_block..stop_block-1``, which must be
         fresh (never handed out: zero, and nobody's). On CPU the cache is anonymous memory

@@ -20,13 +20,18 @@ a hit can only ever tell a tenant about its own requests. One prefix is exempt, 
 alone (the chat template's preamble, ``Tokenizer.chat_preamble``). Leading blocks that
 hold exactly it are hashed without the salt, in a namespace no salt can reach, so every
 tenant's chat requests share them; the engine computes and pins them itself
-(``pin_public_prefix``), so whether they hit never depends on anyone's traffic.
+(``pin_public_prefix``), so whether they hit never depends on anyone's traffic. The
+preamble's tail, the tokens past its last whole block, is pinned too, in a block of its
+own: a sequence that starts with the whole preamble is admitted with those slots copied
+into its first new block (a ``SlotCopy`` the runner carries out before the step), so it
+computes none of the preamble, not just its whole blocks (SmolLM2: 23 tokens, not 16).
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict, abc
+from typing import NamedTuple
 
 from ember_core import CapacityError
 from ember_functions.sequence import Sequence
@@ -47,6 +52,15 @@ def _public_key(adapter_id: str) -> bytes:
     return b"\xff" + adapter_id.encode()
 
 
+class SlotCopy(NamedTuple):
+    """Copy the KV of the first ``num_tokens`` slots of block ``src`` into block ``dst``,
+    every layer, before the step that admitted ``dst``'s sequence runs."""
+
+    src: int
+    dst: int
+    num_tokens: int
+
+
 class BlockManager:
     def __init__(self, *, num_blocks: int, block_size: int, prefix_cache: bool = True) -> None:
         if num_blocks <= 0 or block_size <= 0:
@@ -62,8 +76,10 @@ class BlockManager:
         self._free_cached: OrderedDict[int, None] = OrderedDict()
         # Per sequence: the hashes of its full, committed blocks, in order.
         self._seq_hashes: dict[str, list[bytes]] = {}
-        self._public: list[int] = []  # the public prefix's tokens, whole blocks only
-        self._pinned: list[int] = []  # its cached blocks, referenced for good
+        self._public: list[int] = []  # the public prefix's tokens
+        self._pinned: list[int] = []  # its whole blocks, cached and referenced for good
+        self._tail: int | None = None  # the block holding its tail, referenced for good
+        self._copies: list[SlotCopy] = []  # admitted since the last take_copies()
 
     # -- queries -------------------------------------------------------------------
 
@@ -83,12 +99,29 @@ class BlockManager:
     @property
     def num_pinned_blocks(self) -> int:
         """Blocks held by ``pin_public_prefix``: in use for good, by every tenant."""
-        return len(self._pinned)
+        return len(self._pinned) + (self._tail is not None)
 
     @property
     def public_prefix(self) -> list[int]:
-        """The public prefix's tokens that fill whole blocks (the only ones shared)."""
+        """The public prefix's tokens."""
         return list(self._public)
+
+    def cached_tokens(self, seq: Sequence, hits: abc.Sequence[int]) -> int:
+        """Tokens of ``seq`` that admitting it with ``hits`` (``match_prefix``) leaves
+        computed: the hits' blocks, plus the public prefix's tail when the hits are
+        exactly its whole blocks and its tail is pinned."""
+        return len(hits) * self.block_size + self._public_tail(seq, len(hits))
+
+    def _public_tail(self, seq: Sequence, num_hits: int) -> int:
+        """Tail tokens of the public prefix that ``seq`` gets by copy, or 0."""
+        n, bs = len(self._public), self.block_size
+        if self._tail is None or seq.adapter_id or num_hits != n // bs:
+            return 0
+        tokens = seq.token_ids
+        # One token at least is left to compute, as with any prefix hit.
+        if len(tokens) <= n or tokens[:n] != self._public:
+            return 0
+        return n - num_hits * bs
 
     def _public_blocks(self, tokens: list[int]) -> int:
         """How many leading blocks of ``tokens`` hold exactly the public prefix's."""
@@ -135,15 +168,27 @@ class BlockManager:
     # -- actions -------------------------------------------------------------------
 
     def admit(self, seq: Sequence, *, cached_blocks: list[int], num_new_tokens: int) -> None:
-        """Give a waiting sequence its cached prefix plus blocks for ``num_new_tokens``."""
-        need = self.blocks_for(len(cached_blocks) * self.block_size + num_new_tokens)
+        """Give a waiting sequence its cached prefix plus blocks for ``num_new_tokens``
+        past ``cached_tokens(seq, cached_blocks)``; a public tail it gets is queued as a
+        ``SlotCopy`` (``take_copies``)."""
+        tail = self._public_tail(seq, len(cached_blocks))
+        cached = len(cached_blocks) * self.block_size + tail
+        need = self.blocks_for(cached + num_new_tokens)
         if not self.can_allocate(need - len(cached_blocks), reusing=cached_blocks):
             raise CapacityError("not enough free KV blocks; check can_allocate first")
         for b in cached_blocks:
             self._acquire(b)
         seq.block_table = list(cached_blocks) + self._allocate(need - len(cached_blocks))
-        seq.num_computed_tokens = len(cached_blocks) * self.block_size
+        seq.num_computed_tokens = cached
         self._seq_hashes[seq.request_id] = [self._hash_of[b] for b in cached_blocks]
+        if tail:
+            assert self._tail is not None  # _public_tail checked
+            self._copies.append(SlotCopy(self._tail, seq.block_table[len(cached_blocks)], tail))
+
+    def take_copies(self) -> list[SlotCopy]:
+        """The slot copies queued by admissions since the last call, in order."""
+        copies, self._copies = self._copies, []
+        return copies
 
     def can_grow(self, seq: Sequence, num_new_tokens: int) -> bool:
         need = self.blocks_for(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
@@ -189,21 +234,21 @@ class BlockManager:
     def set_public_prefix(self, tokens: abc.Sequence[int]) -> int:
         """Makes ``tokens`` the public prefix: it must come from public information only
         (the chat template), never from a request, or tenants could probe each other's
-        prompts. Returns the tokens that fill whole blocks, the part shared (0 when the
-        prefix cache is off). Blocks pinned for an earlier prefix are let go."""
+        prompts. Returns the tokens shared (0 when the prefix cache is off). Blocks
+        pinned for an earlier prefix are let go."""
         self._unpin()
-        if not self.prefix_cache:
-            self._public = []
-            return 0
-        whole = len(tokens) // self.block_size * self.block_size
-        self._public = list(tokens[:whole])
-        return whole
+        self._public = list(tokens) if self.prefix_cache else []
+        return len(self._public)
 
-    def pin_public_prefix(self) -> int:
-        """Takes a lasting reference on the public prefix's blocks the base model has
-        cached so far, so nothing evicts them; returns the tokens they hold."""
+    def pin_public_prefix(self, seq: Sequence | None = None) -> int:
+        """Takes a lasting reference on the public prefix's whole blocks the base model
+        has cached so far, so nothing evicts them, and, given ``seq``, a base-model
+        sequence that has computed the whole prefix, on its block holding the prefix's
+        tail. Returns the tokens pinned (what a chat request starting with the prefix
+        gets computed on admission)."""
         bs, key, parent = self.block_size, _public_key(""), b""
-        for i in range(len(self._public) // bs):
+        whole = len(self._public) // bs
+        for i in range(whole):
             parent = block_hash(parent, key, self._public[i * bs : (i + 1) * bs])
             block = self._block_of.get(parent)
             if block is None:
@@ -211,7 +256,18 @@ class BlockManager:
             if block not in self._pinned:
                 self._acquire(block)
                 self._pinned.append(block)
-        return len(self._pinned) * bs
+        tail = len(self._public) - whole * bs
+        computed = (
+            seq is not None
+            and not seq.adapter_id
+            and seq.num_computed_tokens >= len(self._public)
+            and seq.token_ids[: len(self._public)] == self._public
+        )
+        if tail and computed and self._tail is None and len(self._pinned) == whole:
+            assert seq is not None  # computed says so
+            self._tail = seq.block_table[whole]
+            self._acquire(self._tail)
+        return len(self._pinned) * bs + (tail if self._tail is not None else 0)
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached prefix (blocks in use keep their contents), pins too."""
@@ -224,7 +280,7 @@ class BlockManager:
     # -- internals ------------------------------------------------------------------
 
     def _unpin(self) -> None:
-        for b in self._pinned:
+        for b in self._pinned + ([self._tail] if self._tail is not None else []):
             self._ref_count[b] -= 1
             if self._ref_count[b] == 0:
                 if b in self._hash_of:
@@ -232,6 +288,7 @@ class BlockManager:
                 else:
                     self._free_used.append(b)
         self._pinned = []
+        self._tail = None
 
     def _acquire(self, block: int) -> None:
         if self._ref_count[block] == 0:

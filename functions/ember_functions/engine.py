@@ -295,36 +295,41 @@ class LLMEngine:
         return self.model.next_pack_bytes() if self.config.pack_weights else 0
 
     def cache_public_prefix(self) -> int:
-        """Computes the KV blocks of the chat template's preamble (``Tokenizer.chat_preamble``:
-        what every chat without a system prompt of its own starts with) and pins them,
-        so every tenant's chat requests start with those tokens cached (``BlockManager``
-        explains why sharing them is safe). Returns the tokens cached: whole blocks
-        only, 0 when the preamble is shorter than a block or the prefix cache is off.
+        """Computes the KV of the chat template's preamble (``Tokenizer.chat_preamble``:
+        what every chat without a system prompt of its own starts with) and pins it, so
+        every tenant's chat requests start with all of it computed (``BlockManager``
+        explains why sharing it is safe, and how the tail past its last whole block is
+        shared by copy). Returns the tokens cached, 0 when the prefix cache is off.
 
         It runs a prefill of those tokens on the calling thread, so call it from the
         engine's thread while nothing else runs: a worker does once it is idle.
 
         Example::
 
-            engine.cache_public_prefix()  # 16 for SmolLM2: 23 preamble tokens, blocks of 16
+            engine.cache_public_prefix()  # 23 for SmolLM2
         """
         if self.public_prefix_tokens is not None:
             return self.public_prefix_tokens  # done once per engine
         if self.has_unfinished():
             raise RuntimeError("cache_public_prefix runs only while the engine is idle")
         self.blocks.set_public_prefix(self.tokenizer.chat_preamble())
-        preamble = self.blocks.public_prefix  # whole blocks only
-        if preamble and len(preamble) < self.token_capacity:
-            # One sampled token: the prefill computes (and commits) every preamble block.
+        preamble = self.blocks.public_prefix
+        seq = None
+        if preamble and len(preamble) + 2 <= self.token_capacity:
+            # Two tokens asked for, so the sequence still holds its blocks once the
+            # prefill has computed them all: the tail's block is pinned from it.
             request = self.request_from_encoded(
-                EncodedPrompt(ids=preamble, chat=True, max_tokens=1),
-                SamplingParams(max_tokens=1, temperature=0),
+                EncodedPrompt(ids=preamble, chat=True, max_tokens=2),
+                SamplingParams(max_tokens=2, temperature=0, ignore_eos=True),
                 request_id=f"public-prefix-{uuid.uuid4().hex}",
             )
+            seq = request.seq
             self.enqueue(request)
-            while self.has_unfinished():
+            while self.has_unfinished() and seq.num_computed_tokens < len(preamble):
                 self.step()
-        self.public_prefix_tokens = self.blocks.pin_public_prefix()
+        self.public_prefix_tokens = self.blocks.pin_public_prefix(seq)
+        if seq is not None and self.cancel(seq.request_id):
+            self.step()  # hands back the cancelled request's output: nobody reads it
         return self.public_prefix_tokens
 
     def extend_kv_runway(self) -> int:

@@ -26,6 +26,8 @@ class ModelRunner:
     def execute(self, step: SchedulerOutput) -> tuple[torch.Tensor, list[Chunk]]:
         """Runs ``step``; returns logits ``[num_sampling_chunks, vocab]`` float32 and
         the chunks they belong to, in order."""
+        for copy in step.copies:  # admitted sequences' shared slots, before they are read
+            self.kv_cache.copy_slots(copy.src, copy.dst, copy.num_tokens)
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []

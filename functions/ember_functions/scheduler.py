@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from ember_functions.block_manager import BlockManager
+from ember_functions.block_manager import BlockManager, SlotCopy
 from ember_functions.sequence import Sequence, SequenceStatus
 
 
@@ -36,6 +36,8 @@ class SchedulerOutput:
     decodes: list[Chunk] = field(default_factory=list)
     prefills: list[Chunk] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    # KV slots to copy before the step runs: the public prefix's tail, for admissions.
+    copies: list[SlotCopy] = field(default_factory=list)
 
     @property
     def chunks(self) -> list[Chunk]:
@@ -100,7 +102,7 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             hits = self.blocks.match_prefix(seq)
-            cached = len(hits) * self.blocks.block_size
+            cached = self.blocks.cached_tokens(seq, hits)
             n = min(seq.num_tokens - cached, budget)
             new_blocks = self.blocks.blocks_for(cached + n) - len(hits)
             reserve = self.watermark_blocks if self.running else 0
@@ -115,6 +117,7 @@ class Scheduler:
             out.prefills.append(Chunk(seq, cached, n))
             scheduled.add(id(seq))
             budget -= n
+        out.copies = self.blocks.take_copies()
         return out
 
     def _make_room(

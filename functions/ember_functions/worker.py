@@ -170,7 +170,7 @@ class _Serve:
                 if quiet and not settled:
                     if engine.public_prefix_tokens is None:
                         # First, the chat template's preamble into the prefix cache: a
-                        # short prefill that saves every chat request it (16 of SmolLM2's
+                        # short prefill that saves every chat request it (23 of SmolLM2's
                         # ~37 tokens for a one-line question).
                         engine.cache_public_prefix()
                         continue

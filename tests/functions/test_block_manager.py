@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ember_core import CapacityError
-from ember_functions.block_manager import BlockManager, block_hash
+from ember_functions.block_manager import BlockManager, SlotCopy, block_hash
 from ember_functions.sampling_params import SamplingParams
 from ember_functions.sequence import Sequence
 
@@ -351,9 +351,9 @@ def test_sequence_token_slices_match_the_full_list() -> None:
 
 def test_public_prefix_blocks_are_shared_across_tenants_and_nothing_after_them() -> None:
     bm = BlockManager(num_blocks=16, block_size=4)
-    preamble = [7, 7, 7, 7, 8, 8]  # one whole block public; the last two tokens are not
-    assert bm.set_public_prefix(preamble) == 4
-    assert bm.public_prefix == [7, 7, 7, 7]
+    preamble = [7, 7, 7, 7, 8, 8]  # one whole block, and a tail of two tokens
+    assert bm.set_public_prefix(preamble) == 6
+    assert bm.public_prefix == preamble
     a = seq("a", [*preamble, 1, 2, 3, 4, 5], salt="tenant-a")
     admit_and_compute(bm, a)
     # Another tenant's prompt with the same preamble reuses the public block, and only it:
@@ -412,3 +412,83 @@ def test_no_public_prefix_without_the_prefix_cache() -> None:
     bm = BlockManager(num_blocks=4, block_size=4, prefix_cache=False)
     assert bm.set_public_prefix([7, 7, 7, 7]) == 0
     assert bm.public_prefix == []
+
+
+def pinned_preamble(bm: BlockManager, preamble: list[int]) -> Sequence:
+    """What the engine does: computes the preamble as a base-model sequence, pins its
+    blocks (the tail's too) and lets the sequence go. Returns the sequence."""
+    bm.set_public_prefix(preamble)
+    own = seq("public", [*preamble, 0])  # the engine asks for more than the preamble
+    bm.admit(own, cached_blocks=[], num_new_tokens=len(preamble))
+    own.num_computed_tokens = len(preamble)
+    bm.commit(own)
+    assert bm.pin_public_prefix(own) == len(preamble)
+    bm.release(own)
+    return own
+
+
+def test_a_chat_starting_with_the_preamble_gets_its_tail_by_copy() -> None:
+    bm = BlockManager(num_blocks=16, block_size=4)
+    preamble = [7, 7, 7, 7, 8, 8]
+    pinned_preamble(bm, preamble)
+    assert bm.num_pinned_blocks == 2  # the whole block and the tail's
+    assert bm.num_free_blocks == 14
+    a = seq("a", [*preamble, 1, 2, 3], salt="tenant-a")
+    hits = bm.match_prefix(a)
+    assert bm.cached_tokens(a, hits) == 6
+    bm.admit(a, cached_blocks=hits, num_new_tokens=3)
+    assert a.num_computed_tokens == 6
+    assert len(a.block_table) == 3  # 9 tokens
+    tail_block = bm.take_copies()[0].src
+    assert bm.take_copies() == []  # taken once
+    b = seq("b", [*preamble, 4], salt="tenant-b")
+    bm.admit(b, cached_blocks=bm.match_prefix(b), num_new_tokens=1)
+    assert bm.take_copies() == [SlotCopy(tail_block, b.block_table[1], 2)]
+    assert tail_block not in a.block_table + b.block_table  # copied from, never handed out
+    for s in (a, b):
+        bm.release(s)
+    assert bm.num_free_blocks == 14
+
+
+def test_no_tail_copy_unless_the_hits_are_exactly_the_public_blocks() -> None:
+    bm = BlockManager(num_blocks=16, block_size=4)
+    preamble = [7, 7, 7, 7, 8, 8]
+    pinned_preamble(bm, preamble)
+    mine = seq("a", [*preamble, 1, 2, 3, 4, 5], salt="t")
+    admit_and_compute(bm, mine)
+    bm.take_copies()
+    bm.release(mine)
+    cases = {
+        # The tenant's own cached blocks reach further than the tail would.
+        "own cache": (seq("a2", [*preamble, 1, 2, 3, 4, 5], salt="t"), 8),
+        # Another adapter's K/V are other values: neither blocks nor tail.
+        "adapter": (seq("b", [*preamble, 1], salt="u"), 0),
+        # Nothing would be left to compute: the whole block only, as any hit.
+        "just the preamble": (seq("c", list(preamble), salt="u"), 4),
+        # Differs inside the tail.
+        "other tail": (seq("d", [7, 7, 7, 7, 8, 9, 1], salt="u"), 4),
+    }
+    cases["adapter"][0].adapter_id = "sha256:adapter"
+    for name, (s, cached) in cases.items():
+        hits = bm.match_prefix(s)
+        assert bm.cached_tokens(s, hits) == cached, name
+        bm.admit(s, cached_blocks=hits, num_new_tokens=s.num_tokens - cached)
+        assert s.num_computed_tokens == cached, name
+        assert bm.take_copies() == [], name
+        bm.release(s)
+
+
+def test_a_preamble_shorter_than_a_block_is_all_tail() -> None:
+    bm = BlockManager(num_blocks=8, block_size=4)
+    pinned_preamble(bm, [7, 7, 7])
+    a = seq("a", [7, 7, 7, 1, 2], salt="t")
+    assert bm.match_prefix(a) == []
+    bm.admit(a, cached_blocks=[], num_new_tokens=2)
+    assert a.num_computed_tokens == 3
+    assert bm.take_copies()[0].dst == a.block_table[0]
+    bm.release(a)
+    bm.reset_prefix_cache()  # unpins the tail's block too
+    assert bm.num_pinned_blocks == 0
+    assert bm.num_free_blocks == 8
+    b = seq("b", [7, 7, 7, 1, 2], salt="t")
+    assert bm.cached_tokens(b, bm.match_prefix(b)) == 0

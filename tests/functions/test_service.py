@@ -44,9 +44,10 @@ def reference(make_engine: EngineFactory) -> LLMEngine:
 
 
 def kv_blocks(service: EngineService) -> tuple[int, int]:
-    """(free, total) KV blocks, read on the engine thread."""
+    """(free, total) KV blocks, read on the engine thread; the chat preamble's, which an
+    idle service pins for good, count as free."""
     result: tuple[int, int] = service.call(
-        lambda e: (e.blocks.num_free_blocks, e.blocks.num_blocks)
+        lambda e: (e.blocks.num_free_blocks + e.blocks.num_pinned_blocks, e.blocks.num_blocks)
     )
     return result
 

@@ -62,6 +62,8 @@ def _tap(engine: LLMEngine, generated: dict[str, int]) -> None:
     def counted() -> Any:
         outs = step()
         for out in outs:
+            if out.request_id.startswith("public-prefix-"):
+                continue  # the engine's own prefill of the chat preamble: nobody's request
             generated[out.request_id] = generated.get(out.request_id, 0) + len(out.token_ids)
         return outs
 
