@@ -284,10 +284,11 @@ def preload() -> None:
 
 
 def _readahead(args: argparse.Namespace) -> None:
-    """Starts the disk reading this worker's chunks while the main thread imports torch
-    (1-2 s in a new interpreter): nothing here imports torch, and the reads themselves
-    are the kernel's (``WeightsStore.readahead``). A forked worker has no imports left to
-    overlap, so it skips this: the manifest and tier scan would only be done twice."""
+    """Reads this worker's chunks into the page cache while the main thread imports
+    torch (1-2 s in a new interpreter): nothing here imports torch, and the thread waits
+    on the reads without the GIL (``WeightsStore.readahead``). A forked worker has no
+    imports left to overlap, so it skips this: the manifest and tier scan would only be
+    done twice."""
     from ember_functions.loading import StoreConfig
 
     try:

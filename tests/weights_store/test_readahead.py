@@ -1,4 +1,4 @@
-"""``WeightsStore.readahead``: a new worker's disk reads start while torch still imports.
+"""``WeightsStore.readahead``: a new worker reads its chunks while torch still imports.
 
 Residency is read from the kernel (``mincore``), so these tests see what the loader will
 find: pages in the page cache, or not.
@@ -95,6 +95,41 @@ def test_readahead_brings_the_disk_tier_copy_into_the_page_cache(
     assert _resident_fraction(chunk_files) == 1.0
     # Only the copy the loader will read is warmed, not the bucket's as well.
     assert _resident_fraction(bucket_files) < 0.5
+
+
+def test_readahead_reads_all_of_an_object_larger_than_any_readahead_window(
+    tmp_path: Path,
+) -> None:
+    # posix_fadvise(WILLNEED) reads one window per call (the device's read_ahead_kb or
+    # its largest I/O, 128 KiB to 8 MiB), which left half of a 16 MiB chunk on disk.
+    disk = DiskTier(tmp_path / "disk", budget_bytes=64 << 20)
+    blob = os.urandom(1 << 20) * 24  # 24 MiB
+    disk.put("sha256:" + "ab" * 32, blob)
+    path = disk.root / key_to_path("sha256:" + "ab" * 32)
+    _evict([path])
+    if _resident_fraction([path]) > 0.5:
+        pytest.skip("this filesystem keeps pages after POSIX_FADV_DONTNEED")
+    assert disk.readahead("sha256:" + "ab" * 32) == len(blob)
+    assert _resident_fraction([path]) == 1.0  # all of it, once readahead returns
+
+
+def test_without_populate_the_file_is_read_instead(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ember_weights_store import page_cache
+
+    monkeypatch.setattr(page_cache, "_libc", None)  # a kernel or OS without it
+    path = tmp_path / "blob"
+    path.write_bytes(os.urandom(1 << 20) * 20)
+    _evict([path])
+    if _resident_fraction([path]) > 0.5:
+        pytest.skip("this filesystem keeps pages after POSIX_FADV_DONTNEED")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        page_cache.read_into_page_cache(fd, 20 << 20)
+    finally:
+        os.close(fd)
+    assert _resident_fraction([path]) == 1.0
 
 
 def test_readahead_never_asks_a_remote_tier_about_chunks(

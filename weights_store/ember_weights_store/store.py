@@ -304,11 +304,11 @@ class WeightsStore:
         )
 
     def readahead(self, model_id: str, revision: str = "main") -> int:
-        """Asks the kernel to start reading the model's chunks from the disk (the disk
-        tier, or a local bucket) into the page cache, and returns at once with the bytes
-        asked for. A worker in a new interpreter calls it on a thread before importing
-        torch, so the disk reads while the interpreter imports (1-2 s); the loader then
-        finds the pages cached or on their way. Chunks held in host RAM or only in a
+        """Reads the model's chunks from the disk (the disk tier, or a local bucket) into
+        the page cache, chunk by chunk, and returns the bytes read once they all are. A
+        worker in a new interpreter calls it on a thread before importing torch, so the
+        disk reads while the interpreter imports (1-2 s); the loader then finds the pages
+        cached, or reads what is left itself. Chunks held in host RAM or only in a
         remote origin are left to the loader. Imports nothing heavy: see ``__init__``."""
         manifest = self.manifest(model_id, revision)
         asked = 0

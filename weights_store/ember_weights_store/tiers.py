@@ -23,6 +23,7 @@ from typing import Protocol, TypeVar, runtime_checkable
 
 from ember_core import InvalidRequestError, ModelFormatError, NotFoundError
 from ember_weights_store.keys import key_to_path, path_to_key, validate_key
+from ember_weights_store.page_cache import read_into_page_cache
 
 __all__ = [
     "READ_PIECE_BYTES",
@@ -210,15 +211,16 @@ class _Dir:
             os.close(fd)
 
     def readahead(self, key: str) -> int:
-        """Asks the kernel to read the object into the page cache in the background;
-        returns its size (0 if absent). Nothing is read or copied here."""
+        """Reads the object into the page cache (``read_into_page_cache``: all of it,
+        blocking, nothing copied out); returns its size (0 if absent)."""
         try:
             fd = os.open(self.path(key), os.O_RDONLY)
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             return 0
         try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-            return os.fstat(fd).st_size
+            size = os.fstat(fd).st_size
+            read_into_page_cache(fd, size)
+            return size
         finally:
             os.close(fd)
 
@@ -350,7 +352,7 @@ class LocalBucketTier:
         return self._dir.unlink(key)
 
     def readahead(self, key: str) -> int:
-        """Starts reading ``key`` from the disk into the page cache; returns its size."""
+        """Reads ``key`` from the disk into the page cache; returns its size."""
         validate_key(key)
         return self._dir.readahead(key)
 
@@ -436,8 +438,8 @@ class DiskTier:
         return self._dir.path(key)
 
     def readahead(self, key: str) -> int:
-        """Starts reading ``key`` from the disk into the page cache; returns its size
-        (0 if this tier does not hold it). Does not count as a use for eviction."""
+        """Reads ``key`` from the disk into the page cache; returns its size (0 if this
+        tier does not hold it). Does not count as a use for eviction."""
         validate_key(key)
         with self._cond:
             if key not in self._index:

@@ -1,0 +1,68 @@
+"""Reading a file into the page cache ahead of its reader, without copying it anywhere.
+
+A new worker reads its chunks into the page cache on a thread while torch imports
+(``WeightsStore.readahead``). ``posix_fadvise(WILLNEED)`` is not enough for that: Linux
+reads at most one readahead window per call (the larger of the device's
+``read_ahead_kb`` and its largest I/O: 8 MiB on this project's VMs, 128 KiB on many
+disks), so it left half of every 16 MiB chunk on disk here, and would leave almost all of
+it on a default-configured disk. Instead each file is mapped and populated
+(``MADV_POPULATE_READ``, Linux 5.14+), which reads all of it, blocking, and copies
+nothing; elsewhere it is read in pieces into a scratch buffer. Imports no torch.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import sys
+
+__all__ = ["read_into_page_cache"]
+
+_MADV_POPULATE_READ = 22  # Linux uapi value; the mmap module has no name for it
+_PIECE_BYTES = 8 << 20  # the fallback's reads: few syscalls, a small scratch buffer
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+_libc = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
+if _libc is not None:
+    _libc.mmap.restype = ctypes.c_void_p
+    _libc.mmap.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_size_t,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_long,
+    ]
+    _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+
+
+def read_into_page_cache(fd: int, size_bytes: int) -> None:
+    """Brings the first ``size_bytes`` of the open file ``fd`` into the page cache and
+    returns once they are there. ctypes and ``os.preadv`` release the GIL, so a thread
+    doing this leaves an importing main thread alone."""
+    if size_bytes <= 0:
+        return
+    if _libc is not None and _populate(fd, size_bytes):
+        return
+    scratch = bytearray(min(_PIECE_BYTES, size_bytes))
+    done = 0
+    while done < size_bytes:
+        n = os.preadv(fd, [memoryview(scratch)[: size_bytes - done]], done)
+        if n == 0:
+            return  # shorter than asked (truncated meanwhile): the loader will notice
+        done += n
+
+
+def _populate(fd: int, size_bytes: int) -> bool:
+    """Maps the file shared read-only and populates the mapping; False if this kernel
+    cannot (older than 5.14), so the caller reads instead."""
+    assert _libc is not None  # Linux only: checked by the caller
+    addr = _libc.mmap(None, size_bytes, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+    if addr is None or addr == _MAP_FAILED:
+        return False
+    try:
+        return _libc.madvise(addr, size_bytes, _MADV_POPULATE_READ) == 0
+    finally:
+        _libc.munmap(addr, size_bytes)
