@@ -191,8 +191,11 @@ def _decode_attention_cpu(
     """One query token per sequence, as two batched matmuls over (KV head, sequence).
     CPU SDPA runs this shape (q_len 1) through its flash kernel one query block at a
     time, 16x slower at 32 sequences. The scores are float32, as a flash kernel keeps
-    them (bf16 scores would round logits of ~10 by ~0.04); the softmax weights go back
-    to the cache dtype for the value product, as flash kernels do."""
+    them (bf16 scores would round logits of ~10 by ~0.04), and so is the value product:
+    in bf16 it is a oneDNN matmul, whose primitive is built and cached per context length,
+    so each decode step built a new one (~0.8 ms) and kept it (~0.65 MB: +194 MiB of RSS
+    over one 300-token SmolLM2 generation); in float32 it is a plain BLAS call, with no
+    such cache, and the gathered values are small enough to convert (``bench/kernel_caches.py``)."""
     n, num_heads, head_dim = q.shape
     num_kv_heads, _, context, _ = k.shape
     group = num_heads // num_kv_heads
@@ -205,6 +208,7 @@ def _decode_attention_cpu(
         scores.view(num_kv_heads, n, group, context).masked_fill_(
             ~mask.view(1, n, 1, context), float("-inf")
         )
-    weights = torch.softmax(scores, dim=-1).to(v.dtype)
-    o = torch.bmm(weights, v.reshape(batches, context, head_dim))  # [Hkv * n, G, D]
+    weights = torch.softmax(scores, dim=-1)
+    o = torch.bmm(weights, v.reshape(batches, context, head_dim).float())  # [Hkv * n, G, D]
+    o = o.to(q.dtype)
     return o.view(num_kv_heads, n, group, head_dim).transpose(0, 1).reshape(n, num_heads, head_dim)

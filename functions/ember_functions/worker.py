@@ -48,6 +48,7 @@ from ember_functions.host_memory import (  # noqa: E402
     packing_action,
     read_host_memory,
 )
+from ember_functions.kernel_caches import bound_kernel_caches  # noqa: E402
 from ember_functions.rpc import (  # noqa: E402
     FrameReader,
     FrameWriter,
@@ -482,6 +483,7 @@ def main(
     logging.basicConfig(
         level=logging.WARNING, format=f"worker {args.worker_id}: %(levelname)s %(message)s"
     )
+    bound_kernel_caches()  # before the first matmul: a worker's memory stays flat
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.connect(args.socket)
     writer = FrameWriter(sock)
