@@ -89,12 +89,14 @@ class HostModel:
         tokenizers: Mapping[str, Tokenizer] | None = None,
         threads: int = 4,
         on_tokenizer_dir: Callable[[Path], object] | None = None,
+        decode_first: bool = False,
     ) -> HostModel:
         """Chunks from the nearest tier into flat buffers, tensors as views. Tokenizer
         files are written once per content hash under ``tokenizer_cache``; one found
         parsed in ``tokenizers`` (its directory -> it: a zygote's) is not parsed again.
         ``on_tokenizer_dir`` is told the tokenizer's directory as soon as it is written,
-        before it is parsed (a worker tells its router, which parses it meanwhile)."""
+        before it is parsed (a worker tells its router, which parses it meanwhile);
+        ``decode_first``: see ``Tokenizer.from_dir``."""
         from ember_weights_store import load as load_weights
         from ember_weights_store.host_tier import HostTier
 
@@ -104,7 +106,13 @@ class HostModel:
         # while the weights load and bind: most of that is torch work without the GIL.
         pool = ThreadPoolExecutor(1, thread_name_prefix="ember-tokenizer")
         tokenizer = pool.submit(
-            store_tokenizer, store, manifest, tokenizer_cache, tokenizers, on_tokenizer_dir
+            store_tokenizer,
+            store,
+            manifest,
+            tokenizer_cache,
+            tokenizers,
+            on_tokenizer_dir,
+            decode_first=decode_first,
         )
         pool.shutdown(wait=False)  # the thread ends with its one task
         loaded = load_weights(store, model_id, revision, threads=threads)
@@ -163,6 +171,8 @@ def store_tokenizer(
     cache: Path,
     parsed: Mapping[str, Tokenizer] | None = None,
     on_dir: Callable[[Path], object] | None = None,
+    *,
+    decode_first: bool = False,
 ) -> Tokenizer:
     """The manifest's tokenizer, its files written once per content hash under ``cache``;
     taken from ``parsed`` (directory -> tokenizer) when it is there. ``on_dir`` is told
@@ -179,7 +189,7 @@ def store_tokenizer(
         os.replace(tmp, tok_dir)
     if on_dir is not None:
         on_dir(tok_dir)
-    return Tokenizer.from_dir(tok_dir)
+    return Tokenizer.from_dir(tok_dir, decode_first=decode_first)
 
 
 def _tokenizer_dir_name(files: Mapping[str, str]) -> str:

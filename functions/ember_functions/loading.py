@@ -135,11 +135,13 @@ def load_host(
     origin: Tier | None = None,
     tokenizers: Mapping[str, Tokenizer] | None = None,
     on_tokenizer_dir: Callable[[Path], object] | None = None,
+    decode_first: bool = False,
 ) -> HostModel:
     """``name``'s weights, tokenizer and architecture in host RAM, not bound (a worker's
     HOST warmth), from where ``load_engine`` would load them; ``LLMEngine.from_host``
     binds them. ``tokenizers`` (directory -> parsed) are used instead of parsing again;
-    ``on_tokenizer_dir`` hears where the tokenizer is as soon as that is known."""
+    ``on_tokenizer_dir`` hears where the tokenizer is as soon as that is known;
+    ``decode_first``: see ``Tokenizer.from_dir`` (a worker, given prompts as ids)."""
     from ember_functions.host_model import HostModel
 
     cache = catalog.home / "tokenizers"
@@ -159,4 +161,5 @@ def load_host(
         tokenizer_cache=cache,
         tokenizers=tokenizers,
         on_tokenizer_dir=on_tokenizer_dir,
+        decode_first=decode_first,
     )

@@ -12,7 +12,8 @@ detokenizer, ``feed`` that, then ``flush`` the matcher.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +30,19 @@ from ember_functions.chat_template import (
     read_json_object,
     render,
 )
+from ember_weights_store.decode_file import DECODE_FILE
 
 _REPLACEMENT_CHAR = "\ufffd"
+
+
+def _parse(path: Path) -> tokenizers.Tokenizer:
+    try:
+        return tokenizers.Tokenizer.from_file(str(path))
+    except Exception as exc:  # the Rust side raises bare Exception for any parse failure
+        raise ModelFormatError(
+            f"{path} could not be loaded ({exc}); replace it with the model's original "
+            "tokenizer.json"
+        ) from exc
 
 
 def _token_text(value: Any, key: str, origin: str) -> str | None:
@@ -78,8 +90,14 @@ class Tokenizer:
         extra_eos_token_ids: Iterable[int] = (),
         pad_token_id: int | None = None,
         origin: str = "tokenizer",
+        encoder: Callable[[], tokenizers.Tokenizer] | None = None,
     ) -> None:
+        # ``encoder``, if given, makes the backend that encodes, on first use: ``backend``
+        # then decodes only (a decode-only copy: ember_weights_store.decode_file).
         self._backend = backend
+        self._encoder = backend if encoder is None else None
+        self._make_encoder = encoder
+        self._encoder_lock = threading.Lock()
         self._origin = origin
         self._special_tokens = dict(special_tokens or {})
         self._bos_token_id = self._lookup("bos_token", required=True)
@@ -125,12 +143,15 @@ class Tokenizer:
         self.source_dir: Path | None = None  # set by from_dir: another process can load it too
 
     @classmethod
-    def from_dir(cls, model_dir: Path) -> Tokenizer:
+    def from_dir(cls, model_dir: Path, *, decode_first: bool = False) -> Tokenizer:
         """Load ``tokenizer.json`` and the settings beside it in a Hugging Face model directory.
 
         ``tokenizer.json`` is required; ``tokenizer_config.json``, ``generation_config.json``
         and ``config.json`` are read when present. The EOS set is the union of the
         ``eos_token`` in the tokenizer config and every ``eos_token_id`` in the other two.
+        With ``decode_first``, where the directory has a decode-only copy
+        (``ember_weights_store.decode_file``), that is parsed now and ``tokenizer.json``
+        on the first encode: half the parse for a worker, which is given prompts as ids.
         """
         model_dir = Path(model_dir)
         if not model_dir.is_dir():
@@ -143,13 +164,13 @@ class Tokenizer:
                 f"tokenizer.json is missing from {model_dir}; Ember needs the fast-tokenizer file "
                 "(save it with transformers' tokenizer.save_pretrained) next to the weights"
             )
-        try:
-            backend = tokenizers.Tokenizer.from_file(str(tokenizer_file))
-        except Exception as exc:  # the Rust side raises bare Exception for any parse failure
-            raise ModelFormatError(
-                f"{tokenizer_file} could not be loaded ({exc}); replace it with the model's "
-                "original tokenizer.json"
-            ) from exc
+        decode_file = model_dir / DECODE_FILE
+        encoder = None
+        if decode_first and decode_file.is_file():
+            backend = _parse(decode_file)
+            encoder = functools.partial(_parse, tokenizer_file)
+        else:
+            backend = _parse(tokenizer_file)
         config = read_json_object(model_dir / "tokenizer_config.json", required=False)
         generation = read_json_object(model_dir / "generation_config.json", required=False)
         model_config = read_json_object(model_dir / "config.json", required=False)
@@ -181,6 +202,7 @@ class Tokenizer:
             extra_eos_token_ids=eos_ids,
             pad_token_id=pad_ids[0] if pad_ids else None,
             origin=origin,
+            encoder=encoder,
         )
         tokenizer.source_dir = model_dir
         return tokenizer
@@ -258,11 +280,21 @@ class Tokenizer:
             raise InvalidRequestError(
                 f"text to tokenize must be a string, got {type(text).__name__}", param="prompt"
             )
-        ids: list[int] = self._backend.encode(text, add_special_tokens=False).ids
+        ids: list[int] = self._encoding_backend().encode(text, add_special_tokens=False).ids
         bos = self._bos_token_id
         if add_special_tokens and self._add_bos and bos is not None and ids[:1] != [bos]:
             ids.insert(0, bos)
         return ids
+
+    def _encoding_backend(self) -> tokenizers.Tokenizer:
+        encoder = self._encoder
+        if encoder is None:
+            with self._encoder_lock:  # encodes may come from any thread: parse once
+                if self._encoder is None:
+                    assert self._make_encoder is not None  # set whenever _encoder is not
+                    self._encoder = self._make_encoder()
+                encoder = self._encoder
+        return encoder
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
         """Text of ``ids``. Ids outside the vocabulary decode to nothing."""

@@ -345,6 +345,9 @@ class _Loader:
             on_tokenizer_dir=lambda path: self.writer.try_send(
                 {"op": "tokenizer", "dir": str(path)}
             ),
+            # Prompts come as ids: the merges are parsed at the first encode (the chat
+            # preamble, once idle), not on the way to READY.
+            decode_first=True,
         )
 
     def to_host(self) -> dict[str, float]:

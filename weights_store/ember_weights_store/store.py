@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from ember_core import ConfigError, ModelFormatError, NotFoundError
 from ember_weights_store.codecs import choose_codec
+from ember_weights_store.decode_file import DECODE_FILE, decode_only
 from ember_weights_store.digests import fast_checksum, sha256_key
 from ember_weights_store.layout import chunk_ranges, plan_chunks
 from ember_weights_store.manifest import (
@@ -149,6 +150,9 @@ class WeightsStore:
         extras = {
             n: (model_dir / n).read_bytes() for n in TOKENIZER_FILES if (model_dir / n).is_file()
         }
+        decoder = decode_only(extras["tokenizer.json"]) if "tokenizer.json" in extras else None
+        if decoder is not None:  # what a worker parses to serve (decode_file.py)
+            extras[DECODE_FILE] = decoder
         return self._import(
             _read_tensors(files),
             architecture,
