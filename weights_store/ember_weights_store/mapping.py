@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from ember_core import InvalidRequestError, ModelFormatError
+from ember_weights_store.libc import MAP_FAILED, libc
 
 __all__ = ["map_chunk_files"]
 
@@ -31,20 +32,6 @@ _PAGE = mmap.PAGESIZE
 # Linux values; the mmap module exposes neither.
 _PROT_NONE = 0
 _MAP_FIXED = 0x10
-_MAP_FAILED = ctypes.c_void_p(-1).value
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [
-    ctypes.c_void_p,
-    ctypes.c_size_t,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_long,
-]
-_libc.munmap.restype = ctypes.c_int
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 
 
 def _round_up(n: int) -> int:
@@ -52,7 +39,7 @@ def _round_up(n: int) -> int:
 
 
 def _check(addr: int | None, what: str) -> int:
-    if addr is None or addr == _MAP_FAILED:
+    if addr is None or addr == MAP_FAILED:
         err = ctypes.get_errno()
         raise OSError(err, f"mmap of {what} failed: {os.strerror(err)}")
     return addr
@@ -88,7 +75,7 @@ def map_chunk_files(
     # Reserve the whole range first, so the fixed mappings below can never land on (and
     # silently replace) anything else this process has mapped.
     base = _check(
-        _libc.mmap(None, reserved, _PROT_NONE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0),
+        libc.mmap(None, reserved, _PROT_NONE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0),
         "a reserved range",
     )
     try:
@@ -101,7 +88,7 @@ def map_chunk_files(
                         "cached chunk is truncated or stale"
                     )
                 _check(
-                    _libc.mmap(
+                    libc.mmap(
                         base + offset,
                         _round_up(length),
                         mmap.PROT_READ | mmap.PROT_WRITE,
@@ -114,12 +101,12 @@ def map_chunk_files(
             finally:
                 os.close(fd)  # the mapping keeps the file's pages alive on its own
     except BaseException:
-        _libc.munmap(base, reserved)
+        libc.munmap(base, reserved)
         raise
     holder = (ctypes.c_uint8 * max(1, size_bytes)).from_address(base)
     # torch.frombuffer keeps ``holder`` alive for as long as any tensor shares its storage;
     # when the last one goes, ``holder`` is collected and the range unmapped.
-    weakref.finalize(holder, _libc.munmap, base, reserved)
+    weakref.finalize(holder, libc.munmap, base, reserved)
     if on_release is not None:
         weakref.finalize(holder, on_release)
     return torch.frombuffer(holder, dtype=torch.uint8)[:size_bytes]

@@ -12,30 +12,17 @@ nothing; elsewhere it is read in pieces into a scratch buffer. Imports no torch.
 
 from __future__ import annotations
 
-import ctypes
 import mmap
 import os
 import sys
+
+from ember_weights_store.libc import MAP_FAILED, libc
 
 __all__ = ["read_into_page_cache"]
 
 _MADV_POPULATE_READ = 22  # Linux uapi value; the mmap module has no name for it
 _PIECE_BYTES = 8 << 20  # the fallback's reads: few syscalls, a small scratch buffer
-_MAP_FAILED = ctypes.c_void_p(-1).value
-
-_libc = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
-if _libc is not None:
-    _libc.mmap.restype = ctypes.c_void_p
-    _libc.mmap.argtypes = [
-        ctypes.c_void_p,
-        ctypes.c_size_t,
-        ctypes.c_int,
-        ctypes.c_int,
-        ctypes.c_int,
-        ctypes.c_long,
-    ]
-    _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc = libc if sys.platform == "linux" else None  # elsewhere: the fallback's reads
 
 
 def read_into_page_cache(fd: int, size_bytes: int) -> None:
@@ -60,7 +47,7 @@ def _populate(fd: int, size_bytes: int) -> bool:
     cannot (older than 5.14), so the caller reads instead."""
     assert _libc is not None  # Linux only: checked by the caller
     addr = _libc.mmap(None, size_bytes, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-    if addr is None or addr == _MAP_FAILED:
+    if addr is None or addr == MAP_FAILED:
         return False
     try:
         return _libc.madvise(addr, size_bytes, _MADV_POPULATE_READ) == 0
