@@ -142,11 +142,12 @@ class EngineService:
         while not self._closed.is_set():
             self._drain_inbox()
             if not engine.has_unfinished():
-                if not self._inbox.qsize() and engine.extend_kv_runway():
-                    continue  # fresh KV pages faulted in now, not in a request
-                if engine.public_prefix_tokens is None and not self._inbox.qsize():
-                    engine.cache_public_prefix()  # once, while nothing else runs
-                    continue
+                if not self._inbox.qsize():  # idle housekeeping, while nothing waits
+                    if engine.extend_kv_runway():
+                        continue  # fresh KV pages faulted in now, not in a request
+                    if engine.public_prefix_tokens is None:
+                        engine.cache_public_prefix()  # once
+                        continue
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
                 continue
