@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from ember_functions.bound_cache import BoundCache
     from ember_weights_store import LoadReport, Manifest, WeightsStore
     from ember_weights_store.host_tier import HostTier
+    from ember_weights_store.verified import VerifiedCopies
 
 __all__ = ["HostModel", "store_tokenizer"]
 
@@ -90,13 +91,15 @@ class HostModel:
         threads: int = 4,
         on_tokenizer_dir: Callable[[Path], object] | None = None,
         decode_first: bool = False,
+        verified: VerifiedCopies | None = None,
     ) -> HostModel:
         """Chunks from the nearest tier into flat buffers, tensors as views. Tokenizer
         files are written once per content hash under ``tokenizer_cache``; one found
         parsed in ``tokenizers`` (its directory -> it: a zygote's) is not parsed again.
         ``on_tokenizer_dir`` is told the tokenizer's directory as soon as it is written,
         before it is parsed (a worker tells its router, which parses it meanwhile);
-        ``decode_first``: see ``Tokenizer.from_dir``."""
+        ``decode_first``: see ``Tokenizer.from_dir``; ``verified``: chunk files checked
+        already (see ``ember_weights_store.load``)."""
         from ember_weights_store import load as load_weights
         from ember_weights_store.host_tier import HostTier
 
@@ -115,7 +118,7 @@ class HostModel:
             decode_first=decode_first,
         )
         pool.shutdown(wait=False)  # the thread ends with its one task
-        loaded = load_weights(store, model_id, revision, threads=threads)
+        loaded = load_weights(store, model_id, revision, threads=threads, verified=verified)
         return cls(
             model_id=model_id,
             model_config=ModelConfig.from_hf(manifest.architecture),

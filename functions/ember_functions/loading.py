@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from ember_functions.tokenizer import Tokenizer
     from ember_weights_store import ModelCatalog
     from ember_weights_store.tiers import Tier
+    from ember_weights_store.verified import VerifiedCopies
 
 __all__ = ["StoreConfig", "load_engine", "load_host", "resolve_model_dir"]
 
@@ -136,12 +137,14 @@ def load_host(
     tokenizers: Mapping[str, Tokenizer] | None = None,
     on_tokenizer_dir: Callable[[Path], object] | None = None,
     decode_first: bool = False,
+    verified: VerifiedCopies | None = None,
 ) -> HostModel:
     """``name``'s weights, tokenizer and architecture in host RAM, not bound (a worker's
     HOST warmth), from where ``load_engine`` would load them; ``LLMEngine.from_host``
     binds them. ``tokenizers`` (directory -> parsed) are used instead of parsing again;
     ``on_tokenizer_dir`` hears where the tokenizer is as soon as that is known;
-    ``decode_first``: see ``Tokenizer.from_dir`` (a worker, given prompts as ids)."""
+    ``decode_first``: see ``Tokenizer.from_dir`` (a worker, given prompts as ids);
+    ``verified``: chunk files this process checked already (its readahead)."""
     from ember_functions.host_model import HostModel
 
     cache = catalog.home / "tokenizers"
@@ -162,4 +165,5 @@ def load_host(
         tokenizers=tokenizers,
         on_tokenizer_dir=on_tokenizer_dir,
         decode_first=decode_first,
+        verified=verified,
     )

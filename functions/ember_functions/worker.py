@@ -39,6 +39,7 @@ import socket  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
 from collections.abc import Callable, Mapping  # noqa: E402
+from concurrent.futures import Future  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import TYPE_CHECKING, Any  # noqa: E402
 
@@ -62,6 +63,7 @@ if TYPE_CHECKING:
     from ember_functions.sequence import RequestOutput
     from ember_functions.tokenizer import Tokenizer
     from ember_weights_store import LoadReport
+    from ember_weights_store.verified import VerifiedCopies
 
 log = logging.getLogger("ember.worker")
 
@@ -284,31 +286,51 @@ def preload() -> None:
     import ember_weights_store.catalog  # noqa: F401  (the package, and what it imports lazily)
 
 
-def _readahead(args: argparse.Namespace) -> None:
-    """Reads this worker's chunks into the page cache while the main thread imports
-    torch (1-2 s in a new interpreter): nothing here imports torch, and the thread waits
-    on the reads without the GIL (``WeightsStore.readahead``). A forked worker has no
-    imports left to overlap, so it skips this: the manifest and tier scan would only be
-    done twice."""
+def _start_readahead(args: argparse.Namespace) -> Future[VerifiedCopies | None]:
+    """Starts reading this worker's chunks into the page cache, checking each against its
+    checksum on the way, on a thread, while this (main) thread imports torch (1-2 s in a
+    new interpreter): nothing there imports torch, and the thread waits on the reads and
+    hashes without the GIL (``WeightsStore.readahead``). Its own imports are done here
+    first: a thread importing beside ``import torch`` would take turns at the GIL with
+    it (a few percent of the import, measured). The future holds the chunk files it
+    checked, which the loader then does not hash again; None if it could not run. A
+    forked worker has no imports left to overlap, so it skips this: the manifest and tier
+    scan would only be done twice."""
     from ember_functions.loading import StoreConfig
+    from ember_weights_store.catalog import ModelCatalog  # noqa: F401  (for the thread)
+    from ember_weights_store.store import WeightsStore  # noqa: F401  (for the thread)
 
-    try:
-        store = StoreConfig.from_dict(json.loads(args.store))
-        if store.origin:
-            return  # chunks not on this machine are the loader's to fetch
-        catalog = store.catalog(Path(args.home))
-        model_dir = catalog.resolve(args.model)
-        if model_dir.parent == catalog.models_dir:
-            catalog.store().readahead(model_dir.name)
-    except Exception as exc:  # only a head start: the loader reads whatever this did not
-        log.debug("readahead for %s skipped: %s", args.model, exc)
+    done: Future[VerifiedCopies | None] = Future()
+
+    def run() -> None:
+        try:
+            store = StoreConfig.from_dict(json.loads(args.store))
+            if store.origin:
+                done.set_result(None)  # chunks not on this machine are the loader's to fetch
+                return
+            catalog = store.catalog(Path(args.home))
+            model_dir = catalog.resolve(args.model)
+            if model_dir.parent != catalog.models_dir:
+                done.set_result(None)  # a model directory, loaded directly
+                return
+            done.set_result(catalog.store().readahead(model_dir.name).verified)
+        except Exception as exc:  # only a head start: the loader does whatever this did not
+            log.debug("readahead for %s skipped: %s", args.model, exc)
+            done.set_result(None)
+
+    threading.Thread(target=run, name="ember-readahead", daemon=True).start()
+    return done
 
 
 class _Loader:
     """Brings this worker's model up the warmth levels, timing each step."""
 
     def __init__(
-        self, args: argparse.Namespace, tokenizers: Mapping[str, Tokenizer], writer: FrameWriter
+        self,
+        args: argparse.Namespace,
+        tokenizers: Mapping[str, Tokenizer],
+        writer: FrameWriter,
+        readahead: Future[VerifiedCopies | None] | None,
     ) -> None:
         from ember_functions.engine_config import EngineConfig
         from ember_functions.loading import StoreConfig
@@ -319,6 +341,7 @@ class _Loader:
         self.config = EngineConfig.from_dict(json.loads(args.engine_config))
         self.store = StoreConfig.from_dict(json.loads(args.store))
         self.host: HostModel | None = None
+        self.readahead = readahead  # a new interpreter's (see _start_readahead)
 
     def _weights_phases(self, report: LoadReport | None) -> dict[str, float]:
         if report is None:
@@ -348,6 +371,9 @@ class _Loader:
             # Prompts come as ids: the merges are parsed at the first encode (the chat
             # preamble, once idle), not on the way to READY.
             decode_first=True,
+            # Done long before the imports, as a rule; if not, its reads are the ones the
+            # loader would do.
+            verified=self.readahead.result() if self.readahead is not None else None,
         )
 
     def to_host(self) -> dict[str, float]:
@@ -409,13 +435,11 @@ def _serve(
     gc.disable()  # a forked worker inherits the zygote's collector, switched on
     heartbeat = _Heartbeat(writer)
     heartbeat.start()
-    if "torch" not in sys.modules:  # a new interpreter: its reads can overlap the imports
-        threading.Thread(
-            target=_readahead, args=(args,), name="ember-readahead", daemon=True
-        ).start()
+    # A new interpreter: its reads can overlap the imports.
+    readahead = _start_readahead(args) if "torch" not in sys.modules else None
     preload()
     phases = {"imports_s": time.perf_counter() - t0}
-    loader = _Loader(args, tokenizers, writer)
+    loader = _Loader(args, tokenizers, writer, readahead)
     target = args.warmth
     since = t0  # a first start is timed from the fork, a promotion from its command
     while True:

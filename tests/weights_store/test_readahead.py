@@ -86,9 +86,9 @@ def test_readahead_brings_the_disk_tier_copy_into_the_page_cache(
     if _resident_fraction(chunk_files) > 0.5:
         pytest.skip("this filesystem keeps pages after POSIX_FADV_DONTNEED")
 
-    asked = store.readahead("acme/tiny")
+    ahead = store.readahead("acme/tiny")
 
-    assert asked == sum(c.raw_size for c in manifest.chunks)
+    assert ahead.bytes_read == sum(c.raw_size for c in manifest.chunks)
     deadline = time.monotonic() + 10
     while _resident_fraction(chunk_files) < 1.0 and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -109,7 +109,8 @@ def test_readahead_reads_all_of_an_object_larger_than_any_readahead_window(
     _evict([path])
     if _resident_fraction([path]) > 0.5:
         pytest.skip("this filesystem keeps pages after POSIX_FADV_DONTNEED")
-    assert disk.readahead("sha256:" + "ab" * 32) == len(blob)
+    copy = disk.readahead("sha256:" + "ab" * 32)
+    assert copy is not None and copy.size_bytes == len(blob)
     assert _resident_fraction([path]) == 1.0  # all of it, once readahead returns
 
 
@@ -160,7 +161,8 @@ def test_readahead_never_asks_a_remote_tier_about_chunks(
     remote = Remote(LocalBucketTier(tmp_path / "bucket"))
     manifest = store.manifest("acme/tiny")
     remote_store = WeightsStore([disk, remote])  # type: ignore[list-item]
-    assert remote_store.readahead("acme/tiny") == sum(c.raw_size for c in manifest.chunks)
+    ahead = remote_store.readahead("acme/tiny")
+    assert ahead.bytes_read == sum(c.raw_size for c in manifest.chunks)
     assert not {c.hash for c in manifest.chunks} & set(remote.asked)
 
 
@@ -182,8 +184,8 @@ store = WeightsStore([
     DiskTier(Path({str(tmp_path / "disk")!r}), budget_bytes=64 << 20),
     LocalBucketTier(Path({str(tmp_path / "bucket")!r})),
 ])
-asked = store.readahead("acme/tiny")
-print(json.dumps({{"asked": asked, "torch": "torch" in sys.modules}}))
+ahead = store.readahead("acme/tiny")
+print(json.dumps({{"asked": ahead.bytes_read, "torch": "torch" in sys.modules}}))
 """
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60

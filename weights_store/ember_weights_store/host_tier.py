@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from ember_core import CapacityError, InvalidRequestError
+from ember_weights_store.digests import FastChecksum
 from ember_weights_store.keys import validate_key
 from ember_weights_store.tiers import (
     ObjectNotFoundError,
@@ -40,6 +41,7 @@ from ember_weights_store.tiers import (
     _Dir,
     check_budget,
 )
+from ember_weights_store.verified import FileIdentity
 
 __all__ = ["DEFAULT_HOST_ROOT", "HostTier", "HostTierFullError"]
 
@@ -130,6 +132,12 @@ class HostTier:
     def object_path(self, key: str) -> Path:
         """Where ``key``'s file is (whether or not it exists): for mapping it in place."""
         return self._dir.path(key)
+
+    def readahead(self, key: str, *, checksum: FastChecksum | None = None) -> FileIdentity | None:
+        """Feeds ``key``'s bytes to ``checksum`` (they are in RAM already: nothing to read
+        ahead); returns the file it read (None if absent). Not a use for eviction."""
+        validate_key(key)
+        return self._dir.readahead(key, checksum)
 
     def open_view(self, key: str) -> memoryview:
         """A read-only view of the object's bytes, mapped straight from tmpfs.

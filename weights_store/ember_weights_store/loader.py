@@ -44,6 +44,7 @@ from ember_weights_store.mapping import map_chunk_files
 from ember_weights_store.staging import StagingRing, copy_engine_for
 from ember_weights_store.store import WeightsStore
 from ember_weights_store.tiers import CacheTier, DiskTier, ObjectNotFoundError, Tier
+from ember_weights_store.verified import VerifiedCopies
 
 __all__ = ["DEFAULT_LOAD_THREADS", "LoadReport", "LoadedWeights", "load"]
 
@@ -72,6 +73,7 @@ class LoadReport:
     mapped: bool = False  # zero-copy: the buffers are a cache tier's files' pages, mapped
     staged_copies: int = 0  # chunks copied to the device through the pinned ring
     staging_slots_peak: int = 0  # most pinned slots in use at once (<= staging_slots)
+    verified_ahead: int = 0  # mapped chunks checked before the load (not hashed again)
 
     @property
     def gbps(self) -> float:
@@ -111,6 +113,7 @@ def load(
     zero_copy: bool = True,
     device: str | torch.device = "cpu",
     staging_slots: int | None = None,
+    verified: VerifiedCopies | None = None,
 ) -> LoadedWeights:
     """Loads a model's tensors from the nearest tiers that hold them.
 
@@ -127,7 +130,9 @@ def load(
     the disk tier, when no nearer tier holds them all), the buffers are those files' pages
     mapped copy-on-write (``zero_copy``, the default): nothing is copied, every worker on
     the machine shares one physical copy of the model, and chunks are promoted into the
-    nearer tiers from the mapping. ``reuse`` is ignored then.
+    nearer tiers from the mapping. ``reuse`` is ignored then. Mapped chunks are checked
+    against their checksums, except those in ``verified`` (this process checked the same
+    files already: ``WeightsStore.readahead``).
 
     Example::
 
@@ -145,7 +150,7 @@ def load(
     if target.type != "cpu" or staging_slots is not None:
         return _load_staged(store, manifest, report, t0, target, threads, staging_slots or 4)
     if zero_copy:
-        mapped = _map_from_cache(store, manifest, report, threads)
+        mapped = _map_from_cache(store, manifest, report, threads, verified)
         if mapped is not None:
             buffers, job = mapped
             report.wall_s = time.perf_counter() - t0
@@ -209,7 +214,11 @@ def _tensor_views(manifest: Manifest, buffers: dict[str, torch.Tensor]) -> dict[
 
 
 def _map_from_cache(
-    store: WeightsStore, manifest: Manifest, report: LoadReport, threads: int
+    store: WeightsStore,
+    manifest: Manifest,
+    report: LoadReport,
+    threads: int,
+    verified: VerifiedCopies | None,
 ) -> tuple[dict[str, torch.Tensor], _LoadJob] | None:
     """The zero-copy path: when the nearest cache tier holding every chunk keeps them as
     files (host RAM, or the disk tier when no nearer tier holds them all), map the chunk
@@ -230,10 +239,10 @@ def _map_from_cache(
             owner = f"load-{os.getpid()}-{uuid.uuid4().hex[:12]}"
             tier.pin(keys, owner=owner)  # before looking, so nothing we find can be evicted
             if all(tier.object_path(k).is_file() for k in keys):
-                return _map_tier(store, manifest, report, threads, index, tier, owner)
+                return _map_tier(store, manifest, report, threads, index, tier, owner, verified)
             tier.unpin(owner)
         elif isinstance(tier, DiskTier) and all(tier.has(k) for k in keys):
-            return _map_tier(store, manifest, report, threads, index, tier, None)
+            return _map_tier(store, manifest, report, threads, index, tier, None, verified)
         if not tier.holds_decoded:
             return None  # an object tier: chunks must be fetched and decoded
     return None
@@ -247,6 +256,7 @@ def _map_tier(
     index: int,  # of ``tier`` in the store: chunks are promoted into the tiers before it
     tier: HostTier | DiskTier,
     owner: str | None,  # the host tier's pin, released when the last buffer goes
+    verified: VerifiedCopies | None,  # checked already: not hashed again
 ) -> tuple[dict[str, torch.Tensor], _LoadJob] | None:
     started = time.perf_counter()
     remaining = [len(manifest.buffer_sizes)]
@@ -280,7 +290,16 @@ def _map_tier(
     report.fetch_s = time.perf_counter() - started
     job = _LoadJob(store, manifest, report)
 
+    # Asked after mapping: a file checked ahead and still at its path is the one mapped.
+    ahead = {
+        c.hash
+        for c in manifest.chunks
+        if verified is not None and verified.covers(c.hash, tier.object_path(c.hash))
+    }
+
     def verify(chunk: ChunkEntry) -> bool:
+        if chunk.hash in ahead:
+            return True
         view = buffers[chunk.dtype][chunk.offset_bytes : chunk.end_bytes]
         return job._verify(chunk, memoryview(view.numpy()))  # type: ignore[arg-type]
 
@@ -294,6 +313,7 @@ def _map_tier(
     report.raw_bytes = sum(c.raw_size for c in manifest.chunks)
     report.stored_bytes = report.raw_bytes
     report.chunks_by_tier = {tier.name: len(manifest.chunks)}
+    report.verified_ahead = len(ahead)
     report.mapped = True
     job._to_promote = [(c, index) for c in manifest.chunks]  # into the nearer cache tiers
     return buffers, job

@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 from ember_core import ConfigError, ModelFormatError, NotFoundError
 from ember_weights_store.codecs import choose_codec
 from ember_weights_store.decode_file import DECODE_FILE, decode_only
-from ember_weights_store.digests import fast_checksum, sha256_key
+from ember_weights_store.digests import FastChecksum, fast_checksum, sha256_key
+from ember_weights_store.host_tier import HostTier
 from ember_weights_store.layout import chunk_ranges, plan_chunks
 from ember_weights_store.manifest import (
     DEFAULT_CHUNK_SIZE_BYTES,
@@ -37,6 +38,7 @@ from ember_weights_store.tiers import (
     ObjectNotFoundError,
     Tier,
 )
+from ember_weights_store.verified import Readahead
 
 if TYPE_CHECKING:  # imported where models are imported, not where they are read: see __init__
     import torch
@@ -307,29 +309,37 @@ class WeightsStore:
             f"(tiers: {', '.join(t.name for t in self.tiers)}); import it first"
         )
 
-    def readahead(self, model_id: str, revision: str = "main") -> int:
+    def readahead(self, model_id: str, revision: str = "main") -> Readahead:
         """Reads the model's chunks from the disk (the disk tier, or a local bucket) into
-        the page cache, chunk by chunk, and returns the bytes read once they all are. A
-        worker in a new interpreter calls it on a thread before importing torch, so the
-        disk reads while the interpreter imports (1-2 s); the loader then finds the pages
-        cached, or reads what is left itself. Chunks held in host RAM or only in a
-        remote origin are left to the loader. Imports nothing heavy: see ``__init__``."""
+        the page cache, chunk by chunk, and returns once they all are. A worker in a new
+        interpreter calls it on a thread before importing torch, so the disk reads while
+        the interpreter imports (1-2 s); the loader then finds the pages cached, or reads
+        what is left itself. Copies in a cache tier (disk, or host RAM) are checked
+        against their checksums on the way, on the core the import leaves idle: the
+        loader does not hash those again (``verified``). Chunks only in a remote origin
+        are left to the loader. Imports nothing heavy: see ``__init__``."""
         manifest = self.manifest(model_id, revision)
-        asked = 0
+        ahead = Readahead()
         for chunk in manifest.chunks:
             # Warm the copy the loader will read: the nearest. Remote tiers are not asked
             # whether they hold it (a request each); the loader fetches those chunks.
             for tier in self.tiers:
-                if isinstance(tier, (DiskTier, LocalBucketTier)):
-                    size = tier.readahead(chunk.hash)
-                    asked += size
-                    if size:
-                        break
-                elif tier.holds_decoded and not tier.has(chunk.hash):
-                    continue  # a RAM cache without it: look further
-                else:
-                    break  # in host RAM already, or only remote
-        return asked
+                if not isinstance(tier, (DiskTier, HostTier, LocalBucketTier)):
+                    if tier.holds_decoded and not tier.has(chunk.hash):
+                        continue  # another RAM cache, without it: look further
+                    break  # only remote from here
+                checksum = FastChecksum() if tier.holds_decoded and chunk.checksum else None
+                copy = tier.readahead(chunk.hash, checksum=checksum)
+                if copy is None:
+                    continue
+                ahead.bytes_read += copy.size_bytes
+                if checksum is not None:
+                    if checksum.hexdigest() == chunk.checksum:
+                        ahead.verified.add(chunk.hash, copy)
+                    else:
+                        ahead.corrupt.append(chunk.hash)
+                break
+        return ahead
 
     def list_models(self) -> list[tuple[str, str]]:
         """(model id, revision) of every model the origin holds, sorted."""

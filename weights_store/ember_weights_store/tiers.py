@@ -22,8 +22,10 @@ from pathlib import Path
 from typing import Protocol, TypeVar, runtime_checkable
 
 from ember_core import InvalidRequestError, ModelFormatError, NotFoundError
+from ember_weights_store.digests import FastChecksum
 from ember_weights_store.keys import key_to_path, path_to_key, validate_key
 from ember_weights_store.page_cache import read_into_page_cache
+from ember_weights_store.verified import FileIdentity
 
 __all__ = [
     "READ_PIECE_BYTES",
@@ -210,17 +212,18 @@ class _Dir:
         finally:
             os.close(fd)
 
-    def readahead(self, key: str) -> int:
+    def readahead(self, key: str, checksum: FastChecksum | None) -> FileIdentity | None:
         """Reads the object into the page cache (``read_into_page_cache``: all of it,
-        blocking, nothing copied out); returns its size (0 if absent)."""
+        blocking, nothing copied out), feeding ``checksum``; returns the file it read
+        (None if absent)."""
         try:
             fd = os.open(self.path(key), os.O_RDONLY)
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-            return 0
+            return None
         try:
-            size = os.fstat(fd).st_size
-            read_into_page_cache(fd, size)
-            return size
+            st = os.fstat(fd)
+            read_into_page_cache(fd, st.st_size, checksum=checksum)
+            return FileIdentity.of(st)
         finally:
             os.close(fd)
 
@@ -351,10 +354,11 @@ class LocalBucketTier:
     def delete(self, key: str) -> bool:
         return self._dir.unlink(key)
 
-    def readahead(self, key: str) -> int:
-        """Reads ``key`` from the disk into the page cache; returns its size."""
+    def readahead(self, key: str, *, checksum: FastChecksum | None = None) -> FileIdentity | None:
+        """Reads ``key`` (as stored) from the disk into the page cache, feeding
+        ``checksum``; returns the file it read (None if absent)."""
         validate_key(key)
-        return self._dir.readahead(key)
+        return self._dir.readahead(key, checksum)
 
     def keys(self) -> Iterator[str]:
         for key, _ in self._dir.scan(remove_stale_temp=False):
@@ -437,14 +441,14 @@ class DiskTier:
         validate_key(key)
         return self._dir.path(key)
 
-    def readahead(self, key: str) -> int:
-        """Reads ``key`` from the disk into the page cache; returns its size (0 if this
-        tier does not hold it). Does not count as a use for eviction."""
+    def readahead(self, key: str, *, checksum: FastChecksum | None = None) -> FileIdentity | None:
+        """Reads ``key`` from the disk into the page cache, feeding ``checksum``; returns
+        the file it read (None if this tier does not hold it). Not a use for eviction."""
         validate_key(key)
         with self._cond:
             if key not in self._index:
-                return 0
-        return self._dir.readahead(key)
+                return None
+        return self._dir.readahead(key, checksum)
 
     def _read(self, key: str, read: Callable[[], _T]) -> _T:
         if not self.has(key):
