@@ -6,24 +6,26 @@ gives it (``raise_exception``, ``strftime_now``, a ``tojson`` that keeps HTML ch
 ``namespace`` without underscore attributes, the ``loopcontrols`` extension). Matching
 ``transformers`` exactly matters: a prompt that differs by one newline from what the
 model was trained on degrades its answers without any error.
+
+jinja2 is imported at the first compile, not with this module: a worker decodes only until
+it first encodes (``Tokenizer.from_dir(decode_first=True)``), and its cold start need not
+pay for the import (~12 ms here).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, NoReturn
-
-import jinja2
-import jinja2.ext
-import jinja2.meta
-import jinja2.sandbox
-import jinja2.utils
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from ember_core import InvalidRequestError, ModelFormatError
+
+if TYPE_CHECKING:
+    import jinja2
 
 ROLES = frozenset({"system", "user", "assistant", "tool"})
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
@@ -109,6 +111,8 @@ def load_chat_templates(model_dir: Path, tokenizer_config: Mapping[str, Any]) ->
 
 
 def _raise_exception(message: str) -> NoReturn:
+    import jinja2.exceptions
+
     raise jinja2.exceptions.TemplateError(message)
 
 
@@ -139,27 +143,35 @@ class _TemplateDict:
         return dict.fromkeys(*args, **kwargs)
 
 
-class _TemplateNamespace(jinja2.utils.Namespace):
-    """Jinja's ``namespace`` that refuses underscore attributes (a way into CPython internals)."""
+def _check_namespace_name(name: object) -> None:
+    import jinja2.exceptions
 
-    def __init__(*args: Any, **kwargs: Any) -> None:
-        # No named ``self``, as in jinja2, so that ``namespace(self=...)`` still works.
-        self, args = args[0], args[1:]
-        attrs = dict(*args, **kwargs)
-        for name in attrs:
-            _TemplateNamespace._check_name(name)
-        jinja2.utils.Namespace.__init__(self, attrs)
+    if isinstance(name, str) and name.startswith("_"):
+        raise jinja2.exceptions.SecurityError(
+            f"chat templates may not set underscore attributes on a namespace, got {name!r}"
+        )
 
-    def __setitem__(self, name: str, value: Any) -> None:
-        _TemplateNamespace._check_name(name)
-        jinja2.utils.Namespace.__setitem__(self, name, value)
 
-    @staticmethod
-    def _check_name(name: object) -> None:
-        if isinstance(name, str) and name.startswith("_"):
-            raise jinja2.exceptions.SecurityError(
-                f"chat templates may not set underscore attributes on a namespace, got {name!r}"
-            )
+@functools.cache
+def _template_namespace() -> type:
+    """Jinja's ``namespace`` that refuses underscore attributes (a way into CPython
+    internals). A subclass of jinja2's, so made once jinja2 is imported."""
+    import jinja2.utils
+
+    class TemplateNamespace(jinja2.utils.Namespace):
+        def __init__(*args: Any, **kwargs: Any) -> None:
+            # No named ``self``, as in jinja2, so that ``namespace(self=...)`` still works.
+            self, args = args[0], args[1:]
+            attrs = dict(*args, **kwargs)
+            for name in attrs:
+                _check_namespace_name(name)
+            jinja2.utils.Namespace.__init__(self, attrs)
+
+        def __setitem__(self, name: str, value: Any) -> None:
+            _check_namespace_name(name)
+            jinja2.utils.Namespace.__setitem__(self, name, value)
+
+    return TemplateNamespace
 
 
 @dataclass(frozen=True)
@@ -174,6 +186,11 @@ class ChatTemplate:
 
 def compile_template(source: str, *, origin: str) -> ChatTemplate:
     """Compile a chat template in a fresh sandbox; a syntax error is the model's fault."""
+    import jinja2.exceptions
+    import jinja2.ext
+    import jinja2.meta
+    import jinja2.sandbox
+
     env = jinja2.sandbox.ImmutableSandboxedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
     )
@@ -181,7 +198,7 @@ def compile_template(source: str, *, origin: str) -> ChatTemplate:
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     env.globals["dict"] = _TemplateDict()
-    env.globals["namespace"] = _TemplateNamespace
+    env.globals["namespace"] = _template_namespace()
     try:
         template = env.from_string(source)
         uses_tools = "tools" in jinja2.meta.find_undeclared_variables(env.parse(source))
@@ -318,6 +335,8 @@ def render(
     special_tokens: Mapping[str, str],
 ) -> str:
     """Render already-normalized messages; a template that refuses them is the caller's error."""
+    import jinja2.exceptions
+
     try:
         return template.template.render(
             messages=messages,

@@ -131,15 +131,16 @@ class Tokenizer:
         if add_bos_token is None:
             add_bos_token = self._post_processor_adds_bos()
         self._add_bos = bool(add_bos_token) and self._bos_token_id is not None
-        self._templates: dict[str, ChatTemplate] = {
-            name: compile_template(source, origin=origin)
-            for name, source in (chat_templates or {}).items()
-        }
-        if self._templates and "default" not in self._templates:
+        self._template_sources = dict(chat_templates or {})
+        if self._template_sources and "default" not in self._template_sources:
             raise ModelFormatError(
                 f"the chat templates of {origin} include no 'default' one; name one 'default'"
             )
-        self._fallback = compile_template(FALLBACK_TEMPLATE, origin="Ember's fallback template")
+        # (named templates, the fallback), compiled once: here, so a broken template fails
+        # the load; at the first encode for a decode-first tokenizer (nothing renders before).
+        self._compiled: tuple[dict[str, ChatTemplate], ChatTemplate] | None = None
+        if encoder is None:
+            self._chat_templates()
         self.source_dir: Path | None = None  # set by from_dir: another process can load it too
 
     @classmethod
@@ -265,8 +266,7 @@ class Tokenizer:
     @property
     def chat_template(self) -> str | None:
         """The model's default chat template, or None when the fallback template is used."""
-        default = self._templates.get("default")
-        return default.source if default is not None else None
+        return self._template_sources.get("default")
 
     def token_to_id(self, token: str) -> int | None:
         return self._backend.token_to_id(token)
@@ -285,6 +285,19 @@ class Tokenizer:
         if add_special_tokens and self._add_bos and bos is not None and ids[:1] != [bos]:
             ids.insert(0, bos)
         return ids
+
+    def _chat_templates(self) -> tuple[dict[str, ChatTemplate], ChatTemplate]:
+        compiled = self._compiled
+        if compiled is None:  # two threads may both compile: either result will do
+            origin = self._origin
+            compiled = self._compiled = (
+                {
+                    name: compile_template(source, origin=origin)
+                    for name, source in self._template_sources.items()
+                },
+                compile_template(FALLBACK_TEMPLATE, origin="Ember's fallback template"),
+            )
+        return compiled
 
     def _encoding_backend(self) -> tokenizers.Tokenizer:
         encoder = self._encoder
@@ -316,9 +329,10 @@ class Tokenizer:
         """
         plain = normalize_messages(messages)
         tool_list = normalize_tools(tools)
-        template = self._templates.get("default", self._fallback)
-        if tool_list is not None and "tool_use" in self._templates:
-            template = self._templates["tool_use"]
+        templates, fallback = self._chat_templates()
+        template = templates.get("default", fallback)
+        if tool_list is not None and "tool_use" in templates:
+            template = templates["tool_use"]
         if tool_list and not template.uses_tools:
             raise InvalidRequestError(
                 "this model's chat template has no place for tools, so the model cannot call "

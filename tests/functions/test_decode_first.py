@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -12,6 +14,7 @@ from pathlib import Path
 import pytest
 import tokenizers
 
+from ember_core import ModelFormatError
 from ember_functions.host_model import HostModel
 from ember_functions.tokenizer import Tokenizer
 from ember_weights_store import LocalBucketTier, WeightsStore
@@ -132,3 +135,35 @@ def test_import_stores_the_copy_and_a_worker_load_parses_it(
     assert tok.source_dir is not None and (tok.source_dir / DECODE_FILE).is_file()
     assert tok._encoder is None
     assert tok.encode("Hello world") == Tokenizer.from_dir(model).encode("Hello world")
+
+
+def test_chat_templates_compile_at_the_first_render_not_at_a_decode_first_load(
+    tmp_path: Path,
+) -> None:
+    config = {"chat_template": CHATML, "eos_token": "<|im_end|>"}
+    model = with_decode_file(write_model(tmp_path / "chatml", byte_level_bpe(), config))
+    lazy = Tokenizer.from_dir(model, decode_first=True)
+    assert lazy._compiled is None and lazy.chat_template == CHATML
+    chat = [{"role": "user", "content": "Hi"}]
+    assert lazy.encode_chat(chat) == Tokenizer.from_dir(model).encode_chat(chat)
+    assert lazy._compiled is not None
+    # A broken template still fails a full load at once, and a decode-first one at its
+    # first render, with the same message.
+    broken = {"chat_template": "{% if %}", "eos_token": "<|im_end|>"}
+    bad = with_decode_file(write_model(tmp_path / "bad", byte_level_bpe(), broken))
+    with pytest.raises(ModelFormatError, match="not valid Jinja"):
+        Tokenizer.from_dir(bad)
+    deferred = Tokenizer.from_dir(bad, decode_first=True)
+    assert deferred.decode(deferred.encode("Hi")) == "Hi"
+    with pytest.raises(ModelFormatError, match="not valid Jinja"):
+        deferred.encode_chat(chat)
+
+
+def test_a_worker_imports_no_jinja2_on_its_way_to_ready() -> None:
+    code = (
+        "import sys; from ember_functions.worker import preload; preload(); "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'jinja2'))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
