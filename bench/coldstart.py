@@ -13,8 +13,9 @@ For one request (a short chat prompt, one generated token), from the moment it a
 - ``disk``: a new interpreter, weights in the disk tier with their page cache evicted;
 - ``host``: a new interpreter, weights in the host tier (/dev/shm);
 - ``prewarmed``: a worker of a pool that is already running, forked from its zygote
-  (imports done, the model's tokenizer parsed once the first worker reported it) with
-  the weights in the host tier; the router reuses the first worker's prompt encoder;
+  (imports done; the model's tokenizer parsed and its host-tier chunks checked once the
+  first worker reported it) with the weights in the host tier; the router reuses the
+  first worker's prompt encoder;
 - ``ready``: a READY worker that has served one request and, idle since, cached the
   chat template's preamble (the public prefix every tenant's chats share: 23 of this
   prompt's 37 tokens on SmolLM2) and packed its matrices, as it does once idle. The same
@@ -160,13 +161,19 @@ class ModelRun:
 
     def first_worker(self, zygote: Any) -> None:
         """What a pool does once, with its first worker: keep its prompt encoder for the
-        router, and have the zygote parse the tokenizer for the workers it forks next."""
+        router, and have the zygote parse the tokenizer and check the model's host-tier
+        chunks for the workers it forks next."""
+        from ember_functions.loading import WeightsSource
+
         worker = self._spawn("host", zygote)
         try:
             self.encoder = worker.prompts
         finally:
             worker.close()
-        zygote.prepare(self.encoder.tokenizer.source_dir)
+        zygote.prepare(
+            self.encoder.tokenizer.source_dir,
+            weights=WeightsSource(self.home, self.name, self._store("prewarmed")),
+        )
 
     def prepare_tiers(self) -> None:
         """Fills the disk and host tiers: one load through each, promotions waited for;

@@ -19,6 +19,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -30,10 +31,13 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ember_core import EngineError
 from ember_functions.rpc import FrameReader, FrameWriter
+
+if TYPE_CHECKING:
+    from ember_functions.loading import WeightsSource
 
 __all__ = ["Launched", "Launcher", "SubprocessLauncher", "Zygote", "accept", "socket_path"]
 
@@ -59,9 +63,10 @@ class Launched(Protocol):
 class Launcher(Protocol):
     def launch(self, worker_args: Sequence[str]) -> Launched: ...
 
-    def prepare(self, tokenizer_dir: Path) -> None:
+    def prepare(self, tokenizer_dir: Path, *, weights: WeightsSource | None = None) -> None:
         """Readies what the workers launched from now on can share: the tokenizer in
-        ``tokenizer_dir``, parsed (a pool calls it when its first worker is READY)."""
+        ``tokenizer_dir``, parsed, and ``weights``' chunks on this machine, checked (a
+        pool calls it when its first worker is READY)."""
 
 
 def socket_path(name: str, run_dir: Path | None = None) -> Path:
@@ -99,8 +104,9 @@ class SubprocessLauncher:
         argv = [sys.executable, "-m", "ember_functions.worker", *worker_args]
         return subprocess.Popen(argv, stdin=subprocess.DEVNULL)
 
-    def prepare(self, tokenizer_dir: Path) -> None:
-        """Nothing: a new interpreter inherits nothing, so each worker parses its own."""
+    def prepare(self, tokenizer_dir: Path, *, weights: WeightsSource | None = None) -> None:
+        """Nothing: a new interpreter inherits nothing, so each worker parses and checks
+        its own (while it imports torch)."""
 
 
 class _Forked:
@@ -203,16 +209,26 @@ class Zygote:
                     child._set_exit(self._early_exits.pop(pid))
             return child
 
-    def prepare(self, tokenizer_dir: Path) -> None:
-        """Has the zygote parse the tokenizer in ``tokenizer_dir`` once, so the workers it
-        forks from now on start with it parsed. A tokenizer that fails to parse is left to
-        the workers, which report why."""
-        message = {"op": "prepare", "tokenizer_dir": str(tokenizer_dir)}
+    def prepare(self, tokenizer_dir: Path, *, weights: WeightsSource | None = None) -> None:
+        """Has the zygote parse the tokenizer in ``tokenizer_dir`` once, and check the
+        chunks of ``weights`` held on this machine once, so the workers it forks from
+        now on start with it parsed and map them without hashing them. What fails here
+        is left to the workers, which report why."""
+        message: dict[str, Any] = {"op": "prepare", "tokenizer_dir": str(tokenizer_dir)}
+        if weights is not None:
+            message["weights"] = {
+                "home": str(weights.home),
+                "model": weights.model,
+                "store": dataclasses.asdict(weights.store),
+            }
         with self._request_lock:
             reply = self._request(message, "prepare")
         if reply.get("error"):
             log.warning(
-                "zygote %s could not parse %s: %s", self.zygote_id, tokenizer_dir, reply["error"]
+                "zygote %s could not prepare %s: %s",
+                self.zygote_id,
+                tokenizer_dir,
+                reply["error"],
             )
 
     def _request(self, message: dict[str, Any], what: str) -> dict[str, Any]:

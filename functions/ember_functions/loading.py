@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from ember_weights_store.tiers import Tier
     from ember_weights_store.verified import VerifiedCopies
 
-__all__ = ["StoreConfig", "load_engine", "load_host", "resolve_model_dir"]
+__all__ = ["StoreConfig", "WeightsSource", "load_engine", "load_host", "resolve_model_dir"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,6 +70,36 @@ class StoreConfig:
 
         bucket, _, prefix = self.origin.removeprefix("s3://").partition("/")
         return S3Tier(bucket=bucket, prefix=prefix, endpoint_url=self.endpoint_url)
+
+
+@dataclass(frozen=True)
+class WeightsSource:
+    """Where a worker's weights come from: a model name in a home, through a store.
+
+    Example::
+
+        WeightsSource(home, "smollm2-135m", StoreConfig()).check_local_chunks()
+    """
+
+    home: Path
+    model: str
+    store: StoreConfig
+
+    def check_local_chunks(self) -> VerifiedCopies | None:
+        """Reads the model's chunks held on this machine into the page cache and checks
+        its cache-tier copies against their checksums (``WeightsStore.readahead``): what
+        a new worker does while torch imports, and a zygote once for all the workers it
+        forks. None when the store does not serve the model from this machine (an S3
+        origin: the loader fetches it; a model directory: loaded directly). Imports no
+        torch, and installs nothing: a known model not installed yet is left to the
+        loader."""
+        if self.store.origin:
+            return None
+        catalog = self.store.catalog(self.home)
+        model_dir = catalog.resolve(self.model)
+        if model_dir.parent != catalog.models_dir:
+            return None
+        return catalog.store().readahead(model_dir.name).verified
 
 
 def resolve_model_dir(catalog: ModelCatalog, name: str, *, err: TextIO) -> Path:

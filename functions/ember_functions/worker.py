@@ -60,6 +60,7 @@ from ember_functions.rpc import (  # noqa: E402
 if TYPE_CHECKING:
     from ember_functions.engine import LLMEngine
     from ember_functions.host_model import HostModel
+    from ember_functions.loading import WeightsSource
     from ember_functions.sequence import RequestOutput
     from ember_functions.tokenizer import Tokenizer
     from ember_weights_store import LoadReport
@@ -294,9 +295,9 @@ def _start_readahead(args: argparse.Namespace) -> Future[VerifiedCopies | None]:
     first: a thread importing beside ``import torch`` would take turns at the GIL with
     it (a few percent of the import, measured). The future holds the chunk files it
     checked, which the loader then does not hash again; None if it could not run. A
-    forked worker has no imports left to overlap, so it skips this: the manifest and tier
-    scan would only be done twice."""
-    from ember_functions.loading import StoreConfig
+    forked worker has no imports left to overlap, so it skips this and takes what its
+    zygote checked (``zygote.prepare``)."""
+    import ember_functions.loading  # noqa: F401  (for the thread)
     from ember_weights_store.catalog import ModelCatalog  # noqa: F401  (for the thread)
     from ember_weights_store.store import WeightsStore  # noqa: F401  (for the thread)
 
@@ -304,21 +305,25 @@ def _start_readahead(args: argparse.Namespace) -> Future[VerifiedCopies | None]:
 
     def run() -> None:
         try:
-            store = StoreConfig.from_dict(json.loads(args.store))
-            if store.origin:
-                done.set_result(None)  # chunks not on this machine are the loader's to fetch
-                return
-            catalog = store.catalog(Path(args.home))
-            model_dir = catalog.resolve(args.model)
-            if model_dir.parent != catalog.models_dir:
-                done.set_result(None)  # a model directory, loaded directly
-                return
-            done.set_result(catalog.store().readahead(model_dir.name).verified)
+            done.set_result(_weights_source(args).check_local_chunks())
         except Exception as exc:  # only a head start: the loader does whatever this did not
             log.debug("readahead for %s skipped: %s", args.model, exc)
             done.set_result(None)
 
     threading.Thread(target=run, name="ember-readahead", daemon=True).start()
+    return done
+
+
+def _weights_source(args: argparse.Namespace) -> WeightsSource:
+    from ember_functions.loading import StoreConfig, WeightsSource
+
+    store = StoreConfig.from_dict(json.loads(args.store))
+    return WeightsSource(Path(args.home), args.model, store)
+
+
+def _checked(verified: VerifiedCopies | None) -> Future[VerifiedCopies | None]:
+    done: Future[VerifiedCopies | None] = Future()
+    done.set_result(verified)
     return done
 
 
@@ -429,14 +434,16 @@ def _serve(
     writer: FrameWriter,
     inbox: _Inbox,
     tokenizers: Mapping[str, Tokenizer],
+    verified: VerifiedCopies | None,
 ) -> int:
     """Climbs to ``args.warmth``, then serves or waits to be told to climb further;
     a READY worker told to demote drops its engine and waits at HOST."""
     gc.disable()  # a forked worker inherits the zygote's collector, switched on
     heartbeat = _Heartbeat(writer)
     heartbeat.start()
-    # A new interpreter: its reads can overlap the imports.
-    readahead = _start_readahead(args) if "torch" not in sys.modules else None
+    # A new interpreter: its reads and checks overlap the imports. A zygote's child has
+    # what the zygote checked once for all its children (``zygote.prepare``), if anything.
+    readahead = _start_readahead(args) if "torch" not in sys.modules else _checked(verified)
     preload()
     phases = {"imports_s": time.perf_counter() - t0}
     loader = _Loader(args, tokenizers, writer, readahead)
@@ -491,10 +498,12 @@ def main(
     *,
     started_s: float | None = None,
     tokenizers: Mapping[str, Tokenizer] | None = None,
+    verified: VerifiedCopies | None = None,
 ) -> int:
     """Runs a worker until its router goes away. ``started_s`` (``time.perf_counter()``) is
     when this worker began: a zygote's fork, else this module's import. ``tokenizers``
-    (directory -> parsed) are what its zygote parsed before the fork."""
+    (directory -> parsed) and ``verified`` (chunk files checked) are what its zygote
+    prepared before the fork."""
     t0 = _T0 if started_s is None else started_s
     ap = argparse.ArgumentParser(prog="python -m ember_functions.worker")
     ap.add_argument("--worker-id", required=True)
@@ -515,7 +524,7 @@ def main(
     sock.connect(args.socket)
     writer = FrameWriter(sock)
     writer.send({"op": "state", "state": "LOADING", "pid": os.getpid()})
-    return _serve(args, t0, writer, _Inbox(FrameReader(sock)), tokenizers or {})
+    return _serve(args, t0, writer, _Inbox(FrameReader(sock)), tokenizers or {}, verified)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ It connects to its router's socket (like a worker) and serves one connection, st
 one request at a time, over the frames of ``ember_functions.rpc``::
 
     router -> zygote: {"op": "fork", "args": [worker flags...]}
-                      {"op": "prepare", "tokenizer_dir"}
+                      {"op": "prepare", "tokenizer_dir", "weights"}
     zygote -> router: {"op": "forked", "pid"}  the reply to a fork
                       {"op": "prepared", "error"}  the reply to a prepare (error: null or why)
                       {"op": "ready"}          once, after the imports
@@ -16,7 +16,11 @@ one request at a time, over the frames of ``ember_functions.rpc``::
 ``prepare`` parses a model's tokenizer here, once, so that every later child inherits it
 parsed: without it each worker spends ~0.15 s of its start in ``Tokenizer.from_dir``
 (a 49k-token vocabulary), more than the rest of its binding. A pool sends it when its
-first worker reports where the tokenizer is.
+first worker reports where the tokenizer is. With ``weights`` (``{"home", "model",
+"store"}``, as a worker's flags give them) it also checks the model's chunks held on this
+machine against their checksums, once (``WeightsSource.check_local_chunks``): a child
+then maps them without hashing them again (~20 ms of a SmolLM2 fork's start), for as
+long as each file is the one checked (``ember_weights_store.verified``).
 
 The zygote never runs a torch operation, so it has no OpenMP pool or CUDA context for a
 child to inherit half-initialised; it stays single-threaded (a select loop, SIGCHLD through
@@ -46,22 +50,32 @@ import select  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
 import sys  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import TYPE_CHECKING  # noqa: E402
+from typing import TYPE_CHECKING, Any  # noqa: E402
 
 from ember_functions.rpc import FrameReader, FrameWriter  # noqa: E402
 
 if TYPE_CHECKING:
     from ember_functions.tokenizer import Tokenizer
+    from ember_weights_store.verified import VerifiedCopies
 
 __all__ = ["main"]
+
+
+@dataclass
+class _Prepared:
+    """What the zygote readied for its children: parsed tokenizers and checked chunks."""
+
+    tokenizers: dict[str, Tokenizer] = field(default_factory=dict)  # directory -> parsed
+    verified: VerifiedCopies | None = None
 
 
 def _fork(
     args: list[str],
     control: socket.socket,
     wake_fds: tuple[int, int],
-    tokenizers: dict[str, Tokenizer],
+    prepared: _Prepared,
 ) -> int:
     started_s = time.perf_counter()
     gc.freeze()  # O(1): moves every tracked object to the permanent generation
@@ -78,7 +92,12 @@ def _fork(
         control.close()
         from ember_functions import worker
 
-        code = worker.main(args, started_s=started_s, tokenizers=tokenizers)
+        code = worker.main(
+            args,
+            started_s=started_s,
+            tokenizers=prepared.tokenizers,
+            verified=prepared.verified,
+        )
     except SystemExit as exc:  # argparse errors
         code = exc.code if isinstance(exc.code, int) else 2
     except BaseException:
@@ -103,15 +122,28 @@ def _reap(writer: FrameWriter) -> None:
         writer.try_send({"op": "exited", "pid": pid, "code": code})
 
 
-def _prepare(tokenizer_dir: str, tokenizers: dict[str, Tokenizer]) -> str | None:
-    """Parses the tokenizer in ``tokenizer_dir`` for the children to come; the error, if
-    any, for the router (the children then parse it themselves, and fail there if so)."""
+def _prepare(message: dict[str, Any], prepared: _Prepared) -> str | None:
+    """Parses the tokenizer in the message's ``tokenizer_dir`` and checks its ``weights``'
+    local chunks, for the children to come; the error, if any, for the router (the
+    children then do it themselves, and fail there if so)."""
+    from ember_functions.loading import StoreConfig, WeightsSource
     from ember_functions.tokenizer import Tokenizer
+    from ember_weights_store.verified import VerifiedCopies
 
-    if tokenizer_dir in tokenizers:
-        return None
+    tokenizer_dir = str(message["tokenizer_dir"])
     try:
-        tokenizers[tokenizer_dir] = Tokenizer.from_dir(Path(tokenizer_dir))
+        if tokenizer_dir not in prepared.tokenizers:
+            prepared.tokenizers[tokenizer_dir] = Tokenizer.from_dir(Path(tokenizer_dir))
+        weights = message.get("weights")
+        if weights:
+            source = WeightsSource(
+                Path(weights["home"]), weights["model"], StoreConfig.from_dict(weights["store"])
+            )
+            checked = source.check_local_chunks()
+            if checked is not None:
+                if prepared.verified is None:
+                    prepared.verified = VerifiedCopies()
+                prepared.verified.update(checked)
     except Exception as exc:
         return f"{type(exc).__name__}: {getattr(exc, 'message', exc)}"
     return None
@@ -119,7 +151,7 @@ def _prepare(tokenizer_dir: str, tokenizers: dict[str, Tokenizer]) -> str | None
 
 def serve(control: socket.socket) -> None:
     reader, writer = FrameReader(control), FrameWriter(control)
-    tokenizers: dict[str, Tokenizer] = {}  # tokenizer directory -> parsed, for children
+    prepared = _Prepared()
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_r, False)
     os.set_blocking(wake_w, False)
@@ -144,10 +176,10 @@ def serve(control: socket.socket) -> None:
             if message is None:
                 return
             if message["op"] == "fork":
-                pid = _fork(list(message["args"]), control, (wake_r, wake_w), tokenizers)
+                pid = _fork(list(message["args"]), control, (wake_r, wake_w), prepared)
                 writer.send({"op": "forked", "pid": pid})
             elif message["op"] == "prepare":
-                error = _prepare(str(message["tokenizer_dir"]), tokenizers)
+                error = _prepare(message, prepared)
                 writer.send({"op": "prepared", "error": error})
 
 

@@ -1,41 +1,113 @@
-"""A worker in a new interpreter reads and checks its chunks while torch imports."""
+"""Chunks checked before a worker loads are not hashed again on its way to READY: a new
+interpreter checks its own while torch imports, a zygote checks them once for every
+worker it forks (``Zygote.prepare(weights=)``)."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import shutil
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pytest
+
 from ember_functions.engine_config import EngineConfig
-from ember_functions.loading import StoreConfig
+from ember_functions.launch import Zygote
+from ember_functions.loading import StoreConfig, WeightsSource
 from ember_functions.sampling_params import SamplingParams
 from ember_functions.worker_process import WorkerProcess
 from ember_weights_store import ModelCatalog
 from ember_weights_store.loader import load
 
 CONFIG = EngineConfig(dtype="float32", num_kv_blocks=64, block_size=16, num_threads=1)
+GREEDY = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
 
 
-def test_chunks_checked_during_the_imports_are_not_hashed_again_on_the_way_to_ready(
-    tiny_model: Callable[..., Path], tmp_path: Path
-) -> None:
+@pytest.fixture
+def home(tiny_model: Callable[..., Path], tmp_path: Path) -> Iterator[Path]:
+    """A home with the tiny model installed, as ``ember models add`` leaves one."""
     model_dir = tiny_model("llama")
     home = tmp_path / "home"
-    catalog = ModelCatalog(home)  # installed as `ember models add` leaves a model
+    catalog = ModelCatalog(home)
     catalog.store().import_hf_dir(model_dir, model_id="tiny")
     catalog.models_dir.mkdir(parents=True)
     (catalog.models_dir / "tiny").symlink_to(model_dir)
+    yield home
+    shutil.rmtree(StoreConfig(host_cache_bytes=1).catalog(home).host_cache_root, ignore_errors=True)
+
+
+def _spawn(home: Path, store: StoreConfig, launcher: Zygote | None = None) -> WorkerProcess:
+    return WorkerProcess.spawn(
+        worker_id=f"ra-{os.getpid()}-{time.monotonic_ns()}",
+        model="tiny",
+        home=home,
+        engine_config=CONFIG,
+        store=store,
+        launcher=launcher,
+    )
+
+
+def _tokens(worker: WorkerProcess, rid: str) -> list[int]:
+    request = worker.prepare([1, 2, 3], GREEDY, request_id=rid)
+    return worker.submit_prepared(request).result().token_ids
+
+
+def test_a_new_interpreter_checks_its_chunks_while_torch_imports(home: Path) -> None:
     store = StoreConfig()  # the disk tier in front of the home's bucket
     n = len(load(store.catalog(home).store(), "tiny").manifest.chunks)  # fills the disk tier
 
-    worker = WorkerProcess.spawn(
-        worker_id=f"ra-{os.getpid()}", model="tiny", home=home, engine_config=CONFIG, store=store
-    )
+    worker = _spawn(home, store)
     try:
         assert worker.chunks_by_tier == {"disk": n}
         assert worker.phases["verify_s"] == 0.0, worker.phases  # the readahead checked them
-        params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
-        done = worker.submit_prepared(worker.prepare([1, 2, 3], params, request_id="r")).result()
-        assert len(done.token_ids) == 4
+        assert len(_tokens(worker, "r")) == GREEDY.max_tokens
     finally:
         worker.close()
+
+
+def test_a_zygote_checks_the_host_tier_once_for_the_workers_it_forks(home: Path) -> None:
+    store = StoreConfig(host_cache_bytes=64 << 20)
+    loaded = load(store.catalog(home).store(), "tiny")
+    loaded.wait_promoted()  # the host tier holds it
+    n = len(loaded.manifest.chunks)
+    with Zygote.start(zygote_id=f"ra{os.getpid()}-{time.monotonic_ns()}") as zygote:
+        first = _spawn(home, store, zygote)
+        try:
+            expected = _tokens(first, "first")
+            assert first.phases["verify_s"] > 0  # nothing checked for it: it hashed them
+            zygote.prepare(
+                first.prompts.tokenizer.source_dir or Path(),
+                weights=WeightsSource(home, "tiny", store),
+            )
+        finally:
+            first.close()
+        second = _spawn(home, store, zygote)
+        try:
+            assert second.chunks_by_tier == {"host": n}
+            assert second.phases["verify_s"] == 0.0, second.phases
+            assert _tokens(second, "second") == expected
+        finally:
+            second.close()
+
+
+def test_weights_the_zygote_cannot_check_are_left_to_the_workers(
+    home: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = StoreConfig()
+    load(store.catalog(home).store(), "tiny")
+    with Zygote.start(zygote_id=f"ra{os.getpid()}-{time.monotonic_ns()}") as zygote:
+        first = _spawn(home, store, zygote)
+        try:
+            tokenizer_dir = first.prompts.tokenizer.source_dir or Path()
+        finally:
+            first.close()
+        with caplog.at_level("WARNING"):
+            zygote.prepare(tokenizer_dir, weights=WeightsSource(home, "no-such-model", store))
+        assert any("could not prepare" in r.getMessage() for r in caplog.records)
+        worker = _spawn(home, store, zygote)
+        try:
+            assert worker.phases["verify_s"] > 0  # it checked its chunks itself
+            assert len(_tokens(worker, "r")) == GREEDY.max_tokens
+        finally:
+            worker.close()

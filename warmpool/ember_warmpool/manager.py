@@ -462,11 +462,15 @@ class ModelPool:
                 self._promoting.discard(wid)
 
     def _prepare_launcher(self, tokenizer_dir: Path | None) -> None:
-        """Has a zygote parse the model's tokenizer once, for every worker it forks next."""
+        """Has a zygote parse the model's tokenizer and check its local chunks once, for
+        every worker it forks next."""
         if self._launcher is None or tokenizer_dir is None:
             return
+        from ember_functions.loading import WeightsSource
+
+        weights = WeightsSource(self.home, self.model, self.store)
         try:
-            self._launcher.prepare(tokenizer_dir)
+            self._launcher.prepare(tokenizer_dir, weights=weights)
         except EngineError as exc:  # the workers parse it themselves, as before
             log.warning("pool %s: zygote not prepared: %s", self.model, exc.message)
 

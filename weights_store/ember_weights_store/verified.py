@@ -54,6 +54,13 @@ class VerifiedCopies:
         with self._lock:
             self._files[key] = identity
 
+    def update(self, other: VerifiedCopies) -> None:
+        """Adds ``other``'s checks (a later check of a key replaces an earlier one)."""
+        with other._lock:
+            files = dict(other._files)
+        with self._lock:
+            self._files.update(files)
+
     def covers(self, key: str, path: Path) -> bool:
         """True if ``path`` still names the file that was checked for ``key``."""
         with self._lock:
