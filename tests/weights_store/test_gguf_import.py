@@ -365,7 +365,7 @@ def test_real_smollm2_converts_and_answers(tmp_path: Path, ember_test_home: Path
     print(f"SmolLM2 import: {elapsed:.1f}s, {size_mb:.0f} MB")
 
     tokenizer = PreTrainedTokenizerFast.from_pretrained(str(out))
-    question = "What is the capital of France?"
+    question = "Name the capital of France."
     assert tokenizer.decode(tokenizer.encode(question)) == question
     model = LlamaForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     chat = [{"role": "user", "content": question}]
