@@ -18,13 +18,15 @@ parsed: without it each worker spends ~0.15 s of its start in ``Tokenizer.from_d
 (a 49k-token vocabulary), more than the rest of its binding. A pool sends it when its
 first worker reports where the tokenizer is. With ``weights`` (``{"home", "model",
 "store"}``, as a worker's flags give them) it also checks the model's chunks held on this
-machine against their checksums, once (``WeightsSource.check_local_chunks``): a child
-then maps them without hashing them again (~20 ms of a SmolLM2 fork's start), for as
-long as each file is the one checked (``ember_weights_store.verified``).
+machine against their checksums, once (``WeightsSource.check_local_chunks``, on a thread
+at the lowest CPU priority, which the next fork waits for): a child then maps them
+without hashing them again (~20 ms of a SmolLM2 fork's start), for as long as each file
+is the one checked (``ember_weights_store.verified``).
 
 The zygote never runs a torch operation, so it has no OpenMP pool or CUDA context for a
-child to inherit half-initialised; it stays single-threaded (a select loop, SIGCHLD through
-a wakeup pipe) because ``fork()`` copies only the calling thread. The router's connection
+child to inherit half-initialised; it forks single-threaded (a select loop, SIGCHLD through
+a wakeup pipe; a weights check's thread is joined first) because ``fork()`` copies only
+the calling thread. The router's connection
 closing ends the zygote; its children live on until their own router connections close.
 """
 
@@ -45,11 +47,13 @@ if __name__ == "__main__":
     gc.disable()
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import os  # noqa: E402
 import select  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
 import sys  # noqa: E402
+import threading  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import TYPE_CHECKING, Any  # noqa: E402
@@ -57,6 +61,7 @@ from typing import TYPE_CHECKING, Any  # noqa: E402
 from ember_functions.rpc import FrameReader, FrameWriter  # noqa: E402
 
 if TYPE_CHECKING:
+    from ember_functions.loading import WeightsSource
     from ember_functions.tokenizer import Tokenizer
     from ember_weights_store.verified import VerifiedCopies
 
@@ -69,6 +74,40 @@ class _Prepared:
 
     tokenizers: dict[str, Tokenizer] = field(default_factory=dict)  # directory -> parsed
     verified: VerifiedCopies | None = None
+    checking: threading.Thread | None = None  # a weights check still running
+
+    def settle(self) -> None:
+        """Waits for a weights check in flight: ``fork()`` copies only the calling
+        thread, so the zygote forks with no other thread running."""
+        if self.checking is not None:
+            self.checking.join()
+            self.checking = None
+
+    def check_in_background(self, source: WeightsSource) -> None:
+        """Checks ``source``'s local chunks on a thread at the lowest CPU priority: a
+        pool prepares the zygote as its first worker turns READY, usually with a request
+        on its way to that worker, which the check (~25 ms of a core for SmolLM2) must
+        not slow down. The next fork waits for it (``settle``)."""
+        from ember_weights_store.verified import VerifiedCopies
+
+        def run() -> None:
+            # On Linux a nice value belongs to one thread: the zygote's own stays as it
+            # is, and so does every child's.
+            with contextlib.suppress(OSError):
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+            try:
+                checked = source.check_local_chunks()
+            except Exception as exc:  # the children check their chunks themselves
+                print(f"zygote: could not check {source.model}'s chunks: {exc}", file=sys.stderr)
+                return
+            if checked is not None:
+                if self.verified is None:
+                    self.verified = VerifiedCopies()
+                self.verified.update(checked)
+
+        self.settle()
+        self.checking = threading.Thread(target=run, name="ember-zygote-check", daemon=True)
+        self.checking.start()
 
 
 def _fork(
@@ -78,6 +117,7 @@ def _fork(
     prepared: _Prepared,
 ) -> int:
     started_s = time.perf_counter()
+    prepared.settle()
     gc.freeze()  # O(1): moves every tracked object to the permanent generation
     pid = os.fork()
     if pid:
@@ -128,7 +168,6 @@ def _prepare(message: dict[str, Any], prepared: _Prepared) -> str | None:
     children then do it themselves, and fail there if so)."""
     from ember_functions.loading import StoreConfig, WeightsSource
     from ember_functions.tokenizer import Tokenizer
-    from ember_weights_store.verified import VerifiedCopies
 
     tokenizer_dir = str(message["tokenizer_dir"])
     try:
@@ -139,11 +178,8 @@ def _prepare(message: dict[str, Any], prepared: _Prepared) -> str | None:
             source = WeightsSource(
                 Path(weights["home"]), weights["model"], StoreConfig.from_dict(weights["store"])
             )
-            checked = source.check_local_chunks()
-            if checked is not None:
-                if prepared.verified is None:
-                    prepared.verified = VerifiedCopies()
-                prepared.verified.update(checked)
+            source.store.catalog(source.home).resolve(source.model)  # a bad name fails here
+            prepared.check_in_background(source)
     except Exception as exc:
         return f"{type(exc).__name__}: {getattr(exc, 'message', exc)}"
     return None
