@@ -335,18 +335,17 @@ class _Loader:
         args: argparse.Namespace,
         tokenizers: Mapping[str, Tokenizer],
         writer: FrameWriter,
-        readahead: Future[VerifiedCopies | None] | None,
+        verified: Future[VerifiedCopies | None],
     ) -> None:
         from ember_functions.engine_config import EngineConfig
-        from ember_functions.loading import StoreConfig
 
-        self.args = args
+        self.source = _weights_source(args)
         self.tokenizers = tokenizers  # parsed by the zygote before the fork
         self.writer = writer
         self.config = EngineConfig.from_dict(json.loads(args.engine_config))
-        self.store = StoreConfig.from_dict(json.loads(args.store))
         self.host: HostModel | None = None
-        self.readahead = readahead  # a new interpreter's (see _start_readahead)
+        # Chunk files checked before the load: by this worker's readahead, or its zygote.
+        self.verified = verified
 
     def _weights_phases(self, report: LoadReport | None) -> dict[str, float]:
         if report is None:
@@ -362,11 +361,12 @@ class _Loader:
     def _load_host(self) -> HostModel:
         from ember_functions.loading import load_host
 
+        store = self.source.store
         return load_host(
-            self.store.catalog(Path(self.args.home)),
-            self.args.model,
+            store.catalog(self.source.home),
+            self.source.model,
             err=sys.stderr,
-            origin=self.store.origin_tier(),
+            origin=store.origin_tier(),
             tokenizers=self.tokenizers,
             # The router parses the tokenizer too (its prompt encoder): told now, it does
             # so while this worker loads and binds, not after READY.
@@ -378,7 +378,7 @@ class _Loader:
             decode_first=True,
             # Done long before the imports, as a rule; if not, its reads are the ones the
             # loader would do.
-            verified=self.readahead.result() if self.readahead is not None else None,
+            verified=self.verified.result(),
         )
 
     def to_host(self) -> dict[str, float]:
@@ -443,10 +443,10 @@ def _serve(
     heartbeat.start()
     # A new interpreter: its reads and checks overlap the imports. A zygote's child has
     # what the zygote checked once for all its children (``zygote.prepare``), if anything.
-    readahead = _start_readahead(args) if "torch" not in sys.modules else _checked(verified)
+    checked = _start_readahead(args) if "torch" not in sys.modules else _checked(verified)
     preload()
     phases = {"imports_s": time.perf_counter() - t0}
-    loader = _Loader(args, tokenizers, writer, readahead)
+    loader = _Loader(args, tokenizers, writer, checked)
     target = args.warmth
     since = t0  # a first start is timed from the fork, a promotion from its command
     while True:

@@ -59,11 +59,11 @@ from pathlib import Path  # noqa: E402
 from typing import TYPE_CHECKING, Any  # noqa: E402
 
 from ember_functions.rpc import FrameReader, FrameWriter  # noqa: E402
+from ember_weights_store.verified import VerifiedCopies  # noqa: E402
 
 if TYPE_CHECKING:
     from ember_functions.loading import WeightsSource
     from ember_functions.tokenizer import Tokenizer
-    from ember_weights_store.verified import VerifiedCopies
 
 __all__ = ["main"]
 
@@ -73,7 +73,7 @@ class _Prepared:
     """What the zygote readied for its children: parsed tokenizers and checked chunks."""
 
     tokenizers: dict[str, Tokenizer] = field(default_factory=dict)  # directory -> parsed
-    verified: VerifiedCopies | None = None
+    verified: VerifiedCopies = field(default_factory=VerifiedCopies)
     checking: threading.Thread | None = None  # a weights check still running
 
     def settle(self) -> None:
@@ -88,7 +88,6 @@ class _Prepared:
         pool prepares the zygote as its first worker turns READY, usually with a request
         on its way to that worker, which the check (~25 ms of a core for SmolLM2) must
         not slow down. The next fork waits for it (``settle``)."""
-        from ember_weights_store.verified import VerifiedCopies
 
         def run() -> None:
             # On Linux a nice value belongs to one thread: the zygote's own stays as it
@@ -101,8 +100,6 @@ class _Prepared:
                 print(f"zygote: could not check {source.model}'s chunks: {exc}", file=sys.stderr)
                 return
             if checked is not None:
-                if self.verified is None:
-                    self.verified = VerifiedCopies()
                 self.verified.update(checked)
 
         self.settle()

@@ -21,7 +21,6 @@ Example::
 from __future__ import annotations
 
 import os
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -43,28 +42,22 @@ class FileIdentity(NamedTuple):
 
 
 class VerifiedCopies:
-    """Chunk key -> the file whose bytes matched the chunk's checksum. Thread-safe: the
-    readahead thread adds while nothing else reads, but nothing relies on that."""
+    """Chunk key -> the file whose bytes matched the chunk's checksum. Filled by one
+    thread and read after it is done (a future's result, a joined thread)."""
 
     def __init__(self) -> None:
         self._files: dict[str, FileIdentity] = {}
-        self._lock = threading.Lock()
 
     def add(self, key: str, identity: FileIdentity) -> None:
-        with self._lock:
-            self._files[key] = identity
+        self._files[key] = identity
 
     def update(self, other: VerifiedCopies) -> None:
         """Adds ``other``'s checks (a later check of a key replaces an earlier one)."""
-        with other._lock:
-            files = dict(other._files)
-        with self._lock:
-            self._files.update(files)
+        self._files.update(other._files)
 
     def covers(self, key: str, path: Path) -> bool:
         """True if ``path`` still names the file that was checked for ``key``."""
-        with self._lock:
-            identity = self._files.get(key)
+        identity = self._files.get(key)
         if identity is None:
             return False
         try:
@@ -73,8 +66,7 @@ class VerifiedCopies:
             return False
 
     def __len__(self) -> int:
-        with self._lock:
-            return len(self._files)
+        return len(self._files)
 
 
 @dataclass
