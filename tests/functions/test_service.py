@@ -250,6 +250,9 @@ def test_a_failing_step_raises_in_the_stream_and_the_service_goes_on(
     make_engine: EngineFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     engine = make_engine("llama")
+    # The service caches the public prefix with a prefill of its own once it idles;
+    # done here first, so the third execute is always this request's third step.
+    engine.cache_public_prefix()
     original = engine.runner.execute
     calls = {"n": 0}
 
