@@ -65,13 +65,14 @@ class KVCache:
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.data = _zeros(shape, dtype=dtype, device=device)
+        # Each layer's flat views, made once: a step asks for every layer's.
+        self._layers = [(k.flatten(1, 2), v.flatten(1, 2)) for k, v in self.data]
         # On CPU, blocks [0, prefaulted_to) had their pages faulted in by prefault().
         self.prefaulted_to = 0
 
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Flat ``[num_kv_heads, num_slots, head_dim]`` views of one layer's K and V."""
-        k, v = self.data[index]
-        return k.flatten(1, 2), v.flatten(1, 2)
+        return self._layers[index]
 
     def read_blocks(self, block_ids: list[int]) -> torch.Tensor:
         """Copies blocks out, ``[layers, 2, len(block_ids), block_size, kv_heads, head_dim]``

@@ -16,7 +16,7 @@ from torch import nn
 from ember_functions.attention import AttentionBatch, KVCache, paged_attention
 from ember_functions.config import ModelConfig
 from ember_functions.linear import Linear
-from ember_functions.rope import RotaryEmbedding
+from ember_functions.rope import RopeAngles, RotaryEmbedding, apply_rope
 
 
 class RMSNorm(nn.Module):
@@ -27,11 +27,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in float32 whatever the activation dtype, as the reference does.
-        if x.dtype == torch.float32:
-            return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # F.rms_norm is, to the bit, x * rsqrt(mean(x^2) + eps), in fewer ops.
+        normed = F.rms_norm(x.float(), self.weight.shape, eps=self.eps)
+        return self.weight * normed.to(x.dtype)
 
 
 def _param(*shape: int) -> nn.Parameter:
@@ -64,8 +62,7 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         hidden: torch.Tensor,  # [T, hidden]
-        positions: torch.Tensor,  # [T]
-        rope: RotaryEmbedding,
+        angles: RopeAngles,  # of this step's positions, shared by every layer
         kv_cache: KVCache,
         batch: AttentionBatch,
     ) -> torch.Tensor:
@@ -73,7 +70,7 @@ class DecoderLayer(nn.Module):
         qkv = self._project("qkv", self.input_norm(hidden), self.qkv_weight, self.qkv_bias)
         # RoPE rotates q and k heads together: one pass over [T, H + Hkv, D].
         qk = qkv[:, : self.q_size + self.kv_size].view(t, self.num_heads + self.num_kv_heads, -1)
-        qk = rope(positions, qk)
+        qk = apply_rope(qk, angles)
         q, k = qk.split((self.num_heads, self.num_kv_heads), dim=1)
         v = qkv[:, self.q_size + self.kv_size :].reshape(t, self.num_kv_heads, self.head_dim)
         k_cache, v_cache = kv_cache.layer(self.index)
@@ -138,8 +135,9 @@ class LlamaModel(nn.Module):
         if self.rope is None:
             raise RuntimeError("call init_rope() (load_model does) before running the model")
         hidden = F.embedding(input_ids, self.embed)
+        angles = self.rope.angles(positions)
         for layer in self.decoder_layers:
-            hidden = layer(hidden, positions, self.rope, kv_cache, batch)
+            hidden = layer(hidden, angles, kv_cache, batch)
         return self.norm(hidden)
 
     @property

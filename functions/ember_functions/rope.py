@@ -7,6 +7,7 @@ position, so chunked prefill and decode share one code path.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -55,12 +56,32 @@ class RotaryEmbedding(torch.nn.Module):
         self.register_buffer("cos", freqs.cos(), persistent=False)
         self.register_buffer("sin", freqs.sin(), persistent=False)
 
+    def angles(self, positions: torch.Tensor) -> RopeAngles:
+        """The rotation for ``positions`` [T], gathered once per step for every layer."""
+        cos, sin = self.cos[positions], self.sin[positions]  # [T, D/2] each
+        # [T, 1, D]: cos for both halves; -sin for the first half, +sin for the second.
+        return RopeAngles(
+            torch.cat((cos, cos), dim=-1).unsqueeze(1), torch.cat((-sin, sin), dim=-1).unsqueeze(1)
+        )
+
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         # positions [T]; x [T, heads, D] (query and key heads stacked) -> same shape
-        cos = self.cos[positions].unsqueeze(1)  # [T, 1, D/2]
-        sin = self.sin[positions].unsqueeze(1)
-        if x.dtype == torch.float32:
-            x1, x2 = x.chunk(2, dim=-1)
-            return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-        x1, x2 = x.float().chunk(2, dim=-1)
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+        return apply_rope(x, self.angles(positions))
+
+
+class RopeAngles(NamedTuple):
+    cos: torch.Tensor  # [T, 1, D] float32
+    sin: torch.Tensor  # [T, 1, D] float32, the first half negated
+
+
+def apply_rope(x: torch.Tensor, angles: RopeAngles) -> torch.Tensor:
+    """Rotates ``x`` [T, heads, D] (query and key heads stacked), in float32 whatever its
+    dtype, as the reference does. ``x * cos + swap_halves(x) * sin`` with the first half
+    of ``sin`` negated is, to the bit, the reference's ``cat(x1*cos - x2*sin, x2*cos +
+    x1*sin)`` (``a - b*s`` is ``a + b*(-s)`` exactly in IEEE arithmetic), in six ops
+    instead of ten."""
+    xf = x.float()
+    rotated = xf.roll(x.shape[-1] // 2, dims=-1).mul_(angles.sin)
+    out = xf.mul_(angles.cos) if xf is not x else xf * angles.cos
+    out = out.add_(rotated)
+    return out if x.dtype == torch.float32 else out.to(x.dtype)
