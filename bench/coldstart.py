@@ -58,6 +58,17 @@ import _random_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 STATES = ("object", "disk", "host", "prewarmed", "ready")
+# The repo's package directories, as scripts/setup.sh byte-compiles them.
+PACKAGES = (
+    "sdk",
+    "billing",
+    "core",
+    "functions",
+    "kv_tier",
+    "platform",
+    "warmpool",
+    "weights_store",
+)
 MIN_FLOOR_SAMPLES = 3  # `import torch` alone, at least this many times per model
 PHASES = ("spawn", "imports", "manifest", "fetch", "decompress", "bind", "first_token")
 PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
@@ -485,8 +496,7 @@ def _byte_compile_packages() -> None:
     interpreter's start here, a cost of this checkout, not of Ember."""
     import compileall
 
-    packages = ("sdk", "billing", "core", "functions", "kv_tier", "platform", "warmpool")
-    for package in (*packages, "weights_store"):
+    for package in PACKAGES:
         compileall.compile_dir(ROOT / package, quiet=1, workers=0)
 
 

@@ -19,7 +19,6 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
 import signal
@@ -216,11 +215,7 @@ class Zygote:
         is left to the workers, which report why."""
         message: dict[str, Any] = {"op": "prepare", "tokenizer_dir": str(tokenizer_dir)}
         if weights is not None:
-            message["weights"] = {
-                "home": str(weights.home),
-                "model": weights.model,
-                "store": dataclasses.asdict(weights.store),
-            }
+            message["weights"] = weights.to_dict()
         with self._request_lock:
             reply = self._request(message, "prepare")
         if reply.get("error"):

@@ -85,6 +85,20 @@ class WeightsSource:
     model: str
     store: StoreConfig
 
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form a zygote's ``prepare`` message carries (see :meth:`from_dict`)."""
+        return {
+            "home": str(self.home),
+            "model": self.model,
+            "store": dataclasses.asdict(self.store),
+        }
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> WeightsSource:
+        return cls(
+            Path(values["home"]), str(values["model"]), StoreConfig.from_dict(values["store"])
+        )
+
     def check_local_chunks(self) -> VerifiedCopies | None:
         """Reads the model's chunks held on this machine into the page cache and checks
         its cache-tier copies against their checksums (``WeightsStore.readahead``): what

@@ -43,7 +43,8 @@ def _llama3_scale(inv_freq: torch.Tensor, s: RopeScaling) -> torch.Tensor:
 
 
 class RotaryEmbedding(torch.nn.Module):
-    """Applies RoPE to query and key heads at given absolute positions."""
+    """RoPE's cos/sin tables by absolute position; :meth:`angles` gathers a step's rows,
+    which :func:`apply_rope` applies to every layer's query and key heads."""
 
     cos: torch.Tensor  # [max_positions, head_dim // 2]
     sin: torch.Tensor  # [max_positions, head_dim // 2]
@@ -63,10 +64,6 @@ class RotaryEmbedding(torch.nn.Module):
         return RopeAngles(
             torch.cat((cos, cos), dim=-1).unsqueeze(1), torch.cat((-sin, sin), dim=-1).unsqueeze(1)
         )
-
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        # positions [T]; x [T, heads, D] (query and key heads stacked) -> same shape
-        return apply_rope(x, self.angles(positions))
 
 
 class RopeAngles(NamedTuple):

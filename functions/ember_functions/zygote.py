@@ -163,7 +163,7 @@ def _prepare(message: dict[str, Any], prepared: _Prepared) -> str | None:
     """Parses the tokenizer in the message's ``tokenizer_dir`` and checks its ``weights``'
     local chunks, for the children to come; the error, if any, for the router (the
     children then do it themselves, and fail there if so)."""
-    from ember_functions.loading import StoreConfig, WeightsSource
+    from ember_functions.loading import WeightsSource
     from ember_functions.tokenizer import Tokenizer
 
     tokenizer_dir = str(message["tokenizer_dir"])
@@ -172,9 +172,7 @@ def _prepare(message: dict[str, Any], prepared: _Prepared) -> str | None:
             prepared.tokenizers[tokenizer_dir] = Tokenizer.from_dir(Path(tokenizer_dir))
         weights = message.get("weights")
         if weights:
-            source = WeightsSource(
-                Path(weights["home"]), weights["model"], StoreConfig.from_dict(weights["store"])
-            )
+            source = WeightsSource.from_dict(weights)
             source.store.catalog(source.home).resolve(source.model)  # a bad name fails here
             prepared.check_in_background(source)
     except Exception as exc:

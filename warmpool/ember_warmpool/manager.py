@@ -40,7 +40,7 @@ from typing import Any
 from ember_core import EngineError, RateLimitError
 from ember_functions.engine_config import EngineConfig
 from ember_functions.launch import Launcher
-from ember_functions.loading import StoreConfig
+from ember_functions.loading import StoreConfig, WeightsSource
 from ember_functions.prompt import PromptEncoder
 from ember_functions.rpc import WorkerState
 from ember_functions.worker_process import WorkerProcess
@@ -466,8 +466,6 @@ class ModelPool:
         every worker it forks next."""
         if self._launcher is None or tokenizer_dir is None:
             return
-        from ember_functions.loading import WeightsSource
-
         weights = WeightsSource(self.home, self.model, self.store)
         try:
             self._launcher.prepare(tokenizer_dir, weights=weights)
