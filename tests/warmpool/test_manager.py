@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -53,10 +54,8 @@ def make_pool(
             str(model or tiny_model("llama")),
             home=tmp_path,
             policy=policy,
-            engine_config=ONE_SEQ,
             launcher=zygote,
-            tick_s=0.05,
-            **options,
+            **{"engine_config": ONE_SEQ, "tick_s": 0.05, **options},
         )
         pools.append(pool)
         return pool
@@ -268,6 +267,32 @@ def test_a_worker_being_placed_on_is_not_stopped_under_it(
     (*_, last) = stream
     assert last.finish_reason == "length" and last.usage.completion_tokens == 4
     wait_for(lambda: live(pool) == [], "the idle worker stopped after the request")
+
+
+def test_a_request_overflowing_onto_a_busy_worker_starts_the_next_one_at_once(
+    make_pool: Callable[..., ModelPool],
+) -> None:
+    # Room for two sequences, sized for one: the second request shares the busy worker
+    # (overflow beats waiting for a start) and is what tells the policy to start another.
+    two_seqs = dataclasses.replace(ONE_SEQ, max_num_seqs=2)
+    policy = PoolPolicy(min_warm=0, buffer=0, max_workers=2, keepalive_s=30.0)
+    pool = make_pool(policy, engine_config=two_seqs, tick_s=60.0)  # no tick within the test
+    pool.start()
+    router = PoolRouter({"m": pool})
+    time.sleep(0.2)  # the tick thread's first wait has begun: only a wake-up can start one
+
+    async def two() -> list[list[RequestOutput]]:
+        first = asyncio.create_task(collect(router, "m", "first", LONG))
+        await asyncio.sleep(0.2)
+        second = await collect(router, "m", "second", SHORT)
+        return [await first, second]
+
+    first, second = asyncio.run(two())
+    assert first[-1].finish_reason == "length" and second[-1].usage.completion_tokens == 4
+    # Both ran on the boot worker; the overflow's arrival started a second worker, long
+    # before the 60 s tick.
+    wait_for(lambda: len(pool.cold_starts) == 2, "the overflow started a worker", timeout=20)
+    assert pool.stats()["cold_requests"] == 0
 
 
 def test_a_host_reserve_parks_idle_workers_and_promotes_one_for_a_request(

@@ -9,8 +9,11 @@ Placement (``try_place``) packs: among workers running fewer than ``target_concu
 requests it picks the busiest, so load concentrates and idle workers really go idle (and
 stop after ``keepalive_s``); when all are at that level it overflows onto the least loaded
 worker the engine still has room on, which beats waiting seconds for a cold start. Only
-when no worker can take the request does it wait, counted in ``queued``, which makes the
-policy start more. The seam for adapter and session locality is ``try_place``.
+when no worker can take the request does it wait, counted in ``queued``. Every placement
+and every wait wakes the tick thread, so the policy sees an arrival when it happens (as
+:mod:`ember_warmpool.simulate` models it), not up to ``tick_s`` later: a burst that
+overflows onto busy workers starts the workers it needs at once. The seam for adapter
+and session locality is ``try_place``.
 
 Workers held in reserve (``policy.reserve_warmth`` below READY) are started to that
 warmth and parked: a PROCESS worker has its imports done, a HOST worker also has the
@@ -261,6 +264,9 @@ class ModelPool:
             self._placed += 1
             if self._ready_at.get(worker.worker_id, -float("inf")) > arrived_s:
                 self._placed_cold += 1
+            # The policy decides on arrivals too: a request overflowing onto a busy
+            # worker should start the next one now, not at the next tick.
+            self._cond.notify_all()
 
     def stats(self) -> dict[str, float]:
         """Cumulative since the pool started: ``worker_s`` (seconds summed over every worker
