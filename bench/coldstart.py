@@ -58,6 +58,7 @@ import _random_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 STATES = ("object", "disk", "host", "prewarmed", "ready")
+MODELS = ("smollm2", "llama-1b")  # SmolLM2-135M as installed; the ~1B random-init Llama
 # The repo's package directories, as scripts/setup.sh byte-compiles them.
 PACKAGES = (
     "sdk",
@@ -504,7 +505,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--json", type=Path, required=True)
     ap.add_argument("--png", type=Path, default=None)
-    ap.add_argument("--models", default="smollm2,llama-1b")
+    ap.add_argument("--models", default=",".join(MODELS), help="comma-separated: smollm2, llama-1b")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-peers", dest="peers", action="store_false")
@@ -521,6 +522,9 @@ def main() -> None:
     unknown = sorted(set(states) - set(STATES))
     if unknown:
         ap.error(f"unknown state(s) {', '.join(unknown)}; pick from {', '.join(STATES)}")
+    unknown = sorted(set(models) - set(MODELS))
+    if unknown:
+        ap.error(f"unknown model(s) {', '.join(unknown)}; pick from {', '.join(MODELS)}")
 
     import boto3
 
