@@ -11,11 +11,13 @@ For one request (a short chat prompt, one generated token), from the moment it a
 - ``object``: a new interpreter loads the weights from the object store (an S3 endpoint:
   moto's server on 127.0.0.1) into an empty home;
 - ``disk``: a new interpreter, weights in the disk tier with their page cache evicted;
-- ``host``: a new interpreter, weights in the host tier (/dev/shm);
+- ``host``: a new interpreter, weights in the host tier (/dev/shm), with what the
+  machine's first worker of the model left there: its matrices packed for oneDNN
+  (``packed_cache``), and its bound weights where binding converts their dtype;
 - ``prewarmed``: a worker of a pool that is already running, forked from its zygote
   (imports done; the model's tokenizer parsed and its host-tier chunks checked once the
-  first worker reported it) with the weights in the host tier; the router reuses the
-  first worker's prompt encoder;
+  first worker reported it) with the weights in the host tier, as ``host`` has them;
+  the router reuses the first worker's prompt encoder;
 - ``ready``: a READY worker that has served one request and, idle since, cached the
   chat template's preamble (the public prefix every tenant's chats share: 23 of this
   prompt's 37 tokens on SmolLM2) and packed its matrices, as it does once idle. The same
@@ -96,6 +98,15 @@ def _share(p: dict[str, float], wall_s: float) -> dict[str, float]:
     if total <= 0:
         return {"fetch": wall_s, "decompress": 0.0}
     return {"fetch": wall_s * fetch / total, "decompress": wall_s * decompress / total}
+
+
+def _appears(root: Path, pattern: str, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not list(root.glob(pattern)):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def _first_token(worker: Any, rid: str) -> tuple[float, int]:
@@ -190,25 +201,30 @@ class ModelRun:
 
     def prepare_tiers(self) -> None:
         """Fills the disk and host tiers: one load through each, promotions waited for;
-        then, if binding converts the weights' dtype, one worker through the host tier,
-        which keeps its bound weights there, as the first worker of a pool does for the
-        rest."""
+        then one worker through the host tier, which leaves there what the first worker
+        of a pool leaves for the rest: its packed matrices, once idle, and its bound
+        weights if binding converts their dtype."""
         from ember_weights_store import load
 
         for state in ("disk", "host"):
             loaded = load(self._store(state).catalog(self.home).store(), self.name)
             loaded.wait_promoted()
             del loaded
-        if not self._binding_converts():
-            return  # the model computes in its stored dtype: no bound weights to keep
         host = self.host_root
         worker = self._spawn("host")
         try:
-            deadline = time.monotonic() + 900
-            while not list(host.glob("bound/*-index")):
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"the first worker kept no bound weights in {host}")
-                time.sleep(0.05)
+            if not worker.wait_packed(timeout_s=900):
+                raise RuntimeError(f"worker {worker.worker_id} never packed its matrices")
+            if self._binding_converts() and not _appears(host, "bound/*-index", 900):
+                raise RuntimeError(f"the first worker kept no bound weights in {host}")
+            # Left on a thread once it has packed; not at all where packing does not apply,
+            # or where packed matrices cannot be shared (``packed_cache.sharing_works``).
+            if not worker.pack_s or not _appears(host, "packed/*-index", 60):
+                print(
+                    f"[{self.name}] no packed matrices in the host tier: every worker "
+                    "packs its own",
+                    flush=True,
+                )
         finally:
             worker.close()
 

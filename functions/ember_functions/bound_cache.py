@@ -31,7 +31,7 @@ from ember_weights_store.host_tier import HostTier
 from ember_weights_store.manifest import Manifest
 from ember_weights_store.mapping import map_chunk_files
 
-__all__ = ["BoundCache"]
+__all__ = ["BoundCache", "manifest_digest"]
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +58,8 @@ class BoundCache:
 
     @classmethod
     def for_model(cls, host: HostTier, manifest: Manifest, dtype: torch.dtype) -> BoundCache:
-        content = repr((manifest.model_id, manifest.tensors, manifest.chunks)).encode()
-        digest = hashlib.sha256(content).hexdigest()[:24]
         name = str(dtype).removeprefix("torch.")
-        return cls(host, f"bound/{digest}-{name}-v{_LAYOUT_VERSION}")
+        return cls(host, f"bound/{manifest_digest(manifest)}-{name}-v{_LAYOUT_VERSION}")
 
     @property
     def index_key(self) -> str:
@@ -122,6 +120,12 @@ class BoundCache:
         thread = threading.Thread(target=self.store, args=(dict(state),), daemon=True)
         thread.start()
         return thread
+
+
+def manifest_digest(manifest: Manifest) -> str:
+    """A short name for a model's content: what host-tier entries derived from it share."""
+    content = repr((manifest.model_id, manifest.tensors, manifest.chunks)).encode()
+    return hashlib.sha256(content).hexdigest()[:24]
 
 
 def _nbytes(dtype: torch.dtype, shape: list[int]) -> int:

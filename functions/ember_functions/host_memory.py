@@ -2,8 +2,10 @@
 
 Packing (``Linear.pack``) gives each worker a private copy of its matrices in oneDNN's
 blocked layout: the compute-dtype model's size again, per worker (SmolLM2 in bf16:
-0.26 GB; the 1.1B model in float32: 4.4 GB). A pool of such workers can pack its machine
-out of memory, and then the kernel's OOM killer ends a worker mid-stream. So a worker
+0.26 GB; the 1.1B model in float32: 4.4 GB), unless it maps the copy an earlier worker
+left in the host tier (``packed_cache``), which costs it nothing of its own. A pool of
+workers that each pack can pack its machine out of memory, and then the kernel's OOM
+killer ends a worker mid-stream. So a worker
 packs a layer only while the machine keeps ``min_free_bytes`` available afterwards, and
 stops where it would not: a partly packed model runs, its other layers at ``F.linear``'s
 speed. Checking before every layer, not once, bounds what workers packing at the same

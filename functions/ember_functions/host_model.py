@@ -30,6 +30,7 @@ from ember_functions.weights import checkpoint_dtype, iter_hf_tensors
 
 if TYPE_CHECKING:
     from ember_functions.bound_cache import BoundCache
+    from ember_functions.packed_cache import PackedCache
     from ember_weights_store import LoadReport, Manifest, WeightsStore
     from ember_weights_store.host_tier import HostTier
     from ember_weights_store.verified import VerifiedCopies
@@ -70,6 +71,15 @@ class HostModel:
         from ember_functions.bound_cache import BoundCache
 
         return BoundCache.for_model(self.host_tier, self.manifest, dtype)
+
+    def packed_cache(self, dtype: torch.dtype, *, pack_rows: int) -> PackedCache | None:
+        """Where this model's matrices packed in ``dtype`` for ``pack_rows`` rows are kept
+        on this machine, if anywhere (a store with a host tier)."""
+        if self.host_tier is None or self.manifest is None:
+            return None
+        from ember_functions.packed_cache import PackedCache
+
+        return PackedCache.for_model(self.host_tier, self.manifest, dtype, pack_rows=pack_rows)
 
     @property
     def tokenizer(self) -> Tokenizer:

@@ -76,6 +76,8 @@ class Linear:
     other row count when given.
     """
 
+    pack_rows = _PACK_ROWS  # what pack() blocks for: part of a packed matrix's identity
+
     def __init__(self, *, device: torch.device, dtype: torch.dtype) -> None:
         self.device, self.dtype = device, dtype
         self.onednn = device.type == "cpu" and dtype == torch.float32 and _onednn_works()

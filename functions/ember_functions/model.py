@@ -105,6 +105,9 @@ class LlamaModel(nn.Module):
         self.head_gemv: torch.Tensor | None = None
         self.head_packed: torch.Tensor | None = None
         self._packed_units = 0  # layers packed so far; the LM head is the last unit
+        # Set when the packed matrices are mapped from the host tier (``packed_cache``):
+        # the mapping their bytes live in, held as long as they are.
+        self._shared_packing: torch.Tensor | None = None
         self.embed = _param(config.vocab_size, config.hidden_size)
         self.decoder_layers = [DecoderLayer(config, i, linear) for i in range(config.num_layers)]
         self.layers = nn.ModuleList(self.decoder_layers)  # registers them as submodules
@@ -177,8 +180,9 @@ class LlamaModel(nn.Module):
         """Drops the packed copy of the last packed layer (or of the LM head, packed
         last); the layer then runs on its original matrices, unpacked. Returns the bytes
         of host RAM that frees, 0 if nothing was packed. A worker calls it when the
-        machine runs short of RAM after it packed (see ``host_memory.py``)."""
-        if self._packed_units == 0:
+        machine runs short of RAM after it packed (see ``host_memory.py``). Shared packed
+        matrices are kept: dropping them would free nothing."""
+        if self._packed_units == 0 or self._shared_packing is not None:
             return 0
         self._packed_units -= 1
         if self._packed_units == len(self.decoder_layers):
@@ -193,6 +197,49 @@ class LlamaModel(nn.Module):
     def packed_units(self) -> int:
         """Layers packed so far, counting the LM head (packed last) as one."""
         return self._packed_units
+
+    @property
+    def private_packed_units(self) -> int:
+        """Packed layers whose copies are this process's own: 0 once shared."""
+        return 0 if self._shared_packing is not None else self._packed_units
+
+    @property
+    def packing_shared(self) -> bool:
+        return self._shared_packing is not None
+
+    def unpacked_matrices(self) -> dict[str, torch.Tensor]:
+        """Every matrix packing applies to, unpacked, by name (``layers.3.qkv``, ...,
+        ``head``), in packing order."""
+        out = {
+            f"layers.{i}.{name}": w
+            for i, layer in enumerate(self.decoder_layers)
+            for name, w in layer.matrices().items()
+        }
+        out["head"] = self.head
+        return out
+
+    def packed_matrices(self) -> dict[str, torch.Tensor]:
+        """The packed copies by the names of :meth:`unpacked_matrices`, once every one is
+        packed; empty before, or when packing does not apply."""
+        if self._packed_units != len(self.decoder_layers) + 1 or self.head_packed is None:
+            return {}
+        out = {
+            f"layers.{i}.{name}": layer.packed[name]
+            for i, layer in enumerate(self.decoder_layers)
+            for name in layer.matrices()
+            if name in layer.packed
+        }
+        out["head"] = self.head_packed
+        return out if len(out) == len(self.unpacked_matrices()) else {}
+
+    def adopt_packed(self, matrices: Mapping[str, torch.Tensor], backing: torch.Tensor) -> None:
+        """Runs on packed matrices mapped from the host tier (``packed_cache``), named as
+        :meth:`packed_matrices` names them; ``backing`` is the mapping they live in."""
+        for i, layer in enumerate(self.decoder_layers):
+            layer.packed = {name: matrices[f"layers.{i}.{name}"] for name in layer.matrices()}
+        self.head_packed = matrices["head"]
+        self._packed_units = len(self.decoder_layers) + 1
+        self._shared_packing = backing
 
     def next_pack_bytes(self) -> int:
         """Bytes of host RAM the next :meth:`pack_weights` unit (a layer, or the LM head

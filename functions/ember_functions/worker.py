@@ -186,7 +186,7 @@ class _Serve:
                         continue  # the inbox first: a request waits for one layer at most
                     if why:
                         log.warning("stopped packing: %s", why)
-                    self.writer.send({"op": "packed", "pack_s": self.pack_s, "stopped": why})
+                    self.writer.send(self._packed_frame(why))
                     settled = True
                     continue
                 wait_s = HEARTBEAT_S if settled else max(0.0, PACK_AFTER_IDLE_S - idle_s)
@@ -211,7 +211,7 @@ class _Serve:
     def _packing_action(self, *, margin_bytes: int = 0) -> tuple[PackAction, str | None]:
         return packing_action(
             next_pack_bytes=self.engine.next_pack_bytes(),
-            packed_units=self.engine.packed_units,
+            packed_units=self.engine.private_packed_units,  # shared ones free nothing
             memory=self.memory(),
             min_free_bytes=self.engine.config.pack_min_free_bytes,
             margin_bytes=margin_bytes,
@@ -225,8 +225,12 @@ class _Serve:
         if action is PackAction.UNPACK:
             freed = self.engine.unpack_weights()
             log.warning("gave back %.0f MiB of packed matrices: %s", freed / 2**20, why)
-            self.writer.send({"op": "packed", "pack_s": self.pack_s, "stopped": why})
+            self.writer.send(self._packed_frame(why))
         return action is not PackAction.PACK
+
+    def _packed_frame(self, stopped: str | None) -> dict[str, Any]:
+        shared = self.engine.model.packing_shared
+        return {"op": "packed", "pack_s": self.pack_s, "stopped": stopped, "shared": shared}
 
     def _frame(self, outs: list[RequestOutput]) -> dict[str, Any]:
         return {

@@ -98,6 +98,9 @@ class WorkerProcess:
         self.pack_s: float | None = None
         # Why it stopped packing part-way (host RAM ran short), or None.
         self.pack_stopped: str | None = None
+        # Its packed matrices are mapped from the host tier, shared with the machine's
+        # other workers of the model, not packed by it (see ``packed_cache``).
+        self.pack_shared = False
         self.chunks_by_tier: dict[str, int] = {}  # where its weights came from
         self.model_name = ""
         self._sock = sock
@@ -260,6 +263,7 @@ class WorkerProcess:
             self.chunks_by_tier = dict(message.get("chunks_by_tier", {}))
             self._prompts = prompts
             self.pack_s = self.pack_stopped = None  # a new engine: packing starts over
+            self.pack_shared = False
             self.state, self.warmth = WorkerState.READY, Warmth.READY
             self._changed.notify_all()
 
@@ -386,6 +390,7 @@ class WorkerProcess:
             "in_flight": self.queue_depth,
             "pack_s": self.pack_s,
             "pack_stopped": self.pack_stopped,
+            "pack_shared": self.pack_shared,
             "idle_s": None,
             "cold_start": dict(self.phases),
         }
@@ -456,6 +461,7 @@ class WorkerProcess:
                     with self._changed:
                         self.pack_s = message["pack_s"]
                         self.pack_stopped = message.get("stopped")
+                        self.pack_shared = bool(message.get("shared"))
                         self._changed.notify_all()
                 elif op == "failed":
                     with self._lock:

@@ -40,9 +40,13 @@ def fetch_workers(url: str) -> list[dict[str, Any]]:
 
 
 def _packed(row: dict[str, Any]) -> str:
-    """Seconds spent packing, once done; "partial" when host RAM stopped it part-way."""
+    """Seconds spent packing, once done; "partial" when host RAM stopped it part-way;
+    "shared" when the worker maps the packed matrices another worker left in the host
+    tier."""
     if row.get("pack_s") is None:
         return "-"
+    if row.get("pack_shared"):
+        return "shared"
     return f"{row['pack_s']:.3f}" + (" partial" if row.get("pack_stopped") else "")
 
 

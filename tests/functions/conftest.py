@@ -11,11 +11,15 @@ from typing import Any
 import pytest
 import torch
 
+from ember_core import NotFoundError
 from ember_functions.engine import LLMEngine
 from ember_functions.engine_config import EngineConfig
+from ember_functions.host_model import HostModel
+from ember_weights_store import ModelCatalog
 
 EngineFactory = Callable[..., LLMEngine]
 LeakReport = Callable[[LLMEngine], str | None]
+HostModelFactory = Callable[[ModelCatalog, Path], HostModel]
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -111,3 +115,27 @@ def packing_dtype() -> str:
         if Linear(device=torch.device("cpu"), dtype=dtype).packs:
             return str(dtype).removeprefix("torch.")
     pytest.skip("this torch build cannot pack matrices (no oneDNN)")
+
+
+@pytest.fixture
+def host_catalog(tmp_path: Path) -> Iterator[ModelCatalog]:
+    """A home whose store has a 256 MiB host tier (RAM, outside the home: removed after)."""
+    catalog = ModelCatalog(tmp_path, host_cache_bytes=256 << 20)
+    yield catalog
+    shutil.rmtree(catalog.host_cache_root, ignore_errors=True)
+
+
+@pytest.fixture
+def host_model() -> HostModelFactory:
+    """Loads a model directory into host RAM through a catalog's store, importing it into
+    the store the first time, as a worker's HOST climb does."""
+
+    def make(catalog: ModelCatalog, model_dir: Path) -> HostModel:
+        store = catalog.store()
+        try:
+            store.manifest(model_dir.name)
+        except NotFoundError:
+            store.import_hf_dir(model_dir, model_id=model_dir.name)
+        return HostModel.from_store(store, model_dir.name, tokenizer_cache=catalog.home / "tok")
+
+    return make

@@ -5,14 +5,12 @@ dtype, keeps nothing."""
 
 from __future__ import annotations
 
-import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
-from ember_core import NotFoundError
 from ember_functions.bound_cache import BoundCache
 from ember_functions.engine import LLMEngine
 from ember_functions.engine_config import EngineConfig
@@ -25,32 +23,19 @@ CONFIG = EngineConfig(dtype="float32", num_kv_blocks=32, block_size=16, num_thre
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
 
 
-@pytest.fixture
-def catalog(tmp_path: Path) -> Iterator[ModelCatalog]:
-    catalog = ModelCatalog(tmp_path, host_cache_bytes=256 << 20)
-    yield catalog
-    shutil.rmtree(catalog.host_cache_root, ignore_errors=True)
-
-
-def host_model(catalog: ModelCatalog, model_dir: Path) -> HostModel:
-    store = catalog.store()
-    try:
-        store.manifest(model_dir.name)
-    except NotFoundError:
-        store.import_hf_dir(model_dir, model_id=model_dir.name)
-    return HostModel.from_store(store, model_dir.name, tokenizer_cache=catalog.home / "tok")
-
-
 def tokens(engine: LLMEngine) -> list[int]:
     (out,) = engine.generate([[3, 14, 15, 92, 65]], GREEDY)
     return out.token_ids
 
 
 def test_the_second_bind_maps_what_the_first_kept_and_generates_the_same(
-    catalog: ModelCatalog, tiny_model: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+    host_catalog: ModelCatalog,
+    host_model: Callable[[ModelCatalog, Path], HostModel],
+    tiny_model: Callable[..., Path],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     model_dir = tiny_model("llama", torch.bfloat16)
-    first_host = host_model(catalog, model_dir)
+    first_host = host_model(host_catalog, model_dir)
     cache = first_host.bound_cache(torch.float32)
     assert cache is not None and cache.load({}) is None  # nothing kept yet
     stored: list[BoundCache] = []
@@ -75,16 +60,18 @@ def test_the_second_bind_maps_what_the_first_kept_and_generates_the_same(
         return state
 
     monkeypatch.setattr(BoundCache, "load", counting_load)
-    second = LLMEngine.from_host(host_model(catalog, model_dir), config=CONFIG)
+    second = LLMEngine.from_host(host_model(host_catalog, model_dir), config=CONFIG)
     assert loads == [True] and len(stored) == 1  # mapped, nothing converted or stored again
     assert second.model.dtype == torch.float32
     assert tokens(second) == tokens(first)
 
 
 def test_a_mismatched_entry_is_not_used(
-    catalog: ModelCatalog, tiny_model: Callable[..., Path]
+    host_catalog: ModelCatalog,
+    host_model: Callable[[ModelCatalog, Path], HostModel],
+    tiny_model: Callable[..., Path],
 ) -> None:
-    host = host_model(catalog, tiny_model("llama", torch.bfloat16))
+    host = host_model(host_catalog, tiny_model("llama", torch.bfloat16))
     cache = host.bound_cache(torch.float32)
     assert cache is not None
     cache.store({"embed": torch.zeros(4, 8)})
@@ -95,11 +82,14 @@ def test_a_mismatched_entry_is_not_used(
 
 
 def test_no_host_tier_or_no_conversion_keeps_nothing(
-    tmp_path: Path, catalog: ModelCatalog, tiny_model: Callable[..., Path]
+    tmp_path: Path,
+    host_catalog: ModelCatalog,
+    host_model: Callable[[ModelCatalog, Path], HostModel],
+    tiny_model: Callable[..., Path],
 ) -> None:
     plain = ModelCatalog(tmp_path / "plain")  # no host tier
     assert host_model(plain, tiny_model("llama", torch.bfloat16)).bound_cache(torch.float32) is None
-    host = host_model(catalog, tiny_model("llama", torch.float32))
+    host = host_model(host_catalog, tiny_model("llama", torch.float32))
     LLMEngine.from_host(host, config=CONFIG)  # float32 -> float32: nothing to convert
-    (tier,) = [t for t in catalog.store().tiers if isinstance(t, HostTier)]
+    (tier,) = [t for t in host_catalog.store().tiers if isinstance(t, HostTier)]
     assert not [k for k in tier.keys() if k.startswith("bound/")]  # noqa: SIM118

@@ -1,0 +1,181 @@
+"""Packed matrices in the host tier: the first engine of a model to pack them all leaves
+them there; the next maps them instead of packing, runs packed from its first request,
+holds none of them in its own RAM, and generates exactly the same tokens. An entry for
+other shapes, a half-written one, or no host tier: every engine packs its own."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from ember_functions.engine import LLMEngine
+from ember_functions.engine_config import EngineConfig
+from ember_functions.host_model import HostModel
+from ember_functions.linear import Linear
+from ember_functions.loading import StoreConfig
+from ember_functions.packed_cache import PackedCache, sharing_works
+from ember_functions.sampling_params import SamplingParams
+from ember_functions.worker_process import WorkerProcess
+from ember_weights_store import ModelCatalog
+from ember_weights_store.host_tier import HostTier
+
+GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def config(dtype: torch.dtype) -> EngineConfig:
+    name = str(dtype).removeprefix("torch.")
+    return EngineConfig(dtype=name, num_kv_blocks=32, block_size=16, num_threads=1)
+
+
+def skip_unless_shared(dtype: torch.dtype) -> None:
+    if not Linear(device=torch.device("cpu"), dtype=dtype).packs or not sharing_works(dtype):
+        pytest.skip(f"packed {dtype} matrices cannot be shared with this torch build and CPU")
+
+
+def tokens(engine: LLMEngine) -> list[int]:
+    (out,) = engine.generate([[3, 14, 15, 92, 65]], GREEDY)
+    return out.token_ids
+
+
+def stored_now(monkeypatch: pytest.MonkeyPatch) -> list[PackedCache]:
+    """Makes ``store_in_background`` finish before it returns; lists what was stored."""
+    stored: list[PackedCache] = []
+    keep = PackedCache.store_in_background
+
+    def store_and_wait(self: PackedCache, matrices: dict[str, torch.Tensor]) -> object:
+        stored.append(self)
+        thread = keep(self, matrices)
+        thread.join()
+        return thread
+
+    monkeypatch.setattr(PackedCache, "store_in_background", store_and_wait)
+    return stored
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_the_next_engine_maps_what_the_first_packed_and_generates_the_same(
+    dtype: torch.dtype,
+    host_catalog: ModelCatalog,
+    host_model: Callable[[ModelCatalog, Path], HostModel],
+    tiny_model: Callable[..., Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    skip_unless_shared(dtype)
+    stored = stored_now(monkeypatch)
+    model_dir = tiny_model("llama", dtype)
+    first = LLMEngine.from_host(host_model(host_catalog, model_dir), config=config(dtype))
+    assert first.packed_units == 0 and not first.model.packing_shared  # nothing there yet
+    unpacked = tokens(first)
+    assert first.pack_weights()
+    assert len(stored) == 1 and stored[0].available()
+    packed = tokens(first)
+    assert first.private_packed_units == first.packed_units  # its own copies
+
+    second = LLMEngine.from_host(host_model(host_catalog, model_dir), config=config(dtype))
+    total = len(second.model.decoder_layers) + 1
+    assert second.model.packing_shared and second.packed_units == total
+    assert second.private_packed_units == 0 and second.next_pack_bytes() == 0
+    # Every packed matrix is a view of the one mapping, not a copy.
+    backing = second.model._shared_packing
+    assert backing is not None
+    lo, hi = backing.data_ptr(), backing.data_ptr() + backing.numel()
+    for name, m in second.model.packed_matrices().items():
+        assert lo <= torch.ops.mkldnn.data_ptr(m) < hi, name
+    assert tokens(second) == packed
+    assert second.pack_weights() and len(stored) == 1  # nothing to pack, nothing stored again
+    assert second.unpack_weights() == 0 and second.packed_units == total  # frees nothing
+    if dtype == torch.float32:
+        assert packed == unpacked  # float32 packing changes no token of this model
+
+
+def test_an_entry_for_other_shapes_or_half_written_is_not_used(
+    host_catalog: ModelCatalog,
+    host_model: Callable[[ModelCatalog, Path], HostModel],
+    tiny_model: Callable[..., Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    skip_unless_shared(torch.float32)
+    stored_now(monkeypatch)
+    cfg = config(torch.float32)
+    first = LLMEngine.from_host(host_model(host_catalog, tiny_model("llama")), config=cfg)
+    first.pack_weights()
+    model = first.model
+    cache = first._packed_cache
+    assert cache is not None and cache.available()
+    plain = model.unpacked_matrices()
+    assert cache.load(plain, pack=model.linear.pack) is not None
+    head = plain.pop("head")
+    assert cache.load(plain, pack=model.linear.pack) is None  # a matrix short
+    other = {**plain, "head": head[:-1]}
+    assert cache.load(other, pack=model.linear.pack) is None  # another vocabulary
+    # The index is written last and names the object: without it nothing is read.
+    (tier,) = [t for t in host_catalog.store().tiers if isinstance(t, HostTier)]
+    tier.delete(cache.index_key)
+    assert not cache.available() and cache.load(plain, pack=model.linear.pack) is None
+
+
+def test_without_a_host_tier_every_engine_packs_its_own(
+    tmp_path: Path,
+    host_model: Callable[[ModelCatalog, Path], HostModel],
+    tiny_model: Callable[..., Path],
+) -> None:
+    host = host_model(ModelCatalog(tmp_path / "plain"), tiny_model("llama"))
+    assert host.packed_cache(torch.float32, pack_rows=512) is None
+    engine = LLMEngine.from_host(host, config=config(torch.float32))
+    engine.pack_weights()
+    assert not engine.model.packing_shared
+    assert engine.private_packed_units == engine.packed_units
+
+
+def test_a_second_worker_process_says_it_maps_the_first_ones_packing(
+    tmp_path: Path, tiny_model: Callable[..., Path]
+) -> None:
+    skip_unless_shared(torch.float32)
+    home = tmp_path / "home"  # the tiny model installed, as `ember models add` leaves it
+    installed = ModelCatalog(home)
+    installed.store().import_hf_dir(tiny_model("llama"), model_id="tiny")
+    installed.models_dir.mkdir(parents=True)
+    (installed.models_dir / "tiny").symlink_to(tiny_model("llama"))
+    store = StoreConfig(host_cache_bytes=256 << 20)
+    try:
+        _two_workers(home, store)
+    finally:
+        shutil.rmtree(store.catalog(home).host_cache_root, ignore_errors=True)
+
+
+def _two_workers(home: Path, store: StoreConfig) -> None:
+    want: list[int] = []
+    for i, shared in enumerate((False, True)):
+        worker = WorkerProcess.spawn(
+            worker_id=f"pk-{os.getpid()}-{time.monotonic_ns()}",
+            model="tiny",
+            home=home,
+            engine_config=config(torch.float32),
+            store=store,
+        )
+        try:
+            assert worker.wait_packed(timeout_s=60)
+            assert worker.pack_shared is shared and worker.describe()["pack_shared"] is shared
+            request = worker.prepare([3, 14, 15, 92, 65], GREEDY, request_id=f"r{i}")
+            got = worker.submit_prepared(request).result().token_ids
+            want = want or got
+            assert got == want
+            if not shared:  # the first leaves its packing behind, on a thread: wait for it
+                deadline = time.monotonic() + 30
+                while not any(k.endswith("-index") for k in _packed_keys(store, home)):
+                    assert time.monotonic() < deadline, "the first worker left no packing"
+                    time.sleep(0.05)
+        finally:
+            worker.close()
+
+
+def _packed_keys(store: StoreConfig, home: Path) -> list[str]:
+    (tier,) = [t for t in store.catalog(home).store().tiers if isinstance(t, HostTier)]
+    return [k for k in tier.keys() if k.startswith("packed/")]  # noqa: SIM118
