@@ -41,6 +41,11 @@ class EngineConfig:
     # again in private RAM). A worker packs while idle once it serves; an engine in a
     # script packs on pack_weights().
     pack_weights: bool = True
+    # Through a store with a host tier: map the packed matrices the machine's first
+    # worker of the model left there instead of packing (no private copy, packed from
+    # the first request), and leave them there if this worker packs first (see
+    # packed_cache.py). Off: every worker packs its own.
+    share_packing: bool = True
     # Host RAM (bytes) packing leaves available: a worker stops packing before the layer
     # that would go below it (see host_memory.py). None: a tenth of RAM, at least 1 GiB.
     pack_min_free_bytes: int | None = None

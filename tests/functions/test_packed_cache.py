@@ -5,6 +5,7 @@ other shapes, a half-written one, or no host tier: every engine packs its own.""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import time
@@ -179,3 +180,24 @@ def _two_workers(home: Path, store: StoreConfig) -> None:
 def _packed_keys(store: StoreConfig, home: Path) -> list[str]:
     (tier,) = [t for t in store.catalog(home).store().tiers if isinstance(t, HostTier)]
     return [k for k in tier.keys() if k.startswith("packed/")]  # noqa: SIM118
+
+
+def test_share_packing_off_neither_maps_nor_leaves_packed_matrices(
+    host_catalog: ModelCatalog,
+    host_model: Callable[[ModelCatalog, Path], HostModel],
+    tiny_model: Callable[..., Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    skip_unless_shared(torch.float32)
+    stored = stored_now(monkeypatch)
+    off = dataclasses.replace(config(torch.float32), share_packing=False)
+    alone = LLMEngine.from_host(host_model(host_catalog, tiny_model("llama")), config=off)
+    alone.pack_weights()
+    assert stored == [] and not alone.model.packing_shared  # packed, left nothing
+    first = LLMEngine.from_host(
+        host_model(host_catalog, tiny_model("llama")), config=config(torch.float32)
+    )
+    first.pack_weights()
+    assert len(stored) == 1  # on: it leaves its packing
+    again = LLMEngine.from_host(host_model(host_catalog, tiny_model("llama")), config=off)
+    assert not again.model.packing_shared and again.packed_units == 0  # off: not mapped
