@@ -216,10 +216,12 @@ class _BlobApi:
             *(ctypes.c_char_p, ctypes.c_int64),  # serialized descriptor
         ]
         self.create = create
-        capsule = ctypes.pythonapi.PyCapsule_New
-        capsule.restype = ctypes.py_object
-        capsule.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
-        self.capsule = capsule
+        # A prototype of our own: setting argtypes on ctypes.pythonapi's would change them
+        # for everyone in the process.
+        prototype = ctypes.PYFUNCTYPE(
+            ctypes.py_object, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p
+        )
+        self.capsule = prototype(("PyCapsule_New", ctypes.pythonapi))
         self.steal = torch._C._aoti.alloc_tensor_by_stealing_from_void_ptr
 
 
