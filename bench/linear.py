@@ -70,7 +70,7 @@ def measure(
     shapes: dict[str, tuple[int, int]], rows: list[int], dtype: torch.dtype, repeats: int
 ) -> list[dict[str, Any]]:
     """Per row count: ms for the layer's four matrices with each kernel."""
-    from ember_functions.linear import Linear, _onednn_linear
+    from ember_functions.linear import Linear, onednn_linear
 
     lin = Linear(device=torch.device("cpu"), dtype=dtype)
     gen = torch.Generator().manual_seed(0)
@@ -82,10 +82,10 @@ def measure(
         for name, w in mats.items():
             x = torch.randn(t, w.shape[1], generator=gen).to(dtype)
             ms["f_linear_ms"] += 1e3 * _median_s(partial(F.linear, x, w), repeats)
-            ms["onednn_ms"] += 1e3 * _median_s(partial(_onednn_linear, x, w, None), repeats)
+            ms["onednn_ms"] += 1e3 * _median_s(partial(onednn_linear, x, w, None), repeats)
             if packed is not None:
                 p = packed[name]
-                ms["packed_ms"] += 1e3 * _median_s(partial(_onednn_linear, x, p, None), repeats)
+                ms["packed_ms"] += 1e3 * _median_s(partial(onednn_linear, x, p, None), repeats)
         row: dict[str, Any] = {"rows": t, **ms}
         if packed is None:  # this CPU or build packs nothing
             row["packed_ms"] = None

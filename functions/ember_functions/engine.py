@@ -287,9 +287,10 @@ class LLMEngine:
         cache = self._packed_cache
         if done and cache is not None and not self._packing_stored:
             self._packing_stored = True  # tried once: a full tier stays full a while
-            matrices = self.model.packed_matrices()
-            if matrices and not self.model.packing_shared and not cache.available():
-                cache.store_in_background(matrices)
+            if not self.model.packing_shared and not cache.available():
+                matrices = self.model.packed_matrices()
+                if matrices:
+                    cache.store_in_background(matrices)
         return done
 
     def share_packing(self, cache: PackedCache | None) -> bool:

@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 
 
-def _onednn_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+def onednn_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """``x @ w.T + b`` through oneDNN's inner product; ``w`` plain or ``Linear.pack``-ed."""
     return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w, b, "none", [], "")
 
 
@@ -41,7 +42,7 @@ def _onednn_works() -> bool:
         return False
     try:
         x, w, b = torch.randn(3, 8), torch.randn(5, 8), torch.randn(5)
-        return bool(torch.allclose(_onednn_linear(x, w, b), F.linear(x, w, b), atol=1e-5))
+        return bool(torch.allclose(onednn_linear(x, w, b), F.linear(x, w, b), atol=1e-5))
     except RuntimeError:
         return False
 
@@ -63,7 +64,7 @@ def _packing_works(dtype: torch.dtype) -> bool:
         x, w = torch.randn(3, 64).to(dtype), torch.randn(32, 64).to(dtype)
         packed = torch.ops.mkldnn._reorder_linear_weight(w, _PACK_ROWS)
         atol = 1e-2 if dtype == torch.bfloat16 else 1e-4
-        return bool(torch.allclose(_onednn_linear(x, packed, None), F.linear(x, w), atol=atol))
+        return bool(torch.allclose(onednn_linear(x, packed, None), F.linear(x, w), atol=atol))
     except (RuntimeError, AttributeError):
         return False
 
@@ -108,7 +109,7 @@ class Linear:
             y = F.linear(x.to(gemv.dtype), gemv).to(x.dtype)
             return y if b is None else y + b
         if packed is not None:
-            return _onednn_linear(x, packed, b)
+            return onednn_linear(x, packed, b)
         if self.onednn:
-            return _onednn_linear(x, w, b)
+            return onednn_linear(x, w, b)
         return F.linear(x, w, b)

@@ -224,13 +224,12 @@ class LlamaModel(nn.Module):
         if self._packed_units != len(self.decoder_layers) + 1 or self.head_packed is None:
             return {}
         out = {
-            f"layers.{i}.{name}": layer.packed[name]
+            f"layers.{i}.{name}": packed
             for i, layer in enumerate(self.decoder_layers)
-            for name in layer.matrices()
-            if name in layer.packed
+            for name, packed in layer.packed.items()
         }
         out["head"] = self.head_packed
-        return out if len(out) == len(self.unpacked_matrices()) else {}
+        return out
 
     def adopt_packed(self, matrices: Mapping[str, torch.Tensor], backing: torch.Tensor) -> None:
         """Runs on packed matrices mapped from the host tier (``packed_cache``), named as

@@ -15,9 +15,10 @@ oneDNN's packed tensors have no storage torch can hand out, so the bridge is tor
 C shim for AOTInductor: ``aoti_torch_create_tensor_from_blob_v2`` builds a packed tensor
 over given bytes and a serialized descriptor (``torch.ops.mkldnn._get_mkldnn_serialized_md``
 reads one), and ``torch._C._aoti.alloc_tensor_by_stealing_from_void_ptr`` turns its handle
-into a Python tensor. Both are torch internals, found through ctypes: :func:`sharing_works`
-checks once per process that a round trip computes, to the bit, what the matrix packed
-here does, and without it every worker packs its own, as before. The wrapped tensors do
+into a Python tensor. Both are torch internals, found through ctypes: a worker stores its
+matrices only if :func:`sharing_works` (a round trip computes, to the bit, what the
+matrix packed here does), and a worker that loads them checks the same of their first
+matrix; where either fails, every worker packs its own, as before. The wrapped tensors do
 not own their bytes: the model holds the mapping for as long as it holds them.
 """
 
@@ -38,6 +39,7 @@ from typing import Any
 import torch
 
 from ember_functions.bound_cache import manifest_digest
+from ember_functions.linear import onednn_linear
 from ember_weights_store.host_tier import HostTier
 from ember_weights_store.manifest import Manifest
 from ember_weights_store.mapping import map_chunk_files
@@ -108,8 +110,9 @@ class PackedCache:
         """The packed matrices, mapped and wrapped; None if absent, incomplete, not for
         ``plain`` (the unpacked matrices, by the same names), or if wrapping does not work
         here. The first matrix is checked: wrapped, it must compute to the bit what it
-        computes packed here with ``pack``, or nothing is used."""
-        if not plain or not self.available() or not sharing_works(self.dtype):
+        computes packed here with ``pack``, or nothing is used (the same check as
+        :func:`sharing_works`, on a real matrix: a loading worker runs only this one)."""
+        if not plain or not self.available() or _blob_api() is None:
             return None
         try:
             index = json.loads(self.host.get(self.index_key))
@@ -128,10 +131,16 @@ class PackedCache:
             log.warning("packed matrices %s unreadable (%s); packing instead", self.key, exc)
             return None
         base = backing.data_ptr()
-        matrices = {
-            name: _wrap(base + e["offset"], e["shape"], _DTYPES[e["dtype"]], bytes.fromhex(e["md"]))
-            for name, e in entries.items()
-        }
+        try:
+            matrices = {
+                name: _wrap(
+                    base + e["offset"], e["shape"], _DTYPES[e["dtype"]], bytes.fromhex(e["md"])
+                )
+                for name, e in entries.items()
+            }
+        except (RuntimeError, KeyError, ValueError) as exc:
+            log.warning("packed matrices %s cannot be wrapped (%s); packing instead", self.key, exc)
+            return None
         name, first = next(iter(plain.items()))
         packed_here = pack(first)
         if packed_here is None or not _same_product(matrices[name], packed_here, first):
@@ -141,7 +150,10 @@ class PackedCache:
 
     def store(self, matrices: Mapping[str, torch.Tensor]) -> None:
         """Writes ``matrices`` (packed): the data object, then the index that makes it
-        visible. A full tier is not an error: the next worker packs, as this one did."""
+        visible; nothing where no worker could wrap them back (:func:`sharing_works`). A
+        full tier is not an error: the next worker packs, as this one did."""
+        if not sharing_works(self.dtype):
+            return
         entries: dict[str, dict[str, Any]] = {}
         offset = 0
         for name, packed in matrices.items():
@@ -185,11 +197,7 @@ def _machine_tag() -> str:
 def _same_product(wrapped: torch.Tensor, packed_here: torch.Tensor, plain: torch.Tensor) -> bool:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(4, plain.shape[1], generator=gen).to(plain.dtype)
-    return torch.equal(_linear(x, wrapped), _linear(x, packed_here))
-
-
-def _linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+    return torch.equal(onednn_linear(x, wrapped, None), onednn_linear(x, packed_here, None))
 
 
 class _BlobApi:
