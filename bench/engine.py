@@ -111,7 +111,7 @@ def run_ember(model_dir: Path, workloads: list[dict[str, Any]], prefill_len: int
     eng = LLMEngine.from_dir(model_dir, config=config)
     # A serving worker packs its matrices while idle after it is READY; packing them
     # here, inside the load time, is what a script using the engine directly pays.
-    eng.pack_weights()
+    eng.packing.pack()
     load_s = time.perf_counter() - t0
     times: dict[str, list[float]] = {}
     step_ttft: list[float] = []

@@ -79,7 +79,7 @@ def child(mode: str, model: str, lengths: int, decode: int, threads: int) -> dic
         attention._decode_attention_cpu = _bf16_value_product  # type: ignore[assignment]
     config = EngineConfig(num_threads=threads, kv_cache_bytes=256 << 20, prefix_cache=False)
     engine = load_engine(ModelCatalog(), model, config, err=sys.stderr)
-    engine.pack_weights()
+    engine.packing.pack()
 
     def steps(prompt: list[int], max_tokens: int) -> list[float]:
         params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)

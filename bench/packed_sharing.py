@@ -19,6 +19,9 @@ forked one after another, each measured:
 - ``private MiB``: its anonymous memory once packed (``/proc/PID/smaps_rollup``): a private
   packed copy is anonymous, mapped host-tier pages are not.
 
+And the first worker's own ``private MiB`` once settled: shared, it has stored its packed
+copy and switched to the stored one (``Packing.share_stored``), freeing its own.
+
 Modes alternate per round; medians over rounds and workers. The table's ratio is
 private / shared (above 1: sharing wins).
 """
@@ -60,7 +63,10 @@ def first_token_s(worker: Any, rid: str) -> float:
     return time.perf_counter() - t0
 
 
-def run_mode(mode: str, model: str, home: Path, workers: int, threads: int) -> list[dict]:
+def run_mode(
+    mode: str, model: str, home: Path, workers: int, threads: int
+) -> tuple[list[dict], float]:
+    """The later workers' rows, and the first worker's private MiB once settled."""
     from ember_functions.engine_config import EngineConfig
     from ember_functions.launch import Zygote
     from ember_functions.loading import StoreConfig, WeightsSource
@@ -99,10 +105,13 @@ def run_mode(mode: str, model: str, home: Path, workers: int, threads: int) -> l
                 weights=WeightsSource(home, model, store),
             )
             deadline = time.monotonic() + 60
-            while mode == "shared" and not list(root.glob("packed/*-index")):
+            while mode == "shared" and not (
+                list(root.glob("packed/*-index")) and first.pack_shared
+            ):
                 if time.monotonic() > deadline:
-                    raise RuntimeError("the first worker left no packed matrices")
+                    raise RuntimeError("the first worker left no packed matrices, or kept its own")
                 time.sleep(0.05)
+            first_mib = anonymous_mib(first.proc.pid)
             for i in range(1, workers + 1):
                 t0 = time.perf_counter()
                 w = spawn(i, first.prompts)
@@ -123,7 +132,7 @@ def run_mode(mode: str, model: str, home: Path, workers: int, threads: int) -> l
             for w in live:
                 w.close()
             shutil.rmtree(root, ignore_errors=True)
-    return rows
+    return rows, first_mib
 
 
 def main() -> None:
@@ -147,9 +156,12 @@ def main() -> None:
         catalog.models_dir.mkdir(parents=True, exist_ok=True)
         (catalog.models_dir / name).symlink_to(installed)
         rows: dict[str, list[dict]] = {m: [] for m in MODES}
+        firsts: dict[str, list[float]] = {m: [] for m in MODES}
         for r in range(args.rounds):
             for mode in MODES:
-                rows[mode] += run_mode(mode, name, home, args.workers, args.threads)
+                later, first_mib = run_mode(mode, name, home, args.workers, args.threads)
+                rows[mode] += later
+                firsts[mode].append(first_mib)
             print(f"round {r + 1}/{args.rounds} done", flush=True)
     if not all(row["shared"] for row in rows["shared"]):
         print("note: sharing did not apply here (no oneDNN packing, or torch cannot wrap it)")
@@ -166,6 +178,9 @@ def main() -> None:
                  "to_packed_s": "to packed s", "private_mib": "private MiB"}[key]  # fmt: skip
         ratio = private / shared if shared else float("nan")
         print(f"{label:16}{private * unit:10.1f}{shared * unit:10.1f}{ratio:8.2f}")
+    private, shared = (statistics.median(firsts[m]) for m in MODES)
+    out["first_private_mib_private"], out["first_private_mib_shared"] = private, shared
+    print(f"{'first worker MiB':16}{private:10.1f}{shared:10.1f}{private / shared:8.2f}")
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))
         print(f"wrote {args.json}")

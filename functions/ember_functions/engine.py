@@ -26,7 +26,7 @@ from ember_functions.config import ModelConfig
 from ember_functions.engine_config import EngineConfig
 from ember_functions.host_model import HostModel
 from ember_functions.model import LlamaModel
-from ember_functions.packed_cache import PackedCache
+from ember_functions.packing import Packing
 from ember_functions.prompt import EncodedPrompt, Prompt, PromptEncoder
 from ember_functions.runner import ModelRunner
 from ember_functions.sampler import Sampler
@@ -114,8 +114,7 @@ class LLMEngine:
         self._pending: list[RequestOutput] = []  # outputs produced outside step()
         self.load_report: LoadReport | None = None  # set when loaded through the store
         self.public_prefix_tokens: int | None = None  # set by cache_public_prefix
-        self._packed_cache: PackedCache | None = None  # see share_packing
-        self._packing_stored = False
+        self.packing = Packing(model, enabled=config.pack_weights)  # packed matrices
         # Encodes and validates prompts for this engine's tokenizer and window.
         self.prompts = PromptEncoder(
             tokenizer, vocab_size=mc.vocab_size, token_capacity=self.token_capacity
@@ -179,7 +178,7 @@ class LLMEngine:
         engine = cls(model, host.tokenizer, config=config, model_name=host.model_id)
         engine.load_report = host.report
         if config.pack_weights and config.share_packing:
-            engine.share_packing(host.packed_cache(model.dtype, pack_rows=model.linear.pack_rows))
+            engine.packing.share(host.packed_cache(model.dtype, pack_rows=model.linear.pack_rows))
         return engine
 
     # -- requests ------------------------------------------------------------------
@@ -276,62 +275,6 @@ class LLMEngine:
         return req.seq.usage() if req is not None else None
 
     # -- the loop ------------------------------------------------------------------
-
-    def pack_weights(self, *, max_layers: int | None = None) -> bool:
-        """Packs up to ``max_layers`` more layers' matrices for faster matmuls (all of
-        them by default; see ``LlamaModel.pack_weights``); True once nothing is left to
-        pack, or when ``config.pack_weights`` is off or packing does not apply here."""
-        if not self.config.pack_weights:
-            return True
-        done = self.model.pack_weights(max_layers=max_layers)
-        cache = self._packed_cache
-        if done and cache is not None and not self._packing_stored:
-            self._packing_stored = True  # tried once: a full tier stays full a while
-            if not self.model.packing_shared and not cache.available():
-                matrices = self.model.packed_matrices()
-                if matrices:
-                    cache.store_in_background(matrices)
-        return done
-
-    def share_packing(self, cache: PackedCache | None) -> bool:
-        """Where this machine keeps the model's packed matrices (``packed_cache``): if an
-        earlier worker left them there, this engine runs on them from now on, mapped, not
-        packed (True); otherwise it leaves its own there once it has packed them all.
-        Call it before the engine serves: adopting them swaps the matrices a step reads.
-
-        Example::
-
-            engine.share_packing(host.packed_cache(engine.model.dtype, pack_rows=512))
-        """
-        self._packed_cache = cache
-        if cache is None or self.model.packed_units or not cache.available():
-            return False
-        if not self.model.linear.packs:
-            return False
-        shared = cache.load(self.model.unpacked_matrices(), pack=self.model.linear.pack)
-        if shared is None:
-            return False
-        self.model.adopt_packed(shared.matrices, shared.backing)
-        return True
-
-    def unpack_weights(self) -> int:
-        """Drops the last packed layer's packed copy (see ``LlamaModel.unpack_weights``);
-        the bytes of host RAM freed, 0 when nothing is packed."""
-        return self.model.unpack_weights()
-
-    @property
-    def packed_units(self) -> int:
-        return self.model.packed_units
-
-    @property
-    def private_packed_units(self) -> int:
-        """Packed layers held in this process's own RAM (0 when they are shared)."""
-        return self.model.private_packed_units
-
-    def next_pack_bytes(self) -> int:
-        """Host RAM the next ``pack_weights(max_layers=1)`` will take; 0 when nothing is
-        left to pack, or packing is off or does not apply here."""
-        return self.model.next_pack_bytes() if self.config.pack_weights else 0
 
     def cache_public_prefix(self) -> int:
         """Computes the KV of the chat template's preamble (``Tokenizer.chat_preamble``:

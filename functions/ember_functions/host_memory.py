@@ -118,8 +118,8 @@ def packing_action(
 
     Example::
 
-        action, why = packing_action(next_pack_bytes=engine.next_pack_bytes(),
-                                     packed_units=engine.packed_units,
+        action, why = packing_action(next_pack_bytes=engine.packing.next_bytes(),
+                                     packed_units=engine.packing.private_units,
                                      memory=read_host_memory())
     """
     if memory is not None and packed_units > 0:

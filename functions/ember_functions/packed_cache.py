@@ -32,6 +32,7 @@ import os
 import platform
 import threading
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,7 +73,8 @@ class PackedCache:
         shared = cache.load(model.unpacked_matrices(), pack=linear.pack)  # None: a miss
         if shared is None:
             ...                                    # pack, then:
-            cache.store_in_background(model.packed_matrices())
+            stored = cache.store_in_background(model.packed_matrices())
+            ...                                    # once stored.result(), map it as above
     """
 
     host: HostTier
@@ -148,41 +150,58 @@ class PackedCache:
             return None
         return SharedPacked(matrices, backing)
 
-    def store(self, matrices: Mapping[str, torch.Tensor]) -> None:
+    def store(self, matrices: Mapping[str, torch.Tensor]) -> bool:
         """Writes ``matrices`` (packed): the data object, then the index that makes it
-        visible; nothing where no worker could wrap them back (:func:`sharing_works`). A
-        full tier is not an error: the next worker packs, as this one did."""
+        visible; True once both are there. Each matrix goes from oneDNN's buffer straight
+        to the tier, so storing needs no model-sized copy. Stores nothing where no worker
+        could wrap them back (:func:`sharing_works`). A full tier is not an error: the
+        next worker packs, as this one did."""
         if not sharing_works(self.dtype):
-            return
+            return False
         entries: dict[str, dict[str, Any]] = {}
+        pieces: list[memoryview] = []
         offset = 0
         for name, packed in matrices.items():
-            offset = -(-offset // _ALIGN) * _ALIGN
+            pad = -offset % _ALIGN
+            if pad:
+                pieces.append(memoryview(bytes(pad)))
+                offset += pad
+            nbytes = torch.ops.mkldnn._nbytes(packed)
             entries[name] = {
                 "dtype": str(packed.dtype).removeprefix("torch."),
                 "shape": list(packed.shape),
                 "offset": offset,
-                "nbytes": torch.ops.mkldnn._nbytes(packed),
+                "nbytes": nbytes,
                 "md": bytes(torch.ops.mkldnn._get_mkldnn_serialized_md(packed).tolist()).hex(),
             }
-            offset += entries[name]["nbytes"]
-        flat = torch.zeros(max(offset, 1), dtype=torch.uint8)
-        base = flat.data_ptr()
-        for name, packed in matrices.items():
-            e = entries[name]
-            ctypes.memmove(base + e["offset"], torch.ops.mkldnn.data_ptr(packed), e["nbytes"])
+            address = torch.ops.mkldnn.data_ptr(packed)
+            pieces.append(memoryview((ctypes.c_char * nbytes).from_address(address)))
+            offset += nbytes
         try:
-            self.host.put(self.key, flat[:offset].numpy().data)
+            self.host.put(self.key, pieces)
             index = {"size_bytes": offset, "pack_rows": self.pack_rows, "tensors": entries}
             self.host.put(self.index_key, json.dumps(index).encode())
         except Exception as exc:  # a cache: every worker can still pack its own
             log.warning("could not keep packed matrices %s in the host tier: %s", self.key, exc)
+            return False
+        return True
 
-    def store_in_background(self, matrices: Mapping[str, torch.Tensor]) -> threading.Thread:
-        """:meth:`store` on a thread: the worker that packed serves meanwhile."""
-        thread = threading.Thread(target=self.store, args=(dict(matrices),), daemon=True)
-        thread.start()
-        return thread
+    def store_in_background(self, matrices: Mapping[str, torch.Tensor]) -> Future[bool]:
+        """:meth:`store` on a thread, while the worker that packed serves; the future
+        holds its result. The thread holds the matrices (their buffers are written out)
+        until it is done."""
+        done: Future[bool] = Future()
+        held = dict(matrices)
+
+        def run() -> None:
+            try:
+                done.set_result(self.store(held))
+            except BaseException as exc:  # the worker serves on, unshared
+                log.warning("could not keep packed matrices %s: %s", self.key, exc)
+                done.set_result(False)
+
+        threading.Thread(target=run, name="ember-packed-store", daemon=True).start()
+        return done
 
 
 def _machine_tag() -> str:

@@ -156,7 +156,9 @@ class _Serve:
         looking at the inbox between layers, and says so once it has packed all that host RAM
         allows ("packed"). From then on, once a heartbeat, idle or busy, it looks at host
         RAM again: short of it, it gives the last packed layer back; with room again, it
-        packs the rest once idle (``host_memory.packing_action``)."""
+        packs the rest once idle (``host_memory.packing_action``). The model's first
+        worker, once its packed copy is stored in the host tier, runs on the stored one
+        and frees its own (``Packing.share_stored``), and says so ("packed", shared)."""
         engine, wake = self.engine, self.inbox.wake
         settled = False  # packed all it may for now, and said so
         busy_until = time.monotonic()  # when the engine last had work
@@ -181,13 +183,18 @@ class _Serve:
                     action, why = self._packing_action()
                     if action is PackAction.PACK:
                         t0 = time.perf_counter()
-                        engine.pack_weights(max_layers=1)
+                        engine.packing.pack(max_layers=1)
                         self.pack_s += time.perf_counter() - t0
                         continue  # the inbox first: a request waits for one layer at most
                     if why:
                         log.warning("stopped packing: %s", why)
                     self.writer.send(self._packed_frame(why))
                     settled = True
+                    continue
+                if quiet and settled and engine.packing.share_stored():
+                    # Its own packed copy reached the host tier: it runs on that one now,
+                    # as the model's later workers do, and frees its own.
+                    self.writer.send(self._packed_frame(None))
                     continue
                 wait_s = HEARTBEAT_S if settled else max(0.0, PACK_AFTER_IDLE_S - idle_s)
                 if not wake.wait(timeout=wait_s) and settled:
@@ -197,7 +204,7 @@ class _Serve:
                 continue
             self._send(engine.step())
             busy_until = time.monotonic()
-            if settled and engine.packed_units and busy_until >= look_at_ram_s:
+            if settled and engine.packing.private_units and busy_until >= look_at_ram_s:
                 # Busy a heartbeat long: RAM other workers need is given back now, a layer
                 # a heartbeat, not when this one next idles (packing waits for idleness).
                 look_at_ram_s = busy_until + HEARTBEAT_S
@@ -210,8 +217,8 @@ class _Serve:
 
     def _packing_action(self, *, margin_bytes: int = 0) -> tuple[PackAction, str | None]:
         return packing_action(
-            next_pack_bytes=self.engine.next_pack_bytes(),
-            packed_units=self.engine.private_packed_units,  # shared ones free nothing
+            next_pack_bytes=self.engine.packing.next_bytes(),
+            packed_units=self.engine.packing.private_units,  # shared ones free nothing
             memory=self.memory(),
             min_free_bytes=self.engine.config.pack_min_free_bytes,
             margin_bytes=margin_bytes,
@@ -221,15 +228,15 @@ class _Serve:
         """One idle heartbeat's look at host RAM: gives one packed layer back if it runs
         short; returns False when there is room to pack again, with a layer to spare (the
         loop then packs)."""
-        action, why = self._packing_action(margin_bytes=self.engine.next_pack_bytes())
+        action, why = self._packing_action(margin_bytes=self.engine.packing.next_bytes())
         if action is PackAction.UNPACK:
-            freed = self.engine.unpack_weights()
+            freed = self.engine.packing.unpack()
             log.warning("gave back %.0f MiB of packed matrices: %s", freed / 2**20, why)
             self.writer.send(self._packed_frame(why))
         return action is not PackAction.PACK
 
     def _packed_frame(self, stopped: str | None) -> dict[str, Any]:
-        shared = self.engine.model.packing_shared
+        shared = self.engine.packing.shared
         return {"op": "packed", "pack_s": self.pack_s, "stopped": stopped, "shared": shared}
 
     def _frame(self, outs: list[RequestOutput]) -> dict[str, Any]:

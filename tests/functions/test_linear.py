@@ -150,32 +150,32 @@ def test_an_engine_packs_a_layer_at_a_time_and_generates_the_same_tokens(
     layers = engine.model.config.num_layers
     for done in range(1, layers + 1):  # every layer, then the LM head
         mats = engine.model.decoder_layers[done - 1].matrices().values()
-        assert engine.next_pack_bytes() == sum(m.numel() * m.element_size() for m in mats)
-        assert engine.pack_weights(max_layers=1) is False
+        assert engine.packing.next_bytes() == sum(m.numel() * m.element_size() for m in mats)
+        assert engine.packing.pack(max_layers=1) is False
         assert set(engine.model.decoder_layers[done - 1].packed) == {"qkv", "o", "gate_up", "down"}
     assert engine.model.head_packed is None
     head = engine.model.head
-    assert engine.next_pack_bytes() == head.numel() * head.element_size()
-    assert engine.pack_weights(max_layers=1) is True
+    assert engine.packing.next_bytes() == head.numel() * head.element_size()
+    assert engine.packing.pack(max_layers=1) is True
     assert engine.model.head_packed is not None
-    assert engine.pack_weights() is True  # nothing left
-    assert engine.next_pack_bytes() == 0
+    assert engine.packing.pack() is True  # nothing left
+    assert engine.packing.next_bytes() == 0
     after = [o.token_ids for o in engine.generate(prompts, params)]
     assert after == before
 
     # Given back last packed first (the LM head, then the last layer), each freeing what
     # packing it took; the model runs the same whatever is packed.
-    assert engine.unpack_weights() == head.numel() * head.element_size()
-    assert engine.model.head_packed is None and engine.packed_units == layers
+    assert engine.packing.unpack() == head.numel() * head.element_size()
+    assert engine.model.head_packed is None and engine.packing.units == layers
     last = engine.model.decoder_layers[-1]
-    assert engine.unpack_weights() == sum(
+    assert engine.packing.unpack() == sum(
         m.numel() * m.element_size() for m in last.matrices().values()
     )
     assert not last.packed and engine.model.decoder_layers[0].packed
     assert [o.token_ids for o in engine.generate(prompts, params)] == before
-    while engine.unpack_weights():
+    while engine.packing.unpack():
         pass
-    assert engine.packed_units == 0 and engine.unpack_weights() == 0
+    assert engine.packing.units == 0 and engine.packing.unpack() == 0
     assert not any(layer.packed for layer in engine.model.decoder_layers)
     assert [o.token_ids for o in engine.generate(prompts, params)] == before
 
@@ -184,7 +184,7 @@ def test_packing_can_be_turned_off(tiny_model: Callable[..., Path]) -> None:
     model_dir = tiny_model("llama", torch.bfloat16)
     config = EngineConfig(num_kv_blocks=16, dtype="bfloat16", pack_weights=False)
     engine = LLMEngine.from_dir(model_dir, config=config)
-    assert engine.next_pack_bytes() == 0
-    assert engine.pack_weights() is True
+    assert engine.packing.next_bytes() == 0
+    assert engine.packing.pack() is True
     assert engine.model.head_packed is None
     assert all(not layer.packed for layer in engine.model.decoder_layers)

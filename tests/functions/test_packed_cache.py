@@ -1,7 +1,8 @@
 """Packed matrices in the host tier: the first engine of a model to pack them all leaves
-them there; the next maps them instead of packing, runs packed from its first request,
-holds none of them in its own RAM, and generates exactly the same tokens. An entry for
-other shapes, a half-written one, or no host tier: every engine packs its own."""
+them there and then runs on the stored copy itself; the next maps them instead of
+packing, runs packed from its first request, holds none of them in its own RAM, and
+generates exactly the same tokens. An entry for other shapes, a half-written one, or no
+host tier: every engine packs its own."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
@@ -50,14 +52,26 @@ def stored_now(monkeypatch: pytest.MonkeyPatch) -> list[PackedCache]:
     stored: list[PackedCache] = []
     keep = PackedCache.store_in_background
 
-    def store_and_wait(self: PackedCache, matrices: dict[str, torch.Tensor]) -> object:
+    def store_and_wait(self: PackedCache, matrices: dict[str, torch.Tensor]) -> Future[bool]:
         stored.append(self)
-        thread = keep(self, matrices)
-        thread.join()
-        return thread
+        done = keep(self, matrices)
+        done.result(timeout=60)
+        return done
 
     monkeypatch.setattr(PackedCache, "store_in_background", store_and_wait)
     return stored
+
+
+def assert_all_mapped(engine: LLMEngine) -> None:
+    """Every packed matrix is a view of the one mapping of the host tier's copy."""
+    total = len(engine.model.decoder_layers) + 1
+    assert engine.packing.shared and engine.packing.units == total
+    assert engine.packing.private_units == 0 and engine.packing.next_bytes() == 0
+    backing = engine.model._shared_packing
+    assert backing is not None
+    lo, hi = backing.data_ptr(), backing.data_ptr() + backing.numel()
+    for name, m in engine.model.packed_matrices().items():
+        assert lo <= torch.ops.mkldnn.data_ptr(m) < hi, name
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
@@ -72,26 +86,23 @@ def test_the_next_engine_maps_what_the_first_packed_and_generates_the_same(
     stored = stored_now(monkeypatch)
     model_dir = tiny_model("llama", dtype)
     first = LLMEngine.from_host(host_model(host_catalog, model_dir), config=config(dtype))
-    assert first.packed_units == 0 and not first.model.packing_shared  # nothing there yet
+    assert first.packing.units == 0 and not first.model.packing_shared  # nothing there yet
     unpacked = tokens(first)
-    assert first.pack_weights()
+    assert first.packing.pack()
     assert len(stored) == 1 and stored[0].available()
     packed = tokens(first)
-    assert first.private_packed_units == first.packed_units  # its own copies
+    assert first.packing.private_units == first.packing.units  # its own copies, until
+    assert first.packing.share_stored()  # it switches to the stored ones
+    assert_all_mapped(first)
+    assert tokens(first) == packed
+    assert not first.packing.share_stored()  # once
 
     second = LLMEngine.from_host(host_model(host_catalog, model_dir), config=config(dtype))
-    total = len(second.model.decoder_layers) + 1
-    assert second.model.packing_shared and second.packed_units == total
-    assert second.private_packed_units == 0 and second.next_pack_bytes() == 0
-    # Every packed matrix is a view of the one mapping, not a copy.
-    backing = second.model._shared_packing
-    assert backing is not None
-    lo, hi = backing.data_ptr(), backing.data_ptr() + backing.numel()
-    for name, m in second.model.packed_matrices().items():
-        assert lo <= torch.ops.mkldnn.data_ptr(m) < hi, name
+    assert_all_mapped(second)
     assert tokens(second) == packed
-    assert second.pack_weights() and len(stored) == 1  # nothing to pack, nothing stored again
-    assert second.unpack_weights() == 0 and second.packed_units == total  # frees nothing
+    total = len(second.model.decoder_layers) + 1
+    assert second.packing.pack() and len(stored) == 1  # nothing to pack, nothing stored again
+    assert second.packing.unpack() == 0 and second.packing.units == total  # frees nothing
     if dtype == torch.float32:
         assert packed == unpacked  # float32 packing changes no token of this model
 
@@ -106,9 +117,9 @@ def test_an_entry_for_other_shapes_or_half_written_is_not_used(
     stored_now(monkeypatch)
     cfg = config(torch.float32)
     first = LLMEngine.from_host(host_model(host_catalog, tiny_model("llama")), config=cfg)
-    first.pack_weights()
+    first.packing.pack()
     model = first.model
-    cache = first._packed_cache
+    cache = first.packing.cache
     assert cache is not None and cache.available()
     plain = model.unpacked_matrices()
     assert cache.load(plain, pack=model.linear.pack) is not None
@@ -130,12 +141,12 @@ def test_without_a_host_tier_every_engine_packs_its_own(
     host = host_model(ModelCatalog(tmp_path / "plain"), tiny_model("llama"))
     assert host.packed_cache(torch.float32, pack_rows=512) is None
     engine = LLMEngine.from_host(host, config=config(torch.float32))
-    engine.pack_weights()
+    engine.packing.pack()
     assert not engine.model.packing_shared
-    assert engine.private_packed_units == engine.packed_units
+    assert engine.packing.private_units == engine.packing.units
 
 
-def test_a_second_worker_process_says_it_maps_the_first_ones_packing(
+def test_worker_processes_say_they_run_on_the_shared_packing(
     tmp_path: Path, tiny_model: Callable[..., Path]
 ) -> None:
     skip_unless_shared(torch.float32)
@@ -168,11 +179,16 @@ def _two_workers(home: Path, store: StoreConfig) -> None:
             got = worker.submit_prepared(request).result().token_ids
             want = want or got
             assert got == want
-            if not shared:  # the first leaves its packing behind, on a thread: wait for it
+            if not shared:
+                # The first leaves its packing behind, on a thread, then (idle) runs on
+                # that copy too and frees its own: it says so in a second "packed" frame.
                 deadline = time.monotonic() + 30
-                while not any(k.endswith("-index") for k in _packed_keys(store, home)):
-                    assert time.monotonic() < deadline, "the first worker left no packing"
+                while not worker.pack_shared:
+                    assert time.monotonic() < deadline, "the first worker kept its own copy"
                     time.sleep(0.05)
+                assert any(k.endswith("-index") for k in _packed_keys(store, home))
+                again = worker.prepare([3, 14, 15, 92, 65], GREEDY, request_id="r-again")
+                assert worker.submit_prepared(again).result().token_ids == want
         finally:
             worker.close()
 
@@ -192,12 +208,12 @@ def test_share_packing_off_neither_maps_nor_leaves_packed_matrices(
     stored = stored_now(monkeypatch)
     off = dataclasses.replace(config(torch.float32), share_packing=False)
     alone = LLMEngine.from_host(host_model(host_catalog, tiny_model("llama")), config=off)
-    alone.pack_weights()
+    alone.packing.pack()
     assert stored == [] and not alone.model.packing_shared  # packed, left nothing
     first = LLMEngine.from_host(
         host_model(host_catalog, tiny_model("llama")), config=config(torch.float32)
     )
-    first.pack_weights()
+    first.packing.pack()
     assert len(stored) == 1  # on: it leaves its packing
     again = LLMEngine.from_host(host_model(host_catalog, tiny_model("llama")), config=off)
-    assert not again.model.packing_shared and again.packed_units == 0  # off: not mapped
+    assert not again.model.packing_shared and again.packing.units == 0  # off: not mapped

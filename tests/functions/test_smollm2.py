@@ -115,7 +115,7 @@ def test_smollm2_answers_the_same_with_the_preamble_cached_and_its_weights_packe
     [fresh] = engine.generate([QUESTION], params)
     assert engine.cache_public_prefix() > 0
     [cached] = engine.generate([QUESTION], params)
-    while not engine.pack_weights(max_layers=1):
+    while not engine.packing.pack(max_layers=1):
         pass
     [packed] = engine.generate([QUESTION], params)
     assert cached.usage.cached_tokens == engine.public_prefix_tokens

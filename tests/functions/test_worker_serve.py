@@ -132,16 +132,16 @@ def test_an_idle_worker_gives_packed_layers_back_when_ram_runs_short_and_packs_a
     engine, send, receive, _thread = serving
     units = engine.model.config.num_layers + 1  # every layer and the LM head
     [done] = packed_frames(receive, 1)
-    assert done["stopped"] is None and engine.packed_units == units
+    assert done["stopped"] is None and engine.packing.units == units
 
     memory.available_gib = 1.0  # other workers came: under the 1.6 GiB floor
     frames = packed_frames(receive, 2)  # one layer given back per idle heartbeat
     assert all("giving packed layers back" in str(f["stopped"]) for f in frames)
-    assert engine.packed_units == units - 2 and engine.model.head_packed is None
+    assert engine.packing.units == units - 2 and engine.model.head_packed is None
 
     memory.available_gib = 12.0  # they went: it packs what it gave back, and says so
     [again] = packed_frames(receive, 1)
-    assert again["stopped"] is None and engine.packed_units == units
+    assert again["stopped"] is None and engine.packing.units == units
     send.send({"op": "stop"})
 
 
@@ -156,7 +156,7 @@ def test_a_busy_worker_gives_packed_layers_back_without_waiting_to_idle(
     monkeypatch.setattr(worker, "HEARTBEAT_S", 0.02)  # a heartbeat every 20 ms
     units = engine.model.config.num_layers + 1
     [done] = packed_frames(receive, 1)
-    assert done["stopped"] is None and engine.packed_units == units
+    assert done["stopped"] is None and engine.packing.units == units
     params = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
     send.send(
         {
@@ -186,4 +186,4 @@ def test_a_busy_worker_gives_packed_layers_back_without_waiting_to_idle(
     # Given back while the request ran (a layer a heartbeat), not once it had finished.
     assert given_back and all("giving packed layers back" in str(f["stopped"]) for f in given_back)
     assert tokens_after_ram_ran_short < 399
-    assert engine.packed_units <= units - len(given_back)
+    assert engine.packing.units <= units - len(given_back)

@@ -3,6 +3,7 @@ and one physical copy in RAM for several processes mapping the same object."""
 
 from __future__ import annotations
 
+import array
 import json
 import os
 import shutil
@@ -112,6 +113,17 @@ def test_tier_contract(root: Path) -> None:
     assert not [p for p in root.rglob(".tmp-*")]
     with pytest.raises(InvalidRequestError):
         HostTier(root, budget_bytes=0)
+
+
+def test_put_in_pieces_writes_them_in_order_and_counts_every_byte(root: Path) -> None:
+    tier = HostTier(root, budget_bytes=KB)
+    words = memoryview(array.array("I", [1, 2, 3]))  # items of 4 bytes: 12 bytes, not 3
+    tier.put("joined", [b"ab", bytearray(b"cd"), words, memoryview(b"")])
+    assert tier.get("joined") == b"abcd" + words.tobytes()
+    assert tier.usage().size_bytes == 4 + 12
+    with pytest.raises(ObjectTooLargeError):
+        tier.put("big", [b"x" * (KB // 2), b"y" * (KB // 2 + 1)])
+    assert not tier.has("big") and not [p for p in root.rglob(".tmp-*")]
 
 
 def test_lru_eviction_keeps_budget(root: Path) -> None:

@@ -37,9 +37,11 @@ from ember_weights_store.keys import validate_key
 from ember_weights_store.tiers import (
     ObjectNotFoundError,
     ObjectTooLargeError,
+    Pieces,
     TierUsage,
     _Dir,
     check_budget,
+    pieces_of,
 )
 from ember_weights_store.verified import FileIdentity
 
@@ -162,9 +164,10 @@ class HostTier:
         self._touch(path)
         return memoryview(mapped)
 
-    def put(self, key: str, data: bytes | bytearray | memoryview) -> None:
+    def put(self, key: str, data: Pieces) -> None:
+        """Stores ``data`` (one buffer, or pieces written one after another) as ``key``."""
         validate_key(key)
-        size = len(data)
+        size = sum(piece.nbytes for piece in pieces_of(data))
         if size > self.budget_bytes:
             raise ObjectTooLargeError(
                 f"object {key!r} is {size} bytes, more than the {self.name!r} tier's whole "

@@ -16,7 +16,7 @@ import os
 import threading
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, TypeVar, runtime_checkable
@@ -34,16 +34,27 @@ __all__ = [
     "LocalBucketTier",
     "ObjectNotFoundError",
     "ObjectTooLargeError",
+    "Pieces",
     "Tier",
     "TierUsage",
     "key_to_path",
     "path_to_key",
+    "pieces_of",
     "validate_key",
 ]
 
 _TMP_PREFIX = ".tmp-"
 _T = TypeVar("_T")
 _Buffer = bytes | bytearray | memoryview
+# An object's bytes in one buffer, or in pieces written one after another (so a caller
+# with its bytes in many places never has to gather them into one more copy first).
+Pieces = _Buffer | Sequence[_Buffer]
+
+
+def pieces_of(data: Pieces) -> tuple[memoryview, ...]:
+    """``data`` as byte views, one per piece."""
+    parts = (data,) if isinstance(data, bytes | bytearray | memoryview) else data
+    return tuple(memoryview(p).cast("B") for p in parts)
 
 
 class ObjectNotFoundError(NotFoundError):
@@ -227,8 +238,9 @@ class _Dir:
         finally:
             os.close(fd)
 
-    def write_temp(self, key: str, data: _Buffer) -> tuple[Path, Path]:
-        """Writes ``data`` to a fresh temp file beside the key's path; returns (temp, final)."""
+    def write_temp(self, key: str, data: Pieces) -> tuple[Path, Path]:
+        """Writes ``data`` (in order, if in pieces) to a fresh temp file beside the key's
+        path; returns (temp, final)."""
         final = self.path(key)
         try:
             final.parent.mkdir(parents=True, exist_ok=True)
@@ -241,9 +253,9 @@ class _Dir:
         tmp = final.parent / f"{_TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            for view in pieces_of(data):
+                while view:
+                    view = view[os.write(fd, view) :]
             if self.fsync:
                 os.fsync(fd)
         except BaseException:

@@ -1,0 +1,155 @@
+"""An engine's packed matrices over its life: packed here, or shared through the host tier.
+
+oneDNN runs a matmul faster on a matrix packed into its blocked layout (``Linear.pack``),
+but the packed copy is as big as the matrix. A worker packs once idle, a layer at a time
+(``pack``), gives layers back when host RAM runs short (``unpack``), and shares: where an
+earlier worker of the model left its packed matrices in the machine's host tier
+(``packed_cache``), it maps those at bind instead of packing (``share``); where none did,
+it stores its own once all are packed and, once they are stored, runs on the stored copy
+too and frees its own (``share_stored``), so the machine holds one copy however many
+workers serve the model.
+
+This class keeps the accounts and makes those calls at the right moments; the tensors
+are the model's (``LlamaModel.pack_weights`` and friends).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import logging
+from collections.abc import Callable
+from concurrent.futures import Future
+
+from ember_functions.model import LlamaModel
+from ember_functions.packed_cache import PackedCache
+
+__all__ = ["Packing"]
+
+log = logging.getLogger(__name__)
+
+
+class Packing:
+    """One engine's packing. ``enabled`` is ``EngineConfig.pack_weights``: off, nothing
+    is ever packed, stored or mapped.
+
+    Example::
+
+        packing = Packing(model, enabled=True)
+        packing.share(host.packed_cache(model.dtype, pack_rows=512))  # at bind
+        while not packing.pack(max_layers=1):  # once idle
+            ...
+        packing.share_stored()  # later, once idle: True when it switched to the shared copy
+    """
+
+    def __init__(self, model: LlamaModel, *, enabled: bool) -> None:
+        self.model = model
+        self.enabled = enabled
+        self._cache: PackedCache | None = None  # where the machine keeps them, if anywhere
+        self._stored: Future[bool] | None = None  # this engine's own copy, on its way there
+        self._tried_store = False  # once: a full tier stays full a while
+
+    def pack(self, *, max_layers: int | None = None) -> bool:
+        """Packs up to ``max_layers`` more layers (all by default); True once nothing is
+        left to pack, or when packing is off or does not apply. Having packed the last
+        one, it starts storing them in the host tier, if the machine has none there yet."""
+        if not self.enabled:
+            return True
+        done = self.model.pack_weights(max_layers=max_layers)
+        cache = self._cache
+        if done and cache is not None and not self._tried_store:
+            self._tried_store = True
+            if not self.model.packing_shared and not cache.available():
+                matrices = self.model.packed_matrices()
+                if matrices:
+                    self._stored = cache.store_in_background(matrices)
+        return done
+
+    def share(self, cache: PackedCache | None) -> bool:
+        """Where this machine keeps the model's packed matrices: if an earlier worker left
+        them there, the model runs on them from now on, mapped, not packed (True);
+        otherwise this engine leaves its own there once it has packed them all. Call it
+        before the engine serves: adopting them swaps the matrices a step reads."""
+        if not self.enabled:
+            return False
+        self._cache = cache
+        if cache is None or self.model.packed_units or not cache.available():
+            return False
+        return self._adopt(cache)
+
+    def share_stored(self) -> bool:
+        """Once this engine's own packed matrices are stored (``pack``), runs on the
+        stored copy and drops its own: True when it switched. Cheap until then. Call it
+        between steps, as ``share``."""
+        stored, cache = self._stored, self._cache
+        if stored is None or not stored.done() or cache is None:
+            return False
+        self._stored = None
+        if not stored.result() or self.model.packing_shared:
+            return False
+        return self._adopt(cache)
+
+    def _adopt(self, cache: PackedCache) -> bool:
+        if not self.model.linear.packs:
+            return False
+        shared = cache.load(self.model.unpacked_matrices(), pack=self.model.linear.pack)
+        if shared is None:
+            return False
+        had_own = self.model.private_packed_units > 0
+        self.model.adopt_packed(shared.matrices, shared.backing)
+        if had_own:
+            _return_freed_heap()
+        return True
+
+    def unpack(self) -> int:
+        """Drops the last packed layer's packed copy (``LlamaModel.unpack_weights``); the
+        bytes of host RAM freed, 0 when nothing is packed or the copies are shared."""
+        freed = self.model.unpack_weights()
+        if freed:
+            _return_freed_heap()
+        return freed
+
+    @property
+    def cache(self) -> PackedCache | None:
+        """Where the machine keeps the model's packed matrices, if anywhere (``share``)."""
+        return self._cache
+
+    @property
+    def units(self) -> int:
+        """Layers packed (or mapped), the LM head counting as one."""
+        return self.model.packed_units
+
+    @property
+    def private_units(self) -> int:
+        """Packed layers held in this process's own RAM (0 when they are shared)."""
+        return self.model.private_packed_units
+
+    @property
+    def shared(self) -> bool:
+        """Whether the model runs on packed matrices mapped from the host tier."""
+        return self.model.packing_shared
+
+    def next_bytes(self) -> int:
+        """Host RAM the next ``pack(max_layers=1)`` will take; 0 when nothing is left to
+        pack or packing is off."""
+        return self.model.next_pack_bytes() if self.enabled else 0
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):  # not glibc: its allocator returns memory its own way
+        return None
+
+
+def _return_freed_heap() -> None:
+    """Hands the heap's free pages back to the OS. Packed copies are many allocations of
+    a few MiB, made on oneDNN's threads, whose malloc arenas keep freed blocks for reuse:
+    dropping SmolLM2's (0.25 GiB, two threads) gave 70-90 MiB back without this, all of it
+    with it (``tests/functions/test_packing.py``)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
