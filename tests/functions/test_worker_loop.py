@@ -19,7 +19,7 @@ from ember_functions.engine_config import EngineConfig
 from ember_functions.host_memory import HostMemory
 from ember_functions.rpc import FrameReader, FrameWriter, pack_params, unpack_output
 from ember_functions.sampling_params import SamplingParams
-from ember_functions.worker import PACK_AFTER_IDLE_S, _Inbox, _Serve
+from ember_functions.worker_loop import PACK_AFTER_IDLE_S, Inbox, ServeLoop
 
 GIB = 1 << 30
 
@@ -48,7 +48,7 @@ def serving(
         config=EngineConfig(num_kv_blocks=32, dtype=packing_dtype),
     )
     worker_end, router_end = socket.socketpair()
-    loop = _Serve(engine, _Inbox(FrameReader(worker_end)), FrameWriter(worker_end), memory=memory)
+    loop = ServeLoop(engine, Inbox(FrameReader(worker_end)), FrameWriter(worker_end), memory=memory)
     thread = threading.Thread(target=loop.run, daemon=True)
     thread.start()
     router = FrameWriter(router_end), FrameReader(router_end)
@@ -150,10 +150,10 @@ def test_a_busy_worker_gives_packed_layers_back_without_waiting_to_idle(
     memory: FakeMemory,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import ember_functions.worker as worker
+    import ember_functions.worker_loop as worker_loop
 
     engine, send, receive, _thread = serving
-    monkeypatch.setattr(worker, "HEARTBEAT_S", 0.02)  # a heartbeat every 20 ms
+    monkeypatch.setattr(worker_loop, "HEARTBEAT_S", 0.02)  # a heartbeat every 20 ms
     units = engine.model.config.num_layers + 1
     [done] = packed_frames(receive, 1)
     assert done["stopped"] is None and engine.packing.units == units
