@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
-import ember_weights_store.tiers as tiers_module
+import ember_weights_store.disk_tier as disk_tier_module
 from ember_core import InvalidRequestError, NotFoundError
+from ember_weights_store.bucket_tier import LocalBucketTier
+from ember_weights_store.disk_tier import DiskTier
 from ember_weights_store.tiers import (
-    DiskTier,
-    LocalBucketTier,
     ObjectNotFoundError,
     ObjectTooLargeError,
     Tier,
@@ -229,7 +229,7 @@ def test_restart_removes_dead_writers_temp_files_only(tmp_path: Path) -> None:
 
 # --- kill -9 during writes (real processes) -----------------------------------------------
 
-# The child loads tiers.py by path: importing the package would pull in torch (~2 s a trial).
+# The child loads disk_tier.py by path: importing the package would pull in torch (~2 s a trial).
 CHILD = """
 import hashlib, importlib.util, os, random, sys, time
 spec = importlib.util.spec_from_file_location("tiers_under_test", sys.argv[1])
@@ -260,7 +260,7 @@ while True:
 
 
 def run_child_and_kill(root: Path, *, budget: int, seed: int, mode: str, delay: float) -> None:
-    args = [str(Path(tiers_module.__file__)), str(root), str(budget), str(seed), mode]
+    args = [str(Path(disk_tier_module.__file__)), str(root), str(budget), str(seed), mode]
     proc = subprocess.Popen([sys.executable, "-c", CHILD, *args], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None

@@ -15,6 +15,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from ember_weights_store.bucket_tier import LocalBucketTier
     from ember_weights_store.catalog import (
         KNOWN_MODELS,
         KnownModel,
@@ -31,10 +32,12 @@ if TYPE_CHECKING:
         choose_codec,
         codec_for,
     )
+    from ember_weights_store.disk_tier import DiskTier
     from ember_weights_store.gguf_import import convert_gguf_to_hf
     from ember_weights_store.host_tier import HostTier, HostTierFullError
     from ember_weights_store.layout import chunk_ranges, plan_chunks
-    from ember_weights_store.loader import LoadedWeights, LoadReport, load
+    from ember_weights_store.load_job import LoadReport
+    from ember_weights_store.loader import LoadedWeights, load
     from ember_weights_store.manifest import (
         DEFAULT_CHUNK_SIZE_BYTES,
         DTYPE_SIZES,
@@ -47,8 +50,6 @@ if TYPE_CHECKING:
     )
     from ember_weights_store.store import ImportReport, WeightsStore
     from ember_weights_store.tiers import (
-        DiskTier,
-        LocalBucketTier,
         ObjectNotFoundError,
         ObjectTooLargeError,
         Tier,
@@ -74,7 +75,7 @@ _EXPORTS = {
     "chunk_ranges": "ember_weights_store.layout",
     "plan_chunks": "ember_weights_store.layout",
     "LoadedWeights": "ember_weights_store.loader",
-    "LoadReport": "ember_weights_store.loader",
+    "LoadReport": "ember_weights_store.load_job",
     "load": "ember_weights_store.loader",
     "DEFAULT_CHUNK_SIZE_BYTES": "ember_weights_store.manifest",
     "DTYPE_SIZES": "ember_weights_store.manifest",
@@ -86,8 +87,8 @@ _EXPORTS = {
     "validate_model_id": "ember_weights_store.manifest",
     "ImportReport": "ember_weights_store.store",
     "WeightsStore": "ember_weights_store.store",
-    "DiskTier": "ember_weights_store.tiers",
-    "LocalBucketTier": "ember_weights_store.tiers",
+    "DiskTier": "ember_weights_store.disk_tier",
+    "LocalBucketTier": "ember_weights_store.bucket_tier",
     "ObjectNotFoundError": "ember_weights_store.tiers",
     "ObjectTooLargeError": "ember_weights_store.tiers",
     "Tier": "ember_weights_store.tiers",

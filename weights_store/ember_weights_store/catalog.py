@@ -27,9 +27,11 @@ from ember_core import (
     ModelFormatError,
     ModelNotFoundError,
 )
+from ember_weights_store.bucket_tier import LocalBucketTier
+from ember_weights_store.disk_tier import DiskTier
 from ember_weights_store.host_tier import HostTier
 from ember_weights_store.store import ProgressFn, WeightsStore, manifest_key
-from ember_weights_store.tiers import DiskTier, LocalBucketTier, Tier
+from ember_weights_store.tiers import Tier
 
 if TYPE_CHECKING:  # torch is imported by the GGUF conversion alone: see __init__
     import torch

@@ -35,11 +35,11 @@ from ember_core import CapacityError, InvalidRequestError
 from ember_weights_store.digests import FastChecksum
 from ember_weights_store.keys import validate_key
 from ember_weights_store.tiers import (
+    ObjectDir,
     ObjectNotFoundError,
     ObjectTooLargeError,
     Pieces,
     TierUsage,
-    _Dir,
     check_budget,
     pieces_of,
 )
@@ -77,7 +77,7 @@ class HostTier:
         self.name = name
         self.budget_bytes = budget_bytes
         # No fsync: tmpfs has no disk behind it, and the tier is gone on reboot anyway.
-        self._dir = _Dir(Path(root), tier=name, fsync=False)
+        self._dir = ObjectDir(Path(root), tier=name, fsync=False)
         self._pins = self._dir.root / _PINS_DIR
         self._pins.mkdir(exist_ok=True)
         self._lock_path = self._dir.root / _LOCK_NAME

@@ -16,7 +16,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from ember_core import ConfigError, EmberError, InvalidRequestError
 from ember_weights_store.keys import key_to_path, path_to_key, validate_key
-from ember_weights_store.tiers import ObjectNotFoundError, TierUsage, _check_range
+from ember_weights_store.tiers import ObjectNotFoundError, TierUsage, check_range
 
 __all__ = ["MIN_PART_BYTES", "ObjectStoreError", "S3Tier"]
 
@@ -238,10 +238,10 @@ class S3Tier:
     def get_range(self, key: str, start: int, length: int) -> bytes:
         name = self.object_name(key)
         if start < 0 or length < 0:
-            _check_range(key, start, length, 0)  # raises before any request
+            check_range(key, start, length, 0)  # raises before any request
         if length == 0:
             # HTTP cannot express an empty range, so check existence and bounds with HEAD.
-            _check_range(key, start, 0, self.size(key))
+            check_range(key, start, 0, self.size(key))
             return b""
         try:
             resp = self._client.get_object(
@@ -253,15 +253,15 @@ class S3Tier:
                 raise ObjectNotFoundError(key, tier=self.name) from None
             if code == "InvalidRange" or _http_status(exc) == 416:
                 # Start is at or past the end: report it like the other tiers do.
-                _check_range(key, start, length, self.size(key))
+                check_range(key, start, length, self.size(key))
             raise self._fail("get_range", key, exc) from exc
         body = bytes(resp["Body"].read())
         # S3 clamps a range that runs past the end; the total after '/' tells us the size.
         total = _range_total(resp.get("ContentRange"))
         if total is not None:
-            _check_range(key, start, length, total)
+            check_range(key, start, length, total)
         if len(body) != length:
-            _check_range(key, start, length, start + len(body))
+            check_range(key, start, length, start + len(body))
             raise ObjectStoreError(
                 f"tier {self.name!r}: get_range of {key!r} returned {len(body)} bytes for a "
                 f"{length}-byte range; the endpoint ignored or mangled the Range header",

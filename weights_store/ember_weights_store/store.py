@@ -18,9 +18,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ember_core import ConfigError, ModelFormatError, NotFoundError
+from ember_weights_store.bucket_tier import LocalBucketTier
 from ember_weights_store.codecs import choose_codec
 from ember_weights_store.decode_file import DECODE_FILE, decode_only
 from ember_weights_store.digests import FastChecksum, fast_checksum, sha256_key
+from ember_weights_store.disk_tier import DiskTier
 from ember_weights_store.host_tier import HostTier
 from ember_weights_store.layout import chunk_ranges, plan_chunks
 from ember_weights_store.manifest import (
@@ -31,13 +33,7 @@ from ember_weights_store.manifest import (
     model_key,
     validate_model_id,
 )
-from ember_weights_store.tiers import (
-    CacheTier,
-    DiskTier,
-    LocalBucketTier,
-    ObjectNotFoundError,
-    Tier,
-)
+from ember_weights_store.tiers import CacheTier, ObjectNotFoundError, Tier
 from ember_weights_store.verified import Readahead
 
 if TYPE_CHECKING:  # imported where models are imported, not where they are read: see __init__

@@ -8,18 +8,19 @@ Writes are atomic everywhere: bytes go to a temp file in the target's directory,
 then ``os.replace``d over the target. A reader (or a restart after kill -9) sees the old object,
 the new one, or none, never a torn one. Temp names start with ``.tmp-`` and no key segment may
 start with ``.``, so a temp file can never be mistaken for an object.
+
+This module holds the protocols and ``ObjectDir``, the file side every file-backed tier
+shares; the tiers are ``bucket_tier``, ``disk_tier``, ``host_tier`` and ``s3_tier``.
 """
 
 from __future__ import annotations
 
 import os
-import threading
 import uuid
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, TypeVar, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 from ember_core import InvalidRequestError, ModelFormatError, NotFoundError
 from ember_weights_store.digests import FastChecksum
@@ -30,13 +31,14 @@ from ember_weights_store.verified import FileIdentity
 __all__ = [
     "READ_PIECE_BYTES",
     "CacheTier",
-    "DiskTier",
-    "LocalBucketTier",
+    "ObjectDir",
     "ObjectNotFoundError",
     "ObjectTooLargeError",
     "Pieces",
     "Tier",
     "TierUsage",
+    "check_budget",
+    "check_range",
     "key_to_path",
     "path_to_key",
     "pieces_of",
@@ -44,7 +46,6 @@ __all__ = [
 ]
 
 _TMP_PREFIX = ".tmp-"
-_T = TypeVar("_T")
 _Buffer = bytes | bytearray | memoryview
 # An object's bytes in one buffer, or in pieces written one after another (so a caller
 # with its bytes in many places never has to gather them into one more copy first).
@@ -131,7 +132,7 @@ class CacheTier(Tier, Protocol):
 READ_PIECE_BYTES = 1 << 20
 
 
-def _check_range(key: str, start: int, length: int, size: int) -> None:
+def check_range(key: str, start: int, length: int, size: int) -> None:
     if start < 0 or length < 0:
         raise InvalidRequestError(
             f"range start={start} length={length} of {key!r} is negative; pass offsets >= 0",
@@ -156,7 +157,7 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-class _Dir:
+class ObjectDir:
     """Atomic file I/O under one root; keys are validated before any path is built."""
 
     def __init__(self, root: Path, *, tier: str, fsync: bool) -> None:
@@ -181,7 +182,7 @@ class _Dir:
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise ObjectNotFoundError(key, tier=self.tier) from None
         try:
-            _check_range(key, start, length, os.fstat(fd).st_size)
+            check_range(key, start, length, os.fstat(fd).st_size)
             parts: list[bytes] = []
             done = 0
             while done < length:  # pread may return fewer bytes than asked
@@ -332,205 +333,3 @@ def _stale_temp(fname: str) -> bool:
     # file, so only files whose writing process is gone are removed.
     pid_text = fname[len(_TMP_PREFIX) :].split("-", 1)[0]
     return not pid_text.isdigit() or not _pid_alive(int(pid_text))
-
-
-class LocalBucketTier:
-    """A directory laid out like a bucket: the embedded default object store, unbounded.
-
-    Keeps no state in memory, so several processes may share one root.
-    """
-
-    holds_decoded = False
-
-    def __init__(self, root: Path, *, name: str = "bucket", fsync: bool = True) -> None:
-        self.name = name
-        self._dir = _Dir(root, tier=name, fsync=fsync)
-
-    @property
-    def root(self) -> Path:
-        return self._dir.root
-
-    def has(self, key: str) -> bool:
-        return self._dir.path(key).is_file()
-
-    def get(self, key: str) -> bytes:
-        return self._dir.read(key)
-
-    def get_range(self, key: str, start: int, length: int) -> bytes:
-        return self._dir.read_range(key, start, length)
-
-    def put(self, key: str, data: bytes) -> None:
-        tmp, final = self._dir.write_temp(key, data)
-        self._dir.commit(key, tmp, final)
-
-    def delete(self, key: str) -> bool:
-        return self._dir.unlink(key)
-
-    def readahead(self, key: str, *, checksum: FastChecksum | None = None) -> FileIdentity | None:
-        """Reads ``key`` (as stored) from the disk into the page cache, feeding
-        ``checksum``; returns the file it read (None if absent)."""
-        validate_key(key)
-        return self._dir.readahead(key, checksum)
-
-    def keys(self) -> Iterator[str]:
-        for key, _ in self._dir.scan(remove_stale_temp=False):
-            yield key
-
-    def usage(self) -> TierUsage:
-        # Walks the tree: the bucket is shared, so no process can keep a true running total.
-        count = size = 0
-        for _, st in self._dir.scan(remove_stale_temp=False):
-            count += 1
-            size += st.st_size
-        return TierUsage(num_objects=count, size_bytes=size, budget_bytes=None)
-
-    def remove_stale_temp_files(self) -> None:
-        for _ in self._dir.scan(remove_stale_temp=True):
-            pass
-
-
-class DiskTier:
-    """A local cache directory with a byte budget and least-recently-used eviction.
-
-    The index (key -> size, in recency order) lives in memory and is rebuilt from the
-    directory on start, oldest access/modify time first. One process owns a root; within
-    it, every method is thread-safe. Sizes are object bytes, not filesystem blocks.
-    """
-
-    holds_decoded = True
-
-    def __init__(
-        self, root: Path, *, budget_bytes: int, name: str = "disk", fsync: bool = True
-    ) -> None:
-        check_budget(budget_bytes, tier=name)
-        self.name = name
-        self.budget_bytes = budget_bytes
-        self._dir = _Dir(root, tier=name, fsync=fsync)
-        self._cond = threading.Condition()
-        self._index: OrderedDict[str, int] = OrderedDict()  # oldest first
-        self._size = 0
-        self._reserved = 0  # bytes of puts in flight, held against the budget
-        found = sorted(
-            self._dir.scan(remove_stale_temp=True),
-            key=lambda item: max(item[1].st_atime_ns, item[1].st_mtime_ns),
-        )
-        for key, st in found:
-            self._index[key] = st.st_size
-            self._size += st.st_size
-        with self._cond:
-            # The budget may have shrunk since the last run.
-            self._evict_locked(0)
-
-    @property
-    def root(self) -> Path:
-        return self._dir.root
-
-    def _touch(self, key: str) -> bool:
-        with self._cond:
-            if key in self._index:
-                self._index.move_to_end(key)
-                return True
-            return False
-
-    def has(self, key: str) -> bool:
-        validate_key(key)
-        return self._touch(key)
-
-    def get(self, key: str) -> bytes:
-        return self._read(key, lambda: self._dir.read(key))
-
-    def get_range(self, key: str, start: int, length: int) -> bytes:
-        return self._read(key, lambda: self._dir.read_range(key, start, length))
-
-    def read_into(
-        self, key: str, out: memoryview, *, on_piece: Callable[[memoryview], None] | None = None
-    ) -> None:
-        self._read(key, lambda: self._dir.read_into(key, out, on_piece))
-
-    def object_path(self, key: str) -> Path:
-        """The file holding ``key`` (for mapping it; it may be evicted, i.e. unlinked,
-        at any time, which a mapping survives)."""
-        validate_key(key)
-        return self._dir.path(key)
-
-    def readahead(self, key: str, *, checksum: FastChecksum | None = None) -> FileIdentity | None:
-        """Reads ``key`` from the disk into the page cache, feeding ``checksum``; returns
-        the file it read (None if this tier does not hold it). Not a use for eviction."""
-        validate_key(key)
-        with self._cond:
-            if key not in self._index:
-                return None
-        return self._dir.readahead(key, checksum)
-
-    def _read(self, key: str, read: Callable[[], _T]) -> _T:
-        if not self.has(key):
-            raise ObjectNotFoundError(key, tier=self.name)
-        try:
-            return read()
-        except ObjectNotFoundError:
-            # Removed behind our back (by hand, or a full-disk cleaner): forget it too.
-            with self._cond:
-                # Re-checked under the lock: a concurrent put may have just restored it.
-                if key in self._index and not self._dir.path(key).is_file():
-                    self._size -= self._index.pop(key)
-            raise
-
-    def put(self, key: str, data: _Buffer) -> None:
-        validate_key(key)
-        size = len(data)
-        if size > self.budget_bytes:
-            raise ObjectTooLargeError(
-                f"object {key!r} is {size} bytes, more than the {self.name!r} tier's whole "
-                f"budget of {self.budget_bytes}; raise budget_bytes or serve it from a slower tier",
-                param="data",
-            )
-        with self._cond:
-            # Reserve before writing so concurrent puts cannot overshoot the budget together.
-            while not self._evict_locked(size):
-                self._cond.wait()
-            self._reserved += size
-        try:
-            tmp, final = self._dir.write_temp(key, data)
-            with self._cond:
-                # Rename and index change together, so a concurrent delete or eviction of the
-                # same key can never leave the index naming a file that is gone.
-                self._dir.rename(key, tmp, final)
-                old = self._index.pop(key, None)
-                if old is not None:
-                    self._size -= old
-                self._index[key] = size
-                self._size += size
-            self._dir.sync_dir(final)
-        finally:
-            with self._cond:
-                self._reserved -= size
-                self._cond.notify_all()
-
-    def _evict_locked(self, incoming: int) -> bool:
-        """Evicts LRU objects until ``incoming`` more bytes fit; False if in-flight puts block."""
-        while self._size + self._reserved + incoming > self.budget_bytes:
-            if not self._index:
-                return False
-            key, size = self._index.popitem(last=False)
-            self._size -= size
-            self._dir.unlink(key)  # under the lock: a re-put of this key must not race it
-        return True
-
-    def delete(self, key: str) -> bool:
-        validate_key(key)
-        with self._cond:
-            size = self._index.pop(key, None)
-            if size is not None:
-                self._size -= size
-            removed = self._dir.unlink(key)
-            self._cond.notify_all()
-        return removed or size is not None
-
-    def keys(self) -> list[str]:
-        """A snapshot of the keys, least recently used first."""
-        with self._cond:
-            return list(self._index)
-
-    def usage(self) -> TierUsage:
-        with self._cond:
-            return TierUsage(len(self._index), self._size, self.budget_bytes)
