@@ -17,7 +17,6 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -25,7 +24,6 @@ import socket
 import subprocess
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,7 +44,7 @@ from ember_functions.rpc import (
 from ember_functions.sampling_params import SamplingParams
 from ember_functions.sequence import RequestOutput, Usage
 from ember_functions.stream import RequestStream, aborted
-from ember_functions.tokenizer import Tokenizer
+from ember_functions.worker_prompts import WorkerPrompts
 
 __all__ = ["RemoteRequest", "WorkerProcess", "socket_path"]
 
@@ -110,10 +108,7 @@ class WorkerProcess:
         self._changed = threading.Condition(self._lock)  # state, warmth or failure changed
         self._open: dict[str, _Open] = {}
         self._free_kv_blocks = 0
-        self._prompts: PromptEncoder | None = None
-        self._known_prompts: PromptEncoder | None = None  # offered by spawn(prompts=)
-        # The tokenizer the worker said it loads, parsed here while it loads (dir, parse).
-        self._early_tokenizer: tuple[str, Future[Tokenizer]] | None = None
+        self._prompts = WorkerPrompts(worker_id=worker_id)  # its engine's prompt encoder
         self._closing = False
         self._heard_s = time.monotonic()  # the last frame from the worker
         # Silence while loading that means it hangs (it sends a heartbeat every second).
@@ -173,7 +168,7 @@ class WorkerProcess:
             path.unlink(missing_ok=True)  # connected or failed: the name is not needed again
         worker = cls(worker_id, proc, sock)
         worker.warmth = warmth
-        worker._known_prompts = prompts
+        worker._prompts.known = prompts
         worker.load_silence_s = load_silence_s
         worker.phases["spawn_s"] = time.perf_counter() - t0
         threading.Thread(
@@ -242,54 +237,17 @@ class WorkerProcess:
         raise EngineError(f"worker {self.worker_id} {why}; {advice}")
 
     def _on_ready(self, message: dict[str, Any]) -> None:
-        # The tokenizer is the same after a promotion, and across a pool's workers: parse
-        # it only when no encoder at hand has this worker's tokenizer and window.
-        prompts = next(
-            (
-                p
-                for p in (self._prompts, self._known_prompts)
-                if p is not None and _fits(p, message)
-            ),
-            None,
-        ) or PromptEncoder(
-            self._tokenizer(message["tokenizer_dir"]),
-            vocab_size=message["vocab_size"],
-            token_capacity=message["token_capacity"],
-        )
+        prompts = self._prompts.for_ready(message)
         with self._changed:
             self.model_name = message["model"]
             self._free_kv_blocks = message["free_kv_blocks"]
             self.phases.update(message["phases"])
             self.chunks_by_tier = dict(message.get("chunks_by_tier", {}))
-            self._prompts = prompts
+            self._prompts.current = prompts
             self.pack_s = self.pack_stopped = None  # a new engine: packing starts over
             self.pack_shared = False
             self.state, self.warmth = WorkerState.READY, Warmth.READY
             self._changed.notify_all()
-
-    def _on_tokenizer(self, tokenizer_dir: str) -> None:
-        """The worker says where its tokenizer is, before it is READY: unless an encoder
-        at hand has that tokenizer, parse it now, on a thread, while the worker loads its
-        weights (~0.15 s for a 49k vocabulary that READY would otherwise wait for)."""
-        held = (self._prompts, self._known_prompts)
-        if any(p is not None and str(p.tokenizer.source_dir) == tokenizer_dir for p in held):
-            return
-        if self._early_tokenizer is not None and self._early_tokenizer[0] == tokenizer_dir:
-            return
-        pool = ThreadPoolExecutor(1, thread_name_prefix=f"ember-tokenizer-{self.worker_id}")
-        self._early_tokenizer = (
-            tokenizer_dir,
-            pool.submit(Tokenizer.from_dir, Path(tokenizer_dir)),
-        )
-        pool.shutdown(wait=False)  # the thread ends with its one task
-
-    def _tokenizer(self, tokenizer_dir: str) -> Tokenizer:
-        early = self._early_tokenizer
-        if early is not None and early[0] == tokenizer_dir:
-            # If that parse failed, parsing again below raises the error as it always did.
-            with contextlib.suppress(Exception):
-                return early[1].result()
-        return Tokenizer.from_dir(Path(tokenizer_dir))
 
     def _on_warm(self, message: dict[str, Any]) -> None:
         held = Warmth[message["warmth"]]
@@ -349,9 +307,9 @@ class WorkerProcess:
     @property
     def prompts(self) -> PromptEncoder:
         """Encodes prompts the way this worker's engine would (its tokenizer and window)."""
-        if self._prompts is None:
+        if self._prompts.current is None:
             raise WorkerUnavailableError(self._down())
-        return self._prompts
+        return self._prompts.current
 
     @property
     def alive(self) -> bool:
@@ -403,10 +361,11 @@ class WorkerProcess:
         request_id: str,
         cache_salt: str = "",
     ) -> RemoteRequest:
-        if self._prompts is None or not self.alive:
+        encoder = self._prompts.current
+        if encoder is None or not self.alive:
             raise WorkerUnavailableError(self._down())
         params = params or SamplingParams()
-        return RemoteRequest(request_id, self._prompts.encode(prompt, params), params, cache_salt)
+        return RemoteRequest(request_id, encoder.encode(prompt, params), params, cache_salt)
 
     def submit_prepared(self, request: RemoteRequest) -> RequestStream:
         stream = RequestStream(request.request_id, self)
@@ -452,7 +411,7 @@ class WorkerProcess:
                     self._deliver([unpack_output(row) for row in message["outs"]])
                     self._free_kv_blocks = message["free_kv_blocks"]
                 elif op == "tokenizer":
-                    self._on_tokenizer(str(message["dir"]))
+                    self._prompts.announced(str(message["dir"]))
                 elif op == "ready":
                     self._on_ready(message)
                 elif op == "warm":
@@ -495,12 +454,3 @@ class WorkerProcess:
                             self.state = WorkerState.READY
                         self._changed.notify_all()  # a drain waits for this
             entry.stream._deliver(out)
-
-
-def _fits(prompts: PromptEncoder, ready: dict[str, Any]) -> bool:
-    """Whether ``prompts`` encodes for the worker whose READY message is ``ready``."""
-    return (
-        str(prompts.tokenizer.source_dir) == ready["tokenizer_dir"]
-        and prompts.vocab_size == ready["vocab_size"]
-        and prompts.token_capacity == ready["token_capacity"]
-    )

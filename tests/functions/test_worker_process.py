@@ -109,7 +109,7 @@ def test_ready_worker_reports_its_cold_start_and_serves_exactly_what_the_engine_
     assert worker.phases["ready_s"] >= worker.phases["load_s"]
     # It said where its tokenizer is while it loaded: the router's encoder is that parse,
     # made meanwhile, not one made after READY.
-    early = worker._early_tokenizer
+    early = worker._prompts.early
     assert early is not None and worker.prompts.tokenizer is early[1].result()
 
     reference = make_engine("llama", **{"num_threads": 1})
@@ -394,7 +394,7 @@ def test_a_worker_loads_from_s3_into_an_empty_home_and_from_host_ram_next(
                 tiers.append(w.chunks_by_tier)
                 # From the store, the tokenizer's directory is named by its content and
                 # announced once its files are written; the router parsed it meanwhile.
-                early = w._early_tokenizer
+                early = w._prompts.early
                 assert early is not None and w.prompts.tokenizer is early[1].result()
                 assert early[0].startswith(str(home / "tokenizers"))
             finally:
