@@ -23,6 +23,7 @@ from ember_functions.attention import KVCache
 from ember_functions.block_manager import BlockManager
 from ember_functions.bound_cache import BoundCache
 from ember_functions.config import ModelConfig
+from ember_functions.detokenizer import IncrementalDetokenizer
 from ember_functions.engine_config import EngineConfig
 from ember_functions.host_model import HostModel
 from ember_functions.model import LlamaModel
@@ -41,7 +42,7 @@ from ember_functions.sequence import (
 )
 from ember_functions.sequence import Sequence as Seq
 from ember_functions.stop_strings import StopStringMatcher
-from ember_functions.tokenizer import IncrementalDetokenizer, Tokenizer
+from ember_functions.tokenizer import Tokenizer
 from ember_functions.weights import (
     build_model,
     checkpoint_dtype,

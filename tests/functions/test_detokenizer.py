@@ -12,7 +12,8 @@ import pytest
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
-from ember_functions.tokenizer import IncrementalDetokenizer, Tokenizer
+from ember_functions.detokenizer import IncrementalDetokenizer
+from ember_functions.tokenizer import Tokenizer
 
 CORPUS = [
     "Hello world, this is a small corpus for testing streaming detokenization.",
