@@ -92,8 +92,8 @@ def test_a_pool_saves_its_forecast_on_close_and_the_next_one_resumes_it(tmp_path
 
     clock["s"] += 3.0  # restarted three seconds later
     second = pool()
-    assert second._forecaster is not None
-    assert second._forecaster.rate(EPOCH_S + 63.0, 0.0) == pytest.approx(2.0, abs=0.05)
+    assert second._forecast is not None
+    assert second._forecast.forecaster.rate(EPOCH_S + 63.0, 0.0) == pytest.approx(2.0, abs=0.05)
     second.close()
 
 

@@ -48,8 +48,9 @@ from ember_functions.prompt import PromptEncoder
 from ember_functions.rpc import WorkerState
 from ember_functions.worker_process import WorkerProcess
 from ember_warmpool.forecast import Forecaster
-from ember_warmpool.forecast_file import load_forecast, save_forecast
 from ember_warmpool.policy import Decision, PoolPolicy, decide, start_hold
+from ember_warmpool.pool_accounts import PoolAccounts
+from ember_warmpool.pool_forecast import PoolForecast
 from ember_warmpool.view import PoolView, Warmth, WorkerView
 
 __all__ = ["ModelPool"]
@@ -57,8 +58,6 @@ __all__ = ["ModelPool"]
 log = logging.getLogger(__name__)
 
 Spawn = Callable[..., WorkerProcess]
-
-_FORECAST_SAVE_EVERY_S = 60.0  # a crash loses at most this much of what was learned
 
 
 class ModelPool:
@@ -98,21 +97,17 @@ class ModelPool:
         self.last_decision: Decision | None = None
         self.cold_starts: dict[str, dict[str, float]] = {}  # worker id -> its phases
         self._launcher = launcher
-        self._forecaster = forecaster
+        self._forecast = (
+            None
+            if forecaster is None
+            else PoolForecast(
+                forecaster, file=forecast_file, clock=clock, wall_clock=wall_clock, name=model
+            )
+        )
         self._service_s = service_s
         self._tick_s = tick_s
         self._health_timeout_s = health_timeout_s
         self._clock = clock
-        # The forecaster runs on wall-clock time, so its season is the time of day and a
-        # restart resumes it at the right hour; read through ``clock`` so that it never
-        # jumps backwards with the system clock.
-        self._wall_offset_s = wall_clock() - clock()
-        self._forecast_file = forecast_file if forecaster is not None else None
-        self._forecast_saved_s = clock()
-        if self._forecaster is not None and self._forecast_file is not None:
-            note = load_forecast(self._forecaster, self._forecast_file, now_s=wall_clock())
-            if note:
-                log.info("pool %s: %s", model, note)
         self._spawn = spawn
         self._cond = threading.Condition()
         self._workers: dict[str, WorkerProcess] = {}
@@ -124,14 +119,7 @@ class ModelPool:
         self._arrivals = 0  # since the last tick, for the forecaster
         self._load_failures = 0
         self._last_failure: tuple[float, str] | None = None
-        # Accounting, for /metrics and bench/trace.py: every process's lifetime counts,
-        # whatever it is doing (that is what a GPU container is billed for).
-        self._born: dict[str, float] = {}  # worker id -> when its start began
-        self._ready_at: dict[str, float] = {}  # worker id -> when it became READY
-        self._worker_s_ended = 0.0  # lifetimes of workers gone
-        self._starts = 0
-        self._placed = 0  # requests placed on a worker (each once, retries not counted)
-        self._placed_cold = 0  # ... of which on a worker that became READY after they arrived
+        self._accounts = PoolAccounts()  # for /metrics and bench/trace.py
         self._ids = itertools.count(1)
         self._closed = False
         self._thread = threading.Thread(target=self._run, name=f"ember-pool-{model}", daemon=True)
@@ -160,22 +148,14 @@ class ModelPool:
             worker.drain(max(0.0, deadline - time.monotonic()))
         with self._cond:
             self._workers = {}
-            for wid in list(self._born):
+            for wid in self._accounts.live():
                 self._retire(wid)
         for worker in workers:
             worker.close()
         if self._thread.is_alive():
             self._thread.join(timeout=10)
-        self._save_forecast()
-
-    def _save_forecast(self) -> None:
-        if self._forecaster is None or self._forecast_file is None:
-            return
-        try:
-            save_forecast(self._forecaster, self._forecast_file)
-        except OSError as exc:  # a full disk must not stop the pool; the next save retries
-            log.warning("pool %s: cannot save the forecast: %s", self.model, exc)
-        self._forecast_saved_s = self._clock()
+        if self._forecast is not None:
+            self._forecast.save()
 
     # -- placement ------------------------------------------------------------------
 
@@ -261,9 +241,7 @@ class ModelPool:
         """Counts a request placed on ``worker`` (once per request); it waited on a cold
         start if the worker became READY after the request arrived (``clock`` time)."""
         with self._cond:
-            self._placed += 1
-            if self._ready_at.get(worker.worker_id, -float("inf")) > arrived_s:
-                self._placed_cold += 1
+            self._accounts.placed(worker.worker_id, arrived_s=arrived_s)
             # The policy decides on arrivals too: a request overflowing onto a busy
             # worker should start the next one now, not at the next tick.
             self._cond.notify_all()
@@ -272,21 +250,11 @@ class ModelPool:
         """Cumulative since the pool started: ``worker_s`` (seconds summed over every worker
         process, starting ones included), ``starts``, ``requests`` placed and
         ``cold_requests`` (those that waited on a worker becoming READY)."""
-        now = self._clock()
         with self._cond:
-            live_s = sum(now - born for born in self._born.values())
-            return {
-                "worker_s": self._worker_s_ended + live_s,
-                "starts": float(self._starts),
-                "requests": float(self._placed),
-                "cold_requests": float(self._placed_cold),
-            }
+            return self._accounts.stats(now_s=self._clock())
 
     def _retire(self, wid: str) -> None:  # under the lock: the worker's process is leaving
-        born = self._born.pop(wid, None)
-        if born is not None:
-            self._worker_s_ended += self._clock() - born
-        self._ready_at.pop(wid, None)
+        self._accounts.retire(wid, now_s=self._clock())
         self._idle_since.pop(wid, None)
 
     def in_flight(self) -> int:
@@ -373,13 +341,10 @@ class ModelPool:
                 "pool %s: worker %s ended: %s", self.model, worker.worker_id, worker.failure
             )
         rate = None
-        if self._forecaster is not None:
-            wall_s = now + self._wall_offset_s
-            self._forecaster.observe(wall_s, arrivals)
+        if self._forecast is not None:
+            self._forecast.observe(now, arrivals)
             if self.policy.predictive:
-                rate = self._forecaster.rate(wall_s, self.policy.lead_s)
-            if now - self._forecast_saved_s >= _FORECAST_SAVE_EVERY_S:
-                self._save_forecast()
+                rate = self._forecast.rate(now, self.policy.lead_s)
         decision = decide(
             self.policy,
             view,
@@ -434,7 +399,7 @@ class ModelPool:
                 # To HOST whatever the reserve warmth: a PROCESS reserve gains nothing by
                 # also dropping weights it already holds (a worker demotes to HOST only).
                 if worker.demote():
-                    self._ready_at.pop(wid, None)
+                    self._accounts.parked(wid)
                     log.info("pool %s: %s parked at %s", self.model, wid, worker.warmth.name)
         for stop in decision.stop:
             with self._cond:
@@ -459,7 +424,7 @@ class ModelPool:
             log.error("pool %s: promoting %s failed: %s", self.model, wid, exc.message)
         else:
             with self._cond:
-                self._ready_at[wid] = self._clock()
+                self._accounts.ready(wid, now_s=self._clock())
                 self._load_failures = 0
                 self.cold_starts[wid] = dict(worker.phases)
                 self._cond.notify_all()
@@ -484,8 +449,7 @@ class ModelPool:
             if self._closed:
                 return None
             self._starting[wid] = warmth
-            self._born[wid] = self._clock()
-            self._starts += 1
+            self._accounts.born(wid, now_s=self._clock())
         try:
             worker = self._spawn(
                 worker_id=wid,
@@ -516,7 +480,7 @@ class ModelPool:
                 closing = False
                 self._workers[wid] = worker
                 if warmth is Warmth.READY:
-                    self._ready_at[wid] = self._clock()
+                    self._accounts.ready(wid, now_s=self._clock())
                 self._load_failures = 0
                 self.cold_starts[wid] = dict(worker.phases)
                 first = self.encoder is None and warmth is Warmth.READY
