@@ -18,7 +18,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
-import logging
 from collections.abc import Callable
 from concurrent.futures import Future
 
@@ -26,8 +25,6 @@ from ember_functions.model import LlamaModel
 from ember_functions.packed_cache import PackedCache
 
 __all__ = ["Packing"]
-
-log = logging.getLogger(__name__)
 
 
 class Packing:
