@@ -29,10 +29,12 @@ from pathlib import Path
 __all__ = [
     "HostMemory",
     "PackAction",
+    "ProcessMemory",
     "default_min_free_bytes",
     "packing_action",
     "packing_refusal",
     "read_host_memory",
+    "read_process_memory",
 ]
 
 _GIB = 1 << 30
@@ -68,6 +70,36 @@ def read_host_memory(
             total = min(total, limit)
             available = min(available, max(0, limit - usage + reclaimable))
     return HostMemory(total_bytes=total, available_bytes=available)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProcessMemory:
+    """One process's RAM. ``private_bytes``: pages only it maps (its unique set), what
+    stopping it frees: its heap, its KV cache, packed copies of its own. ``proportional_bytes``:
+    its share of every page it maps, a page mapped by n processes counting 1/n (the host
+    tier's weights, a zygote's pages a fork has not written), so that summed over
+    processes it is the RAM they hold together."""
+
+    private_bytes: int
+    proportional_bytes: int
+
+
+def read_process_memory(pid: int, *, proc: Path = Path("/proc")) -> ProcessMemory | None:
+    """Process ``pid``'s RAM (``/proc/PID/smaps_rollup``); None where the kernel reports
+    none (not Linux, the process is gone, or it is not ours to read). The kernel walks the
+    process's page tables for this: ~13 ms for 2.4 GB here, so read it off any event loop
+    and outside locks.
+
+    Example::
+
+        mem = read_process_memory(worker.proc.pid)
+        if mem: print(f"{mem.private_bytes / 2**20:.0f} MiB its own")
+    """
+    fields = _fields(proc / str(pid) / "smaps_rollup", unit=1024)
+    if "Pss" not in fields:
+        return None
+    private = fields.get("Private_Clean", 0) + fields.get("Private_Dirty", 0)
+    return ProcessMemory(private_bytes=private, proportional_bytes=fields["Pss"])
 
 
 def default_min_free_bytes(total_bytes: int) -> int:

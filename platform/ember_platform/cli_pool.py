@@ -50,8 +50,16 @@ def _packed(row: dict[str, Any]) -> str:
     return f"{row['pack_s']:.3f}" + (" partial" if row.get("pack_stopped") else "")
 
 
+def _mib(size: int | None) -> str:
+    """RAM only this worker holds, what stopping it frees (``private_bytes``)."""
+    return "-" if size is None else f"{size / 2**20:.0f}"
+
+
 def render(rows: list[dict[str, Any]]) -> str:
-    head = ["model", "worker", "pid", "state", "warmth", "in flight", "idle s", "packed", *PHASES]
+    head = [
+        *("model", "worker", "pid", "state", "warmth", "in flight", "idle s", "packed"),
+        *("private MiB", *PHASES),
+    ]
     table = [head]
     for r in rows:
         cold = r.get("cold_start") or {}
@@ -65,6 +73,7 @@ def render(rows: list[dict[str, Any]]) -> str:
                 str(r["in_flight"]),
                 "-" if r.get("idle_s") is None else f"{r['idle_s']:.1f}",
                 _packed(r),
+                _mib(r.get("private_bytes")),
                 *(f"{cold[p]:.3f}" if p in cold else "-" for p in PHASES),
             ]
         )

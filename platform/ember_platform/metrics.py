@@ -63,6 +63,13 @@ class GatewayMetrics:
         self.workers = Gauge(
             "ember_workers", "Worker processes by model and state", ["model", "state"], registry=r
         )
+        self.worker_memory = Gauge(
+            "ember_worker_memory_bytes",
+            "RAM of the workers of a model, summed: kind=private is what stopping them frees, "
+            "kind=proportional their share of every page they map (sums to what they hold)",
+            ["model", "kind"],
+            registry=r,
+        )
         self.cold_start = Histogram(
             "ember_cold_start_seconds",
             "Phases of worker cold starts (spawn, imports, load, manifest, fetch, ..., ready)",
@@ -78,13 +85,20 @@ class GatewayMetrics:
         self._pools.stats = stats
 
     def observe_workers(self, rows: list[dict[str, Any]]) -> None:
-        """Sets the worker gauges, and records each worker's cold start the first time the
-        worker is seen (a histogram, not a label per worker: ids are unbounded)."""
+        """Sets the worker gauges (counts by state; RAM by model, from ``worker_rows``), and
+        records each worker's cold start the first time the worker is seen (a histogram,
+        not a label per worker: ids are unbounded)."""
         self.workers.clear()
+        self.worker_memory.clear()
         counts: dict[tuple[str, str], int] = {}
+        memory: dict[tuple[str, str], int] = {}
         for row in rows:
             key = (row["model"], row["state"])
             counts[key] = counts.get(key, 0) + 1
+            for kind in ("private", "proportional"):
+                size = row.get(f"{kind}_bytes")
+                if size is not None:
+                    memory[(row["model"], kind)] = memory.get((row["model"], kind), 0) + size
             seen = (row["model"], row["worker_id"])
             if row["cold_start"] and seen not in self._cold_starts_seen:
                 self._cold_starts_seen.add(seen)
@@ -92,6 +106,8 @@ class GatewayMetrics:
                     self.cold_start.labels(row["model"], phase).observe(seconds)
         for (model, state), n in counts.items():
             self.workers.labels(model, state).set(n)
+        for (model, kind), size in memory.items():
+            self.worker_memory.labels(model, kind).set(size)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -194,6 +194,8 @@ class WorkerRow(_Body):
     in_flight: int
     idle_s: float | None
     cold_start: dict[str, float]  # the phases of its start, seconds
+    private_bytes: int | None  # RAM only this worker holds: what stopping it frees
+    proportional_bytes: int | None  # its share of every page it maps, shared ones split
 
 
 class WorkerList(_Body):

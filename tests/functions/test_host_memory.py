@@ -1,4 +1,5 @@
-"""Host RAM from /proc (and a cgroup v2 limit), and the packing decision made on it."""
+"""Host RAM from /proc (and a cgroup v2 limit), the packing decision made on it, and one
+process's RAM (private and proportional) as ``ember pool status`` shows it."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from ember_functions.host_memory import (
     packing_action,
     packing_refusal,
     read_host_memory,
+    read_process_memory,
 )
 
 GIB = 1 << 30
@@ -70,6 +72,35 @@ def test_this_machine_reports_something_plausible() -> None:
     if memory is None:
         pytest.skip("no /proc/meminfo here")
     assert 0 < memory.available_bytes <= memory.total_bytes
+
+
+def test_a_process_memory_is_its_private_pages_and_its_share_of_the_rest(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "41").mkdir()
+    (tmp_path / "41" / "smaps_rollup").write_text(
+        "55e13e2c4000-7fff2268e000 ---p 00000000 00:00 0                          [rollup]\n"
+        "Rss:                9000 kB\nPss:                5000 kB\n"
+        "Shared_Clean:       6000 kB\nShared_Dirty:          0 kB\n"
+        "Private_Clean:       200 kB\nPrivate_Dirty:       2800 kB\n"
+    )
+    memory = read_process_memory(41, proc=tmp_path)
+    assert memory is not None
+    assert memory.private_bytes == 3000 * 1024 and memory.proportional_bytes == 5000 * 1024
+    assert read_process_memory(42, proc=tmp_path) is None  # gone, or not Linux
+
+
+def test_this_process_holds_what_it_allocates_privately() -> None:
+    import os
+
+    before = read_process_memory(os.getpid())
+    if before is None:
+        pytest.skip("no /proc/PID/smaps_rollup here")
+    block = bytearray(64 << 20)  # written (zeroed) by the allocator: 64 MiB of its own
+    after = read_process_memory(os.getpid())
+    assert after is not None and after.private_bytes - before.private_bytes > 60 << 20
+    assert after.proportional_bytes >= after.private_bytes
+    del block
 
 
 def test_packing_goes_ahead_while_enough_stays_available() -> None:

@@ -89,7 +89,7 @@ def test_pool_status_says_when_a_worker_packed_only_part_of_its_model() -> None:
     }
     lines = render(
         [
-            {**row, "pack_s": 0.25, "pack_stopped": None},
+            {**row, "pack_s": 0.25, "pack_stopped": None, "private_bytes": 183 << 20},
             {**row, "worker_id": "w2", "pack_s": 0.1, "pack_stopped": "host RAM ran short"},
             {**row, "worker_id": "w3", "pack_s": None, "pack_stopped": None},
         ]
@@ -97,3 +97,6 @@ def test_pool_status_says_when_a_worker_packed_only_part_of_its_model() -> None:
     assert "0.250" in lines[1] and "partial" not in lines[1]
     assert "0.100 partial" in lines[2]
     assert lines[3].split()[7] == "-"
+    column = lines[0].index("private MiB")  # cells are left-aligned under their heading
+    assert lines[1][column:].split()[0] == "183"
+    assert lines[2][column:].split()[0] == "-"  # not known: "-"

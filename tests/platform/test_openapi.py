@@ -192,6 +192,7 @@ def test_models_usage_health_and_ready_match_the_schema(gateway: Gateway) -> Non
         assert 'ember_workers{model="' in metrics.text
         (worker,) = check(doc, "/workers", "get", http.get("/workers"))["data"]
         assert worker["model"] == MODEL and worker["state"] == "READY"
+        assert worker["private_bytes"] > 0 and worker["proportional_bytes"] > 0
 
 
 HUGE = "x" * 2_000_000  # over the default 1 MiB body limit

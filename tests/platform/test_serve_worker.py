@@ -86,6 +86,10 @@ def test_worker_killed_mid_stream_errors_cleanly_bills_what_was_delivered_and_is
         assert f'ember_pool_worker_starts_total{{model="{model_dir.name}"}} 2.0' in metrics
         assert f'ember_pool_requests_total{{model="{model_dir.name}",start="warm"}} 2.0' in metrics
         assert f'ember_pool_worker_seconds_total{{model="{model_dir.name}"}}' in metrics
+        # The worker's RAM, from its process: its own pages, and its share of shared ones.
+        assert f'ember_worker_memory_bytes{{kind="private",model="{model_dir.name}"}}' in metrics
+        assert second["private_bytes"] > 0
+        assert second["proportional_bytes"] >= second["private_bytes"]
     finally:
         http.close()
         assert server.stop() == 0
