@@ -18,7 +18,7 @@ machines, SmolLM2's four matrices per layer take 0.48 / 0.62 / 1.01 / 1.92 ms at
 16 / 37 rows packed against 0.84 / 0.97 / 1.36 / 2.36 ms unpacked, and within 3% of it
 from 64 rows up (``python bench/linear.py``). Packing copies the matrix (~0.15 s per GB
 on 2 cores), so an engine packs after it is serving, not while it binds
-(``LLMEngine.pack_weights``).
+(``Packing.pack``).
 """
 
 from __future__ import annotations
