@@ -78,10 +78,13 @@ class ProcessMemory:
     stopping it frees: its heap, its KV cache, packed copies of its own. ``proportional_bytes``:
     its share of every page it maps, a page mapped by n processes counting 1/n (the host
     tier's weights, a zygote's pages a fork has not written), so that summed over
-    processes it is the RAM they hold together."""
+    processes it is the RAM they hold together. ``anonymous_bytes``: pages backed by no
+    file (heap, KV cache, private packed copies, and a zygote's pages, shared or not);
+    mapped host-tier files are not."""
 
     private_bytes: int
     proportional_bytes: int
+    anonymous_bytes: int
 
 
 def read_process_memory(pid: int, *, proc: Path = Path("/proc")) -> ProcessMemory | None:
@@ -99,7 +102,11 @@ def read_process_memory(pid: int, *, proc: Path = Path("/proc")) -> ProcessMemor
     if "Pss" not in fields:
         return None
     private = fields.get("Private_Clean", 0) + fields.get("Private_Dirty", 0)
-    return ProcessMemory(private_bytes=private, proportional_bytes=fields["Pss"])
+    return ProcessMemory(
+        private_bytes=private,
+        proportional_bytes=fields["Pss"],
+        anonymous_bytes=fields.get("Anonymous", 0),
+    )
 
 
 def default_min_free_bytes(total_bytes: int) -> int:

@@ -83,9 +83,7 @@ class Packing:
         if stored is None or not stored.done() or cache is None:
             return False
         self._stored = None
-        if not stored.result() or self.model.packing_shared:
-            return False
-        return self._adopt(cache)
+        return stored.result() and self._adopt(cache)
 
     def _adopt(self, cache: PackedCache) -> bool:
         if not self.model.linear.packs:

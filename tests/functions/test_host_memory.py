@@ -83,10 +83,12 @@ def test_a_process_memory_is_its_private_pages_and_its_share_of_the_rest(
         "Rss:                9000 kB\nPss:                5000 kB\n"
         "Shared_Clean:       6000 kB\nShared_Dirty:          0 kB\n"
         "Private_Clean:       200 kB\nPrivate_Dirty:       2800 kB\n"
+        "Anonymous:          2900 kB\n"
     )
     memory = read_process_memory(41, proc=tmp_path)
     assert memory is not None
     assert memory.private_bytes == 3000 * 1024 and memory.proportional_bytes == 5000 * 1024
+    assert memory.anonymous_bytes == 2900 * 1024
     assert read_process_memory(42, proc=tmp_path) is None  # gone, or not Linux
 
 

@@ -11,15 +11,16 @@ import pytest
 
 from ember_functions.engine import LLMEngine
 from ember_functions.engine_config import EngineConfig
+from ember_functions.host_memory import read_process_memory
 
 MIB = 1 << 20
 
 
 def anonymous_bytes() -> int:
-    for line in Path(f"/proc/{os.getpid()}/smaps_rollup").read_text().splitlines():
-        if line.startswith("Anonymous:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no Anonymous line in smaps_rollup")
+    memory = read_process_memory(os.getpid())
+    if memory is None:
+        pytest.skip("no /proc/PID/smaps_rollup here")
+    return memory.anonymous_bytes
 
 
 def test_unpacking_every_layer_returns_the_packed_copies_to_the_os(smollm2_dir: Path) -> None:
