@@ -108,12 +108,19 @@ class SubprocessLauncher:
         its own (while it imports torch)."""
 
 
+# The exit code of a worker whose zygote died before reporting it, and that this process
+# did not reap itself: unknown.
+UNKNOWN_EXIT = 255
+
+
 class _Forked:
-    """A child of the zygote; its exit code arrives as a message."""
+    """A child of the zygote; its exit code arrives as a message, or, once the zygote is
+    gone (``orphaned``), from the pid itself."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self.returncode: int | None = None
+        self.orphaned = False  # set when the zygote, which reports its exit, is gone
         self._exited = threading.Event()
 
     def _set_exit(self, code: int) -> None:
@@ -121,18 +128,43 @@ class _Forked:
         self._exited.set()
 
     def poll(self) -> int | None:
+        if self.returncode is None and self.orphaned:
+            code = _exit_of_orphan(self.pid)
+            if code is not None:
+                self._set_exit(code)
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
-        if not self._exited.wait(timeout):
-            raise subprocess.TimeoutExpired(f"worker pid {self.pid}", timeout or 0.0)
-        return self.returncode  # type: ignore[return-value]  # set before the event
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while (code := self.poll()) is None:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise subprocess.TimeoutExpired(f"worker pid {self.pid}", timeout or 0.0)
+            # In slices: the zygote can die while this waits, and then nobody would set
+            # the event (an orphan is looked at through its pid instead).
+            self._exited.wait(0.1 if left is None else min(left, 0.1))
+        return code
 
     def kill(self) -> None:
         if self.returncode is None:
             # If it exited already, the zygote reports the code.
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGKILL)
+
+
+def _exit_of_orphan(pid: int) -> int | None:
+    """The exit code of a forked worker whose zygote is gone, None while it runs. An
+    orphan is re-parented: to init, which reaps it, or to this process where this is
+    PID 1 or a subreaper (a container's entry point), which must reap it."""
+    try:
+        reaped, status = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:  # not this process's child: someone else reaps it
+        try:
+            os.kill(pid, 0)
+        except (ProcessLookupError, PermissionError):  # gone (or the pid reused)
+            return UNKNOWN_EXIT
+        return None
+    return os.waitstatus_to_exitcode(status) if reaped else None
 
 
 class Zygote:
@@ -261,6 +293,9 @@ class Zygote:
         with self._reply:
             self._closed = True
             self._reply.notify_all()
+            # Nobody reports these children's exits any more: they are watched by pid.
+            for child in self._children.values():
+                child.orphaned = True
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Stops the fork server. Its children keep running until their routers let go."""

@@ -35,6 +35,7 @@ import json  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
 import queue  # noqa: E402
+import signal  # noqa: E402
 import socket  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
@@ -190,6 +191,16 @@ class _Loader:
         }
 
 
+def leave_stop_signals_to_the_router() -> None:
+    """Ignores SIGINT and SIGTERM. A terminal's Ctrl-C, ``systemctl stop`` and
+    ``timeout`` signal the router's whole process group (or cgroup) at once; a worker
+    that died of that could not finish what it runs, and its zygote, dying with it,
+    could not report its exit. The router stops its workers itself, draining first; a
+    worker still exits when its router's connection closes, and SIGKILL still works."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def gc_settled() -> None:
     """Freezes what the worker holds now (imports, weights, engine) out of the collector's
     reach and turns collection on: a later collection walks only what requests make, and
@@ -305,6 +316,7 @@ def main(
         "--warmth", default="READY", choices=_LEVELS, help="how far to load before waiting"
     )
     args = ap.parse_args(argv)
+    leave_stop_signals_to_the_router()  # inherited already, when forked from a zygote
     logging.basicConfig(
         level=logging.WARNING, format=f"worker {args.worker_id}: %(levelname)s %(message)s"
     )

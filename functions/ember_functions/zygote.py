@@ -28,6 +28,8 @@ child to inherit half-initialised; it forks single-threaded (a select loop, SIGC
 a wakeup pipe; a weights check's thread is joined first) because ``fork()`` copies only
 the calling thread. The router's connection
 closing ends the zygote; its children live on until their own router connections close.
+Like its workers, it ignores SIGINT and SIGTERM: those reach the router's whole process
+group at once (Ctrl-C, ``systemctl stop``), and the router stops both in order.
 """
 
 from __future__ import annotations
@@ -247,8 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     control.connect(args.socket)
-    from ember_functions.worker import gc_settled, preload
+    from ember_functions.worker import gc_settled, leave_stop_signals_to_the_router, preload
 
+    leave_stop_signals_to_the_router()  # its children inherit it
     preload()
     gc_settled()  # the imports stay out of the collector's reach; what serving makes does not
     serve(control)

@@ -37,10 +37,17 @@ class ServeProcess:
 
 
 def start_serve(
-    home: Path, *, port: int, args: Sequence[str] = (), timeout_s: float = 120.0
+    home: Path,
+    *,
+    port: int,
+    args: Sequence[str] = (),
+    timeout_s: float = 120.0,
+    new_session: bool = False,
 ) -> ServeProcess:
     """Starts ``ember --home HOME serve --port PORT *args`` and returns once it accepts
-    connections; raises RuntimeError with what it printed if it exits or times out."""
+    connections; raises RuntimeError with what it printed if it exits or times out.
+    ``new_session``: in a process group of its own, which its zygote and workers join,
+    so that a signal can reach all of them at once, as a terminal's or systemd's does."""
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -56,6 +63,7 @@ def start_serve(
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        start_new_session=new_session,
     )
     if proc.stderr is None:
         raise RuntimeError("ember serve was started without a stderr pipe")

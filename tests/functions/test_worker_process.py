@@ -20,7 +20,7 @@ import pytest
 from ember_core import ContextLengthError, EngineError, InvalidRequestError, WorkerUnavailableError
 from ember_functions.engine import Completion, LLMEngine
 from ember_functions.engine_config import EngineConfig
-from ember_functions.launch import Zygote
+from ember_functions.launch import UNKNOWN_EXIT, Zygote
 from ember_functions.loading import StoreConfig
 from ember_functions.prompt import Prompt
 from ember_functions.rpc import WorkerState
@@ -352,6 +352,44 @@ def test_kill_9_of_a_forked_worker_is_reported_through_the_zygote(
     )
     assert result_within(submit(again, "after", GREEDY_16, "za")).token_ids
     again.close()
+
+
+def _fork(zygote: Zygote, model: Path, home: Path, name: str) -> WorkerProcess:
+    return WorkerProcess.spawn(
+        worker_id=f"{name}{os.getpid()}", model=str(model), home=home,
+        engine_config=CONFIG, launcher=zygote,
+    )  # fmt: skip
+
+
+def test_the_zygote_and_its_workers_leave_sigint_and_sigterm_to_the_router(
+    zygote: Zygote, tiny_model: Callable[..., Path], tmp_path: Path
+) -> None:
+    forked = _fork(zygote, tiny_model("llama"), tmp_path, "sig")
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):  # as a terminal or systemd sends them
+            os.kill(forked.proc.pid, sig)
+            os.kill(zygote.proc.pid, sig)
+        time.sleep(0.3)
+        assert forked.proc.poll() is None and zygote.alive
+        assert result_within(submit(forked, "still here", GREEDY_16, "s1")).token_ids
+    finally:
+        forked.close()
+    assert forked.proc.wait(timeout=10) == 0
+
+
+def test_a_forked_worker_that_outlives_its_zygote_still_stops(
+    zygote: Zygote, tiny_model: Callable[..., Path], tmp_path: Path
+) -> None:
+    forked = _fork(zygote, tiny_model("llama"), tmp_path, "orphan")
+    os.kill(zygote.proc.pid, signal.SIGKILL)
+    zygote.proc.wait(timeout=10)
+    # It serves on: its router connection is its own.
+    assert result_within(submit(forked, "orphan", GREEDY_16, "o1")).token_ids
+    t0 = time.monotonic()
+    forked.close()
+    # Its exit can no longer be reported by the zygote; it is seen through its pid.
+    assert time.monotonic() - t0 < 5
+    assert forked.proc.wait(timeout=5) == UNKNOWN_EXIT and forked.state is WorkerState.STOPPED
 
 
 # -- where weights come from ----------------------------------------------------------

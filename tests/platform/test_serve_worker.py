@@ -93,3 +93,51 @@ def test_worker_killed_mid_stream_errors_cleanly_bills_what_was_delivered_and_is
     finally:
         http.close()
         assert server.stop() == 0
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_whole_process_group_drains_and_exits(
+    tiny_model: Callable[..., Path], tmp_path: Path
+) -> None:
+    """``systemctl stop``, ``timeout`` and a terminal signal the server, its zygote and its
+    workers at once. The workers leave stopping to the server, which lets the running
+    stream finish, then stops them and exits."""
+    model_dir = tiny_model("llama")
+    args = ["--model", str(model_dir), "--threads", "1", "--log-level", "warning"]
+    server = start_serve(tmp_path / "home", port=free_port(), args=args, new_session=True)
+    group = os.getpgid(server.proc.pid)
+    try:
+        client = openai.OpenAI(
+            base_url=f"{server.base_url}/v1", api_key=server.key, max_retries=0, timeout=30
+        )
+        stream = client.chat.completions.create(
+            model=model_dir.name,
+            messages=[{"role": "user", "content": "count"}],
+            max_tokens=400,
+            temperature=0,
+            stream=True,
+        )
+        finish, signalled = None, False
+        for chunk in stream:
+            if not signalled:
+                os.killpg(group, signal.SIGTERM)
+                signalled = True
+            if chunk.choices and chunk.choices[0].finish_reason is not None:
+                finish = chunk.choices[0].finish_reason
+        assert finish in ("length", "stop")  # drained: the answer ended, not cut off
+        assert server.proc.wait(timeout=30) in (0, -signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while _group_alive(group):  # the zygote and the worker are gone too
+            assert time.monotonic() < deadline, "processes of the server's group outlived it"
+            time.sleep(0.05)
+    finally:
+        if server.proc.poll() is None:
+            os.killpg(group, signal.SIGKILL)
+
+
+def _group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    return True
