@@ -158,6 +158,8 @@ class PackedCache:
         next worker packs, as this one did."""
         if not sharing_works(self.dtype):
             return False
+        if self.available():
+            return True  # another worker's, identical: this one maps that instead
         entries: dict[str, dict[str, Any]] = {}
         pieces: list[memoryview] = []
         offset = 0
@@ -178,9 +180,11 @@ class PackedCache:
             pieces.append(memoryview((ctypes.c_char * nbytes).from_address(address)))
             offset += nbytes
         try:
-            self.host.put(self.key, pieces)
+            # If two workers store at once, the first write of each object stays: the
+            # other's would orphan a copy the first worker may map by then.
+            self.host.put_if_absent(self.key, pieces)
             index = {"size_bytes": offset, "pack_rows": self.pack_rows, "tensors": entries}
-            self.host.put(self.index_key, json.dumps(index).encode())
+            self.host.put_if_absent(self.index_key, json.dumps(index).encode())
         except Exception as exc:  # a cache: every worker can still pack its own
             log.warning("could not keep packed matrices %s in the host tier: %s", self.key, exc)
             return False

@@ -6,8 +6,8 @@ but the packed copy is as big as the matrix. A worker packs once idle, a layer a
 earlier worker of the model left its packed matrices in the machine's host tier
 (``packed_cache``), it maps those at bind instead of packing (``share``); where none did,
 it stores its own once all are packed and, once they are stored, runs on the stored copy
-too and frees its own (``share_stored``), so the machine holds one copy however many
-workers serve the model.
+too and frees its own (``share_stored``), as does any worker that packed its own
+meanwhile, so the machine holds one copy however many workers serve the model.
 
 This class keeps the accounts and makes those calls at the right moments; the tensors
 are the model's (``LlamaModel.pack_weights`` and friends).
@@ -46,12 +46,15 @@ class Packing:
         self._cache: PackedCache | None = None  # where the machine keeps them, if anywhere
         self._stored: Future[bool] | None = None  # this engine's own copy, on its way there
         self._tried_store = False  # once: a full tier stays full a while
+        self._load_failed = False  # the stored copy would not load here: not tried again
 
     def pack(self, *, max_layers: int | None = None) -> bool:
         """Packs up to ``max_layers`` more layers (all by default); True once nothing is
         left to pack, or when packing is off or does not apply. Having packed the last
-        one, it starts storing them in the host tier, if the machine has none there yet."""
-        if not self.enabled:
+        one, it starts storing them in the host tier, if the machine has none there yet.
+        If another worker's copy lands there meanwhile, it maps that instead of packing
+        the rest (``share_stored``)."""
+        if not self.enabled or self.share_stored():
             return True
         done = self.model.pack_weights(max_layers=max_layers)
         cache = self._cache
@@ -73,17 +76,26 @@ class Packing:
         self._cache = cache
         if cache is None or self.model.packed_units or not cache.available():
             return False
-        return self._adopt(cache)
+        self._load_failed = not self._adopt(cache)
+        return not self._load_failed
 
     def share_stored(self) -> bool:
-        """Once this engine's own packed matrices are stored (``pack``), runs on the
-        stored copy and drops its own: True when it switched. Cheap until then. Call it
-        between steps, as ``share``."""
-        stored, cache = self._stored, self._cache
-        if stored is None or not stored.done() or cache is None:
+        """Once the machine keeps the model's packed matrices (this engine's own, stored
+        by ``pack``, or another worker's: workers started together all pack, and the
+        first to finish stores), runs on the stored copy and drops its own: True when it
+        switched. Cheap until then (a file's existence). Call it between steps, as
+        ``share``."""
+        cache = self._cache
+        if cache is None or self.model.packing_shared or self._load_failed:
             return False
-        self._stored = None
-        return stored.result() and self._adopt(cache)
+        if self._stored is not None:
+            if not self._stored.done():
+                return False
+            self._stored = None  # stored, or not: another worker's copy may be there
+        if not cache.available():
+            return False
+        self._load_failed = not self._adopt(cache)
+        return not self._load_failed
 
     def _adopt(self, cache: PackedCache) -> bool:
         if not self.model.linear.packs:

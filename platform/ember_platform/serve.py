@@ -70,8 +70,11 @@ class ServeSettings:
     drain_timeout_s: float = 30.0
     zygote: bool = True  # fork workers from a process that imported everything once
     # Host RAM (/dev/shm) the machine's workers share the model's weights in: a worker the
-    # pool starts then loads from RAM instead of disk. 0 turns the tier off.
-    host_cache_mib: int = 0
+    # pool starts then maps them (and the packed matrices) instead of holding its own.
+    # None ("auto"): on, sized for the model, when the pool can run more than one worker,
+    # and given back at shutdown (ember_warmpool.host_sharing). 0 turns the tier off; a
+    # size keeps it as a cache across restarts.
+    host_cache_mib: int | None = None
 
     def __post_init__(self) -> None:
         ints = {f.name for f in fields(self) if f.type in ("int", int)}
@@ -79,6 +82,12 @@ class ServeSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"serve setting {name} must be an integer >= 0, got {value!r}")
+        mib = self.host_cache_mib
+        if mib is not None and (isinstance(mib, bool) or not isinstance(mib, int) or mib < 0):
+            raise ConfigError(
+                f"host_cache_mib must be an integer >= 0 (0 turns the host tier off) or "
+                f'"auto", got {mib!r}'
+            )
         if not 1 <= self.port <= 65535:
             raise ConfigError(f"port must be 1-65535, got {self.port}")
         if self.max_num_seqs < 1:
@@ -152,6 +161,8 @@ class ServeSettings:
             if raw is not None:
                 merged[name] = _parse(name, raw, f.type)
         merged.update({k: v for k, v in flags.items() if v is not None and k in known})
+        if merged.get("host_cache_mib") == "auto":  # a config file's or the environment's
+            merged["host_cache_mib"] = None
         return cls(**merged)
 
 
@@ -159,6 +170,8 @@ def _parse(name: str, raw: str, kind: Any) -> Any:
     try:
         if kind in ("int", int):
             return int(raw)
+        if kind == "int | None":  # host_cache_mib: a size, or "auto"
+            return raw if raw == "auto" else int(raw)
         if kind in ("float", float):
             return float(raw)
         if kind in ("bool", bool):
@@ -180,22 +193,30 @@ def build_app(settings: ServeSettings, *, out: TextIO) -> Any:
     from ember_platform.gateway import GatewayConfig, create_app
     from ember_platform.pool_router import PoolRouter
     from ember_warmpool.forecast_file import forecast_path
+    from ember_warmpool.host_sharing import auto_host_sharing
     from ember_warmpool.manager import ModelPool
     from ember_weights_store import ModelCatalog, default_home
 
     home = Path(settings.home) if settings.home else default_home()
     home.mkdir(parents=True, exist_ok=True)
-    resolve_model_dir(ModelCatalog(home), settings.model, err=out)  # installs on first use
+    model_dir = resolve_model_dir(ModelCatalog(home), settings.model, err=out)  # installs
     config = EngineConfig(num_threads=settings.threads or None, max_num_seqs=settings.max_num_seqs)
     ledger = settings.ledger_url or f"sqlite:///{home / 'ledger.db'}"
     billing = BillingService(ledger)
+    policy = settings.pool_policy()
+    if settings.host_cache_mib is None:
+        store, sharing = auto_host_sharing(model_dir, max_workers=policy.max_workers)
+        print(sharing.reason, file=out)
+    else:
+        store = StoreConfig(host_cache_bytes=settings.host_cache_mib << 20)
     zygote = Zygote.start(zygote_id=f"serve-{os.getpid()}") if settings.zygote else None
     pool = ModelPool(
         settings.model,
         home=home,
-        policy=settings.pool_policy(),
+        policy=policy,
         engine_config=config,
-        store=StoreConfig(host_cache_bytes=settings.host_cache_mib << 20),
+        store=store,
+        release_host_tier=settings.host_cache_mib is None,
         launcher=zygote,
         forecaster=settings.forecaster(),  # on wall-clock time: its season is the day
         forecast_file=forecast_path(home, settings.model) if settings.pool_keep_forecast else None,

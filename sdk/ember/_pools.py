@@ -136,11 +136,11 @@ class FunctionPools:
                 entry = self._entries.get(key)
                 if entry is not None:
                     return entry
-            self._resolve(model)  # an unknown model fails here, before any process starts
+            model_dir = self._resolve(model)  # an unknown model fails here, before any start
             with self._lock:
                 zygote = self._ensure_zygote()
                 generation = self._generation
-            entry = self._start_pool(model, policy, zygote)
+            entry = self._start_pool(model, model_dir, policy, zygote)
             with self._lock:
                 if generation == self._generation:
                     self._entries[key] = entry
@@ -161,18 +161,21 @@ class FunctionPools:
                     _atexit_registered = True
         return self._zygote
 
-    def _resolve(self, model: str) -> None:
+    def _resolve(self, model: str) -> Path:
         from ember_functions.loading import resolve_model_dir
         from ember_weights_store import ModelCatalog
 
         self.home.mkdir(parents=True, exist_ok=True)
         # Installs a known model once here, not in each worker at once.
-        resolve_model_dir(ModelCatalog(self.home), model, err=sys.stderr)
+        return resolve_model_dir(ModelCatalog(self.home), model, err=sys.stderr)
 
-    def _start_pool(self, model: str, policy: PoolPolicy, zygote: Zygote) -> _Entry:
+    def _start_pool(
+        self, model: str, model_dir: Path, policy: PoolPolicy, zygote: Zygote
+    ) -> _Entry:
         from ember_platform.pool_router import PoolRouter
         from ember_warmpool import HoltForecaster
         from ember_warmpool.forecast_file import forecast_path
+        from ember_warmpool.host_sharing import auto_host_sharing
         from ember_warmpool.manager import ModelPool
 
         forecast_file = None
@@ -186,6 +189,10 @@ class FunctionPools:
             home=self.home,
             policy=policy,
             engine_config=self.engine_config,
+            # A pool that can run several workers shares the model in host RAM, given
+            # back when it closes.
+            store=auto_host_sharing(model_dir, max_workers=policy.max_workers)[0],
+            release_host_tier=True,
             launcher=zygote,
             forecaster=HoltForecaster() if policy.predictive else None,
             forecast_file=forecast_file,

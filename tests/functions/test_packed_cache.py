@@ -107,6 +107,47 @@ def test_the_next_engine_maps_what_the_first_packed_and_generates_the_same(
         assert packed == unpacked  # float32 packing changes no token of this model
 
 
+def test_engines_started_together_switch_to_the_first_stored_copy(
+    host_catalog: ModelCatalog,
+    host_model: Callable[[ModelCatalog, Path], HostModel],
+    tiny_model: Callable[..., Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A pool's workers started at once all bind before any packed copy is stored, and
+    all pack. The first store to land is the machine's copy, and the others map it: one
+    mid-way through packing, instead of packing the rest; one done, whose own store was
+    still on its way, instead of keeping its own."""
+    skip_unless_shared(torch.float32)
+    model_dir, cfg = tiny_model("llama"), config(torch.float32)
+    first, mid_way, done = (
+        LLMEngine.from_host(host_model(host_catalog, model_dir), config=cfg) for _ in range(3)
+    )
+    want = tokens(first)
+    slow: list[tuple[PackedCache, dict[str, torch.Tensor], Future[bool]]] = []
+
+    def store_later(self: PackedCache, matrices: dict[str, torch.Tensor]) -> Future[bool]:
+        slow.append((self, dict(matrices), Future()))
+        return slow[-1][2]
+
+    monkeypatch.setattr(PackedCache, "store_in_background", store_later)
+    assert done.packing.pack() and len(slow) == 1  # all its own; its store on its way
+    assert not mid_way.packing.pack(max_layers=1)  # a layer of its own so far
+    monkeypatch.undo()
+    stored = stored_now(monkeypatch)
+    assert first.packing.pack() and len(stored) == 1 and stored[0].available()
+    assert first.packing.share_stored()
+    assert mid_way.packing.pack(max_layers=1)  # mapped the stored copy, packed no more
+    assert_all_mapped(mid_way)
+    assert not done.packing.share_stored()  # waits for its own store first
+    cache, matrices, pending = slow[0]
+    pending.set_result(cache.store(matrices))  # lands second: writes nothing
+    assert done.packing.share_stored()  # switched, and freed its own
+    assert_all_mapped(done)
+    assert all(tokens(e) == want for e in (first, mid_way, done))
+    (tier,) = [t for t in host_catalog.store().tiers if isinstance(t, HostTier)]
+    assert len([k for k in tier.keys() if k.startswith("packed/")]) == 2  # noqa: SIM118
+
+
 def test_an_entry_for_other_shapes_or_half_written_is_not_used(
     host_catalog: ModelCatalog,
     host_model: Callable[[ModelCatalog, Path], HostModel],

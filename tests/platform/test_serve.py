@@ -51,6 +51,20 @@ def test_settings_precedence_and_validation(tmp_path: Path) -> None:
         ServeSettings(port=70000)
     with pytest.raises(ConfigError, match="EMBER_SERVE_PORT='x' is not a int"):
         ServeSettings.load({}, env={"EMBER_SERVE_PORT": "x"}, config=None)
+    # The host tier: automatic unless set; "auto" says so explicitly, 0 turns it off.
+    assert ServeSettings().host_cache_mib is None
+    assert (
+        ServeSettings.load({}, env={"EMBER_SERVE_HOST_CACHE_MIB": "0"}, config=None).host_cache_mib
+        == 0
+    )
+    auto = {"EMBER_SERVE_HOST_CACHE_MIB": "auto"}
+    assert ServeSettings.load({}, env=auto, config=None).host_cache_mib is None
+    config.write_text('[serve]\nhost_cache_mib = "auto"\n')
+    assert ServeSettings.load({}, env={}, config=config).host_cache_mib is None
+    config.write_text("[serve]\nhost_cache_mib = 2048\n")
+    assert ServeSettings.load({}, env={}, config=config).host_cache_mib == 2048
+    with pytest.raises(ConfigError, match=r'host_cache_mib must be .* or "auto"'):
+        ServeSettings(host_cache_mib=-1)
 
 
 def test_pool_settings_build_the_policy_and_forecaster_or_say_what_is_wrong() -> None:

@@ -26,7 +26,10 @@ from ember_functions.sampling_params import SamplingParams
 from ember_functions.sequence import RequestOutput
 from ember_platform.pool_router import PoolRouter
 from ember_warmpool import PoolPolicy, Warmth
+from ember_warmpool.host_sharing import auto_host_sharing, checkpoint_bytes
 from ember_warmpool.manager import ModelPool
+from ember_weights_store import ModelCatalog
+from ember_weights_store.host_tier import HostTier
 
 TIMEOUT_S = 60.0
 # One sequence per worker: a second concurrent request needs a second worker.
@@ -386,3 +389,42 @@ def test_closing_with_a_drain_lets_running_requests_finish(
     assert got[-1].finish_reason == "length" and got[-1].usage.completion_tokens == 300
     assert states == ["DRAINING"]
     assert pool.status() == []  # and then it stopped
+
+
+def test_a_pool_of_several_workers_shares_the_model_in_host_ram_and_gives_it_back(
+    tiny_model: Callable[..., Path], tmp_path: Path, zygote: Zygote
+) -> None:
+    model_dir = tiny_model("llama")
+    home = tmp_path / "home"
+    catalog = ModelCatalog(home)
+    catalog.store().import_hf_dir(model_dir, model_id="tiny")
+    catalog.models_dir.mkdir(parents=True)
+    (catalog.models_dir / "tiny").symlink_to(model_dir)
+    store, plan = auto_host_sharing(model_dir, max_workers=2)
+    assert plan.enabled, plan.reason  # this machine's /dev/shm holds a tiny model
+    tier = HostTier(store.catalog(home).host_cache_root, budget_bytes=store.host_cache_bytes)
+    policy = PoolPolicy(min_warm=2, buffer=0, max_workers=2, keepalive_s=60)
+    pool = ModelPool(
+        "tiny",
+        home=home,
+        policy=policy,
+        engine_config=ONE_SEQ,
+        store=store,
+        release_host_tier=True,
+        launcher=zygote,
+        tick_s=0.05,
+    )
+    try:
+        pool.start()
+        wait_for(lambda: len([r for r in pool.status() if r["state"] == "READY"]) == 2, "2 READY")
+        # The boot worker promoted the chunks it read into the host tier: both map them.
+        wait_for(lambda: tier.usage().num_objects > 0, "the weights reached the host tier")
+        held = tier.usage().size_bytes
+        assert held >= 0.9 * checkpoint_bytes(model_dir)
+        out = asyncio.run(collect(PoolRouter({"m": pool}), "m", "r", SHORT))
+        assert out[-1].usage.completion_tokens == 4
+    finally:
+        pool.close()
+    # Closing gave the RAM back: nothing of the pool's is left in /dev/shm.
+    assert tier.usage().num_objects == 0
+    assert pool.host_tier_released_bytes >= held

@@ -174,6 +174,29 @@ def test_put_that_cannot_fit_past_pins_stores_nothing(root: Path) -> None:
     tier.put("e", b"e" * KB)
 
 
+def test_put_if_absent_keeps_the_first_write(root: Path) -> None:
+    tier = HostTier(root, budget_bytes=4 * KB)
+    assert tier.put_if_absent("a", b"1" * KB)
+    assert not tier.put_if_absent("a", [memoryview(b"2" * KB)])
+    assert tier.get("a") == b"1" * KB and tier.usage().num_objects == 1
+    assert not list(root.rglob(".tmp-*"))
+
+
+def test_release_unpinned_gives_back_all_but_what_live_processes_pin(root: Path) -> None:
+    tier = HostTier(root, budget_bytes=8 * KB)
+    for name in "abc":
+        tier.put(name, b"x" * KB)
+    tier.pin(["a"], owner="worker-1")
+    (root / ".pins" / "dead.json").write_text(  # a dead process's pin protects nothing
+        json.dumps({"pid": os.getpid(), "start": 1, "keys": ["b"]})
+    )
+    assert tier.release_unpinned() == 2 * KB
+    assert tier.keys() == ["a"]
+    tier.unpin("worker-1")
+    assert tier.release_unpinned() == KB
+    assert tier.usage().num_objects == 0 and tier.release_unpinned() == 0
+
+
 def test_pin_owner_rules(root: Path) -> None:
     tier = HostTier(root, budget_bytes=KB)
     with pytest.raises(InvalidRequestError):

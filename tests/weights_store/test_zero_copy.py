@@ -102,9 +102,7 @@ def test_corrupt_host_chunk_is_discarded_and_the_load_copies_instead(
         assert torch.equal(loaded.tensors[name], t), name
 
 
-def test_disk_load_maps_the_disk_tiers_files_and_promotes_to_the_host_tier(
-    tmp_path: Path, host_root: Path
-) -> None:
+def _disk_tier_holding(tmp_path: Path) -> tuple[dict[str, torch.Tensor], DiskTier, LocalBucketTier]:
     original = make_checkpoint(tmp_path / "m.safetensors", mib=4)
     bucket = LocalBucketTier(tmp_path / "bucket")
     disk = DiskTier(tmp_path / "disk", budget_bytes=256 * MIB)
@@ -113,22 +111,64 @@ def test_disk_load_maps_the_disk_tiers_files_and_promotes_to_the_host_tier(
         tmp_path / "m.safetensors", model_id="m", chunk_size_bytes=CHUNK
     )
     load(WeightsStore([disk, bucket]), "m").wait_promoted()  # the disk tier holds it now
+    return original, disk, bucket
+
+
+def _mapped_from(root: Path) -> int:
+    """Mappings of this process's whose file lies under ``root``."""
+    return sum(str(root) in line for line in Path("/proc/self/maps").read_text().splitlines())
+
+
+def test_disk_load_maps_the_disk_tiers_files(tmp_path: Path) -> None:
+    original, disk, bucket = _disk_tier_holding(tmp_path)
+
+    from_disk = load(WeightsStore([disk, bucket]), "m")
+
+    n = len(from_disk.manifest.chunks)
+    assert from_disk.report.mapped and from_disk.report.chunks_by_tier == {"disk": n}
+    assert _mapped_from(tmp_path / "disk") >= n
+    for name, t in original.items():
+        assert torch.equal(from_disk.tensors[name], t), name
+    # Evicting a chunk from the disk tier unlinks its file; the mapping keeps its pages.
+    disk.delete(from_disk.manifest.chunks[0].hash)
+    assert torch.equal(from_disk.tensors["w0"], original["w0"])
+
+
+def test_with_a_host_tier_a_disk_load_fills_it_and_maps_the_host_copy(
+    tmp_path: Path, host_root: Path
+) -> None:
+    """Mapping the disk tier's files would leave this process alone on their pages while
+    every later one maps the host tier's copy: the model twice in RAM."""
+    original, disk, bucket = _disk_tier_holding(tmp_path)
     host = HostTier(host_root, budget_bytes=256 * MIB)
     store = WeightsStore([host, disk, bucket])
 
     from_disk = load(store, "m")
 
     n = len(from_disk.manifest.chunks)
-    assert from_disk.report.mapped and from_disk.report.chunks_by_tier == {"disk": n}
+    total = sum(c.raw_size for c in from_disk.manifest.chunks)
+    report = from_disk.report
+    assert report.mapped and report.chunks_by_tier == {"disk": n}  # where they came from
+    assert report.promoted_bytes == total and report.host_fill_s > 0
+    assert from_disk.wait_promoted() == 0  # nothing left to write
+    assert _mapped_from(host_root) >= n and _mapped_from(tmp_path / "disk") == 0
+    assert {c.hash for c in from_disk.manifest.chunks} <= host.pinned_keys()
     for name, t in original.items():
         assert torch.equal(from_disk.tensors[name], t), name
-    # Evicting a chunk from the disk tier unlinks its file; the mapping keeps its pages.
-    first = from_disk.manifest.chunks[0]
-    disk.delete(first.hash)
-    assert torch.equal(from_disk.tensors["w0"], original["w0"])
-    assert from_disk.wait_promoted() == sum(c.raw_size for c in from_disk.manifest.chunks)
     again = load(store, "m")
     assert again.report.mapped and again.report.chunks_by_tier == {"host": n}
+    assert again.report.host_fill_s == 0
+
+
+def test_a_host_tier_too_small_for_the_model_leaves_the_disk_mapping(
+    tmp_path: Path, host_root: Path
+) -> None:
+    original, disk, bucket = _disk_tier_holding(tmp_path)
+    host = HostTier(host_root, budget_bytes=2 * MIB)  # the model is 4 MiB
+    loaded = load(WeightsStore([host, disk, bucket]), "m")
+    assert loaded.report.mapped and _mapped_from(tmp_path / "disk") >= 1
+    for name, t in original.items():
+        assert torch.equal(loaded.tensors[name], t), name
 
 
 def test_corrupt_disk_chunk_is_discarded_and_the_load_copies_instead(tmp_path: Path) -> None:

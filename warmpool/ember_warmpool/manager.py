@@ -71,6 +71,7 @@ class ModelPool:
         policy: PoolPolicy,
         engine_config: EngineConfig | None = None,
         store: StoreConfig | None = None,
+        release_host_tier: bool = False,  # on close (see host_sharing.py)
         launcher: Launcher | None = None,
         forecaster: Forecaster | None = None,
         forecast_file: Path | None = None,  # kept across restarts (see forecast_file.py)
@@ -87,6 +88,8 @@ class ModelPool:
         self.policy = policy
         self.engine_config = engine_config or EngineConfig()
         self.store = store or StoreConfig()
+        self.release_host_tier = release_host_tier
+        self.host_tier_released_bytes = 0
         self.home = home
         self.max_queue = max_queue
         self.pool_id = (
@@ -156,6 +159,13 @@ class ModelPool:
             self._thread.join(timeout=10)
         if self._forecast is not None:
             self._forecast.save()
+        if self.release_host_tier and self.store.host_cache_bytes:
+            from ember_weights_store.host_tier import HostTier
+
+            root = self.store.catalog(self.home).host_cache_root
+            if root.is_dir():  # workers that never loaded leave none
+                tier = HostTier(root, budget_bytes=self.store.host_cache_bytes)
+                self.host_tier_released_bytes = tier.release_unpinned()
 
     # -- placement ------------------------------------------------------------------
 

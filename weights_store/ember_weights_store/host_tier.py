@@ -166,7 +166,18 @@ class HostTier:
 
     def put(self, key: str, data: Pieces) -> None:
         """Stores ``data`` (one buffer, or pieces written one after another) as ``key``."""
+        self._put(key, data, keep_existing=False)
+
+    def put_if_absent(self, key: str, data: Pieces) -> bool:
+        """:meth:`put`, unless ``key`` is there already (False: nothing written). For
+        objects any of several processes may produce, identical whoever does: replacing
+        one would leave the processes that mapped it holding a second, orphaned copy."""
+        return self._put(key, data, keep_existing=True)
+
+    def _put(self, key: str, data: Pieces, *, keep_existing: bool) -> bool:
         validate_key(key)
+        if keep_existing and self._dir.path(key).is_file():
+            return False
         size = sum(piece.nbytes for piece in pieces_of(data))
         if size > self.budget_bytes:
             raise ObjectTooLargeError(
@@ -179,17 +190,34 @@ class HostTier:
         tmp, final = self._dir.write_temp(key, data)
         try:
             with self._locked():
+                if keep_existing and final.is_file():
+                    return False  # another process's put won the race
                 self._make_room_locked(key, size)
                 self._dir.rename(key, tmp, final)
                 self._touch(final)
         finally:
             tmp.unlink(missing_ok=True)  # gone already after a successful rename
+        return True
 
     def delete(self, key: str) -> bool:
         """Removes ``key`` even if pinned: an explicit delete overrides the pins."""
         validate_key(key)
         with self._locked():
             return self._dir.unlink(key)
+
+    def release_unpinned(self) -> int:
+        """Removes every object no live process pins and returns the bytes given back to
+        the OS. For a process that filled the tier for its own workers and is done with
+        it: tmpfs files outlive their writers, so without this they hold their RAM until
+        reboot. A process that still maps a removed object keeps its pages until it
+        unmaps them; objects other processes pin stay."""
+        freed = 0
+        with self._locked():
+            pinned = self._live_pins_locked()
+            for key, st in list(self._dir.scan(remove_stale_temp=True)):
+                if key not in pinned and self._dir.unlink(key):
+                    freed += st.st_size
+        return freed
 
     def usage(self) -> TierUsage:
         # Shared lock: a consistent snapshot between two commits, computed from the directory

@@ -42,7 +42,7 @@ from ember_weights_store.manifest import ChunkEntry, Manifest
 from ember_weights_store.mapping import map_chunk_files
 from ember_weights_store.staging import StagingRing, copy_engine_for
 from ember_weights_store.store import WeightsStore
-from ember_weights_store.verified import VerifiedCopies
+from ember_weights_store.verified import FileIdentity, VerifiedCopies
 
 __all__ = ["DEFAULT_LOAD_THREADS", "LoadedWeights", "load"]
 
@@ -212,7 +212,11 @@ def _map_from_cache(
                 return _map_tier(store, manifest, report, threads, index, tier, owner, verified)
             tier.unpin(owner)
         elif isinstance(tier, DiskTier) and all(tier.has(k) for k in keys):
-            return _map_tier(store, manifest, report, threads, index, tier, None, verified)
+            mapped = _map_tier(store, manifest, report, threads, index, tier, None, verified)
+            host = next((t for t in store.tiers[:index] if isinstance(t, HostTier)), None)
+            if mapped is None or host is None:
+                return mapped
+            return _map_filled_host(store, manifest, report, threads, mapped, host) or mapped
         if not tier.holds_decoded:
             return None  # an object tier: chunks must be fetched and decoded
     return None
@@ -287,6 +291,45 @@ def _map_tier(
     report.mapped = True
     job.to_promote = [(c, index) for c in manifest.chunks]  # into the nearer cache tiers
     return buffers, job
+
+
+def _map_filled_host(
+    store: WeightsStore,
+    manifest: Manifest,
+    report: LoadReport,
+    threads: int,
+    mapped: tuple[dict[str, torch.Tensor], LoadJob],  # the disk tier's files, checked
+    host: HostTier,
+) -> tuple[dict[str, torch.Tensor], LoadJob] | None:
+    """A store with a host tier is one whose machine shares models across processes: a
+    load that mapped the disk tier's files fills the host tier now, from that checked
+    mapping, and maps the host tier's copy instead (None if it cannot: the disk mapping
+    stands). Mapping the disk files would leave this process alone on their page-cache
+    pages while every later process maps the host copy: two copies of the model in RAM,
+    for as long as this one runs (measured: SmolLM2's first worker of a pool held 256 MiB
+    of the disk tier's pages, its second the same of the host tier's)."""
+    started = time.perf_counter()
+    disk_buffers, job = mapped
+    from_disk = (dict(report.chunks_by_tier), report.verified_ahead, report.fetch_s)
+    report.promoted_bytes += sum(f.result() for f in job.promote_in_background(disk_buffers))
+    keys = [c.hash for c in manifest.chunks]
+    written = VerifiedCopies()  # from the checked mapping, just now: not hashed again
+    for key in keys:
+        try:
+            written.add(key, FileIdentity.of(os.stat(host.object_path(key))))
+        except OSError:
+            return None  # the host tier could not take the model (full)
+    owner = f"load-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+    host.pin(keys, owner=owner)
+    if not all(written.covers(k, host.object_path(k)) for k in keys):
+        host.unpin(owner)  # evicted or replaced since it was written
+        return None
+    index = store.tiers.index(host)
+    remapped = _map_tier(store, manifest, report, threads, index, host, owner, written)
+    # Reported as the disk load it was, the fill apart.
+    report.chunks_by_tier, report.verified_ahead, report.fetch_s = from_disk
+    report.host_fill_s = time.perf_counter() - started
+    return remapped
 
 
 def _buffers_for(manifest: Manifest, reuse: LoadedWeights | None) -> dict[str, torch.Tensor]:

@@ -1,0 +1,55 @@
+"""The host-tier plan of a pool: decided from the pool's size, the checkpoint's bytes and
+free /dev/shm, in plain Python (the real tier, filled and given back by a pool of real
+workers, is in ``test_manager.py``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ember_warmpool.host_sharing import (
+    auto_host_sharing,
+    checkpoint_bytes,
+    plan_host_sharing,
+    shm_free_bytes,
+)
+
+MIB = 1 << 20
+GIB = 1 << 30
+
+
+def test_one_worker_at_a_time_shares_nothing() -> None:
+    plan = plan_host_sharing(max_workers=1, checkpoint_bytes=270 * MIB, shm_free_bytes=12 * GIB)
+    assert not plan.enabled and plan.budget_bytes == 0
+    assert "one worker" in plan.reason
+
+
+def test_several_workers_get_room_for_the_weights_and_their_wider_copies() -> None:
+    plan = plan_host_sharing(max_workers=4, checkpoint_bytes=270 * MIB, shm_free_bytes=12 * GIB)
+    assert plan.enabled and plan.budget_bytes == 5 * 270 * MIB
+    assert "1350 MiB" in plan.reason and "given back" in plan.reason
+
+
+def test_the_budget_never_takes_more_than_half_of_free_shm() -> None:
+    plan = plan_host_sharing(max_workers=2, checkpoint_bytes=2 * GIB, shm_free_bytes=10 * GIB)
+    assert plan.budget_bytes == 5 * GIB  # not the 10 GiB it would like
+
+
+def test_too_small_a_shm_turns_sharing_off_and_says_what_to_do() -> None:
+    # Docker's default /dev/shm is 64 MiB.
+    plan = plan_host_sharing(max_workers=2, checkpoint_bytes=270 * MIB, shm_free_bytes=64 * MIB)
+    assert not plan.enabled
+    assert "540 MiB" in plan.reason and "--shm-size" in plan.reason
+    assert "host_cache_mib" in plan.reason
+
+
+def test_inputs_are_measured_from_the_model_and_the_tmpfs(tmp_path: Path) -> None:
+    (tmp_path / "model-00001.safetensors").write_bytes(b"x" * 3000)
+    (tmp_path / "model-00002.safetensors").write_bytes(b"x" * 1000)
+    (tmp_path / "tokenizer.json").write_bytes(b"{}" * 5000)  # not weights
+    assert checkpoint_bytes(tmp_path) == 4000
+    assert shm_free_bytes(tmp_path / "missing") == 0
+    assert shm_free_bytes(tmp_path) > 0
+    store, plan = auto_host_sharing(tmp_path, max_workers=3, shm=tmp_path)
+    assert plan.enabled and store.host_cache_bytes == plan.budget_bytes == 5 * 4000
+    store, plan = auto_host_sharing(tmp_path, max_workers=3, shm=tmp_path / "missing")
+    assert not plan.enabled and store.host_cache_bytes == 0

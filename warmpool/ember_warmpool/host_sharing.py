@@ -1,0 +1,105 @@
+"""Whether a pool's workers share one copy of the model in host RAM, and how much.
+
+The host tier (``ember_weights_store.HostTier``, files in /dev/shm) is where the
+workers of one machine share a model: the decoded weights, which every worker maps
+instead of reading its own, and the matrices the first worker packed for oneDNN, which
+later workers map instead of packing their own (``packed_cache``). On SmolLM2 a worker
+then holds ~175 MiB of private RAM instead of ~430-600 (``bench/packed_sharing.py``).
+
+The tier costs RAM of its own, held while the pool runs, so it pays only where a pool
+can run more than one worker. :func:`plan_host_sharing` decides that in plain Python;
+:func:`auto_host_sharing` measures its inputs (the checkpoint's bytes, free /dev/shm)
+and returns the plan with the ``StoreConfig`` to run the pool on. A pool started on an
+automatic plan gives the tier's unpinned objects back when it closes
+(``HostTier.release_unpinned``); a budget an operator set is a cache kept across
+restarts instead.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ember_functions.loading import StoreConfig
+
+# The tier holds the checkpoint's chunks, and at most two copies in the compute dtype:
+# the bound weights (only where binding converts) and the packed matrices. A bf16
+# checkpoint computed in float32 is the widest case: 1 + 2 + 2 times the checkpoint.
+_CHECKPOINT_MULTIPLE = 5
+# Never plan more than this share of /dev/shm's free space: it is the machine's RAM.
+_SHM_SHARE = 0.5
+
+_MIB = 1 << 20
+
+
+@dataclass(frozen=True)
+class HostSharingPlan:
+    budget_bytes: int  # the host tier's budget; 0: off, each worker reads its own copy
+    reason: str  # one line for the operator: what was decided, and why
+
+    @property
+    def enabled(self) -> bool:
+        return self.budget_bytes > 0
+
+
+def plan_host_sharing(
+    *, max_workers: int, checkpoint_bytes: int, shm_free_bytes: int
+) -> HostSharingPlan:
+    """The host tier a pool of up to ``max_workers`` workers of a ``checkpoint_bytes``
+    model gets, with ``shm_free_bytes`` free in /dev/shm.
+
+    Example::
+
+        plan_host_sharing(max_workers=4, checkpoint_bytes=270 << 20, shm_free_bytes=12 << 30)
+        # HostSharingPlan(budget_bytes=1415577600, reason='workers share ...')
+    """
+    if max_workers <= 1:
+        return HostSharingPlan(
+            0, "host tier off: the pool runs one worker at a time, so nothing is shared"
+        )
+    want = _CHECKPOINT_MULTIPLE * checkpoint_bytes
+    allowed = int(shm_free_bytes * _SHM_SHARE)
+    # The weights and one packed copy in the same dtype must fit, or sharing saves little.
+    least = 2 * checkpoint_bytes
+    if allowed < least:
+        return HostSharingPlan(
+            0,
+            f"host tier off: sharing the model needs at least {least // _MIB} MiB of "
+            f"/dev/shm and half of its free {shm_free_bytes // _MIB} MiB is less; enlarge "
+            "/dev/shm (docker run --shm-size) or set host_cache_mib",
+        )
+    budget = min(want, allowed)
+    return HostSharingPlan(
+        budget,
+        f"workers share the model in host RAM (/dev/shm): a tier of up to "
+        f"{budget // _MIB} MiB, given back when the pool closes",
+    )
+
+
+def checkpoint_bytes(model_dir: Path) -> int:
+    """Bytes of a Hugging Face directory's safetensors files: the decoded weights."""
+    return sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors"))
+
+
+def shm_free_bytes(shm: Path = Path("/dev/shm")) -> int:
+    """Bytes an unprivileged process may still write to the tmpfs at ``shm``; 0 if there
+    is none."""
+    try:
+        st = os.statvfs(shm)
+    except OSError:
+        return 0
+    return st.f_bavail * st.f_frsize
+
+
+def auto_host_sharing(
+    model_dir: Path, *, max_workers: int, shm: Path = Path("/dev/shm")
+) -> tuple[StoreConfig, HostSharingPlan]:
+    """The store a pool of the model in ``model_dir`` runs on when nobody set a host
+    tier budget, and the plan behind it."""
+    plan = plan_host_sharing(
+        max_workers=max_workers,
+        checkpoint_bytes=checkpoint_bytes(model_dir),
+        shm_free_bytes=shm_free_bytes(shm),
+    )
+    return StoreConfig(host_cache_bytes=plan.budget_bytes), plan
