@@ -161,8 +161,14 @@ class ServeSettings:
             if raw is not None:
                 merged[name] = _parse(name, raw, f.type)
         merged.update({k: v for k, v in flags.items() if v is not None and k in known})
-        if merged.get("host_cache_mib") == "auto":  # a config file's or the environment's
-            merged["host_cache_mib"] = None
+        mib = merged.get("host_cache_mib")
+        if isinstance(mib, str):  # "auto", or a flag's number
+            try:
+                merged["host_cache_mib"] = None if mib == "auto" else int(mib)
+            except ValueError:
+                raise ConfigError(
+                    f'host_cache_mib must be a number of MiB or "auto", got {mib!r}'
+                ) from None
         return cls(**merged)
 
 
@@ -170,8 +176,6 @@ def _parse(name: str, raw: str, kind: Any) -> Any:
     try:
         if kind in ("int", int):
             return int(raw)
-        if kind == "int | None":  # host_cache_mib: a size, or "auto"
-            return raw if raw == "auto" else int(raw)
         if kind in ("float", float):
             return float(raw)
         if kind in ("bool", bool):
@@ -301,5 +305,11 @@ def register(sub: Any) -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--min-warm", dest="pool_min_warm", type=int, default=None)
     p.add_argument("--max-workers", dest="pool_max_workers", type=int, default=None)
+    p.add_argument(
+        "--host-cache-mib",
+        dest="host_cache_mib",
+        default=None,
+        help='host RAM the workers share the model in: "auto" (default), MiB, or 0 (off)',
+    )
     p.add_argument("--log-level", dest="log_level", default=None)
     p.set_defaults(serve_handler=cmd_serve)

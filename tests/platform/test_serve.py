@@ -65,6 +65,9 @@ def test_settings_precedence_and_validation(tmp_path: Path) -> None:
     assert ServeSettings.load({}, env={}, config=config).host_cache_mib == 2048
     with pytest.raises(ConfigError, match=r'host_cache_mib must be .* or "auto"'):
         ServeSettings(host_cache_mib=-1)
+    assert ServeSettings.load({"host_cache_mib": "512"}, env={}, config=None).host_cache_mib == 512
+    with pytest.raises(ConfigError, match=r'host_cache_mib must be a number of MiB or "auto"'):
+        ServeSettings.load({}, env={"EMBER_SERVE_HOST_CACHE_MIB": "lots"}, config=None)
 
 
 def test_pool_settings_build_the_policy_and_forecaster_or_say_what_is_wrong() -> None:

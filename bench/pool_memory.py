@@ -1,0 +1,123 @@
+"""The RAM of an `ember serve` pool of N workers: sharing the model through the host tier
+(the default once a pool can run more than one worker) against each worker on its own.
+
+    python bench/pool_memory.py [--model smollm2-135m] [--workers 2,3] [--rounds 2]
+        [--json FILE]
+
+For each pool size and mode, in a fresh host tier, it starts `ember serve --min-warm N
+--max-workers N` (the peer: `--host-cache-mib 0`, no host tier, as every pool was before),
+waits until every worker has packed its matrices and gone quiet, and reads `/workers`:
+
+- ``pss MiB``: the sum over the workers of their proportional set size, each shared page
+  split among the processes mapping it. Every page a worker maps is counted once in the
+  sum, page cache and /dev/shm included: the pool's RAM.
+- ``private MiB``: the sum of their private pages (what stopping them frees at once).
+- ``tier MiB``: what the host tier holds in /dev/shm (all of it is mapped when shared).
+- ``boot load s``: the first worker's load phase; sharing fills the host tier from the
+  disk tier there, once per machine boot.
+
+Then SIGTERM to the server's whole process group, as systemd sends it, and what is left
+in /dev/shm. Modes alternate per round; medians over rounds. The ratio is alone / shared
+(above 1: sharing wins).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+MODES = {"shared": "auto", "alone": "0"}  # --host-cache-mib of each
+
+
+def _tier_mib(root: Path) -> float:
+    total = sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) if root.exists() else 0
+    return total / 2**20
+
+
+def _settled(rows: list[dict[str, Any]], workers: int) -> bool:
+    ready = [r for r in rows if r["state"] == "READY"]
+    return len(ready) == workers and all(r.get("pack_s") is not None for r in ready)
+
+
+def run_pool(model: str, home: Path, workers: int, mode: str, threads: int) -> dict[str, float]:
+    import httpx
+
+    from ember_platform.serve_process import free_port, start_serve
+    from ember_weights_store import ModelCatalog
+
+    root = ModelCatalog(home).host_cache_root
+    shutil.rmtree(root, ignore_errors=True)  # a fresh host tier, as after a machine boot
+    args = ["--model", model, "--threads", str(threads), "--log-level", "warning"]
+    args += ["--min-warm", str(workers), "--max-workers", str(workers)]
+    args += ["--host-cache-mib", MODES[mode]]
+    server = start_serve(home, port=free_port(), args=args, new_session=True)
+    group = os.getpgid(server.proc.pid)
+    try:
+        with httpx.Client(base_url=server.base_url, timeout=30) as http:
+            deadline = time.monotonic() + 300
+            while not _settled(rows := http.get("/workers").json()["data"], workers):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the pool never settled: {rows}")
+                time.sleep(0.2)
+            time.sleep(2.0)  # a shared worker switches to the stored copy once idle
+            rows = http.get("/workers").json()["data"]
+        boot = min(rows, key=lambda r: r["worker_id"])
+        out = {
+            "pss_mib": sum(r["proportional_bytes"] for r in rows) / 2**20,
+            "private_mib": sum(r["private_bytes"] for r in rows) / 2**20,
+            "tier_mib": _tier_mib(root),
+            "boot_load_s": float(boot["cold_start"]["load_s"]),
+        }
+    finally:
+        os.killpg(group, signal.SIGTERM)
+    server.proc.wait(timeout=60)
+    out["tier_mib_after_stop"] = _tier_mib(root)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--workers", default="2,3", help="pool sizes, comma-separated")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="per worker")
+    ap.add_argument("--home", default=None, help="default: the usual EMBER_HOME")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    from ember_weights_store import ModelCatalog, default_home
+
+    home = Path(args.home) if args.home else default_home()
+    ModelCatalog(home).path_for(args.model)  # installed: `ember models add` first
+    sizes = [int(n) for n in args.workers.split(",")]
+    runs: dict[str, list[dict[str, float]]] = {}
+    for n in sizes:
+        for r in range(args.rounds):
+            order = list(MODES) if r % 2 == 0 else list(reversed(MODES))
+            for mode in order:
+                got = run_pool(args.model, home, n, mode, args.threads)
+                print(f"[{n} workers, {mode}, round {r + 1}] {got}", flush=True)
+                runs.setdefault(f"{n}-{mode}", []).append(got)
+    result: dict[str, Any] = {"model": args.model, "rounds": args.rounds, "workers": sizes}
+    print(f"\n{args.model}, medians of {args.rounds} (alone / shared: above 1, sharing wins)")
+    print(f"{'workers':<8}{'figure':<22}{'shared':>10}{'alone':>10}{'ratio':>8}")
+    for n in sizes:
+        for key in ("pss_mib", "private_mib", "tier_mib", "boot_load_s", "tier_mib_after_stop"):
+            shared = statistics.median(x[key] for x in runs[f"{n}-shared"])
+            alone = statistics.median(x[key] for x in runs[f"{n}-alone"])
+            ratio = f"{alone / shared:.2f}" if shared else "-"
+            print(f"{n:<8}{key:<22}{shared:>10.2f}{alone:>10.2f}{ratio:>8}")
+            result[f"{key}_shared_{n}"], result[f"{key}_alone_{n}"] = shared, alone
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

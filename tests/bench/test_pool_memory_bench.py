@@ -1,0 +1,36 @@
+"""bench/pool_memory.py runs end to end on SmolLM2 (one round, a pool of two) and shows
+what it is there to show: two workers sharing the model through the host tier hold far
+less RAM between them than two on their own, and stopping the server, by SIGTERM to its
+whole process group, leaves nothing in /dev/shm."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_pool_memory_bench_writes_its_json(
+    tmp_path: Path, ember_test_home: Path, smollm2_dir: Path
+) -> None:
+    out = tmp_path / "pool.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "pool_memory.py"), "--workers", "2",
+         "--rounds", "1", "--home", str(ember_test_home), "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    # SmolLM2 is ~256 MiB of weights and ~256 MiB packed: alone, the second worker adds
+    # its own packed copy (and the first holds the disk tier's pages); shared, neither.
+    assert result["pss_mib_shared_2"] < 0.7 * result["pss_mib_alone_2"], proc.stdout
+    assert result["tier_mib_shared_2"] > 400 and result["tier_mib_alone_2"] == 0
+    assert result["tier_mib_after_stop_shared_2"] == 0, proc.stdout
