@@ -58,6 +58,25 @@ def ember_test_home() -> Path:
     return Path(os.environ.get("EMBER_TEST_HOME", root / ".cache" / "ember-test"))
 
 
+@pytest.fixture
+def tiny_home(tiny_model: TinyModelFactory, tmp_path: Path) -> Iterator[Path]:
+    """A home with the tiny llama installed as ``tiny``, as ``ember models add`` leaves a
+    model: its chunks in the bucket, its directory under ``models/``. Its host tier, if
+    a test fills one, is removed after."""
+    import shutil
+
+    from ember_weights_store import ModelCatalog
+
+    model_dir = tiny_model("llama")
+    home = tmp_path / "home"
+    catalog = ModelCatalog(home)
+    catalog.store().import_hf_dir(model_dir, model_id="tiny")
+    catalog.models_dir.mkdir(parents=True)
+    (catalog.models_dir / "tiny").symlink_to(model_dir)
+    yield home
+    shutil.rmtree(catalog.host_cache_root, ignore_errors=True)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _release_host_tiers(
     tmp_path_factory: pytest.TempPathFactory, ember_test_home: Path

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -187,20 +186,9 @@ def test_without_a_host_tier_every_engine_packs_its_own(
     assert engine.packing.private_units == engine.packing.units
 
 
-def test_worker_processes_say_they_run_on_the_shared_packing(
-    tmp_path: Path, tiny_model: Callable[..., Path]
-) -> None:
+def test_worker_processes_say_they_run_on_the_shared_packing(tiny_home: Path) -> None:
     skip_unless_shared(torch.float32)
-    home = tmp_path / "home"  # the tiny model installed, as `ember models add` leaves it
-    installed = ModelCatalog(home)
-    installed.store().import_hf_dir(tiny_model("llama"), model_id="tiny")
-    installed.models_dir.mkdir(parents=True)
-    (installed.models_dir / "tiny").symlink_to(tiny_model("llama"))
-    store = StoreConfig(host_cache_bytes=256 << 20)
-    try:
-        _two_workers(home, store)
-    finally:
-        shutil.rmtree(store.catalog(home).host_cache_root, ignore_errors=True)
+    _two_workers(tiny_home, StoreConfig(host_cache_bytes=256 << 20))
 
 
 def _two_workers(home: Path, store: StoreConfig) -> None:

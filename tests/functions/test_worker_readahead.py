@@ -5,9 +5,7 @@ worker it forks (``Zygote.prepare(weights=)``)."""
 from __future__ import annotations
 
 import os
-import shutil
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -17,7 +15,6 @@ from ember_functions.launch import Zygote
 from ember_functions.loading import StoreConfig, WeightsSource
 from ember_functions.sampling_params import SamplingParams
 from ember_functions.worker_process import WorkerProcess
-from ember_weights_store import ModelCatalog
 from ember_weights_store.loader import load
 
 CONFIG = EngineConfig(dtype="float32", num_kv_blocks=64, block_size=16, num_threads=1)
@@ -25,16 +22,9 @@ GREEDY = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
 
 
 @pytest.fixture
-def home(tiny_model: Callable[..., Path], tmp_path: Path) -> Iterator[Path]:
+def home(tiny_home: Path) -> Path:
     """A home with the tiny model installed, as ``ember models add`` leaves one."""
-    model_dir = tiny_model("llama")
-    home = tmp_path / "home"
-    catalog = ModelCatalog(home)
-    catalog.store().import_hf_dir(model_dir, model_id="tiny")
-    catalog.models_dir.mkdir(parents=True)
-    (catalog.models_dir / "tiny").symlink_to(model_dir)
-    yield home
-    shutil.rmtree(StoreConfig(host_cache_bytes=1).catalog(home).host_cache_root, ignore_errors=True)
+    return tiny_home
 
 
 def _spawn(home: Path, store: StoreConfig, launcher: Zygote | None = None) -> WorkerProcess:

@@ -11,8 +11,8 @@ can run more than one worker. :func:`plan_host_sharing` decides that in plain Py
 :func:`auto_host_sharing` measures its inputs (the checkpoint's bytes, free /dev/shm)
 and returns the plan with the ``StoreConfig`` to run the pool on. A pool started on an
 automatic plan gives the tier's unpinned objects back when it closes
-(``HostTier.release_unpinned``); a budget an operator set is a cache kept across
-restarts instead.
+(:func:`release_host_tier`); a budget an operator set is a cache kept across restarts
+instead.
 """
 
 from __future__ import annotations
@@ -103,3 +103,17 @@ def auto_host_sharing(
         shm_free_bytes=shm_free_bytes(shm),
     )
     return StoreConfig(host_cache_bytes=plan.budget_bytes), plan
+
+
+def release_host_tier(store: StoreConfig, home: Path) -> int:
+    """Gives back what ``store``'s host tier in ``home`` holds that no live process pins
+    (``HostTier.release_unpinned``): the bytes freed, 0 without a tier. A pool on an
+    automatic plan calls it once its workers are gone."""
+    if not store.host_cache_bytes:
+        return 0
+    from ember_weights_store.host_tier import HostTier
+
+    root = store.catalog(home).host_cache_root
+    if not root.is_dir():  # workers that never loaded leave none
+        return 0
+    return HostTier(root, budget_bytes=store.host_cache_bytes).release_unpinned()

@@ -159,13 +159,10 @@ class ModelPool:
             self._thread.join(timeout=10)
         if self._forecast is not None:
             self._forecast.save()
-        if self.release_host_tier and self.store.host_cache_bytes:
-            from ember_weights_store.host_tier import HostTier
+        if self.release_host_tier:
+            from ember_warmpool.host_sharing import release_host_tier
 
-            root = self.store.catalog(self.home).host_cache_root
-            if root.is_dir():  # workers that never loaded leave none
-                tier = HostTier(root, budget_bytes=self.store.host_cache_bytes)
-                self.host_tier_released_bytes = tier.release_unpinned()
+            self.host_tier_released_bytes = release_host_tier(self.store, self.home)
 
     # -- placement ------------------------------------------------------------------
 
