@@ -145,6 +145,8 @@ class _Loader:
             "fetch_s": report.fetch_s,
             "decompress_s": report.decompress_s,
             "verify_s": report.verify_s,
+            # Filling the pool's host tier from the disk tier, once per machine boot.
+            "host_fill_s": report.host_fill_s,
             "weights_wall_s": report.wall_s,
         }
 

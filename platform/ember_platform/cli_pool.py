@@ -20,6 +20,7 @@ PHASES = (
     "manifest_s",
     "fetch_s",
     "decompress_s",
+    "host_fill_s",  # the pool's first worker after a boot: the host tier filled from disk
     "load_s",
     "host_s",  # to HOST warmth: the weights in RAM
     "bind_s",  # a promotion from HOST: binding them

@@ -415,6 +415,9 @@ def test_a_pool_of_several_workers_shares_the_model_in_host_ram_and_gives_it_bac
         wait_for(lambda: tier.usage().num_objects > 0, "the weights reached the host tier")
         held = tier.usage().size_bytes
         assert held >= 0.9 * checkpoint_bytes(model_dir)
+        # The boot worker filled it (a phase of its cold start), the second found it full.
+        fills = sorted(phases["host_fill_s"] for phases in pool.cold_starts.values())
+        assert fills[0] == 0.0 and fills[1] > 0.0, pool.cold_starts
         out = asyncio.run(collect(PoolRouter({"m": pool}), "m", "r", SHORT))
         assert out[-1].usage.completion_tokens == 4
     finally:

@@ -1,7 +1,8 @@
 """Loading from the host tier maps its chunk files in place: same tensors, chunks pinned while
 in use, a corrupt copy falls back to the copying path, and four worker processes loading the
 same model hold one copy of it in RAM. The disk tier's chunk files are mapped the same way
-when no nearer tier holds them all, and promoted into the host tier from the mapping."""
+when no nearer tier holds them all. A load that did not come from the host tier fills it
+and maps that copy, so the first process of a machine does not hold the model alone."""
 
 from __future__ import annotations
 
@@ -67,7 +68,12 @@ def test_host_load_maps_chunks_in_place_and_pins_them_while_alive(
     first = load(store, "m")
     n = len(first.manifest.chunks)
     assert n == 9  # 8 MiB of bf16 in 1 MiB chunks, and the float32 buffer
-    assert not first.report.mapped and first.report.chunks_by_tier == {"bucket": n}
+    # Decoded from the bucket, written into the host tier, and mapped there.
+    assert first.report.chunks_by_tier == {"bucket": n} and first.report.mapped
+    assert first.report.promoted_bytes == sum(c.raw_size for c in first.manifest.chunks)
+    assert _mapped_from(host_root) >= n and first.report.host_fill_s > 0
+    for name, t in original.items():
+        assert torch.equal(first.tensors[name], t), name
     first.wait_promoted()
     del first
     gc.collect()
@@ -96,10 +102,13 @@ def test_corrupt_host_chunk_is_discarded_and_the_load_copies_instead(
     victim = origin.manifest("m").chunks[2].hash
     _flip_bit(host.object_path(victim), at=100)
     loaded = load(store, "m")
-    assert not loaded.report.mapped
     assert f"host:{victim}" in loaded.report.discarded
+    assert loaded.report.chunks_by_tier == {"host": 4, "bucket": 1}  # the bad one refetched
     for name, t in original.items():
         assert torch.equal(loaded.tensors[name], t), name
+    # And the host tier holds a good copy again, which this load maps.
+    (bad,) = [c for c in loaded.manifest.chunks if c.hash == victim]
+    assert fast_checksum(host.get(victim)) == bad.checksum and loaded.report.mapped
 
 
 def _disk_tier_holding(tmp_path: Path) -> tuple[dict[str, torch.Tensor], DiskTier, LocalBucketTier]:

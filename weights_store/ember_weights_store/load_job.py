@@ -225,6 +225,8 @@ class LoadJob:
         def run() -> int:
             written = 0
             for chunk, tier in work:
+                if tier.has(chunk.hash):
+                    continue  # another load's, or this one's (filled before mapping it)
                 data = memoryview(
                     buffers[chunk.dtype][chunk.offset_bytes : chunk.end_bytes].numpy()  # type: ignore[arg-type]
                 )

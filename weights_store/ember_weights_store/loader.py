@@ -120,7 +120,7 @@ def load(
     if target.type != "cpu" or staging_slots is not None:
         return _load_staged(store, manifest, report, t0, target, threads, staging_slots or 4)
     if zero_copy:
-        mapped = _map_from_cache(store, manifest, report, threads, verified)
+        mapped = _map_from_cache(store, manifest, report, threads, verified, fill_host=promote)
         if mapped is not None:
             buffers, job = mapped
             report.wall_s = time.perf_counter() - t0
@@ -134,6 +134,11 @@ def load(
     pool = store.pool(threads)
     for f in [pool.submit(job.into_buffer, c, buffers) for c in manifest.chunks]:
         f.result()
+    host = _host_tier(store, len(store.tiers))
+    if zero_copy and host is not None and promote:
+        moved = _map_filled_host(store, manifest, report, threads, (buffers, job), host)
+        if moved is not None:
+            buffers, job = moved
     report.wall_s = time.perf_counter() - t0
     loaded = LoadedWeights(manifest, buffers, _tensor_views(manifest, buffers), report)
     if promote:
@@ -189,6 +194,8 @@ def _map_from_cache(
     report: LoadReport,
     threads: int,
     verified: VerifiedCopies | None,
+    *,
+    fill_host: bool,
 ) -> tuple[dict[str, torch.Tensor], LoadJob] | None:
     """The zero-copy path: when the nearest cache tier holding every chunk keeps them as
     files (host RAM, or the disk tier when no nearer tier holds them all), map the chunk
@@ -213,7 +220,7 @@ def _map_from_cache(
             tier.unpin(owner)
         elif isinstance(tier, DiskTier) and all(tier.has(k) for k in keys):
             mapped = _map_tier(store, manifest, report, threads, index, tier, None, verified)
-            host = next((t for t in store.tiers[:index] if isinstance(t, HostTier)), None)
+            host = _host_tier(store, index) if fill_host else None
             if mapped is None or host is None:
                 return mapped
             return _map_filled_host(store, manifest, report, threads, mapped, host) or mapped
@@ -293,43 +300,56 @@ def _map_tier(
     return buffers, job
 
 
+def _host_tier(store: WeightsStore, before: int) -> HostTier | None:
+    """The store's host tier, if it has one among its first ``before`` tiers."""
+    return next((t for t in store.tiers[:before] if isinstance(t, HostTier)), None)
+
+
 def _map_filled_host(
     store: WeightsStore,
     manifest: Manifest,
     report: LoadReport,
     threads: int,
-    mapped: tuple[dict[str, torch.Tensor], LoadJob],  # the disk tier's files, checked
+    loaded: tuple[dict[str, torch.Tensor], LoadJob],  # checked: the disk tier's, or copies
     host: HostTier,
 ) -> tuple[dict[str, torch.Tensor], LoadJob] | None:
     """A store with a host tier is one whose machine shares models across processes: a
-    load that mapped the disk tier's files fills the host tier now, from that checked
-    mapping, and maps the host tier's copy instead (None if it cannot: the disk mapping
-    stands). Mapping the disk files would leave this process alone on their page-cache
-    pages while every later process maps the host copy: two copies of the model in RAM,
-    for as long as this one runs (measured: SmolLM2's first worker of a pool held 256 MiB
-    of the disk tier's pages, its second the same of the host tier's)."""
+    load that did not come from it (the disk tier's files mapped, or chunks fetched and
+    decoded into this process's buffers) fills it now, from those checked bytes, and maps
+    the host tier's copy instead (None if it cannot: the buffers stand). Otherwise this
+    process would hold the model alone, in page-cache pages or its own memory, while
+    every later process maps the host copy: two copies in RAM for as long as it runs
+    (measured: SmolLM2's first worker of a pool held 256 MiB of the disk tier's pages,
+    its second the same of the host tier's; ``bench/pool_memory.py``)."""
     started = time.perf_counter()
-    disk_buffers, job = mapped
-    from_disk = (dict(report.chunks_by_tier), report.verified_ahead, report.fetch_s)
-    report.promoted_bytes += sum(f.result() for f in job.promote_in_background(disk_buffers))
+    buffers, job = loaded
     keys = [c.hash for c in manifest.chunks]
-    written = VerifiedCopies()  # from the checked mapping, just now: not hashed again
-    for key in keys:
-        try:
-            written.add(key, FileIdentity.of(os.stat(host.object_path(key))))
-        except OSError:
-            return None  # the host tier could not take the model (full)
     owner = f"load-{os.getpid()}-{uuid.uuid4().hex[:12]}"
-    host.pin(keys, owner=owner)
-    if not all(written.covers(k, host.object_path(k)) for k in keys):
-        host.unpin(owner)  # evicted or replaced since it was written
+    host.pin(keys, owner=owner)  # first: the puts below can then never evict each other
+    written = VerifiedCopies()  # from checked bytes, just now: not hashed again
+    try:
+        for chunk in manifest.chunks:
+            view = buffers[chunk.dtype][chunk.offset_bytes : chunk.end_bytes]
+            if host.put_if_absent(chunk.hash, memoryview(view.numpy())):  # type: ignore[arg-type]
+                report.promoted_bytes += chunk.raw_size
+            written.add(chunk.hash, FileIdentity.of(os.stat(host.object_path(chunk.hash))))
+    except (OSError, EmberError):  # the tier cannot hold the model: keep what was loaded
+        host.unpin(owner)
         return None
+    as_loaded = (
+        dict(report.chunks_by_tier),
+        report.verified_ahead,
+        report.fetch_s,
+        report.stored_bytes,
+    )
     index = store.tiers.index(host)
     remapped = _map_tier(store, manifest, report, threads, index, host, owner, written)
-    # Reported as the disk load it was, the fill apart.
-    report.chunks_by_tier, report.verified_ahead, report.fetch_s = from_disk
+    # Reported as the load it was, the fill apart.
+    report.chunks_by_tier, report.verified_ahead, report.fetch_s, report.stored_bytes = as_loaded
     report.host_fill_s = time.perf_counter() - started
-    return remapped
+    # The load's own promotions still fill the tiers further out (the host tier, full
+    # already, is skipped), from the host tier's pages now.
+    return None if remapped is None else (remapped[0], job)
 
 
 def _buffers_for(manifest: Manifest, reuse: LoadedWeights | None) -> dict[str, torch.Tensor]:
