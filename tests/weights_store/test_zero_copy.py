@@ -169,6 +169,23 @@ def test_with_a_host_tier_a_disk_load_fills_it_and_maps_the_host_copy(
     assert again.report.host_fill_s == 0
 
 
+def test_a_host_copy_the_fill_did_not_write_is_checked_before_it_is_mapped(
+    tmp_path: Path, host_root: Path
+) -> None:
+    original, disk, bucket = _disk_tier_holding(tmp_path)
+    host = HostTier(host_root, budget_bytes=256 * MIB)
+    victim = WeightsStore([bucket]).manifest("m").chunks[1]
+    # Left by an earlier fill cut short, and corrupt since: the only chunk in the tier.
+    host.put(victim.hash, bytes(victim.raw_size))  # the right size, the wrong bytes
+
+    loaded = load(WeightsStore([host, disk, bucket]), "m")
+
+    assert f"host:{victim.hash}" in loaded.report.discarded
+    assert _mapped_from(tmp_path / "disk") >= 1  # the disk tier's mapping stands
+    for name, t in original.items():
+        assert torch.equal(loaded.tensors[name], t), name
+
+
 def test_a_host_tier_too_small_for_the_model_leaves_the_disk_mapping(
     tmp_path: Path, host_root: Path
 ) -> None:

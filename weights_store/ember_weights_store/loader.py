@@ -326,13 +326,15 @@ def _map_filled_host(
     keys = [c.hash for c in manifest.chunks]
     owner = f"load-{os.getpid()}-{uuid.uuid4().hex[:12]}"
     host.pin(keys, owner=owner)  # first: the puts below can then never evict each other
-    written = VerifiedCopies()  # from checked bytes, just now: not hashed again
+    # Copies written here, from checked bytes, are not hashed again when mapped; copies
+    # another process left (chunks models share, a fill cut short) are, as any load's.
+    written = VerifiedCopies()
     try:
         for chunk in manifest.chunks:
             view = buffers[chunk.dtype][chunk.offset_bytes : chunk.end_bytes]
             if host.put_if_absent(chunk.hash, memoryview(view.numpy())):  # type: ignore[arg-type]
                 report.promoted_bytes += chunk.raw_size
-            written.add(chunk.hash, FileIdentity.of(os.stat(host.object_path(chunk.hash))))
+                written.add(chunk.hash, FileIdentity.of(os.stat(host.object_path(chunk.hash))))
     except (OSError, EmberError):  # the tier cannot hold the model: keep what was loaded
         host.unpin(owner)
         return None
