@@ -46,7 +46,7 @@ class Packing:
         self._cache: PackedCache | None = None  # where the machine keeps them, if anywhere
         self._stored: Future[bool] | None = None  # this engine's own copy, on its way there
         self._tried_store = False  # once: a full tier stays full a while
-        self._load_failed = False  # the stored copy would not load here: not tried again
+        self._load_failed = False  # set by _adopt: the stored copy would not load here
 
     def pack(self, *, max_layers: int | None = None) -> bool:
         """Packs up to ``max_layers`` more layers (all by default); True once nothing is
@@ -76,8 +76,7 @@ class Packing:
         self._cache = cache
         if cache is None or self.model.packed_units or not cache.available():
             return False
-        self._load_failed = not self._adopt(cache)
-        return not self._load_failed
+        return self._adopt(cache)
 
     def share_stored(self) -> bool:
         """Once the machine keeps the model's packed matrices (this engine's own, stored
@@ -94,14 +93,15 @@ class Packing:
             self._stored = None  # stored, or not: another worker's copy may be there
         if not cache.available():
             return False
-        self._load_failed = not self._adopt(cache)
-        return not self._load_failed
+        return self._adopt(cache)
 
     def _adopt(self, cache: PackedCache) -> bool:
-        if not self.model.linear.packs:
-            return False
-        shared = cache.load(self.model.unpacked_matrices(), pack=self.model.linear.pack)
+        linear = self.model.linear
+        shared = (
+            cache.load(self.model.unpacked_matrices(), pack=linear.pack) if linear.packs else None
+        )
         if shared is None:
+            self._load_failed = True
             return False
         had_own = self.model.private_packed_units > 0
         self.model.adopt_packed(shared.matrices, shared.backing)

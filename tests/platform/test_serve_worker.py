@@ -16,7 +16,12 @@ import openai
 import pytest
 
 from ember_platform.cli import main as cli_main
-from ember_platform.serve_process import free_port, start_serve
+from ember_platform.serve_process import ServeProcess, free_port, start_serve
+
+
+def _serve(model_dir: Path, tmp_path: Path, *, new_session: bool = False) -> ServeProcess:
+    args = ["--model", str(model_dir), "--threads", "1", "--log-level", "warning"]
+    return start_serve(tmp_path / "home", port=free_port(), args=args, new_session=new_session)
 
 
 def _workers(http: httpx.Client) -> list[dict[str, object]]:
@@ -29,8 +34,7 @@ def test_worker_killed_mid_stream_errors_cleanly_bills_what_was_delivered_and_is
     tiny_model: Callable[..., Path], tmp_path: Path
 ) -> None:
     model_dir = tiny_model("llama")
-    args = ["--model", str(model_dir), "--threads", "1", "--log-level", "warning"]
-    server = start_serve(tmp_path / "home", port=free_port(), args=args)
+    server = _serve(model_dir, tmp_path)
     http = httpx.Client(base_url=server.base_url, headers={"Authorization": f"Bearer {server.key}"})
     try:
         (first,) = _workers(http)
@@ -103,8 +107,7 @@ def test_sigterm_to_the_whole_process_group_drains_and_exits(
     workers at once. The workers leave stopping to the server, which lets the running
     stream finish, then stops them and exits."""
     model_dir = tiny_model("llama")
-    args = ["--model", str(model_dir), "--threads", "1", "--log-level", "warning"]
-    server = start_serve(tmp_path / "home", port=free_port(), args=args, new_session=True)
+    server = _serve(model_dir, tmp_path, new_session=True)
     group = os.getpgid(server.proc.pid)
     try:
         client = openai.OpenAI(

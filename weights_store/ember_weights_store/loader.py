@@ -100,9 +100,11 @@ def load(
     the disk tier, when no nearer tier holds them all), the buffers are those files' pages
     mapped copy-on-write (``zero_copy``, the default): nothing is copied, every worker on
     the machine shares one physical copy of the model, and chunks are promoted into the
-    nearer tiers from the mapping. ``reuse`` is ignored then. Mapped chunks are checked
-    against their checksums, except those in ``verified`` (this process checked the same
-    files already: ``WeightsStore.readahead``).
+    nearer tiers from the mapping. ``reuse`` is ignored then. Where the store has a host
+    tier and the chunks did not all come from it, the load fills it and maps that copy
+    (``_map_filled_host``), so the machine holds one copy of the model, not two. Mapped
+    chunks are checked against their checksums, except those in ``verified`` (this
+    process checked the same files already: ``WeightsStore.readahead``).
 
     Example::
 
@@ -119,31 +121,25 @@ def load(
     target = torch.device(device)
     if target.type != "cpu" or staging_slots is not None:
         return _load_staged(store, manifest, report, t0, target, threads, staging_slots or 4)
-    if zero_copy:
-        mapped = _map_from_cache(store, manifest, report, threads, verified, fill_host=promote)
-        if mapped is not None:
-            buffers, job = mapped
-            report.wall_s = time.perf_counter() - t0
-            loaded = LoadedWeights(manifest, buffers, _tensor_views(manifest, buffers), report)
-            if promote:
-                loaded._promotions = job.promote_in_background(buffers)
-            return loaded
-    buffers = _buffers_for(manifest, reuse)
-    report.alloc_s = time.perf_counter() - t0 - report.manifest_s
-    job = LoadJob(store, manifest, report)
-    pool = store.pool(threads)
-    for f in [pool.submit(job.into_buffer, c, buffers) for c in manifest.chunks]:
-        f.result()
-    host = _host_tier(store, len(store.tiers))
-    if zero_copy and host is not None and promote:
-        moved = _map_filled_host(store, manifest, report, threads, (buffers, job), host)
-        if moved is not None:
-            buffers, job = moved
+    loaded = _map_from_cache(store, manifest, report, threads, verified) if zero_copy else None
+    if loaded is None:
+        buffers = _buffers_for(manifest, reuse)
+        report.alloc_s = time.perf_counter() - t0 - report.manifest_s
+        job = LoadJob(store, manifest, report)
+        pool = store.pool(threads)
+        for f in [pool.submit(job.into_buffer, c, buffers) for c in manifest.chunks]:
+            f.result()
+        loaded = buffers, job
+    host = next((t for t in store.tiers if isinstance(t, HostTier)), None)
+    all_from_host = host is not None and report.chunks_by_tier == {host.name: len(manifest.chunks)}
+    if zero_copy and promote and host is not None and not all_from_host:
+        loaded = _map_filled_host(store, manifest, report, threads, loaded, host) or loaded
+    buffers, job = loaded
     report.wall_s = time.perf_counter() - t0
-    loaded = LoadedWeights(manifest, buffers, _tensor_views(manifest, buffers), report)
+    weights = LoadedWeights(manifest, buffers, _tensor_views(manifest, buffers), report)
     if promote:
-        loaded._promotions = job.promote_in_background(buffers)
-    return loaded
+        weights._promotions = job.promote_in_background(buffers)
+    return weights
 
 
 def _load_staged(
@@ -194,8 +190,6 @@ def _map_from_cache(
     report: LoadReport,
     threads: int,
     verified: VerifiedCopies | None,
-    *,
-    fill_host: bool,
 ) -> tuple[dict[str, torch.Tensor], LoadJob] | None:
     """The zero-copy path: when the nearest cache tier holding every chunk keeps them as
     files (host RAM, or the disk tier when no nearer tier holds them all), map the chunk
@@ -219,11 +213,7 @@ def _map_from_cache(
                 return _map_tier(store, manifest, report, threads, index, tier, owner, verified)
             tier.unpin(owner)
         elif isinstance(tier, DiskTier) and all(tier.has(k) for k in keys):
-            mapped = _map_tier(store, manifest, report, threads, index, tier, None, verified)
-            host = _host_tier(store, index) if fill_host else None
-            if mapped is None or host is None:
-                return mapped
-            return _map_filled_host(store, manifest, report, threads, mapped, host) or mapped
+            return _map_tier(store, manifest, report, threads, index, tier, None, verified)
         if not tier.holds_decoded:
             return None  # an object tier: chunks must be fetched and decoded
     return None
@@ -300,11 +290,6 @@ def _map_tier(
     return buffers, job
 
 
-def _host_tier(store: WeightsStore, before: int) -> HostTier | None:
-    """The store's host tier, if it has one among its first ``before`` tiers."""
-    return next((t for t in store.tiers[:before] if isinstance(t, HostTier)), None)
-
-
 def _map_filled_host(
     store: WeightsStore,
     manifest: Manifest,
@@ -338,16 +323,13 @@ def _map_filled_host(
     except (OSError, EmberError):  # the tier cannot hold the model: keep what was loaded
         host.unpin(owner)
         return None
-    as_loaded = (
-        dict(report.chunks_by_tier),
-        report.verified_ahead,
-        report.fetch_s,
-        report.stored_bytes,
-    )
+    # Mapped on a report of its own: ``report`` stays the load it was, the fill apart.
+    remap = LoadReport()
     index = store.tiers.index(host)
-    remapped = _map_tier(store, manifest, report, threads, index, host, owner, written)
-    # Reported as the load it was, the fill apart.
-    report.chunks_by_tier, report.verified_ahead, report.fetch_s, report.stored_bytes = as_loaded
+    remapped = _map_tier(store, manifest, remap, threads, index, host, owner, written)
+    report.discarded += remap.discarded  # a bad copy another process left
+    report.verify_s += remap.verify_s
+    report.mapped = report.mapped or remapped is not None
     report.host_fill_s = time.perf_counter() - started
     # The load's own promotions still fill the tiers further out (the host tier, full
     # already, is skipped), from the host tier's pages now.
