@@ -209,7 +209,7 @@ def build_app(settings: ServeSettings, *, out: TextIO) -> Any:
     billing = BillingService(ledger)
     policy = settings.pool_policy()
     if settings.host_cache_mib is None:
-        store, sharing = auto_host_sharing(model_dir, max_workers=policy.max_workers)
+        store, sharing = auto_host_sharing(model_dir, max_workers=policy.max_workers, home=home)
         print(sharing.reason, file=out)
     else:
         store = StoreConfig(host_cache_bytes=settings.host_cache_mib << 20)

@@ -191,7 +191,7 @@ class FunctionPools:
             engine_config=self.engine_config,
             # A pool that can run several workers shares the model in host RAM, given
             # back when it closes.
-            store=auto_host_sharing(model_dir, max_workers=policy.max_workers)[0],
+            store=auto_host_sharing(model_dir, max_workers=policy.max_workers, home=self.home)[0],
             release_host_tier=True,
             launcher=zygote,
             forecaster=HoltForecaster() if policy.predictive else None,

@@ -1,6 +1,6 @@
 """The host-tier plan of a pool: decided from the pool's size, the checkpoint's bytes and
-free /dev/shm, in plain Python (the real tier, filled and given back by a pool of real
-workers, is in ``test_manager.py``)."""
+free /dev/shm, in plain Python; and the release of a tier a killed pool left (the real
+tier, filled and given back by a pool of real workers, is in ``test_manager.py``)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,11 @@ from ember_warmpool.host_sharing import (
     auto_host_sharing,
     checkpoint_bytes,
     plan_host_sharing,
+    release_host_tier,
     shm_free_bytes,
 )
+from ember_weights_store import ModelCatalog
+from ember_weights_store.host_tier import HostTier
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -49,7 +52,23 @@ def test_inputs_are_measured_from_the_model_and_the_tmpfs(tmp_path: Path) -> Non
     assert checkpoint_bytes(tmp_path) == 4000
     assert shm_free_bytes(tmp_path / "missing") == 0
     assert shm_free_bytes(tmp_path) > 0
-    store, plan = auto_host_sharing(tmp_path, max_workers=3, shm=tmp_path)
+    store, plan = auto_host_sharing(tmp_path, max_workers=3, home=tmp_path, shm=tmp_path)
     assert plan.enabled and store.host_cache_bytes == plan.budget_bytes == 5 * 4000
-    store, plan = auto_host_sharing(tmp_path, max_workers=3, shm=tmp_path / "missing")
+    store, plan = auto_host_sharing(
+        tmp_path, max_workers=3, home=tmp_path, shm=tmp_path / "missing"
+    )
     assert not plan.enabled and store.host_cache_bytes == 0
+
+
+def test_an_automatic_plan_first_gives_back_what_a_killed_pool_left(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    tier = HostTier(ModelCatalog(home).host_cache_root, budget_bytes=1 << 20)
+    tier.put("left-behind", b"x" * 4096)  # by a pool SIGKILLed before its close
+    tier.put("mapped", b"y" * 4096)
+    tier.pin(["mapped"], owner="worker-of-a-live-pool")
+    (tmp_path / "model.safetensors").write_bytes(b"w" * 4000)
+    auto_host_sharing(tmp_path, max_workers=2, home=home)
+    assert tier.keys() == ["mapped"]
+    tier.unpin("worker-of-a-live-pool")
+    assert release_host_tier(home) == 4096 and tier.keys() == []
+    assert release_host_tier(tmp_path / "never-used") == 0

@@ -394,7 +394,7 @@ def test_a_pool_of_several_workers_shares_the_model_in_host_ram_and_gives_it_bac
     tiny_model: Callable[..., Path], tiny_home: Path, zygote: Zygote
 ) -> None:
     model_dir, home = tiny_model("llama"), tiny_home
-    store, plan = auto_host_sharing(model_dir, max_workers=2)
+    store, plan = auto_host_sharing(model_dir, max_workers=2, home=home)
     assert plan.enabled, plan.reason  # this machine's /dev/shm holds a tiny model
     tier = HostTier(store.catalog(home).host_cache_root, budget_bytes=store.host_cache_bytes)
     policy = PoolPolicy(min_warm=2, buffer=0, max_workers=2, keepalive_s=60)

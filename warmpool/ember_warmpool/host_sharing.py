@@ -9,10 +9,11 @@ then holds ~175 MiB of private RAM instead of ~430-600 (``bench/packed_sharing.p
 The tier costs RAM of its own, held while the pool runs, so it pays only where a pool
 can run more than one worker. :func:`plan_host_sharing` decides that in plain Python;
 :func:`auto_host_sharing` measures its inputs (the checkpoint's bytes, free /dev/shm)
-and returns the plan with the ``StoreConfig`` to run the pool on. A pool started on an
-automatic plan gives the tier's unpinned objects back when it closes
-(:func:`release_host_tier`); a budget an operator set is a cache kept across restarts
-instead.
+and returns the plan with the ``StoreConfig`` to run the pool on. A tier on an automatic
+plan lives as long as its pool: the pool gives its unpinned objects back when it closes
+(:func:`release_host_tier`), and what a pool killed before its close left behind is
+given back when the next automatic plan is made on that home. A budget an operator set
+is a cache kept across restarts instead.
 """
 
 from __future__ import annotations
@@ -93,10 +94,22 @@ def shm_free_bytes(shm: Path = Path("/dev/shm")) -> int:
 
 
 def auto_host_sharing(
-    model_dir: Path, *, max_workers: int, shm: Path = Path("/dev/shm")
+    model_dir: Path, *, max_workers: int, home: Path, shm: Path = Path("/dev/shm")
 ) -> tuple[StoreConfig, HostSharingPlan]:
     """The store a pool of the model in ``model_dir`` runs on when nobody set a host
-    tier budget, and the plan behind it."""
+    tier budget, and the plan behind it.
+
+    It first gives back what ``home``'s host tier holds that no live process pins: a
+    pool on an automatic plan releases its tier when it closes, so anything left there
+    is from a pool that was killed (SIGKILL, OOM) before it could, and would otherwise
+    hold RAM until reboot and shrink the free /dev/shm this plan measures.
+
+    Example::
+
+        store, plan = auto_host_sharing(model_dir, max_workers=4, home=default_home())
+        print(plan.reason)
+    """
+    release_host_tier(home)
     plan = plan_host_sharing(
         max_workers=max_workers,
         checkpoint_bytes=checkpoint_bytes(model_dir),
@@ -105,15 +118,15 @@ def auto_host_sharing(
     return StoreConfig(host_cache_bytes=plan.budget_bytes), plan
 
 
-def release_host_tier(store: StoreConfig, home: Path) -> int:
-    """Gives back what ``store``'s host tier in ``home`` holds that no live process pins
-    (``HostTier.release_unpinned``): the bytes freed, 0 without a tier. A pool on an
-    automatic plan calls it once its workers are gone."""
-    if not store.host_cache_bytes:
-        return 0
+def release_host_tier(home: Path) -> int:
+    """Gives back what ``home``'s host tier holds that no live process pins
+    (``HostTier.release_unpinned``): the bytes freed, 0 where there is no tier. A pool on
+    an automatic plan calls it once its workers are gone."""
+    from ember_weights_store import ModelCatalog
     from ember_weights_store.host_tier import HostTier
 
-    root = store.catalog(home).host_cache_root
-    if not root.is_dir():  # workers that never loaded leave none
+    root = ModelCatalog(home).host_cache_root
+    if not root.is_dir():  # no pool on this home ever filled one
         return 0
-    return HostTier(root, budget_bytes=store.host_cache_bytes).release_unpinned()
+    # Releasing never consults the budget; a tier is only opened with one.
+    return HostTier(root, budget_bytes=1).release_unpinned()

@@ -162,7 +162,7 @@ class ModelPool:
         if self.release_host_tier:
             from ember_warmpool.host_sharing import release_host_tier
 
-            self.host_tier_released_bytes = release_host_tier(self.store, self.home)
+            self.host_tier_released_bytes = release_host_tier(self.home)
 
     # -- placement ------------------------------------------------------------------
 
