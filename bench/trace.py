@@ -72,6 +72,7 @@ class Scenario:
     max_workers: int
     target_concurrency: int
     threads: int
+    headroom_sd: float = 1.0  # the predictive pool's, above its forecast
 
     def trace(self) -> list[float]:
         from ember_warmpool.traces import daily_arrivals
@@ -115,7 +116,7 @@ class Scenario:
                 "pool_min_warm": 0,
                 "pool_buffer": 0,  # the forecast is the headroom
                 "pool_predictive": True,
-                "pool_headroom_sd": 1.0,  # square-root staffing above the forecast
+                "pool_headroom_sd": self.headroom_sd,  # square-root staffing above the forecast
                 "pool_lead_s": round(max(2 * cold_s, bucket_s), 3),
                 "pool_season_s": self.day_s,
                 "pool_forecast_bucket_s": round(bucket_s, 3),
@@ -297,6 +298,12 @@ def main() -> None:
     ap.add_argument("--max-workers", type=int, default=4)
     ap.add_argument("--target-concurrency", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1, help="per worker")
+    ap.add_argument(
+        "--headroom-sd",
+        type=float,
+        default=1.0,
+        help="the predictive pool's workers above its forecast, in standard deviations",
+    )
     ap.add_argument("--host-cache-mib", type=int, default=1024, help="workers' shared RAM tier")
     ap.add_argument("--quick", action="store_true", help="12 s days: a smoke run")
     args = ap.parse_args()
@@ -334,6 +341,7 @@ def main() -> None:
             max_workers=args.max_workers,
             target_concurrency=args.target_concurrency,
             threads=args.threads,
+            headroom_sd=args.headroom_sd,
         )
         trace = sc.trace()
         measured_n = sum(1 for t in trace if t >= sc.day_s)

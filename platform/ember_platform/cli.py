@@ -224,7 +224,7 @@ def cmd_models_show(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 def cmd_models_verify(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from ember_weights_store.store import verify_model
+    from ember_weights_store.model_copies import verify_model
 
     catalog = _catalog(args)
     name = Path(catalog.resolve(args.name)).name
@@ -238,7 +238,7 @@ def cmd_models_verify(args: argparse.Namespace, out: TextIO, err: TextIO) -> int
 
 def cmd_models_push(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from ember_weights_store.catalog import byte_progress
-    from ember_weights_store.store import copy_model
+    from ember_weights_store.model_copies import copy_model
 
     catalog = _catalog(args)
     name = Path(catalog.resolve(args.name)).name
@@ -251,7 +251,7 @@ def cmd_models_push(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 def cmd_models_pull(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from ember_weights_store.catalog import byte_progress
-    from ember_weights_store.store import copy_model
+    from ember_weights_store.model_copies import copy_model
 
     with byte_progress(f"pulling {args.name}", enabled=args.progress) as on_progress:
         copied = copy_model(

@@ -46,18 +46,28 @@ def test_too_small_a_shm_turns_sharing_off_and_says_what_to_do() -> None:
 
 
 def test_inputs_are_measured_from_the_model_and_the_tmpfs(tmp_path: Path) -> None:
-    (tmp_path / "model-00001.safetensors").write_bytes(b"x" * 3000)
-    (tmp_path / "model-00002.safetensors").write_bytes(b"x" * 1000)
-    (tmp_path / "tokenizer.json").write_bytes(b"{}" * 5000)  # not weights
-    assert checkpoint_bytes(tmp_path) == 4000
+    home = tmp_path / "home"
+    model = ModelCatalog(home).path_for("m")  # installed, so its workers load from the store
+    model.mkdir(parents=True)
+    (model / "model-00001.safetensors").write_bytes(b"x" * 3000)
+    (model / "model-00002.safetensors").write_bytes(b"x" * 1000)
+    (model / "tokenizer.json").write_bytes(b"{}" * 5000)  # not weights
+    assert checkpoint_bytes(model) == 4000
     assert shm_free_bytes(tmp_path / "missing") == 0
     assert shm_free_bytes(tmp_path) > 0
-    store, plan = auto_host_sharing(tmp_path, max_workers=3, home=tmp_path, shm=tmp_path)
+    store, plan = auto_host_sharing(model, max_workers=3, home=home, shm=tmp_path)
     assert plan.enabled and store.host_cache_bytes == plan.budget_bytes == 5 * 4000
-    store, plan = auto_host_sharing(
-        tmp_path, max_workers=3, home=tmp_path, shm=tmp_path / "missing"
-    )
+    store, plan = auto_host_sharing(model, max_workers=3, home=home, shm=tmp_path / "missing")
     assert not plan.enabled and store.host_cache_bytes == 0
+
+
+def test_a_model_served_from_its_own_directory_shares_nothing_and_says_how_to(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "model.safetensors").write_bytes(b"x" * 4000)
+    store, plan = auto_host_sharing(tmp_path, max_workers=3, home=tmp_path / "home")
+    assert not plan.enabled and store.host_cache_bytes == 0
+    assert f"ember models import {tmp_path} --name NAME" in plan.reason
 
 
 def test_an_automatic_plan_first_gives_back_what_a_killed_pool_left(tmp_path: Path) -> None:

@@ -28,6 +28,7 @@ from ember_platform.pool_router import PoolRouter
 from ember_warmpool import PoolPolicy, Warmth
 from ember_warmpool.host_sharing import auto_host_sharing, checkpoint_bytes
 from ember_warmpool.manager import ModelPool
+from ember_weights_store import ModelCatalog
 from ember_weights_store.host_tier import HostTier
 
 TIMEOUT_S = 60.0
@@ -391,9 +392,10 @@ def test_closing_with_a_drain_lets_running_requests_finish(
 
 
 def test_a_pool_of_several_workers_shares_the_model_in_host_ram_and_gives_it_back(
-    tiny_model: Callable[..., Path], tiny_home: Path, zygote: Zygote
+    tiny_home: Path, zygote: Zygote
 ) -> None:
-    model_dir, home = tiny_model("llama"), tiny_home
+    home = tiny_home
+    model_dir = ModelCatalog(home).path_for("tiny")
     store, plan = auto_host_sharing(model_dir, max_workers=2, home=home)
     assert plan.enabled, plan.reason  # this machine's /dev/shm holds a tiny model
     tier = HostTier(store.catalog(home).host_cache_root, budget_bytes=store.host_cache_bytes)

