@@ -72,13 +72,25 @@ def test_a_model_served_from_its_own_directory_shares_nothing_and_says_how_to(
 
 def test_an_automatic_plan_first_gives_back_what_a_killed_pool_left(tmp_path: Path) -> None:
     home = tmp_path / "home"
+    (tmp_path / "model.safetensors").write_bytes(b"w" * 4000)
     tier = HostTier(ModelCatalog(home).host_cache_root, budget_bytes=1 << 20)
     tier.put("left-behind", b"x" * 4096)  # by a pool SIGKILLed before its close
     tier.put("mapped", b"y" * 4096)
+    # While a live pool uses the tier, all of it stays: that pool gives it back itself
+    # (an object it stored may not be pinned yet).
     tier.pin(["mapped"], owner="worker-of-a-live-pool")
-    (tmp_path / "model.safetensors").write_bytes(b"w" * 4000)
     auto_host_sharing(tmp_path, max_workers=2, home=home)
-    assert tier.keys() == ["mapped"]
-    tier.unpin("worker-of-a-live-pool")
-    assert release_host_tier(home) == 4096 and tier.keys() == []
+    assert sorted(tier.keys()) == ["left-behind", "mapped"]
+    tier.unpin("worker-of-a-live-pool")  # that pool is gone: nobody uses the tier
+    auto_host_sharing(tmp_path, max_workers=2, home=home)
+    assert tier.keys() == []
+
+
+def test_a_closing_pool_gives_back_all_that_no_live_process_pins(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    tier = HostTier(ModelCatalog(home).host_cache_root, budget_bytes=1 << 20)
+    tier.put("ours", b"x" * 4096)
+    tier.put("another-pools", b"y" * 4096)
+    tier.pin(["another-pools"], owner="worker-of-another-pool")
+    assert release_host_tier(home) == 4096 and tier.keys() == ["another-pools"]
     assert release_host_tier(tmp_path / "never-used") == 0

@@ -197,6 +197,21 @@ def test_release_unpinned_gives_back_all_but_what_live_processes_pin(root: Path)
     assert tier.usage().num_objects == 0 and tier.release_unpinned() == 0
 
 
+def test_release_abandoned_gives_back_everything_only_when_no_live_process_pins(
+    root: Path,
+) -> None:
+    tier = HostTier(root, budget_bytes=8 * KB)
+    for name in "ab":
+        tier.put(name, b"x" * KB)
+    tier.pin(["a"], owner="worker-1")
+    assert tier.release_abandoned() == 0 and sorted(tier.keys()) == ["a", "b"]
+    (root / ".pins" / "dead.json").write_text(  # a dead process uses nothing
+        json.dumps({"pid": os.getpid(), "start": 1, "keys": ["b"]})
+    )
+    tier.unpin("worker-1")
+    assert tier.release_abandoned() == 2 * KB and tier.keys() == []
+
+
 def test_pin_owner_rules(root: Path) -> None:
     tier = HostTier(root, budget_bytes=KB)
     with pytest.raises(InvalidRequestError):

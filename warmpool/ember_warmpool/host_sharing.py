@@ -21,8 +21,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ember_functions.loading import StoreConfig
+
+if TYPE_CHECKING:
+    from ember_weights_store.host_tier import HostTier
 
 # The tier holds the checkpoint's chunks, and at most two copies in the compute dtype:
 # the bound weights (only where binding converts) and the packed matrices. A bf16
@@ -112,10 +116,12 @@ def auto_host_sharing(
     """The store a pool of the model in ``model_dir`` runs on when nobody set a host
     tier budget, and the plan behind it.
 
-    It first gives back what ``home``'s host tier holds that no live process pins: a
-    pool on an automatic plan releases its tier when it closes, so anything left there
-    is from a pool that was killed (SIGKILL, OOM) before it could, and would otherwise
-    hold RAM until reboot and shrink the free /dev/shm this plan measures.
+    If no live process uses ``home``'s host tier, it first gives back what the tier
+    holds (``HostTier.release_abandoned``): a pool on an automatic plan releases its
+    tier when it closes, so that is what a pool killed (SIGKILL, OOM) before it could
+    left behind, which would otherwise hold RAM until reboot and shrink the free
+    /dev/shm this plan measures. A tier another live pool uses is left alone: that pool
+    gives it back itself.
 
     Example::
 
@@ -124,7 +130,9 @@ def auto_host_sharing(
     """
     from ember_weights_store import ModelCatalog
 
-    release_host_tier(home)
+    tier = _tier_of(home)
+    if tier is not None:
+        tier.release_abandoned()
     installed = Path(model_dir).parent == ModelCatalog(home).models_dir
     plan = plan_host_sharing(
         max_workers=max_workers,
@@ -139,11 +147,16 @@ def release_host_tier(home: Path) -> int:
     """Gives back what ``home``'s host tier holds that no live process pins
     (``HostTier.release_unpinned``): the bytes freed, 0 where there is no tier. A pool on
     an automatic plan calls it once its workers are gone."""
+    tier = _tier_of(home)
+    return tier.release_unpinned() if tier is not None else 0
+
+
+def _tier_of(home: Path) -> HostTier | None:
+    """``home``'s host tier, opened to give objects back; None where no pool on this
+    home ever filled one."""
     from ember_weights_store import ModelCatalog
     from ember_weights_store.host_tier import HostTier
 
     root = ModelCatalog(home).host_cache_root
-    if not root.is_dir():  # no pool on this home ever filled one
-        return 0
-    # Releasing never consults the budget; a tier is only opened with one.
-    return HostTier(root, budget_bytes=1).release_unpinned()
+    # Giving back never reads the budget; a tier is only opened with one.
+    return HostTier(root, budget_bytes=1) if root.is_dir() else None

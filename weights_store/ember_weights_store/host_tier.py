@@ -219,6 +219,21 @@ class HostTier:
                     freed += st.st_size
         return freed
 
+    def release_abandoned(self) -> int:
+        """``release_unpinned``, but only where no live process pins anything: then no
+        process uses the tier, and what it holds was left by processes that are gone (a
+        pool killed before it could give it back). Returns the bytes given back, 0 while
+        the tier is in use. Decided and done under one lock, so a process cannot start
+        using the tier in between."""
+        freed = 0
+        with self._locked():
+            if self._live_pins_locked():
+                return 0
+            for key, st in list(self._dir.scan(remove_stale_temp=True)):
+                if self._dir.unlink(key):
+                    freed += st.st_size
+        return freed
+
     def usage(self) -> TierUsage:
         # Shared lock: a consistent snapshot between two commits, computed from the directory
         # because no process can keep a true running total of a shared index.
