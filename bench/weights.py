@@ -44,7 +44,8 @@ from _io_limits import free_port, start_moto  # noqa: E402
 
 from ember_weights_store import DiskTier, HostTier, LocalBucketTier, ModelCatalog  # noqa: E402
 from ember_weights_store.loader import LoadedWeights, load  # noqa: E402
-from ember_weights_store.store import WeightsStore, copy_model  # noqa: E402
+from ember_weights_store.model_copies import copy_model  # noqa: E402
+from ember_weights_store.store import WeightsStore  # noqa: E402
 
 MODELS = ("smollm2", "llama-1b")
 BIG = 1 << 40  # cache budgets that never evict during the bench

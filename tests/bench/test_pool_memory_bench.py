@@ -30,8 +30,10 @@ def test_pool_memory_bench_writes_its_json(
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
     # SmolLM2 is ~256 MiB of weights and ~256 MiB packed: alone, the second worker adds
-    # its own packed copy (and the first holds the disk tier's pages); shared, neither.
-    assert result["ram_mib_shared_2"] < 0.7 * result["ram_mib_alone_2"], proc.stdout
+    # its own packed copy; shared, it maps the first one's. (The tier also keeps the
+    # unpacked weights, which no worker maps once packed: counted in the pool's RAM.)
+    saved_mib = result["ram_mib_alone_2"] - result["ram_mib_shared_2"]
+    assert saved_mib > 200, proc.stdout
     assert result["ram_mib_shared_2"] >= result["pss_mib_shared_2"]
     assert result["ram_mib_alone_2"] == result["pss_mib_alone_2"]  # no tier to add
     assert result["tier_mib_shared_2"] > 400 and result["tier_mib_alone_2"] == 0
