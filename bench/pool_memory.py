@@ -46,12 +46,11 @@ def _tier_mib(root: Path) -> float:
     return total / 2**20
 
 
-def _pss_shmem_kib(pid: int) -> int:
-    """The process's proportional share of the shared memory (tmpfs, /dev/shm) it maps."""
-    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-        if line.startswith("Pss_Shmem:"):
-            return int(line.split()[1])
-    return 0
+def _shared_memory_bytes(pid: int) -> int:
+    from ember_functions.host_memory import read_process_memory
+
+    memory = read_process_memory(pid)
+    return memory.shared_memory_bytes if memory else 0
 
 
 def _settled(rows: list[dict[str, Any]], workers: int, *, shared: bool) -> bool:
@@ -94,7 +93,7 @@ def run_pool(model: str, home: Path, workers: int, mode: str, threads: int) -> d
         pss_mib = sum(r["proportional_bytes"] for r in rows) / 2**20
         tier_mib = _tier_mib(root)
         # The workers' shared-memory pages, each counted once: the mapped part of the tier.
-        mapped_shm_mib = sum(_pss_shmem_kib(r["pid"]) for r in rows) / 1024
+        mapped_shm_mib = sum(_shared_memory_bytes(r["pid"]) for r in rows) / 2**20
         out = {
             "ram_mib": pss_mib + max(0.0, tier_mib - mapped_shm_mib),
             "pss_mib": pss_mib,

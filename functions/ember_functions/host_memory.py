@@ -80,11 +80,14 @@ class ProcessMemory:
     tier's weights, a zygote's pages a fork has not written), so that summed over
     processes it is the RAM they hold together. ``anonymous_bytes``: pages backed by no
     file (heap, KV cache, private packed copies, and a zygote's pages, shared or not);
-    mapped host-tier files are not."""
+    mapped host-tier files are not. ``shared_memory_bytes``: its proportional share of
+    the tmpfs pages it maps (the host tier's), so that summed over processes it is the
+    part of the tier they map."""
 
     private_bytes: int
     proportional_bytes: int
     anonymous_bytes: int
+    shared_memory_bytes: int = 0
 
 
 def read_process_memory(pid: int, *, proc: Path = Path("/proc")) -> ProcessMemory | None:
@@ -106,6 +109,7 @@ def read_process_memory(pid: int, *, proc: Path = Path("/proc")) -> ProcessMemor
         private_bytes=private,
         proportional_bytes=fields["Pss"],
         anonymous_bytes=fields.get("Anonymous", 0),
+        shared_memory_bytes=fields.get("Pss_Shmem", 0),
     )
 
 

@@ -111,7 +111,7 @@ class WeightsSource:
             return None
         catalog = self.store.catalog(self.home)
         model_dir = catalog.resolve(self.model)
-        if model_dir.parent != catalog.models_dir:
+        if not catalog.loads_through_store(model_dir):
             return None
         return catalog.store().readahead(model_dir.name).verified
 
@@ -152,7 +152,7 @@ def load_engine(
 
     model_dir = resolve_model_dir(catalog, name, err=err)
     t0 = time.perf_counter()
-    in_store = model_dir.parent == catalog.models_dir
+    in_store = catalog.loads_through_store(model_dir)
     if in_store:
         catalog.ensure_in_store(model_dir.name)
         engine = LLMEngine.from_store(
@@ -196,7 +196,7 @@ def load_host(
         store, model_id = catalog.store(origin=origin), name
     else:
         model_dir = resolve_model_dir(catalog, name, err=err)
-        if model_dir.parent != catalog.models_dir:
+        if not catalog.loads_through_store(model_dir):
             return HostModel.from_dir(
                 model_dir, tokenizers=tokenizers, on_tokenizer_dir=on_tokenizer_dir
             )

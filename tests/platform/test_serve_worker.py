@@ -10,6 +10,7 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -22,6 +23,18 @@ from ember_platform.serve_process import ServeProcess, free_port, start_serve
 def _serve(model_dir: Path, tmp_path: Path, *, new_session: bool = False) -> ServeProcess:
     args = ["--model", str(model_dir), "--threads", "1", "--log-level", "warning"]
     return start_serve(tmp_path / "home", port=free_port(), args=args, new_session=new_session)
+
+
+def _long_stream(client: openai.OpenAI, model: str, **options: Any) -> Any:
+    """A streamed chat answer of up to 400 tokens: long enough to act on mid-way."""
+    return client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "count"}],
+        max_tokens=400,
+        temperature=0,
+        stream=True,
+        **options,
+    )
 
 
 def _workers(http: httpx.Client) -> list[dict[str, object]]:
@@ -40,14 +53,7 @@ def test_worker_killed_mid_stream_errors_cleanly_bills_what_was_delivered_and_is
         (first,) = _workers(http)
         assert first["state"] == "READY" and first["cold_start"]
         client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key=server.key, max_retries=0)
-        stream = client.chat.completions.create(
-            model=model_dir.name,
-            messages=[{"role": "user", "content": "count"}],
-            max_tokens=400,
-            temperature=0,
-            stream=True,
-            stream_options={"include_usage": True},
-        )
+        stream = _long_stream(client, model_dir.name, stream_options={"include_usage": True})
         deltas = 0
         with pytest.raises(openai.APIError) as err:
             for chunk in stream:
@@ -113,13 +119,7 @@ def test_sigterm_to_the_whole_process_group_drains_and_exits(
         client = openai.OpenAI(
             base_url=f"{server.base_url}/v1", api_key=server.key, max_retries=0, timeout=30
         )
-        stream = client.chat.completions.create(
-            model=model_dir.name,
-            messages=[{"role": "user", "content": "count"}],
-            max_tokens=400,
-            temperature=0,
-            stream=True,
-        )
+        stream = _long_stream(client, model_dir.name)
         finish, signalled = None, False
         for chunk in stream:
             if not signalled:

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 from ember_functions.loading import StoreConfig
 
 if TYPE_CHECKING:
+    from ember_weights_store import ModelCatalog
     from ember_weights_store.host_tier import HostTier
 
 # The tier holds the checkpoint's chunks, and at most two copies in the compute dtype:
@@ -130,15 +131,15 @@ def auto_host_sharing(
     """
     from ember_weights_store import ModelCatalog
 
-    tier = _tier_of(home)
+    catalog = ModelCatalog(home)
+    tier = _tier_of(catalog)
     if tier is not None:
         tier.release_abandoned()
-    installed = Path(model_dir).parent == ModelCatalog(home).models_dir
     plan = plan_host_sharing(
         max_workers=max_workers,
         checkpoint_bytes=checkpoint_bytes(model_dir),
         shm_free_bytes=shm_free_bytes(shm),
-        served_from_dir=None if installed else Path(model_dir),
+        served_from_dir=None if catalog.loads_through_store(model_dir) else Path(model_dir),
     )
     return StoreConfig(host_cache_bytes=plan.budget_bytes), plan
 
@@ -147,16 +148,17 @@ def release_host_tier(home: Path) -> int:
     """Gives back what ``home``'s host tier holds that no live process pins
     (``HostTier.release_unpinned``): the bytes freed, 0 where there is no tier. A pool on
     an automatic plan calls it once its workers are gone."""
-    tier = _tier_of(home)
+    from ember_weights_store import ModelCatalog
+
+    tier = _tier_of(ModelCatalog(home))
     return tier.release_unpinned() if tier is not None else 0
 
 
-def _tier_of(home: Path) -> HostTier | None:
-    """``home``'s host tier, opened to give objects back; None where no pool on this
-    home ever filled one."""
-    from ember_weights_store import ModelCatalog
+def _tier_of(catalog: ModelCatalog) -> HostTier | None:
+    """The catalog's home's host tier, opened to give objects back; None where no pool on
+    that home ever filled one."""
     from ember_weights_store.host_tier import HostTier
 
-    root = ModelCatalog(home).host_cache_root
+    root = catalog.host_cache_root
     # Giving back never reads the budget; a tier is only opened with one.
     return HostTier(root, budget_bytes=1) if root.is_dir() else None

@@ -156,6 +156,11 @@ class ModelCatalog:
         """Where the model ``name`` lives (or would), after validating the name."""
         return self.models_dir / validate_model_name(name)
 
+    def loads_through_store(self, model_dir: Path) -> bool:
+        """Whether ``model_dir`` is one of this home's installed models, which workers load
+        through the store; a model directory elsewhere is read directly."""
+        return Path(model_dir).parent == self.models_dir
+
     def installed(self) -> list[str]:
         """Names of the installed models, sorted."""
         if not self.models_dir.is_dir():

@@ -211,13 +211,8 @@ class HostTier:
         it: tmpfs files outlive their writers, so without this they hold their RAM until
         reboot. A process that still maps a removed object keeps its pages until it
         unmaps them; objects other processes pin stay."""
-        freed = 0
         with self._locked():
-            pinned = self._live_pins_locked()
-            for key, st in list(self._dir.scan(remove_stale_temp=True)):
-                if key not in pinned and self._dir.unlink(key):
-                    freed += st.st_size
-        return freed
+            return self._remove_all_but_locked(self._live_pins_locked())
 
     def release_abandoned(self) -> int:
         """``release_unpinned``, but only where no live process pins anything: then no
@@ -225,13 +220,14 @@ class HostTier:
         pool killed before it could give it back). Returns the bytes given back, 0 while
         the tier is in use. Decided and done under one lock, so a process cannot start
         using the tier in between."""
-        freed = 0
         with self._locked():
-            if self._live_pins_locked():
-                return 0
-            for key, st in list(self._dir.scan(remove_stale_temp=True)):
-                if self._dir.unlink(key):
-                    freed += st.st_size
+            return 0 if self._live_pins_locked() else self._remove_all_but_locked(set())
+
+    def _remove_all_but_locked(self, keep: set[str]) -> int:
+        freed = 0
+        for key, st in list(self._dir.scan(remove_stale_temp=True)):
+            if key not in keep and self._dir.unlink(key):
+                freed += st.st_size
         return freed
 
     def usage(self) -> TierUsage:
