@@ -34,6 +34,7 @@ from pathlib import Path
 from ember_core import CapacityError, InvalidRequestError
 from ember_weights_store.digests import FastChecksum
 from ember_weights_store.keys import validate_key
+from ember_weights_store.processes import alive, start_time
 from ember_weights_store.tiers import (
     ObjectDir,
     ObjectNotFoundError,
@@ -298,7 +299,7 @@ class HostTier:
             held = _read_pin(path)
             if held is not None and held[0] == me:
                 wanted |= held[1]
-            elif held is not None and _alive(held[0], held[2]):
+            elif held is not None and alive(held[0], held[2]):
                 # One owner, one process: otherwise the pins would die with the wrong one.
                 raise InvalidRequestError(
                     f"pin owner {owner!r} is held by live process {held[0]}; give each "
@@ -306,7 +307,7 @@ class HostTier:
                     param="owner",
                 )
             # Written atomically so a reader never sees half a pin file.
-            record = {"pid": me, "start": _start_time(me), "keys": sorted(wanted)}
+            record = {"pid": me, "start": start_time(me), "keys": sorted(wanted)}
             tmp = self._pins / f".tmp-{me}-{owner}"
             tmp.write_text(json.dumps(record))
             os.replace(tmp, path)
@@ -352,7 +353,7 @@ class HostTier:
                     entry.unlink(missing_ok=True)  # temp of a pin() killed mid-write
                 continue
             held = _read_pin(entry)
-            if held is None or not _alive(held[0], held[2]):
+            if held is None or not alive(held[0], held[2]):
                 # Nobody will ever unpin for a dead process: drop its pins here.
                 entry.unlink(missing_ok=True)
                 continue
@@ -369,33 +370,6 @@ def _read_pin(path: Path) -> tuple[int, set[str], int | None] | None:
         return None
 
 
-def _start_time(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot, to tell a reused pid apart."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # Fields after the parenthesized command name: state is field 3, starttime field 22.
-    fields = stat.rsplit(")", 1)[1].split()
-    if fields[0] == "Z":
-        return -1  # a zombie has exited; it only waits to be reaped
-    return int(fields[19])
-
-
-def _alive(pid: int, start: int | None) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # exists, owned by another user
-    now = _start_time(pid)
-    if now == -1:
-        return False
-    # A different start time means the pid was reused by an unrelated process.
-    return start is None or now is None or now == start
-
-
 def _writer_alive(temp_name: str) -> bool:
     pid_text = temp_name.removeprefix(".tmp-").split("-", 1)[0]
-    return pid_text.isdigit() and _alive(int(pid_text), None)
+    return pid_text.isdigit() and alive(int(pid_text))

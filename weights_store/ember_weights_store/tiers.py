@@ -26,6 +26,7 @@ from ember_core import InvalidRequestError, ModelFormatError, NotFoundError
 from ember_weights_store.digests import FastChecksum
 from ember_weights_store.keys import key_to_path, path_to_key, validate_key
 from ember_weights_store.page_cache import read_into_page_cache
+from ember_weights_store.processes import alive
 from ember_weights_store.verified import FileIdentity
 
 __all__ = [
@@ -145,16 +146,6 @@ def check_range(key: str, start: int, length: int, size: int) -> None:
             "check the manifest's byte range against the object",
             param="length",
         )
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class ObjectDir:
@@ -332,4 +323,4 @@ def _stale_temp(fname: str) -> bool:
     # A live writer (another tier instance, another worker process) may still rename its temp
     # file, so only files whose writing process is gone are removed.
     pid_text = fname[len(_TMP_PREFIX) :].split("-", 1)[0]
-    return not pid_text.isdigit() or not _pid_alive(int(pid_text))
+    return not pid_text.isdigit() or not alive(int(pid_text))
