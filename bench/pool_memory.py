@@ -19,6 +19,11 @@ waits until every worker has packed its matrices and gone quiet, and reads `/wor
   matrices are mapped by none of them (a new worker loads them, and checks one).
 - ``boot load s``: the first worker's load phase; sharing fills the host tier from the
   disk tier there, once per machine boot.
+- ``layers packed``: matrices' layers the pool's workers packed themselves (a model's
+  layers and its LM head, summed over workers): shared, one worker packs for all while
+  the others wait for its copy (the host tier's packing lease); alone, every worker packs.
+- ``settle s``: from starting the server until every worker runs packed (shared: on the
+  stored copy), the time a pool's start costs the machine's CPU.
 
 Then SIGTERM to the server's whole process group, as systemd sends it, and what is left
 in /dev/shm. Modes alternate per round; medians over rounds. The ratio is alone / shared
@@ -77,6 +82,7 @@ def run_pool(model: str, home: Path, workers: int, mode: str, threads: int) -> d
     args = ["--model", model, "--threads", str(threads), "--log-level", "warning"]
     args += ["--min-warm", str(workers), "--max-workers", str(workers)]
     args += ["--host-cache-mib", MODES[mode]]
+    t0 = time.perf_counter()
     server = start_serve(home, port=free_port(), args=args, new_session=True)
     group = os.getpgid(server.proc.pid)
     try:
@@ -87,6 +93,7 @@ def run_pool(model: str, home: Path, workers: int, mode: str, threads: int) -> d
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"the pool never settled: {rows}")
                 time.sleep(0.2)
+            settle_s = time.perf_counter() - t0
             time.sleep(2.0)  # the last pages freed, the last unmapped
             rows = http.get("/workers").json()["data"]
         boot = min(rows, key=lambda r: r["worker_id"])
@@ -100,6 +107,8 @@ def run_pool(model: str, home: Path, workers: int, mode: str, threads: int) -> d
             "private_mib": sum(r["private_bytes"] for r in rows) / 2**20,
             "tier_mib": tier_mib,
             "boot_load_s": float(boot["cold_start"]["load_s"]),
+            "layers_packed": float(sum(r.get("packed_layers", 0) for r in rows)),
+            "settle_s": settle_s,
         }
     finally:
         os.killpg(group, signal.SIGTERM)
@@ -140,6 +149,8 @@ def main() -> None:
             "private_mib",
             "tier_mib",
             "boot_load_s",
+            "layers_packed",
+            "settle_s",
             "tier_mib_after_stop",
         ):
             shared = statistics.median(x[key] for x in runs[f"{n}-shared"])

@@ -41,6 +41,7 @@ import torch
 
 from ember_functions.bound_cache import manifest_digest
 from ember_functions.linear import onednn_linear
+from ember_weights_store.host_lease import HostLease
 from ember_weights_store.host_tier import HostTier
 from ember_weights_store.manifest import Manifest
 from ember_weights_store.mapping import map_chunk_files
@@ -98,6 +99,16 @@ class PackedCache:
     @property
     def index_key(self) -> str:
         return f"{self.key}-index"
+
+    def lease(self, *, holder: str, stale_s: float) -> HostLease:
+        """The lease one engine on the machine holds while it packs these matrices for
+        all (``Packing.pack``): the others wait for its copy instead of packing their own."""
+        return HostLease(
+            self.host.root,
+            "pack-" + self.key.removeprefix("packed/"),
+            holder=holder,
+            stale_s=stale_s,
+        )
 
     def available(self) -> bool:
         """Whether a complete entry is there to load (cheap: no reading, no probing)."""

@@ -9,6 +9,14 @@ it stores its own once all are packed and, once they are stored, runs on the sto
 too and frees its own (``share_stored``), as does any worker that packed its own
 meanwhile, so the machine holds one copy however many workers serve the model.
 
+Workers started together would all pack, each paying the CPU and a private copy, to keep
+only the first copy stored. One packs for all instead: packing takes the host tier's
+lease for the model's packed matrices (``PackedCache.lease``) and renews it with each
+layer, and holds it until its copy is stored; the others ``wait_for_another`` and map
+that copy once it lands. A packer that stops renewing for ``PACK_LEASE_STALE_S`` (busy
+serving while another worker idles, out of RAM, gone) loses the lease to the next that
+packs; it packs no further, and switches to the stored copy like the rest.
+
 This class keeps the accounts and makes those calls at the right moments; the tensors
 are the model's (``LlamaModel.pack_weights`` and friends).
 """
@@ -23,8 +31,13 @@ from concurrent.futures import Future
 
 from ember_functions.model import LlamaModel
 from ember_functions.packed_cache import PackedCache
+from ember_weights_store.host_lease import HostLease
 
-__all__ = ["Packing"]
+__all__ = ["PACK_LEASE_STALE_S", "Packing"]
+
+# A worker packs a layer each idle turn (0.02-0.3 s), so a packer that has renewed nothing
+# for this long is serving, or has stopped: a waiting worker packs instead.
+PACK_LEASE_STALE_S = 3.0
 
 
 class Packing:
@@ -45,26 +58,60 @@ class Packing:
         self.enabled = enabled
         self._cache: PackedCache | None = None  # where the machine keeps them, if anywhere
         self._stored: Future[bool] | None = None  # this engine's own copy, on its way there
-        self._tried_store = False  # once: a full tier stays full a while
+        self._tried_store = False
         self._load_failed = False  # set by _adopt: the stored copy would not load here
+        self._lease: HostLease | None = None  # packing for the machine, with the cache
+        self.packed_layers = 0  # packed here, ever (the LM head counts as one)
 
     def pack(self, *, max_layers: int | None = None) -> bool:
         """Packs up to ``max_layers`` more layers (all by default); True once nothing is
         left to pack, or when packing is off or does not apply. Having packed the last
         one, it starts storing them in the host tier, if the machine has none there yet.
         If another worker's copy lands there meanwhile, it maps that instead of packing
-        the rest (``share_stored``)."""
+        the rest (``share_stored``); while another worker packs for the machine, it
+        packs nothing and returns False (``waits_for_another``)."""
         if not self.enabled or self.share_stored():
             return True
+        lease = self._lease if not self._load_failed else None
+        if lease is not None and self.model.next_pack_bytes() and not lease.acquire():
+            return False
+        units = self.model.packed_units
         done = self.model.pack_weights(max_layers=max_layers)
-        cache = self._cache
-        if done and cache is not None and not self._tried_store:
-            self._tried_store = True
-            if not self.model.packing_shared and not cache.available():
-                matrices = self.model.packed_matrices()
-                if matrices:
-                    self._stored = cache.store_in_background(matrices)
+        self.packed_layers += self.model.packed_units - units
+        if done and lease is not None:
+            self._store(lease)
         return done
+
+    def _store(self, lease: HostLease) -> None:
+        """All packed: leaves them in the host tier, holding the lease until they are
+        there (storing renews nothing), unless the machine has a copy already."""
+        if self._tried_store:  # once: a full tier stays full a while
+            if self._stored is None:  # not on its way: nothing to hold the lease for
+                lease.release()
+            return
+        self._tried_store = True
+        cache, matrices = self._cache, self.model.packed_matrices()
+        if (
+            cache is None
+            or self.model.packing_shared
+            or not matrices
+            or cache.available()
+            or not lease.acquire(until_released=True)
+        ):
+            lease.release()
+            return
+        self._stored = cache.store_in_background(matrices)
+        self._stored.add_done_callback(lambda _: lease.release())
+
+    def waits_for_another(self) -> bool:
+        """Whether another engine on this machine (a worker started with this one) packs
+        the model's matrices for all now: ``pack`` packs nothing meanwhile, and this
+        engine maps their copy once it is stored. False once it is, or once that engine
+        has renewed nothing for ``PACK_LEASE_STALE_S``: this one packs then."""
+        cache, lease = self._cache, self._lease
+        if lease is None or cache is None or self.model.packing_shared or self._load_failed:
+            return False
+        return not cache.available() and lease.held_elsewhere()
 
     def share(self, cache: PackedCache | None) -> bool:
         """Where this machine keeps the model's packed matrices: if an earlier worker left
@@ -74,15 +121,17 @@ class Packing:
         if not self.enabled:
             return False
         self._cache = cache
+        if cache is not None:
+            holder = f"engine-{id(self):x}"  # engines of one process hold their own
+            self._lease = cache.lease(holder=holder, stale_s=PACK_LEASE_STALE_S)
         if cache is None or self.model.packed_units or not cache.available():
             return False
         return self._adopt(cache)
 
     def share_stored(self) -> bool:
         """Once the machine keeps the model's packed matrices (this engine's own, stored
-        by ``pack``, or another worker's: workers started together all pack, and the
-        first to finish stores), runs on the stored copy and drops its own: True when it
-        switched. Cheap until then (a file's existence). Call it between steps, as
+        by ``pack``, or another worker's), runs on the stored copy and drops any of its
+        own: True when it switched. Cheap until then (a file's existence). Call it between steps, as
         ``share``."""
         cache = self._cache
         if cache is None or self.model.packing_shared or self._load_failed:

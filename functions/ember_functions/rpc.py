@@ -20,8 +20,10 @@ Worker -> router::
      "free_kv_blocks", "phases": {name: seconds}}     the model is loaded
     {"op": "warm", "warmth": WARMTH, "phases"}       parked at PROCESS or HOST, waiting
     {"op": "alive"}                                  idle or parked: every second
-    {"op": "packed", "pack_s", "stopped", "shared"}  packed what host RAM allows (again);
-                                                     shared: mapped from the host tier
+    {"op": "packed", "pack_s", "stopped", "shared", "layers"}
+                                                     packed what host RAM allows (again);
+                                                     shared: mapped from the host tier;
+                                                     layers: how many it packed itself
     {"op": "failed", "reason"}                       it could not load; the process exits
     {"op": "outs", "outs": [OUT, ...], "free_kv_blocks"}   everything one engine step made
 

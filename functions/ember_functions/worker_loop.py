@@ -135,6 +135,7 @@ class ServeLoop:
                 look_at_ram_s = now + HEARTBEAT_S  # a busy spell's first look: a beat in
                 idle_s = now - busy_until
                 quiet = not wake.is_set() and idle_s >= PACK_AFTER_IDLE_S
+                waiting = False  # for another worker's packed copy
                 if quiet and engine.extend_kv_runway():
                     continue  # the next requests' fresh KV pages, faulted in now
                 if quiet and not settled:
@@ -145,25 +146,30 @@ class ServeLoop:
                         engine.cache_public_prefix()
                         continue
                     action, why = self._packing_action()
-                    if action is PackAction.PACK:
+                    waiting = action is PackAction.PACK and engine.packing.waits_for_another()
+                    if action is PackAction.PACK and not waiting:
                         t0 = time.perf_counter()
                         engine.packing.pack(max_layers=1)
                         self.pack_s += time.perf_counter() - t0
                         continue  # the inbox first: a request waits for one layer at most
-                    if why:
-                        log.warning("stopped packing: %s", why)
-                    self.writer.send(self._packed_frame(why))
-                    settled = True
-                    continue
+                    if not waiting:
+                        if why:
+                            log.warning("stopped packing: %s", why)
+                        self.writer.send(self._packed_frame(why))
+                        settled = True
+                        continue
+                    # Another worker packs for the machine: looked at again each beat.
                 if quiet and settled and engine.packing.share_stored():
                     # Its own packed copy reached the host tier: it runs on that one now,
                     # as the model's later workers do, and frees its own.
                     self.writer.send(self._packed_frame(None))
                     continue
-                wait_s = HEARTBEAT_S if settled else max(0.0, PACK_AFTER_IDLE_S - idle_s)
-                if not wake.wait(timeout=wait_s) and settled:
+                beat = settled or waiting
+                wait_s = HEARTBEAT_S if beat else max(0.0, PACK_AFTER_IDLE_S - idle_s)
+                if not wake.wait(timeout=wait_s) and beat:
                     self.writer.send(ALIVE)  # idle, and this loop still turns
-                    settled = self._follow_host_memory()
+                    if settled:
+                        settled = self._follow_host_memory()
                 wake.clear()
                 continue
             self._send(engine.step())
@@ -201,7 +207,13 @@ class ServeLoop:
 
     def _packed_frame(self, stopped: str | None) -> dict[str, Any]:
         shared = self.engine.packing.shared
-        return {"op": "packed", "pack_s": self.pack_s, "stopped": stopped, "shared": shared}
+        return {
+            "op": "packed",
+            "pack_s": self.pack_s,
+            "stopped": stopped,
+            "shared": shared,
+            "layers": self.engine.packing.packed_layers,
+        }
 
     def _frame(self, outs: list[RequestOutput]) -> dict[str, Any]:
         return {

@@ -99,6 +99,9 @@ class WorkerProcess:
         # Its packed matrices are mapped from the host tier, shared with the machine's
         # other workers of the model, not packed by it (see ``packed_cache``).
         self.pack_shared = False
+        # Layers it packed itself (the LM head counts as one): 0 for a worker that mapped
+        # another's copy, or waited while another packed for the machine.
+        self.packed_layers = 0
         self.chunks_by_tier: dict[str, int] = {}  # where its weights came from
         self.model_name = ""
         self._sock = sock
@@ -246,6 +249,7 @@ class WorkerProcess:
             self._prompts.current = prompts
             self.pack_s = self.pack_stopped = None  # a new engine: packing starts over
             self.pack_shared = False
+            self.packed_layers = 0
             self.state, self.warmth = WorkerState.READY, Warmth.READY
             self._changed.notify_all()
 
@@ -349,6 +353,7 @@ class WorkerProcess:
             "pack_s": self.pack_s,
             "pack_stopped": self.pack_stopped,
             "pack_shared": self.pack_shared,
+            "packed_layers": self.packed_layers,
             "idle_s": None,
             "cold_start": dict(self.phases),
         }
@@ -421,6 +426,7 @@ class WorkerProcess:
                         self.pack_s = message["pack_s"]
                         self.pack_stopped = message.get("stopped")
                         self.pack_shared = bool(message.get("shared"))
+                        self.packed_layers = int(message.get("layers", 0))
                         self._changed.notify_all()
                 elif op == "failed":
                     with self._lock:

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ember_functions import packing as packing_module
 from ember_functions.engine import LLMEngine
 from ember_functions.engine_config import EngineConfig
 from ember_functions.host_model import HostModel
@@ -106,45 +107,115 @@ def test_the_next_engine_maps_what_the_first_packed_and_generates_the_same(
         assert packed == unpacked  # float32 packing changes no token of this model
 
 
-def test_engines_started_together_switch_to_the_first_stored_copy(
+def store_later(monkeypatch: pytest.MonkeyPatch) -> list[StoreCall]:
+    """Makes ``store_in_background`` wait for the test: it lists each call, whose future
+    the test resolves (``finish``)."""
+    calls: list[StoreCall] = []
+
+    def later(self: PackedCache, matrices: dict[str, torch.Tensor]) -> Future[bool]:
+        calls.append((self, dict(matrices), Future()))
+        return calls[-1][2]
+
+    monkeypatch.setattr(PackedCache, "store_in_background", later)
+    return calls
+
+
+StoreCall = tuple[PackedCache, dict[str, torch.Tensor], "Future[bool]"]
+
+
+def finish(call: StoreCall, *, fail: bool = False) -> None:
+    cache, matrices, pending = call
+    pending.set_result(False if fail else cache.store(matrices))
+
+
+def test_engines_started_together_pack_once_for_all(
     host_catalog: ModelCatalog,
     host_model: Callable[[ModelCatalog, Path], HostModel],
     tiny_model: Callable[..., Path],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A pool's workers started at once all bind before any packed copy is stored, and
-    all pack. The first store to land is the machine's copy, and the others map it: one
-    mid-way through packing, instead of packing the rest; one done, whose own store was
-    still on its way, instead of keeping its own."""
+    """A pool's workers started at once all bind before any packed copy is stored. The
+    first to pack takes the machine's lease; the others pack nothing, through the
+    packing and the store, and map its copy once it lands."""
     skip_unless_shared(torch.float32)
     model_dir, cfg = tiny_model("llama"), config(torch.float32)
-    first, mid_way, done = (
+    packer, waiter = (
+        LLMEngine.from_host(host_model(host_catalog, model_dir), config=cfg) for _ in range(2)
+    )
+    want = tokens(packer)
+    assert not packer.packing.pack(max_layers=1) and packer.packing.packed_layers == 1
+    assert waiter.packing.waits_for_another()
+    assert not waiter.packing.pack(max_layers=1)
+    assert waiter.packing.packed_layers == 0 and waiter.packing.private_units == 0
+    calls = store_later(monkeypatch)
+    assert packer.packing.pack() and len(calls) == 1  # all packed; the store on its way
+    assert waiter.packing.waits_for_another()  # through the store too
+    assert not waiter.packing.pack(max_layers=1) and waiter.packing.packed_layers == 0
+    finish(calls[0])
+    assert not waiter.packing.waits_for_another()
+    assert waiter.packing.pack(max_layers=1)  # mapped the stored copy
+    assert_all_mapped(waiter)
+    assert waiter.packing.packed_layers == 0
+    assert packer.packing.share_stored()
+    assert_all_mapped(packer)
+    assert tokens(packer) == tokens(waiter) == want
+
+
+def test_a_packer_that_stops_renewing_loses_the_lease_and_copies_converge(
+    host_catalog: ModelCatalog,
+    host_model: Callable[[ModelCatalog, Path], HostModel],
+    tiny_model: Callable[..., Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A packer that renews nothing for ``PACK_LEASE_STALE_S`` (here 0: at once) loses
+    the lease to the next that packs, packs no further, and maps the copy stored; a
+    second store of the same copy writes nothing."""
+    skip_unless_shared(torch.float32)
+    monkeypatch.setattr(packing_module, "PACK_LEASE_STALE_S", 0.0)
+    model_dir, cfg = tiny_model("llama"), config(torch.float32)
+    stalled, taker, late = (
         LLMEngine.from_host(host_model(host_catalog, model_dir), config=cfg) for _ in range(3)
     )
-    want = tokens(first)
-    slow: list[tuple[PackedCache, dict[str, torch.Tensor], Future[bool]]] = []
-
-    def store_later(self: PackedCache, matrices: dict[str, torch.Tensor]) -> Future[bool]:
-        slow.append((self, dict(matrices), Future()))
-        return slow[-1][2]
-
-    monkeypatch.setattr(PackedCache, "store_in_background", store_later)
-    assert done.packing.pack() and len(slow) == 1  # all its own; its store on its way
-    assert not mid_way.packing.pack(max_layers=1)  # a layer of its own so far
-    monkeypatch.undo()
-    stored = stored_now(monkeypatch)
-    assert first.packing.pack() and len(stored) == 1 and stored[0].available()
-    assert first.packing.share_stored()
-    assert mid_way.packing.pack(max_layers=1)  # mapped the stored copy, packed no more
-    assert_all_mapped(mid_way)
-    assert not done.packing.share_stored()  # waits for its own store first
-    cache, matrices, pending = slow[0]
-    pending.set_result(cache.store(matrices))  # lands second: writes nothing
-    assert done.packing.share_stored()  # switched, and freed its own
-    assert_all_mapped(done)
-    assert all(tokens(e) == want for e in (first, mid_way, done))
+    want = tokens(stalled)
+    assert not stalled.packing.pack(max_layers=1)  # a layer, then it serves a while
+    assert not taker.packing.waits_for_another()
+    calls = store_later(monkeypatch)
+    assert taker.packing.pack() and len(calls) == 1  # took the lease; storing holds it
+    assert stalled.packing.waits_for_another() and late.packing.waits_for_another()
+    assert not stalled.packing.pack(max_layers=1) and stalled.packing.packed_layers == 1
+    finish(calls[0])
+    assert stalled.packing.pack(max_layers=1)  # mapped the stored copy, packed no more
+    assert_all_mapped(stalled)
+    assert stalled.packing.packed_layers == 1
+    assert taker.packing.share_stored() and late.packing.pack()
+    assert_all_mapped(taker)
+    assert_all_mapped(late)
+    assert all(tokens(e) == want for e in (stalled, taker, late))
+    cache, matrices, _ = calls[0]
+    assert cache.store(matrices)  # there already: writes nothing
     (tier,) = [t for t in host_catalog.store().tiers if isinstance(t, HostTier)]
     assert len([k for k in tier.keys() if k.startswith("packed/")]) == 2  # noqa: SIM118
+
+
+def test_a_store_that_fails_frees_the_lease_for_the_next_engine(
+    host_catalog: ModelCatalog,
+    host_model: Callable[[ModelCatalog, Path], HostModel],
+    tiny_model: Callable[..., Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    skip_unless_shared(torch.float32)
+    model_dir, cfg = tiny_model("llama"), config(torch.float32)
+    first, second = (
+        LLMEngine.from_host(host_model(host_catalog, model_dir), config=cfg) for _ in range(2)
+    )
+    calls = store_later(monkeypatch)
+    assert first.packing.pack() and second.packing.waits_for_another()
+    finish(calls[0], fail=True)  # the tier was full, say
+    assert not second.packing.waits_for_another()
+    assert (
+        second.packing.pack()
+        and second.packing.packed_layers == len(second.model.decoder_layers) + 1
+    )
 
 
 def test_an_entry_for_other_shapes_or_half_written_is_not_used(

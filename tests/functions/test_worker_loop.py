@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -17,9 +18,12 @@ import torch
 from ember_functions.engine import LLMEngine
 from ember_functions.engine_config import EngineConfig
 from ember_functions.host_memory import HostMemory
+from ember_functions.host_model import HostModel
+from ember_functions.packed_cache import sharing_works
 from ember_functions.rpc import FrameReader, FrameWriter, pack_params, unpack_output
 from ember_functions.sampling_params import SamplingParams
 from ember_functions.worker_loop import PACK_AFTER_IDLE_S, Inbox, ServeLoop
+from ember_weights_store import ModelCatalog
 
 GIB = 1 << 30
 
@@ -39,14 +43,12 @@ def memory() -> FakeMemory:
     return FakeMemory(available_gib=12.0)  # plenty: the default floor keeps 1.6 GiB
 
 
-@pytest.fixture
-def serving(
-    tiny_model: Callable[..., Path], packing_dtype: str, memory: FakeMemory
-) -> Iterator[tuple[LLMEngine, FrameWriter, FrameReader, threading.Thread]]:
-    engine = LLMEngine.from_dir(
-        tiny_model("llama", torch.bfloat16),
-        config=EngineConfig(num_kv_blocks=32, dtype=packing_dtype),
-    )
+Serving = tuple[LLMEngine, FrameWriter, FrameReader, threading.Thread]
+
+
+@contextmanager
+def serve(engine: LLMEngine, memory: FakeMemory) -> Iterator[Serving]:
+    """The engine's ServeLoop on a thread, and the router's ends of its socket."""
     worker_end, router_end = socket.socketpair()
     loop = ServeLoop(engine, Inbox(FrameReader(worker_end)), FrameWriter(worker_end), memory=memory)
     thread = threading.Thread(target=loop.run, daemon=True)
@@ -61,8 +63,20 @@ def serving(
         router_end.close()
 
 
+@pytest.fixture
+def serving(
+    tiny_model: Callable[..., Path], packing_dtype: str, memory: FakeMemory
+) -> Iterator[Serving]:
+    engine = LLMEngine.from_dir(
+        tiny_model("llama", torch.bfloat16),
+        config=EngineConfig(num_kv_blocks=32, dtype=packing_dtype),
+    )
+    with serve(engine, memory) as served:
+        yield served
+
+
 def test_an_idle_worker_packs_its_matrices_and_still_serves(
-    serving: tuple[LLMEngine, FrameWriter, FrameReader, threading.Thread],
+    serving: Serving,
 ) -> None:
     engine, send, receive, thread = serving
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
@@ -102,7 +116,7 @@ def test_an_idle_worker_packs_its_matrices_and_still_serves(
 
 
 def test_a_worker_that_has_just_become_ready_waits_before_packing(
-    serving: tuple[LLMEngine, FrameWriter, FrameReader, threading.Thread],
+    serving: Serving,
 ) -> None:
     """A new worker was usually started for a request on its way: packing waits until
     the worker has been idle PACK_AFTER_IDLE_S, so that request does not wait on it."""
@@ -127,7 +141,7 @@ def packed_frames(receive: FrameReader, count: int) -> list[dict[str, object]]:
 
 
 def test_an_idle_worker_gives_packed_layers_back_when_ram_runs_short_and_packs_again(
-    serving: tuple[LLMEngine, FrameWriter, FrameReader, threading.Thread], memory: FakeMemory
+    serving: Serving, memory: FakeMemory
 ) -> None:
     engine, send, receive, _thread = serving
     units = engine.model.config.num_layers + 1  # every layer and the LM head
@@ -146,7 +160,7 @@ def test_an_idle_worker_gives_packed_layers_back_when_ram_runs_short_and_packs_a
 
 
 def test_a_busy_worker_gives_packed_layers_back_without_waiting_to_idle(
-    serving: tuple[LLMEngine, FrameWriter, FrameReader, threading.Thread],
+    serving: Serving,
     memory: FakeMemory,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -187,3 +201,46 @@ def test_a_busy_worker_gives_packed_layers_back_without_waiting_to_idle(
     assert given_back and all("giving packed layers back" in str(f["stopped"]) for f in given_back)
     assert tokens_after_ram_ran_short < 399
     assert engine.packing.units <= units - len(given_back)
+
+
+def test_a_worker_waits_while_another_packs_for_the_machine_then_maps_its_copy(
+    host_catalog: ModelCatalog,
+    host_model: Callable[[ModelCatalog, Path], HostModel],
+    tiny_model: Callable[..., Path],
+    memory: FakeMemory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Workers started together: while one packs the model for the machine, another
+    packs nothing, turns once a heartbeat (saying it is alive), not in a busy loop, and
+    says "packed" only once it runs on the copy the first stored."""
+    if not sharing_works(torch.float32):
+        pytest.skip("packed float32 matrices cannot be shared with this torch build and CPU")
+    model_dir = tiny_model("llama")
+    cfg = EngineConfig(num_kv_blocks=32, dtype="float32", num_threads=1)
+    packer, waiter = (
+        LLMEngine.from_host(host_model(host_catalog, model_dir), config=cfg) for _ in range(2)
+    )
+    assert not packer.packing.pack(max_layers=1)  # the lease is the packer's
+    looks = 0
+    waits_for_another = waiter.packing.waits_for_another
+
+    def counted() -> bool:
+        nonlocal looks
+        looks += 1
+        return waits_for_another()
+
+    monkeypatch.setattr(waiter.packing, "waits_for_another", counted)
+    with serve(waiter, memory) as (_, _send, receive, _thread):
+        seen: list[str] = []
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 2.5:
+            frame = receive.read()
+            assert frame is not None
+            seen.append(str(frame["op"]))
+        assert "alive" in seen and "packed" not in seen
+        assert 1 <= looks <= 4  # once a heartbeat
+        assert waiter.packing.packed_layers == 0 and waiter.packing.private_units == 0
+        assert packer.packing.pack()  # the rest, then stored on a thread
+        [packed] = packed_frames(receive, 1)
+    assert packed["shared"] is True and packed["layers"] == 0
+    assert waiter.packing.shared

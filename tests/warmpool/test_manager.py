@@ -18,10 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from ember_core import EngineError, RateLimitError, WorkerUnavailableError
 from ember_functions.engine_config import EngineConfig
 from ember_functions.launch import Zygote
+from ember_functions.packed_cache import sharing_works
 from ember_functions.sampling_params import SamplingParams
 from ember_functions.sequence import RequestOutput
 from ember_platform.pool_router import PoolRouter
@@ -422,6 +424,11 @@ def test_a_pool_of_several_workers_shares_the_model_in_host_ram_and_gives_it_bac
         assert fills[0] == 0.0 and fills[1] > 0.0, pool.cold_starts
         out = asyncio.run(collect(PoolRouter({"m": pool}), "m", "r", SHORT))
         assert out[-1].usage.completion_tokens == 4
+        if sharing_works(torch.float32):  # ONE_SEQ computes in float32
+            # One worker packed the matrices, for both: the other maps its copy.
+            wait_for(lambda: all(r["pack_shared"] for r in pool.status()), "shared packing")
+            units = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"] + 1
+            assert sorted(r["packed_layers"] for r in pool.status()) == [0, units]
     finally:
         pool.close()
     # Closing gave the RAM back: nothing of the pool's is left in /dev/shm.
