@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _proc import cpu_s
+
 LEVELS = (1, 8, 32)
 PATHS = ("direct", "worker", "gateway")
 
@@ -126,16 +128,6 @@ async def run_gateway(
     t0 = time.perf_counter()
     await asyncio.gather(*(client(k) for k in range(level)))
     return {"ttft": ttfts, "wall_s": time.perf_counter() - t0, "requests": len(work)}
-
-
-def cpu_s(pid: int) -> float | None:
-    """User + system CPU seconds of process ``pid`` (every thread), from /proc; None
-    where there is no /proc."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def gateway_round(

@@ -23,7 +23,10 @@ waits until every worker has packed its matrices and gone quiet, and reads `/wor
   layers and its LM head, summed over workers): shared, one worker packs for all while
   the others wait for its copy (the host tier's packing lease); alone, every worker packs.
 - ``settle s``: from starting the server until every worker runs packed (shared: on the
-  stored copy), the time a pool's start costs the machine's CPU.
+  stored copy); until then a worker's matmuls run unpacked, slower.
+- ``settle cpu s``: the CPU seconds the workers spent until then (loading, packing,
+  storing), and ``settle peak private MiB``: the most private RAM they held at once
+  meanwhile (sampled every 0.2 s), which a copy packed only to be thrown away inflates.
 
 Then SIGTERM to the server's whole process group, as systemd sends it, and what is left
 in /dev/shm. Modes alternate per round; medians over rounds. The ratio is alone / shared
@@ -43,6 +46,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _proc import cpu_s
+
 MODES = {"shared": "auto", "alone": "0"}  # --host-cache-mib of each
 
 
@@ -60,8 +65,8 @@ def _shared_memory_bytes(pid: int) -> int:
 
 def _settled(rows: list[dict[str, Any]], workers: int, *, shared: bool) -> bool:
     """Every worker READY and packed, and with sharing, mapping the stored packed copy:
-    workers started together each pack their own, and switch to the first copy stored
-    only once it is written (~5 s for the 1.1B model's 2.2 GB)."""
+    of workers started together one packs for all, and all switch to its copy only once
+    it is written."""
     ready = [r for r in rows if r["state"] == "READY"]
     done = [
         r
@@ -89,11 +94,14 @@ def run_pool(model: str, home: Path, workers: int, mode: str, threads: int) -> d
         with httpx.Client(base_url=server.base_url, timeout=30) as http:
             deadline = time.monotonic() + 300
             shared = mode == "shared"
+            peak_private = 0
             while not _settled(rows := http.get("/workers").json()["data"], workers, shared=shared):
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"the pool never settled: {rows}")
+                peak_private = max(peak_private, sum(r.get("private_bytes") or 0 for r in rows))
                 time.sleep(0.2)
             settle_s = time.perf_counter() - t0
+            settle_cpu_s = sum(cpu_s(r["pid"]) or 0.0 for r in rows)
             time.sleep(2.0)  # the last pages freed, the last unmapped
             rows = http.get("/workers").json()["data"]
         boot = min(rows, key=lambda r: r["worker_id"])
@@ -109,6 +117,8 @@ def run_pool(model: str, home: Path, workers: int, mode: str, threads: int) -> d
             "boot_load_s": float(boot["cold_start"]["load_s"]),
             "layers_packed": float(sum(r.get("packed_layers", 0) for r in rows)),
             "settle_s": settle_s,
+            "settle_cpu_s": settle_cpu_s,
+            "settle_peak_private_mib": peak_private / 2**20,
         }
     finally:
         os.killpg(group, signal.SIGTERM)
@@ -151,6 +161,8 @@ def main() -> None:
             "boot_load_s",
             "layers_packed",
             "settle_s",
+            "settle_cpu_s",
+            "settle_peak_private_mib",
             "tier_mib_after_stop",
         ):
             shared = statistics.median(x[key] for x in runs[f"{n}-shared"])

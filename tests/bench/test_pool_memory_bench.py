@@ -38,3 +38,6 @@ def test_pool_memory_bench_writes_its_json(
     assert result["ram_mib_alone_2"] == result["pss_mib_alone_2"]  # no tier to add
     assert result["tier_mib_shared_2"] > 400 and result["tier_mib_alone_2"] == 0
     assert result["tier_mib_after_stop_shared_2"] == 0, proc.stdout
+    # Alone, both workers pack every layer; shared, one packs for both (the lease).
+    assert result["layers_packed_alone_2"] == 2 * result["layers_packed_shared_2"] > 0
+    assert result["settle_cpu_s_shared_2"] > 0 and result["settle_peak_private_mib_alone_2"] > 0
