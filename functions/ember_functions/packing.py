@@ -12,7 +12,7 @@ meanwhile, so the machine holds one copy however many workers serve the model.
 Workers started together would all pack, each paying the CPU and a private copy, to keep
 only the first copy stored. One packs for all instead: packing takes the host tier's
 lease for the model's packed matrices (``PackedCache.lease``) and renews it with each
-layer, and holds it until its copy is stored; the others ``wait_for_another`` and map
+layer, and holds it until its copy is stored; the others wait (``waits_for_another``) and map
 that copy once it lands. A packer that stops renewing for ``PACK_LEASE_STALE_S`` (busy
 serving while another worker idles, out of RAM, gone) loses the lease to the next that
 packs; it packs no further, and switches to the stored copy like the rest.
@@ -131,8 +131,8 @@ class Packing:
     def share_stored(self) -> bool:
         """Once the machine keeps the model's packed matrices (this engine's own, stored
         by ``pack``, or another worker's), runs on the stored copy and drops any of its
-        own: True when it switched. Cheap until then (a file's existence). Call it between steps, as
-        ``share``."""
+        own: True when it switched. Cheap until then (a file's existence). Call it between
+        steps, as ``share``."""
         cache = self._cache
         if cache is None or self.model.packing_shared or self._load_failed:
             return False

@@ -62,6 +62,18 @@ def stored_now(monkeypatch: pytest.MonkeyPatch) -> list[PackedCache]:
     return stored
 
 
+def bound_together(
+    count: int,
+    catalog: ModelCatalog,
+    host_model: Callable[[ModelCatalog, Path], HostModel],
+    model_dir: Path,
+) -> list[LLMEngine]:
+    """``count`` engines of the model bound from the host tier before any has packed, as
+    a pool's workers started together are."""
+    cfg = config(torch.float32)
+    return [LLMEngine.from_host(host_model(catalog, model_dir), config=cfg) for _ in range(count)]
+
+
 def assert_all_mapped(engine: LLMEngine) -> None:
     """Every packed matrix is a view of the one mapping of the host tier's copy."""
     total = len(engine.model.decoder_layers) + 1
@@ -138,10 +150,7 @@ def test_engines_started_together_pack_once_for_all(
     first to pack takes the machine's lease; the others pack nothing, through the
     packing and the store, and map its copy once it lands."""
     skip_unless_shared(torch.float32)
-    model_dir, cfg = tiny_model("llama"), config(torch.float32)
-    packer, waiter = (
-        LLMEngine.from_host(host_model(host_catalog, model_dir), config=cfg) for _ in range(2)
-    )
+    packer, waiter = bound_together(2, host_catalog, host_model, tiny_model("llama"))
     want = tokens(packer)
     assert not packer.packing.pack(max_layers=1) and packer.packing.packed_layers == 1
     assert waiter.packing.waits_for_another()
@@ -172,10 +181,7 @@ def test_a_packer_that_stops_renewing_loses_the_lease_and_copies_converge(
     second store of the same copy writes nothing."""
     skip_unless_shared(torch.float32)
     monkeypatch.setattr(packing_module, "PACK_LEASE_STALE_S", 0.0)
-    model_dir, cfg = tiny_model("llama"), config(torch.float32)
-    stalled, taker, late = (
-        LLMEngine.from_host(host_model(host_catalog, model_dir), config=cfg) for _ in range(3)
-    )
+    stalled, taker, late = bound_together(3, host_catalog, host_model, tiny_model("llama"))
     want = tokens(stalled)
     assert not stalled.packing.pack(max_layers=1)  # a layer, then it serves a while
     assert not taker.packing.waits_for_another()
@@ -204,18 +210,13 @@ def test_a_store_that_fails_frees_the_lease_for_the_next_engine(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     skip_unless_shared(torch.float32)
-    model_dir, cfg = tiny_model("llama"), config(torch.float32)
-    first, second = (
-        LLMEngine.from_host(host_model(host_catalog, model_dir), config=cfg) for _ in range(2)
-    )
+    first, second = bound_together(2, host_catalog, host_model, tiny_model("llama"))
     calls = store_later(monkeypatch)
     assert first.packing.pack() and second.packing.waits_for_another()
     finish(calls[0], fail=True)  # the tier was full, say
     assert not second.packing.waits_for_another()
-    assert (
-        second.packing.pack()
-        and second.packing.packed_layers == len(second.model.decoder_layers) + 1
-    )
+    assert second.packing.pack()  # all of them itself
+    assert second.packing.packed_layers == len(second.model.decoder_layers) + 1
 
 
 def test_an_entry_for_other_shapes_or_half_written_is_not_used(
