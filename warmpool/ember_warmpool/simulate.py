@@ -3,8 +3,11 @@
 For tuning policies and for tests; ``bench/trace.py`` replays through the real gateway.
 The model: a worker reaches READY after a cold start whose length depends on the warmth
 it starts from (:class:`ColdStartModel`); it serves ``target_concurrency`` requests at
-once, each for ``service_s`` with its first token ``first_token_s`` after it starts;
-requests that find no free READY slot wait in one FIFO queue. The policy is consulted on
+once, each for ``service_s`` with its first token ``first_token_s`` after it starts.
+Placement is ``ModelPool.try_place``'s: the busiest READY worker with room, else (given
+``max_in_flight``, the engine's cap) the least loaded one under that cap, where the
+request runs stretched by in_flight / target_concurrency; requests that find no place
+wait in one FIFO queue. The policy is consulted on
 every arrival and every ``tick_s``, when the forecaster also observes the arrivals since
 the last tick. Nothing here reads a clock: simulated time only.
 
@@ -73,6 +76,18 @@ class SimConfig:
     tick_s: float = 1.0
     measure_from_s: float = 0.0
     cold: ColdStartModel = field(default_factory=ColdStartModel)
+    # Requests a worker's engine runs at once (``EngineConfig.max_num_seqs``): with every
+    # worker at target_concurrency, a request overflows onto the least loaded one below
+    # this, as ``ModelPool.try_place`` does, and runs slower there (see ``_Sim.dispatch``).
+    # None: no overflow, requests wait for a slot.
+    max_in_flight: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_in_flight is not None and self.max_in_flight < 1:
+            raise ValueError(
+                f"max_in_flight={self.max_in_flight}; give the engine's max_num_seqs (>= 1), "
+                "or None for no overflow"
+            )
 
 
 @dataclass(frozen=True)
@@ -151,6 +166,7 @@ class _Sim:
         self.queue: deque[int] = deque()
         self.start_s = [math.nan] * len(trace)
         self.cold = [False] * len(trace)
+        self.first_token_s = [config.first_token_s] * len(trace)
         self.next_id = 0
         self.starts = self.promotions = 0
         self.worker_s = 0.0
@@ -214,24 +230,31 @@ class _Sim:
 
     def dispatch(self) -> None:
         tc = self.policy.target_concurrency
+        cap = max(tc, self.config.max_in_flight or tc)
         while self.queue:
-            free = [
-                w
-                for w in self.workers.values()
-                if w.reached and w.warmth is Warmth.READY and w.in_flight < tc
-            ]
-            if not free:
-                return
-            # Pack: the fullest worker with room, then the oldest. Spreading requests to the
-            # least loaded keeps every worker a little busy, so none ever idles for
-            # keepalive_s and the pool cannot shrink until the load all but stops.
-            w = min(free, key=lambda x: (-x.in_flight, x.born_s, x.worker_id))
+            ready = [w for w in self.workers.values() if w.reached and w.warmth is Warmth.READY]
+            room = [w for w in ready if w.in_flight < tc]
+            if room:
+                # Pack: the fullest worker with room, then the oldest. Spreading requests to
+                # the least loaded keeps every worker a little busy, so none ever idles for
+                # keepalive_s and the pool cannot shrink until the load all but stops.
+                w = min(room, key=lambda x: (-x.in_flight, x.born_s, x.worker_id))
+            else:
+                overflow = [w for w in ready if w.in_flight < cap]
+                if not overflow:
+                    return
+                w = min(overflow, key=lambda x: (x.in_flight, x.born_s, x.worker_id))
             i = self.queue.popleft()
             w.in_flight += 1
             w.idle_since_s = None
             self.start_s[i] = self.now_s
             self.cold[i] = w.ready_since_s > self.trace[i]
-            self.push(self.now_s + self.config.service_s, _DONE, worker_id=w.worker_id)
+            # Beyond target_concurrency the worker's requests share it: this one's first
+            # token and its stay stretch by in_flight / target_concurrency (processor
+            # sharing, fixed at admission; a batching engine does better than this).
+            stretch = max(1.0, w.in_flight / tc)
+            self.first_token_s[i] = self.config.first_token_s * stretch
+            self.push(self.now_s + self.config.service_s * stretch, _DONE, worker_id=w.worker_id)
 
     def consult(self) -> None:
         view = PoolView(
@@ -292,7 +315,7 @@ def simulate(
     sim.run()
     measured = [i for i, t in enumerate(trace) if t >= config.measure_from_s]
     waits = [sim.start_s[i] - trace[i] for i in measured]
-    ttfts = [w + config.first_token_s for w in waits]
+    ttfts = [sim.start_s[i] - trace[i] + sim.first_token_s[i] for i in measured]
     cold = sum(1 for i in measured if sim.cold[i])
     return SimResult(
         name=name,
