@@ -62,16 +62,25 @@ def stored_now(monkeypatch: pytest.MonkeyPatch) -> list[PackedCache]:
     return stored
 
 
+@pytest.fixture
 def bound_together(
-    count: int,
-    catalog: ModelCatalog,
+    host_catalog: ModelCatalog,
     host_model: Callable[[ModelCatalog, Path], HostModel],
-    model_dir: Path,
-) -> list[LLMEngine]:
-    """``count`` engines of the model bound from the host tier before any has packed, as
-    a pool's workers started together are."""
-    cfg = config(torch.float32)
-    return [LLMEngine.from_host(host_model(catalog, model_dir), config=cfg) for _ in range(count)]
+    tiny_model: Callable[..., Path],
+) -> Callable[[int], list[LLMEngine]]:
+    """``count`` float32 engines of the tiny llama bound from the host tier before any
+    has packed, as a pool's workers started together are (skips where packed float32
+    matrices cannot be shared)."""
+    skip_unless_shared(torch.float32)
+    model_dir, cfg = tiny_model("llama"), config(torch.float32)
+
+    def bind(count: int) -> list[LLMEngine]:
+        return [
+            LLMEngine.from_host(host_model(host_catalog, model_dir), config=cfg)
+            for _ in range(count)
+        ]
+
+    return bind
 
 
 def assert_all_mapped(engine: LLMEngine) -> None:
@@ -141,16 +150,13 @@ def finish(call: StoreCall, *, fail: bool = False) -> None:
 
 
 def test_engines_started_together_pack_once_for_all(
-    host_catalog: ModelCatalog,
-    host_model: Callable[[ModelCatalog, Path], HostModel],
-    tiny_model: Callable[..., Path],
+    bound_together: Callable[[int], list[LLMEngine]],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A pool's workers started at once all bind before any packed copy is stored. The
     first to pack takes the machine's lease; the others pack nothing, through the
     packing and the store, and map its copy once it lands."""
-    skip_unless_shared(torch.float32)
-    packer, waiter = bound_together(2, host_catalog, host_model, tiny_model("llama"))
+    packer, waiter = bound_together(2)
     want = tokens(packer)
     assert not packer.packing.pack(max_layers=1) and packer.packing.packed_layers == 1
     assert waiter.packing.waits_for_another()
@@ -171,17 +177,14 @@ def test_engines_started_together_pack_once_for_all(
 
 
 def test_a_packer_that_stops_renewing_loses_the_lease_and_copies_converge(
-    host_catalog: ModelCatalog,
-    host_model: Callable[[ModelCatalog, Path], HostModel],
-    tiny_model: Callable[..., Path],
+    bound_together: Callable[[int], list[LLMEngine]],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A packer that renews nothing for ``PACK_LEASE_STALE_S`` (here 0: at once) loses
     the lease to the next that packs, packs no further, and maps the copy stored; a
     second store of the same copy writes nothing."""
-    skip_unless_shared(torch.float32)
     monkeypatch.setattr(packing_module, "PACK_LEASE_STALE_S", 0.0)
-    stalled, taker, late = bound_together(3, host_catalog, host_model, tiny_model("llama"))
+    stalled, taker, late = bound_together(3)
     want = tokens(stalled)
     assert not stalled.packing.pack(max_layers=1)  # a layer, then it serves a while
     assert not taker.packing.waits_for_another()
@@ -199,18 +202,14 @@ def test_a_packer_that_stops_renewing_loses_the_lease_and_copies_converge(
     assert all(tokens(e) == want for e in (stalled, taker, late))
     cache, matrices, _ = calls[0]
     assert cache.store(matrices)  # there already: writes nothing
-    (tier,) = [t for t in host_catalog.store().tiers if isinstance(t, HostTier)]
-    assert len([k for k in tier.keys() if k.startswith("packed/")]) == 2  # noqa: SIM118
+    assert len([k for k in cache.host.keys() if k.startswith("packed/")]) == 2  # noqa: SIM118
 
 
 def test_a_store_that_fails_frees_the_lease_for_the_next_engine(
-    host_catalog: ModelCatalog,
-    host_model: Callable[[ModelCatalog, Path], HostModel],
-    tiny_model: Callable[..., Path],
+    bound_together: Callable[[int], list[LLMEngine]],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    skip_unless_shared(torch.float32)
-    first, second = bound_together(2, host_catalog, host_model, tiny_model("llama"))
+    first, second = bound_together(2)
     calls = store_later(monkeypatch)
     assert first.packing.pack() and second.packing.waits_for_another()
     finish(calls[0], fail=True)  # the tier was full, say
