@@ -127,6 +127,7 @@ class ServeLoop:
         settled = False  # packed all it may for now, and said so
         busy_until = time.monotonic()  # when the engine last had work
         look_at_ram_s = busy_until  # when a busy worker next looks at host RAM
+        alive_due_s = busy_until  # an idle worker says it is alive a heartbeat apart
         while self._drain():
             if not engine.has_unfinished():
                 if self.demote:
@@ -158,16 +159,22 @@ class ServeLoop:
                         self.writer.send(self._packed_frame(why))
                         settled = True
                         continue
-                    # Another worker packs for the machine: looked at again each beat.
+                    # Another worker packs for the machine: looked at again shortly.
                 if quiet and settled and engine.packing.share_stored():
                     # Its own packed copy reached the host tier: it runs on that one now,
                     # as the model's later workers do, and frees its own.
                     self.writer.send(self._packed_frame(None))
                     continue
-                beat = settled or waiting
-                wait_s = HEARTBEAT_S if beat else max(0.0, PACK_AFTER_IDLE_S - idle_s)
-                if not wake.wait(timeout=wait_s) and beat:
-                    self.writer.send(ALIVE)  # idle, and this loop still turns
+                if settled:
+                    wait_s = HEARTBEAT_S
+                elif waiting:  # the other worker's copy may land any moment
+                    wait_s = PACK_AFTER_IDLE_S
+                else:
+                    wait_s = max(0.0, PACK_AFTER_IDLE_S - idle_s)
+                if not wake.wait(timeout=wait_s) and (settled or waiting):
+                    if time.monotonic() >= alive_due_s:
+                        self.writer.send(ALIVE)  # idle, and this loop still turns
+                        alive_due_s = time.monotonic() + HEARTBEAT_S
                     if settled:
                         settled = self._follow_host_memory()
                 wake.clear()

@@ -211,8 +211,9 @@ def test_a_worker_waits_while_another_packs_for_the_machine_then_maps_its_copy(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Workers started together: while one packs the model for the machine, another
-    packs nothing, turns once a heartbeat (saying it is alive), not in a busy loop, and
-    says "packed" only once it runs on the copy the first stored."""
+    packs nothing, looks again every PACK_AFTER_IDLE_S (saying it is alive once a
+    heartbeat), not in a busy loop, and says "packed" only once it runs on the copy the
+    first stored."""
     if not sharing_works(torch.float32):
         pytest.skip("packed float32 matrices cannot be shared with this torch build and CPU")
     model_dir = tiny_model("llama")
@@ -237,8 +238,9 @@ def test_a_worker_waits_while_another_packs_for_the_machine_then_maps_its_copy(
             frame = receive.read()
             assert frame is not None
             seen.append(str(frame["op"]))
-        assert "alive" in seen and "packed" not in seen
-        assert 1 <= looks <= 4  # once a heartbeat
+        assert "packed" not in seen
+        assert 1 <= seen.count("alive") <= 3  # a heartbeat apart
+        assert 1 <= looks <= 12  # every PACK_AFTER_IDLE_S, not in a busy loop
         assert waiter.packing.packed_layers == 0 and waiter.packing.private_units == 0
         assert packer.packing.pack()  # the rest, then stored on a thread
         [packed] = packed_frames(receive, 1)
