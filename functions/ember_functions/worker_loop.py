@@ -118,7 +118,9 @@ class ServeLoop:
         caches the chat template's preamble
         (``LLMEngine.cache_public_prefix``), then packs its matrices one layer at a time,
         looking at the inbox between layers, and says so once it has packed all that host RAM
-        allows ("packed"). From then on, once a heartbeat, idle or busy, it looks at host
+        allows ("packed"); while another worker packs them for the machine
+        (``Packing.waits_for_another``), it packs none and says "packed" once it runs on
+        that worker's copy. From then on, once a heartbeat, idle or busy, it looks at host
         RAM again: short of it, it gives the last packed layer back; with room again, it
         packs the rest once idle (``host_memory.packing_action``). The model's first
         worker, once its packed copy is stored in the host tier, runs on the stored one
