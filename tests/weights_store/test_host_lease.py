@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from ember_core import InvalidRequestError
-from ember_weights_store.host_lease import HostLease
+from ember_weights_store.host_lease import HostLease, forget_dead_leases
+from ember_weights_store.host_tier import HostTier
 
 
 def lease(root: Path, holder: str, *, stale_s: float = 60.0) -> HostLease:
@@ -93,3 +94,17 @@ def test_bad_names_and_staleness_are_refused_with_what_to_do(tmp_path: Path) -> 
         HostLease(tmp_path, "packed/with/slashes", holder="a", stale_s=1.0)
     with pytest.raises(InvalidRequestError, match="stale_s"):
         HostLease(tmp_path, "ok", holder="a", stale_s=-1.0)
+
+
+def test_giving_the_tier_back_forgets_the_leases_of_dead_holders(tmp_path: Path) -> None:
+    """A packer killed while it stored never releases its lease: free already, but its
+    file stays in /dev/shm until the tier is given back."""
+    tier = HostTier(tmp_path, budget_bytes=1 << 20)
+    child = _hold_in_child(tmp_path, then="")  # takes the lease and exits holding it
+    child.wait()
+    mine = HostLease(tmp_path, "pack-mine", holder="a", stale_s=60.0)
+    assert mine.acquire()
+    assert tier.release_unpinned() == 0
+    assert sorted(p.name for p in (tmp_path / ".leases").glob("*.json")) == ["pack-mine.json"]
+    assert HostLease(tmp_path, "pack-mine", holder="b", stale_s=60.0).held_elsewhere()
+    assert forget_dead_leases(tmp_path) == 0  # a live holder's lease stays

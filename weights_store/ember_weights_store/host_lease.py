@@ -34,7 +34,7 @@ from pathlib import Path
 from ember_core import InvalidRequestError
 from ember_weights_store.processes import alive, start_time
 
-__all__ = ["HostLease"]
+__all__ = ["HostLease", "forget_dead_leases"]
 
 _LEASES_DIR = ".leases"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
@@ -145,3 +145,38 @@ class HostLease:
             yield
         finally:
             os.close(fd)
+
+
+def forget_dead_leases(root: Path) -> int:
+    """Removes the lease files of holders that are gone, and returns how many. A holder
+    killed mid-work never releases its lease: the lease is free already, but its file
+    would stay in /dev/shm. The host tier calls this when it gives its objects back.
+
+    Example::
+
+        forget_dead_leases(tier.root)  # -> 1 after a packer was killed while storing
+    """
+    leases = Path(root) / _LEASES_DIR
+    if not leases.is_dir():
+        return 0
+    removed = 0
+    fd = os.open(leases / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        for path in leases.iterdir():
+            if path.name.startswith("."):
+                writer = path.name.removeprefix(".tmp-").split("-", 1)[0]
+                if path.name.startswith(".tmp-") and writer.isdigit() and not alive(int(writer)):
+                    path.unlink(missing_ok=True)  # a record its writer never put in place
+                continue
+            try:
+                record = json.loads(path.read_text())
+                holder_alive = alive(int(record["pid"]), record.get("start"))
+            except (OSError, ValueError, KeyError, TypeError):
+                holder_alive = False  # unreadable: nobody can hold it
+            if not holder_alive:
+                path.unlink(missing_ok=True)
+                removed += 1
+    finally:
+        os.close(fd)
+    return removed

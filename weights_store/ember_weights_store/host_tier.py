@@ -33,6 +33,7 @@ from pathlib import Path
 
 from ember_core import CapacityError, InvalidRequestError
 from ember_weights_store.digests import FastChecksum
+from ember_weights_store.host_lease import forget_dead_leases
 from ember_weights_store.keys import validate_key
 from ember_weights_store.processes import alive, start_time
 from ember_weights_store.tiers import (
@@ -211,9 +212,12 @@ class HostTier:
         the OS. For a process that filled the tier for its own workers and is done with
         it: tmpfs files outlive their writers, so without this they hold their RAM until
         reboot. A process that still maps a removed object keeps its pages until it
-        unmaps them; objects other processes pin stay."""
+        unmaps them; objects other processes pin stay. Leases of dead holders go too
+        (``host_lease.forget_dead_leases``)."""
         with self._locked():
-            return self._remove_all_but_locked(self._live_pins_locked())
+            freed = self._remove_all_but_locked(self._live_pins_locked())
+        forget_dead_leases(self.root)
+        return freed
 
     def release_abandoned(self) -> int:
         """``release_unpinned``, but only where no live process pins anything: then no
@@ -222,7 +226,9 @@ class HostTier:
         the tier is in use. Decided and done under one lock, so a process cannot start
         using the tier in between."""
         with self._locked():
-            return 0 if self._live_pins_locked() else self._remove_all_but_locked(set())
+            freed = 0 if self._live_pins_locked() else self._remove_all_but_locked(set())
+        forget_dead_leases(self.root)
+        return freed
 
     def _remove_all_but_locked(self, keep: set[str]) -> int:
         freed = 0
