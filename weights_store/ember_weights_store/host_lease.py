@@ -32,7 +32,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ember_core import InvalidRequestError
-from ember_weights_store.processes import alive, start_time
+from ember_weights_store.processes import (
+    TEMP_PREFIX,
+    alive,
+    start_time,
+    temp_name,
+    temp_writer_alive,
+)
 
 __all__ = ["HostLease", "forget_dead_leases"]
 
@@ -81,7 +87,7 @@ class HostLease:
     def acquire(self, *, until_released: bool = False) -> bool:
         """Takes the lease or renews it; False while another holder has it (alive, and it
         renewed it within ``stale_s`` or holds it until released)."""
-        with self._locked():
+        with _locked(self._dir):
             record = self._read()
             if record is not None and not self._mine(record) and self._binding(record):
                 return False
@@ -92,7 +98,7 @@ class HostLease:
                 "holder": self.holder,
                 "until_released": until_released,
             }
-            temp = self._dir / f".tmp-{me}-{self.name}"
+            temp = self._dir / temp_name(self.name)
             temp.write_text(json.dumps(body))
             now = time.time_ns()  # explicit: the kernel's file clock is coarse
             os.utime(temp, ns=(now, now))
@@ -101,13 +107,13 @@ class HostLease:
 
     def held_elsewhere(self) -> bool:
         """Whether another holder has the lease now (``acquire`` would fail)."""
-        with self._locked(exclusive=False):
+        with _locked(self._dir, exclusive=False):
             record = self._read()
             return record is not None and not self._mine(record) and self._binding(record)
 
     def release(self) -> bool:
         """Gives the lease up if this holder has it; returns whether it had."""
-        with self._locked():
+        with _locked(self._dir):
             record = self._read()
             if record is None or not self._mine(record):
                 return False
@@ -119,8 +125,7 @@ class HostLease:
 
     def _binding(self, record: dict[str, object]) -> bool:
         """Whether another's record still keeps the lease from us."""
-        pid, start = record.get("pid"), record.get("start")
-        if not isinstance(pid, int) or not alive(pid, start if isinstance(start, int) else None):
+        if not _holder_alive(record):
             return False  # its holder is gone, and will never release it
         if record.get("until_released"):
             return True
@@ -137,15 +142,6 @@ class HostLease:
             return None  # no lease (records are replaced whole, so never half a one)
         return record if isinstance(record, dict) else None
 
-    @contextlib.contextmanager
-    def _locked(self, *, exclusive: bool = True) -> Iterator[None]:
-        fd = os.open(self._dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-            yield
-        finally:
-            os.close(fd)
-
 
 def forget_dead_leases(root: Path) -> int:
     """Removes the lease files of holders that are gone, and returns how many. A holder
@@ -160,23 +156,34 @@ def forget_dead_leases(root: Path) -> int:
     if not leases.is_dir():
         return 0
     removed = 0
-    fd = os.open(leases / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with _locked(leases):
         for path in leases.iterdir():
             if path.name.startswith("."):
-                writer = path.name.removeprefix(".tmp-").split("-", 1)[0]
-                if path.name.startswith(".tmp-") and writer.isdigit() and not alive(int(writer)):
+                if path.name.startswith(TEMP_PREFIX) and not temp_writer_alive(path.name):
                     path.unlink(missing_ok=True)  # a record its writer never put in place
                 continue
             try:
                 record = json.loads(path.read_text())
-                holder_alive = alive(int(record["pid"]), record.get("start"))
-            except (OSError, ValueError, KeyError, TypeError):
-                holder_alive = False  # unreadable: nobody can hold it
-            if not holder_alive:
+            except (OSError, ValueError):
+                record = None  # unreadable: nobody can hold it
+            if not isinstance(record, dict) or not _holder_alive(record):
                 path.unlink(missing_ok=True)
                 removed += 1
+    return removed
+
+
+def _holder_alive(record: dict[str, object]) -> bool:
+    pid, start = record.get("pid"), record.get("start")
+    return isinstance(pid, int) and alive(pid, start if isinstance(start, int) else None)
+
+
+@contextlib.contextmanager
+def _locked(leases: Path, *, exclusive: bool = True) -> Iterator[None]:
+    """The leases directory's flock (a fresh open file description per acquisition, so
+    threads of one process exclude each other as processes do)."""
+    fd = os.open(leases / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
     finally:
         os.close(fd)
-    return removed

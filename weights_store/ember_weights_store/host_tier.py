@@ -35,7 +35,7 @@ from ember_core import CapacityError, InvalidRequestError
 from ember_weights_store.digests import FastChecksum
 from ember_weights_store.host_lease import forget_dead_leases
 from ember_weights_store.keys import validate_key
-from ember_weights_store.processes import alive, start_time
+from ember_weights_store.processes import alive, start_time, temp_name, temp_writer_alive
 from ember_weights_store.tiers import (
     ObjectDir,
     ObjectNotFoundError,
@@ -314,7 +314,7 @@ class HostTier:
                 )
             # Written atomically so a reader never sees half a pin file.
             record = {"pid": me, "start": start_time(me), "keys": sorted(wanted)}
-            tmp = self._pins / f".tmp-{me}-{owner}"
+            tmp = self._pins / temp_name(owner)
             tmp.write_text(json.dumps(record))
             os.replace(tmp, path)
 
@@ -355,7 +355,7 @@ class HostTier:
         keys: set[str] = set()
         for entry in self._pins.iterdir():
             if entry.name.startswith("."):
-                if not _writer_alive(entry.name):
+                if not temp_writer_alive(entry.name):
                     entry.unlink(missing_ok=True)  # temp of a pin() killed mid-write
                 continue
             held = _read_pin(entry)
@@ -374,8 +374,3 @@ def _read_pin(path: Path) -> tuple[int, set[str], int | None] | None:
         return int(record["pid"]), set(record["keys"]), record.get("start")
     except (FileNotFoundError, ValueError, KeyError, TypeError):
         return None
-
-
-def _writer_alive(temp_name: str) -> bool:
-    pid_text = temp_name.removeprefix(".tmp-").split("-", 1)[0]
-    return pid_text.isdigit() and alive(int(pid_text))

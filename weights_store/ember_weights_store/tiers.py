@@ -26,7 +26,7 @@ from ember_core import InvalidRequestError, ModelFormatError, NotFoundError
 from ember_weights_store.digests import FastChecksum
 from ember_weights_store.keys import key_to_path, path_to_key, validate_key
 from ember_weights_store.page_cache import read_into_page_cache
-from ember_weights_store.processes import alive
+from ember_weights_store.processes import TEMP_PREFIX, temp_name, temp_writer_alive
 from ember_weights_store.verified import FileIdentity
 
 __all__ = [
@@ -46,7 +46,6 @@ __all__ = [
     "validate_key",
 ]
 
-_TMP_PREFIX = ".tmp-"
 _Buffer = bytes | bytearray | memoryview
 # An object's bytes in one buffer, or in pieces written one after another (so a caller
 # with its bytes in many places never has to gather them into one more copy first).
@@ -242,7 +241,7 @@ class ObjectDir:
                 "object and a prefix of another key",
                 param="key",
             ) from None
-        tmp = final.parent / f"{_TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex}"
+        tmp = final.parent / temp_name(uuid.uuid4().hex)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             for view in pieces_of(data):
@@ -297,8 +296,10 @@ class ObjectDir:
             rel_dir = os.path.relpath(dirpath, self.root)
             for fname in filenames:
                 full = os.path.join(dirpath, fname)
-                if fname.startswith(_TMP_PREFIX):
-                    if remove_stale_temp and _stale_temp(fname):
+                if fname.startswith(TEMP_PREFIX):
+                    # A live writer (another tier instance, another worker process) may
+                    # still rename its temp file: only a dead writer's is removed.
+                    if remove_stale_temp and not temp_writer_alive(fname):
                         Path(full).unlink(missing_ok=True)
                     continue
                 rel = fname if rel_dir == "." else f"{rel_dir}/{fname}".replace(os.sep, "/")
@@ -317,10 +318,3 @@ def check_budget(budget_bytes: int, *, tier: str) -> None:
             f"{tier} tier budget_bytes={budget_bytes!r}; give a positive byte budget",
             param="budget_bytes",
         )
-
-
-def _stale_temp(fname: str) -> bool:
-    # A live writer (another tier instance, another worker process) may still rename its temp
-    # file, so only files whose writing process is gone are removed.
-    pid_text = fname[len(_TMP_PREFIX) :].split("-", 1)[0]
-    return not pid_text.isdigit() or not alive(int(pid_text))
