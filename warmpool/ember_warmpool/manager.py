@@ -5,15 +5,13 @@ requests waiting for one), builds a ``PoolView``, asks :func:`ember_warmpool.dec
 carries out the ``Decision``: it starts workers (each on a thread of its own, since a
 start blocks until the worker is READY), and stops idle ones. Nothing else decides.
 
-Placement (``try_place``) packs: among workers running fewer than ``target_concurrency``
-requests it picks the busiest, so load concentrates and idle workers really go idle (and
-stop after ``keepalive_s``); when all are at that level it overflows onto the least loaded
-worker the engine still has room on, which beats waiting seconds for a cold start. Only
-when no worker can take the request does it wait, counted in ``queued``. Every placement
-and every wait wakes the tick thread, so the policy sees an arrival when it happens (as
-:mod:`ember_warmpool.simulate` models it), not up to ``tick_s`` later: a burst that
-overflows onto busy workers starts the workers it needs at once. The seam for adapter
-and session locality is ``try_place``.
+Placement (``try_place``) packs, as :func:`ember_warmpool.placement.place` decides: the
+busiest worker under ``target_concurrency``, else the least loaded one the engine still
+has room on. Only when no worker can take the request does it wait, counted in
+``queued``. Every placement and every wait wakes the tick thread, so the policy sees an
+arrival when it happens (as :mod:`ember_warmpool.simulate` models it), not up to
+``tick_s`` later: a burst that overflows onto busy workers starts the workers it needs at
+once. The seam for adapter and session locality is ``try_place``.
 
 Workers held in reserve (``policy.reserve_warmth`` below READY) are started to that
 warmth and parked: a PROCESS worker has its imports done, a HOST worker also has the
@@ -48,6 +46,7 @@ from ember_functions.prompt import PromptEncoder
 from ember_functions.rpc import WorkerState
 from ember_functions.worker_process import WorkerProcess
 from ember_warmpool.forecast import Forecaster
+from ember_warmpool.placement import place
 from ember_warmpool.policy import Decision, PoolPolicy, decide, start_hold
 from ember_warmpool.pool_accounts import PoolAccounts
 from ember_warmpool.pool_forecast import PoolForecast
@@ -171,13 +170,12 @@ class ModelPool:
         :meth:`placing`, which also keeps it from being stopped meanwhile)."""
         with self._cond:
             serving = [w for w in self._workers.values() if w.alive]
-            tc = self.policy.target_concurrency
-            room = [w for w in serving if w.queue_depth < tc]
-            if room:  # pack: the busiest with room, the oldest on ties
-                return max(room, key=lambda w: w.queue_depth)
-            cap = self.engine_config.max_num_seqs
-            overflow = [w for w in serving if w.queue_depth < cap]
-            return min(overflow, key=lambda w: w.queue_depth) if overflow else None
+            chosen = place(
+                [w.queue_depth for w in serving],
+                target=self.policy.target_concurrency,
+                cap=self.engine_config.max_num_seqs,
+            )
+            return None if chosen is None else serving[chosen]
 
     @contextmanager
     def placing(self) -> Iterator[WorkerProcess | None]:

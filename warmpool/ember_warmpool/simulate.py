@@ -4,10 +4,10 @@ For tuning policies and for tests; ``bench/trace.py`` replays through the real g
 The model: a worker reaches READY after a cold start whose length depends on the warmth
 it starts from (:class:`ColdStartModel`); it serves ``target_concurrency`` requests at
 once, each for ``service_s`` with its first token ``first_token_s`` after it starts.
-Placement is ``ModelPool.try_place``'s: the busiest READY worker with room, else (given
-``max_in_flight``, the engine's cap) the least loaded one under that cap, where the
-request runs stretched by in_flight / target_concurrency; requests that find no place
-wait in one FIFO queue. The policy is consulted on
+Placement is the pool's (:func:`ember_warmpool.placement.place`): the busiest READY
+worker under ``target_concurrency``, else (given ``max_in_flight``, the engine's cap) the
+least loaded one under that cap, where the request runs stretched by in_flight /
+target_concurrency; requests that find no place wait in one FIFO queue. The policy is consulted on
 every arrival and every ``tick_s``, when the forecaster also observes the arrivals since
 the last tick. Nothing here reads a clock: simulated time only.
 
@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 from ember_functions.rpc import WorkerState
 from ember_warmpool.forecast import Forecaster
+from ember_warmpool.placement import place
 from ember_warmpool.policy import Decision, PoolPolicy, decide
 from ember_warmpool.view import PoolView, Warmth, WorkerView
 
@@ -232,18 +233,12 @@ class _Sim:
         tc = self.policy.target_concurrency
         cap = max(tc, self.config.max_in_flight or tc)
         while self.queue:
+            # Oldest first: workers are kept in the order they were started.
             ready = [w for w in self.workers.values() if w.reached and w.warmth is Warmth.READY]
-            room = [w for w in ready if w.in_flight < tc]
-            if room:
-                # Pack: the fullest worker with room, then the oldest. Spreading requests to
-                # the least loaded keeps every worker a little busy, so none ever idles for
-                # keepalive_s and the pool cannot shrink until the load all but stops.
-                w = min(room, key=lambda x: (-x.in_flight, x.born_s, x.worker_id))
-            else:
-                overflow = [w for w in ready if w.in_flight < cap]
-                if not overflow:
-                    return
-                w = min(overflow, key=lambda x: (x.in_flight, x.born_s, x.worker_id))
+            chosen = place([w.in_flight for w in ready], target=tc, cap=cap)
+            if chosen is None:
+                return
+            w = ready[chosen]
             i = self.queue.popleft()
             w.in_flight += 1
             w.idle_since_s = None
@@ -315,7 +310,7 @@ def simulate(
     sim.run()
     measured = [i for i, t in enumerate(trace) if t >= config.measure_from_s]
     waits = [sim.start_s[i] - trace[i] for i in measured]
-    ttfts = [sim.start_s[i] - trace[i] + sim.first_token_s[i] for i in measured]
+    ttfts = [wait + sim.first_token_s[i] for wait, i in zip(waits, measured, strict=True)]
     cold = sum(1 for i in measured if sim.cold[i])
     return SimResult(
         name=name,
