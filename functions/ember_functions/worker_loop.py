@@ -149,19 +149,19 @@ class ServeLoop:
                         engine.cache_public_prefix()
                         continue
                     action, why = self._packing_action()
-                    waiting = action is PackAction.PACK and engine.packing.waits_for_another()
-                    if action is PackAction.PACK and not waiting:
+                    if action is PackAction.PACK and engine.packing.waits_for_another():
+                        waiting = True  # another worker packs for the machine
+                    elif action is PackAction.PACK:
                         t0 = time.perf_counter()
                         engine.packing.pack(max_layers=1)
                         self.pack_s += time.perf_counter() - t0
                         continue  # the inbox first: a request waits for one layer at most
-                    if not waiting:
+                    else:
                         if why:
                             log.warning("stopped packing: %s", why)
                         self.writer.send(self._packed_frame(why))
                         settled = True
                         continue
-                    # Another worker packs for the machine: looked at again shortly.
                 if quiet and settled and engine.packing.share_stored():
                     # Its own packed copy reached the host tier: it runs on that one now,
                     # as the model's later workers do, and frees its own.
