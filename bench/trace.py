@@ -311,9 +311,20 @@ def main() -> None:
     ap.add_argument("--host-cache-mib", type=int, default=1024, help="workers' shared RAM tier")
     ap.add_argument("--quick", action="store_true", help="12 s days: a smoke run")
     args = ap.parse_args()
+    from ember_warmpool.host_sharing import release_host_tier
     from ember_weights_store import default_home
 
     home = default_home()
+    try:
+        run(args, home)
+    finally:
+        # The gateways ran on a budget set for them, which keeps the tier (RAM in
+        # /dev/shm) across their restarts, and so after the last one too: give it back.
+        freed = release_host_tier(home)
+        print(f"gave back {freed / 2**20:.0f} MiB of {home}'s host tier")
+
+
+def run(args: argparse.Namespace, home: Path) -> None:
     common = {"threads": args.threads, "host_cache_mib": args.host_cache_mib}
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp_name:

@@ -81,3 +81,11 @@ def test_trace_bench_quick_writes_its_json(
     n_fixed = r["pools"]["fixed"]["pool_min_warm"]
     window_s = r["scenario"]["day_s"] * (r["scenario"]["days"] - 1)
     assert r["worker_s_fixed"] == pytest.approx(n_fixed * window_s, rel=0.1)
+    # Its gateways' host tier had a budget set for them, kept across their restarts: the
+    # bench gives that RAM back once the last one has stopped.
+    from ember_weights_store import ModelCatalog
+    from ember_weights_store.host_tier import HostTier
+
+    root = ModelCatalog(ember_test_home).host_cache_root
+    assert "MiB of" in proc.stdout and "host tier" in proc.stdout
+    assert not root.is_dir() or HostTier(root, budget_bytes=1).keys() == []

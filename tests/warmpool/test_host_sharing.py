@@ -4,7 +4,11 @@ tier, filled and given back by a pool of real workers, is in ``test_manager.py``
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from ember_warmpool.host_sharing import (
     auto_host_sharing,
@@ -70,8 +74,18 @@ def test_a_model_served_from_its_own_directory_shares_nothing_and_says_how_to(
     assert f"ember models import {tmp_path} --name NAME" in plan.reason
 
 
-def test_an_automatic_plan_first_gives_back_what_a_killed_pool_left(tmp_path: Path) -> None:
+@pytest.fixture
+def home(tmp_path: Path) -> Iterator[Path]:
+    """A home whose host tier, in /dev/shm and named after it, goes when the test ends:
+    it outlives the home, which these tests never create."""
     home = tmp_path / "home"
+    yield home
+    shutil.rmtree(ModelCatalog(home).host_cache_root, ignore_errors=True)
+
+
+def test_an_automatic_plan_first_gives_back_what_a_killed_pool_left(
+    tmp_path: Path, home: Path
+) -> None:
     (tmp_path / "model.safetensors").write_bytes(b"w" * 4000)
     tier = HostTier(ModelCatalog(home).host_cache_root, budget_bytes=1 << 20)
     tier.put("left-behind", b"x" * 4096)  # by a pool SIGKILLed before its close
@@ -86,8 +100,9 @@ def test_an_automatic_plan_first_gives_back_what_a_killed_pool_left(tmp_path: Pa
     assert tier.keys() == []
 
 
-def test_a_closing_pool_gives_back_all_that_no_live_process_pins(tmp_path: Path) -> None:
-    home = tmp_path / "home"
+def test_a_closing_pool_gives_back_all_that_no_live_process_pins(
+    tmp_path: Path, home: Path
+) -> None:
     tier = HostTier(ModelCatalog(home).host_cache_root, budget_bytes=1 << 20)
     tier.put("ours", b"x" * 4096)
     tier.put("another-pools", b"y" * 4096)
