@@ -77,6 +77,7 @@ LOAD_SILENCE_S = 30.0
 class _Open:
     stream: RequestStream
     usage: Usage = field(default_factory=lambda: Usage(0, 0))  # as of the last output
+    submitted_s: float = field(default_factory=time.monotonic)
 
 
 class WorkerProcess:
@@ -90,7 +91,12 @@ class WorkerProcess:
         # READY it is parked in reserve and takes no requests until promoted.
         self.warmth = Warmth.READY
         self.failure: str | None = None
-        self.phases: dict[str, float] = {}  # the last cold start, seconds per phase
+        # The last cold start, seconds per phase; its last, ``first_token_s``, comes with
+        # the first token its engine makes: from the first request's submission (or READY,
+        # if that came later) to that token reaching the router.
+        self.phases: dict[str, float] = {}
+        self._ready_at_s = 0.0  # monotonic: when its engine last became READY
+        self._first_token_due = False
         # Seconds its engine spent packing its matrices (Linear.pack), once done: a READY
         # worker packs while idle, and runs at full speed from then on. None before.
         self.pack_s: float | None = None
@@ -251,6 +257,7 @@ class WorkerProcess:
             self.pack_shared = False
             self.packed_layers = 0
             self.state, self.warmth = WorkerState.READY, Warmth.READY
+            self._ready_at_s, self._first_token_due = time.monotonic(), True
             self._changed.notify_all()
 
     def _on_warm(self, message: dict[str, Any]) -> None:
@@ -453,6 +460,10 @@ class WorkerProcess:
                 if entry is None:
                     continue
                 entry.usage = out.usage
+                if self._first_token_due and out.token_ids:
+                    self._first_token_due = False
+                    since_s = max(self._ready_at_s, entry.submitted_s)
+                    self.phases["first_token_s"] = time.monotonic() - since_s
                 if out.finished:
                     del self._open[out.request_id]
                     if not self._open:

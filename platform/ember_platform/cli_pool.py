@@ -25,6 +25,7 @@ PHASES = (
     "host_s",  # to HOST warmth: the weights in RAM
     "bind_s",  # a promotion from HOST: binding them
     "ready_s",
+    "first_token_s",  # its first request's: from submission (or READY) to the first token
 )
 
 

@@ -72,12 +72,15 @@ class GatewayMetrics:
         )
         self.cold_start = Histogram(
             "ember_cold_start_seconds",
-            "Phases of worker cold starts (spawn, imports, load, manifest, fetch, ..., ready)",
+            "Phases of worker cold starts (spawn, imports, load, manifest, fetch, ..., ready, "
+            "first_token: its first request's)",
             ["model", "phase"],
             buckets=_COLD_START_BUCKETS,
             registry=r,
         )
-        self._cold_starts_seen: set[tuple[str, str]] = set()
+        # Phases observed, per (model, worker id): a worker's first token comes after its
+        # other phases, so each phase is observed once, when it first appears.
+        self._cold_start_phases_seen: dict[tuple[str, str], set[str]] = {}
         self._pools = _PoolCounters(registry=r)
 
     def observe_pools(self, stats: dict[str, dict[str, float]]) -> None:
@@ -99,10 +102,10 @@ class GatewayMetrics:
                 size = row.get(f"{kind}_bytes")
                 if size is not None:
                     memory[(row["model"], kind)] = memory.get((row["model"], kind), 0) + size
-            seen = (row["model"], row["worker_id"])
-            if row["cold_start"] and seen not in self._cold_starts_seen:
-                self._cold_starts_seen.add(seen)
-                for phase, seconds in row["cold_start"].items():
+            seen = self._cold_start_phases_seen.setdefault((row["model"], row["worker_id"]), set())
+            for phase, seconds in (row["cold_start"] or {}).items():
+                if phase not in seen:
+                    seen.add(phase)
                     self.cold_start.labels(row["model"], phase).observe(seconds)
         for (model, state), n in counts.items():
             self.workers.labels(model, state).set(n)

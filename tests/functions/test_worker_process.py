@@ -107,6 +107,7 @@ def test_ready_worker_reports_its_cold_start_and_serves_exactly_what_the_engine_
     for phase in ("spawn_s", "imports_s", "load_s", "ready_s"):
         assert worker.phases[phase] > 0, phase
     assert worker.phases["ready_s"] >= worker.phases["load_s"]
+    assert "first_token_s" not in worker.phases  # the last phase comes with a request
     # It said where its tokenizer is while it loaded: the router's encoder is that parse,
     # made meanwhile, not one made after READY.
     early = worker._prompts.early
@@ -119,10 +120,19 @@ def test_ready_worker_reports_its_cold_start_and_serves_exactly_what_the_engine_
         [{"role": "user", "content": "hi"}],
     ]
     for i, prompt in enumerate(prompts):
+        t0 = time.monotonic()
         got = result_within(submit(worker, prompt, GREEDY_16, f"r{i}"))
+        wall_s = time.monotonic() - t0
         (want,) = reference.generate([prompt], GREEDY_16)
         assert (got.token_ids, got.text, got.usage) == (want.token_ids, want.text, want.usage)
         assert got.finish_reason == "length"
+        if i == 0:
+            # The first request's first token is the cold start's last phase: within the
+            # request's own time, and only the first request's.
+            first_token_s = worker.phases["first_token_s"]
+            assert 0 < first_token_s < wall_s
+    assert worker.phases["first_token_s"] == first_token_s
+    assert worker.describe()["cold_start"]["first_token_s"] == first_token_s
 
 
 def test_an_idle_worker_packs_its_matrices_and_its_tokens_do_not_change(

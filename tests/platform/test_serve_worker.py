@@ -90,8 +90,13 @@ def test_worker_killed_mid_stream_errors_cleanly_bills_what_was_delivered_and_is
         out = io.StringIO()
         assert cli_main(["pool", "status", "--url", server.base_url], stdout=out) == 0
         assert str(second["worker_id"]) in out.getvalue() and "READY" in out.getvalue()
+        # Its cold start ends with its first request's first token: shown, and exported.
+        header, row = out.getvalue().splitlines()[:2]
+        column = header.index("first_token_s")
+        assert float(row[column:].split()[0]) > 0
         metrics = http.get("/metrics").text
         assert 'ember_cold_start_seconds_count{model="' in metrics
+        assert 'phase="first_token_s"' in metrics
         # Two workers started; both requests found a READY worker waiting for them.
         assert f'ember_pool_worker_starts_total{{model="{model_dir.name}"}} 2.0' in metrics
         assert f'ember_pool_requests_total{{model="{model_dir.name}",start="warm"}} 2.0' in metrics
