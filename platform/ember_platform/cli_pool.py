@@ -23,7 +23,7 @@ PHASES = (
     "host_fill_s",  # the pool's first worker after a boot: the host tier filled from disk
     "load_s",
     "host_s",  # to HOST warmth: the weights in RAM
-    "bind_s",  # a promotion from HOST: binding them
+    "bind_s",  # building the model on them: part of load_s, or a promotion from HOST
     "ready_s",
     "first_token_s",  # its first request's: from submission (or READY) to the first token
 )
