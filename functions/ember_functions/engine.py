@@ -178,6 +178,7 @@ class LLMEngine:
         )
         engine = cls(model, host.tokenizer, config=config, model_name=host.model_id)
         engine.load_report = host.report
+        engine.packing.maps_weights(host.mapped_storages())
         if config.share_packing:  # Packing.share does nothing where packing is off
             engine.packing.share(host.packed_cache(model.dtype, pack_rows=model.linear.pack_rows))
         return engine

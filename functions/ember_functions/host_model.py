@@ -63,6 +63,14 @@ class HostModel:
     host_tier: HostTier | None = None
     manifest: Manifest | None = None
 
+    def mapped_storages(self) -> frozenset[int]:
+        """The base addresses of the storages its tensors view when the load mapped the
+        chunk files in place (``LoadReport.mapped``); empty when they are this process's
+        own copies. A tensor bound without a copy shares one of them."""
+        if self.report is None or not self.report.mapped:
+            return frozenset()
+        return frozenset(t.untyped_storage().data_ptr() for t in self.tensors.values())
+
     def bound_cache(self, dtype: torch.dtype) -> BoundCache | None:
         """Where this model's weights bound in ``dtype`` are kept on this machine, if
         anywhere (a store with a host tier)."""

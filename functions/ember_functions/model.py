@@ -218,6 +218,21 @@ class LlamaModel(nn.Module):
         out["head"] = self.head
         return out
 
+    def idle_unpacked_matrices(self) -> list[torch.Tensor]:
+        """The unpacked matrices no step reads now: those of packed layers without a
+        single-row copy (``gemv`` reads the unpacked bytes on AVX2), and the LM head's once
+        packed, unless it is the embedding (tied), which every step looks tokens up in."""
+        idle = [
+            w
+            for layer in self.decoder_layers
+            if not layer.gemv
+            for name, w in layer.matrices().items()
+            if name in layer.packed
+        ]
+        if self.head_packed is not None and self.head_gemv is None and self.lm_head is not None:
+            idle.append(self.lm_head)
+        return idle
+
     def packed_matrices(self) -> dict[str, torch.Tensor]:
         """The packed copies by the names of :meth:`unpacked_matrices`, once every one is
         packed; empty before, or when packing does not apply."""

@@ -32,6 +32,7 @@ from concurrent.futures import Future
 from ember_functions.model import LlamaModel
 from ember_functions.packed_cache import PackedCache
 from ember_weights_store.host_lease import HostLease
+from ember_weights_store.mapping import drop_file_pages
 
 __all__ = ["PACK_LEASE_STALE_S", "Packing"]
 
@@ -62,6 +63,10 @@ class Packing:
         self._load_failed = False  # set by _adopt: the stored copy would not load here
         self._lease: HostLease | None = None  # packing for the machine, with the cache
         self.packed_layers = 0  # packed here, ever (the LM head counts as one)
+        # Storages (base addresses) of the weights mapped from chunk files, whose pages the
+        # engine can hand back once packed copies stand in for them (``release_unpacked``).
+        self._mapped_storages: frozenset[int] = frozenset()
+        self.released_bytes = 0  # unpacked matrices' pages handed back, last time
 
     def pack(self, *, max_layers: int | None = None) -> bool:
         """Packs up to ``max_layers`` more layers (all by default); True once nothing is
@@ -78,9 +83,32 @@ class Packing:
         units = self.model.packed_units
         done = self.model.pack_weights(max_layers=max_layers)
         self.packed_layers += self.model.packed_units - units
+        if done:
+            self.release_unpacked()
         if done and lease is not None:
             self._store(lease)
         return done
+
+    def maps_weights(self, storages: frozenset[int]) -> None:
+        """Says which of the model's weights are mapped from chunk files (their storages'
+        base addresses; ``HostModel.mapped_storages``): only those pages are handed back
+        by ``release_unpacked``. Anything else is this process's own memory, where
+        handing pages back would zero them."""
+        self._mapped_storages = storages
+
+    def release_unpacked(self) -> int:
+        """Hands back this process's mapping of the unpacked matrices the packed copies
+        stand in for (``LlamaModel.idle_unpacked_matrices``), where they are mapped from
+        chunk files; returns the bytes. No step reads them while packed; ``unpack``, a
+        re-bind or the check of a stored copy that reads one faults its bytes back in from
+        the file. From the disk tier, the pages stay in the page cache, reclaimable; from
+        the host tier, in tmpfs: held by the tier either way, no longer by the worker."""
+        released = 0
+        for w in self.model.idle_unpacked_matrices():
+            if w.untyped_storage().data_ptr() in self._mapped_storages:
+                released += drop_file_pages(w.data_ptr(), w.numel() * w.element_size())
+        self.released_bytes = released
+        return released
 
     def _store(self, lease: HostLease) -> None:
         """All packed: leaves them in the host tier, holding the lease until they are
@@ -156,6 +184,7 @@ class Packing:
         self.model.adopt_packed(shared.matrices, shared.backing)
         if had_own:
             _return_freed_heap()
+        self.release_unpacked()
         return True
 
     def unpack(self) -> int:

@@ -1,10 +1,12 @@
 """An engine's packed copies give their RAM back to the machine when dropped: given back
 under pressure (``Packing.unpack``), the freed pages leave the process, not just its heap
-(glibc keeps most freed blocks of a few MiB for reuse unless trimmed)."""
+(glibc keeps most freed blocks of a few MiB for reuse unless trimmed). And once packed,
+the engine hands back its mapping of the unpacked matrices the copies stand in for."""
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,9 @@ import pytest
 from ember_functions.engine import LLMEngine
 from ember_functions.engine_config import EngineConfig
 from ember_functions.host_memory import read_process_memory
+from ember_functions.loading import StoreConfig, load_host
+from ember_functions.sampling_params import SamplingParams
+from ember_weights_store import load
 
 MIB = 1 << 20
 
@@ -40,3 +45,65 @@ def test_unpacking_every_layer_returns_the_packed_copies_to_the_os(smollm2_dir: 
         freed += step
     assert freed > 200 * MIB
     assert anonymous_bytes() - before < packed * 0.25
+
+
+def proportional_bytes() -> int:
+    memory = read_process_memory(os.getpid())
+    if memory is None:
+        pytest.skip("no /proc/PID/smaps_rollup here")
+    return memory.proportional_bytes
+
+
+def test_a_packed_engine_hands_back_its_mapping_of_the_unpacked_matrices(
+    smollm2_dir: Path, ember_test_home: Path
+) -> None:
+    """Mapped from the disk tier's chunk files, the matrices the packed copies stand in
+    for leave the process once packed (their pages stay in the page cache, reclaimable),
+    and come back from the file, unchanged, when a layer runs unpacked again."""
+    store = StoreConfig(host_cache_bytes=0)
+    catalog = store.catalog(ember_test_home)
+    load(catalog.store(), "smollm2-135m").wait_promoted()  # the disk tier holds every chunk
+    host = load_host(catalog, "smollm2-135m", err=sys.stderr)
+    assert host.report is not None and host.report.mapped and host.mapped_storages()
+    engine = LLMEngine.from_host(host, config=EngineConfig(num_threads=2, kv_cache_bytes=16 << 20))
+    if not engine.model.linear.packs:
+        pytest.skip("oneDNN packing does not apply on this CPU")
+    prompt = [{"role": "user", "content": "Write a haiku about the sea."}]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    (want,) = engine.generate([prompt], params)
+
+    before = proportional_bytes()
+    assert engine.packing.pack()
+    # SmolLM2's layers' matrices, bf16: ~200 MiB; its LM head is the embedding, kept.
+    released = engine.packing.released_bytes
+    assert 190 * MIB < released < 215 * MIB
+    packed = sum(m.numel() * m.element_size() for m in engine.model.unpacked_matrices().values())
+    # The packed copies came in (less the head's, which is the embedding), the mapped
+    # matrices went: the process grew by far less than the copies.
+    assert proportional_bytes() - before < packed - released + 40 * MIB
+    (got,) = engine.generate([prompt], params)
+    assert got.token_ids == want.token_ids
+
+    while engine.packing.unpack():  # every layer on its unpacked matrices, read again
+        pass
+    (again,) = engine.generate([prompt], params)
+    assert again.token_ids == want.token_ids
+
+
+def test_an_engine_on_its_own_copies_of_the_weights_hands_back_nothing(
+    smollm2_dir: Path,
+) -> None:
+    """Weights this process read into its own memory are not mapped files: handing their
+    pages back would zero them. Nothing is."""
+    engine = LLMEngine.from_dir(
+        smollm2_dir, config=EngineConfig(num_threads=2, kv_cache_bytes=16 << 20)
+    )
+    if not engine.model.linear.packs:
+        pytest.skip("oneDNN packing does not apply on this CPU")
+    prompt = [{"role": "user", "content": "Name a color."}]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    (want,) = engine.generate([prompt], params)
+    assert engine.packing.pack() and engine.packing.released_bytes == 0
+    while engine.packing.unpack():
+        pass
+    assert engine.generate([prompt], params)[0].token_ids == want.token_ids

@@ -7,6 +7,7 @@ and maps that copy, so the first process of a machine does not hold the model al
 from __future__ import annotations
 
 import gc
+import mmap
 import shutil
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from safetensors.torch import save_file
 from ember_weights_store import DiskTier, HostTier, LocalBucketTier
 from ember_weights_store.digests import fast_checksum
 from ember_weights_store.loader import load
-from ember_weights_store.mapping import map_chunk_files
+from ember_weights_store.mapping import drop_file_pages, map_chunk_files
 from ember_weights_store.store import WeightsStore
 
 SHM = Path("/dev/shm")
@@ -222,6 +223,21 @@ def test_mapping_refuses_gaps_and_misaligned_chunks(tmp_path: Path) -> None:
         map_chunk_files([(f, 100, 8192)], 8292)
     with pytest.raises(Exception, match="cover"):
         map_chunk_files([(f, 0, 8192)], 9000)
+
+
+def test_dropping_a_mappings_pages_keeps_its_bytes_and_only_whole_pages_go(
+    tmp_path: Path,
+) -> None:
+    page = mmap.PAGESIZE
+    data = bytes(range(256)) * (4 * page // 256)  # four pages, no two alike
+    f = tmp_path / "chunk"
+    f.write_bytes(data)
+    buf = map_chunk_files([(f, 0, len(data))], len(data))
+    # From 100 bytes into the first page to 100 bytes into the fourth: the whole pages
+    # inside are the second and third.
+    assert drop_file_pages(buf.data_ptr() + 100, 3 * page) == 2 * page
+    assert drop_file_pages(buf.data_ptr() + 100, page - 200) == 0  # no whole page inside
+    assert bytes(buf.numpy()) == data  # read again: the file's bytes, faulted back in
 
 
 WORKER = """

@@ -26,12 +26,13 @@ import torch
 from ember_core import InvalidRequestError, ModelFormatError
 from ember_weights_store.libc import MAP_FAILED, libc
 
-__all__ = ["map_chunk_files"]
+__all__ = ["drop_file_pages", "map_chunk_files"]
 
 _PAGE = mmap.PAGESIZE
 # Linux values; the mmap module exposes neither.
 _PROT_NONE = 0
 _MAP_FIXED = 0x10
+_MADV_DONTNEED = 4
 
 
 def _round_up(n: int) -> int:
@@ -110,3 +111,17 @@ def map_chunk_files(
     if on_release is not None:
         weakref.finalize(holder, on_release)
     return torch.frombuffer(holder, dtype=torch.uint8)[:size_bytes]
+
+
+def drop_file_pages(address: int, size_bytes: int) -> int:
+    """Unmaps from this process the whole pages of ``[address, address + size_bytes)``,
+    which must lie in a mapping :func:`map_chunk_files` made, and returns the bytes
+    dropped. The file keeps them (the page cache, or tmpfs), no longer held by this
+    process: page-cache pages become reclaimable. Reading the range again faults the
+    file's bytes back in, so nothing is lost; on anonymous memory the same call would
+    zero it, which is why callers pass only ranges they know are mapped files."""
+    start = _round_up(address)
+    end = (address + size_bytes) // _PAGE * _PAGE  # whole pages only: neighbours keep theirs
+    if end <= start or libc.madvise(start, end - start, _MADV_DONTNEED) != 0:
+        return 0
+    return end - start
