@@ -27,6 +27,11 @@ waits until every worker has packed its matrices and gone quiet, and reads `/wor
 - ``settle cpu s``: the CPU seconds the workers spent until then (loading, packing,
   storing), and ``settle peak private MiB``: the most private RAM they held at once
   meanwhile (sampled every 0.2 s), which a copy packed only to be thrown away inflates.
+  Private counts every page one process alone maps, file pages too: once a worker hands
+  back its mapping of the unpacked matrices (``Packing.release_unpacked``), the same
+  pages count as private to the worker that still maps them, until it has packed too.
+  ``settle peak anon MiB`` counts pages backed by no file only (heap, KV cache, packed
+  copies, and each worker's view of its zygote's heap): the copies packing made.
 
 Then SIGTERM to the server's whole process group, as systemd sends it, and what is left
 in /dev/shm. Modes alternate per round; medians over rounds. The ratio is alone / shared
@@ -63,6 +68,13 @@ def _shared_memory_bytes(pid: int) -> int:
     return memory.shared_memory_bytes if memory else 0
 
 
+def _anonymous_bytes(pid: int) -> int:
+    from ember_functions.host_memory import read_process_memory
+
+    memory = read_process_memory(pid)
+    return memory.anonymous_bytes if memory else 0
+
+
 def _settled(rows: list[dict[str, Any]], workers: int, *, shared: bool) -> bool:
     """Every worker READY and packed, and with sharing, mapping the stored packed copy:
     of workers started together one packs for all, and all switch to its copy only once
@@ -94,11 +106,13 @@ def run_pool(model: str, home: Path, workers: int, mode: str, threads: int) -> d
         with httpx.Client(base_url=server.base_url, timeout=30) as http:
             deadline = time.monotonic() + 300
             shared = mode == "shared"
-            peak_private = 0
+            peak_private = peak_anon = 0
             while not _settled(rows := http.get("/workers").json()["data"], workers, shared=shared):
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"the pool never settled: {rows}")
                 peak_private = max(peak_private, sum(r.get("private_bytes") or 0 for r in rows))
+                pids = [r["pid"] for r in rows if r.get("pid")]
+                peak_anon = max(peak_anon, sum(_anonymous_bytes(pid) for pid in pids))
                 time.sleep(0.2)
             settle_s = time.perf_counter() - t0
             settle_cpu_s = sum(cpu_s(r["pid"]) or 0.0 for r in rows)
@@ -119,6 +133,7 @@ def run_pool(model: str, home: Path, workers: int, mode: str, threads: int) -> d
             "settle_s": settle_s,
             "settle_cpu_s": settle_cpu_s,
             "settle_peak_private_mib": peak_private / 2**20,
+            "settle_peak_anon_mib": peak_anon / 2**20,
         }
     finally:
         os.killpg(group, signal.SIGTERM)
@@ -163,6 +178,7 @@ def main() -> None:
             "settle_s",
             "settle_cpu_s",
             "settle_peak_private_mib",
+            "settle_peak_anon_mib",
             "tier_mib_after_stop",
         ):
             shared = statistics.median(x[key] for x in runs[f"{n}-shared"])

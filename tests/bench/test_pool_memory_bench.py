@@ -30,10 +30,13 @@ def test_pool_memory_bench_writes_its_json(
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
     # SmolLM2 is ~256 MiB of weights and ~256 MiB packed: alone, the second worker adds
-    # its own packed copy; shared, it maps the first one's. (The tier also keeps the
-    # unpacked weights, which no worker maps once packed: counted in the pool's RAM.)
-    saved_mib = result["ram_mib_alone_2"] - result["ram_mib_shared_2"]
-    assert saved_mib > 200, proc.stdout
+    # its own packed copy; shared, it maps the first one's. Once packed, workers hand
+    # back their mappings of the unpacked matrices (~200 MiB): alone, those pages leave
+    # the pool (page cache, reclaimable); shared, the tier keeps them in tmpfs, counted
+    # in the pool's RAM. So two workers sharing hold far less themselves, and the pool a
+    # little less in all (78 MiB measured).
+    assert result["pss_mib_alone_2"] - result["pss_mib_shared_2"] > 400, proc.stdout
+    assert result["ram_mib_alone_2"] - result["ram_mib_shared_2"] > 20, proc.stdout
     assert result["ram_mib_shared_2"] >= result["pss_mib_shared_2"]
     assert result["ram_mib_alone_2"] == result["pss_mib_alone_2"]  # no tier to add
     assert result["tier_mib_shared_2"] > 400 and result["tier_mib_alone_2"] == 0
@@ -41,3 +44,4 @@ def test_pool_memory_bench_writes_its_json(
     # Alone, both workers pack every layer; shared, one packs for both (the lease).
     assert result["layers_packed_alone_2"] == 2 * result["layers_packed_shared_2"] > 0
     assert result["settle_cpu_s_shared_2"] > 0 and result["settle_peak_private_mib_alone_2"] > 0
+    assert result["settle_peak_anon_mib_alone_2"] > result["settle_peak_anon_mib_shared_2"] > 0
