@@ -218,19 +218,20 @@ class LlamaModel(nn.Module):
         out["head"] = self.head
         return out
 
-    def idle_unpacked_matrices(self) -> list[torch.Tensor]:
-        """The unpacked matrices no step reads now: those of packed layers without a
-        single-row copy (``gemv`` reads the unpacked bytes on AVX2), and the LM head's once
-        packed, unless it is the embedding (tied), which every step looks tokens up in."""
-        idle = [
-            w
-            for layer in self.decoder_layers
+    def idle_unpacked_matrices(self) -> dict[str, torch.Tensor]:
+        """The unpacked matrices no step reads now, named as :meth:`unpacked_matrices`
+        names them: those of packed layers without a single-row copy (``gemv`` reads the
+        unpacked bytes on AVX2), and the LM head once packed, unless it is the embedding
+        (tied), which every step looks tokens up in."""
+        idle = {
+            f"layers.{i}.{name}": w
+            for i, layer in enumerate(self.decoder_layers)
             if not layer.gemv
             for name, w in layer.matrices().items()
             if name in layer.packed
-        ]
+        }
         if self.head_packed is not None and self.head_gemv is None and self.lm_head is not None:
-            idle.append(self.lm_head)
+            idle["head"] = self.lm_head
         return idle
 
     def packed_matrices(self) -> dict[str, torch.Tensor]:

@@ -63,9 +63,10 @@ class Packing:
         self._load_failed = False  # set by _adopt: the stored copy would not load here
         self._lease: HostLease | None = None  # packing for the machine, with the cache
         self.packed_layers = 0  # packed here, ever (the LM head counts as one)
-        # Storages (base addresses) of the weights mapped from chunk files, whose pages the
-        # engine can hand back once packed copies stand in for them (``release_unpacked``).
-        self._mapped_storages: frozenset[int] = frozenset()
+        # The matrices (``LlamaModel.unpacked_matrices`` names) that are views of chunk
+        # files mapped in place, whose pages the engine can hand back once packed copies
+        # stand in for them (``release_unpacked``).
+        self._mapped: frozenset[str] = frozenset()
         self.released_bytes = 0  # unpacked matrices' pages handed back, last time
 
     def pack(self, *, max_layers: int | None = None) -> bool:
@@ -90,11 +91,16 @@ class Packing:
         return done
 
     def maps_weights(self, storages: frozenset[int]) -> None:
-        """Says which of the model's weights are mapped from chunk files (their storages'
-        base addresses; ``HostModel.mapped_storages``): only those pages are handed back
-        by ``release_unpacked``. Anything else is this process's own memory, where
-        handing pages back would zero them."""
-        self._mapped_storages = storages
+        """Notes which of the model's matrices view chunk files mapped in place: those
+        whose storage is one of ``storages`` (``HostModel.mapped_storages``, asked at
+        bind, while the mapping is certainly alive, so an address cannot have been reused).
+        Only their pages are handed back by ``release_unpacked``: anything else is this
+        process's own memory, where handing pages back would zero it."""
+        self._mapped = frozenset(
+            name
+            for name, w in self.model.unpacked_matrices().items()
+            if w.untyped_storage().data_ptr() in storages
+        )
 
     def release_unpacked(self) -> int:
         """Hands back this process's mapping of the unpacked matrices the packed copies
@@ -104,8 +110,8 @@ class Packing:
         the file. From the disk tier, the pages stay in the page cache, reclaimable; from
         the host tier, in tmpfs: held by the tier either way, no longer by the worker."""
         released = 0
-        for w in self.model.idle_unpacked_matrices():
-            if w.untyped_storage().data_ptr() in self._mapped_storages:
+        for name, w in self.model.idle_unpacked_matrices().items():
+            if name in self._mapped:
                 released += drop_file_pages(w.data_ptr(), w.numel() * w.element_size())
         self.released_bytes = released
         return released
