@@ -61,18 +61,13 @@ def _tier_mib(root: Path) -> float:
     return total / 2**20
 
 
-def _shared_memory_bytes(pid: int) -> int:
+def _memory_bytes(pid: int, kind: str) -> int:
+    """A worker's ``kind`` bytes (a ``ProcessMemory`` field: ``shared_memory_bytes``,
+    ``anonymous_bytes``), read from its own smaps; 0 once it is gone."""
     from ember_functions.host_memory import read_process_memory
 
     memory = read_process_memory(pid)
-    return memory.shared_memory_bytes if memory else 0
-
-
-def _anonymous_bytes(pid: int) -> int:
-    from ember_functions.host_memory import read_process_memory
-
-    memory = read_process_memory(pid)
-    return memory.anonymous_bytes if memory else 0
+    return int(getattr(memory, kind)) if memory else 0
 
 
 def _settled(rows: list[dict[str, Any]], workers: int, *, shared: bool) -> bool:
@@ -111,8 +106,8 @@ def run_pool(model: str, home: Path, workers: int, mode: str, threads: int) -> d
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"the pool never settled: {rows}")
                 peak_private = max(peak_private, sum(r.get("private_bytes") or 0 for r in rows))
-                pids = [r["pid"] for r in rows if r.get("pid")]
-                peak_anon = max(peak_anon, sum(_anonymous_bytes(pid) for pid in pids))
+                anon = sum(_memory_bytes(r["pid"], "anonymous_bytes") for r in rows if r.get("pid"))
+                peak_anon = max(peak_anon, anon)
                 time.sleep(0.2)
             settle_s = time.perf_counter() - t0
             settle_cpu_s = sum(cpu_s(r["pid"]) or 0.0 for r in rows)
@@ -122,7 +117,7 @@ def run_pool(model: str, home: Path, workers: int, mode: str, threads: int) -> d
         pss_mib = sum(r["proportional_bytes"] for r in rows) / 2**20
         tier_mib = _tier_mib(root)
         # The workers' shared-memory pages, each counted once: the mapped part of the tier.
-        mapped_shm_mib = sum(_shared_memory_bytes(r["pid"]) for r in rows) / 2**20
+        mapped_shm_mib = sum(_memory_bytes(r["pid"], "shared_memory_bytes") for r in rows) / 2**20
         out = {
             "ram_mib": pss_mib + max(0.0, tier_mib - mapped_shm_mib),
             "pss_mib": pss_mib,

@@ -13,7 +13,7 @@ import pytest
 
 from ember_functions.engine import LLMEngine
 from ember_functions.engine_config import EngineConfig
-from ember_functions.host_memory import read_process_memory
+from ember_functions.host_memory import ProcessMemory, read_process_memory
 from ember_functions.loading import StoreConfig, load_host
 from ember_functions.sampling_params import SamplingParams
 from ember_weights_store import load
@@ -21,11 +21,19 @@ from ember_weights_store import load
 MIB = 1 << 20
 
 
-def anonymous_bytes() -> int:
+def own_memory() -> ProcessMemory:
     memory = read_process_memory(os.getpid())
     if memory is None:
         pytest.skip("no /proc/PID/smaps_rollup here")
-    return memory.anonymous_bytes
+    return memory
+
+
+def anonymous_bytes() -> int:
+    return own_memory().anonymous_bytes
+
+
+def proportional_bytes() -> int:
+    return own_memory().proportional_bytes
 
 
 def test_unpacking_every_layer_returns_the_packed_copies_to_the_os(smollm2_dir: Path) -> None:
@@ -45,13 +53,6 @@ def test_unpacking_every_layer_returns_the_packed_copies_to_the_os(smollm2_dir: 
         freed += step
     assert freed > 200 * MIB
     assert anonymous_bytes() - before < packed * 0.25
-
-
-def proportional_bytes() -> int:
-    memory = read_process_memory(os.getpid())
-    if memory is None:
-        pytest.skip("no /proc/PID/smaps_rollup here")
-    return memory.proportional_bytes
 
 
 def test_a_packed_engine_hands_back_its_mapping_of_the_unpacked_matrices(

@@ -23,15 +23,14 @@ directory's own ``flock``. Nothing lives in one process's memory, as in the tier
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import re
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 from ember_core import InvalidRequestError
+from ember_weights_store.file_lock import file_lock
 from ember_weights_store.processes import (
     TEMP_PREFIX,
     alive,
@@ -177,13 +176,6 @@ def _holder_alive(record: dict[str, object]) -> bool:
     return isinstance(pid, int) and alive(pid, start if isinstance(start, int) else None)
 
 
-@contextlib.contextmanager
-def _locked(leases: Path, *, exclusive: bool = True) -> Iterator[None]:
-    """The leases directory's flock (a fresh open file description per acquisition, so
-    threads of one process exclude each other as processes do)."""
-    fd = os.open(leases / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-        yield
-    finally:
-        os.close(fd)
+def _locked(leases: Path, *, exclusive: bool = True) -> contextlib.AbstractContextManager[None]:
+    """The leases directory's lock (``file_lock``)."""
+    return file_lock(leases / ".lock", exclusive=exclusive)

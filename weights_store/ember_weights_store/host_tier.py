@@ -22,7 +22,6 @@ mistaken for objects.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import mmap
 import os
@@ -33,6 +32,7 @@ from pathlib import Path
 
 from ember_core import CapacityError, InvalidRequestError
 from ember_weights_store.digests import FastChecksum
+from ember_weights_store.file_lock import file_lock
 from ember_weights_store.host_lease import forget_dead_leases
 from ember_weights_store.keys import validate_key
 from ember_weights_store.processes import alive, start_time, temp_name, temp_writer_alive
@@ -90,16 +90,8 @@ class HostTier:
 
     # -- locking and recency ------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _locked(self, *, exclusive: bool = True) -> Iterator[None]:
-        # A fresh open file description per acquisition: flock excludes other descriptions,
-        # so threads of one process exclude each other just like separate processes do.
-        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-            yield
-        finally:
-            os.close(fd)  # closing the last descriptor releases the lock
+    def _locked(self, *, exclusive: bool = True) -> contextlib.AbstractContextManager[None]:
+        return file_lock(self._lock_path, exclusive=exclusive)
 
     def _touch(self, path: Path) -> None:
         # Explicit nanoseconds: the kernel stamps files with a coarse (jiffy) clock, which
