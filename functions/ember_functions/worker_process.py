@@ -420,8 +420,9 @@ class WorkerProcess:
                 self._heard_s = time.monotonic()
                 op = message["op"]
                 if op == "outs":
-                    self._deliver([unpack_output(row) for row in message["outs"]])
+                    # Before delivering: whoever a finished stream wakes sees its blocks free.
                     self._free_kv_blocks = message["free_kv_blocks"]
+                    self._deliver([unpack_output(row) for row in message["outs"]])
                 elif op == "tokenizer":
                     self._prompts.announced(str(message["dir"]))
                 elif op == "ready":

@@ -24,6 +24,10 @@ from ember_weights_store.loader import load
 from ember_weights_store.store import WeightsStore
 
 CHUNK = 64 * 1024
+# Read pages are clean cache: the kernel may reclaim a few before we look (CI once found
+# 5118 of 5120). WILLNEED alone leaves half of a file or more unread, so this still
+# tells reading all of it from not.
+ALL_READ = 0.99
 _LIBC = ctypes.CDLL(None, use_errno=True)
 
 
@@ -92,7 +96,7 @@ def test_readahead_brings_the_disk_tier_copy_into_the_page_cache(
     deadline = time.monotonic() + 10
     while _resident_fraction(chunk_files) < 1.0 and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert _resident_fraction(chunk_files) == 1.0
+    assert _resident_fraction(chunk_files) >= ALL_READ
     # Only the copy the loader will read is warmed, not the bucket's as well.
     assert _resident_fraction(bucket_files) < 0.5
 
@@ -111,7 +115,7 @@ def test_readahead_reads_all_of_an_object_larger_than_any_readahead_window(
         pytest.skip("this filesystem keeps pages after POSIX_FADV_DONTNEED")
     copy = disk.readahead("sha256:" + "ab" * 32)
     assert copy is not None and copy.size_bytes == len(blob)
-    assert _resident_fraction([path]) == 1.0  # all of it, once readahead returns
+    assert _resident_fraction([path]) >= ALL_READ  # all of it, once readahead returns
 
 
 def test_without_populate_the_file_is_read_instead(
@@ -130,7 +134,7 @@ def test_without_populate_the_file_is_read_instead(
         page_cache.read_into_page_cache(fd, 20 << 20)
     finally:
         os.close(fd)
-    assert _resident_fraction([path]) == 1.0
+    assert _resident_fraction([path]) >= ALL_READ
 
 
 def test_readahead_never_asks_a_remote_tier_about_chunks(
