@@ -1,5 +1,6 @@
-"""The RAM of an `ember serve` pool of N workers: sharing the model through the host tier
-(the default once a pool can run more than one worker) against each worker on its own.
+"""The RAM of an `ember serve` pool of N workers: sharing what they derive from the model
+(packed matrices) through the host tier, and its chunks through the disk tier's page cache
+(the default once a pool can run more than one worker), against each worker on its own.
 
     python bench/pool_memory.py [--model smollm2-135m] [--workers 2,3] [--rounds 2]
         [--json FILE]
@@ -9,16 +10,15 @@ For each pool size and mode, in a fresh host tier, it starts `ember serve --min-
 waits until every worker has packed its matrices and gone quiet, and reads `/workers`:
 
 - ``ram MiB``: the pool's RAM, the headline: every page its workers map, once, plus
-  what the host tier holds that no worker maps (tmpfs pages stay in RAM mapped or not).
+  what the host tier holds that no worker maps (tmpfs pages stay in RAM mapped or not;
+  page-cache pages nobody maps are not counted: the kernel may reclaim them).
 - ``pss MiB``: the sum over the workers of their proportional set size, each shared page
   split among the processes mapping it: every page a worker maps, counted once, page
   cache and /dev/shm included.
 - ``private MiB``: the sum of their private pages (what stopping them frees at once).
-- ``tier MiB``: what the host tier holds in /dev/shm. Not all of it is mapped: once the
-  workers run on the shared packed matrices, the tier's unpacked copies of those
-  matrices are mapped by none of them (a new worker loads them, and checks one).
-- ``boot load s``: the first worker's load phase; sharing fills the host tier from the
-  disk tier there, once per machine boot.
+- ``tier MiB``: what the host tier holds in /dev/shm: the packed copy (the chunks stay
+  in the disk tier, ``StoreConfig.host_chunks=False``).
+- ``boot load s``: the first worker's load phase.
 - ``layers packed``: matrices' layers the pool's workers packed themselves (a model's
   layers and its LM head, summed over workers): shared, one worker packs for all while
   the others wait for its copy (the host tier's packing lease); alone, every worker packs.

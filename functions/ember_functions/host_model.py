@@ -119,7 +119,6 @@ class HostModel:
         ``decode_first``: see ``Tokenizer.from_dir``; ``verified``: chunk files checked
         already (see ``ember_weights_store.load``)."""
         from ember_weights_store import load as load_weights
-        from ember_weights_store.host_tier import HostTier
 
         t0 = time.perf_counter()
         manifest = store.manifest(model_id, revision)
@@ -146,7 +145,7 @@ class HostModel:
             source=f"{model_id}@{revision} from the weights store",
             report=loaded.report,
             load_s=time.perf_counter() - t0,
-            host_tier=next((t for t in store.tiers if isinstance(t, HostTier)), None),
+            host_tier=store.derived_tier,
             manifest=manifest,
         )
 

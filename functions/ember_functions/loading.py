@@ -29,7 +29,10 @@ __all__ = ["StoreConfig", "WeightsSource", "load_engine", "load_host", "resolve_
 class StoreConfig:
     """Where a worker's weights come from, nearest tier first: host RAM (shared by the
     machine's workers; 0 turns it off), a disk cache of decoded chunks, then the origin:
-    the home's bucket, or ``s3://bucket/prefix`` at ``endpoint_url``.
+    the home's bucket, or ``s3://bucket/prefix`` at ``endpoint_url``. ``host_chunks=False``
+    keeps the chunks out of host RAM where a disk tier holds them: workers share the disk
+    tier's page cache instead, and host RAM holds only their packed and bound copies (see
+    ``ModelCatalog.store``).
 
     Example::
 
@@ -37,11 +40,14 @@ class StoreConfig:
     """
 
     host_cache_bytes: int = 0
+    host_chunks: bool = True
     disk_cache_bytes: int = 20 << 30
     origin: str = ""  # "": the home's bucket
     endpoint_url: str | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.host_chunks, bool):
+            raise ConfigError(f"host_chunks must be true or false, got {self.host_chunks!r}")
         if self.origin and not self.origin.startswith("s3://"):
             raise ConfigError(
                 f"origin must be empty (the home's bucket) or s3://bucket/prefix, "
@@ -60,7 +66,10 @@ class StoreConfig:
         from ember_weights_store import ModelCatalog
 
         return ModelCatalog(
-            home, disk_cache_bytes=self.disk_cache_bytes, host_cache_bytes=self.host_cache_bytes
+            home,
+            disk_cache_bytes=self.disk_cache_bytes,
+            host_cache_bytes=self.host_cache_bytes,
+            host_chunks=self.host_chunks,
         )
 
     def origin_tier(self) -> Tier | None:

@@ -146,7 +146,7 @@ class _Loader:
             "decompress_s": report.decompress_s,
             "verify_s": report.verify_s,
             # Filling the pool's host tier from the disk tier, once per machine boot.
-            "host_fill_s": report.host_fill_s,
+            "fill_s": report.fill_s,
             "weights_wall_s": report.wall_s,
         }
 

@@ -363,6 +363,7 @@ class WorkerProcess:
             "packed_layers": self.packed_layers,
             "idle_s": None,
             "cold_start": dict(self.phases),
+            "chunks_by_tier": dict(self.chunks_by_tier),
         }
 
     def prepare(

@@ -20,7 +20,7 @@ PHASES = (
     "manifest_s",
     "fetch_s",
     "decompress_s",
-    "host_fill_s",  # the pool's first worker after a boot: the host tier filled from disk
+    "fill_s",  # a sharing pool's first worker: the shared tier filled from further out
     "load_s",
     "host_s",  # to HOST warmth: the weights in RAM
     "bind_s",  # building the model on them: part of load_s, or a promotion from HOST
@@ -60,7 +60,7 @@ def _mib(size: int | None) -> str:
 def render(rows: list[dict[str, Any]]) -> str:
     head = [
         *("model", "worker", "pid", "state", "warmth", "in flight", "idle s", "packed"),
-        *("private MiB", *PHASES),
+        *("private MiB", "weights from", *PHASES),
     ]
     table = [head]
     for r in rows:
@@ -76,6 +76,7 @@ def render(rows: list[dict[str, Any]]) -> str:
                 "-" if r.get("idle_s") is None else f"{r['idle_s']:.1f}",
                 _packed(r),
                 _mib(r.get("private_bytes")),
+                "+".join(sorted(r.get("chunks_by_tier") or {})) or "-",
                 *(f"{cold[p]:.3f}" if p in cold else "-" for p in PHASES),
             ]
         )

@@ -1,7 +1,7 @@
 """bench/pool_memory.py runs end to end on SmolLM2 (one round, a pool of two) and shows
-what it is there to show: two workers sharing the model through the host tier hold far
-less RAM between them than two on their own, and stopping the server, by SIGTERM to its
-whole process group, leaves nothing in /dev/shm."""
+what it is there to show: two workers sharing what they derive from the model through the
+host tier hold far less RAM between them than two on their own, and stopping the server,
+by SIGTERM to its whole process group, leaves nothing in /dev/shm."""
 
 from __future__ import annotations
 
@@ -30,16 +30,16 @@ def test_pool_memory_bench_writes_its_json(
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
     # SmolLM2 is ~256 MiB of weights and ~256 MiB packed: alone, the second worker adds
-    # its own packed copy; shared, it maps the first one's. Once packed, workers hand
-    # back their mappings of the unpacked matrices (~200 MiB): alone, those pages leave
-    # the pool (page cache, reclaimable); shared, the tier keeps them in tmpfs, counted
-    # in the pool's RAM. So two workers sharing hold far less themselves, and the pool a
-    # little less in all (78 MiB measured).
+    # its own packed copy; shared, it maps the first one's, the host tier's only object.
+    # Both map the disk tier's chunks, and once packed they hand back their mappings of
+    # the unpacked matrices (~200 MiB): those pages leave the pool (page cache,
+    # reclaimable) either way. So two workers sharing hold far less themselves, and the
+    # pool a packed copy less in all (measured: 512 and 280 MiB less; 203 in a cold run).
     assert result["pss_mib_alone_2"] - result["pss_mib_shared_2"] > 400, proc.stdout
-    assert result["ram_mib_alone_2"] - result["ram_mib_shared_2"] > 20, proc.stdout
+    assert result["ram_mib_alone_2"] - result["ram_mib_shared_2"] > 150, proc.stdout
     assert result["ram_mib_shared_2"] >= result["pss_mib_shared_2"]
     assert result["ram_mib_alone_2"] == result["pss_mib_alone_2"]  # no tier to add
-    assert result["tier_mib_shared_2"] > 400 and result["tier_mib_alone_2"] == 0
+    assert 200 < result["tier_mib_shared_2"] < 400 and result["tier_mib_alone_2"] == 0
     assert result["tier_mib_after_stop_shared_2"] == 0, proc.stdout
     # Alone, both workers pack every layer; shared, one packs for both (the lease).
     assert result["layers_packed_alone_2"] == 2 * result["layers_packed_shared_2"] > 0

@@ -89,7 +89,13 @@ def test_pool_status_says_when_a_worker_packed_only_part_of_its_model() -> None:
     }
     lines = render(
         [
-            {**row, "pack_s": 0.25, "pack_stopped": None, "private_bytes": 183 << 20},
+            {
+                **row,
+                "pack_s": 0.25,
+                "pack_stopped": None,
+                "private_bytes": 183 << 20,
+                "chunks_by_tier": {"disk": 17},
+            },
             {**row, "worker_id": "w2", "pack_s": 0.1, "pack_stopped": "host RAM ran short"},
             {**row, "worker_id": "w3", "pack_s": None, "pack_stopped": None},
         ]
@@ -100,3 +106,5 @@ def test_pool_status_says_when_a_worker_packed_only_part_of_its_model() -> None:
     column = lines[0].index("private MiB")  # cells are left-aligned under their heading
     assert lines[1][column:].split()[0] == "183"
     assert lines[2][column:].split()[0] == "-"  # not known: "-"
+    column = lines[0].index("weights from")
+    assert lines[1][column:].split()[0] == "disk" and lines[2][column:].split()[0] == "-"

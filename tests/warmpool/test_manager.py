@@ -28,9 +28,9 @@ from ember_functions.sampling_params import SamplingParams
 from ember_functions.sequence import RequestOutput
 from ember_platform.pool_router import PoolRouter
 from ember_warmpool import PoolPolicy, Warmth
-from ember_warmpool.host_sharing import auto_host_sharing, checkpoint_bytes
+from ember_warmpool.host_sharing import auto_host_sharing
 from ember_warmpool.manager import ModelPool
-from ember_weights_store import ModelCatalog
+from ember_weights_store import DiskTier, ModelCatalog
 from ember_weights_store.host_tier import HostTier
 
 TIMEOUT_S = 60.0
@@ -393,14 +393,23 @@ def test_closing_with_a_drain_lets_running_requests_finish(
     assert pool.status() == []  # and then it stopped
 
 
-def test_a_pool_of_several_workers_shares_the_model_in_host_ram_and_gives_it_back(
+def test_a_pool_of_several_workers_shares_the_model_and_gives_host_ram_back(
     tiny_home: Path, zygote: Zygote
 ) -> None:
     home = tiny_home
     model_dir = ModelCatalog(home).path_for("tiny")
     store, plan = auto_host_sharing(model_dir, max_workers=2, home=home)
     assert plan.enabled, plan.reason  # this machine's /dev/shm holds a tiny model
-    tier = HostTier(store.catalog(home).host_cache_root, budget_bytes=store.host_cache_bytes)
+    catalog = store.catalog(home)
+    tier = HostTier(catalog.host_cache_root, budget_bytes=store.host_cache_bytes)
+    chunks = {c.hash for c in catalog.store().manifest("tiny").chunks}
+
+    def disk() -> DiskTier:  # opened anew: a tier indexes its files when opened
+        return next(t for t in catalog.store().tiers if isinstance(t, DiskTier))
+
+    emptied = disk()  # as after an install: the model only in the bucket
+    for key in emptied.keys():  # noqa: SIM118 - a tier, not a Mapping
+        emptied.delete(key)
     policy = PoolPolicy(min_warm=2, buffer=0, max_workers=2, keepalive_s=60)
     pool = ModelPool(
         "tiny",
@@ -415,20 +424,26 @@ def test_a_pool_of_several_workers_shares_the_model_in_host_ram_and_gives_it_bac
     try:
         pool.start()
         wait_for(lambda: len([r for r in pool.status() if r["state"] == "READY"]) == 2, "2 READY")
-        # The boot worker promoted the chunks it read into the host tier: both map them.
-        wait_for(lambda: tier.usage().num_objects > 0, "the weights reached the host tier")
-        held = tier.usage().size_bytes
-        assert held >= 0.9 * checkpoint_bytes(model_dir)
-        # The boot worker filled it (a phase of its cold start), the second found it full.
-        fills = sorted(phases["host_fill_s"] for phases in pool.cold_starts.values())
+        # The boot worker read the bucket and filled the disk tier (a phase of its cold
+        # start), and mapped it; the second found it full. Both map the same files.
+        fills = sorted(phases["fill_s"] for phases in pool.cold_starts.values())
         assert fills[0] == 0.0 and fills[1] > 0.0, pool.cold_starts
+        by_tier = sorted(list(r["chunks_by_tier"].items()) for r in pool.status())
+        assert by_tier == [[("bucket", len(chunks))], [("disk", len(chunks))]], by_tier
+        assert set(disk().keys()) == chunks
         out = asyncio.run(collect(PoolRouter({"m": pool}), "m", "r", SHORT))
         assert out[-1].usage.completion_tokens == 4
+        held = 0
         if sharing_works(torch.float32):  # ONE_SEQ computes in float32
-            # One worker packed the matrices, for both: the other maps its copy.
+            # One worker packed the matrices, for both: the other maps its copy, which
+            # is all the host tier holds.
             wait_for(lambda: all(r["pack_shared"] for r in pool.status()), "shared packing")
             units = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"] + 1
             assert sorted(r["packed_layers"] for r in pool.status()) == [0, units]
+            held = tier.usage().size_bytes
+            assert held > 0 and not set(tier.keys()) & chunks
+        else:
+            assert tier.usage().num_objects == 0
     finally:
         pool.close()
     # Closing gave the RAM back: nothing of the pool's is left in /dev/shm.

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import shutil
 import subprocess
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +16,17 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ember_core import EmberError, InvalidRequestError, ModelFormatError, ModelNotFoundError
+from ember_core import (
+    ConfigError,
+    EmberError,
+    InvalidRequestError,
+    ModelFormatError,
+    ModelNotFoundError,
+)
 from ember_weights_store import (
     KNOWN_MODELS,
+    DiskTier,
+    HostTier,
     KnownModel,
     ModelCatalog,
     ModelDownloadError,
@@ -25,6 +35,7 @@ from ember_weights_store import (
 )
 from ember_weights_store import gguf_import as gguf_import_module
 from ember_weights_store import model_download as download_module
+from ember_weights_store.store import WeightsStore
 
 GGUF_BYTES = b"GGUF fake model bytes"
 TINY = KnownModel(
@@ -285,3 +296,37 @@ def test_remove(tmp_path: Path, catalog: ModelCatalog, convert: FakeConvert) -> 
 def _touch(path: Path) -> Path:
     path.write_bytes(b"x")
     return path
+
+
+@pytest.fixture
+def shm_root(tmp_path: Path) -> Iterator[Path]:
+    """The /dev/shm host tier of a catalog on ``tmp_path``: opening it creates it."""
+    root = ModelCatalog(tmp_path).host_cache_root
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_host_tier_holds_chunks_unless_a_disk_tier_can_share_them(
+    tmp_path: Path, shm_root: Path
+) -> None:
+    def names(store: WeightsStore) -> list[str]:
+        return [type(t).__name__ for t in store.tiers]
+
+    both = ModelCatalog(tmp_path, host_cache_bytes=1 << 20).store()
+    assert names(both) == ["HostTier", "DiskTier", "LocalBucketTier"]
+    assert both.derived_tier is both.tiers[0]
+    derived_only = ModelCatalog(tmp_path, host_cache_bytes=1 << 20, host_chunks=False).store()
+    assert names(derived_only) == ["DiskTier", "LocalBucketTier"]
+    assert isinstance(derived_only.derived_tier, HostTier)
+    assert derived_only.derived_tier.root == shm_root
+    # Without a disk tier the host tier is the only copy processes can share.
+    no_disk = ModelCatalog(
+        tmp_path, host_cache_bytes=1 << 20, disk_cache_bytes=0, host_chunks=False
+    ).store()
+    assert names(no_disk) == ["HostTier", "LocalBucketTier"]
+    assert ModelCatalog(tmp_path).store().derived_tier is None
+    with pytest.raises(ConfigError, match="one host tier"):
+        WeightsStore(
+            [HostTier(tmp_path / "a", budget_bytes=1), DiskTier(tmp_path / "d", budget_bytes=1)],
+            derived_tier=HostTier(tmp_path / "b", budget_bytes=1),
+        )

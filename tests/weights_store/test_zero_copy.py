@@ -72,7 +72,7 @@ def test_host_load_maps_chunks_in_place_and_pins_them_while_alive(
     # Decoded from the bucket, written into the host tier, and mapped there.
     assert first.report.chunks_by_tier == {"bucket": n} and first.report.mapped
     assert first.report.promoted_bytes == sum(c.raw_size for c in first.manifest.chunks)
-    assert _mapped_from(host_root) >= n and first.report.host_fill_s > 0
+    assert _mapped_from(host_root) >= n and first.report.fill_s > 0
     for name, t in original.items():
         assert torch.equal(first.tensors[name], t), name
     first.wait_promoted()
@@ -159,7 +159,7 @@ def test_with_a_host_tier_a_disk_load_fills_it_and_maps_the_host_copy(
     total = sum(c.raw_size for c in from_disk.manifest.chunks)
     report = from_disk.report
     assert report.mapped and report.chunks_by_tier == {"disk": n}  # where they came from
-    assert report.promoted_bytes == total and report.host_fill_s > 0
+    assert report.promoted_bytes == total and report.fill_s > 0
     assert from_disk.wait_promoted() == 0  # nothing left to write
     assert _mapped_from(host_root) >= n and _mapped_from(tmp_path / "disk") == 0
     assert {c.hash for c in from_disk.manifest.chunks} <= host.pinned_keys()
@@ -167,7 +167,38 @@ def test_with_a_host_tier_a_disk_load_fills_it_and_maps_the_host_copy(
         assert torch.equal(from_disk.tensors[name], t), name
     again = load(store, "m")
     assert again.report.mapped and again.report.chunks_by_tier == {"host": n}
-    assert again.report.host_fill_s == 0
+    assert again.report.fill_s == 0
+
+
+def test_with_a_host_tier_for_derived_copies_only_a_bucket_load_fills_the_disk_tier(
+    tmp_path: Path, host_root: Path
+) -> None:
+    """Where host RAM holds only what workers derive, processes share the model through
+    the disk tier's page cache: the first load from the bucket writes the disk tier and
+    maps it, rather than keeping a private copy while every later process maps the files."""
+    original = make_checkpoint(tmp_path / "m.safetensors", mib=4)
+    bucket = LocalBucketTier(tmp_path / "bucket")
+    WeightsStore([bucket]).import_safetensors_file(
+        tmp_path / "m.safetensors", model_id="m", chunk_size_bytes=CHUNK
+    )
+    disk = DiskTier(tmp_path / "disk", budget_bytes=256 * MIB)
+    host = HostTier(host_root, budget_bytes=256 * MIB)
+    store = WeightsStore([disk, bucket], derived_tier=host)
+
+    first = load(store, "m")
+
+    n = len(first.manifest.chunks)
+    report = first.report
+    assert report.mapped and report.chunks_by_tier == {"bucket": n} and report.fill_s > 0
+    assert report.promoted_bytes == sum(c.raw_size for c in first.manifest.chunks)
+    assert first.wait_promoted() == 0
+    assert _mapped_from(tmp_path / "disk") >= n and _mapped_from(host_root) == 0
+    assert host.keys() == []  # no chunk in host RAM
+    for name, t in original.items():
+        assert torch.equal(first.tensors[name], t), name
+    again = load(store, "m")
+    assert again.report.mapped and again.report.chunks_by_tier == {"disk": n}
+    assert again.report.fill_s == 0
 
 
 def test_a_host_copy_the_fill_did_not_write_is_checked_before_it_is_mapped(

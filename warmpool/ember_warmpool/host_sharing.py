@@ -1,10 +1,17 @@
 """Whether a pool's workers share one copy of the model in host RAM, and how much.
 
 The host tier (``ember_weights_store.HostTier``, files in /dev/shm) is where the
-workers of one machine share a model: the decoded weights, which every worker maps
-instead of reading its own, and the matrices the first worker packed for oneDNN, which
-later workers map instead of packing their own (``packed_cache``). On SmolLM2 a worker
-then holds ~175 MiB of private RAM instead of ~430-600 (``bench/packed_sharing.py``).
+workers of one machine share what they derive from a model: the matrices the first
+worker packed for oneDNN, which later workers map instead of packing their own
+(``packed_cache``), and bound copies in another dtype (``bound_cache``). On SmolLM2 a
+worker then holds ~175 MiB of private RAM instead of ~430-600
+(``bench/packed_sharing.py``). The decoded weights themselves every worker maps from
+the disk tier's files: a page-cache copy shared just as a tmpfs one would be, whose
+pages the kernel may reclaim once no worker maps them, while the host tier's stay in RAM
+until it is released. Packed workers hand back the matrices they replace
+(``Packing.release_unpacked``), so a pool keeps in RAM only what it reads
+(``StoreConfig.host_chunks=False``). A budget an operator sets keeps the chunks in the
+host tier too: the model stays in host RAM whatever the page cache does.
 
 The tier costs RAM of its own, held while the pool runs, so it pays only where a pool
 can run more than one worker. :func:`plan_host_sharing` decides that in plain Python;
@@ -29,10 +36,10 @@ if TYPE_CHECKING:
     from ember_weights_store import ModelCatalog
     from ember_weights_store.host_tier import HostTier
 
-# The tier holds the checkpoint's chunks, and at most two copies in the compute dtype:
-# the bound weights (only where binding converts) and the packed matrices. A bf16
-# checkpoint computed in float32 is the widest case: 1 + 2 + 2 times the checkpoint.
-_CHECKPOINT_MULTIPLE = 5
+# The tier holds at most two copies in the compute dtype: the bound weights (only where
+# binding converts) and the packed matrices. A bf16 checkpoint computed in float32 is the
+# widest case: 2 + 2 times the checkpoint. The chunks stay in the disk tier.
+_CHECKPOINT_MULTIPLE = 4
 # Never plan more than this share of /dev/shm's free space: it is the machine's RAM.
 _SHM_SHARE = 0.5
 
@@ -79,8 +86,8 @@ def plan_host_sharing(
         )
     want = _CHECKPOINT_MULTIPLE * checkpoint_bytes
     allowed = int(shm_free_bytes * _SHM_SHARE)
-    # The weights and one packed copy in the same dtype must fit, or sharing saves little.
-    least = 2 * checkpoint_bytes
+    # One packed copy in the checkpoint's dtype must fit, or sharing saves little.
+    least = checkpoint_bytes
     if allowed < least:
         return HostSharingPlan(
             0,
@@ -91,8 +98,9 @@ def plan_host_sharing(
     budget = min(want, allowed)
     return HostSharingPlan(
         budget,
-        f"workers share the model in host RAM (/dev/shm): a tier of up to "
-        f"{budget // _MIB} MiB, given back when the pool closes",
+        f"workers share the model's packed copies in host RAM (/dev/shm): a tier of up "
+        f"to {budget // _MIB} MiB, given back when the pool closes; the weights they map "
+        "from the disk tier",
     )
 
 
@@ -141,7 +149,7 @@ def auto_host_sharing(
         shm_free_bytes=shm_free_bytes(shm),
         served_from_dir=None if catalog.loads_through_store(model_dir) else Path(model_dir),
     )
-    return StoreConfig(host_cache_bytes=plan.budget_bytes), plan
+    return StoreConfig(host_cache_bytes=plan.budget_bytes, host_chunks=False), plan
 
 
 def release_host_tier(home: Path) -> int:

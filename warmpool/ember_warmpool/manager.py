@@ -292,6 +292,7 @@ class ModelPool:
                     "pack_stopped": None,
                     "idle_s": None,
                     "cold_start": {},
+                    "chunks_by_tier": {},
                 }
                 for wid, warmth in self._starting.items()
             ]

@@ -131,6 +131,7 @@ class ModelCatalog:
         known_models: Sequence[KnownModel] = KNOWN_MODELS,
         disk_cache_bytes: int = DEFAULT_DISK_CACHE_BYTES,
         host_cache_bytes: int = 0,
+        host_chunks: bool = True,
     ) -> None:
         self.home = Path(home) if home is not None else default_home()
         self.known_models = tuple(known_models)
@@ -143,6 +144,7 @@ class ModelCatalog:
                 )
         self.disk_cache_bytes = disk_cache_bytes
         self.host_cache_bytes = host_cache_bytes
+        self.host_chunks = host_chunks
 
     @property
     def models_dir(self) -> Path:
@@ -237,14 +239,25 @@ class ModelCatalog:
         ``host_cache_bytes`` > 0; worker pools turn it on, so their workers share one copy),
         a disk cache of decoded chunks under ``home/cache`` (when ``disk_cache_bytes`` > 0),
         and the bucket-like directory ``home/bucket`` that holds every model compressed,
-        or ``origin`` instead of it (an ``S3Tier``: workers at scale)."""
+        or ``origin`` instead of it (an ``S3Tier``: workers at scale).
+
+        With ``host_chunks=False`` and a disk tier, the host tier holds only what workers
+        derive from the weights (packed and bound copies), not the chunks: workers map
+        the disk tier's files, whose page-cache pages they share just as they would the
+        host tier's, and which the kernel may reclaim once no worker maps them (a packed
+        worker hands back the matrices its packed copies replace), where tmpfs pages stay
+        in RAM until the tier is released. Without a disk tier the chunks stay in the host
+        tier: it is the only copy workers can share."""
         tiers: list[Tier] = []
+        host = None
         if self.host_cache_bytes:
-            tiers.append(HostTier(self.host_cache_root, budget_bytes=self.host_cache_bytes))
+            host = HostTier(self.host_cache_root, budget_bytes=self.host_cache_bytes)
+        if host is not None and (self.host_chunks or not self.disk_cache_bytes):
+            tiers.append(host)
         if self.disk_cache_bytes:
             tiers.append(DiskTier(self.home / "cache", budget_bytes=self.disk_cache_bytes))
         tiers.append(origin if origin is not None else LocalBucketTier(self.home / "bucket"))
-        return WeightsStore(tiers)
+        return WeightsStore(tiers, derived_tier=host)
 
     def ensure_in_store(self, name: str, *, on_progress: ProgressFn | None = None) -> None:
         """Imports an installed model's directory into the store (chunks are shared

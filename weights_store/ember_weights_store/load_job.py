@@ -54,9 +54,10 @@ class LoadReport:
     staged_copies: int = 0  # chunks copied to the device through the pinned ring
     staging_slots_peak: int = 0  # most pinned slots in use at once (<= staging_slots)
     verified_ahead: int = 0  # mapped chunks checked before the load (not hashed again)
-    # Filling the host tier from the disk tier's checked mapping, then mapping it there
-    # (a store with both, when only the disk tier held the model: ``loader``).
-    host_fill_s: float = 0.0
+    # Filling the tier a machine's processes share the model through (host RAM, or the
+    # disk tier where host RAM holds derived copies only) from a further tier's checked
+    # bytes, then mapping it there (``loader._map_filled_tier``).
+    fill_s: float = 0.0
 
     @property
     def gbps(self) -> float:

@@ -102,7 +102,7 @@ def load(
     the machine shares one physical copy of the model, and chunks are promoted into the
     nearer tiers from the mapping. ``reuse`` is ignored then. Where the store has a host
     tier and the chunks did not all come from it, the load fills it and maps that copy
-    (``_map_filled_host``), so the machine holds one copy of the model, not two. Mapped
+    (``_map_filled_tier``), so the machine holds one copy of the model, not two. Mapped
     chunks are checked against their checksums, except those in ``verified`` (this
     process checked the same files already: ``WeightsStore.readahead``).
 
@@ -130,10 +130,12 @@ def load(
         for f in [pool.submit(job.into_buffer, c, buffers) for c in manifest.chunks]:
             f.result()
         loaded = buffers, job
-    host = next((t for t in store.tiers if isinstance(t, HostTier)), None)
-    all_from_host = host is not None and report.chunks_by_tier == {host.name: len(manifest.chunks)}
-    if zero_copy and promote and host is not None and not all_from_host:
-        loaded = _map_filled_host(store, manifest, report, threads, loaded, host) or loaded
+    shared = _shared_tier(store)
+    all_from_shared = shared is not None and report.chunks_by_tier == {
+        shared.name: len(manifest.chunks)
+    }
+    if zero_copy and promote and shared is not None and not all_from_shared:
+        loaded = _map_filled_tier(store, manifest, report, threads, loaded, shared) or loaded
     buffers, job = loaded
     report.wall_s = time.perf_counter() - t0
     weights = LoadedWeights(manifest, buffers, _tensor_views(manifest, buffers), report)
@@ -290,50 +292,75 @@ def _map_tier(
     return buffers, job
 
 
-def _map_filled_host(
+def _shared_tier(store: WeightsStore) -> HostTier | DiskTier | None:
+    """The tier whose files a store's processes share the model through, where they do:
+    its host tier if that holds chunks, else its disk tier if a host tier holds what
+    they derive (``ModelCatalog.store(host_chunks=False)``); None where each process
+    may keep its own copy."""
+    host = next((t for t in store.tiers if isinstance(t, HostTier)), None)
+    if host is not None or store.derived_tier is None:
+        return host
+    return next((t for t in store.tiers if isinstance(t, DiskTier)), None)
+
+
+def _map_filled_tier(
     store: WeightsStore,
     manifest: Manifest,
     report: LoadReport,
     threads: int,
-    loaded: tuple[dict[str, torch.Tensor], LoadJob],  # checked: the disk tier's, or copies
-    host: HostTier,
+    loaded: tuple[dict[str, torch.Tensor], LoadJob],  # checked: a further tier's, or copies
+    tier: HostTier | DiskTier,  # ``_shared_tier``
 ) -> tuple[dict[str, torch.Tensor], LoadJob] | None:
-    """A store with a host tier is one whose machine shares models across processes: a
+    """A store with a shared tier is one whose machine shares models across processes: a
     load that did not come from it (the disk tier's files mapped, or chunks fetched and
     decoded into this process's buffers) fills it now, from those checked bytes, and maps
-    the host tier's copy instead (None if it cannot: the buffers stand). Otherwise this
+    the tier's copy instead (None if it cannot: the buffers stand). Otherwise this
     process would hold the model alone, in page-cache pages or its own memory, while
-    every later process maps the host copy: two copies in RAM for as long as it runs
+    every later process maps the shared copy: two copies in RAM for as long as it runs
     (measured: SmolLM2's first worker of a pool held 256 MiB of the disk tier's pages,
     its second the same of the host tier's; ``bench/pool_memory.py``)."""
     started = time.perf_counter()
     buffers, job = loaded
     keys = [c.hash for c in manifest.chunks]
-    owner = f"load-{os.getpid()}-{uuid.uuid4().hex[:12]}"
-    host.pin(keys, owner=owner)  # first: the puts below can then never evict each other
+    owner = None
+    if isinstance(tier, HostTier):
+        owner = f"load-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        tier.pin(keys, owner=owner)  # first: the puts below can then never evict each other
     # Copies written here, from checked bytes, are not hashed again when mapped; copies
     # another process left (chunks models share, a fill cut short) are, as any load's.
     written = VerifiedCopies()
     try:
         for chunk in manifest.chunks:
-            view = buffers[chunk.dtype][chunk.offset_bytes : chunk.end_bytes]
-            if host.put_if_absent(chunk.hash, memoryview(view.numpy())):  # type: ignore[arg-type]
+            view = buffers[chunk.dtype][chunk.offset_bytes : chunk.end_bytes].numpy()
+            if _put_if_absent(tier, chunk.hash, memoryview(view)):  # type: ignore[arg-type]
                 report.promoted_bytes += chunk.raw_size
-                written.add(chunk.hash, FileIdentity.of(os.stat(host.object_path(chunk.hash))))
+                written.add(chunk.hash, FileIdentity.of(os.stat(tier.object_path(chunk.hash))))
     except (OSError, EmberError):  # the tier cannot hold the model: keep what was loaded
-        host.unpin(owner)
+        if owner is not None and isinstance(tier, HostTier):
+            tier.unpin(owner)
         return None
     # Mapped on a report of its own: ``report`` stays the load it was, the fill apart.
     remap = LoadReport()
-    index = store.tiers.index(host)
-    remapped = _map_tier(store, manifest, remap, threads, index, host, owner, written)
+    index = store.tiers.index(tier)
+    remapped = _map_tier(store, manifest, remap, threads, index, tier, owner, written)
     report.discarded += remap.discarded  # a bad copy another process left
     report.verify_s += remap.verify_s
     report.mapped = report.mapped or remapped is not None
-    report.host_fill_s = time.perf_counter() - started
+    report.fill_s = time.perf_counter() - started
     # The load's own promotions still fill the tiers further out (the host tier, full
     # already, is skipped), from the host tier's pages now.
     return None if remapped is None else (remapped[0], job)
+
+
+def _put_if_absent(tier: HostTier | DiskTier, key: str, data: memoryview) -> bool:
+    """Writes ``key`` unless the tier has it: replacing a file another process mapped
+    would leave that process holding a second, orphaned copy."""
+    if isinstance(tier, HostTier):
+        return tier.put_if_absent(key, data)
+    if tier.has(key):
+        return False
+    tier.put(key, data)
+    return True
 
 
 def _buffers_for(manifest: Manifest, reuse: LoadedWeights | None) -> dict[str, torch.Tensor]:

@@ -93,11 +93,22 @@ def _read_tensors(files: Sequence[Path]) -> dict[str, torch.Tensor]:
 
 class WeightsStore:
     """Models in a stack of tiers, nearest first; the last tier is the origin that
-    always holds everything (the object store or the local bucket)."""
+    always holds everything (the object store or the local bucket).
 
-    def __init__(self, tiers: Sequence[Tier]) -> None:
+    ``derived_tier`` is the host tier that holds what workers derive from a model's
+    weights (packed and bound copies: ``packed_cache``, ``bound_cache``) when it holds
+    no chunks itself; otherwise it is the host tier among ``tiers``, if any."""
+
+    def __init__(self, tiers: Sequence[Tier], *, derived_tier: HostTier | None = None) -> None:
         if not tiers:
             raise ConfigError("a WeightsStore needs at least one tier (its origin)")
+        in_tiers = next((t for t in tiers if isinstance(t, HostTier)), None)
+        if in_tiers is not None and derived_tier is not None and derived_tier is not in_tiers:
+            raise ConfigError(
+                "a WeightsStore takes one host tier: pass it among the tiers (it holds "
+                "chunks and derived copies) or as derived_tier (derived copies only)"
+            )
+        self.derived_tier = in_tiers or derived_tier
         for tier in tiers:
             if tier.holds_decoded and not isinstance(tier, CacheTier):
                 raise ConfigError(
