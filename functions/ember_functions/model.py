@@ -219,10 +219,11 @@ class LlamaModel(nn.Module):
         return out
 
     def idle_unpacked_matrices(self) -> dict[str, torch.Tensor]:
-        """The unpacked matrices no step reads now, named as :meth:`unpacked_matrices`
+        """The unpacked matrices no step reads whole now, named as :meth:`unpacked_matrices`
         names them: those of packed layers without a single-row copy (``gemv`` reads the
-        unpacked bytes on AVX2), and the LM head once packed, unless it is the embedding
-        (tied), which every step looks tokens up in."""
+        unpacked bytes on AVX2), and the LM head once packed. A tied head is the
+        embedding, which steps look a few rows up in: handed back, only those rows'
+        pages come back, where running the head unpacked had brought in every one."""
         idle = {
             f"layers.{i}.{name}": w
             for i, layer in enumerate(self.decoder_layers)
@@ -230,8 +231,8 @@ class LlamaModel(nn.Module):
             for name, w in layer.matrices().items()
             if name in layer.packed
         }
-        if self.head_packed is not None and self.head_gemv is None and self.lm_head is not None:
-            idle["head"] = self.lm_head
+        if self.head_packed is not None and self.head_gemv is None:
+            idle["head"] = self.head
         return idle
 
     def packed_matrices(self) -> dict[str, torch.Tensor]:

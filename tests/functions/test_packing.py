@@ -75,12 +75,13 @@ def test_a_packed_engine_hands_back_its_mapping_of_the_unpacked_matrices(
 
     before = proportional_bytes()
     assert engine.packing.pack()
-    # SmolLM2's layers' matrices, bf16: ~200 MiB; its LM head is the embedding, kept.
+    # SmolLM2's layers' matrices, bf16: 202.5 MiB; and its LM head, which is the
+    # embedding (54 MiB): lookups bring back only the rows they read.
     released = engine.packing.released_bytes
-    assert 190 * MIB < released < 215 * MIB
+    assert 245 * MIB < released < 257 * MIB
     packed = sum(m.numel() * m.element_size() for m in engine.model.unpacked_matrices().values())
-    # The packed copies came in (less the head's, which is the embedding), the mapped
-    # matrices went: the process grew by far less than the copies.
+    # The packed copies came in, the mapped matrices went: the process grew by far less
+    # than the copies.
     assert proportional_bytes() - before < packed - released + 40 * MIB
     (got,) = engine.generate([prompt], params)
     assert got.token_ids == want.token_ids
