@@ -145,7 +145,8 @@ class _Loader:
             "fetch_s": report.fetch_s,
             "decompress_s": report.decompress_s,
             "verify_s": report.verify_s,
-            # Filling the pool's host tier from the disk tier, once per machine boot.
+            # Filling the tier a sharing pool maps the model from (once per boot, or
+            # after an install), from a further tier.
             "fill_s": report.fill_s,
             "weights_wall_s": report.wall_s,
         }

@@ -305,3 +305,15 @@ def test_kill_9_with_a_torn_temp_file(tmp_path: Path) -> None:
     assert len(torn) == 1  # the half-written chunk really is on disk before restart
     disk = assert_every_object_verifies(tmp_path, budget)
     assert disk.usage().num_objects == 3
+
+
+def test_disk_put_if_absent_keeps_a_file_another_process_wrote(tmp_path: Path) -> None:
+    """Replacing it would orphan the copy that process mapped; the tier indexes it."""
+    ours = DiskTier(tmp_path / "disk", budget_bytes=1 << 20)
+    theirs = DiskTier(tmp_path / "disk", budget_bytes=1 << 20)  # another process's view
+    assert theirs.put_if_absent("k", b"first")
+    before = ours.object_path("k").stat().st_ino
+    assert not ours.put_if_absent("k", b"second")
+    assert ours.get("k") == b"first" and ours.object_path("k").stat().st_ino == before
+    assert ours.usage().size_bytes == 5
+    assert ours.put_if_absent("other", b"x") and ours.get("other") == b"x"

@@ -7,6 +7,7 @@ is rebuilt from the directory on start.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -117,7 +118,20 @@ class DiskTier:
             raise
 
     def put(self, key: str, data: _Buffer) -> None:
+        self._put(key, data, keep_existing=False)
+
+    def put_if_absent(self, key: str, data: _Buffer) -> bool:
+        """:meth:`put`, unless a file for ``key`` is there already, written by this
+        process or another (False: nothing written). Replacing a file another process
+        mapped would leave that process holding a second, orphaned copy."""
+        return self._put(key, data, keep_existing=True)
+
+    def _put(self, key: str, data: _Buffer, *, keep_existing: bool) -> bool:
         validate_key(key)
+        if keep_existing and self._dir.path(key).is_file():
+            with self._cond:
+                self._know_locked(key)
+            return False
         size = len(data)
         if size > self.budget_bytes:
             raise ObjectTooLargeError(
@@ -133,6 +147,10 @@ class DiskTier:
         try:
             tmp, final = self._dir.write_temp(key, data)
             with self._cond:
+                if keep_existing and final.is_file():  # another writer's won the race
+                    tmp.unlink(missing_ok=True)
+                    self._know_locked(key)
+                    return False
                 # Rename and index change together, so a concurrent delete or eviction of the
                 # same key can never leave the index naming a file that is gone.
                 self._dir.rename(key, tmp, final)
@@ -146,6 +164,18 @@ class DiskTier:
             with self._cond:
                 self._reserved -= size
                 self._cond.notify_all()
+        return True
+
+    def _know_locked(self, key: str) -> None:
+        """Marks ``key``'s file, found in place, used now; indexes it if another process
+        wrote it since this one scanned the root."""
+        if key in self._index:
+            self._index.move_to_end(key)
+            return
+        with contextlib.suppress(FileNotFoundError):  # evicted meanwhile: nothing to know
+            size = self._dir.path(key).stat().st_size
+            self._index[key] = size
+            self._size += size
 
     def _evict_locked(self, incoming: int) -> bool:
         """Evicts LRU objects until ``incoming`` more bytes fit; False if in-flight puts block."""

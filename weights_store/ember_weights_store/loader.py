@@ -100,9 +100,11 @@ def load(
     the disk tier, when no nearer tier holds them all), the buffers are those files' pages
     mapped copy-on-write (``zero_copy``, the default): nothing is copied, every worker on
     the machine shares one physical copy of the model, and chunks are promoted into the
-    nearer tiers from the mapping. ``reuse`` is ignored then. Where the store has a host
-    tier and the chunks did not all come from it, the load fills it and maps that copy
-    (``_map_filled_tier``), so the machine holds one copy of the model, not two. Mapped
+    nearer tiers from the mapping. ``reuse`` is ignored then. Where the store shares
+    models across processes (a host tier; or the disk tier, where a host tier holds
+    derived copies only) and the chunks did not all come from that tier, the load fills it
+    and maps that copy (``_map_filled_tier``), so the machine holds one copy of the model,
+    not two. Mapped
     chunks are checked against their checksums, except those in ``verified`` (this
     process checked the same files already: ``WeightsStore.readahead``).
 
@@ -297,8 +299,8 @@ def _shared_tier(store: WeightsStore) -> HostTier | DiskTier | None:
     its host tier if that holds chunks, else its disk tier if a host tier holds what
     they derive (``ModelCatalog.store(host_chunks=False)``); None where each process
     may keep its own copy."""
-    host = next((t for t in store.tiers if isinstance(t, HostTier)), None)
-    if host is not None or store.derived_tier is None:
+    host = store.derived_tier
+    if host is None or host in store.tiers:
         return host
     return next((t for t in store.tiers if isinstance(t, DiskTier)), None)
 
@@ -332,7 +334,7 @@ def _map_filled_tier(
     try:
         for chunk in manifest.chunks:
             view = buffers[chunk.dtype][chunk.offset_bytes : chunk.end_bytes].numpy()
-            if _put_if_absent(tier, chunk.hash, memoryview(view)):  # type: ignore[arg-type]
+            if tier.put_if_absent(chunk.hash, memoryview(view)):  # type: ignore[arg-type]
                 report.promoted_bytes += chunk.raw_size
                 written.add(chunk.hash, FileIdentity.of(os.stat(tier.object_path(chunk.hash))))
     except (OSError, EmberError):  # the tier cannot hold the model: keep what was loaded
@@ -347,20 +349,9 @@ def _map_filled_tier(
     report.verify_s += remap.verify_s
     report.mapped = report.mapped or remapped is not None
     report.fill_s = time.perf_counter() - started
-    # The load's own promotions still fill the tiers further out (the host tier, full
-    # already, is skipped), from the host tier's pages now.
+    # The load's own promotions still fill the tiers further out (the shared tier, full
+    # already, is skipped), from the shared tier's pages now.
     return None if remapped is None else (remapped[0], job)
-
-
-def _put_if_absent(tier: HostTier | DiskTier, key: str, data: memoryview) -> bool:
-    """Writes ``key`` unless the tier has it: replacing a file another process mapped
-    would leave that process holding a second, orphaned copy."""
-    if isinstance(tier, HostTier):
-        return tier.put_if_absent(key, data)
-    if tier.has(key):
-        return False
-    tier.put(key, data)
-    return True
 
 
 def _buffers_for(manifest: Manifest, reuse: LoadedWeights | None) -> dict[str, torch.Tensor]:
