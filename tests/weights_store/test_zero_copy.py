@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import mmap
+import os
 import shutil
 import subprocess
 import sys
@@ -142,6 +143,24 @@ def test_disk_load_maps_the_disk_tiers_files(tmp_path: Path) -> None:
     # Evicting a chunk from the disk tier unlinks its file; the mapping keeps its pages.
     disk.delete(from_disk.manifest.chunks[0].hash)
     assert torch.equal(from_disk.tensors["w0"], original["w0"])
+
+
+def test_checking_a_mapped_load_leaves_its_pages_to_the_file_until_they_are_read(
+    tmp_path: Path,
+) -> None:
+    """Hashing every chunk through the mapping faults every page in; they are handed
+    back, so the process holds only what it reads (a few rows of an embedding, say)."""
+    original, disk, bucket = _disk_tier_holding(tmp_path)
+
+    loaded = load(WeightsStore([disk, bucket]), "m")
+
+    assert loaded.report.mapped and loaded.report.verified_ahead == 0  # all hashed here
+    rss_kb, _ = _pss_kb_under(os.getpid(), tmp_path / "disk")
+    assert rss_kb <= 64, rss_kb  # at most the pages chunk edges share with a neighbour
+    assert torch.equal(loaded.tensors["w1"], original["w1"])
+    rss_kb, _ = _pss_kb_under(os.getpid(), tmp_path / "disk")
+    w1_kb = original["w1"].numel() * 2 // 1024
+    assert w1_kb <= rss_kb <= w1_kb + 64 + 256, (rss_kb, w1_kb)  # + fault-around
 
 
 def test_with_a_host_tier_a_disk_load_fills_it_and_maps_the_host_copy(
