@@ -399,8 +399,8 @@ def _measure_model(
                 elif isinstance(v, str):
                     peer_errors["vllm"] = v
             print(f"[{name}] round {r + 1}/{rounds} done", flush=True)
-        # The floor's median needs a few samples even when the states get one (--quick):
-        # one import alone, on a busy machine, has landed above a whole worker's start.
+        # The floor needs a few samples even when the states get one (--quick): one import
+        # alone, on a busy machine, has landed above a whole worker's start.
         while len(floor) < MIN_FLOOR_SAMPLES:
             floor.append(import_torch_s(threads))
     out: dict[str, Any] = {"model": name, "rounds": rounds, "states": list(states), "tiers": tiers}
@@ -426,7 +426,10 @@ def _measure_model(
     disk = out.get("ttft_s_disk")
     out["speedup_vllm_disk"] = vllm / disk if vllm and disk else None
     # No worker that needs torch, started as a new interpreter, can beat this ratio here.
-    out["import_torch_s"] = statistics.median(floor)
+    # The fastest import, not the median: noise only adds time, and a floor must be one
+    # (CI saw a median of three at 1.36 s while a whole disk start, imports included,
+    # took 1.22 s in the same run).
+    out["import_torch_s"] = min(floor)
     out["speedup_ceiling_new_interpreter"] = base / out["import_torch_s"] if base else None
     return out
 
@@ -459,7 +462,7 @@ def print_table(res: dict[str, Any]) -> None:
     print(
         f"{'import torch':<12}{res['import_torch_s']:>8.3f}"
         f"{(f'{ceiling:.1f}' if ceiling else '-'):>8}  a new interpreter importing torch, "
-        "nothing else: the ceiling of object, disk and host"
+        "nothing else, fastest of several: the ceiling of object, disk and host"
     )
 
 
