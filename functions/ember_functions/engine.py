@@ -9,10 +9,8 @@ on a background thread and streams outputs to callers.
 from __future__ import annotations
 
 import logging
-import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +21,12 @@ from ember_functions.attention import KVCache
 from ember_functions.block_manager import BlockManager
 from ember_functions.bound_cache import BoundCache
 from ember_functions.config import ModelConfig
-from ember_functions.detokenizer import IncrementalDetokenizer
 from ember_functions.engine_config import EngineConfig
 from ember_functions.host_model import HostModel
 from ember_functions.model import LlamaModel
 from ember_functions.packing import Packing
 from ember_functions.prompt import EncodedPrompt, Prompt, PromptEncoder
+from ember_functions.request import PreparedRequest
 from ember_functions.runner import ModelRunner
 from ember_functions.sampler import Sampler
 from ember_functions.sampling_params import SamplingParams
@@ -40,8 +38,6 @@ from ember_functions.sequence import (
     SequenceStatus,
     Usage,
 )
-from ember_functions.sequence import Sequence as Seq
-from ember_functions.stop_strings import StopStringMatcher
 from ember_functions.tokenizer import Tokenizer
 from ember_functions.weights import (
     build_model,
@@ -53,23 +49,6 @@ from ember_functions.weights import (
 from ember_weights_store import LoadReport, WeightsStore
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(eq=False)
-class PreparedRequest:
-    """A validated, tokenized request, ready for :meth:`LLMEngine.enqueue`."""
-
-    seq: Seq
-    detok: IncrementalDetokenizer
-    stops: StopStringMatcher | None
-
-    @property
-    def prompt_tokens(self) -> int:
-        return len(self.seq.prompt_ids)
-
-    @property
-    def max_tokens(self) -> int:
-        return self.seq.max_tokens
 
 
 class LLMEngine:
@@ -232,18 +211,14 @@ class LLMEngine:
                 f"more than this engine's {self.token_capacity} tokens; shorten the request",
                 param="max_tokens",
             )
-        seq = Seq(
+        return PreparedRequest.build(
+            encoded,
+            params,
+            tokenizer=self.tokenizer,
             request_id=request_id,
-            prompt_ids=encoded.ids,
-            params=params,
-            max_tokens=encoded.max_tokens,
-            arrival_s=time.monotonic(),
             cache_salt=cache_salt,
             adapter_slot=adapter_slot,
         )
-        detok = IncrementalDetokenizer(self.tokenizer, None if encoded.chat else encoded.ids)
-        stops = StopStringMatcher(params.stop) if params.stop else None
-        return PreparedRequest(seq, detok, stops)
 
     def enqueue(self, request: PreparedRequest) -> str:
         rid = request.seq.request_id
@@ -263,7 +238,7 @@ class LLMEngine:
         if req is None:
             return False
         self._finish(req, FinishReason.CANCELLED)
-        self._pending.append(self._output(req, "", []))
+        self._pending.append(req.output("", []))
         return True
 
     def cancel_all(self) -> None:
@@ -348,7 +323,7 @@ class LLMEngine:
             log.exception("scheduling failed; ending all %d requests", len(self._requests))
             for req in list(self._requests.values()):
                 self._finish(req, FinishReason.ERROR, error=f"{type(exc).__name__}: {exc}")
-                outputs.append(self._output(req, "", []))
+                outputs.append(req.output("", []))
             return outputs
         if not plan:
             return outputs
@@ -366,39 +341,19 @@ class LLMEngine:
             for chunk in plan.chunks:
                 req = self._requests[chunk.seq.request_id]
                 self._finish(req, FinishReason.ERROR, error=f"{type(exc).__name__}: {exc}")
-                outputs.append(self._output(req, "", []))
+                outputs.append(req.output("", []))
             return outputs
         for seq, token in zip(seqs, tokens, strict=True):
             outputs.append(self._append_token(self._requests[seq.request_id], token))
         return outputs
 
     def _append_token(self, req: PreparedRequest, token: int) -> RequestOutput:
-        seq = req.seq
-        seq.output_ids.append(token)
-        reason: FinishReason | None = None
-        is_eos = token in self.tokenizer.eos_token_ids and not seq.params.ignore_eos
-        text = "" if is_eos else req.detok.push(token)
-        if req.stops is not None:
-            text, stopped = req.stops.feed(text)
-            if stopped:
-                reason = FinishReason.STOP
-        if reason is None:
-            if is_eos:
-                reason = FinishReason.STOP
-            elif len(seq.output_ids) >= seq.max_tokens or seq.num_tokens >= self.token_capacity:
-                reason = FinishReason.LENGTH
-            if reason is not None:
-                text += self._flush(req)
+        text, reason = req.append(
+            token, eos_token_ids=self.tokenizer.eos_token_ids, token_capacity=self.token_capacity
+        )
         if reason is not None:
             self._finish(req, reason)
-        return self._output(req, text, [token])
-
-    def _flush(self, req: PreparedRequest) -> str:
-        tail = req.detok.flush()
-        if req.stops is None:
-            return tail
-        text, _ = req.stops.feed(tail)
-        return text + req.stops.flush()
+        return req.output(text, [token])
 
     def _finish(
         self, req: PreparedRequest, reason: FinishReason, *, error: str | None = None
@@ -410,18 +365,6 @@ class LLMEngine:
         seq.error = error
         seq.status = SequenceStatus.FINISHED
         self._requests.pop(seq.request_id, None)
-
-    def _output(self, req: PreparedRequest, text: str, token_ids: list[int]) -> RequestOutput:
-        seq = req.seq
-        return RequestOutput(
-            request_id=seq.request_id,
-            text=text,
-            token_ids=token_ids,
-            finished=seq.is_finished,
-            finish_reason=seq.finish_reason.value if seq.finish_reason else None,
-            usage=seq.usage(),
-            error=seq.error,
-        )
 
     # -- convenience ---------------------------------------------------------------
 

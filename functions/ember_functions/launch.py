@@ -28,9 +28,9 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from ember_core import EngineError
 from ember_functions.rpc import FrameReader, FrameWriter
@@ -38,7 +38,15 @@ from ember_functions.rpc import FrameReader, FrameWriter
 if TYPE_CHECKING:
     from ember_functions.loading import WeightsSource
 
-__all__ = ["Launched", "Launcher", "SubprocessLauncher", "Zygote", "accept", "socket_path"]
+__all__ = [
+    "Launched",
+    "Launcher",
+    "SubprocessLauncher",
+    "Zygote",
+    "accept",
+    "socket_path",
+    "start_connected",
+]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +65,9 @@ class Launched(Protocol):
     def wait(self, timeout: float | None = None) -> int: ...
 
     def kill(self) -> None: ...
+
+
+_P = TypeVar("_P", bound=Launched)
 
 
 class Launcher(Protocol):
@@ -94,6 +105,30 @@ def accept(listener: socket.socket, proc: Launched, what: str, timeout_s: float)
                 ) from None
     proc.kill()
     raise EngineError(f"{what} did not connect within {timeout_s:.0f} s")
+
+
+def start_connected(
+    name: str,
+    start: Callable[[Path], _P],
+    *,
+    what: str,
+    run_dir: Path | None = None,
+    timeout_s: float,
+) -> tuple[_P, socket.socket]:
+    """Listens on ``name``'s socket, runs ``start`` (given the socket's path, it starts
+    the process that connects there) and returns the process and its connection. The
+    socket's name is gone on return, connected or failed: nothing else may connect."""
+    path = socket_path(name, run_dir)
+    path.unlink(missing_ok=True)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(str(path))
+        listener.listen(1)
+        proc = start(path)
+        return proc, accept(listener, proc, what, timeout_s)
+    finally:
+        listener.close()
+        path.unlink(missing_ok=True)
 
 
 class SubprocessLauncher:
@@ -189,19 +224,14 @@ class Zygote:
         cls, *, zygote_id: str, run_dir: Path | None = None, timeout_s: float = 120.0
     ) -> Zygote:
         """Starts the fork server and returns once it has imported everything."""
-        path = socket_path(f"z-{zygote_id}", run_dir)
-        path.unlink(missing_ok=True)
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(str(path))
-        listener.listen(1)
-        argv = [sys.executable, "-m", "ember_functions.zygote"]
-        argv += ["--zygote-id", zygote_id, "--socket", str(path)]
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
-        try:
-            sock = accept(listener, proc, f"zygote {zygote_id}", timeout_s)
-        finally:
-            listener.close()
-            path.unlink(missing_ok=True)
+        argv = [sys.executable, "-m", "ember_functions.zygote", "--zygote-id", zygote_id]
+        proc, sock = start_connected(
+            f"z-{zygote_id}",
+            lambda path: subprocess.Popen([*argv, "--socket", str(path)], stdin=subprocess.DEVNULL),
+            what=f"zygote {zygote_id}",
+            run_dir=run_dir,
+            timeout_s=timeout_s,
+        )
         zygote = cls(zygote_id, proc, sock)
         sock.settimeout(timeout_s)
         try:

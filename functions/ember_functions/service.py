@@ -16,7 +16,8 @@ import threading
 from typing import Any
 
 from ember_core import EngineError, InvalidRequestError
-from ember_functions.engine import LLMEngine, PreparedRequest, Prompt, RequestOutput
+from ember_functions.engine import LLMEngine, Prompt, RequestOutput
+from ember_functions.request import PreparedRequest
 from ember_functions.sampling_params import SamplingParams
 from ember_functions.sequence import Usage
 from ember_functions.stream import RequestStream, aborted

@@ -152,6 +152,7 @@ def load_model(
         device=device,
         max_positions=max_positions,
         gemv_dtype=gemv_dtype,
+        bound=bound,
     )
 
 

@@ -30,43 +30,30 @@ from typing import Any
 
 from ember_core import EngineError, InvalidRequestError, WorkerUnavailableError
 from ember_functions.engine_config import EngineConfig
-from ember_functions.launch import Launched, Launcher, SubprocessLauncher, accept, socket_path
+from ember_functions.launch import (
+    Launched,
+    Launcher,
+    SubprocessLauncher,
+    socket_path,
+    start_connected,
+)
 from ember_functions.loading import StoreConfig
-from ember_functions.prompt import EncodedPrompt, Prompt, PromptEncoder
+from ember_functions.prompt import Prompt, PromptEncoder
 from ember_functions.rpc import (
     FrameReader,
     FrameWriter,
     Warmth,
     WorkerState,
-    pack_params,
     unpack_output,
 )
 from ember_functions.sampling_params import SamplingParams
 from ember_functions.sequence import RequestOutput, Usage
 from ember_functions.stream import RequestStream, aborted
-from ember_functions.worker_prompts import WorkerPrompts
+from ember_functions.worker_prompts import RemoteRequest, WorkerPrompts
 
-__all__ = ["RemoteRequest", "WorkerProcess", "socket_path"]
+__all__ = ["WorkerProcess", "socket_path"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class RemoteRequest:
-    """A request encoded for a worker: what billing needs, and what the worker runs."""
-
-    request_id: str
-    encoded: EncodedPrompt
-    params: SamplingParams
-    cache_salt: str
-
-    @property
-    def prompt_tokens(self) -> int:
-        return len(self.encoded.ids)
-
-    @property
-    def max_tokens(self) -> int:
-        return self.encoded.max_tokens
 
 
 #: A loading worker silent this long hangs: killed then, whatever ``load_timeout_s`` says.
@@ -151,30 +138,22 @@ class WorkerProcess:
         A loading worker sends a heartbeat every second: one that sends nothing for
         ``load_silence_s`` hangs and is killed then, not at ``load_timeout_s``."""
         t0 = time.perf_counter()
-        path = socket_path(worker_id, run_dir)
-        path.unlink(missing_ok=True)
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(str(path))
-        listener.listen(1)
         config = dataclasses.asdict(engine_config or EngineConfig())
         args = [
-            *("--worker-id", worker_id, "--socket", str(path)),
+            *("--worker-id", worker_id),
             *("--home", str(home), "--model", model),
             *("--engine-config", json.dumps(config)),
             *("--store", json.dumps(dataclasses.asdict(store or StoreConfig()))),
             *("--warmth", warmth.name),
         ]
-        try:
-            proc = (launcher or SubprocessLauncher()).launch(args)
-        except BaseException:
-            listener.close()
-            path.unlink(missing_ok=True)
-            raise
-        try:
-            sock = accept(listener, proc, f"worker {worker_id}", connect_timeout_s)
-        finally:
-            listener.close()
-            path.unlink(missing_ok=True)  # connected or failed: the name is not needed again
+        launch = (launcher or SubprocessLauncher()).launch
+        proc, sock = start_connected(
+            worker_id,
+            lambda path: launch([*args, "--socket", str(path)]),
+            what=f"worker {worker_id}",
+            run_dir=run_dir,
+            timeout_s=connect_timeout_s,
+        )
         worker = cls(worker_id, proc, sock)
         worker.warmth = warmth
         worker._prompts.known = prompts
@@ -391,16 +370,9 @@ class WorkerProcess:
                 )
             self._open[request.request_id] = _Open(stream)
             self.state = WorkerState.BUSY
-        message = {
-            "op": "start",
-            "id": request.request_id,
-            "prompt_ids": request.encoded.ids,
-            "chat": request.encoded.chat,
-            "max_tokens": request.encoded.max_tokens,
-            "params": pack_params(request.params),
-            "cache_salt": request.cache_salt,
-        }
-        self._writer.try_send(message)  # if the worker is gone, the reader fails the stream
+        self._writer.try_send(
+            request.start_frame()
+        )  # if the worker is gone, the reader fails the stream
         return stream
 
     def cancel(self, request_id: str) -> None:

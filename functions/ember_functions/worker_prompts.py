@@ -1,4 +1,4 @@
-"""Where a router's handle on a worker gets its prompt encoder.
+"""Where a router's handle on a worker gets its prompt encoder, and what it encodes.
 
 A ``WorkerProcess`` encodes prompts itself, with the worker's tokenizer and window, so a
 bad request is refused before it crosses the socket. Parsing a 49k-entry tokenizer takes
@@ -12,13 +12,46 @@ from __future__ import annotations
 
 import contextlib
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ember_functions.prompt import PromptEncoder
+from ember_functions.prompt import EncodedPrompt, PromptEncoder
+from ember_functions.rpc import pack_params
+from ember_functions.sampling_params import SamplingParams
 from ember_functions.tokenizer import Tokenizer
 
-__all__ = ["WorkerPrompts"]
+__all__ = ["RemoteRequest", "WorkerPrompts"]
+
+
+@dataclass(frozen=True)
+class RemoteRequest:
+    """A request encoded for a worker: what billing needs, and what the worker runs."""
+
+    request_id: str
+    encoded: EncodedPrompt
+    params: SamplingParams
+    cache_salt: str
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.encoded.ids)
+
+    @property
+    def max_tokens(self) -> int:
+        return self.encoded.max_tokens
+
+    def start_frame(self) -> dict[str, Any]:
+        """The ``start`` frame that hands it to the worker (see ``rpc``)."""
+        return {
+            "op": "start",
+            "id": self.request_id,
+            "prompt_ids": self.encoded.ids,
+            "chat": self.encoded.chat,
+            "max_tokens": self.encoded.max_tokens,
+            "params": pack_params(self.params),
+            "cache_salt": self.cache_salt,
+        }
 
 
 class WorkerPrompts:

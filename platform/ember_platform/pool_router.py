@@ -23,7 +23,7 @@ from ember_functions.prompt import Prompt
 from ember_functions.sampling_params import SamplingParams
 from ember_functions.sequence import RequestOutput
 from ember_functions.stream import RequestStream
-from ember_functions.worker_process import RemoteRequest
+from ember_functions.worker_prompts import RemoteRequest
 from ember_platform.router import Prepared, served
 from ember_warmpool.manager import ModelPool
 

@@ -17,7 +17,8 @@ from ember_core import EngineError
 from ember_functions.engine_config import EngineConfig
 from ember_functions.launch import Zygote
 from ember_functions.sampling_params import SamplingParams
-from ember_functions.worker_process import RemoteRequest, WorkerProcess
+from ember_functions.worker_process import WorkerProcess
+from ember_functions.worker_prompts import RemoteRequest
 
 CONFIG = EngineConfig(dtype="float32", num_kv_blocks=64, block_size=16, num_threads=1)
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)

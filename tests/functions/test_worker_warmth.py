@@ -53,7 +53,7 @@ def spawn(
 
 
 def tokens(worker: WorkerProcess, rid: str) -> list[int]:
-    from ember_functions.worker_process import RemoteRequest
+    from ember_functions.worker_prompts import RemoteRequest
 
     encoder = worker.prompts
     request = RemoteRequest(rid, encoder.encode(PROMPT, GREEDY), GREEDY, "")

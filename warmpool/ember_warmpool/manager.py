@@ -43,14 +43,14 @@ from ember_functions.engine_config import EngineConfig
 from ember_functions.launch import Launcher
 from ember_functions.loading import StoreConfig, WeightsSource
 from ember_functions.prompt import PromptEncoder
-from ember_functions.rpc import WorkerState
 from ember_functions.worker_process import WorkerProcess
 from ember_warmpool.forecast import Forecaster
 from ember_warmpool.placement import place
 from ember_warmpool.policy import Decision, PoolPolicy, decide, start_hold
 from ember_warmpool.pool_accounts import PoolAccounts
 from ember_warmpool.pool_forecast import PoolForecast
-from ember_warmpool.view import PoolView, Warmth, WorkerView
+from ember_warmpool.pool_members import PoolMembers
+from ember_warmpool.view import PoolView, Warmth
 
 __all__ = ["ModelPool"]
 
@@ -112,10 +112,8 @@ class ModelPool:
         self._clock = clock
         self._spawn = spawn
         self._cond = threading.Condition()
-        self._workers: dict[str, WorkerProcess] = {}
-        self._starting: dict[str, Warmth] = {}  # worker id -> the warmth it starts to
+        self._members = PoolMembers(model)
         self._promoting: set[str] = set()
-        self._idle_since: dict[str, float] = {}
         self._placing: dict[str, int] = {}  # worker id -> requests chosen, not yet sent
         self._queued = 0
         self._arrivals = 0  # since the last tick, for the forecaster
@@ -143,13 +141,13 @@ class ModelPool:
         running then ends cancelled, with its usage."""
         with self._cond:
             self._closed = True
-            workers = list(self._workers.values())
+            workers = list(self._members.running.values())
             self._cond.notify_all()
         deadline = time.monotonic() + drain_timeout_s
         for worker in workers if drain_timeout_s > 0 else ():
             worker.drain(max(0.0, deadline - time.monotonic()))
         with self._cond:
-            self._workers = {}
+            self._members.running = {}
             for wid in self._accounts.live():
                 self._retire(wid)
         for worker in workers:
@@ -169,7 +167,7 @@ class ModelPool:
         """A worker to send one request to now, or None if none can take it (see
         :meth:`placing`, which also keeps it from being stopped meanwhile)."""
         with self._cond:
-            serving = [w for w in self._workers.values() if w.alive]
+            serving = [w for w in self._members.running.values() if w.alive]
             chosen = place(
                 [w.queue_depth for w in serving],
                 target=self.policy.target_concurrency,
@@ -224,9 +222,12 @@ class ModelPool:
         """Why no worker can come for a waiting request (the model keeps failing to load
         and none is running or starting); None while one may."""
         with self._cond:
-            if any(not w.state.ended for w in self._workers.values()) or self._starting:
+            if (
+                any(not w.state.ended for w in self._members.running.values())
+                or self._members.starting
+            ):
                 return None
-            hold = start_hold(self.policy, self._view(self._clock()), self._clock())
+            hold = start_hold(self.policy, self._view(), self._clock())
         if hold is None or hold[1] is not None:  # no hold, or one that ends by waiting
             return None
         return hold[0]
@@ -258,45 +259,27 @@ class ModelPool:
         with self._cond:
             return self._accounts.stats(now_s=self._clock())
 
+    def _load_failed(self, reason: str) -> None:  # under the lock
+        self._load_failures += 1
+        self._last_failure = (self._clock(), reason)
+
     def _retire(self, wid: str) -> None:  # under the lock: the worker's process is leaving
         self._accounts.retire(wid, now_s=self._clock())
-        self._idle_since.pop(wid, None)
+        self._members.idle_since.pop(wid, None)
 
     def in_flight(self) -> int:
         with self._cond:
-            return sum(w.queue_depth for w in self._workers.values())
+            return sum(w.queue_depth for w in self._members.running.values())
 
     def free_kv_blocks(self) -> int:
         with self._cond:
-            return sum(w.free_kv_blocks for w in self._workers.values() if w.alive)
+            return sum(w.free_kv_blocks for w in self._members.running.values() if w.alive)
 
     def status(self) -> list[dict[str, Any]]:
         """One row per worker: id, pid, state, requests in flight, idle seconds, and the
         phases of its cold start."""
-        now = self._clock()
         with self._cond:
-            rows = []
-            for wid, worker in self._workers.items():
-                row = worker.describe()
-                idle_since = self._idle_since.get(wid)
-                row["idle_s"] = None if idle_since is None else round(now - idle_since, 1)
-                rows.append(row)
-            rows += [
-                {
-                    "worker_id": wid,
-                    "pid": None,
-                    "state": WorkerState.STARTING.value,
-                    "warmth": warmth.name,
-                    "in_flight": 0,
-                    "pack_s": None,
-                    "pack_stopped": None,
-                    "idle_s": None,
-                    "cold_start": {},
-                    "chunks_by_tier": {},
-                }
-                for wid, warmth in self._starting.items()
-            ]
-        return rows
+            return self._members.rows(self._clock())
 
     # -- the tick thread ------------------------------------------------------------
 
@@ -316,32 +299,12 @@ class ModelPool:
     def tick(self) -> Decision:
         """One observe-decide-act round; the tick thread calls it, tests may too."""
         now = self._clock()
-        ended: list[WorkerProcess] = []
         with self._cond:
-            for wid, worker in list(self._workers.items()):
-                hung = worker.state in (WorkerState.READY, WorkerState.BUSY)
-                if hung and worker.silent_s > self._health_timeout_s:
-                    # Hung (a deadlock, a stopped process): its requests fail retryably
-                    # now rather than wait forever, and the policy replaces it.
-                    log.error(
-                        "pool %s: worker %s silent for %.0f s; killing it",
-                        self.model,
-                        wid,
-                        worker.silent_s,
-                    )
-                    worker.kill(
-                        f"the worker did not respond for {worker.silent_s:.0f} s and was "
-                        "killed (health check)"
-                    )
-                if worker.state.ended:
-                    ended.append(self._workers.pop(wid))
-                    self._retire(wid)
-                elif worker.queue_depth == 0:
-                    self._idle_since.setdefault(wid, now)
-                else:
-                    self._idle_since.pop(wid, None)
+            ended = self._members.sweep(now, health_timeout_s=self._health_timeout_s)
+            for worker in ended:
+                self._retire(worker.worker_id)
             arrivals, self._arrivals = self._arrivals, 0
-            view = self._view(now)
+            view = self._view()
         for worker in ended:
             log.warning(
                 "pool %s: worker %s ended: %s", self.model, worker.worker_id, worker.failure
@@ -362,28 +325,11 @@ class ModelPool:
         self._act(decision)
         return decision
 
-    def _view(self, now: float) -> PoolView:  # under the lock
-        workers = [
-            WorkerView(
-                worker_id=wid,
-                state=w.state,
-                warmth=w.warmth,
-                in_flight=w.queue_depth,
-                idle_since_s=self._idle_since.get(wid),
-            )
-            for wid, w in self._workers.items()
-        ]
-        workers += [
-            WorkerView(worker_id=wid, state=WorkerState.STARTING, warmth=warmth)
-            for wid, warmth in self._starting.items()
-        ]
-        failure = self._last_failure
-        return PoolView(
-            workers=tuple(workers),
+    def _view(self) -> PoolView:  # under the lock
+        return self._members.view(
             queued=self._queued,
             load_failures=self._load_failures,
-            last_failure_s=failure[0] if failure else None,
-            last_failure_reason=failure[1] if failure else None,
+            last_failure=self._last_failure,
         )
 
     def _act(self, decision: Decision) -> None:
@@ -392,14 +338,14 @@ class ModelPool:
                 threading.Thread(target=self._spawn_one, args=(order.warmth,), daemon=True).start()
         for wid in decision.promote:
             with self._cond:
-                worker = self._workers.get(wid)
+                worker = self._members.running.get(wid)
                 if worker is None or wid in self._promoting:
                     continue
                 self._promoting.add(wid)
             threading.Thread(target=self._promote, args=(worker,), daemon=True).start()
         for wid in decision.demote:
             with self._cond:
-                worker = self._workers.get(wid)
+                worker = self._members.running.get(wid)
                 if worker is None or self._placing.get(wid):
                     continue  # a request is being placed on it: keep it serving
                 # To HOST whatever the reserve warmth: a PROCESS reserve gains nothing by
@@ -409,10 +355,10 @@ class ModelPool:
                     log.info("pool %s: %s parked at %s", self.model, wid, worker.warmth.name)
         for stop in decision.stop:
             with self._cond:
-                worker = self._workers.get(stop.worker_id)
+                worker = self._members.running.get(stop.worker_id)
                 if worker is not None and (worker.queue_depth or self._placing.get(stop.worker_id)):
                     continue  # a request reached it since the view was taken: keep it
-                self._workers.pop(stop.worker_id, None)
+                self._members.running.pop(stop.worker_id, None)
                 self._retire(stop.worker_id)
             if worker is not None:
                 log.info("pool %s: stopping %s (%s)", self.model, stop.worker_id, stop.reason)
@@ -425,8 +371,7 @@ class ModelPool:
             worker.promote()
         except EngineError as exc:
             with self._cond:
-                self._load_failures += 1
-                self._last_failure = (self._clock(), exc.message)
+                self._load_failed(exc.message)
             log.error("pool %s: promoting %s failed: %s", self.model, wid, exc.message)
         else:
             with self._cond:
@@ -454,7 +399,7 @@ class ModelPool:
         with self._cond:
             if self._closed:
                 return None
-            self._starting[wid] = warmth
+            self._members.starting[wid] = warmth
             self._accounts.born(wid, now_s=self._clock())
         try:
             worker = self._spawn(
@@ -469,22 +414,21 @@ class ModelPool:
             )
         except EngineError as exc:
             with self._cond:
-                self._starting.pop(wid, None)
+                self._members.starting.pop(wid, None)
                 self._retire(wid)
-                self._load_failures += 1
-                self._last_failure = (self._clock(), exc.message)
+                self._load_failed(exc.message)
                 self._cond.notify_all()
             log.error("pool %s: worker %s failed to start: %s", self.model, wid, exc.message)
             return None
         first = False  # the pool's first READY worker: its tokenizer is everyone's
         with self._cond:
-            self._starting.pop(wid, None)
+            self._members.starting.pop(wid, None)
             if self._closed:
                 closing = True
                 self._retire(wid)
             else:
                 closing = False
-                self._workers[wid] = worker
+                self._members.running[wid] = worker
                 if warmth is Warmth.READY:
                     self._accounts.ready(wid, now_s=self._clock())
                 self._load_failures = 0
