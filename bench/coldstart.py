@@ -219,7 +219,8 @@ class ModelRun:
                 raise RuntimeError(f"the first worker kept no bound weights in {host}")
             # Left on a thread once it has packed; not at all where packing does not apply,
             # or where packed matrices cannot be shared (``packed_cache.sharing_works``).
-            if not worker.pack_s or not _appears(host, "packed/*-index", 60):
+            packed = worker.packed is not None and worker.packed.pack_s > 0
+            if not packed or not _appears(host, "packed/*-index", 60):
                 print(
                     f"[{self.name}] no packed matrices in the host tier: every worker "
                     "packs its own",

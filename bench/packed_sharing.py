@@ -108,7 +108,7 @@ def run_mode(
             )
             # Shared, the first worker switches to its copy once stored: the entry is there.
             deadline = time.monotonic() + 60
-            while mode == "shared" and not first.pack_shared:
+            while mode == "shared" and not (first.packed and first.packed.shared):
                 if time.monotonic() > deadline:
                     raise RuntimeError("the first worker left no packed matrices, or kept its own")
                 time.sleep(0.05)
@@ -126,7 +126,7 @@ def run_mode(
                         "first_request_s": ttft,
                         "to_packed_s": time.perf_counter() - t0,
                         "private_mib": anonymous_mib(w.proc.pid),
-                        "shared": w.pack_shared,
+                        "shared": bool(w.packed and w.packed.shared),
                     }
                 )
         finally:

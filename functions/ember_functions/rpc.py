@@ -20,7 +20,7 @@ Worker -> router::
      "free_kv_blocks", "phases": {name: seconds}}     the model is loaded
     {"op": "warm", "warmth": WARMTH, "phases"}       parked at PROCESS or HOST, waiting
     {"op": "alive"}                                  idle or parked: every second
-    {"op": "packed", "pack_s", "stopped", "shared", "layers"}
+    {"op": "packed", "pack_s", "stopped", "shared", "layers"}  (PackReport)
                                                      packed what host RAM allows (again);
                                                      shared: mapped from the host tier;
                                                      layers: how many it packed itself
@@ -40,6 +40,7 @@ import json
 import socket
 import struct
 import threading
+from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from ember_core import ConfigError, EngineError
@@ -49,6 +50,7 @@ from ember_functions.sequence import RequestOutput, Usage
 __all__ = [
     "FrameReader",
     "FrameWriter",
+    "PackReport",
     "Warmth",
     "WorkerState",
     "pack_output",
@@ -178,6 +180,28 @@ def unpack_output(row: list[Any]) -> RequestOutput:
         usage=Usage(prompt, completion, cached),
         error=error,
     )
+
+
+@dataclass(frozen=True)
+class PackReport:
+    """A worker's ``packed`` frame: its engine packed what host RAM allows (again)."""
+
+    pack_s: float  # seconds its engine spent packing (``Linear.pack``), all told
+    stopped: str | None = None  # why it stopped part-way (host RAM ran short), or None
+    shared: bool = False  # its packed matrices are another's, mapped from the host tier
+    layers: int = 0  # layers it packed itself (the LM head counts as one)
+
+    def frame(self) -> dict[str, Any]:
+        return {"op": "packed", **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_frame(cls, message: dict[str, Any]) -> PackReport:
+        return cls(
+            pack_s=float(message["pack_s"]),
+            stopped=message.get("stopped"),
+            shared=bool(message.get("shared")),
+            layers=int(message.get("layers", 0)),
+        )
 
 
 def pack_params(params: SamplingParams) -> dict[str, Any]:

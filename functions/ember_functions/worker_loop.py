@@ -24,7 +24,13 @@ from ember_functions.host_memory import (
     packing_action,
     read_host_memory,
 )
-from ember_functions.rpc import FrameReader, FrameWriter, pack_output, unpack_params
+from ember_functions.rpc import (
+    FrameReader,
+    FrameWriter,
+    PackReport,
+    pack_output,
+    unpack_params,
+)
 
 if TYPE_CHECKING:
     from ember_functions.engine import LLMEngine
@@ -215,14 +221,9 @@ class ServeLoop:
         return action is not PackAction.PACK
 
     def _packed_frame(self, stopped: str | None) -> dict[str, Any]:
-        shared = self.engine.packing.shared
-        return {
-            "op": "packed",
-            "pack_s": self.pack_s,
-            "stopped": stopped,
-            "shared": shared,
-            "layers": self.engine.packing.packed_layers,
-        }
+        packing = self.engine.packing
+        report = PackReport(self.pack_s, stopped, packing.shared, packing.packed_layers)
+        return report.frame()
 
     def _frame(self, outs: list[RequestOutput]) -> dict[str, Any]:
         return {

@@ -42,6 +42,7 @@ from ember_functions.prompt import Prompt, PromptEncoder
 from ember_functions.rpc import (
     FrameReader,
     FrameWriter,
+    PackReport,
     Warmth,
     WorkerState,
     unpack_output,
@@ -84,17 +85,9 @@ class WorkerProcess:
         self.phases: dict[str, float] = {}
         self._ready_at_s = 0.0  # monotonic: when its engine last became READY
         self._first_token_due = False
-        # Seconds its engine spent packing its matrices (Linear.pack), once done: a READY
-        # worker packs while idle, and runs at full speed from then on. None before.
-        self.pack_s: float | None = None
-        # Why it stopped packing part-way (host RAM ran short), or None.
-        self.pack_stopped: str | None = None
-        # Its packed matrices are mapped from the host tier, shared with the machine's
-        # other workers of the model, not packed by it (see ``packed_cache``).
-        self.pack_shared = False
-        # Layers it packed itself (the LM head counts as one): 0 for a worker that mapped
-        # another's copy, or waited while another packed for the machine.
-        self.packed_layers = 0
+        # How its engine's matrices came to be packed (a READY worker packs while idle,
+        # and runs at full speed from then on): None until its engine has packed.
+        self.packed: PackReport | None = None
         self.chunks_by_tier: dict[str, int] = {}  # where its weights came from
         self.model_name = ""
         self._sock = sock
@@ -232,9 +225,7 @@ class WorkerProcess:
             self.phases.update(message["phases"])
             self.chunks_by_tier = dict(message.get("chunks_by_tier", {}))
             self._prompts.current = prompts
-            self.pack_s = self.pack_stopped = None  # a new engine: packing starts over
-            self.pack_shared = False
-            self.packed_layers = 0
+            self.packed = None  # a new engine: packing starts over
             self.state, self.warmth = WorkerState.READY, Warmth.READY
             self._ready_at_s, self._first_token_due = time.monotonic(), True
             self._changed.notify_all()
@@ -317,11 +308,11 @@ class WorkerProcess:
 
     def wait_packed(self, timeout_s: float) -> bool:
         """Waits until this READY worker has packed its matrices, or stopped packing for
-        want of RAM (see ``pack_s``, ``pack_stopped``); False if neither happened within
+        want of RAM (see ``packed``); False if neither happened within
         ``timeout_s``, or it stopped being READY."""
         deadline = time.monotonic() + timeout_s
         with self._changed:
-            while self.pack_s is None:
+            while self.packed is None:
                 left = deadline - time.monotonic()
                 if left <= 0 or self.state not in (WorkerState.READY, WorkerState.BUSY):
                     return False
@@ -330,16 +321,17 @@ class WorkerProcess:
 
     def describe(self) -> dict[str, Any]:
         """A status row for ``ember pool status`` and /workers."""
+        packed = self.packed
         return {
             "worker_id": self.worker_id,
             "pid": self.proc.pid,
             "state": self.state.value,
             "warmth": self.warmth.name,
             "in_flight": self.queue_depth,
-            "pack_s": self.pack_s,
-            "pack_stopped": self.pack_stopped,
-            "pack_shared": self.pack_shared,
-            "packed_layers": self.packed_layers,
+            "pack_s": packed.pack_s if packed else None,
+            "pack_stopped": packed.stopped if packed else None,
+            "pack_shared": packed.shared if packed else False,
+            "packed_layers": packed.layers if packed else 0,
             "idle_s": None,
             "cold_start": dict(self.phases),
             "chunks_by_tier": dict(self.chunks_by_tier),
@@ -404,10 +396,7 @@ class WorkerProcess:
                     self._on_warm(message)
                 elif op == "packed":
                     with self._changed:
-                        self.pack_s = message["pack_s"]
-                        self.pack_stopped = message.get("stopped")
-                        self.pack_shared = bool(message.get("shared"))
-                        self.packed_layers = int(message.get("layers", 0))
+                        self.packed = PackReport.from_frame(message)
                         self._changed.notify_all()
                 elif op == "failed":
                     with self._lock:

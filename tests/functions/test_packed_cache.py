@@ -273,8 +273,8 @@ def _two_workers(home: Path, store: StoreConfig) -> None:
             store=store,
         )
         try:
-            assert worker.wait_packed(timeout_s=60)
-            assert worker.pack_shared is shared and worker.describe()["pack_shared"] is shared
+            assert worker.wait_packed(timeout_s=60) and worker.packed is not None
+            assert worker.packed.shared is shared and worker.describe()["pack_shared"] is shared
             request = worker.prepare([3, 14, 15, 92, 65], GREEDY, request_id=f"r{i}")
             got = worker.submit_prepared(request).result().token_ids
             want = want or got
@@ -283,7 +283,7 @@ def _two_workers(home: Path, store: StoreConfig) -> None:
                 # The first leaves its packing behind, on a thread, then (idle) runs on
                 # that copy too and frees its own: it says so in a second "packed" frame.
                 deadline = time.monotonic() + 30
-                while not worker.pack_shared:
+                while not (worker.packed and worker.packed.shared):
                     assert time.monotonic() < deadline, "the first worker kept its own copy"
                     time.sleep(0.05)
                 assert any(k.endswith("-index") for k in _packed_keys(store, home))

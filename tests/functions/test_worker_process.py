@@ -146,8 +146,8 @@ def test_an_idle_worker_packs_its_matrices_and_its_tokens_do_not_change(
     )
     try:
         first, again = serve_across_packing(worker)
-        assert worker.pack_s is not None and worker.describe()["pack_s"] == worker.pack_s
-        assert worker.pack_s > 0 and worker.pack_stopped is None
+        assert worker.packed is not None and worker.describe()["pack_s"] == worker.packed.pack_s
+        assert worker.packed.pack_s > 0 and worker.packed.stopped is None
         assert again.token_ids == first.token_ids
     finally:
         worker.close()
@@ -165,9 +165,10 @@ def test_a_worker_stops_packing_where_host_ram_would_run_short_and_still_serves(
     )
     try:
         first, again = serve_across_packing(worker)
-        assert worker.pack_s == 0.0
-        assert worker.pack_stopped is not None and "pack_min_free_bytes" in worker.pack_stopped
-        assert worker.describe()["pack_stopped"] == worker.pack_stopped
+        assert worker.packed is not None and worker.packed.pack_s == 0.0
+        stopped = worker.packed.stopped
+        assert stopped is not None and "pack_min_free_bytes" in stopped
+        assert worker.describe()["pack_stopped"] == stopped
         assert again.token_ids == first.token_ids
     finally:
         worker.close()
