@@ -212,6 +212,42 @@ def test_release_abandoned_gives_back_everything_only_when_no_live_process_pins(
     assert tier.release_abandoned() == 2 * KB and tier.keys() == []
 
 
+def test_release_leaves_no_empty_folders_and_the_tier_fills_again(root: Path) -> None:
+    tier = HostTier(root, budget_bytes=8 * KB)
+    chunk = "sha256:" + "ab" * 32
+    tier.put(chunk, b"x" * KB)
+    tier.put("packed/model/layer-0", b"y" * KB)
+    tier.pin(["packed/model/layer-0"], owner="worker-1")
+    assert tier.release_unpinned() == KB
+    assert not (root / key_to_path(chunk)).parent.exists()  # its fan-out folders went
+    assert (root / "packed" / "model").is_dir()  # a pinned object's folder stays
+    tier.unpin("worker-1")
+    assert tier.release_unpinned() == KB
+    # Only the index's own dot-entries are left; the next pool fills the tier as before.
+    assert [p.name for p in root.iterdir() if not p.name.startswith(".")] == []
+    tier.put(chunk, b"z" * KB)
+    assert tier.get(chunk) == b"z" * KB
+
+
+def test_a_writer_whose_folder_is_pruned_under_it_makes_it_again(root: Path) -> None:
+    tier = HostTier(root, budget_bytes=8 * KB)
+    folder = root / "packed" / "model"
+    folder.mkdir(parents=True)
+    real_open = os.open
+    pruned = []
+
+    def pruned_first(path: object, *args: object, **kwargs: object) -> int:
+        if str(path).startswith(str(folder)) and not pruned:
+            folder.rmdir()  # as a release in another process would, between mkdir and open
+            pruned.append(path)
+        return real_open(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(os, "open", pruned_first)
+        tier.put("packed/model/layer-0", b"y" * KB)
+    assert pruned and tier.get("packed/model/layer-0") == b"y" * KB
+
+
 def test_pin_owner_rules(root: Path) -> None:
     tier = HostTier(root, budget_bytes=KB)
     with pytest.raises(InvalidRequestError):

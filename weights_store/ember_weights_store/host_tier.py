@@ -227,6 +227,8 @@ class HostTier:
         for key, st in list(self._dir.scan(remove_stale_temp=True)):
             if key not in keep and self._dir.unlink(key):
                 freed += st.st_size
+        if freed:  # what a pool leaves in /dev/shm once it has given its RAM back: nothing
+            self._dir.prune_empty_dirs()
         return freed
 
     def usage(self) -> TierUsage:

@@ -15,6 +15,7 @@ shares; the tiers are ``bucket_tier``, ``disk_tier``, ``host_tier`` and ``s3_tie
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -242,7 +243,11 @@ class ObjectDir:
                 param="key",
             ) from None
         tmp = final.parent / temp_name(uuid.uuid4().hex)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileNotFoundError:  # another process pruned the empty folder just made
+            final.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             for view in pieces_of(data):
                 while view:
@@ -288,6 +293,21 @@ class ObjectDir:
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             return False
         return True
+
+    def prune_empty_dirs(self) -> int:
+        """Removes the empty folders under the root (not the root, nor its dot-folders);
+        returns how many. A writer that made a folder for its temp file a moment before
+        makes it again (``write_temp``); one with its temp file inside keeps it."""
+        removed = 0
+        for dirpath, _, _ in os.walk(self.root, topdown=False):
+            if dirpath == str(self.root):
+                continue
+            if any(part.startswith(".") for part in Path(dirpath).relative_to(self.root).parts):
+                continue
+            with contextlib.suppress(OSError):  # not empty, or gone already
+                os.rmdir(dirpath)
+                removed += 1
+        return removed
 
     def scan(self, *, remove_stale_temp: bool) -> Iterator[tuple[str, os.stat_result]]:
         """Yields (key, stat) for every object; removes temp files whose writer is dead."""
