@@ -13,9 +13,11 @@ Workers started together would all pack, each paying the CPU and a private copy,
 only the first copy stored. One packs for all instead: packing takes the host tier's
 lease for the model's packed matrices (``PackedCache.lease``) and renews it with each
 layer, and holds it until its copy is stored; the others wait (``waits_for_another``) and map
-that copy once it lands. A packer that stops renewing for ``PACK_LEASE_STALE_S`` (busy
-serving while another worker idles, out of RAM, gone) loses the lease to the next that
-packs; it packs no further, and switches to the stored copy like the rest.
+that copy once it lands. A packer that stops renewing (busy serving while another worker
+idles, out of RAM, gone) loses the lease to the next that packs; it packs no further, and
+switches to the stored copy like the rest. How long "stops" is: ``PACK_LEASE_STALE_S``, or
+``PACK_LEASE_PACES`` times the next layer's expected packing time where that is longer
+(a big model's layers on a slow machine), so a packer is never overtaken mid-layer.
 
 This class keeps the accounts and makes those calls at the right moments; the tensors
 are the model's (``LlamaModel.pack_weights`` and friends).
@@ -26,6 +28,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 
@@ -34,11 +37,15 @@ from ember_functions.packed_cache import PackedCache
 from ember_weights_store.host_lease import HostLease
 from ember_weights_store.mapping import drop_file_pages
 
-__all__ = ["PACK_LEASE_STALE_S", "Packing"]
+__all__ = ["PACK_LEASE_PACES", "PACK_LEASE_STALE_S", "Packing"]
 
-# A worker packs a layer each idle turn (0.02-0.3 s), so a packer that has renewed nothing
-# for this long is serving, or has stopped: a waiting worker packs instead.
+# A worker packs a layer each idle turn (0.02-0.3 s for models up to ~1B on 2 cores), so a
+# packer that has renewed nothing for this long is serving, or has stopped: a waiting
+# worker packs instead.
 PACK_LEASE_STALE_S = 3.0
+# ...unless its next layer is expected to take longer than a few seconds: the lease then
+# waits this many times that expectation (measured on the layers it packed, per byte).
+PACK_LEASE_PACES = 4.0
 
 
 class Packing:
@@ -68,6 +75,7 @@ class Packing:
         # stand in for them (``release_unpacked``).
         self._mapped: frozenset[str] = frozenset()
         self.released_bytes = 0  # unpacked matrices' pages handed back, last time
+        self._s_per_byte: float | None = None  # packing's pace here, from the last layer
 
     def pack(self, *, max_layers: int | None = None) -> bool:
         """Packs up to ``max_layers`` more layers (all by default); True once nothing is
@@ -79,16 +87,34 @@ class Packing:
         if not self.enabled or self.share_stored():
             return True
         lease = self._lease if not self._load_failed else None
-        if lease is not None and self.model.next_pack_bytes() and not lease.acquire():
+        next_bytes = self.model.next_pack_bytes()
+        if lease is not None and next_bytes and not lease.acquire(stale_s=self.lease_stale_s()):
             return False
         units = self.model.packed_units
+        t0 = time.perf_counter()
         done = self.model.pack_weights(max_layers=max_layers)
         self.packed_layers += self.model.packed_units - units
+        if self.model.packed_units == units + 1 and next_bytes:
+            self._s_per_byte = (time.perf_counter() - t0) / next_bytes
+        if lease is not None and not done:
+            # Renewed now too, so the wait others owe covers the next layer from its start
+            # (the renewal before began with the layer just packed); lost meanwhile, the
+            # lease stays lost.
+            lease.renew(stale_s=self.lease_stale_s())
         if done:
             self.release_unpacked()
         if done and lease is not None:
             self._store(lease)
         return done
+
+    def lease_stale_s(self) -> float:
+        """How long others wait, after this engine renews the packing lease, before they
+        may take it: ``PACK_LEASE_STALE_S``, or longer where the next layer is expected to
+        take longer than a fraction of that (``PACK_LEASE_PACES``)."""
+        if self._s_per_byte is None:
+            return PACK_LEASE_STALE_S
+        expected_s = self._s_per_byte * self.model.next_pack_bytes()
+        return max(PACK_LEASE_STALE_S, PACK_LEASE_PACES * expected_s)
 
     def maps_weights(self, storages: frozenset[int]) -> None:
         """Notes which of the model's matrices view chunk files mapped in place: those
@@ -141,7 +167,8 @@ class Packing:
         """Whether another engine on this machine (a worker started with this one) packs
         the model's matrices for all now: ``pack`` packs nothing meanwhile, and this
         engine maps their copy once it is stored. False once it is, or once that engine
-        has renewed nothing for ``PACK_LEASE_STALE_S``: this one packs then."""
+        has renewed nothing for as long as it said (``lease_stale_s``): this one packs
+        then."""
         cache, lease = self._cache, self._lease
         if lease is None or cache is None or self.model.packing_shared or self._load_failed:
             return False

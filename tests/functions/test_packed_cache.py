@@ -176,14 +176,36 @@ def test_engines_started_together_pack_once_for_all(
     assert tokens(packer) == tokens(waiter) == want
 
 
+def test_a_slow_packer_keeps_the_lease_for_as_long_as_its_next_layer_should_take(
+    bound_together: Callable[[int], list[LLMEngine]],
+    host_catalog: ModelCatalog,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Where a layer takes longer than ``PACK_LEASE_STALE_S`` allows for (here 0), the
+    packer renews saying how long the next should take, times ``PACK_LEASE_PACES``
+    (here a million: hours), and waiters wait that long instead of taking over."""
+    monkeypatch.setattr(packing_module, "PACK_LEASE_STALE_S", 0.0)
+    monkeypatch.setattr(packing_module, "PACK_LEASE_PACES", 1e6)
+    packer, waiter = bound_together(2)
+    assert packer.packing.lease_stale_s() == 0.0  # no pace measured yet
+    assert not packer.packing.pack(max_layers=1)
+    assert packer.packing.lease_stale_s() > 60.0
+    for record in (host_catalog.host_cache_root / ".leases").glob("*.json"):  # a minute old
+        then = record.stat().st_mtime - 60.0
+        os.utime(record, (then, then))
+    assert waiter.packing.waits_for_another()
+    assert not waiter.packing.pack(max_layers=1) and waiter.packing.packed_layers == 0
+
+
 def test_a_packer_that_stops_renewing_loses_the_lease_and_copies_converge(
     bound_together: Callable[[int], list[LLMEngine]],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A packer that renews nothing for ``PACK_LEASE_STALE_S`` (here 0: at once) loses
-    the lease to the next that packs, packs no further, and maps the copy stored; a
-    second store of the same copy writes nothing."""
+    """A packer that renews nothing for as long as it said (``PACK_LEASE_STALE_S`` and
+    ``PACK_LEASE_PACES`` here 0: at once) loses the lease to the next that packs, packs
+    no further, and maps the copy stored; a second store of the same copy writes nothing."""
     monkeypatch.setattr(packing_module, "PACK_LEASE_STALE_S", 0.0)
+    monkeypatch.setattr(packing_module, "PACK_LEASE_PACES", 0.0)
     stalled, taker, late = bound_together(3)
     want = tokens(stalled)
     assert not stalled.packing.pack(max_layers=1)  # a layer, then it serves a while

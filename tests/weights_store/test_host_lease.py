@@ -48,6 +48,27 @@ def test_a_lease_not_renewed_for_stale_s_can_be_taken(tmp_path: Path) -> None:
     assert a.held_elsewhere() and not a.acquire()  # the old holder lost it
 
 
+def test_the_holders_stale_s_counts_not_the_waiters(tmp_path: Path) -> None:
+    """A holder whose next piece takes long says so as it renews: others wait that long."""
+    a, b = lease(tmp_path, "a", stale_s=3.0), lease(tmp_path, "b", stale_s=3.0)
+    assert a.acquire(stale_s=30.0)
+    age(tmp_path, 10.0)
+    assert b.held_elsewhere() and not b.acquire()
+    assert a.renew(stale_s=1.0)  # a short piece next
+    age(tmp_path, 2.0)
+    assert b.acquire()
+    with pytest.raises(InvalidRequestError, match="stale_s"):
+        a.acquire(stale_s=-1.0)
+
+
+def test_renew_never_takes_a_lease(tmp_path: Path) -> None:
+    a, b = lease(tmp_path, "a", stale_s=0.0), lease(tmp_path, "b")
+    assert not a.renew()  # free: renewing is not taking
+    assert a.acquire() and b.acquire()  # a's went stale at once: b took it
+    assert not a.renew() and a.held_elsewhere()
+    assert b.release() and not a.renew() and not a.held_elsewhere()
+
+
 def test_a_lease_held_until_released_never_goes_stale(tmp_path: Path) -> None:
     a, b = lease(tmp_path, "a", stale_s=0.0), lease(tmp_path, "b", stale_s=0.0)
     assert a.acquire(until_released=True)

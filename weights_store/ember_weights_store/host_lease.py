@@ -9,7 +9,9 @@ result:
 - ``acquire`` takes the lease, or renews it for its holder; it fails while another holds
   it. The holder renews it as it makes progress (a layer packed).
 - A lease not renewed for ``stale_s`` may be taken by another: its holder stopped (busy
-  serving, short of RAM, its engine dropped), and a waiter should not wait on it.
+  serving, short of RAM, its engine dropped), and a waiter should not wait on it. The
+  holder may say, as it renews, how long its next piece may take (``acquire(stale_s=)``:
+  a big layer on a slow machine); its word then counts, not the waiter's default.
   ``acquire(until_released=True)`` holds it until ``release`` however long, for work
   that renews nothing while it runs (writing the result out).
 - A holder that dies frees its lease at once: records name the holder's process
@@ -70,39 +72,50 @@ class HostLease:
                 "with a letter or digit; derive it from the object key, e.g. 'pack-<digest>'",
                 param="name",
             )
-        if not stale_s >= 0:
-            raise InvalidRequestError(
-                f"stale_s={stale_s!r}; give the seconds after which a lease its holder has "
-                "not renewed may be taken (>= 0)",
-                param="stale_s",
-            )
         self.name = name
         self.holder = holder
-        self.stale_s = stale_s
+        self.stale_s = _checked_stale_s(stale_s)
         self._dir = Path(root) / _LEASES_DIR
         self._dir.mkdir(parents=True, exist_ok=True)
         self._path = self._dir / f"{name}.json"
 
-    def acquire(self, *, until_released: bool = False) -> bool:
+    def acquire(self, *, until_released: bool = False, stale_s: float | None = None) -> bool:
         """Takes the lease or renews it; False while another holder has it (alive, and it
-        renewed it within ``stale_s`` or holds it until released)."""
+        renewed it within its ``stale_s`` or holds it until released). ``stale_s``: how
+        long others must wait for this holder's next renewal (default: the lease's)."""
+        stale_s = self.stale_s if stale_s is None else _checked_stale_s(stale_s)
         with _locked(self._dir):
             record = self._read()
             if record is not None and not self._mine(record) and self._binding(record):
                 return False
-            me = os.getpid()
-            body = {
-                "pid": me,
-                "start": start_time(me),
-                "holder": self.holder,
-                "until_released": until_released,
-            }
-            temp = self._dir / temp_name(self.name)
-            temp.write_text(json.dumps(body))
-            now = time.time_ns()  # explicit: the kernel's file clock is coarse
-            os.utime(temp, ns=(now, now))
-            os.replace(temp, self._path)
+            self._write_locked(until_released=until_released, stale_s=stale_s)
             return True
+
+    def renew(self, *, stale_s: float | None = None) -> bool:
+        """Renews the lease only if this holder still has it: False, and nothing done,
+        if another took it meanwhile or it is free (unlike ``acquire``, never takes it)."""
+        stale_s = self.stale_s if stale_s is None else _checked_stale_s(stale_s)
+        with _locked(self._dir):
+            record = self._read()
+            if record is None or not self._mine(record):
+                return False
+            self._write_locked(until_released=False, stale_s=stale_s)
+            return True
+
+    def _write_locked(self, *, until_released: bool, stale_s: float) -> None:
+        me = os.getpid()
+        body = {
+            "pid": me,
+            "start": start_time(me),
+            "holder": self.holder,
+            "until_released": until_released,
+            "stale_s": stale_s,
+        }
+        temp = self._dir / temp_name(self.name)
+        temp.write_text(json.dumps(body))
+        now = time.time_ns()  # explicit: the kernel's file clock is coarse
+        os.utime(temp, ns=(now, now))
+        os.replace(temp, self._path)
 
     def held_elsewhere(self) -> bool:
         """Whether another holder has the lease now (``acquire`` would fail)."""
@@ -132,7 +145,10 @@ class HostLease:
             renewed_ns = self._path.stat().st_mtime_ns
         except FileNotFoundError:
             return False
-        return time.time_ns() - renewed_ns <= self.stale_s * 1e9
+        stale_s = record.get("stale_s")
+        if not isinstance(stale_s, int | float):
+            stale_s = self.stale_s  # a record from before holders said so
+        return time.time_ns() - renewed_ns <= stale_s * 1e9
 
     def _read(self) -> dict[str, object] | None:
         try:
@@ -169,6 +185,16 @@ def forget_dead_leases(root: Path) -> int:
                 path.unlink(missing_ok=True)
                 removed += 1
     return removed
+
+
+def _checked_stale_s(stale_s: float) -> float:
+    if not isinstance(stale_s, int | float) or not stale_s >= 0:
+        raise InvalidRequestError(
+            f"stale_s={stale_s!r}; give the seconds after which a lease its holder has "
+            "not renewed may be taken (>= 0)",
+            param="stale_s",
+        )
+    return float(stale_s)
 
 
 def _holder_alive(record: dict[str, object]) -> bool:
