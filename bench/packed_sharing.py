@@ -41,7 +41,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from coldstart import PROMPT, _phases  # the cold-start bench's request and phases
+from _coldstart_peers import PROMPT  # the cold-start bench's request and its phases
+from _coldstart_states import phases_of
 
 MODES = ("private", "shared")
 
@@ -122,7 +123,7 @@ def run_mode(
                     raise RuntimeError(f"worker {i} never packed")
                 rows.append(
                     {
-                        "bind_s": _phases(w, ttft)["bind"],
+                        "bind_s": phases_of(w, ttft)["bind"],
                         "first_request_s": ttft,
                         "to_packed_s": time.perf_counter() - t0,
                         "private_mib": anonymous_mib(w.proc.pid),

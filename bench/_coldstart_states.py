@@ -1,0 +1,214 @@
+"""bench/coldstart.py's start states: one model's homes and tiers, and one timed cold start
+from each state (what each state means: coldstart.py's docstring)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import _io_limits
+from _coldstart_peers import PROMPT
+from _coldstart_report import PHASES
+
+
+def phases_of(worker: Any, first_token_s: float) -> dict[str, float]:
+    """A worker's cold start as the table and chart stack it (``PHASES``)."""
+    p = worker.phases
+    weights = p.get("weights_wall_s", 0.0)
+    return {
+        "spawn": p.get("spawn_s", 0.0),
+        "imports": p.get("imports_s", 0.0),
+        "manifest": p.get("manifest_s", 0.0),
+        # The loader's fetch and decompress are summed over its threads; scale them to the
+        # weights' wall time so the stacked phases add up to what a request waited.
+        **_share(p, weights),
+        "bind": max(0.0, p.get("load_s", 0.0) - weights),
+        "first_token": first_token_s,
+    }
+
+
+def _share(p: dict[str, float], wall_s: float) -> dict[str, float]:
+    fetch, decompress = p.get("fetch_s", 0.0), p.get("decompress_s", 0.0)
+    total = fetch + decompress
+    if total <= 0:
+        return {"fetch": wall_s, "decompress": 0.0}
+    return {"fetch": wall_s * fetch / total, "decompress": wall_s * decompress / total}
+
+
+def _appears(root: Path, pattern: str, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not list(root.glob(pattern)):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _first_token(worker: Any, rid: str) -> tuple[float, int]:
+    """(seconds, cached prompt tokens) to the first token of PROMPT. Each request gets its
+    own cache salt, as a new tenant's would: a READY worker that answered the same prompt
+    before reuses no KV of it, only the public chat preamble every tenant shares."""
+    from ember_functions.sampling_params import SamplingParams
+
+    params = SamplingParams(max_tokens=1, temperature=0)
+    t0 = time.perf_counter()
+    request = worker.prepare(PROMPT, params, request_id=rid, cache_salt=f"coldstart-{rid}")
+    done = worker.submit_prepared(request).result()
+    return time.perf_counter() - t0, done.usage.cached_tokens
+
+
+class ModelRun:
+    """One model's homes and tiers, and one timed cold start per state."""
+
+    def __init__(self, name: str, model_dir: Path, work: Path, s3_url: str, threads: int) -> None:
+        from ember_functions.engine_config import EngineConfig
+        from ember_weights_store import ModelCatalog
+        from ember_weights_store.s3_tier import S3Tier
+
+        self.name = name
+        self.model_dir = model_dir
+        self.work = work
+        self.s3_url = s3_url
+        self.config = EngineConfig(num_threads=threads, kv_cache_bytes=64 << 20)
+        self.home = work / "home"
+        publisher = ModelCatalog(self.home)
+        print(f"[{name}] importing into the bucket and S3 ...", flush=True)
+        publisher.store().import_hf_dir(model_dir, model_id=name)
+        # Installed in this home as `ember models add` would leave it (workers resolve the
+        # name here, then load through the store).
+        publisher.models_dir.mkdir(parents=True, exist_ok=True)
+        (publisher.models_dir / name).symlink_to(model_dir)
+        origin = S3Tier(bucket="models", prefix=name, endpoint_url=s3_url)
+        ModelCatalog(work / "publisher").store(origin=origin).import_hf_dir(
+            model_dir, model_id=name
+        )
+        self.host_bytes = 8 << 30
+        self._counter = 0
+        self.encoder: Any = None  # the pool's, from its first worker (see first_worker)
+        self.ready_cached_tokens = 0  # of PROMPT, by a READY worker (the chat preamble)
+
+    @property
+    def host_root(self) -> Path:
+        return Path(self._store("host").catalog(self.home).host_cache_root)
+
+    def _store(self, state: str) -> Any:
+        from ember_functions.loading import StoreConfig
+
+        if state == "object":
+            return StoreConfig(
+                origin=f"s3://models/{self.name}", endpoint_url=self.s3_url, disk_cache_bytes=0
+            )
+        if state == "disk":
+            return StoreConfig()
+        return StoreConfig(host_cache_bytes=self.host_bytes)
+
+    def _spawn(
+        self, state: str, launcher: Any = None, home: Path | None = None, config: Any = None
+    ) -> Any:
+        from ember_functions.worker_process import WorkerProcess
+
+        self._counter += 1
+        return WorkerProcess.spawn(
+            worker_id=f"cs{os.getpid()}-{self._counter}",
+            model=self.name,
+            home=home or self.home,
+            engine_config=config or self.config,
+            store=self._store(state),
+            launcher=launcher,
+            prompts=self.encoder if launcher is not None else None,
+        )
+
+    def first_worker(self, zygote: Any) -> None:
+        """What a pool does once, with its first worker: keep its prompt encoder for the
+        router, and have the zygote parse the tokenizer and check the model's host-tier
+        chunks for the workers it forks next."""
+        from ember_functions.loading import WeightsSource
+
+        worker = self._spawn("host", zygote)
+        try:
+            self.encoder = worker.prompts
+        finally:
+            worker.close()
+        zygote.prepare(
+            self.encoder.tokenizer.source_dir,
+            weights=WeightsSource(self.home, self.name, self._store("prewarmed")),
+        )
+
+    def prepare_tiers(self) -> None:
+        """Fills the disk and host tiers: one load through each, promotions waited for;
+        then one worker through the host tier, which leaves there what the first worker
+        of a pool leaves for the rest: its packed matrices, once idle, and its bound
+        weights if binding converts their dtype."""
+        from ember_weights_store import load
+
+        for state in ("disk", "host"):
+            loaded = load(self._store(state).catalog(self.home).store(), self.name)
+            loaded.wait_promoted()
+            del loaded
+        host = self.host_root
+        worker = self._spawn("host")
+        try:
+            if not worker.wait_packed(timeout_s=900):
+                raise RuntimeError(f"worker {worker.worker_id} never packed its matrices")
+            if self._binding_converts() and not _appears(host, "bound/*-index", 900):
+                raise RuntimeError(f"the first worker kept no bound weights in {host}")
+            # Left on a thread once it has packed; not at all where packing does not apply,
+            # or where packed matrices cannot be shared (``packed_cache.sharing_works``).
+            packed = worker.packed is not None and worker.packed.pack_s > 0
+            if not packed or not _appears(host, "packed/*-index", 60):
+                print(
+                    f"[{self.name}] no packed matrices in the host tier: every worker "
+                    "packs its own",
+                    flush=True,
+                )
+        finally:
+            worker.close()
+
+    def _binding_converts(self) -> bool:
+        import torch
+
+        from ember_functions.weights import checkpoint_dtype, resolve_compute_dtype
+
+        stored = checkpoint_dtype(self.model_dir)
+        cpu = torch.device("cpu")
+        return resolve_compute_dtype(self.config.dtype, weights_dtype=stored, device=cpu) != stored
+
+    def ready_ttft(self, *, prefix_cache: bool = True) -> tuple[float, int]:
+        """(seconds, cached prompt tokens) to the first token from a READY worker."""
+        config = dataclasses.replace(self.config, prefix_cache=prefix_cache)
+        worker = self._spawn("host", config=config)
+        try:
+            _first_token(worker, "warm")
+            # A READY worker of a pool has been idle a moment, enough to cache the chat
+            # preamble and pack its matrices (a layer per idle turn): wait for that too.
+            if not worker.wait_packed(timeout_s=120):
+                raise RuntimeError(f"worker {worker.worker_id} never packed its matrices")
+            return _first_token(worker, "ready")
+        finally:
+            worker.close()
+
+    def measure(self, state: str, zygote: Any) -> tuple[float, dict[str, float], str]:
+        """(ttft_s, phases, tiers the chunks came from) of one cold start in ``state``."""
+        if state == "ready":
+            ttft, self.ready_cached_tokens = self.ready_ttft()
+            return ttft, {p: 0.0 for p in PHASES} | {"first_token": ttft}, "-"
+        home = None
+        if state == "object":
+            home = self.work / f"empty-{self._counter}"  # nothing installed, nothing cached
+        if state == "disk":
+            _io_limits.evict_page_cache(_io_limits.tree_files(self.home / "cache"))
+        t0 = time.perf_counter()
+        worker = self._spawn(state, zygote if state == "prewarmed" else None, home)
+        try:
+            first, _ = _first_token(worker, state)
+            ttft = time.perf_counter() - t0
+            tiers = ",".join(sorted(worker.chunks_by_tier))
+            return ttft, phases_of(worker, first), tiers
+        finally:
+            worker.close()
+            if home is not None:
+                shutil.rmtree(home, ignore_errors=True)
