@@ -3,6 +3,7 @@ leak check that runs after every test in this folder."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from ember_core import NotFoundError
 from ember_functions.engine import LLMEngine
@@ -30,6 +32,26 @@ def _one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def edit_config(model_dir: Path, **changes: Any) -> None:
+    """Rewrites a model's config.json: each change sets a key, or removes it where None."""
+    path = model_dir / "config.json"
+    cfg = json.loads(path.read_text())
+    for key, value in changes.items():
+        if value is None:
+            cfg.pop(key, None)
+        else:
+            cfg[key] = value
+    path.write_text(json.dumps(cfg))
+
+
+def edit_weights(model_dir: Path, edit: Callable[[dict[str, torch.Tensor]], object]) -> None:
+    """Rewrites a model's model.safetensors after ``edit`` changed its tensors in place."""
+    path = model_dir / "model.safetensors"
+    weights = load_file(str(path))
+    edit(weights)
+    save_file(weights, str(path), metadata={"format": "pt"})
 
 
 def kv_leak_report(engine: LLMEngine) -> str | None:

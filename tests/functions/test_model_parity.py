@@ -1,5 +1,5 @@
-"""Our Llama-family model against transformers, and load-time rejection of models we
-cannot run faithfully.
+"""Our Llama-family model against transformers (load-time rejection of models we cannot
+run faithfully: ``test_checkpoint_errors.py``).
 
 Every tiny family (llama, llama3 RoPE scaling, mistral, qwen2 q/k/v bias + tied
 embeddings, smollm2 MQA + tied embeddings) must give transformers' logits within 1e-4
@@ -23,14 +23,14 @@ from transformers import AutoModelForCausalLM
 
 from ember_core import ConfigError, ContextLengthError, ModelFormatError
 from ember_functions.attention import AttentionBatch, KVCache, PrefillChunk
-from ember_functions.config import ModelConfig
 from ember_functions.engine import LLMEngine
-from ember_functions.engine_config import EngineConfig
 from ember_functions.model import LlamaModel
 from ember_functions.sampling_params import SamplingParams
 from ember_functions.scheduler import SchedulerOutput
 from ember_functions.tiny import FAMILIES
 from ember_functions.weights import cpu_has_native_bf16, load_model, resolve_compute_dtype
+
+from .conftest import edit_config, edit_weights
 
 ATOL = 1e-4
 CPU = torch.device("cpu")
@@ -135,24 +135,6 @@ def assert_step_logits_match(
     for k, row in enumerate(rows):
         diff = (row - ref[len(ids) - 1 + k]).abs().max().item()
         assert diff <= ATOL, f"logits of generated token {k} differ from transformers by {diff}"
-
-
-def edit_config(model_dir: Path, **changes: Any) -> None:
-    path = model_dir / "config.json"
-    cfg = json.loads(path.read_text())
-    for key, value in changes.items():
-        if value is None:
-            cfg.pop(key, None)
-        else:
-            cfg[key] = value
-    path.write_text(json.dumps(cfg))
-
-
-def edit_weights(model_dir: Path, edit: Callable[[dict[str, torch.Tensor]], object]) -> None:
-    path = model_dir / "model.safetensors"
-    weights = load_file(str(path))
-    edit(weights)
-    save_file(weights, str(path), metadata={"format": "pt"})
 
 
 @pytest.fixture(scope="module")
@@ -366,96 +348,6 @@ def test_resolve_compute_dtype() -> None:
 # -- models and settings we refuse ---------------------------------------------------------
 
 
-def test_unsupported_model_type(copy_model: Callable[..., Path]) -> None:
-    model_dir = copy_model("llama")
-    edit_config(model_dir, model_type="gpt2")
-    with pytest.raises(ModelFormatError) as err:
-        LLMEngine.from_dir(model_dir, config=EngineConfig(num_kv_blocks=8))
-    assert "'gpt2'" in err.value.message
-    assert "llama" in err.value.message and "qwen2" in err.value.message
-
-
-@pytest.mark.parametrize("key", ["rope_scaling", "rope_parameters"])
-def test_unknown_rope_scaling_type(key: str, copy_model: Callable[..., Path]) -> None:
-    model_dir = copy_model("llama")
-    edit_config(model_dir, **{key: {"rope_type": "yarn", "factor": 4.0}})
-    with pytest.raises(ModelFormatError) as err:
-        LLMEngine.from_dir(model_dir, config=EngineConfig(num_kv_blocks=8))
-    assert "'yarn'" in err.value.message
-    assert "llama3" in err.value.message and "linear" in err.value.message
-
-
-def test_unsupported_activation(copy_model: Callable[..., Path]) -> None:
-    model_dir = copy_model("llama")
-    edit_config(model_dir, hidden_act="gelu")
-    with pytest.raises(ModelFormatError, match="'gelu'"):
-        ModelConfig.from_dir(model_dir)
-
-
-def test_missing_tensor(copy_model: Callable[..., Path]) -> None:
-    model_dir = copy_model("llama")
-    edit_weights(model_dir, lambda w: w.pop("model.layers.1.mlp.down_proj.weight"))
-    with pytest.raises(ModelFormatError) as err:
-        LLMEngine.from_dir(model_dir, config=EngineConfig(num_kv_blocks=8))
-    assert "layers.1.mlp.down_proj.weight" in err.value.message
-
-
-def test_missing_lm_head_when_not_tied(copy_model: Callable[..., Path]) -> None:
-    model_dir = copy_model("llama")
-    edit_weights(model_dir, lambda w: w.pop("lm_head.weight"))
-    with pytest.raises(ModelFormatError, match="lm_head"):
-        load_model(model_dir, dtype=torch.float32, device=CPU)
-
-
-def test_shape_mismatch_between_config_and_weights(copy_model: Callable[..., Path]) -> None:
-    model_dir = copy_model("llama")
-    edit_config(model_dir, intermediate_size=128)  # the checkpoint has 160
-    with pytest.raises(ModelFormatError) as err:
-        LLMEngine.from_dir(model_dir, config=EngineConfig(num_kv_blocks=8))
-    msg = err.value.message
-    assert "gate_up_weight" in msg or "down_weight" in msg
-    assert "(320, 64)" in msg or "(64, 160)" in msg  # what the checkpoint holds
-    assert "(256, 64)" in msg or "(64, 128)" in msg  # what config.json implies
-
-
-def test_heads_not_a_multiple_of_kv_heads(copy_model: Callable[..., Path]) -> None:
-    model_dir = copy_model("llama")
-    edit_config(model_dir, num_key_value_heads=3)
-    with pytest.raises(ModelFormatError, match="multiple"):
-        ModelConfig.from_dir(model_dir)
-
-
-def test_missing_config_field_and_files(copy_model: Callable[..., Path]) -> None:
-    model_dir = copy_model("llama")
-    edit_config(model_dir, hidden_size=None)
-    with pytest.raises(ModelFormatError, match="hidden_size"):
-        ModelConfig.from_dir(model_dir)
-    (model_dir / "config.json").unlink()
-    with pytest.raises(ModelFormatError, match=r"config\.json"):
-        ModelConfig.from_dir(model_dir)
-    empty = copy_model("qwen2")
-    (empty / "model.safetensors").unlink()
-    with pytest.raises(ModelFormatError, match="safetensors"):
-        load_model(empty, dtype=torch.float32, device=CPU)
-
-
-def test_engine_config_rejects_bad_settings() -> None:
-    with pytest.raises(ConfigError, match="'int8'"):
-        EngineConfig(dtype="int8")
-    with pytest.raises(ConfigError, match="block_size"):
-        EngineConfig(block_size=0)
-    with pytest.raises(ConfigError, match="num_kv_blocks"):
-        EngineConfig(num_kv_blocks=-1)
-    with pytest.raises(ConfigError, match="device"):
-        EngineConfig(device="tpu")
-    with pytest.raises(ConfigError, match="pack_min_free_bytes"):
-        EngineConfig(pack_min_free_bytes=-1)
-    assert EngineConfig(pack_min_free_bytes=0).pack_min_free_bytes == 0
-    with pytest.raises(ConfigError, match="blok_size"):
-        EngineConfig.from_dict({"blok_size": 8})
-    assert EngineConfig.from_dict({"block_size": 8}).block_size == 8
-
-
 def test_mistral_sliding_window_caps_the_context(
     copy_model: Callable[..., Path], make_engine: Callable[..., LLMEngine]
 ) -> None:
@@ -517,26 +409,3 @@ def test_llama_mlp_bias_is_run_or_rejected(copy_model: Callable[..., Path]) -> N
     ids = prompt_ids(23, 20)
     diff = (prefill_logits(model, ids) - hf_logits(hf, ids)).abs().max().item()
     assert diff <= ATOL, f"loaded a model we cannot run: logits differ by {diff}"
-
-
-def test_truncated_weights_file_is_a_model_format_error(copy_model: Callable[..., Path]) -> None:
-    model_dir = copy_model("llama")
-    path = model_dir / "model.safetensors"
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ModelFormatError, match=r"model\.safetensors"):
-        LLMEngine.from_dir(model_dir, config=EngineConfig(num_kv_blocks=8))
-
-
-def test_missing_shard_is_a_model_format_error(copy_model: Callable[..., Path]) -> None:
-    model_dir = copy_model("llama")
-    (model_dir / "model.safetensors").rename(model_dir / "model-00001-of-00002.safetensors")
-    index = {
-        "weight_map": {
-            "model.embed_tokens.weight": "model-00001-of-00002.safetensors",
-            "lm_head.weight": "model-00002-of-00002.safetensors",
-        }
-    }
-    (model_dir / "model.safetensors.index.json").write_text(json.dumps(index))
-    with pytest.raises(ModelFormatError, match="model-00002-of-00002"):
-        LLMEngine.from_dir(model_dir, config=EngineConfig(num_kv_blocks=8))
