@@ -19,13 +19,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _bench_trace() -> ModuleType:
-    # Loaded by path under its own name: "trace" is also a standard library module.
-    sys.path.insert(0, str(ROOT / "bench"))  # for its sibling import of gateway.py
-    spec = importlib.util.spec_from_file_location("ember_bench_trace", ROOT / "bench" / "trace.py")
+def _trace_gateway() -> ModuleType:
+    """bench/_trace_gateway.py, loaded by path: bench/ is no package."""
+    path = ROOT / "bench" / "_trace_gateway.py"
+    spec = importlib.util.spec_from_file_location("ember_bench_trace_gateway", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -41,7 +40,7 @@ def test_pool_counters_are_read_from_the_gateways_metrics() -> None:
             'ember_pool_worker_seconds_created{model="m"} 1.7e9',
         ]
     )
-    assert _bench_trace().pool_counters(text) == {
+    assert _trace_gateway().pool_counters(text) == {
         "worker_seconds": 12.5,
         "worker_starts": 3.0,
         "requests_warm": 7.0,
