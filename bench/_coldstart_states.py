@@ -19,14 +19,19 @@ def phases_of(worker: Any, first_token_s: float) -> dict[str, float]:
     """A worker's cold start as the table and chart stack it (``PHASES``)."""
     p = worker.phases
     weights = p.get("weights_wall_s", 0.0)
+    # Reading the chunks from the disk where the readahead had not finished by the end of
+    # the imports: a fetch, though the loader's own report does not count it.
+    waited = p.get("readahead_wait_s", 0.0)
+    shares = _share(p, weights)
     return {
         "spawn": p.get("spawn_s", 0.0),
         "imports": p.get("imports_s", 0.0),
         "manifest": p.get("manifest_s", 0.0),
         # The loader's fetch and decompress are summed over its threads; scale them to the
         # weights' wall time so the stacked phases add up to what a request waited.
-        **_share(p, weights),
-        "bind": max(0.0, p.get("load_s", 0.0) - weights),
+        "fetch": shares["fetch"] + waited,
+        "decompress": shares["decompress"],
+        "bind": max(0.0, p.get("load_s", 0.0) - weights - waited),
         "first_token": first_token_s,
     }
 

@@ -38,12 +38,11 @@ import queue  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
 import sys  # noqa: E402
-import threading  # noqa: E402
-from collections.abc import Mapping  # noqa: E402
-from concurrent.futures import Future  # noqa: E402
+from collections.abc import Callable, Mapping  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import TYPE_CHECKING, Any  # noqa: E402
 
+from ember_functions.early_readahead import ChildReadahead  # noqa: E402
 from ember_functions.kernel_caches import bound_kernel_caches  # noqa: E402
 from ember_functions.rpc import FrameReader, FrameWriter  # noqa: E402
 from ember_functions.worker_loop import (  # noqa: E402
@@ -77,44 +76,11 @@ def preload() -> None:
     import ember_weights_store.catalog  # noqa: F401  (the package, and what it imports lazily)
 
 
-def _start_readahead(args: argparse.Namespace) -> Future[VerifiedCopies | None]:
-    """Starts reading this worker's chunks into the page cache, checking each against its
-    checksum on the way, on a thread, while this (main) thread imports torch (1-2 s in a
-    new interpreter): nothing there imports torch, and the thread waits on the reads and
-    hashes without the GIL (``WeightsStore.readahead``). Its own imports are done here
-    first: a thread importing beside ``import torch`` would take turns at the GIL with
-    it (a few percent of the import, measured). The future holds the chunk files it
-    checked, which the loader then does not hash again; None if it could not run. A
-    forked worker has no imports left to overlap, so it skips this and takes what its
-    zygote checked (``zygote.prepare``)."""
-    import ember_functions.loading  # noqa: F401  (for the thread)
-    from ember_weights_store.catalog import ModelCatalog  # noqa: F401  (for the thread)
-    from ember_weights_store.store import WeightsStore  # noqa: F401  (for the thread)
-
-    done: Future[VerifiedCopies | None] = Future()
-
-    def run() -> None:
-        try:
-            done.set_result(_weights_source(args).check_local_chunks())
-        except Exception as exc:  # only a head start: the loader does whatever this did not
-            log.debug("readahead for %s skipped: %s", args.model, exc)
-            done.set_result(None)
-
-    threading.Thread(target=run, name="ember-readahead", daemon=True).start()
-    return done
-
-
 def _weights_source(args: argparse.Namespace) -> WeightsSource:
     from ember_functions.loading import StoreConfig, WeightsSource
 
     store = StoreConfig.from_dict(json.loads(args.store))
     return WeightsSource(Path(args.home), args.model, store)
-
-
-def _checked(verified: VerifiedCopies | None) -> Future[VerifiedCopies | None]:
-    done: Future[VerifiedCopies | None] = Future()
-    done.set_result(verified)
-    return done
 
 
 class _Loader:
@@ -125,7 +91,7 @@ class _Loader:
         args: argparse.Namespace,
         tokenizers: Mapping[str, Tokenizer],
         writer: FrameWriter,
-        verified: Future[VerifiedCopies | None],
+        verified: Callable[[], VerifiedCopies | None],
     ) -> None:
         from ember_functions.engine_config import EngineConfig
 
@@ -134,8 +100,10 @@ class _Loader:
         self.writer = writer
         self.config = EngineConfig.from_dict(json.loads(args.engine_config))
         self.host: HostModel | None = None
-        # Chunk files checked before the load: by this worker's readahead, or its zygote.
+        # Chunk files checked before the load (by this worker's readahead, or its zygote):
+        # waits for them if need be.
         self.verified = verified
+        self.readahead_wait_s = 0.0  # the load's wait for the readahead to finish
 
     def _weights_phases(self, report: LoadReport | None) -> dict[str, float]:
         if report is None:
@@ -149,6 +117,9 @@ class _Loader:
             # after an install), from a further tier.
             "fill_s": report.fill_s,
             "weights_wall_s": report.wall_s,
+            # Reading the chunks into the page cache, left over from the imports: part of
+            # the load, before the weights' own wall time starts.
+            "readahead_wait_s": self.readahead_wait_s,
         }
 
     def _load_host(self) -> HostModel:
@@ -169,10 +140,16 @@ class _Loader:
             # Prompts come as ids: the merges are parsed at the first encode (the chat
             # preamble, once idle), not on the way to READY.
             decode_first=True,
-            # Done long before the imports, as a rule; if not, its reads are the ones the
-            # loader would do.
-            verified=self.verified.result(),
+            # Its reads are the ones the loader would do, and a model the disk cannot read
+            # during the imports is still being read after them: that wait is reported.
+            verified=self._readahead_done(),
         )
+
+    def _readahead_done(self) -> VerifiedCopies | None:
+        t0 = time.perf_counter()
+        verified = self.verified()
+        self.readahead_wait_s = time.perf_counter() - t0
+        return verified
 
     def to_host(self) -> dict[str, float]:
         t0 = time.perf_counter()
@@ -241,16 +218,13 @@ def _serve(
     writer: FrameWriter,
     inbox: Inbox,
     tokenizers: Mapping[str, Tokenizer],
-    verified: VerifiedCopies | None,
+    checked: Callable[[], VerifiedCopies | None],
 ) -> int:
     """Climbs to ``args.warmth``, then serves or waits to be told to climb further;
     a READY worker told to demote drops its engine and waits at HOST."""
     gc.disable()  # a forked worker inherits the zygote's collector, switched on
     heartbeat = Heartbeat(writer)
     heartbeat.start()
-    # A new interpreter: its reads and checks overlap the imports. A zygote's child has
-    # what the zygote checked once for all its children (``zygote.prepare``), if anything.
-    checked = _start_readahead(args) if "torch" not in sys.modules else _checked(verified)
     preload()
     phases = {"imports_s": time.perf_counter() - t0}
     loader = _Loader(args, tokenizers, writer, checked)
@@ -324,6 +298,13 @@ def main(
     )
     args = ap.parse_args(argv)
     leave_stop_signals_to_the_router()  # inherited already, when forked from a zygote
+    # A new interpreter reads and checks its chunks while torch imports, in a child forked
+    # now, while this process has one thread (``early_readahead``). A zygote's child has
+    # what the zygote checked once for all its children (``zygote.prepare``), if anything.
+    ahead = None
+    if "torch" not in sys.modules:
+        ahead = ChildReadahead.start(lambda: _weights_source(args).check_local_chunks())
+    checked = ahead.result if ahead is not None else lambda: verified
     logging.basicConfig(
         level=logging.WARNING, format=f"worker {args.worker_id}: %(levelname)s %(message)s"
     )
@@ -332,7 +313,7 @@ def main(
     sock.connect(args.socket)
     writer = FrameWriter(sock)
     writer.send({"op": "state", "state": "LOADING", "pid": os.getpid()})
-    return _serve(args, t0, writer, Inbox(FrameReader(sock)), tokenizers or {}, verified)
+    return _serve(args, t0, writer, Inbox(FrameReader(sock)), tokenizers or {}, checked)
 
 
 if __name__ == "__main__":

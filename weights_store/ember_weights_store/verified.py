@@ -68,6 +68,18 @@ class VerifiedCopies:
     def __len__(self) -> int:
         return len(self._files)
 
+    def as_dict(self) -> dict[str, list[int]]:
+        """Key -> [device, inode, size, mtime_ns]: JSON for another process (a worker's
+        readahead child hands its checks back so)."""
+        return {key: list(identity) for key, identity in self._files.items()}
+
+    @classmethod
+    def from_dict(cls, found: dict[str, list[int]]) -> VerifiedCopies:
+        copies = cls()
+        for key, identity in found.items():
+            copies.add(key, FileIdentity(*(int(v) for v in identity)))
+        return copies
+
 
 @dataclass
 class Readahead:

@@ -1,0 +1,113 @@
+"""A new worker's readahead, in a forked child: it reads and checks beside ``import torch``,
+not in turns with it.
+
+A worker in a new interpreter reads its chunks into the page cache, checksumming them,
+while its main thread imports torch (``WeightsSource.check_local_chunks``), so the loader
+finds them cached and checked. On a thread of the worker's own that work takes turns
+with the import at the GIL: each of its hundreds of reads and hashes has to win the GIL
+back from the import to go on. A child forked first thing, before the worker has any
+thread, has an interpreter and a GIL of its own, and the page cache it fills is the
+machine's. Measured on the 1.1B model from an evicted disk tier (2 cores): the import and
+the readahead done together in 1.50-1.60 s on a thread, 1.18-1.39 s in a child (torch
+alone 0.83 s, the readahead alone 1.16 s).
+
+The child reports the files it checked through a pipe and exits. It dies with the worker
+(``PR_SET_PDEATHSIG``), so a worker killed mid-start leaves no reader behind.
+
+Example::
+
+    ahead = ChildReadahead.start(lambda: source.check_local_chunks())  # before threads
+    import torch                                                       # meanwhile
+    verified = ahead.result()  # the files it checked, or None
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import json
+import os
+import signal
+from collections.abc import Callable
+from typing import NoReturn
+
+from ember_weights_store.verified import VerifiedCopies
+
+__all__ = ["ChildReadahead"]
+
+_PR_SET_PDEATHSIG = 1
+
+
+class ChildReadahead:
+    """``check`` run in a forked child; :meth:`result` waits for it."""
+
+    def __init__(self, pid: int, fd: int) -> None:
+        self._pid = pid
+        self._fd: int | None = fd
+        self._verified: VerifiedCopies | None = None
+
+    @classmethod
+    def start(cls, check: Callable[[], VerifiedCopies | None]) -> ChildReadahead | None:
+        """Forks a child that runs ``check`` and reports what it checked; None if this
+        process cannot fork (the loader then checks the chunks itself). Call it while
+        the process has one thread: a child forked beside others may inherit a lock one
+        of them held."""
+        try:
+            read_fd, write_fd = os.pipe()
+        except OSError:
+            return None
+        parent = os.getpid()
+        try:
+            pid = os.fork()
+        except OSError:
+            os.close(read_fd)
+            os.close(write_fd)
+            return None
+        if pid == 0:
+            os.close(read_fd)
+            _run_child(check, write_fd, parent)
+        os.close(write_fd)
+        return cls(pid, read_fd)
+
+    def result(self) -> VerifiedCopies | None:
+        """Waits until the child is done; the files it checked, or None if it checked
+        nothing (no local copies, or it failed: the loader checks them itself)."""
+        if self._fd is None:
+            return self._verified
+        chunks = []
+        try:
+            while piece := os.read(self._fd, 1 << 16):
+                chunks.append(piece)
+        finally:
+            os.close(self._fd)
+            self._fd = None
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(self._pid, 0)
+        with contextlib.suppress(ValueError, TypeError):
+            found = json.loads(b"".join(chunks)) if chunks else None
+            self._verified = None if found is None else VerifiedCopies.from_dict(found)
+        return self._verified
+
+
+def _run_child(check: Callable[[], VerifiedCopies | None], fd: int, parent: int) -> NoReturn:
+    code = 1
+    try:
+        _die_with_parent()
+        if os.getppid() == parent:  # else the worker died before that took effect
+            verified = check()
+            found = None if verified is None else verified.as_dict()
+            body = memoryview(json.dumps(found).encode())
+            while body:
+                body = body[os.write(fd, body) :]
+            code = 0
+    finally:  # whatever happened: never return into the worker's code
+        os._exit(code)
+
+
+def _die_with_parent() -> None:
+    libc_name = ctypes.util.find_library("c")
+    if libc_name is None:
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(libc_name, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
