@@ -70,6 +70,11 @@ class ChildReadahead:
         os.close(write_fd)
         return cls(pid, read_fd)
 
+    @property
+    def pid(self) -> int:
+        """The child's process id."""
+        return self._pid
+
     def result(self) -> VerifiedCopies | None:
         """Waits until the child is done; the files it checked, or None if it checked
         nothing (no local copies, or it failed: the loader checks them itself)."""

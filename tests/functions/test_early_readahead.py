@@ -55,7 +55,7 @@ def test_the_child_dies_with_its_worker() -> None:
         import sys, time
         from ember_functions.early_readahead import ChildReadahead
         ahead = ChildReadahead.start(lambda: time.sleep(60))
-        print(ahead._pid, flush=True)
+        print(ahead.pid, flush=True)
         time.sleep(60)
         """
     )
