@@ -323,12 +323,12 @@ class WeightsStore:
         self, model_id: str, revision: str = "main", *, threads: int = READAHEAD_THREADS
     ) -> Readahead:
         """Reads the model's chunks from the disk (the disk tier, or a local bucket) into
-        the page cache and returns once they all are. A worker in a new interpreter calls
-        it on a thread before importing torch, so the disk reads while the interpreter
-        imports (1-2 s); the loader then finds the pages cached, or reads what is left
-        itself. ``threads`` chunks are read at once: a disk serves several reads in flight
-        faster than one (a 2.2 GB model on a cloud VM's disk: 1.23 GB/s one at a time,
-        1.79 GB/s four at a time), and one chunk's hash runs while others are read.
+        the page cache and returns once they all are. A worker in a new interpreter has
+        it done while it imports torch (in a child process: ``early_readahead``), so the
+        disk reads meanwhile (1-2 s); the loader then finds the pages cached. ``threads``
+        chunks are read at once: a disk serves several reads in flight faster than one (a
+        2.2 GB model on a cloud VM's disk: 1.23 GB/s one at a time, 1.79 GB/s four at a
+        time), and one chunk's hash runs while others are read.
         Copies in a cache tier (disk, or host RAM) are checked against their checksums on
         the way, on the core the import leaves idle: the loader does not hash those again
         (``verified``). Chunks only in a remote origin are left to the loader. Imports
@@ -336,10 +336,11 @@ class WeightsStore:
         manifest = self.manifest(model_id, revision)
         ahead = Readahead()
         with ThreadPoolExecutor(max(1, threads), thread_name_prefix="ember-readahead") as pool:
-            for read in pool.map(self._read_ahead, manifest.chunks):
+            reads = pool.map(self._read_ahead, manifest.chunks)
+            for chunk, read in zip(manifest.chunks, reads, strict=True):
                 if read is None:
                     continue
-                chunk, copy, checked = read
+                copy, checked = read
                 ahead.bytes_read += copy.size_bytes
                 if checked is True:
                     ahead.verified.add(chunk.hash, copy)
@@ -347,10 +348,10 @@ class WeightsStore:
                     ahead.corrupt.append(chunk.hash)
         return ahead
 
-    def _read_ahead(self, chunk: ChunkEntry) -> tuple[ChunkEntry, FileIdentity, bool | None] | None:
-        """Reads one chunk's nearest local copy into the page cache: (the chunk, the file
-        read, whether it matched its checksum, None if not checked); None if no local
-        tier holds it."""
+    def _read_ahead(self, chunk: ChunkEntry) -> tuple[FileIdentity, bool | None] | None:
+        """Reads one chunk's nearest local copy into the page cache: (the file read,
+        whether it matched its checksum, None if not checked); None if no local tier
+        holds it."""
         # Warm the copy the loader will read: the nearest. Remote tiers are not asked
         # whether they hold it (a request each); the loader fetches those chunks.
         for tier in self.tiers:
@@ -362,7 +363,7 @@ class WeightsStore:
             copy = tier.readahead(chunk.hash, checksum=checksum)
             if copy is not None:
                 checked = None if checksum is None else checksum.hexdigest() == chunk.checksum
-                return chunk, copy, checked
+                return copy, checked
         return None
 
     def list_models(self) -> list[tuple[str, str]]:
