@@ -107,8 +107,12 @@ class ModelRun:
         from ember_functions.loading import StoreConfig
 
         if state == "object":
+            # A pool's worker on a machine that has never held the model: its host tier
+            # (and disk tier) empty, everything in S3.
             return StoreConfig(
-                origin=f"s3://models/{self.name}", endpoint_url=self.s3_url, disk_cache_bytes=0
+                origin=f"s3://models/{self.name}",
+                endpoint_url=self.s3_url,
+                host_cache_bytes=self.host_bytes,
             )
         if state == "disk":
             return StoreConfig()
@@ -223,4 +227,6 @@ class ModelRun:
         finally:
             worker.close()
             if home is not None:
+                host = self._store(state).catalog(home).host_cache_root
+                shutil.rmtree(host, ignore_errors=True)
                 shutil.rmtree(home, ignore_errors=True)

@@ -9,7 +9,11 @@ it on two checkouts (``PYTHONPATH`` set to each one's packages), interleaved.
 For one request (a short chat prompt, one generated token), from the moment it arrives:
 
 - ``object``: a new interpreter loads the weights from the object store (an S3 endpoint:
-  moto's server on 127.0.0.1) into an empty home;
+  moto's server on 127.0.0.1) into an empty home: a pool's worker on a machine that has
+  never held the model, its host tier (and disk tier) empty. Its readahead child fetches
+  and decodes the chunks into the host tier while the worker imports torch. (Before
+  2026-12-06 this state had no host or disk tier, and the worker fetched after its
+  imports.) moto serves from this machine's two cores too, which S3 would not;
 - ``disk``: a new interpreter, weights in the disk tier with their page cache evicted;
 - ``host``: a new interpreter, weights in the host tier (/dev/shm), with what the
   machine's first worker of the model left there: its matrices packed for oneDNN

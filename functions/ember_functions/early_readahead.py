@@ -1,24 +1,29 @@
-"""A new worker's readahead, in a forked child: it reads and checks beside ``import torch``,
-not in turns with it.
+"""A new worker's readahead, in a forked child: it reads, fetches and checks beside
+``import torch``, not in turns with it.
 
-A worker in a new interpreter reads its chunks into the page cache, checksumming them,
-while its main thread imports torch (``WeightsSource.check_local_chunks``), so the loader
-finds them cached and checked. On a thread of the worker's own that work takes turns
-with the import at the GIL: each of its hundreds of reads and hashes has to win the GIL
-back from the import to go on. A child forked first thing, before the worker has any
-thread, has an interpreter and a GIL of its own, and the page cache it fills is the
-machine's. Measured on the 1.1B model from an evicted disk tier (2 cores): the import and
+A worker in a new interpreter brings its model to the machine while its main thread
+imports torch (``WeightsSource.read_ahead``): chunks on the disk read into the page cache
+and checksummed; chunks only in the object store fetched, decoded, checked and written
+into the nearest cache tier; the tokenizer's files written. The loader then finds them
+there, checked, and reads neither them nor the manifest again.
+
+On a thread of the worker's own that work would take turns with the import at the GIL:
+each of its hundreds of reads and hashes has to win the GIL back from the import to go
+on. A child forked first thing, before the worker has any thread, has an interpreter and
+a GIL of its own, and the page cache and the cache tiers it fills are the machine's.
+Measured on the 1.1B model from an evicted disk tier (2 cores): the import and
 the readahead done together in 1.50-1.60 s on a thread, 1.18-1.39 s in a child (torch
 alone 0.83 s, the readahead alone 1.16 s).
 
-The child reports the files it checked through a pipe and exits. It dies with the worker
-(``PR_SET_PDEATHSIG``), so a worker killed mid-start leaves no reader behind.
+The child reports what it did (``Readahead``: the manifest, the files it checked or
+wrote) through a pipe and exits. It dies with the worker (``PR_SET_PDEATHSIG``), so a
+worker killed mid-start leaves no reader behind.
 
 Example::
 
-    ahead = ChildReadahead.start(lambda: source.check_local_chunks())  # before threads
-    import torch                                                       # meanwhile
-    verified = ahead.result()  # the files it checked, or None
+    child = ChildReadahead.start(source.read_ahead)  # before any thread
+    import torch                                     # meanwhile
+    ahead = child.result()  # what it did, or None
 """
 
 from __future__ import annotations
@@ -30,8 +35,9 @@ import signal
 from collections.abc import Callable
 from typing import NoReturn
 
+from ember_core import EmberError
 from ember_weights_store.libc import libc
-from ember_weights_store.verified import VerifiedCopies
+from ember_weights_store.verified import Readahead
 
 __all__ = ["ChildReadahead"]
 
@@ -44,10 +50,10 @@ class ChildReadahead:
     def __init__(self, pid: int, fd: int) -> None:
         self._pid = pid
         self._fd: int | None = fd
-        self._verified: VerifiedCopies | None = None
+        self._ahead: Readahead | None = None
 
     @classmethod
-    def start(cls, check: Callable[[], VerifiedCopies | None]) -> ChildReadahead | None:
+    def start(cls, check: Callable[[], Readahead | None]) -> ChildReadahead | None:
         """Forks a child that runs ``check`` and reports what it checked; None if this
         process cannot fork (the loader then checks the chunks itself). Call it while
         the process has one thread: a child forked beside others may inherit a lock one
@@ -74,11 +80,11 @@ class ChildReadahead:
         """The child's process id."""
         return self._pid
 
-    def result(self) -> VerifiedCopies | None:
-        """Waits until the child is done; the files it checked, or None if it checked
-        nothing (no local copies, or it failed: the loader checks them itself)."""
+    def result(self) -> Readahead | None:
+        """Waits until the child is done; what it did, or None if it did nothing (a model
+        loaded from its directory, or it failed: the loader does it all itself)."""
         if self._fd is None:
-            return self._verified
+            return self._ahead
         chunks = []
         try:
             while piece := os.read(self._fd, 1 << 16):
@@ -88,19 +94,19 @@ class ChildReadahead:
             self._fd = None
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(self._pid, 0)
-        with contextlib.suppress(ValueError, TypeError):
+        with contextlib.suppress(ValueError, TypeError, EmberError):
             found = json.loads(b"".join(chunks)) if chunks else None
-            self._verified = None if found is None else VerifiedCopies.from_dict(found)
-        return self._verified
+            self._ahead = None if found is None else Readahead.from_dict(found)
+        return self._ahead
 
 
-def _run_child(check: Callable[[], VerifiedCopies | None], fd: int, parent: int) -> NoReturn:
+def _run_child(check: Callable[[], Readahead | None], fd: int, parent: int) -> NoReturn:
     code = 1
     try:
         _die_with_parent()
         if os.getppid() == parent:  # else the worker died before that took effect
-            verified = check()
-            found = None if verified is None else verified.as_dict()
+            ahead = check()
+            found = None if ahead is None else ahead.as_dict()
             body = memoryview(json.dumps(found).encode())
             while body:
                 body = body[os.write(fd, body) :]

@@ -11,11 +11,7 @@ and keeps this.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import time
-import uuid
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,6 +23,7 @@ import torch
 from ember_functions.config import ModelConfig
 from ember_functions.tokenizer import Tokenizer
 from ember_functions.weights import checkpoint_dtype, iter_hf_tensors
+from ember_weights_store.tokenizer_files import tokenizer_dir, tokenizer_dir_name
 
 if TYPE_CHECKING:
     from ember_functions.bound_cache import BoundCache
@@ -110,18 +107,20 @@ class HostModel:
         on_tokenizer_dir: Callable[[Path], object] | None = None,
         decode_first: bool = False,
         verified: VerifiedCopies | None = None,
+        manifest: Manifest | None = None,
     ) -> HostModel:
         """Chunks from the nearest tier into flat buffers, tensors as views. Tokenizer
         files are written once per content hash under ``tokenizer_cache``; one found
         parsed in ``tokenizers`` (its directory -> it: a zygote's) is not parsed again.
         ``on_tokenizer_dir`` is told the tokenizer's directory as soon as it is written,
         before it is parsed (a worker tells its router, which parses it meanwhile);
-        ``decode_first``: see ``Tokenizer.from_dir``; ``verified``: chunk files checked
-        already (see ``ember_weights_store.load``)."""
+        ``decode_first``: see ``Tokenizer.from_dir``; ``verified`` and ``manifest``: chunk
+        files checked and the manifest read already (see ``ember_weights_store.load``)."""
         from ember_weights_store import load as load_weights
 
         t0 = time.perf_counter()
-        manifest = store.manifest(model_id, revision)
+        if manifest is None:
+            manifest = store.manifest(model_id, revision)
         # The tokenizer (~0.2 s of JSON parsing for a 49k vocabulary) loads on a thread
         # while the weights load and bind: most of that is torch work without the GIL.
         pool = ThreadPoolExecutor(1, thread_name_prefix="ember-tokenizer")
@@ -135,7 +134,9 @@ class HostModel:
             decode_first=decode_first,
         )
         pool.shutdown(wait=False)  # the thread ends with its one task
-        loaded = load_weights(store, model_id, revision, threads=threads, verified=verified)
+        loaded = load_weights(
+            store, model_id, revision, threads=threads, verified=verified, manifest=manifest
+        )
         return cls(
             model_id=model_id,
             model_config=ModelConfig.from_hf(manifest.architecture),
@@ -197,21 +198,10 @@ def store_tokenizer(
     """The manifest's tokenizer, its files written once per content hash under ``cache``;
     taken from ``parsed`` (directory -> tokenizer) when it is there. ``on_dir`` is told
     the directory once its files are there, before they are parsed."""
-    tok_dir = cache / _tokenizer_dir_name(manifest.tokenizer_files)
+    tok_dir = cache / tokenizer_dir_name(manifest.tokenizer_files)
     if parsed and str(tok_dir) in parsed:
         return parsed[str(tok_dir)]  # the directory is named by its content: the same files
-    if not tok_dir.is_dir():
-        tmp = tok_dir.with_name(tok_dir.name + f".tmp-{uuid.uuid4().hex}")
-        tmp.mkdir(parents=True)
-        for name in manifest.tokenizer_files:
-            (tmp / name).write_bytes(store.tokenizer_file(manifest, name))
-        (tmp / "config.json").write_text(json.dumps(manifest.architecture))
-        os.replace(tmp, tok_dir)
+    tok_dir = tokenizer_dir(store, manifest, cache)
     if on_dir is not None:
         on_dir(tok_dir)
     return Tokenizer.from_dir(tok_dir, decode_first=decode_first)
-
-
-def _tokenizer_dir_name(files: Mapping[str, str]) -> str:
-    digest = hashlib.sha256(json.dumps(sorted(files.items())).encode()).hexdigest()
-    return digest[:32]

@@ -19,10 +19,15 @@ if TYPE_CHECKING:
     from ember_functions.host_model import HostModel
     from ember_functions.tokenizer import Tokenizer
     from ember_weights_store import ModelCatalog
+    from ember_weights_store.manifest import Manifest
     from ember_weights_store.tiers import Tier
-    from ember_weights_store.verified import VerifiedCopies
+    from ember_weights_store.verified import Readahead, VerifiedCopies
 
 __all__ = ["StoreConfig", "WeightsSource", "load_engine", "load_host", "resolve_model_dir"]
+
+# Under a home: tokenizers written from the store, one directory per content
+# (``ember_weights_store.tokenizer_files``).
+TOKENIZER_CACHE = "tokenizers"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,7 +92,7 @@ class WeightsSource:
 
     Example::
 
-        WeightsSource(home, "smollm2-135m", StoreConfig()).check_local_chunks()
+        WeightsSource(home, "smollm2-135m", StoreConfig()).read_ahead()
     """
 
     home: Path
@@ -108,21 +113,31 @@ class WeightsSource:
             Path(values["home"]), str(values["model"]), StoreConfig.from_dict(values["store"])
         )
 
-    def check_local_chunks(self) -> VerifiedCopies | None:
-        """Reads the model's chunks held on this machine into the page cache and checks
-        its cache-tier copies against their checksums (``WeightsStore.readahead``): what
-        a new worker does while torch imports, and a zygote once for all the workers it
-        forks. None when the store does not serve the model from this machine (an S3
-        origin: the loader fetches it; a model directory: loaded directly). Imports no
+    def read_ahead(self) -> Readahead | None:
+        """Brings the model to this machine ahead of the loader (``WeightsStore.readahead``):
+        chunks in a local tier read into the page cache and checked; chunks only in the
+        origin (the home's bucket, or S3) fetched, decoded, checked and written into the
+        nearest cache tier, where the loader maps them; the tokenizer's files written
+        where the loader looks for them. What a new worker does while torch imports, and
+        a zygote once for all the workers it forks. Returns what it did, the manifest it
+        read with it; None for a model loaded straight from its directory. Imports no
         torch, and installs nothing: a known model not installed yet is left to the
         loader."""
-        if self.store.origin:
-            return None
+        from ember_weights_store.tokenizer_files import tokenizer_dir
+
         catalog = self.store.catalog(self.home)
-        model_dir = catalog.resolve(self.model)
-        if not catalog.loads_through_store(model_dir):
-            return None
-        return catalog.store().readahead(model_dir.name).verified
+        origin = self.store.origin_tier()
+        if origin is not None:
+            store, model_id = catalog.store(origin=origin), self.model
+        else:
+            model_dir = catalog.resolve(self.model)
+            if not catalog.loads_through_store(model_dir):
+                return None
+            store, model_id = catalog.store(), model_dir.name
+        ahead = store.readahead(model_id)
+        if ahead.manifest is not None:
+            tokenizer_dir(store, ahead.manifest, catalog.home / TOKENIZER_CACHE)
+        return ahead
 
 
 def resolve_model_dir(catalog: ModelCatalog, name: str, *, err: TextIO) -> Path:
@@ -154,7 +169,7 @@ def load_engine(
             catalog.store(origin=origin),
             name,
             config=config,
-            tokenizer_cache=catalog.home / "tokenizers",
+            tokenizer_cache=catalog.home / TOKENIZER_CACHE,
         )
         print(f"loaded {name} from {origin} in {time.perf_counter() - t0:.2f} s", file=err)
         return engine
@@ -168,7 +183,7 @@ def load_engine(
             catalog.store(),
             model_dir.name,
             config=config,
-            tokenizer_cache=catalog.home / "tokenizers",
+            tokenizer_cache=catalog.home / TOKENIZER_CACHE,
         )
     else:
         engine = LLMEngine.from_dir(model_dir, config=config, model_name=model_dir.name)
@@ -191,16 +206,18 @@ def load_host(
     on_tokenizer_dir: Callable[[Path], object] | None = None,
     decode_first: bool = False,
     verified: VerifiedCopies | None = None,
+    manifest: Manifest | None = None,
 ) -> HostModel:
     """``name``'s weights, tokenizer and architecture in host RAM, not bound (a worker's
     HOST warmth), from where ``load_engine`` would load them; ``LLMEngine.from_host``
     binds them. ``tokenizers`` (directory -> parsed) are used instead of parsing again;
     ``on_tokenizer_dir`` hears where the tokenizer is as soon as that is known;
     ``decode_first``: see ``Tokenizer.from_dir`` (a worker, given prompts as ids);
-    ``verified``: chunk files this process checked already (its readahead)."""
+    ``verified``, ``manifest``: chunk files checked and the manifest read already (by
+    this worker's readahead), for a model loaded through the store."""
     from ember_functions.host_model import HostModel
 
-    cache = catalog.home / "tokenizers"
+    cache = catalog.home / TOKENIZER_CACHE
     if origin is not None:
         store, model_id = catalog.store(origin=origin), name
     else:
@@ -219,4 +236,5 @@ def load_host(
         on_tokenizer_dir=on_tokenizer_dir,
         decode_first=decode_first,
         verified=verified,
+        manifest=manifest,
     )

@@ -52,6 +52,7 @@ from ember_functions.worker_loop import (  # noqa: E402
     Inbox,
     ServeLoop,
 )
+from ember_weights_store.verified import Readahead  # noqa: E402
 
 if TYPE_CHECKING:
     from ember_functions.engine import LLMEngine
@@ -91,7 +92,7 @@ class _Loader:
         args: argparse.Namespace,
         tokenizers: Mapping[str, Tokenizer],
         writer: FrameWriter,
-        verified: Callable[[], VerifiedCopies | None],
+        ahead: Callable[[], Readahead | None],
     ) -> None:
         from ember_functions.engine_config import EngineConfig
 
@@ -100,9 +101,10 @@ class _Loader:
         self.writer = writer
         self.config = EngineConfig.from_dict(json.loads(args.engine_config))
         self.host: HostModel | None = None
-        # Chunk files checked before the load (by this worker's readahead, or its zygote):
-        # waits for them if need be.
-        self.verified = verified
+        # What was done before the load (by this worker's readahead child, or its zygote:
+        # chunk files checked, the manifest read): waits for it if need be.
+        self.ahead = ahead
+        self.done_ahead: Readahead | None = None  # what it did, once waited for
         self.readahead_wait_s = 0.0  # the load's wait for the readahead to finish
 
     def _weights_phases(self, report: LoadReport | None) -> dict[str, float]:
@@ -125,6 +127,9 @@ class _Loader:
     def _load_host(self) -> HostModel:
         from ember_functions.loading import load_host
 
+        # Its reads are the ones the loader would do, and a model the disk cannot read
+        # during the imports is still being read after them: that wait is reported.
+        ahead = self._readahead_done()
         store = self.source.store
         return load_host(
             store.catalog(self.source.home),
@@ -140,16 +145,21 @@ class _Loader:
             # Prompts come as ids: the merges are parsed at the first encode (the chat
             # preamble, once idle), not on the way to READY.
             decode_first=True,
-            # Its reads are the ones the loader would do, and a model the disk cannot read
-            # during the imports is still being read after them: that wait is reported.
-            verified=self._readahead_done(),
+            verified=None if ahead is None else ahead.verified,
+            manifest=None if ahead is None else ahead.manifest,
         )
 
-    def _readahead_done(self) -> VerifiedCopies | None:
+    def _readahead_done(self) -> Readahead | None:
         t0 = time.perf_counter()
-        verified = self.verified()
+        ahead = self.done_ahead = self.ahead()
         self.readahead_wait_s = time.perf_counter() - t0
-        return verified
+        return ahead
+
+    def chunk_sources(self, report: LoadReport | None) -> dict[str, int]:
+        """Where the chunks came from, by tier: the loader's account, with those the
+        readahead fetched counted for the tier it fetched them from."""
+        found = report.chunks_by_tier if report is not None else {}
+        return found if self.done_ahead is None else self.done_ahead.sources(found)
 
     def to_host(self) -> dict[str, float]:
         t0 = time.perf_counter()
@@ -195,7 +205,9 @@ def gc_settled() -> None:
     gc.enable()
 
 
-def _ready_frame(engine: LLMEngine, phases: dict[str, float]) -> dict[str, Any]:
+def _ready_frame(
+    engine: LLMEngine, phases: dict[str, float], chunks_by_tier: dict[str, int]
+) -> dict[str, Any]:
     return {
         "op": "ready",
         "model": engine.model_name,
@@ -205,7 +217,7 @@ def _ready_frame(engine: LLMEngine, phases: dict[str, float]) -> dict[str, Any]:
         "tokenizer_dir": str(engine.tokenizer.source_dir),
         "free_kv_blocks": engine.blocks.num_free_blocks,
         "phases": phases,
-        "chunks_by_tier": engine.load_report.chunks_by_tier if engine.load_report else {},
+        "chunks_by_tier": chunks_by_tier,
     }
 
 
@@ -218,7 +230,7 @@ def _serve(
     writer: FrameWriter,
     inbox: Inbox,
     tokenizers: Mapping[str, Tokenizer],
-    checked: Callable[[], VerifiedCopies | None],
+    ahead: Callable[[], Readahead | None],
 ) -> int:
     """Climbs to ``args.warmth``, then serves or waits to be told to climb further;
     a READY worker told to demote drops its engine and waits at HOST."""
@@ -227,7 +239,7 @@ def _serve(
     heartbeat.start()
     preload()
     phases = {"imports_s": time.perf_counter() - t0}
-    loader = _Loader(args, tokenizers, writer, checked)
+    loader = _Loader(args, tokenizers, writer, ahead)
     target = args.warmth
     since = t0  # a first start is timed from the fork, a promotion from its command
     while True:
@@ -247,7 +259,8 @@ def _serve(
         gc_settled()
         if target == "READY":
             phases["ready_s"] = time.perf_counter() - since
-            writer.send(_ready_frame(engine, phases))
+            sources = loader.chunk_sources(engine.load_report)
+            writer.send(_ready_frame(engine, phases, sources))
             if ServeLoop(engine, inbox, writer).run() == "stop":
                 return 0
             del engine  # demoted: the bound weights and the KV cache go, the host copy stays
@@ -301,10 +314,11 @@ def main(
     # A new interpreter reads and checks its chunks while torch imports, in a child forked
     # now, while this process has one thread (``early_readahead``). A zygote's child has
     # what the zygote checked once for all its children (``zygote.prepare``), if anything.
-    ahead = None
+    child = None
     if "torch" not in sys.modules:
-        ahead = ChildReadahead.start(lambda: _weights_source(args).check_local_chunks())
-    checked = ahead.result if ahead is not None else lambda: verified
+        child = ChildReadahead.start(lambda: _weights_source(args).read_ahead())
+    prepared = None if verified is None else Readahead(verified=verified)
+    ahead = child.result if child is not None else (lambda: prepared)
     logging.basicConfig(
         level=logging.WARNING, format=f"worker {args.worker_id}: %(levelname)s %(message)s"
     )
@@ -313,7 +327,7 @@ def main(
     sock.connect(args.socket)
     writer = FrameWriter(sock)
     writer.send({"op": "state", "state": "LOADING", "pid": os.getpid()})
-    return _serve(args, t0, writer, Inbox(FrameReader(sock)), tokenizers or {}, checked)
+    return _serve(args, t0, writer, Inbox(FrameReader(sock)), tokenizers or {}, ahead)
 
 
 if __name__ == "__main__":

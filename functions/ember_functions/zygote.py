@@ -18,10 +18,10 @@ parsed: without it each worker spends ~0.15 s of its start in ``Tokenizer.from_d
 (a 49k-token vocabulary), more than the rest of its binding. A pool sends it when its
 first worker reports where the tokenizer is. With ``weights`` (``{"home", "model",
 "store"}``, as a worker's flags give them) it also checks the model's chunks held on this
-machine against their checksums, once (``WeightsSource.check_local_chunks``, on a thread
-at the lowest CPU priority, which the next fork waits for): a child then maps them
-without hashing them again (~20 ms of a SmolLM2 fork's start), for as long as each file
-is the one checked (``ember_weights_store.verified``).
+machine against their checksums, once (``WeightsSource.read_ahead``, on a thread at the
+lowest CPU priority, which the next fork waits for): a child then maps them without
+hashing them again (~20 ms of a SmolLM2 fork's start), for as long as each file is the
+one checked (``ember_weights_store.verified``).
 
 The zygote never runs a torch operation, so it has no OpenMP pool or CUDA context for a
 child to inherit half-initialised; it forks single-threaded (a select loop, SIGCHLD through
@@ -101,12 +101,12 @@ class _Prepared:
             with contextlib.suppress(OSError):
                 os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
             try:
-                checked = source.check_local_chunks()
+                ahead = source.read_ahead()
             except Exception as exc:  # the children check their chunks themselves
                 print(f"zygote: could not check {source.model}'s chunks: {exc}", file=sys.stderr)
                 return
-            if checked is not None:
-                self.verified.update(checked)
+            if ahead is not None:
+                self.verified.update(ahead.verified)
 
         self.settle()
         self.checking = threading.Thread(target=run, name="ember-zygote-check", daemon=True)

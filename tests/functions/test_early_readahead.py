@@ -1,6 +1,7 @@
-"""A new worker's readahead runs in a forked child: what it checked comes back through a
-pipe, a failed check comes back as nothing (the loader checks for itself), and the child
-dies with the worker. (A real worker's use: test_worker_readahead.py.)"""
+"""A new worker's readahead runs in a forked child: what it did (the manifest it read, the
+files it checked) comes back through a pipe, a failed one comes back as nothing (the
+loader does it all itself), and the child dies with the worker. (A real worker's use:
+test_worker_readahead.py.)"""
 
 from __future__ import annotations
 
@@ -9,31 +10,41 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from ember_functions.early_readahead import ChildReadahead
-from ember_weights_store.verified import FileIdentity, VerifiedCopies
+from ember_weights_store import LocalBucketTier, WeightsStore
+from ember_weights_store.manifest import Manifest
+from ember_weights_store.verified import FileIdentity, Readahead
 
 
-def checked_in_child() -> VerifiedCopies:
-    copies = VerifiedCopies()
-    copies.add(f"ran-in-{os.getpid()}", FileIdentity(1, 2, 3, 4))
-    return copies
+def test_what_the_child_did_comes_back_and_it_ran_in_another_process(
+    tiny_model: Callable[..., Path], tmp_path: Path
+) -> None:
+    store = WeightsStore([LocalBucketTier(tmp_path / "bucket")])
+    store.import_hf_dir(tiny_model("llama"), model_id="acme/tiny")
+    manifest = store.manifest("acme/tiny")
 
+    def read_in_child() -> Readahead:
+        ahead = Readahead(manifest=manifest, bytes_read=7, fetched_bytes=5)
+        ahead.verified.add(f"ran-in-{os.getpid()}", FileIdentity(1, 2, 3, 4))
+        return ahead
 
-def test_what_the_child_checked_comes_back_and_it_ran_in_another_process() -> None:
-    ahead = ChildReadahead.start(checked_in_child)
-    assert ahead is not None
-    verified = ahead.result()
-    assert verified is not None and len(verified) == 1
-    (key,) = verified.as_dict()
+    child = ChildReadahead.start(read_in_child)
+    assert child is not None
+    ahead = child.result()
+    assert ahead is not None and len(ahead.verified) == 1
+    (key,) = ahead.verified.as_dict()
     assert key.startswith("ran-in-") and key != f"ran-in-{os.getpid()}"
-    assert verified.as_dict()[key] == [1, 2, 3, 4]
-    assert ahead.result() is verified  # waited for once
+    assert ahead.verified.as_dict()[key] == [1, 2, 3, 4]
+    assert isinstance(ahead.manifest, Manifest) and ahead.manifest == manifest
+    assert (ahead.bytes_read, ahead.fetched_bytes) == (7, 5)
+    assert child.result() is ahead  # waited for once
 
 
-def test_a_check_that_fails_or_finds_nothing_gives_none() -> None:
-    def fails() -> VerifiedCopies:
+def test_a_readahead_that_fails_or_finds_nothing_gives_none() -> None:
+    def fails() -> Readahead:
         raise OSError("disk gone")
 
     for check in (fails, lambda: None):

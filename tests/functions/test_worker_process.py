@@ -441,6 +441,9 @@ def test_a_worker_loads_from_s3_into_an_empty_home_and_from_host_ram_next(
             try:
                 assert result_within(submit(w, prompt, GREEDY_16, f"s{i}")).token_ids == want
                 tiers.append(w.chunks_by_tier)
+                # Fetched and decoded by the readahead child while torch imported: the
+                # loader only mapped the host tier's files, checked already.
+                assert w.phases["decompress_s"] == 0.0 and w.phases["verify_s"] == 0.0
                 # From the store, the tokenizer's directory is named by its content and
                 # announced once its files are written; the router parsed it meanwhile.
                 early = w._prompts.early
@@ -449,6 +452,8 @@ def test_a_worker_loads_from_s3_into_an_empty_home_and_from_host_ram_next(
             finally:
                 w.close()
         assert not (home / "models").exists()  # loaded straight from the store
+        # The first worker's readahead child fetched the chunks from S3 into the host tier
+        # while torch imported; the second found them there.
         assert list(tiers[0]) == ["s3"] and list(tiers[1]) == ["host"], tiers
     finally:
         shutil.rmtree(ModelCatalog(home).host_cache_root, ignore_errors=True)

@@ -37,12 +37,18 @@ class DiskTier:
     The index (key -> size, in recency order) lives in memory and is rebuilt from the
     directory on start, oldest access/modify time first. One process owns a root; within
     it, every method is thread-safe. Sizes are object bytes, not filesystem blocks.
+
+    Writes are not fsynced unless ``fsync=True``: this is a cache of chunks the origin
+    holds, and every read of a copy is checked against its checksum (the loader, the
+    readahead), so a copy a power cut left torn or empty is found and fetched again.
+    Syncing each write makes whoever fills it wait for the disk: SmolLM2's 270 MB took
+    0.52-0.74 s synced on a cloud VM, 0.17 s into the page cache.
     """
 
     holds_decoded = True
 
     def __init__(
-        self, root: Path, *, budget_bytes: int, name: str = "disk", fsync: bool = True
+        self, root: Path, *, budget_bytes: int, name: str = "disk", fsync: bool = False
     ) -> None:
         check_budget(budget_bytes, tier=name)
         self.name = name

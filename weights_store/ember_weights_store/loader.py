@@ -84,6 +84,7 @@ def load(
     device: str | torch.device = "cpu",
     staging_slots: int | None = None,
     verified: VerifiedCopies | None = None,
+    manifest: Manifest | None = None,
 ) -> LoadedWeights:
     """Loads a model's tensors from the nearest tiers that hold them.
 
@@ -106,7 +107,8 @@ def load(
     and maps that copy (``_map_filled_tier``), so the machine holds one copy of the model,
     not two. Mapped
     chunks are checked against their checksums, except those in ``verified`` (this
-    process checked the same files already: ``WeightsStore.readahead``).
+    process checked the same files already: ``WeightsStore.readahead``). ``manifest``:
+    the model's manifest, read already (by that readahead): not read again.
 
     Example::
 
@@ -118,7 +120,14 @@ def load(
         raise InvalidRequestError(f"threads must be a positive integer, got {threads!r}")
     t0 = time.perf_counter()
     report = LoadReport()
-    manifest = store.manifest(model_id, revision)
+    if manifest is None:
+        manifest = store.manifest(model_id, revision)
+    elif (manifest.model_id, manifest.revision) != (model_id, revision):
+        raise InvalidRequestError(
+            f"the manifest passed is {manifest.model_id}@{manifest.revision}, not "
+            f"{model_id}@{revision}; pass the load's own manifest, or none",
+            param="manifest",
+        )
     report.manifest_s = time.perf_counter() - t0
     target = torch.device(device)
     if target.type != "cpu" or staging_slots is not None:

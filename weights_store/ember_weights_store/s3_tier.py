@@ -10,6 +10,7 @@ that says what failed and what to check.
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
@@ -121,10 +122,21 @@ class S3Tier:
         self.endpoint_url = endpoint_url
         self.multipart_threshold_bytes = multipart_threshold_bytes
         self.multipart_part_bytes = multipart_part_bytes
-        self._client = client if client is not None else self._make_client(endpoint_url)
+        self._made_client = client
+        self._client_lock = threading.Lock()
         # HEAD on a missing bucket is a bare 404, just like a missing object; the first
         # such 404 checks the bucket once so a typo'd bucket is not read as "no object".
         self._bucket_ok = False
+
+    @property
+    def _client(self) -> Any:
+        # Made at first use, not with the tier: a worker whose readahead child fetched
+        # everything it needs never imports boto3 or builds a client (~0.3 s).
+        if self._made_client is None:
+            with self._client_lock:
+                if self._made_client is None:
+                    self._made_client = self._make_client(self.endpoint_url)
+        return self._made_client
 
     @staticmethod
     def _make_client(endpoint_url: str | None) -> Any:

@@ -18,11 +18,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ember_core import ConfigError, ModelFormatError, NotFoundError
-from ember_weights_store.bucket_tier import LocalBucketTier
 from ember_weights_store.codecs import choose_codec
 from ember_weights_store.decode_file import DECODE_FILE, decode_only
-from ember_weights_store.digests import FastChecksum, fast_checksum, sha256_key
-from ember_weights_store.disk_tier import DiskTier
+from ember_weights_store.digests import fast_checksum, sha256_key
 from ember_weights_store.host_tier import HostTier
 from ember_weights_store.layout import chunk_ranges, plan_chunks
 from ember_weights_store.manifest import (
@@ -33,8 +31,9 @@ from ember_weights_store.manifest import (
     model_key,
     validate_model_id,
 )
+from ember_weights_store.readahead import READAHEAD_THREADS, read_ahead
 from ember_weights_store.tiers import CacheTier, ObjectNotFoundError, Tier
-from ember_weights_store.verified import FileIdentity, Readahead
+from ember_weights_store.verified import Readahead
 
 if TYPE_CHECKING:  # imported where models are imported, not where they are read: see __init__
     import torch
@@ -56,9 +55,6 @@ def manifest_key(model_id: str, revision: str) -> str:
 #: once and loaded many times, so pay at import: on SmolLM2's bf16 weights level 3 stores
 #: 0.710 of the bytes, level 9 0.696 (3.5x the import time), level 19 0.668 (150x: too slow).
 DEFAULT_IMPORT_LEVEL = 9
-# Chunks a readahead reads at once. Four in flight took a cloud VM's disk from 1.2 to 1.8
-# GB/s (``WeightsStore.readahead``); more gained nothing there.
-READAHEAD_THREADS = 4
 
 #: ``on_progress(done_bytes, total_bytes)``, called as chunks are stored.
 ProgressFn = Callable[[int, int], None]
@@ -320,51 +316,18 @@ class WeightsStore:
         )
 
     def readahead(
-        self, model_id: str, revision: str = "main", *, threads: int = READAHEAD_THREADS
+        self,
+        model_id: str,
+        revision: str = "main",
+        *,
+        threads: int = READAHEAD_THREADS,
+        fetch: bool = True,
     ) -> Readahead:
-        """Reads the model's chunks from the disk (the disk tier, or a local bucket) into
-        the page cache and returns once they all are. A worker in a new interpreter has
-        it done while it imports torch (in a child process: ``early_readahead``), so the
-        disk reads meanwhile (1-2 s); the loader then finds the pages cached. ``threads``
-        chunks are read at once: a disk serves several reads in flight faster than one (a
-        2.2 GB model on a cloud VM's disk: 1.23 GB/s one at a time, 1.79 GB/s four at a
-        time), and one chunk's hash runs while others are read.
-        Copies in a cache tier (disk, or host RAM) are checked against their checksums on
-        the way, on the core the import leaves idle: the loader does not hash those again
-        (``verified``). Chunks only in a remote origin are left to the loader. Imports
-        nothing heavy: see ``__init__``."""
-        manifest = self.manifest(model_id, revision)
-        ahead = Readahead()
-        with ThreadPoolExecutor(max(1, threads), thread_name_prefix="ember-readahead") as pool:
-            reads = pool.map(self._read_ahead, manifest.chunks)
-            for chunk, read in zip(manifest.chunks, reads, strict=True):
-                if read is None:
-                    continue
-                copy, checked = read
-                ahead.bytes_read += copy.size_bytes
-                if checked is True:
-                    ahead.verified.add(chunk.hash, copy)
-                elif checked is False:
-                    ahead.corrupt.append(chunk.hash)
-        return ahead
-
-    def _read_ahead(self, chunk: ChunkEntry) -> tuple[FileIdentity, bool | None] | None:
-        """Reads one chunk's nearest local copy into the page cache: (the file read,
-        whether it matched its checksum, None if not checked); None if no local tier
-        holds it."""
-        # Warm the copy the loader will read: the nearest. Remote tiers are not asked
-        # whether they hold it (a request each); the loader fetches those chunks.
-        for tier in self.tiers:
-            if not isinstance(tier, (DiskTier, HostTier, LocalBucketTier)):
-                if tier.holds_decoded and not tier.has(chunk.hash):
-                    continue  # another RAM cache, without it: look further
-                return None  # only remote from here
-            checksum = FastChecksum() if tier.holds_decoded and chunk.checksum else None
-            copy = tier.readahead(chunk.hash, checksum=checksum)
-            if copy is not None:
-                checked = None if checksum is None else checksum.hexdigest() == chunk.checksum
-                return copy, checked
-        return None
+        """The model's chunks brought to this machine's nearest tiers and into the page
+        cache, checked on the way (``readahead.read_ahead``): what a new worker does while
+        torch imports, in a child process (``early_readahead``), so the loader finds them
+        there, checked (``verified``). Imports nothing heavy: see ``__init__``."""
+        return read_ahead(self, model_id, revision, threads=threads, fetch=fetch)
 
     def list_models(self) -> list[tuple[str, str]]:
         """(model id, revision) of every model the origin holds, sorted."""

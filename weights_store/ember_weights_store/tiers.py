@@ -4,10 +4,11 @@ Keys are content hashes (``sha256:<hex>``) or object paths (``manifests/org--nam
 Every tier maps a key to the same relative path (``key_to_path``), so a local bucket, a disk
 cache and an S3 prefix all share one layout and a directory can be synced to a bucket as is.
 
-Writes are atomic everywhere: bytes go to a temp file in the target's directory, are fsynced,
-then ``os.replace``d over the target. A reader (or a restart after kill -9) sees the old object,
-the new one, or none, never a torn one. Temp names start with ``.tmp-`` and no key segment may
-start with ``.``, so a temp file can never be mistaken for an object.
+Writes are atomic everywhere: bytes go to a temp file in the target's directory, are fsynced
+where the tier keeps the only copy (a bucket), then ``os.replace``d over the target. A reader
+(or a restart after kill -9) sees the old object, the new one, or none, never a torn one.
+Temp names start with ``.tmp-`` and no key segment may start with ``.``, so a temp file can
+never be mistaken for an object.
 
 This module holds the protocols and ``ObjectDir``, the file side every file-backed tier
 shares; the tiers are ``bucket_tier``, ``disk_tier``, ``host_tier`` and ``s3_tier``.

@@ -23,7 +23,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
+
+from ember_weights_store.manifest import Manifest
 
 __all__ = ["FileIdentity", "Readahead", "VerifiedCopies"]
 
@@ -83,11 +85,58 @@ class VerifiedCopies:
 
 @dataclass
 class Readahead:
-    """What ``WeightsStore.readahead`` did: bytes read into the page cache (from the disk
-    tier or a local bucket), and the cache-tier copies it checksummed on the way (disk or
-    host tier). ``corrupt`` lists the keys whose copy failed the check: left for the loader,
-    which discards such a copy and fetches the chunk again."""
+    """What a readahead did (``readahead.read_ahead``): the manifest it read, bytes read
+    into the page cache (from the disk tier or a local bucket), stored bytes fetched from
+    an object tier and written decoded into a cache tier, and the cache-tier copies it
+    checksummed or wrote from checked bytes (``verified``). ``corrupt`` lists the keys
+    whose copy failed the check: left for the loader, which discards such a copy and
+    fetches the chunk again. A worker's readahead child hands it over as JSON
+    (:meth:`as_dict`), so the worker reads neither the manifest nor those chunks again."""
 
+    manifest: Manifest | None = None
     bytes_read: int = 0
+    fetched_bytes: int = 0
+    # Chunks fetched, by the tier they came from, and the cache tier they were written to.
+    fetched_from: dict[str, int] = field(default_factory=dict)
+    landed_in: str | None = None
     verified: VerifiedCopies = field(default_factory=VerifiedCopies)
     corrupt: list[str] = field(default_factory=list)
+
+    def sources(self, chunks_by_tier: dict[str, int]) -> dict[str, int]:
+        """Where a load's chunks came from, given where the loader read them: a chunk
+        fetched ahead counts for the tier it was fetched from, not for the cache tier it
+        landed in, which the loader then read it from."""
+        fetched = sum(self.fetched_from.values())
+        if not fetched or self.landed_in not in chunks_by_tier:
+            return dict(chunks_by_tier)
+        merged = dict(chunks_by_tier)
+        merged[self.landed_in] -= min(fetched, merged[self.landed_in])
+        for tier, n in self.fetched_from.items():
+            merged[tier] = merged.get(tier, 0) + n
+        return {tier: n for tier, n in merged.items() if n}
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "manifest": None if self.manifest is None else self.manifest.to_dict(),
+            "bytes_read": self.bytes_read,
+            "fetched_bytes": self.fetched_bytes,
+            "fetched_from": dict(self.fetched_from),
+            "landed_in": self.landed_in,
+            "verified": self.verified.as_dict(),
+            "corrupt": list(self.corrupt),
+        }
+
+    @classmethod
+    def from_dict(cls, found: dict[str, Any]) -> Readahead:
+        """The :meth:`as_dict` form back; ModelFormatError if the manifest in it is not
+        valid (it is checked again, as any manifest read)."""
+        manifest = found.get("manifest")
+        return cls(
+            manifest=None if manifest is None else Manifest.from_dict(manifest),
+            bytes_read=int(found.get("bytes_read", 0)),
+            fetched_bytes=int(found.get("fetched_bytes", 0)),
+            fetched_from={str(t): int(n) for t, n in found.get("fetched_from", {}).items()},
+            landed_in=found.get("landed_in"),
+            verified=VerifiedCopies.from_dict(found.get("verified", {})),
+            corrupt=[str(k) for k in found.get("corrupt", [])],
+        )

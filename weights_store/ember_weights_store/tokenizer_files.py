@@ -1,0 +1,56 @@
+"""A model's tokenizer as a directory on this machine, named by its content: the files the
+manifest lists (fetched from the store's tiers) and the architecture as ``config.json``.
+
+Written once per content and never changed, so any number of processes share one, and a
+worker's readahead child can write it before the worker looks (an empty home's first
+start from S3). Imports no torch: the readahead runs while torch imports.
+
+Example::
+
+    path = tokenizer_dir(store, store.manifest("acme/tiny"), home / "tokenizers")
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ember_weights_store.manifest import Manifest
+    from ember_weights_store.store import WeightsStore
+
+__all__ = ["tokenizer_dir", "tokenizer_dir_name"]
+
+
+def tokenizer_dir_name(files: Mapping[str, str]) -> str:
+    """The directory name for tokenizer files (name -> content key): same files, same name."""
+    digest = hashlib.sha256(json.dumps(sorted(files.items())).encode()).hexdigest()
+    return digest[:32]
+
+
+def tokenizer_dir(store: WeightsStore, manifest: Manifest, cache: Path) -> Path:
+    """``manifest``'s tokenizer under ``cache``, written there first if it is not yet: into
+    a temporary directory, then renamed into place, so a reader never sees half of it."""
+    final = cache / tokenizer_dir_name(manifest.tokenizer_files)
+    if final.is_dir():
+        return final
+    tmp = final.with_name(f"{final.name}.tmp-{uuid.uuid4().hex}")
+    tmp.mkdir(parents=True)
+    try:
+        for name in manifest.tokenizer_files:
+            (tmp / name).write_bytes(store.tokenizer_file(manifest, name))
+        (tmp / "config.json").write_text(json.dumps(manifest.architecture))
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if not final.is_dir():  # not another process's copy, renamed first: a failure
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename
+    return final
