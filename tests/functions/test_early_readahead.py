@@ -80,3 +80,16 @@ def test_the_child_dies_with_its_worker() -> None:
     while _alive(child):
         assert time.monotonic() < deadline, f"readahead child {child} outlived its worker"
         time.sleep(0.05)
+
+
+def test_a_worker_imports_neither_torch_nor_numpy_before_it_connects() -> None:
+    """Everything ``ember_functions.worker`` imports before ``main`` connects to the router
+    (the readahead child's handover among it): a heavy import there delays LOADING and
+    the fork of the readahead child (the manifest module's numpy once cost 0.15 s)."""
+    code = (
+        "import sys, ember_functions.worker\nprint(sorted({'torch', 'numpy'} & set(sys.modules)))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert out.stdout.strip() == "[]"
