@@ -4,7 +4,7 @@
 A worker in a new interpreter brings its model to the machine while its main thread
 imports torch (``WeightsSource.read_ahead``): chunks on the disk read into the page cache
 and checksummed; chunks only in the object store fetched, decoded, checked and written
-into the nearest cache tier; the tokenizer's files written. The loader then finds them
+into the host tier, where there is one; the tokenizer's files written. The loader then finds them
 there, checked, and reads neither them nor the manifest again.
 
 On a thread of the worker's own that work would take turns with the import at the GIL:

@@ -117,7 +117,8 @@ class WeightsSource:
         """Brings the model to this machine ahead of the loader (``WeightsStore.readahead``):
         chunks in a local tier read into the page cache and checked; chunks only in the
         origin (the home's bucket, or S3) fetched, decoded, checked and written into the
-        nearest cache tier, where the loader maps them; the tokenizer's files written
+        host tier, where that is the nearest cache tier, for the loader to map them
+        (``ember_weights_store.readahead``); the tokenizer's files written
         where the loader looks for them. What a new worker does while torch imports, and
         a zygote once for all the workers it forks. Returns what it did, the manifest it
         read with it; None for a model loaded straight from its directory. Imports no

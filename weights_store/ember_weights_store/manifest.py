@@ -25,7 +25,7 @@ from typing import Any
 
 from ember_core import InvalidRequestError, ModelFormatError
 from ember_weights_store.codecs import CODEC_NAMES
-from ember_weights_store.digests import CHECKSUM_RE
+from ember_weights_store.digests import CHECKSUM_RE, FastChecksum, sha256_key
 
 __all__ = [
     "ALIGNMENT_BYTES",
@@ -181,6 +181,15 @@ class ChunkEntry:
     #: ``xxh3_128:<hex>`` of the raw bytes, checked on every load (see ``digests``). Empty in
     #: manifests written before it existed: those chunks are checked against ``hash``.
     checksum: str = ""
+
+    def matches(self, data: bytes | bytearray | memoryview) -> bool:
+        """Whether ``data`` are this chunk's raw bytes: against ``checksum`` (fast), or
+        the content hash where the manifest has no checksum."""
+        if self.checksum:
+            fast = FastChecksum()
+            fast.update(data)
+            return fast.hexdigest() == self.checksum
+        return sha256_key(data) == self.hash
 
     def __post_init__(self) -> None:
         if not isinstance(self.hash, str) or not _HASH_RE.fullmatch(self.hash):
