@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -128,3 +128,20 @@ def s3_endpoint(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
         monkeypatch.setenv(var, value)
     yield f"http://127.0.0.1:{port}"
     server.stop()
+
+
+@pytest.fixture
+def python_json() -> Callable[[str], Any]:
+    """Runs ``code`` in a new interpreter (what a worker or its readahead child would be)
+    and returns the JSON its last line of output printed."""
+    import json
+    import subprocess
+    import sys
+
+    def run(code: str) -> Any:
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+        )
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    return run

@@ -7,14 +7,12 @@ find: pages in the page cache, or not.
 from __future__ import annotations
 
 import ctypes
-import json
 import mmap
 import os
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -171,7 +169,7 @@ def test_readahead_never_asks_a_remote_tier_about_chunks(
 
 
 def test_the_readahead_path_imports_no_torch(
-    filled: tuple[WeightsStore, DiskTier], tmp_path: Path
+    filled: tuple[WeightsStore, DiskTier], tmp_path: Path, python_json: Callable[[str], Any]
 ) -> None:
     """What a worker runs on its readahead thread while its main thread imports torch:
     were torch imported here, the two would only take turns."""
@@ -191,9 +189,6 @@ store = WeightsStore([
 ahead = store.readahead("acme/tiny")
 print(json.dumps({{"asked": ahead.bytes_read, "torch": "torch" in sys.modules}}))
 """
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
-    )
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result = python_json(code)
     assert result["asked"] > 0
     assert result["torch"] is False

@@ -5,11 +5,9 @@ moto's HTTP server, real files."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import boto3
 import pytest
@@ -136,7 +134,9 @@ def test_fetch_false_leaves_object_tier_chunks_to_the_loader(
     assert host.keys() == [] and ahead.fetched_bytes == 0 and len(ahead.verified) == 0
 
 
-def test_fetching_ahead_imports_no_torch(bucket_dir: Path, tmp_path: Path) -> None:
+def test_fetching_ahead_imports_no_torch(
+    bucket_dir: Path, tmp_path: Path, python_json: Callable[[str], Any]
+) -> None:
     """It runs while torch imports: were torch imported here, the two would take turns."""
     code = f"""
 import json, sys
@@ -150,9 +150,6 @@ ahead = store.readahead("acme/tiny")
 host.release_unpinned()
 print(json.dumps({{"fetched": ahead.fetched_bytes, "torch": "torch" in sys.modules}}))
 """
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
-    )
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result = python_json(code)
     assert result["fetched"] > 0
     assert result["torch"] is False
