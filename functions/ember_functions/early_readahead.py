@@ -32,6 +32,7 @@ import contextlib
 import json
 import os
 import signal
+import threading
 from collections.abc import Callable
 from typing import NoReturn
 
@@ -51,6 +52,7 @@ class ChildReadahead:
         self._pid = pid
         self._fd: int | None = fd
         self._ahead: Readahead | None = None
+        self._lock = threading.Lock()  # result() may run on a reaper thread and the loader
 
     @classmethod
     def start(cls, check: Callable[[], Readahead | None]) -> ChildReadahead | None:
@@ -83,6 +85,17 @@ class ChildReadahead:
     def result(self) -> Readahead | None:
         """Waits until the child is done; what it did, or None if it did nothing (a model
         loaded from its directory, or it failed: the loader does it all itself)."""
+        with self._lock:
+            return self._collect()
+
+    def reap_in_background(self) -> None:
+        """Collects the child's result on a daemon thread, for a worker that will not load
+        soon (parked at PROCESS): else the finished child stays a zombie, or, with a
+        report bigger than the pipe holds, blocks writing it, until the worker climbs.
+        A later :meth:`result` returns what was collected."""
+        threading.Thread(target=self.result, name="ember-readahead-reaper", daemon=True).start()
+
+    def _collect(self) -> Readahead | None:  # under the lock
         if self._fd is None:
             return self._ahead
         chunks = []

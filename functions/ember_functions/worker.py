@@ -230,6 +230,7 @@ def _serve(
     writer: FrameWriter,
     inbox: Inbox,
     tokenizers: Mapping[str, Tokenizer],
+    child: ChildReadahead | None,
     ahead: Callable[[], Readahead | None],
 ) -> int:
     """Climbs to ``args.warmth``, then serves or waits to be told to climb further;
@@ -269,6 +270,8 @@ def _serve(
             if loader.host is None:  # it was loaded straight to READY: keep a host copy now
                 phases = loader.to_host()
             target = "HOST"
+        if target == "PROCESS" and child is not None:
+            child.reap_in_background()  # it loads nothing until promoted, maybe long after
         writer.send({"op": "warm", "warmth": target, "phases": phases})
         phases = {}
         while True:  # parked: wait to be told to climb, or to go
@@ -327,7 +330,7 @@ def main(
     sock.connect(args.socket)
     writer = FrameWriter(sock)
     writer.send({"op": "state", "state": "LOADING", "pid": os.getpid()})
-    return _serve(args, t0, writer, Inbox(FrameReader(sock)), tokenizers or {}, ahead)
+    return _serve(args, t0, writer, Inbox(FrameReader(sock)), tokenizers or {}, child, ahead)
 
 
 if __name__ == "__main__":

@@ -106,3 +106,42 @@ def test_promoting_a_worker_that_serves_is_refused(
     worker = spawn(Warmth.READY)
     with pytest.raises(EngineError, match="only a parked"):
         worker.promote()
+
+
+def _child_states(pid: int) -> list[str]:
+    """The states (``R``, ``S``, ``Z``...) of ``pid``'s child processes, zombies included."""
+    states = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rpartition(")")[2].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                states.append(fields[0])
+    return states
+
+
+def test_a_new_interpreter_parked_at_process_reaps_its_readahead_child(
+    tiny_model: Callable[..., Path], tmp_path: Path
+) -> None:
+    # A new interpreter forks a readahead child before importing torch; parked at
+    # PROCESS it loads nothing, so nothing else would wait for that child.
+    worker = WorkerProcess.spawn(
+        worker_id=f"reap{os.getpid()}",
+        model=str(tiny_model("llama")),
+        home=tmp_path,
+        engine_config=CONFIG,
+        warmth=Warmth.PROCESS,
+    )
+    try:
+        assert worker.warmth is Warmth.PROCESS
+        deadline = time.monotonic() + 10
+        while states := _child_states(worker.proc.pid):
+            assert time.monotonic() < deadline, f"the worker's children stay: {states}"
+            time.sleep(0.05)
+        worker.promote()  # what the child did is still there for the load
+        assert worker.alive and "load_s" in worker.phases
+    finally:
+        worker.close()
