@@ -282,8 +282,6 @@ def _map_tier(
     }
 
     def verify(chunk: ChunkEntry) -> bool:
-        if chunk.hash in ahead:
-            return True
         view = buffers[chunk.dtype][chunk.offset_bytes : chunk.end_bytes]
         ok = job.verify(chunk, memoryview(view.numpy()))  # type: ignore[arg-type]
         # Checking it brought every page into this process; hand them back (the file
@@ -292,8 +290,12 @@ def _map_tier(
         drop_file_pages(view.data_ptr(), view.numel())
         return ok
 
-    verdicts = list(store.pool(threads).map(verify, manifest.chunks))
-    bad = [c for c, ok in zip(manifest.chunks, verdicts, strict=True) if not ok]
+    # Only what was not checked ahead goes to the pool: for a model checked ahead, nothing,
+    # and no pool thread is started for it (in a worker each start waits for the GIL,
+    # which the tokenizer's parse on another thread holds for ~30 ms at a time).
+    unchecked = [c for c in manifest.chunks if c.hash not in ahead]
+    verdicts = list(store.pool(threads).map(verify, unchecked)) if unchecked else []
+    bad = [c for c, ok in zip(unchecked, verdicts, strict=True) if not ok]
     if bad:
         for c in bad:
             tier.delete(c.hash)
