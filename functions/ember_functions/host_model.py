@@ -119,8 +119,10 @@ class HostModel:
         from ember_weights_store import load as load_weights
 
         t0 = time.perf_counter()
+        manifest_s = 0.0  # read here, it is the load's manifest phase
         if manifest is None:
             manifest = store.manifest(model_id, revision)
+            manifest_s = time.perf_counter() - t0
         # The tokenizer (~0.2 s of JSON parsing for a 49k vocabulary) loads on a thread
         # while the weights load and bind: most of that is torch work without the GIL.
         pool = ThreadPoolExecutor(1, thread_name_prefix="ember-tokenizer")
@@ -137,6 +139,7 @@ class HostModel:
         loaded = load_weights(
             store, model_id, revision, threads=threads, verified=verified, manifest=manifest
         )
+        loaded.report.manifest_s += manifest_s
         return cls(
             model_id=model_id,
             model_config=ModelConfig.from_hf(manifest.architecture),

@@ -60,6 +60,7 @@ if TYPE_CHECKING:
     from ember_functions.loading import WeightsSource
     from ember_functions.tokenizer import Tokenizer
     from ember_weights_store import LoadReport
+    from ember_weights_store.manifest import Manifest
     from ember_weights_store.verified import VerifiedCopies
 
 log = logging.getLogger("ember.worker")
@@ -296,11 +297,12 @@ def main(
     started_s: float | None = None,
     tokenizers: Mapping[str, Tokenizer] | None = None,
     verified: VerifiedCopies | None = None,
+    manifests: Mapping[WeightsSource, Manifest] | None = None,
 ) -> int:
     """Runs a worker until its router goes away. ``started_s`` (``time.perf_counter()``) is
     when this worker began: a zygote's fork, else this module's import. ``tokenizers``
-    (directory -> parsed) and ``verified`` (chunk files checked) are what its zygote
-    prepared before the fork."""
+    (directory -> parsed), ``verified`` (chunk files checked) and ``manifests`` (read with
+    them, by the weights' source) are what its zygote prepared before the fork."""
     t0 = _T0 if started_s is None else started_s
     ap = argparse.ArgumentParser(prog="python -m ember_functions.worker")
     ap.add_argument("--worker-id", required=True)
@@ -320,7 +322,12 @@ def main(
     child = None
     if "torch" not in sys.modules:
         child = ChildReadahead.start(lambda: _weights_source(args).read_ahead())
-    prepared = None if verified is None else Readahead(verified=verified)
+    prepared = None
+    if verified is not None:
+        # The zygote's manifest, if it read this worker's: every worker it forks then loads
+        # the same one, and none reads it again (from S3: a client and a GET, ~0.1 s).
+        manifest = (manifests or {}).get(_weights_source(args))
+        prepared = Readahead(verified=verified, manifest=manifest)
     ahead = child.result if child is not None else (lambda: prepared)
     logging.basicConfig(
         level=logging.WARNING, format=f"worker {args.worker_id}: %(levelname)s %(message)s"

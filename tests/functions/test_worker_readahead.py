@@ -5,7 +5,9 @@ worker it forks (``Zygote.prepare(weights=)``)."""
 from __future__ import annotations
 
 import os
+import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -101,3 +103,52 @@ def test_weights_the_zygote_cannot_check_are_left_to_the_workers(
             assert len(_tokens(worker, "r")) == GREEDY.max_tokens
         finally:
             worker.close()
+
+
+def test_a_zygote_prepared_for_an_s3_origin_hands_its_workers_the_manifest(
+    s3_endpoint: str, tiny_model: Callable[..., Path], tmp_path: Path
+) -> None:
+    import boto3
+
+    from ember_weights_store import ModelCatalog
+    from ember_weights_store.s3_tier import S3Tier
+    from ember_weights_store.store import manifest_key
+
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="models")
+    origin = S3Tier(bucket="models", prefix="ember", endpoint_url=s3_endpoint)
+    ModelCatalog(tmp_path / "publisher").store(origin=origin).import_hf_dir(
+        tiny_model("llama"), model_id="tiny"
+    )
+    home = tmp_path / "fresh"  # nothing installed: the model is the origin's
+    store = StoreConfig(
+        origin="s3://models/ember", endpoint_url=s3_endpoint, host_cache_bytes=64 << 20
+    )
+    try:
+        with Zygote.start(zygote_id=f"ra{os.getpid()}-{time.monotonic_ns()}") as zygote:
+            first = _spawn(home, store, zygote)
+            try:
+                expected = _tokens(first, "first")
+                # Refused before: the model is not installed in the home, only in S3.
+                zygote.prepare(
+                    first.prompts.tokenizer.source_dir or Path(),
+                    weights=WeightsSource(home, "tiny", store),
+                )
+            finally:
+                first.close()
+            second = _spawn(home, store, zygote)  # its fork waits for the zygote's check
+            try:
+                assert second.phases["verify_s"] == 0.0, second.phases  # checked by the zygote
+                assert list(second.chunks_by_tier) == ["host"]
+                assert _tokens(second, "second") == expected
+            finally:
+                second.close()
+            # The zygote read the manifest while preparing; its workers do not read it
+            # again, so they load with it gone from S3.
+            assert origin.delete(manifest_key("tiny", "main"))
+            third = _spawn(home, store, zygote)
+            try:
+                assert _tokens(third, "third") == expected
+            finally:
+                third.close()
+    finally:
+        shutil.rmtree(ModelCatalog(home).host_cache_root, ignore_errors=True)
