@@ -96,19 +96,32 @@ class ModelRun:
         )
         self.host_bytes = 8 << 30
         self._counter = 0
-        self.encoder: Any = None  # the pool's, from its first worker (see first_worker)
+        self.encoder: Any = None  # the pool's, from its first worker (see first_workers)
+        self.s3_encoder: Any = None  # the S3 pool's, from its own first worker
+        # prewarmed_s3's pool: a home with nothing installed, its host tier filled from S3
+        # by that pool's first worker (first_workers).
+        self.s3_home = work / "s3-pool-home"
         self.ready_cached_tokens = 0  # of PROMPT, by a READY worker (the chat preamble)
 
     @property
+    def host_roots(self) -> list[Path]:
+        """The host tiers (tmpfs, outside the work directory) this run may fill."""
+        return [
+            Path(self._store("host").catalog(self.home).host_cache_root),
+            Path(self._store("prewarmed_s3").catalog(self.s3_home).host_cache_root),
+        ]
+
+    @property
     def host_root(self) -> Path:
-        return Path(self._store("host").catalog(self.home).host_cache_root)
+        return self.host_roots[0]
 
     def _store(self, state: str) -> Any:
         from ember_functions.loading import StoreConfig
 
-        if state == "object":
-            # A pool's worker on a machine that has never held the model: its host tier
-            # (and disk tier) empty, everything in S3.
+        if state in ("object", "prewarmed_s3"):
+            # object: a pool's worker on a machine that has never held the model, its host
+            # tier (and disk tier) empty, everything in S3. prewarmed_s3: a pool with the
+            # same origin, its zygote prepared, the host tier full (the same chunks).
             return StoreConfig(
                 origin=f"s3://models/{self.name}",
                 endpoint_url=self.s3_url,
@@ -131,13 +144,17 @@ class ModelRun:
             engine_config=config or self.config,
             store=self._store(state),
             launcher=launcher,
-            prompts=self.encoder if launcher is not None else None,
+            prompts=None
+            if launcher is None
+            else (self.s3_encoder if state == "prewarmed_s3" else self.encoder),
         )
 
-    def first_worker(self, zygote: Any) -> None:
+    def first_workers(self, zygote: Any, *, s3_pool: bool) -> None:
         """What a pool does once, with its first worker: keep its prompt encoder for the
         router, and have the zygote parse the tokenizer and check the model's host-tier
-        chunks for the workers it forks next."""
+        chunks (reading its manifest) for the workers it forks next. With ``s3_pool``, a
+        second pool does the same from S3 into a home with nothing installed, as at scale:
+        its first worker fetches the model into that home's host tier and packs it."""
         from ember_functions.loading import WeightsSource
 
         worker = self._spawn("host", zygote)
@@ -148,6 +165,19 @@ class ModelRun:
         zygote.prepare(
             self.encoder.tokenizer.source_dir,
             weights=WeightsSource(self.home, self.name, self._store("prewarmed")),
+        )
+        if not s3_pool:
+            return
+        worker = self._spawn("prewarmed_s3", zygote, self.s3_home)
+        try:
+            if not worker.wait_packed(timeout_s=900):
+                raise RuntimeError(f"worker {worker.worker_id} never packed its matrices")
+            self.s3_encoder = worker.prompts
+        finally:
+            worker.close()
+        zygote.prepare(
+            self.s3_encoder.tokenizer.source_dir,
+            weights=WeightsSource(self.s3_home, self.name, self._store("prewarmed_s3")),
         )
 
     def prepare_tiers(self) -> None:
@@ -218,7 +248,9 @@ class ModelRun:
         if state == "disk":
             _io_limits.evict_page_cache(_io_limits.tree_files(self.home / "cache"))
         t0 = time.perf_counter()
-        worker = self._spawn(state, zygote if state == "prewarmed" else None, home)
+        forked = state.startswith("prewarmed")
+        pool_home = self.s3_home if state == "prewarmed_s3" else home
+        worker = self._spawn(state, zygote if forked else None, pool_home)
         try:
             first, _ = _first_token(worker, state)
             ttft = time.perf_counter() - t0

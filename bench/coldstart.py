@@ -22,6 +22,11 @@ For one request (a short chat prompt, one generated token), from the moment it a
   (imports done; the model's tokenizer parsed and its host-tier chunks checked once the
   first worker reported it) with the weights in the host tier, as ``host`` has them;
   the router reuses the first worker's prompt encoder;
+- ``prewarmed_s3``: the same in a pool as at scale: its origin is S3 and its home has
+  nothing installed; the pool's first worker fetched the model into the host tier and
+  packed it there, then the zygote was prepared for that source, as ``prewarmed``'s
+  (before 2026-12-06, third session, that prepare was refused, the model not being
+  installed, so each such worker checked its chunks and read the manifest from S3);
 - ``ready``: a READY worker that has served one request and, idle since, cached the
   chat template's preamble (the public prefix every tenant's chats share: 23 of this
   prompt's 37 tokens on SmolLM2) and packed its matrices, as it does once idle. The same
@@ -63,7 +68,7 @@ from _coldstart_report import PHASES, draw, print_table
 from _coldstart_states import ModelRun
 
 ROOT = Path(__file__).resolve().parents[1]
-STATES = ("object", "disk", "host", "prewarmed", "ready")
+STATES = ("object", "disk", "host", "prewarmed", "prewarmed_s3", "ready")
 MODELS = ("smollm2", "llama-1b")  # SmolLM2-135M as installed; the ~1B random-init Llama
 # The repo's package directories, as scripts/setup.sh byte-compiles them.
 PACKAGES = (
@@ -97,8 +102,9 @@ def run_model(
                 run, name, model_dir, rounds=rounds, threads=threads, peers=peers, states=states
             )
         finally:
-            # The host tier is RAM (tmpfs) outside the temporary home: give it back.
-            shutil.rmtree(run.host_root, ignore_errors=True)
+            # The host tiers are RAM (tmpfs) outside the temporary homes: give them back.
+            for root in run.host_roots:
+                shutil.rmtree(root, ignore_errors=True)
 
 
 def _measure_model(
@@ -122,7 +128,7 @@ def _measure_model(
     floor: list[float] = []
     peer_errors: dict[str, str] = {}
     with Zygote.start(zygote_id=f"cs{os.getpid()}") as zygote:
-        run.first_worker(zygote)
+        run.first_workers(zygote, s3_pool="prewarmed_s3" in states)
         for r in range(rounds):
             for state in states:
                 t, p, where = run.measure(state, zygote)

@@ -37,7 +37,7 @@ def test_what_the_child_did_comes_back_and_it_ran_in_another_process(
     assert ahead is not None and len(ahead.verified) == 1
     (key,) = ahead.verified.as_dict()
     assert key.startswith("ran-in-") and key != f"ran-in-{os.getpid()}"
-    assert ahead.verified.as_dict()[key] == [1, 2, 3, 4]
+    assert ahead.verified.as_dict()[key] == [[1, 2, 3, 4]]
     assert isinstance(ahead.manifest, Manifest) and ahead.manifest == manifest
     assert (ahead.bytes_read, ahead.fetched_bytes) == (7, 5)
     assert child.result() is ahead  # waited for once

@@ -47,42 +47,50 @@ class FileIdentity(NamedTuple):
 
 
 class VerifiedCopies:
-    """Chunk key -> the file whose bytes matched the chunk's checksum. Filled by one
-    thread and read after it is done (a future's result, a joined thread)."""
+    """Chunk key -> the files whose bytes matched the chunk's checksum: one per tier
+    checked (a zygote prepared for two pools of one model, each with its own host tier,
+    holds both pools' checks). Filled by one thread and read after it is done (a
+    future's result, a joined thread)."""
 
     def __init__(self) -> None:
-        self._files: dict[str, FileIdentity] = {}
+        self._files: dict[str, set[FileIdentity]] = {}
 
     def add(self, key: str, identity: FileIdentity) -> None:
-        self._files[key] = identity
+        self._files.setdefault(key, set()).add(identity)
 
     def update(self, other: VerifiedCopies) -> None:
-        """Adds ``other``'s checks (a later check of a key replaces an earlier one)."""
-        self._files.update(other._files)
+        """Adds ``other``'s checks to these."""
+        for key, identities in other._files.items():
+            self._files.setdefault(key, set()).update(identities)
 
     def covers(self, key: str, path: Path) -> bool:
-        """True if ``path`` still names the file that was checked for ``key``."""
-        identity = self._files.get(key)
-        if identity is None:
+        """True if ``path`` still names a file that was checked for ``key``."""
+        identities = self._files.get(key)
+        if not identities:
             return False
         try:
-            return FileIdentity.of(os.stat(path)) == identity
+            return FileIdentity.of(os.stat(path)) in identities
         except OSError:
             return False
 
     def __len__(self) -> int:
-        return len(self._files)
+        """Files checked."""
+        return sum(len(identities) for identities in self._files.values())
 
-    def as_dict(self) -> dict[str, list[int]]:
-        """Key -> [device, inode, size, mtime_ns]: JSON for another process (a worker's
-        readahead child hands its checks back so)."""
-        return {key: list(identity) for key, identity in self._files.items()}
+    def as_dict(self) -> dict[str, list[list[int]]]:
+        """Key -> [[device, inode, size, mtime_ns], ...]: JSON for another process (a
+        worker's readahead child hands its checks back so)."""
+        return {
+            key: [list(identity) for identity in sorted(identities)]
+            for key, identities in self._files.items()
+        }
 
     @classmethod
-    def from_dict(cls, found: dict[str, list[int]]) -> VerifiedCopies:
+    def from_dict(cls, found: dict[str, list[list[int]]]) -> VerifiedCopies:
         copies = cls()
-        for key, identity in found.items():
-            copies.add(key, FileIdentity(*(int(v) for v in identity)))
+        for key, identities in found.items():
+            for identity in identities:
+                copies.add(key, FileIdentity(*(int(v) for v in identity)))
         return copies
 
 
