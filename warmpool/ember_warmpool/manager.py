@@ -34,16 +34,17 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
-from ember_core import EngineError, RateLimitError
+from ember_core import EngineError
 from ember_functions.engine_config import EngineConfig
 from ember_functions.launch import Launcher
 from ember_functions.loading import StoreConfig, WeightsSource
 from ember_functions.prompt import PromptEncoder
 from ember_functions.worker_process import WorkerProcess
+from ember_warmpool.admission import Admission
 from ember_warmpool.forecast import Forecaster
 from ember_warmpool.placement import place
 from ember_warmpool.policy import Decision, PoolPolicy, decide, start_hold
@@ -90,7 +91,6 @@ class ModelPool:
         self.release_host_tier = release_host_tier
         self.host_tier_released_bytes = 0
         self.home = home
-        self.max_queue = max_queue
         self.pool_id = (
             pool_id or f"{re.sub(r'[^A-Za-z0-9]+', '-', Path(model).name)[:24]}-{os.getpid()}"
         )
@@ -115,8 +115,9 @@ class ModelPool:
         self._members = PoolMembers(model)
         self._promoting: set[str] = set()
         self._placing: dict[str, int] = {}  # worker id -> requests chosen, not yet sent
-        self._queued = 0
-        self._arrivals = 0  # since the last tick, for the forecaster
+        self._admission = Admission(
+            model, cond=self._cond, max_queue=max_queue, retry_after_s=service_s, clock=clock
+        )
         self._load_failures = 0
         self._last_failure: tuple[float, str] | None = None
         self._accounts = PoolAccounts()  # for /metrics and bench/trace.py
@@ -196,27 +197,11 @@ class ModelPool:
     def admit(self) -> float:
         """Counts a request's arrival (the forecaster's input) and returns its time for
         :meth:`placed`, or refuses it now (429) when the queue for workers is full."""
-        with self._cond:
-            self._arrivals += 1
-            if self._queued >= self.max_queue:
-                raise RateLimitError(
-                    f"{self.max_queue} requests already wait for a {self.model} worker; "
-                    "retry shortly",
-                    retry_after_s=max(1.0, self._service_s),
-                )
-            return self._clock()
+        return self._admission.admit()
 
-    @contextmanager
-    def waiting(self) -> Iterator[None]:
+    def waiting(self) -> AbstractContextManager[None]:
         """Counts the caller as queued for a worker while inside, and wakes the policy."""
-        with self._cond:
-            self._queued += 1
-            self._cond.notify_all()
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._queued -= 1
+        return self._admission.waiting()
 
     def held_back(self) -> str | None:
         """Why no worker can come for a waiting request (the model keeps failing to load
@@ -236,7 +221,11 @@ class ModelPool:
 
     @property
     def queued(self) -> int:
-        return self._queued
+        return self._admission.queued
+
+    @property
+    def max_queue(self) -> int:
+        return self._admission.max_queue
 
     @property
     def load_failures(self) -> int:
@@ -303,7 +292,7 @@ class ModelPool:
             ended = self._members.sweep(now, health_timeout_s=self._health_timeout_s)
             for worker in ended:
                 self._retire(worker.worker_id)
-            arrivals, self._arrivals = self._arrivals, 0
+            arrivals = self._admission.take_arrivals()
             view = self._view()
         for worker in ended:
             log.warning(
@@ -327,7 +316,7 @@ class ModelPool:
 
     def _view(self) -> PoolView:  # under the lock
         return self._members.view(
-            queued=self._queued,
+            queued=self._admission.queued,
             load_failures=self._load_failures,
             last_failure=self._last_failure,
         )
