@@ -18,6 +18,7 @@ and prints an API key for it once: the ledger keeps only the key's salted hash.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import tomllib
 from dataclasses import dataclass, fields
@@ -75,6 +76,13 @@ class ServeSettings:
     # and given back at shutdown (ember_warmpool.host_sharing). 0 turns the tier off; a
     # size keeps it as a cache across restarts.
     host_cache_mib: int | None = None
+    # Where workers fetch the weights: "" (the model installed in the home, as `ember
+    # models add` leaves it) or s3://bucket/prefix (put there by `ember models push`):
+    # nothing is installed here then, and each worker's readahead fetches what the
+    # machine's tiers lack while it imports torch. weights_endpoint_url: an
+    # S3-compatible endpoint ("": AWS's); credentials come from the environment.
+    weights_origin: str = ""
+    weights_endpoint_url: str = ""
 
     def __post_init__(self) -> None:
         ints = {f.name for f in fields(self) if f.type in ("int", int)}
@@ -87,6 +95,16 @@ class ServeSettings:
             raise ConfigError(
                 f"host_cache_mib must be an integer >= 0 (0 turns the host tier off) or "
                 f'"auto", got {mib!r}'
+            )
+        if self.weights_origin and not self.weights_origin.startswith("s3://"):
+            raise ConfigError(
+                f"weights_origin must be empty (the model installed in the home) or "
+                f"s3://bucket/prefix, got {self.weights_origin!r}"
+            )
+        if self.weights_endpoint_url and not self.weights_origin:
+            raise ConfigError(
+                "weights_endpoint_url is set but weights_origin is not; set weights_origin "
+                "to the s3://bucket/prefix the model was pushed to"
             )
         if not 1 <= self.port <= 65535:
             raise ConfigError(f"port must be 1-65535, got {self.port}")
@@ -203,16 +221,34 @@ def build_app(settings: ServeSettings, *, out: TextIO) -> Any:
 
     home = Path(settings.home) if settings.home else default_home()
     home.mkdir(parents=True, exist_ok=True)
-    model_dir = resolve_model_dir(ModelCatalog(home), settings.model, err=out)  # installs
     config = EngineConfig(num_threads=settings.threads or None, max_num_seqs=settings.max_num_seqs)
-    ledger = settings.ledger_url or f"sqlite:///{home / 'ledger.db'}"
-    billing = BillingService(ledger)
     policy = settings.pool_policy()
+    origin = None
+    if settings.weights_origin:
+        origin = StoreConfig(
+            origin=settings.weights_origin,
+            endpoint_url=settings.weights_endpoint_url or None,
+        )
+        model_dir = home  # unused: nothing is installed, the workers load from the origin
+        weights_bytes = _origin_weights_bytes(origin, settings.model)
+    else:
+        model_dir = resolve_model_dir(ModelCatalog(home), settings.model, err=out)  # installs
+        weights_bytes = 0
     if settings.host_cache_mib is None:
-        store, sharing = auto_host_sharing(model_dir, max_workers=policy.max_workers, home=home)
+        store, sharing = auto_host_sharing(
+            model_dir,
+            max_workers=policy.max_workers,
+            home=home,
+            origin=origin,
+            weights_bytes=weights_bytes,
+        )
         print(sharing.reason, file=out)
     else:
-        store = StoreConfig(host_cache_bytes=settings.host_cache_mib << 20)
+        store = dataclasses.replace(
+            origin or StoreConfig(), host_cache_bytes=settings.host_cache_mib << 20
+        )
+    ledger = settings.ledger_url or f"sqlite:///{home / 'ledger.db'}"
+    billing = BillingService(ledger)
     zygote = Zygote.start(zygote_id=f"serve-{os.getpid()}") if settings.zygote else None
     pool = ModelPool(
         settings.model,
@@ -259,6 +295,23 @@ def build_app(settings: ServeSettings, *, out: TextIO) -> Any:
 
     app.router.add_event_handler("shutdown", close)
     return app
+
+
+def _origin_weights_bytes(origin: Any, model: str) -> int:
+    """The decoded size of ``model``'s weights in ``origin`` (a ``StoreConfig`` with an
+    S3 origin), from its manifest; a clear error before any worker starts if it is not
+    there or the endpoint cannot be reached."""
+    from ember_core import EmberError
+    from ember_weights_store import WeightsStore
+
+    try:
+        manifest = WeightsStore([origin.origin_tier()]).manifest(model)
+    except EmberError as exc:
+        raise ConfigError(
+            f"cannot serve {model!r} from {origin.origin}: {exc.message}; push it there "
+            f"with `ember models push {model} {origin.origin}`"
+        ) from None
+    return sum(manifest.buffer_sizes.values())
 
 
 def _bootstrap(billing: Any, model: str, s: ServeSettings, out: TextIO) -> None:
@@ -310,6 +363,19 @@ def register(sub: Any) -> None:
         dest="host_cache_mib",
         default=None,
         help='host RAM the workers share the model in: "auto" (default), MiB, or 0 (off)',
+    )
+    p.add_argument(
+        "--weights-origin",
+        dest="weights_origin",
+        default=None,
+        help="s3://bucket/prefix the model was pushed to: workers load from there, "
+        "nothing is installed here (default: the model installed in the home)",
+    )
+    p.add_argument(
+        "--weights-endpoint-url",
+        dest="weights_endpoint_url",
+        default=None,
+        help="S3-compatible endpoint of --weights-origin (default: AWS)",
     )
     p.add_argument("--log-level", dest="log_level", default=None)
     p.set_defaults(serve_handler=cmd_serve)

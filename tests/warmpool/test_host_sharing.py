@@ -38,6 +38,27 @@ def test_several_workers_get_room_for_their_packed_and_bound_copies() -> None:
     assert "disk tier" in plan.reason
 
 
+def test_a_model_fetched_from_s3_keeps_its_chunks_in_the_tier_too(tmp_path: Path) -> None:
+    from ember_functions.loading import StoreConfig
+
+    plan = plan_host_sharing(
+        max_workers=4, checkpoint_bytes=270 * MIB, shm_free_bytes=12 * GIB, holds_chunks=True
+    )
+    assert plan.budget_bytes == 5 * 270 * MIB and "fetched from the origin" in plan.reason
+    origin = StoreConfig(origin="s3://models/team", endpoint_url="http://127.0.0.1:9")
+    store, plan = auto_host_sharing(
+        tmp_path / "unused",  # nothing installed: the size comes from the manifest
+        max_workers=2,
+        home=tmp_path / "home",
+        shm=tmp_path,
+        origin=origin,
+        weights_bytes=4000,
+    )
+    assert plan.enabled and store.host_cache_bytes == 5 * 4000
+    assert store.host_chunks and store.origin == origin.origin  # chunks land in host RAM
+    assert store.endpoint_url == origin.endpoint_url
+
+
 def test_the_budget_never_takes_more_than_half_of_free_shm() -> None:
     plan = plan_host_sharing(max_workers=2, checkpoint_bytes=2 * GIB, shm_free_bytes=10 * GIB)
     assert plan.budget_bytes == 5 * GIB  # not the 8 GiB it would like

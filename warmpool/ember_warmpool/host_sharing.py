@@ -25,6 +25,7 @@ is a cache kept across restarts instead.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,11 +63,14 @@ def plan_host_sharing(
     checkpoint_bytes: int,
     shm_free_bytes: int,
     served_from_dir: Path | None = None,
+    holds_chunks: bool = False,
 ) -> HostSharingPlan:
     """The host tier a pool of up to ``max_workers`` workers of a ``checkpoint_bytes``
     model gets, with ``shm_free_bytes`` free in /dev/shm. ``served_from_dir`` is the
     directory of a model served from there rather than installed in the home: its
     workers read the directory and never the store, so a tier would hold nothing.
+    ``holds_chunks``: the tier holds the decoded chunks too (a model fetched from S3): a
+    checkpoint more.
 
     Example::
 
@@ -84,7 +88,7 @@ def plan_host_sharing(
             "which each worker reads on its own; to have the workers share one copy in "
             f"host RAM, run `ember models import {served_from_dir} --name NAME` and serve NAME",
         )
-    want = _CHECKPOINT_MULTIPLE * checkpoint_bytes
+    want = (_CHECKPOINT_MULTIPLE + holds_chunks) * checkpoint_bytes
     allowed = int(shm_free_bytes * _SHM_SHARE)
     # One packed copy in the checkpoint's dtype must fit, or sharing saves little.
     least = checkpoint_bytes
@@ -96,11 +100,15 @@ def plan_host_sharing(
             "/dev/shm (docker run --shm-size) or set host_cache_mib",
         )
     budget = min(want, allowed)
+    weights = (
+        "the weights fetched from the origin are kept there too"
+        if holds_chunks
+        else "the weights they map from the disk tier"
+    )
     return HostSharingPlan(
         budget,
         f"workers share the model's packed copies in host RAM (/dev/shm): a tier of up "
-        f"to {budget // _MIB} MiB, given back when the pool closes; the weights they map "
-        "from the disk tier",
+        f"to {budget // _MIB} MiB, given back when the pool closes; {weights}",
     )
 
 
@@ -120,7 +128,13 @@ def shm_free_bytes(shm: Path = Path("/dev/shm")) -> int:
 
 
 def auto_host_sharing(
-    model_dir: Path, *, max_workers: int, home: Path, shm: Path = Path("/dev/shm")
+    model_dir: Path,
+    *,
+    max_workers: int,
+    home: Path,
+    shm: Path = Path("/dev/shm"),
+    origin: StoreConfig | None = None,
+    weights_bytes: int = 0,
 ) -> tuple[StoreConfig, HostSharingPlan]:
     """The store a pool of the model in ``model_dir`` runs on when nobody set a host
     tier budget, and the plan behind it.
@@ -131,6 +145,11 @@ def auto_host_sharing(
     left behind, which would otherwise hold RAM until reboot and shrink the free
     /dev/shm this plan measures. A tier another live pool uses is left alone: that pool
     gives it back itself.
+
+    With ``origin`` (a store whose origin is S3: the model is not installed in the home,
+    and ``model_dir`` is unused) and the model's ``weights_bytes`` (from its manifest),
+    the tier holds the fetched chunks too: the machine's one decoded copy of them, which
+    a new worker's readahead fills while it imports and later workers map.
 
     Example::
 
@@ -143,6 +162,14 @@ def auto_host_sharing(
     tier = _tier_of(catalog)
     if tier is not None:
         tier.release_abandoned()
+    if origin is not None:
+        plan = plan_host_sharing(
+            max_workers=max_workers,
+            checkpoint_bytes=weights_bytes,
+            shm_free_bytes=shm_free_bytes(shm),
+            holds_chunks=True,
+        )
+        return dataclasses.replace(origin, host_cache_bytes=plan.budget_bytes), plan
     plan = plan_host_sharing(
         max_workers=max_workers,
         checkpoint_bytes=checkpoint_bytes(model_dir),
