@@ -301,16 +301,18 @@ def _origin_weights_bytes(origin: Any, model: str) -> int:
     """The decoded size of ``model``'s weights in ``origin`` (a ``StoreConfig`` with an
     S3 origin), from its manifest; a clear error before any worker starts if it is not
     there or the endpoint cannot be reached."""
-    from ember_core import EmberError
+    from ember_core import EmberError, NotFoundError
     from ember_weights_store import WeightsStore
 
     try:
         manifest = WeightsStore([origin.origin_tier()]).manifest(model)
-    except EmberError as exc:
+    except NotFoundError:
         raise ConfigError(
-            f"cannot serve {model!r} from {origin.origin}: {exc.message}; push it there "
-            f"with `ember models push {model} {origin.origin}`"
+            f"{model!r} is not in {origin.origin}; push it there first: "
+            f"`ember models push {model} {origin.origin}`"
         ) from None
+    except EmberError as exc:  # unreachable, no such bucket, no credentials...
+        raise ConfigError(f"cannot read {model!r} from {origin.origin}: {exc.message}") from None
     return sum(manifest.buffer_sizes.values())
 
 

@@ -34,6 +34,29 @@ def test_weights_origin_settings_are_checked() -> None:
         ServeSettings(weights_endpoint_url="http://127.0.0.1:9000")
 
 
+def test_a_model_not_in_the_origin_is_refused_before_any_worker_starts(
+    tmp_path: Path, s3_endpoint: str
+) -> None:
+    import boto3
+
+    from ember_platform.serve import build_app
+
+    def serve(origin: str) -> None:
+        settings = ServeSettings(
+            model="tiny",
+            home=str(tmp_path / "home"),
+            weights_origin=origin,
+            weights_endpoint_url=s3_endpoint,
+        )
+        build_app(settings, out=io.StringIO())
+
+    with pytest.raises(ConfigError, match="cannot read 'tiny' from s3://nobucket/team"):
+        serve("s3://nobucket/team")
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="models")
+    with pytest.raises(ConfigError, match="ember models push tiny s3://models/team"):
+        serve("s3://models/team")
+
+
 @pytest.mark.slow
 def test_a_pool_serves_a_model_pushed_to_s3_with_nothing_installed(
     tiny_model: Callable[..., Path],
