@@ -6,6 +6,7 @@ components that never touch a model stays fast.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -128,6 +129,27 @@ def s3_endpoint(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
         monkeypatch.setenv(var, value)
     yield f"http://127.0.0.1:{port}"
     server.stop()
+
+
+@pytest.fixture
+def child_states() -> Callable[[int], dict[int, str]]:
+    """``pid``'s child processes, each with its state letter from /proc (``R``, ``S``,
+    ``Z`` for a zombie nobody reaped...)."""
+
+    def states(pid: int) -> dict[int, str]:
+        found = {}
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/stat") as f:
+                        fields = f.read().rpartition(")")[2].split()
+                except OSError:
+                    continue  # it exited meanwhile
+                if int(fields[1]) == pid:
+                    found[int(entry)] = fields[0]
+        return found
+
+    return states
 
 
 @pytest.fixture

@@ -108,23 +108,10 @@ def test_promoting_a_worker_that_serves_is_refused(
         worker.promote()
 
 
-def _child_states(pid: int) -> list[str]:
-    """The states (``R``, ``S``, ``Z``...) of ``pid``'s child processes, zombies included."""
-    states = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rpartition(")")[2].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                states.append(fields[0])
-    return states
-
-
 def test_a_new_interpreter_parked_at_process_reaps_its_readahead_child(
-    tiny_model: Callable[..., Path], tmp_path: Path
+    tiny_model: Callable[..., Path],
+    tmp_path: Path,
+    child_states: Callable[[int], dict[int, str]],
 ) -> None:
     # A new interpreter forks a readahead child before importing torch; parked at
     # PROCESS it loads nothing, so nothing else would wait for that child.
@@ -138,7 +125,7 @@ def test_a_new_interpreter_parked_at_process_reaps_its_readahead_child(
     try:
         assert worker.warmth is Warmth.PROCESS
         deadline = time.monotonic() + 10
-        while states := _child_states(worker.proc.pid):
+        while states := child_states(worker.proc.pid):
             assert time.monotonic() < deadline, f"the worker's children stay: {states}"
             time.sleep(0.05)
         worker.promote()  # what the child did is still there for the load

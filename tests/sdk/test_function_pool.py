@@ -72,20 +72,6 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
-def children(pid: int) -> set[int]:
-    found = set()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rpartition(")")[2].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid and fields[0] != "Z":
-                found.add(int(entry))
-    return found
-
-
 def test_pooled_function_matches_in_process_streams_maps_and_runs_async(
     backend: EmbeddedBackend, model: str
 ) -> None:
@@ -198,7 +184,12 @@ def test_unknown_model_is_the_usual_error(backend: EmbeddedBackend, tmp_path: Pa
         missing()
 
 
-def test_close_stops_workers_and_zygote(model: str, tmp_path: Path) -> None:
+def test_close_stops_workers_and_zygote(
+    model: str, tmp_path: Path, child_states: Callable[[int], dict[int, str]]
+) -> None:
+    def children(pid: int) -> set[int]:  # live ones: a zombie has exited
+        return {child for child, state in child_states(pid).items() if state != "Z"}
+
     before = children(os.getpid())
     embedded = EmbeddedBackend(str(tmp_path / "home"), engine_config=engine_config())
     llm.use_backend(embedded)
