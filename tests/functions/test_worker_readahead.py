@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -114,14 +115,15 @@ def test_a_zygote_prepared_for_an_s3_origin_hands_its_workers_the_manifest(
     from ember_weights_store.s3_tier import S3Tier
     from ember_weights_store.store import manifest_key
 
-    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="models")
-    origin = S3Tier(bucket="models", prefix="ember", endpoint_url=s3_endpoint)
+    bucket = f"zygote-{uuid.uuid4().hex[:12]}"  # moto's buckets outlive a test: this one's own
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
+    origin = S3Tier(bucket=bucket, prefix="ember", endpoint_url=s3_endpoint)
     ModelCatalog(tmp_path / "publisher").store(origin=origin).import_hf_dir(
         tiny_model("llama"), model_id="tiny"
     )
     home = tmp_path / "fresh"  # nothing installed: the model is the origin's
     store = StoreConfig(
-        origin="s3://models/ember", endpoint_url=s3_endpoint, host_cache_bytes=64 << 20
+        origin=f"s3://{bucket}/ember", endpoint_url=s3_endpoint, host_cache_bytes=64 << 20
     )
     try:
         with Zygote.start(zygote_id=f"ra{os.getpid()}-{time.monotonic_ns()}") as zygote:

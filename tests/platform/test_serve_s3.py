@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import shutil
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -50,11 +51,13 @@ def test_a_model_not_in_the_origin_is_refused_before_any_worker_starts(
         )
         build_app(settings, out=io.StringIO())
 
-    with pytest.raises(ConfigError, match="cannot read 'tiny' from s3://nobucket/team"):
-        serve("s3://nobucket/team")
-    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="models")
-    with pytest.raises(ConfigError, match="ember models push tiny s3://models/team"):
-        serve("s3://models/team")
+    # moto keeps its buckets for the whole test process: names no other test uses.
+    bucket = f"refused-{uuid.uuid4().hex[:12]}"
+    with pytest.raises(ConfigError, match=f"cannot read 'tiny' from s3://{bucket}/team"):
+        serve(f"s3://{bucket}/team")
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
+    with pytest.raises(ConfigError, match=f"ember models push tiny s3://{bucket}/team"):
+        serve(f"s3://{bucket}/team")
 
 
 @pytest.mark.slow
@@ -70,8 +73,9 @@ def test_a_pool_serves_a_model_pushed_to_s3_with_nothing_installed(
 
     publisher = tmp_path / "publisher"
     shutil.copytree(tiny_model("llama"), publisher / "models" / "tiny")
-    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="models")
-    url = "s3://models/team"
+    bucket = f"pool-{uuid.uuid4().hex[:12]}"  # moto's buckets outlive a test
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
+    url = f"s3://{bucket}/team"
     _cli("--home", str(publisher), "models", "push", "tiny", url, "--endpoint-url", s3_endpoint)
 
     home = tmp_path / "serving"

@@ -225,7 +225,12 @@ class ModelPool:
 
     @property
     def max_queue(self) -> int:
+        """Requests that may wait for a worker before more are refused (429)."""
         return self._admission.max_queue
+
+    @max_queue.setter
+    def max_queue(self, value: int) -> None:
+        self._admission.max_queue = value
 
     @property
     def load_failures(self) -> int:
