@@ -31,6 +31,7 @@ if __name__ == "__main__":
     gc.disable()
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
@@ -42,6 +43,7 @@ from collections.abc import Callable, Mapping  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import TYPE_CHECKING, Any  # noqa: E402
 
+from ember_core import EmberError  # noqa: E402
 from ember_functions.early_readahead import ChildReadahead  # noqa: E402
 from ember_functions.kernel_caches import bound_kernel_caches  # noqa: E402
 from ember_functions.rpc import FrameReader, FrameWriter  # noqa: E402
@@ -326,7 +328,12 @@ def main(
     if verified is not None:
         # The zygote's manifest, if it read this worker's: every worker it forks then loads
         # the same one, and none reads it again (from S3: a client and a GET, ~0.1 s).
-        manifest = (manifests or {}).get(_weights_source(args))
+        manifest = None
+        if manifests:
+            # A bad --store is the loader's to report (FAILED, with the reason), not this
+            # lookup's, which runs before the worker has connected.
+            with contextlib.suppress(EmberError):
+                manifest = manifests.get(_weights_source(args))
         prepared = Readahead(verified=verified, manifest=manifest)
     ahead = child.result if child is not None else (lambda: prepared)
     logging.basicConfig(
