@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,6 @@ import torch
 from ember_core import ContextLengthError, InvalidRequestError, ModelNotFoundError
 from ember_functions.attention import KVCache
 from ember_functions.block_manager import BlockManager
-from ember_functions.bound_cache import BoundCache
 from ember_functions.config import ModelConfig
 from ember_functions.engine_config import EngineConfig
 from ember_functions.host_model import HostModel
@@ -39,13 +38,7 @@ from ember_functions.sequence import (
     Usage,
 )
 from ember_functions.tokenizer import Tokenizer
-from ember_functions.weights import (
-    build_model,
-    checkpoint_dtype,
-    gemv_dtype_for,
-    iter_hf_tensors,
-    resolve_compute_dtype,
-)
+from ember_functions.weights import build_engine_model, checkpoint_dtype, iter_hf_tensors
 from ember_weights_store import LoadReport, WeightsStore
 
 log = logging.getLogger(__name__)
@@ -110,7 +103,7 @@ class LLMEngine:
         aliases: Sequence[str] = (),
     ) -> LLMEngine:
         config = config or EngineConfig()
-        model = _build_model(
+        model = build_engine_model(
             config,
             ModelConfig.from_dir(model_dir),
             iter_hf_tensors(model_dir),
@@ -147,7 +140,7 @@ class LLMEngine:
         """Binds a model already in host RAM: compute dtype, fused layout, KV cache. The
         host copy is left as it was, so a worker can drop the engine and bind again."""
         config = config or EngineConfig()
-        model = _build_model(
+        model = build_engine_model(
             config,
             host.model_config,
             host.tensors.items(),
@@ -382,34 +375,3 @@ class LLMEngine:
                 if out.request_id in parts:
                     parts[out.request_id].append(out)
         return [Completion.from_outputs(parts[rid]) for rid in ids]
-
-
-def _build_model(
-    config: EngineConfig,
-    model_config: ModelConfig,
-    tensors: Iterable[tuple[str, torch.Tensor]],
-    *,
-    weights_dtype: torch.dtype,
-    source: str,
-    bound: Callable[[torch.dtype], BoundCache | None] | None = None,
-) -> LlamaModel:
-    """The one place an engine's settings become a model: threads, compute dtype, and
-    the bf16 copies for single-sequence decode (dtype="auto" only). ``bound`` gives where
-    weights bound in a dtype are kept between workers (see ``bound_cache``)."""
-    device = torch.device(config.device)
-    if device.type == "cpu" and config.num_threads:
-        torch.set_num_threads(config.num_threads)
-    dtype = resolve_compute_dtype(config.dtype, weights_dtype=weights_dtype, device=device)
-    gemv = None
-    if config.gemv_weights and config.dtype == "auto":
-        gemv = gemv_dtype_for(weights_dtype=weights_dtype, compute_dtype=dtype, device=device)
-    return build_model(
-        model_config,
-        tensors,
-        source=source,
-        dtype=dtype,
-        device=device,
-        max_positions=config.max_model_len,
-        gemv_dtype=gemv,
-        bound=bound(dtype) if bound is not None else None,
-    )

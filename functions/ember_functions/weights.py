@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +24,7 @@ from ember_functions.model import LlamaModel
 
 if TYPE_CHECKING:
     from ember_functions.bound_cache import BoundCache
+    from ember_functions.engine_config import EngineConfig
 
 
 def cpu_has_native_bf16() -> bool:
@@ -233,6 +234,37 @@ def build_model(
             {n: t if shared or n in fused_names else t.clone() for n, t in mats.items()},
         )
     return model.eval()
+
+
+def build_engine_model(
+    config: EngineConfig,
+    model_config: ModelConfig,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    *,
+    weights_dtype: torch.dtype,
+    source: str,
+    bound: Callable[[torch.dtype], BoundCache | None] | None = None,
+) -> LlamaModel:
+    """The one place an engine's settings become a model: threads, compute dtype, and
+    the bf16 copies for single-sequence decode (dtype="auto" only). ``bound`` gives where
+    weights bound in a dtype are kept between workers (see ``bound_cache``)."""
+    device = torch.device(config.device)
+    if device.type == "cpu" and config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    dtype = resolve_compute_dtype(config.dtype, weights_dtype=weights_dtype, device=device)
+    gemv = None
+    if config.gemv_weights and config.dtype == "auto":
+        gemv = gemv_dtype_for(weights_dtype=weights_dtype, compute_dtype=dtype, device=device)
+    return build_model(
+        model_config,
+        tensors,
+        source=source,
+        dtype=dtype,
+        device=device,
+        max_positions=config.max_model_len,
+        gemv_dtype=gemv,
+        bound=bound(dtype) if bound is not None else None,
+    )
 
 
 def gemv_dtype_for(
