@@ -212,7 +212,7 @@ def _prepare(message: dict[str, Any], prepared: _Prepared) -> str | None:
         weights = message.get("weights")
         if weights:
             source = WeightsSource.from_dict(weights)
-            if source.store.origin_tier() is None:  # else the model is the origin's, not installed
+            if not source.store.origin:  # else the model is the origin's, not installed here
                 source.store.catalog(source.home).resolve(source.model)  # a bad name fails here
             prepared.check_in_background(source)
     except Exception as exc:

@@ -204,7 +204,7 @@ def cmd_models_show(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     name = Path(catalog.resolve(args.name)).name
     catalog.ensure_in_store(name)
     m = catalog.store().manifest(name)
-    raw = sum(c.raw_size for c in m.chunks)
+    raw = m.raw_size_bytes
     stored = sum(c.stored_size for c in m.chunks)
     codecs: dict[str, int] = {}
     for c in m.chunks:

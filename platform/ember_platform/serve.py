@@ -211,42 +211,17 @@ def build_app(settings: ServeSettings, *, out: TextIO) -> Any:
     from ember_billing.service import BillingService
     from ember_functions.engine_config import EngineConfig
     from ember_functions.launch import Zygote
-    from ember_functions.loading import StoreConfig, resolve_model_dir
     from ember_platform.gateway import GatewayConfig, create_app
     from ember_platform.pool_router import PoolRouter
     from ember_warmpool.forecast_file import forecast_path
-    from ember_warmpool.host_sharing import auto_host_sharing
     from ember_warmpool.manager import ModelPool
-    from ember_weights_store import ModelCatalog, default_home
+    from ember_weights_store import default_home
 
     home = Path(settings.home) if settings.home else default_home()
     home.mkdir(parents=True, exist_ok=True)
     config = EngineConfig(num_threads=settings.threads or None, max_num_seqs=settings.max_num_seqs)
     policy = settings.pool_policy()
-    origin = None
-    if settings.weights_origin:
-        origin = StoreConfig(
-            origin=settings.weights_origin,
-            endpoint_url=settings.weights_endpoint_url or None,
-        )
-        model_dir = home  # unused: nothing is installed, the workers load from the origin
-        weights_bytes = _origin_weights_bytes(origin, settings.model)
-    else:
-        model_dir = resolve_model_dir(ModelCatalog(home), settings.model, err=out)  # installs
-        weights_bytes = 0
-    if settings.host_cache_mib is None:
-        store, sharing = auto_host_sharing(
-            model_dir,
-            max_workers=policy.max_workers,
-            home=home,
-            origin=origin,
-            weights_bytes=weights_bytes,
-        )
-        print(sharing.reason, file=out)
-    else:
-        store = dataclasses.replace(
-            origin or StoreConfig(), host_cache_bytes=settings.host_cache_mib << 20
-        )
+    store = _pool_store(settings, home=home, max_workers=policy.max_workers, out=out)
     ledger = settings.ledger_url or f"sqlite:///{home / 'ledger.db'}"
     billing = BillingService(ledger)
     zygote = Zygote.start(zygote_id=f"serve-{os.getpid()}") if settings.zygote else None
@@ -297,6 +272,35 @@ def build_app(settings: ServeSettings, *, out: TextIO) -> Any:
     return app
 
 
+def _pool_store(settings: ServeSettings, *, home: Path, max_workers: int, out: TextIO) -> Any:
+    """The ``StoreConfig`` the pool's workers load through: the model installed in the
+    home (installed now if need be) or ``weights_origin``, and the host tier they share it
+    in, the operator's budget or an automatic plan (``ember_warmpool.host_sharing``)."""
+    from ember_functions.loading import StoreConfig, resolve_model_dir
+    from ember_warmpool.host_sharing import auto_host_sharing, auto_host_sharing_from_origin
+    from ember_weights_store import ModelCatalog
+
+    mib = settings.host_cache_mib
+    if settings.weights_origin:  # nothing is installed: the workers load from the origin
+        origin = StoreConfig(
+            origin=settings.weights_origin,
+            endpoint_url=settings.weights_endpoint_url or None,
+        )
+        weights_bytes = _origin_weights_bytes(origin, settings.model)
+        if mib is not None:  # an operator's budget: a cache kept across restarts
+            return dataclasses.replace(origin, host_cache_bytes=mib << 20)
+        store, sharing = auto_host_sharing_from_origin(
+            origin, weights_bytes=weights_bytes, max_workers=max_workers, home=home
+        )
+    else:
+        model_dir = resolve_model_dir(ModelCatalog(home), settings.model, err=out)  # installs
+        if mib is not None:
+            return StoreConfig(host_cache_bytes=mib << 20)
+        store, sharing = auto_host_sharing(model_dir, max_workers=max_workers, home=home)
+    print(sharing.reason, file=out)
+    return store
+
+
 def _origin_weights_bytes(origin: Any, model: str) -> int:
     """The decoded size of ``model``'s weights in ``origin`` (a ``StoreConfig`` with an
     S3 origin), from its manifest; a clear error before any worker starts if it is not
@@ -313,7 +317,7 @@ def _origin_weights_bytes(origin: Any, model: str) -> int:
         ) from None
     except EmberError as exc:  # unreachable, no such bucket, no credentials...
         raise ConfigError(f"cannot read {model!r} from {origin.origin}: {exc.message}") from None
-    return sum(manifest.buffer_sizes.values())
+    return manifest.raw_size_bytes
 
 
 def _bootstrap(billing: Any, model: str, s: ServeSettings, out: TextIO) -> None:

@@ -12,6 +12,7 @@ import pytest
 
 from ember_warmpool.host_sharing import (
     auto_host_sharing,
+    auto_host_sharing_from_origin,
     checkpoint_bytes,
     plan_host_sharing,
     release_host_tier,
@@ -46,13 +47,12 @@ def test_a_model_fetched_from_s3_keeps_its_chunks_in_the_tier_too(tmp_path: Path
     )
     assert plan.budget_bytes == 5 * 270 * MIB and "fetched from the origin" in plan.reason
     origin = StoreConfig(origin="s3://models/team", endpoint_url="http://127.0.0.1:9")
-    store, plan = auto_host_sharing(
-        tmp_path / "unused",  # nothing installed: the size comes from the manifest
+    store, plan = auto_host_sharing_from_origin(
+        origin,  # nothing installed: the size comes from the manifest
+        weights_bytes=4000,
         max_workers=2,
         home=tmp_path / "home",
         shm=tmp_path,
-        origin=origin,
-        weights_bytes=4000,
     )
     assert plan.enabled and store.host_cache_bytes == 5 * 4000
     assert store.host_chunks and store.origin == origin.origin  # chunks land in host RAM

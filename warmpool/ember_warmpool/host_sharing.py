@@ -128,13 +128,7 @@ def shm_free_bytes(shm: Path = Path("/dev/shm")) -> int:
 
 
 def auto_host_sharing(
-    model_dir: Path,
-    *,
-    max_workers: int,
-    home: Path,
-    shm: Path = Path("/dev/shm"),
-    origin: StoreConfig | None = None,
-    weights_bytes: int = 0,
+    model_dir: Path, *, max_workers: int, home: Path, shm: Path = Path("/dev/shm")
 ) -> tuple[StoreConfig, HostSharingPlan]:
     """The store a pool of the model in ``model_dir`` runs on when nobody set a host
     tier budget, and the plan behind it.
@@ -146,30 +140,12 @@ def auto_host_sharing(
     /dev/shm this plan measures. A tier another live pool uses is left alone: that pool
     gives it back itself.
 
-    With ``origin`` (a store whose origin is S3: the model is not installed in the home,
-    and ``model_dir`` is unused) and the model's ``weights_bytes`` (from its manifest),
-    the tier holds the fetched chunks too: the machine's one decoded copy of them, which
-    a new worker's readahead fills while it imports and later workers map.
-
     Example::
 
         store, plan = auto_host_sharing(model_dir, max_workers=4, home=default_home())
         print(plan.reason)
     """
-    from ember_weights_store import ModelCatalog
-
-    catalog = ModelCatalog(home)
-    tier = _tier_of(catalog)
-    if tier is not None:
-        tier.release_abandoned()
-    if origin is not None:
-        plan = plan_host_sharing(
-            max_workers=max_workers,
-            checkpoint_bytes=weights_bytes,
-            shm_free_bytes=shm_free_bytes(shm),
-            holds_chunks=True,
-        )
-        return dataclasses.replace(origin, host_cache_bytes=plan.budget_bytes), plan
+    catalog = _released_abandoned(home)
     plan = plan_host_sharing(
         max_workers=max_workers,
         checkpoint_bytes=checkpoint_bytes(model_dir),
@@ -177,6 +153,48 @@ def auto_host_sharing(
         served_from_dir=None if catalog.loads_through_store(model_dir) else Path(model_dir),
     )
     return StoreConfig(host_cache_bytes=plan.budget_bytes, host_chunks=False), plan
+
+
+def auto_host_sharing_from_origin(
+    origin: StoreConfig,
+    *,
+    weights_bytes: int,
+    max_workers: int,
+    home: Path,
+    shm: Path = Path("/dev/shm"),
+) -> tuple[StoreConfig, HostSharingPlan]:
+    """:func:`auto_host_sharing` for a pool whose model is in ``origin`` (a store with an
+    S3 origin), not installed in ``home``, its decoded size ``weights_bytes`` (from its
+    manifest). The tier holds the fetched chunks too: the machine's one decoded copy of
+    them, which a new worker's readahead fills while it imports and later workers map.
+
+    Example::
+
+        origin = StoreConfig(origin="s3://models/team")
+        store, plan = auto_host_sharing_from_origin(
+            origin, weights_bytes=270 << 20, max_workers=4, home=default_home()
+        )
+    """
+    _released_abandoned(home)
+    plan = plan_host_sharing(
+        max_workers=max_workers,
+        checkpoint_bytes=weights_bytes,
+        shm_free_bytes=shm_free_bytes(shm),
+        holds_chunks=True,
+    )
+    return dataclasses.replace(origin, host_cache_bytes=plan.budget_bytes), plan
+
+
+def _released_abandoned(home: Path) -> ModelCatalog:
+    """``home``'s catalog, after giving back what its host tier holds if no live process
+    uses it (``HostTier.release_abandoned``; see :func:`auto_host_sharing`)."""
+    from ember_weights_store import ModelCatalog
+
+    catalog = ModelCatalog(home)
+    tier = _tier_of(catalog)
+    if tier is not None:
+        tier.release_abandoned()
+    return catalog
 
 
 def release_host_tier(home: Path) -> int:

@@ -301,7 +301,7 @@ def _map_tier(
             tier.delete(c.hash)
             report.discarded.append(f"{tier.name}:{c.hash}")
         return None  # the mapping and pin go with ``buffers``; the copying path refetches
-    report.raw_bytes = sum(c.raw_size for c in manifest.chunks)
+    report.raw_bytes = manifest.raw_size_bytes
     report.stored_bytes = report.raw_bytes
     report.chunks_by_tier = {tier.name: len(manifest.chunks)}
     report.verified_ahead = len(ahead)

@@ -261,6 +261,11 @@ class Manifest:
         object.__setattr__(self, "chunks", chunks)
         object.__setattr__(self, "buffer_sizes", self._check_layout())
 
+    @property
+    def raw_size_bytes(self) -> int:
+        """The model's decoded bytes: every chunk's raw size, the buffers' total."""
+        return sum(self.buffer_sizes.values())
+
     def _check_layout(self) -> dict[str, int]:
         sizes: dict[str, int] = {}
         for c in self.chunks:

@@ -104,8 +104,7 @@ def _landing_tier(store: WeightsStore, manifest: Manifest) -> HostTier | None:
     nearest = next((t for t in store.tiers if t.holds_decoded), None)
     if not isinstance(nearest, HostTier):
         return None
-    model_bytes = sum(c.raw_size for c in manifest.chunks)
-    return nearest if model_bytes <= nearest.budget_bytes else None
+    return nearest if manifest.raw_size_bytes <= nearest.budget_bytes else None
 
 
 def _read_local(
