@@ -2,7 +2,9 @@
 
 - transformers: ``AutoModelForCausalLM.from_pretrained`` from local disk, one token;
 - vLLM's CPU build (``.venv-peers``, from ``bench/setup_peers.sh``; ``enforce_eager=True``);
-- ``import torch`` alone, collector off as in a worker: the floor of any new interpreter.
+- ``import torch`` alone, collector off as in a worker: the floor of any new interpreter
+  that imports all of torch, as the transformers peer does; and the same with the modules
+  a new worker defers (``ember_functions.deferred_imports``): the floor of ours.
 
 Each child prints ``FIRST_TOKEN`` when done; the time is from its start to that line.
 """
@@ -37,13 +39,19 @@ print("FIRST_TOKEN", flush=True)
     return _time_to_marker([sys.executable, "-c", code])
 
 
-def import_torch_s(threads: int) -> float:
+def import_torch_s(threads: int, *, deferred: bool = False) -> float:
     """A fresh interpreter that imports torch and stops: the floor under the three
     new-interpreter states, which import it too (as the transformers peer does). With
     the cyclic collector off while it imports, as a worker imports (0.2-0.3 s less here
-    than a plain ``import torch``), so that the floor is one our workers cannot beat."""
+    than a plain ``import torch``). ``deferred``: with the modules a new worker defers
+    until idle, as it imports them, so that the floor is one our workers cannot beat."""
+    defer = (
+        "from ember_functions.deferred_imports import DeferredImports\n"
+        "deferred = DeferredImports()\ndeferred.start()\n"
+    )
     code = (
-        "import gc\ngc.disable()\nimport torch\n"
+        f"import gc\ngc.disable()\n{defer if deferred else ''}import torch\n"
+        f"{'deferred.stop()' if deferred else ''}\n"
         f"torch.set_num_threads({threads})\nprint('FIRST_TOKEN', flush=True)"
     )
     return _time_to_marker([sys.executable, "-c", code])

@@ -199,9 +199,10 @@ def build_model(
         state = {name: t.to(device=device, dtype=dtype) for name, t in fused.items()}
         if bound is not None and converts:
             bound.store_in_background(state)
-    linear = Linear(device=device, dtype=dtype)  # probes real kernels: outside "meta"
-    with torch.device("meta"):
-        model = LlamaModel(config, linear=linear)
+    linear = Linear(device=device, dtype=dtype)
+    # Its parameters are made on the meta device, each by name (no ``torch.device``
+    # context: that touches ``torch.nested``, which a new worker defers).
+    model = LlamaModel(config, linear=linear)
     expected = dict(model.named_parameters())
     missing = sorted(set(expected) - set(state))
     if missing:

@@ -44,6 +44,7 @@ from pathlib import Path  # noqa: E402
 from typing import TYPE_CHECKING, Any  # noqa: E402
 
 from ember_core import EmberError  # noqa: E402
+from ember_functions.deferred_imports import DeferredImports  # noqa: E402
 from ember_functions.early_readahead import ChildReadahead  # noqa: E402
 from ember_functions.kernel_caches import bound_kernel_caches  # noqa: E402
 from ember_functions.rpc import FrameReader, FrameWriter  # noqa: E402
@@ -73,7 +74,7 @@ __all__ = ["main"]
 def preload() -> None:
     """Everything a worker imports before it can load a model: the imports phase of a
     cold start, and what the zygote does once for all its children."""
-    import torch.utils._device  # noqa: F401  (torch, and what `with torch.device("meta")` imports)
+    import torch  # noqa: F401
 
     import ember_functions.engine
     import ember_functions.loading  # noqa: F401
@@ -235,6 +236,7 @@ def _serve(
     tokenizers: Mapping[str, Tokenizer],
     child: ChildReadahead | None,
     ahead: Callable[[], Readahead | None],
+    deferred: DeferredImports | None,
 ) -> int:
     """Climbs to ``args.warmth``, then serves or waits to be told to climb further;
     a READY worker told to demote drops its engine and waits at HOST."""
@@ -242,6 +244,8 @@ def _serve(
     heartbeat = Heartbeat(writer)
     heartbeat.start()
     preload()
+    if deferred is not None:
+        deferred.stop()
     phases = {"imports_s": time.perf_counter() - t0}
     loader = _Loader(args, tokenizers, writer, ahead)
     target = args.warmth
@@ -265,7 +269,7 @@ def _serve(
             phases["ready_s"] = time.perf_counter() - since
             sources = loader.chunk_sources(engine.load_report)
             writer.send(_ready_frame(engine, phases, sources))
-            if ServeLoop(engine, inbox, writer).run() == "stop":
+            if ServeLoop(engine, inbox, writer, deferred=deferred).run() == "stop":
                 return 0
             del engine  # demoted: the bound weights and the KV cache go, the host copy stays
             gc.unfreeze()  # the engine's cycles, if any, were frozen with it
@@ -321,9 +325,12 @@ def main(
     # A new interpreter reads and checks its chunks while torch imports, in a child forked
     # now, while this process has one thread (``early_readahead``). A zygote's child has
     # what the zygote checked once for all its children (``zygote.prepare``), if anything.
-    child = None
+    child = deferred = None
     if "torch" not in sys.modules:
         child = ChildReadahead.start(lambda: _weights_source(args).read_ahead())
+        # What serving needs of torch now, the rest once idle (``deferred_imports``).
+        deferred = DeferredImports()
+        deferred.start()
     prepared = None
     if verified is not None:
         # The zygote's manifest, if it read this worker's: every worker it forks then loads
@@ -344,7 +351,8 @@ def main(
     sock.connect(args.socket)
     writer = FrameWriter(sock)
     writer.send({"op": "state", "state": "LOADING", "pid": os.getpid()})
-    return _serve(args, t0, writer, Inbox(FrameReader(sock)), tokenizers or {}, child, ahead)
+    inbox = Inbox(FrameReader(sock))
+    return _serve(args, t0, writer, inbox, tokenizers or {}, child, ahead, deferred)
 
 
 if __name__ == "__main__":

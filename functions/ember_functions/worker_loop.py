@@ -11,6 +11,7 @@ counting the imports phase.
 
 from __future__ import annotations
 
+import gc
 import logging
 import queue
 import threading
@@ -33,6 +34,7 @@ from ember_functions.rpc import (
 )
 
 if TYPE_CHECKING:
+    from ember_functions.deferred_imports import DeferredImports
     from ember_functions.engine import LLMEngine
     from ember_functions.sequence import RequestOutput
 
@@ -108,11 +110,13 @@ class ServeLoop:
         writer: FrameWriter,
         *,
         memory: Callable[[], HostMemory | None] = read_host_memory,
+        deferred: DeferredImports | None = None,
     ) -> None:
         self.engine = engine
         self.inbox = inbox
         self.writer = writer
         self.memory = memory  # host RAM, read before each packing decision
+        self.deferred = deferred  # torch modules a new interpreter left for idle time
         self.demote = False  # the router asked for the engine to go, the weights to stay
         self.pack_s = 0.0  # time spent packing, reported in "packed" frames
 
@@ -130,7 +134,9 @@ class ServeLoop:
         RAM again: short of it, it gives the last packed layer back; with room again, it
         packs the rest once idle (``host_memory.packing_action``). The model's first
         worker, once its packed copy is stored in the host tier, runs on the stored one
-        and frees its own (``Packing.share_stored``), and says so ("packed", shared)."""
+        and frees its own (``Packing.share_stored``), and says so ("packed", shared).
+        Last, a worker started as a new interpreter runs the torch modules it deferred
+        (``deferred_imports``), one between looks at the inbox."""
         engine, wake = self.engine, self.inbox.wake
         settled = False  # packed all it may for now, and said so
         busy_until = time.monotonic()  # when the engine last had work
@@ -173,6 +179,8 @@ class ServeLoop:
                     # as the model's later workers do, and frees its own.
                     self.writer.send(self._packed_frame(None))
                     continue
+                if quiet and settled and self._load_deferred():
+                    continue
                 if settled:
                     wait_s = HEARTBEAT_S
                 elif waiting:  # the other worker's copy may land any moment
@@ -199,6 +207,15 @@ class ServeLoop:
         if outs:  # the router may be gone: then nobody is left to tell
             self.writer.try_send(self._frame(outs))
         return "stop"
+
+    def _load_deferred(self) -> bool:
+        """Runs one deferred torch module; False when none is left."""
+        if self.deferred is None or (name := self.deferred.load_next()) is None:
+            return False
+        log.debug("ran the deferred import of %s", name)
+        if not self.deferred.pending():
+            gc.freeze()  # torch's last modules stay out of the collector's reach, as the rest
+        return True
 
     def _packing_action(self, *, margin_bytes: int = 0) -> tuple[PackAction, str | None]:
         return packing_action(

@@ -38,9 +38,11 @@ def test_coldstart_bench_quick_writes_its_json(
         assert set(result[f"phases_{state}"]) >= {"spawn", "imports", "fetch", "first_token"}
     assert result["ttft_s_transformers"] > 0
     assert "ttft_s_vllm" in result and "speedup_vllm_disk" in result
-    # The floor under every new-interpreter state: importing torch, which they all do.
-    floor_s = result["import_torch_s"]
+    # The floor under every new-interpreter state: importing torch as they all do, with
+    # the modules a new worker defers; all of torch is more.
+    floor_s = result["import_torch_deferred_s"]
     assert 0 < floor_s < min(result[f"ttft_s_{s}"] for s in ("disk", "host")), table
+    assert result["import_torch_s"] > 0
     assert result["speedup_ceiling_new_interpreter"] > result["speedup_host"], table
     # Where the weights came from is what each state claims.
     assert result["tiers"]["object"] == "s3" and result["tiers"]["host"] == "host"

@@ -36,12 +36,33 @@ def test_pool_memory_bench_writes_its_json(
     # reclaimable) either way. So two workers sharing hold far less themselves, and the
     # pool a packed copy less in all (measured: 512 and 280 MiB less; 203 in a cold run).
     assert result["pss_mib_alone_2"] - result["pss_mib_shared_2"] > 400, proc.stdout
-    assert result["ram_mib_alone_2"] - result["ram_mib_shared_2"] > 150, proc.stdout
     assert result["ram_mib_shared_2"] >= result["pss_mib_shared_2"]
     assert result["ram_mib_alone_2"] == result["pss_mib_alone_2"]  # no tier to add
-    assert 200 < result["tier_mib_shared_2"] < 400 and result["tier_mib_alone_2"] == 0
+    assert result["tier_mib_alone_2"] == 0
+    if _computes_bf16():
+        assert result["ram_mib_alone_2"] - result["ram_mib_shared_2"] > 150, proc.stdout
+        assert 200 < result["tier_mib_shared_2"] < 400, proc.stdout
+    else:
+        # A CPU without bf16 compute (AVX2: 2026-12-06, fourth session) binds the bf16
+        # checkpoint as float32 copies, and the tier holds those (513 MiB) beside the
+        # packed float32 copy (513 MiB): the pool pays them once, about what the second
+        # worker's packed copy saves (measured 2508 against 2557 MiB); from a third
+        # worker on, sharing saves a whole packed copy per worker.
+        assert 900 < result["tier_mib_shared_2"] < 1100, proc.stdout
+        assert result["ram_mib_shared_2"] < result["ram_mib_alone_2"] + 100, proc.stdout
     assert result["tier_mib_after_stop_shared_2"] == 0, proc.stdout
     # Alone, both workers pack every layer; shared, one packs for both (the lease).
     assert result["layers_packed_alone_2"] == 2 * result["layers_packed_shared_2"] > 0
     assert result["settle_cpu_s_shared_2"] > 0 and result["settle_peak_private_mib_alone_2"] > 0
-    assert result["settle_peak_anon_mib_alone_2"] > result["settle_peak_anon_mib_shared_2"] > 0
+    assert result["settle_peak_anon_mib_shared_2"] > 0
+    if _computes_bf16():
+        # On float32 CPUs both pools' workers peak at their converted copies while they
+        # settle (measured 2410 shared against 2400 alone).
+        assert result["settle_peak_anon_mib_alone_2"] > result["settle_peak_anon_mib_shared_2"]
+
+
+def _computes_bf16() -> bool:
+    """Whether the engine computes SmolLM2's bf16 checkpoint in bf16 here (dtype auto)."""
+    from ember_functions.weights import cpu_has_native_bf16
+
+    return cpu_has_native_bf16()

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from ember_functions.engine import LLMEngine
 from ember_functions.engine_config import EngineConfig
@@ -69,6 +70,11 @@ def test_a_packed_engine_hands_back_its_mapping_of_the_unpacked_matrices(
     engine = LLMEngine.from_host(host, config=EngineConfig(num_threads=2, kv_cache_bytes=16 << 20))
     if not engine.model.linear.packs:
         pytest.skip("oneDNN packing does not apply on this CPU")
+    if engine.model.dtype != torch.bfloat16:
+        pytest.skip(
+            "this CPU computes SmolLM2's bf16 checkpoint in float32: its bound matrices "
+            "are converted copies, not mappings of the chunk files"
+        )
     prompt = [{"role": "user", "content": "Write a haiku about the sea."}]
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     (want,) = engine.generate([prompt], params)

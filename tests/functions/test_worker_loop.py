@@ -46,11 +46,38 @@ def memory() -> FakeMemory:
 Serving = tuple[LLMEngine, FrameWriter, FrameReader, threading.Thread]
 
 
+class FakeDeferred:
+    """Deferred imports as the loop sees them; records when each was run."""
+
+    def __init__(self, engine: LLMEngine, names: list[str]) -> None:
+        self.engine = engine
+        self.names = names
+        self.ran: list[tuple[str, bool]] = []  # (name, the LM head packed by then)
+
+    def pending(self) -> list[str]:
+        return self.names[len(self.ran) :]
+
+    def load_next(self) -> str | None:
+        pending = self.pending()
+        if not pending:
+            return None
+        self.ran.append((pending[0], self.engine.model.head_packed is not None))
+        return pending[0]
+
+
 @contextmanager
-def serve(engine: LLMEngine, memory: FakeMemory) -> Iterator[Serving]:
+def serve(
+    engine: LLMEngine, memory: FakeMemory, deferred: FakeDeferred | None = None
+) -> Iterator[Serving]:
     """The engine's ServeLoop on a thread, and the router's ends of its socket."""
     worker_end, router_end = socket.socketpair()
-    loop = ServeLoop(engine, Inbox(FrameReader(worker_end)), FrameWriter(worker_end), memory=memory)
+    loop = ServeLoop(
+        engine,
+        Inbox(FrameReader(worker_end)),
+        FrameWriter(worker_end),
+        memory=memory,
+        deferred=deferred,  # type: ignore[arg-type]
+    )
     thread = threading.Thread(target=loop.run, daemon=True)
     thread.start()
     router = FrameWriter(router_end), FrameReader(router_end)
@@ -113,6 +140,23 @@ def test_an_idle_worker_packs_its_matrices_and_still_serves(
     send.send({"op": "stop"})
     thread.join(timeout=10)
     assert not thread.is_alive()
+
+
+def test_an_idle_worker_runs_its_deferred_imports_after_packing(
+    tiny_model: Callable[..., Path], packing_dtype: str, memory: FakeMemory
+) -> None:
+    engine = LLMEngine.from_dir(
+        tiny_model("llama", torch.bfloat16),
+        config=EngineConfig(num_kv_blocks=32, dtype=packing_dtype),
+    )
+    deferred = FakeDeferred(engine, ["torch.export", "torch._meta_registrations"])
+    with serve(engine, memory, deferred):
+        deadline = time.monotonic() + 30
+        while deferred.pending():
+            assert time.monotonic() < deadline, "the idle worker never ran its deferred imports"
+            time.sleep(0.01)
+    # Packing speeds requests up and the imports do not: the matrices come first.
+    assert deferred.ran == [("torch.export", True), ("torch._meta_registrations", True)]
 
 
 def test_a_worker_that_has_just_become_ready_waits_before_packing(

@@ -1,0 +1,186 @@
+"""Parts of torch a new worker interpreter imports only once it is idle.
+
+``import torch`` imports nearly all of torch, ~0.9-1.7 s on this machine's cores: the
+largest phase of a cold start in a new interpreter. Some of it serves only tracing,
+export and tensor types an inference engine never makes:
+
+- ``torch.export`` (and ``torch._export``, which it imports);
+- ``torch._meta_registrations``: the Python meta kernels that fake tensors and the
+  compilers trace with, and the decompositions and references it imports
+  (``torch._decomp``, ``torch._refs``);
+- ``torch.distributed._meta_registrations``: the same for collectives;
+- ``torch.nested`` and ``torch.distributions``.
+
+A worker started as a new interpreter installs :class:`DeferredImports` before it imports
+torch. torch's own ``from torch import export`` then binds a module object that holds its
+name, file and spec but has not run its code; the first access to any other attribute
+runs it, so code that uses one of these modules gets it whole. Modules that take effect
+by being imported (the meta registrations) have no such trigger: the worker runs all of
+them once it is READY and idle (``ServeLoop``), after the work that speeds up requests.
+A worker that has served and idled holds torch as ``import torch`` leaves it.
+
+Deferring changes the order torch's modules import in, and torch has one dependency on
+that order that its imports do not state: ``torch.Generator()`` needs
+``torch._prims.rng_prims`` imported first (it sets the generator's metaclass), which
+``torch._meta_registrations`` used to import. :func:`DeferredImports.stop` imports it
+explicitly. ``tests/functions/test_deferred_imports.py`` checks, in a new interpreter,
+that torch with these modules deferred runs the engine to the same tokens; if a torch
+upgrade adds another such dependency, it fails there.
+
+Only for a worker's own new interpreter: a zygote imports all of torch once for all the
+workers it forks (each would otherwise run the deferred modules again).
+
+Example::
+
+    deferred = DeferredImports()
+    deferred.start()
+    import torch            # without the deferred modules' code
+    deferred.stop()
+    ...
+    while deferred.load_next() is not None:  # once idle: one module at a time
+        pass
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import sys
+import types
+from collections.abc import Sequence
+
+__all__ = ["DEFERRED_TORCH_MODULES", "DeferredImports"]
+
+DEFERRED_TORCH_MODULES = (
+    "torch.export",
+    "torch._meta_registrations",
+    "torch.distributed._meta_registrations",
+    "torch.nested",
+    "torch.distributions",
+)
+
+# What torch needs imported whatever is deferred (see the module's docstring).
+_ALWAYS = ("torch._prims.rng_prims",)
+
+
+class _Deferred(types.ModuleType):
+    """A module whose code has not run yet: any attribute it lacks runs it first."""
+
+    def __getattr__(self, name: str) -> object:
+        _run(self)
+        return getattr(self, name)
+
+
+def _run(module: types.ModuleType) -> None:
+    spec = module.__spec__
+    if spec is None or not isinstance(spec.loader, _DeferringLoader):
+        return  # it ran already (on another path into it)
+    real = spec.loader.real
+    # Back to a plain module with its real loader first: the code it runs may import
+    # itself or read its own source (``inspect``, tracebacks) through its loader.
+    module.__class__ = types.ModuleType
+    spec.loader = real
+    module.__loader__ = real
+    real.exec_module(module)
+
+
+class _DeferringLoader(importlib.abc.Loader):
+    def __init__(self, real: importlib.abc.Loader) -> None:
+        self.real = real
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType | None:
+        return self.real.create_module(spec)
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        module.__class__ = _Deferred  # its code runs on first use, or in load_next
+
+
+class _AlreadyLoaded(importlib.abc.Loader):
+    """Hands the import system a module that was imported while it looked for it.
+
+    The import system then loads whatever spec the module has (not the finder's), so
+    the module wears this loader's spec until loaded, when its own comes back."""
+
+    def __init__(self, module: types.ModuleType) -> None:
+        self.module = module
+        self.own_spec = module.__spec__
+
+    @classmethod
+    def spec_for(cls, module: types.ModuleType) -> importlib.machinery.ModuleSpec:
+        spec = importlib.machinery.ModuleSpec(module.__name__, cls(module))
+        module.__spec__ = spec
+        return spec
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType:
+        return self.module
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        module.__spec__ = self.own_spec
+
+
+class DeferredImports(importlib.abc.MetaPathFinder):
+    """Defers ``names`` (those imported between :meth:`start` and :meth:`stop`) until
+    they are used or :meth:`load_next` runs them."""
+
+    def __init__(self, names: Sequence[str] = DEFERRED_TORCH_MODULES) -> None:
+        self.names = tuple(names)
+        self._deferring = False
+        self._finding = False
+
+    def start(self) -> None:
+        """Defers these modules' code from now on; call it before importing torch."""
+        self._deferring = True
+        if self not in sys.meta_path:
+            sys.meta_path.insert(0, self)
+
+    def stop(self) -> None:
+        """Defers nothing more (an ``import`` of a module still deferred returns it as
+        it is); imports what torch needs whatever was deferred."""
+        self._deferring = False
+        if "torch" in sys.modules:
+            for name in _ALWAYS:
+                importlib.import_module(name)
+
+    def find_spec(
+        self,
+        fullname: str,
+        path: Sequence[str] | None,
+        target: types.ModuleType | None = None,
+    ) -> importlib.machinery.ModuleSpec | None:
+        if self._finding:
+            return None
+        parent = sys.modules.get(fullname.rpartition(".")[0])
+        if isinstance(parent, _Deferred):
+            # A package runs before its submodules, as without deferring; running it may
+            # import the very submodule being looked for.
+            _run(parent)
+            if (module := sys.modules.get(fullname)) is not None:
+                return _AlreadyLoaded.spec_for(module)
+        if not self._deferring or fullname not in self.names:
+            return None
+        self._finding = True  # the real finders' spec, found without this one
+        try:
+            spec = importlib.util.find_spec(fullname)
+        finally:
+            self._finding = False
+        if spec is None or spec.loader is None:
+            return None
+        spec.loader = _DeferringLoader(spec.loader)
+        return spec
+
+    def pending(self) -> list[str]:
+        """The deferred modules whose code has not run yet."""
+        return [n for n in self.names if isinstance(sys.modules.get(n), _Deferred)]
+
+    def load_next(self) -> str | None:
+        """Runs one deferred module's code (a fraction of a second, holding the GIL);
+        returns its name, or None when none is left (this finder then leaves
+        ``sys.meta_path``)."""
+        pending = self.pending()
+        if not pending:
+            if not self._deferring and self in sys.meta_path:
+                sys.meta_path.remove(self)
+            return None
+        _run(sys.modules[pending[0]])
+        return pending[0]

@@ -1,0 +1,186 @@
+"""Deferred imports: modules whose code runs on first use or once the worker is idle.
+
+Pure-Python packages written to ``tmp_path`` show the import semantics; torch itself is
+checked in new interpreters, deferred and not, which must generate the same tokens."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from ember_functions.deferred_imports import DEFERRED_TORCH_MODULES, DeferredImports
+
+Write = Callable[[str, str], None]
+
+
+@pytest.fixture
+def package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Write]:
+    """``write("pkg/mod.py", source)``; the modules each append their name to ``ran``
+    in ``deftest_log`` when their code runs. Leaves sys.modules and sys.meta_path clean."""
+    (tmp_path / "deftest_log.py").write_text("ran = []\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    before_modules, before_path = set(sys.modules), list(sys.meta_path)
+
+    def write(rel: str, source: str) -> None:
+        path = tmp_path / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(source))
+
+    yield write
+    sys.meta_path[:] = before_path
+    for name in set(sys.modules) - before_modules:
+        del sys.modules[name]
+
+
+def _ran() -> list[str]:
+    import deftest_log  # type: ignore[import-not-found]
+
+    return list(deftest_log.ran)
+
+
+def test_a_deferred_module_runs_on_first_use_and_once(package: Write) -> None:
+    package("deftest_a/__init__.py", "from deftest_a import heavy\n")
+    package(
+        "deftest_a/heavy.py",
+        "import deftest_log\ndeftest_log.ran.append(__name__)\nVALUE = 42\n",
+    )
+    deferred = DeferredImports(["deftest_a.heavy"])
+    deferred.start()
+    import deftest_a  # type: ignore[import-not-found]
+
+    deferred.stop()
+    heavy = sys.modules["deftest_a.heavy"]
+    assert _ran() == [] and deferred.pending() == ["deftest_a.heavy"]
+    # What the import system and inspect read does not run it.
+    assert heavy.__file__.endswith("heavy.py") and heavy.__name__ == "deftest_a.heavy"
+    assert _ran() == []
+    assert deftest_a.heavy.VALUE == 42
+    assert _ran() == ["deftest_a.heavy"] and deferred.pending() == []
+    assert deftest_a.heavy.VALUE == 42 and _ran() == ["deftest_a.heavy"]
+    # Its real loader is back: its source can be read, as a traceback would.
+    assert "VALUE = 42" in heavy.__loader__.get_source("deftest_a.heavy")
+
+
+def test_load_next_runs_each_pending_module_then_leaves_the_import_path(
+    package: Write,
+) -> None:
+    for name in ("one", "two"):
+        package(f"deftest_{name}.py", f"import deftest_log\ndeftest_log.ran.append({name!r})\n")
+    deferred = DeferredImports(["deftest_one", "deftest_two", "deftest_never_imported"])
+    deferred.start()
+    import deftest_one  # type: ignore[import-not-found]  # noqa: F401
+    import deftest_two  # type: ignore[import-not-found]  # noqa: F401
+
+    deferred.stop()
+    assert deferred in sys.meta_path
+    assert deferred.load_next() == "deftest_one"
+    assert deferred.load_next() == "deftest_two"
+    assert deferred.load_next() is None
+    assert _ran() == ["one", "two"]
+    assert deferred not in sys.meta_path
+
+
+def test_a_module_imported_after_stop_is_not_deferred(package: Write) -> None:
+    package("deftest_late.py", "import deftest_log\ndeftest_log.ran.append('late')\n")
+    deferred = DeferredImports(["deftest_late"])
+    deferred.start()
+    deferred.stop()
+    import deftest_late  # type: ignore[import-not-found]  # noqa: F401
+
+    assert _ran() == ["late"] and deferred.pending() == []
+
+
+def test_a_submodule_import_runs_its_deferred_package_first(package: Write) -> None:
+    # The package imports the very submodule asked for: each runs once, package first,
+    # and the submodule keeps its own spec.
+    package(
+        "deftest_pkg/__init__.py",
+        "import deftest_log\ndeftest_log.ran.append('pkg')\nfrom deftest_pkg import sub\n",
+    )
+    package("deftest_pkg/sub.py", "import deftest_log\ndeftest_log.ran.append('sub')\nX = 1\n")
+    package("deftest_pkg/other.py", "import deftest_log\ndeftest_log.ran.append('other')\n")
+    deferred = DeferredImports(["deftest_pkg"])
+    deferred.start()
+    import deftest_pkg  # type: ignore[import-not-found]
+
+    deferred.stop()
+    assert _ran() == []
+    import deftest_pkg.sub  # type: ignore[import-not-found]
+
+    assert _ran() == ["pkg", "sub"]
+    assert deftest_pkg.sub.X == 1
+    spec = sys.modules["deftest_pkg.sub"].__spec__
+    assert spec is not None and spec.origin is not None and spec.origin.endswith("sub.py")
+    import deftest_pkg.other  # type: ignore[import-not-found]
+
+    assert _ran() == ["pkg", "sub", "other"]
+
+
+_TORCH_RUN = """
+import json, sys
+from pathlib import Path
+from ember_functions.deferred_imports import DeferredImports
+deferred = DeferredImports()
+if sys.argv[1] == "deferred":
+    deferred.start()
+import torch
+deferred.stop()
+pending = deferred.pending()
+from ember_functions.engine import LLMEngine
+from ember_functions.engine_config import EngineConfig
+from ember_functions.sampling_params import SamplingParams
+engine = LLMEngine.from_dir(
+    Path(sys.argv[2]),
+    config=EngineConfig(dtype="float32", num_kv_blocks=64, block_size=16),
+    model_name="tiny",
+)
+params = [SamplingParams(max_tokens=8, temperature=0.0),
+          SamplingParams(max_tokens=8, temperature=0.8, seed=7)]
+done = engine.generate(["hello there", "a seeded sample"], params)
+pending_after_serving = deferred.pending()
+loaded = []
+while (name := deferred.load_next()) is not None:
+    loaded.append(name)
+export_usable = callable(torch.export.export)
+print(json.dumps({
+    "pending": pending,
+    "pending_after_serving": pending_after_serving,
+    "loaded": loaded,
+    "tokens": [c.token_ids for c in done],
+    "left": deferred.pending(),
+    "export_usable": export_usable,
+}))
+"""
+
+
+@pytest.mark.slow
+def test_torch_with_its_deferred_modules_generates_the_same_tokens(
+    tiny_model: Callable[..., Path],
+) -> None:
+    model_dir = tiny_model("llama")
+
+    def run(mode: str) -> dict[str, object]:
+        proc = subprocess.run(
+            [sys.executable, "-c", _TORCH_RUN, mode, str(model_dir)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads(proc.stdout.splitlines()[-1])
+
+    deferred, full = run("deferred"), run("full")
+    assert full["pending"] == [] and full["loaded"] == []
+    # Nothing the engine does (build on the meta device, bind, greedy and seeded
+    # sampling) runs a deferred module: they all wait for the idle worker.
+    assert deferred["pending"] == list(DEFERRED_TORCH_MODULES)
+    assert deferred["pending_after_serving"] == list(DEFERRED_TORCH_MODULES)
+    assert deferred["tokens"] == full["tokens"]
+    assert deferred["loaded"] == list(DEFERRED_TORCH_MODULES) and deferred["left"] == []
+    assert deferred["export_usable"] is True
