@@ -2,14 +2,16 @@
 
 ``import torch`` imports nearly all of torch, ~0.9-1.7 s on this machine's cores: the
 largest phase of a cold start in a new interpreter. Some of it serves only tracing,
-export and tensor types an inference engine never makes:
+export, training and tensor types an inference engine never makes:
 
 - ``torch.export`` (and ``torch._export``, which it imports);
 - ``torch._meta_registrations``: the Python meta kernels that fake tensors and the
   compilers trace with, and the decompositions and references it imports
   (``torch._decomp``, ``torch._refs``);
 - ``torch.distributed._meta_registrations``: the same for collectives;
-- ``torch.nested`` and ``torch.distributions``.
+- ``torch.nested``, ``torch.distributions``, ``torch.masked`` and ``torch.sparse``: tensor
+  types and distributions an inference engine does not make;
+- ``torch.profiler`` and ``torch.utils.data`` (profiling, and data loaders for training).
 
 A worker started as a new interpreter installs :class:`DeferredImports` before it imports
 torch. torch's own ``from torch import export`` then binds a module object that holds its
@@ -58,6 +60,10 @@ DEFERRED_TORCH_MODULES = (
     "torch.distributed._meta_registrations",
     "torch.nested",
     "torch.distributions",
+    "torch.masked",
+    "torch.sparse",
+    "torch.profiler",
+    "torch.utils.data",
 )
 
 # What torch needs imported whatever is deferred (see the module's docstring).
