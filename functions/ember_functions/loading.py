@@ -85,6 +85,27 @@ class StoreConfig:
         bucket, _, prefix = self.origin.removeprefix("s3://").partition("/")
         return S3Tier(bucket=bucket, prefix=prefix, endpoint_url=self.endpoint_url)
 
+    def origin_raw_size_bytes(self, model: str) -> int:
+        """The decoded size of ``model``'s weights in the origin, from its manifest: a
+        clear error, before any worker starts, where the model is not there or the
+        origin cannot be read."""
+        from ember_core import EmberError, NotFoundError
+        from ember_weights_store import WeightsStore
+
+        tier = self.origin_tier()
+        if tier is None:
+            raise ConfigError("this store has no origin; set origin to s3://bucket/prefix")
+        try:
+            manifest = WeightsStore([tier]).manifest(model)
+        except NotFoundError:
+            raise ConfigError(
+                f"{model!r} is not in {self.origin}; push it there first: "
+                f"`ember models push {model} {self.origin}`"
+            ) from None
+        except EmberError as exc:  # unreachable, no such bucket, no credentials...
+            raise ConfigError(f"cannot read {model!r} from {self.origin}: {exc.message}") from None
+        return manifest.raw_size_bytes
+
 
 @dataclass(frozen=True)
 class WeightsSource:

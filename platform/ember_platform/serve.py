@@ -286,7 +286,7 @@ def _pool_store(settings: ServeSettings, *, home: Path, max_workers: int, out: T
             origin=settings.weights_origin,
             endpoint_url=settings.weights_endpoint_url or None,
         )
-        weights_bytes = _origin_weights_bytes(origin, settings.model)
+        weights_bytes = origin.origin_raw_size_bytes(settings.model)
         if mib is not None:  # an operator's budget: a cache kept across restarts
             return dataclasses.replace(origin, host_cache_bytes=mib << 20)
         store, sharing = auto_host_sharing_from_origin(
@@ -299,25 +299,6 @@ def _pool_store(settings: ServeSettings, *, home: Path, max_workers: int, out: T
         store, sharing = auto_host_sharing(model_dir, max_workers=max_workers, home=home)
     print(sharing.reason, file=out)
     return store
-
-
-def _origin_weights_bytes(origin: Any, model: str) -> int:
-    """The decoded size of ``model``'s weights in ``origin`` (a ``StoreConfig`` with an
-    S3 origin), from its manifest; a clear error before any worker starts if it is not
-    there or the endpoint cannot be reached."""
-    from ember_core import EmberError, NotFoundError
-    from ember_weights_store import WeightsStore
-
-    try:
-        manifest = WeightsStore([origin.origin_tier()]).manifest(model)
-    except NotFoundError:
-        raise ConfigError(
-            f"{model!r} is not in {origin.origin}; push it there first: "
-            f"`ember models push {model} {origin.origin}`"
-        ) from None
-    except EmberError as exc:  # unreachable, no such bucket, no credentials...
-        raise ConfigError(f"cannot read {model!r} from {origin.origin}: {exc.message}") from None
-    return manifest.raw_size_bytes
 
 
 def _bootstrap(billing: Any, model: str, s: ServeSettings, out: TextIO) -> None:

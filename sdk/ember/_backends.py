@@ -2,7 +2,10 @@
 
 Both speak the same small protocol (``Backend``), so a function behaves the same against
 either; ``backend_from_env`` picks one when a function is first called, never at import:
-``EMBER_BASE_URL`` and ``EMBER_API_KEY`` set means the gateway, otherwise embedded.
+``EMBER_BASE_URL`` and ``EMBER_API_KEY`` set means the gateway, otherwise embedded
+(with its weights from ``EMBER_WEIGHTS_ORIGIN``, an ``s3://bucket/prefix`` that
+``ember models push`` filled, where set; ``EMBER_WEIGHTS_ENDPOINT_URL`` for an S3
+endpoint other than AWS's).
 
 A request may carry the warm pool its function declared (``@llm.function(pool=...)``).
 Embedded, it runs in worker processes of that pool (``ember._pools``); over HTTP the
@@ -34,6 +37,7 @@ from ember_core import (
 
 if TYPE_CHECKING:
     from ember._pools import FunctionPools
+    from ember_functions.loading import StoreConfig
     from ember_warmpool import PoolPolicy
     from ember_warmpool.manager import ModelPool
 
@@ -69,6 +73,11 @@ class EmbeddedBackend:
     backend, all started on the first pooled call (see ``ember._pools``). ``close()``, and
     interpreter exit, stop the engines, the pools' workers and the zygote.
 
+    With ``weights_origin`` (``s3://bucket/prefix``, filled by ``ember models push``),
+    models come from there, as at scale: nothing is installed in the home, a pool's
+    workers fetch into the host tier they share, and a model the origin lacks fails on
+    the first call that names it, with the command that pushes it.
+
     Example::
 
         backend = EmbeddedBackend(engine_config=EngineConfig(num_threads=2))
@@ -76,6 +85,8 @@ class EmbeddedBackend:
         ...
         backend.pools()     # {(model, policy): ModelPool} of the pools started so far
         backend.close()
+
+        EmbeddedBackend(weights_origin="s3://models/team")  # the team's pushed models
     """
 
     def __init__(
@@ -84,10 +95,13 @@ class EmbeddedBackend:
         *,
         engine_config: Any = None,
         queue_timeout_s: float = 120.0,
+        weights_origin: str | None = None,
+        weights_endpoint_url: str | None = None,
     ) -> None:
         self.home = home
         self.engine_config = engine_config  # an EngineConfig; None: the engine's defaults
         self.queue_timeout_s = queue_timeout_s  # a pooled call's wait for a worker: then 503
+        self.origin = _origin(weights_origin, weights_endpoint_url)
         self._services: dict[str, Any] = {}
         self._pools: FunctionPools | None = None
         self._lock = threading.Lock()
@@ -106,6 +120,7 @@ class EmbeddedBackend:
                     self._home(),
                     engine_config=self.engine_config,
                     queue_timeout_s=self.queue_timeout_s,
+                    origin=self.origin,
                 )
             return self._pools
 
@@ -124,7 +139,11 @@ class EmbeddedBackend:
 
                 catalog = ModelCatalog(self._home())
                 config = self.engine_config or EngineConfig()
-                engine = load_engine(catalog, model, config, err=sys.stderr)
+                origin = None
+                if self.origin is not None:
+                    self.origin.origin_raw_size_bytes(model)  # not there: say how to push it
+                    origin = self.origin.origin_tier()
+                engine = load_engine(catalog, model, config, err=sys.stderr, origin=origin)
                 service = EngineService(engine)
                 service.start()
                 self._services[model] = service
@@ -162,6 +181,20 @@ class EmbeddedBackend:
             service.close()
         if pools is not None:
             pools.close()
+
+
+def _origin(weights_origin: str | None, endpoint_url: str | None) -> StoreConfig | None:
+    from ember_core import ConfigError
+    from ember_functions.loading import StoreConfig
+
+    if not weights_origin:
+        if endpoint_url:
+            raise ConfigError(
+                "weights_endpoint_url is set but weights_origin is not; set weights_origin "
+                "to the s3://bucket/prefix the models were pushed to (EMBER_WEIGHTS_ORIGIN)"
+            )
+        return None
+    return StoreConfig(origin=weights_origin, endpoint_url=endpoint_url or None)
 
 
 _STATUS_ERRORS: dict[int, type[EmberError]] = {
@@ -310,4 +343,8 @@ def backend_from_env(env: dict[str, str] | None = None) -> Backend:
             "EMBER_BASE_URL is set but EMBER_API_KEY is not; export the key `ember serve` "
             "printed (or `ember keys create`), or unset EMBER_BASE_URL to run embedded"
         )
-    return EmbeddedBackend(env.get("EMBER_HOME"))
+    return EmbeddedBackend(
+        env.get("EMBER_HOME"),
+        weights_origin=env.get("EMBER_WEIGHTS_ORIGIN"),
+        weights_endpoint_url=env.get("EMBER_WEIGHTS_ENDPOINT_URL"),
+    )

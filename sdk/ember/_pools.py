@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from ember._backends import Request
     from ember_functions.engine_config import EngineConfig
     from ember_functions.launch import Zygote
+    from ember_functions.loading import StoreConfig
     from ember_platform.pool_router import PoolRouter
     from ember_warmpool import PoolPolicy
     from ember_warmpool.manager import ModelPool
@@ -97,10 +98,12 @@ class FunctionPools:
         *,
         engine_config: EngineConfig | None = None,
         queue_timeout_s: float = 120.0,
+        origin: StoreConfig | None = None,
     ) -> None:
         self.home = home
         self.engine_config = engine_config
         self.queue_timeout_s = queue_timeout_s
+        self.origin = origin  # an S3 origin the models come from; None: installed here
         self._lock = threading.Lock()  # the tables below, and the zygote's start
         self._entries: dict[PoolKey, _Entry] = {}
         self._starting: dict[PoolKey, threading.Lock] = {}
@@ -136,11 +139,12 @@ class FunctionPools:
                 entry = self._entries.get(key)
                 if entry is not None:
                     return entry
-            model_dir = self._resolve(model)  # an unknown model fails here, before any start
+            # An unknown model fails here, before any start.
+            store = self._pool_store(model, max_workers=policy.max_workers)
             with self._lock:
                 zygote = self._ensure_zygote()
                 generation = self._generation
-            entry = self._start_pool(model, model_dir, policy, zygote)
+            entry = self._start_pool(model, store, policy, zygote)
             with self._lock:
                 if generation == self._generation:
                     self._entries[key] = entry
@@ -161,21 +165,29 @@ class FunctionPools:
                     _atexit_registered = True
         return self._zygote
 
-    def _resolve(self, model: str) -> Path:
+    def _pool_store(self, model: str, *, max_workers: int) -> StoreConfig:
+        """Where the pool's workers load ``model`` from: installed in the home (installed
+        once here, not in each worker at once) or the origin, through a host tier they
+        share when the pool can run several workers (given back when it closes)."""
         from ember_functions.loading import resolve_model_dir
+        from ember_warmpool.host_sharing import auto_host_sharing, auto_host_sharing_from_origin
         from ember_weights_store import ModelCatalog
 
         self.home.mkdir(parents=True, exist_ok=True)
-        # Installs a known model once here, not in each worker at once.
-        return resolve_model_dir(ModelCatalog(self.home), model, err=sys.stderr)
+        if self.origin is not None:
+            weights_bytes = self.origin.origin_raw_size_bytes(model)
+            return auto_host_sharing_from_origin(
+                self.origin, weights_bytes=weights_bytes, max_workers=max_workers, home=self.home
+            )[0]
+        model_dir = resolve_model_dir(ModelCatalog(self.home), model, err=sys.stderr)
+        return auto_host_sharing(model_dir, max_workers=max_workers, home=self.home)[0]
 
     def _start_pool(
-        self, model: str, model_dir: Path, policy: PoolPolicy, zygote: Zygote
+        self, model: str, store: StoreConfig, policy: PoolPolicy, zygote: Zygote
     ) -> _Entry:
         from ember_platform.pool_router import PoolRouter
         from ember_warmpool import HoltForecaster
         from ember_warmpool.forecast_file import forecast_path
-        from ember_warmpool.host_sharing import auto_host_sharing
         from ember_warmpool.manager import ModelPool
 
         forecast_file = None
@@ -189,9 +201,7 @@ class FunctionPools:
             home=self.home,
             policy=policy,
             engine_config=self.engine_config,
-            # A pool that can run several workers shares the model in host RAM, given
-            # back when it closes.
-            store=auto_host_sharing(model_dir, max_workers=policy.max_workers, home=self.home)[0],
+            store=store,
             release_host_tier=True,
             launcher=zygote,
             forecaster=HoltForecaster() if policy.predictive else None,
