@@ -70,6 +70,11 @@ class BoundCache:
         (state-dict name -> shape)."""
         if not self.host.has(self.index_key):
             return None
+        if not self.host.has(self.key):
+            # The tier evicted the data (least recently used) and kept the small index: a
+            # full tier, not a fault. This worker binds and stores it again.
+            log.info("bound weights %s were evicted from the host tier; binding", self.key)
+            return None
         try:
             index = json.loads(self.host.get(self.index_key))
             entries = index["tensors"]

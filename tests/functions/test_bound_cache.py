@@ -81,6 +81,25 @@ def test_a_mismatched_entry_is_not_used(
     assert other is not None and other.key != cache.key  # one entry per compute dtype
 
 
+def test_an_entry_whose_data_the_tier_evicted_is_a_quiet_miss(
+    host_catalog: ModelCatalog,
+    host_model: Callable[[ModelCatalog, Path], HostModel],
+    tiny_model: Callable[..., Path],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    host = host_model(host_catalog, tiny_model("llama", torch.bfloat16))
+    cache = host.bound_cache(torch.float32)
+    assert cache is not None
+    cache.store({"embed": torch.zeros(4, 8)})
+    cache.host.delete(cache.key)  # as eviction leaves it: the index without its data
+    with caplog.at_level("WARNING", logger="ember_functions.bound_cache"):
+        assert cache.load({"embed": torch.Size([4, 8])}) is None
+    assert not caplog.records  # a full tier is not a fault to warn about
+    cache.store({"embed": torch.ones(4, 8)})  # the next binder keeps it again
+    state = cache.load({"embed": torch.Size([4, 8])})
+    assert state is not None and bool((state["embed"] == 1).all())
+
+
 def test_no_host_tier_or_no_conversion_keeps_nothing(
     tmp_path: Path,
     host_catalog: ModelCatalog,
