@@ -132,6 +132,30 @@ def s3_endpoint(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
 
 
 @pytest.fixture
+def pushed_tiny(tiny_model: Callable[..., Path], tmp_path: Path, s3_endpoint: str) -> str:
+    """The ``s3://bucket/prefix`` URL that the tiny Llama was pushed to as ``tiny``, with
+    ``ember models push`` from a publisher's home, in a bucket of its own (moto keeps its
+    buckets for the whole test process)."""
+    import io
+    import shutil
+    import uuid
+
+    import boto3
+
+    from ember_platform.cli import main as cli_main
+
+    publisher = tmp_path / "publisher"
+    shutil.copytree(tiny_model("llama"), publisher / "models" / "tiny")
+    bucket = f"pushed-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
+    url = f"s3://{bucket}/team"
+    push = ["--home", str(publisher), "models", "push", "tiny", url, "--endpoint-url", s3_endpoint]
+    err = io.StringIO()
+    assert cli_main(push, stdout=io.StringIO(), stderr=err) == 0, err.getvalue()
+    return url
+
+
+@pytest.fixture
 def child_states() -> Callable[[int], dict[int, str]]:
     """``pid``'s child processes, each with its state letter from /proc (``R``, ``S``,
     ``Z`` for a zombie nobody reaped...)."""

@@ -9,7 +9,6 @@ import io
 import shutil
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -62,21 +61,14 @@ def test_a_model_not_in_the_origin_is_refused_before_any_worker_starts(
 
 @pytest.mark.slow
 def test_a_pool_serves_a_model_pushed_to_s3_with_nothing_installed(
-    tiny_model: Callable[..., Path],
+    pushed_tiny: str,
     tmp_path: Path,
     s3_endpoint: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import boto3
-
     from ember_weights_store import ModelCatalog
 
-    publisher = tmp_path / "publisher"
-    shutil.copytree(tiny_model("llama"), publisher / "models" / "tiny")
-    bucket = f"pool-{uuid.uuid4().hex[:12]}"  # moto's buckets outlive a test
-    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
-    url = f"s3://{bucket}/team"
-    _cli("--home", str(publisher), "models", "push", "tiny", url, "--endpoint-url", s3_endpoint)
+    url = pushed_tiny
 
     home = tmp_path / "serving"
     monkeypatch.setenv("EMBER_SERVE_POOL_BUFFER", "1")  # a second worker, forked once prepared

@@ -5,9 +5,6 @@ the backend's home; a model the origin lacks fails with the command that pushes 
 
 from __future__ import annotations
 
-import io
-import shutil
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,7 +13,6 @@ import pytest
 from ember import llm
 from ember._backends import EmbeddedBackend, backend_from_env
 from ember_core import ConfigError
-from ember_platform.cli import main as cli_main
 
 
 def _engine_config() -> object:
@@ -46,18 +42,9 @@ def test_weights_origin_options_are_checked() -> None:
 
 @pytest.mark.slow
 def test_functions_run_a_model_pushed_to_s3_in_process_and_pooled(
-    tiny_model: Callable[..., Path], tmp_path: Path, s3_endpoint: str
+    tiny_model: Callable[..., Path], tmp_path: Path, s3_endpoint: str, pushed_tiny: str
 ) -> None:
-    import boto3
-
-    publisher = tmp_path / "publisher"
-    shutil.copytree(tiny_model("llama"), publisher / "models" / "tiny")
-    bucket = f"sdk-{uuid.uuid4().hex[:12]}"  # moto's buckets outlive a test
-    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
-    url = f"s3://{bucket}/team"
-    out, err = io.StringIO(), io.StringIO()
-    push = ["--home", str(publisher), "models", "push", "tiny", url, "--endpoint-url", s3_endpoint]
-    assert cli_main(push, stdout=out, stderr=err) == 0, err.getvalue()
+    url = pushed_tiny
 
     def story(topic: str) -> str:
         return f"Write a story about {topic}."
