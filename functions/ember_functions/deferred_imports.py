@@ -49,6 +49,7 @@ import importlib.abc
 import importlib.machinery
 import importlib.util
 import sys
+import threading
 import types
 from collections.abc import Sequence
 
@@ -88,7 +89,12 @@ def _run(module: types.ModuleType) -> None:
     module.__class__ = types.ModuleType
     spec.loader = real
     module.__loader__ = real
-    real.exec_module(module)
+    try:
+        real.exec_module(module)
+    except BaseException:
+        # As a failed import leaves it: gone, so the next import tries again and raises.
+        sys.modules.pop(module.__name__, None)
+        raise
 
 
 class _DeferringLoader(importlib.abc.Loader):
@@ -132,7 +138,7 @@ class DeferredImports(importlib.abc.MetaPathFinder):
     def __init__(self, names: Sequence[str] = DEFERRED_TORCH_MODULES) -> None:
         self.names = tuple(names)
         self._deferring = False
-        self._finding = False
+        self._finding = threading.local()  # per thread: imports run on several at once
 
     def start(self) -> None:
         """Defers these modules' code from now on; call it before importing torch."""
@@ -154,7 +160,7 @@ class DeferredImports(importlib.abc.MetaPathFinder):
         path: Sequence[str] | None,
         target: types.ModuleType | None = None,
     ) -> importlib.machinery.ModuleSpec | None:
-        if self._finding:
+        if getattr(self._finding, "active", False):
             return None
         parent = sys.modules.get(fullname.rpartition(".")[0])
         if isinstance(parent, _Deferred):
@@ -165,11 +171,11 @@ class DeferredImports(importlib.abc.MetaPathFinder):
                 return _AlreadyLoaded.spec_for(module)
         if not self._deferring or fullname not in self.names:
             return None
-        self._finding = True  # the real finders' spec, found without this one
+        self._finding.active = True  # the real finders' spec, found without this one
         try:
             spec = importlib.util.find_spec(fullname)
         finally:
-            self._finding = False
+            self._finding.active = False
         if spec is None or spec.loader is None:
             return None
         spec.loader = _DeferringLoader(spec.loader)

@@ -86,6 +86,21 @@ def test_load_next_runs_each_pending_module_then_leaves_the_import_path(
     assert deferred not in sys.meta_path
 
 
+def test_a_deferred_module_that_fails_leaves_as_a_failed_import_does(package: Write) -> None:
+    package("deftest_bad.py", "import deftest_log\ndeftest_log.ran.append('bad')\n1 / 0\n")
+    deferred = DeferredImports(["deftest_bad"])
+    deferred.start()
+    import deftest_bad  # type: ignore[import-not-found]
+
+    deferred.stop()
+    with pytest.raises(ZeroDivisionError):
+        _ = deftest_bad.anything
+    assert "deftest_bad" not in sys.modules and deferred.pending() == []
+    with pytest.raises(ZeroDivisionError):  # imported again, it fails again
+        import deftest_bad  # type: ignore[import-not-found]
+    assert _ran() == ["bad", "bad"]
+
+
 def test_a_module_imported_after_stop_is_not_deferred(package: Write) -> None:
     package("deftest_late.py", "import deftest_log\ndeftest_log.ran.append('late')\n")
     deferred = DeferredImports(["deftest_late"])
