@@ -69,6 +69,25 @@ def _first_token(worker: Any, rid: str) -> tuple[float, int]:
     return time.perf_counter() - t0, done.usage.cached_tokens
 
 
+def _host_tier_bytes(model_dir: Path) -> int:
+    """At least 8 GiB, and as much as ``ember serve`` would plan for a pool of this model
+    fetched from S3 (5x the checkpoint, at most half of free /dev/shm). Before 2026-12-06
+    (fourth session) it was a fixed 8 GiB, too small on a CPU that computes a bf16
+    checkpoint in float32 for the 1.1B model's chunks (2.2 GB), converted matrices
+    (4.4 GB) and packed copy (4.4 GB): the converted ones were evicted, and every worker
+    converted them again."""
+    from ember_warmpool.host_sharing import plan_host_sharing, shm_free_bytes
+
+    checkpoint_bytes = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
+    plan = plan_host_sharing(
+        max_workers=4,
+        checkpoint_bytes=checkpoint_bytes,
+        shm_free_bytes=shm_free_bytes(),
+        holds_chunks=True,
+    )
+    return max(plan.budget_bytes, 8 << 30)
+
+
 class ModelRun:
     """One model's homes and tiers, and one timed cold start per state."""
 
@@ -94,7 +113,7 @@ class ModelRun:
         ModelCatalog(work / "publisher").store(origin=origin).import_hf_dir(
             model_dir, model_id=name
         )
-        self.host_bytes = 8 << 30
+        self.host_bytes = _host_tier_bytes(model_dir)
         self._counter = 0
         self.encoder: Any = None  # the pool's, from its first worker (see first_workers)
         self.s3_encoder: Any = None  # the S3 pool's, from its own first worker
