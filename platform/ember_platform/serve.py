@@ -18,7 +18,6 @@ and prints an API key for it once: the ledger keeps only the key's salted hash.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import tomllib
 from dataclasses import dataclass, fields
@@ -276,28 +275,26 @@ def _pool_store(settings: ServeSettings, *, home: Path, max_workers: int, out: T
     """The ``StoreConfig`` the pool's workers load through: the model installed in the
     home (installed now if need be) or ``weights_origin``, and the host tier they share it
     in, the operator's budget or an automatic plan (``ember_warmpool.host_sharing``)."""
-    from ember_functions.loading import StoreConfig, resolve_model_dir
-    from ember_warmpool.host_sharing import auto_host_sharing, auto_host_sharing_from_origin
-    from ember_weights_store import ModelCatalog
+    from ember_functions.loading import StoreConfig
+    from ember_warmpool.host_sharing import pool_store
 
-    mib = settings.host_cache_mib
+    origin = None
     if settings.weights_origin:  # nothing is installed: the workers load from the origin
         origin = StoreConfig(
             origin=settings.weights_origin,
             endpoint_url=settings.weights_endpoint_url or None,
         )
-        weights_bytes = origin.origin_raw_size_bytes(settings.model)
-        if mib is not None:  # an operator's budget: a cache kept across restarts
-            return dataclasses.replace(origin, host_cache_bytes=mib << 20)
-        store, sharing = auto_host_sharing_from_origin(
-            origin, weights_bytes=weights_bytes, max_workers=max_workers, home=home
-        )
-    else:
-        model_dir = resolve_model_dir(ModelCatalog(home), settings.model, err=out)  # installs
-        if mib is not None:
-            return StoreConfig(host_cache_bytes=mib << 20)
-        store, sharing = auto_host_sharing(model_dir, max_workers=max_workers, home=home)
-    print(sharing.reason, file=out)
+    mib = settings.host_cache_mib
+    store, sharing = pool_store(
+        settings.model,
+        home=home,
+        max_workers=max_workers,
+        origin=origin,
+        budget_bytes=None if mib is None else mib << 20,  # a cache kept across restarts
+        err=out,
+    )
+    if sharing is not None:
+        print(sharing.reason, file=out)
     return store
 
 

@@ -169,18 +169,12 @@ class FunctionPools:
         """Where the pool's workers load ``model`` from: installed in the home (installed
         once here, not in each worker at once) or the origin, through a host tier they
         share when the pool can run several workers (given back when it closes)."""
-        from ember_functions.loading import resolve_model_dir
-        from ember_warmpool.host_sharing import auto_host_sharing, auto_host_sharing_from_origin
-        from ember_weights_store import ModelCatalog
+        from ember_warmpool.host_sharing import pool_store
 
         self.home.mkdir(parents=True, exist_ok=True)
-        if self.origin is not None:
-            weights_bytes = self.origin.origin_raw_size_bytes(model)
-            return auto_host_sharing_from_origin(
-                self.origin, weights_bytes=weights_bytes, max_workers=max_workers, home=self.home
-            )[0]
-        model_dir = resolve_model_dir(ModelCatalog(self.home), model, err=sys.stderr)
-        return auto_host_sharing(model_dir, max_workers=max_workers, home=self.home)[0]
+        return pool_store(
+            model, home=self.home, max_workers=max_workers, origin=self.origin, err=sys.stderr
+        )[0]
 
     def _start_pool(
         self, model: str, store: StoreConfig, policy: PoolPolicy, zygote: Zygote

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from ember_functions.weights import cpu_has_native_bf16
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -39,7 +41,7 @@ def test_pool_memory_bench_writes_its_json(
     assert result["ram_mib_shared_2"] >= result["pss_mib_shared_2"]
     assert result["ram_mib_alone_2"] == result["pss_mib_alone_2"]  # no tier to add
     assert result["tier_mib_alone_2"] == 0
-    if _computes_bf16():
+    if cpu_has_native_bf16():
         assert result["ram_mib_alone_2"] - result["ram_mib_shared_2"] > 150, proc.stdout
         assert 200 < result["tier_mib_shared_2"] < 400, proc.stdout
     else:
@@ -55,14 +57,7 @@ def test_pool_memory_bench_writes_its_json(
     assert result["layers_packed_alone_2"] == 2 * result["layers_packed_shared_2"] > 0
     assert result["settle_cpu_s_shared_2"] > 0 and result["settle_peak_private_mib_alone_2"] > 0
     assert result["settle_peak_anon_mib_shared_2"] > 0
-    if _computes_bf16():
+    if cpu_has_native_bf16():
         # On float32 CPUs both pools' workers peak at their converted copies while they
         # settle (measured 2410 shared against 2400 alone).
         assert result["settle_peak_anon_mib_alone_2"] > result["settle_peak_anon_mib_shared_2"]
-
-
-def _computes_bf16() -> bool:
-    """Whether the engine computes SmolLM2's bf16 checkpoint in bf16 here (dtype auto)."""
-    from ember_functions.weights import cpu_has_native_bf16
-
-    return cpu_has_native_bf16()

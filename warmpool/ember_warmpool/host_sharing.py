@@ -29,7 +29,7 @@ import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 from ember_functions.loading import StoreConfig
 
@@ -183,6 +183,41 @@ def auto_host_sharing_from_origin(
         holds_chunks=True,
     )
     return dataclasses.replace(origin, host_cache_bytes=plan.budget_bytes), plan
+
+
+def pool_store(
+    model: str,
+    *,
+    home: Path,
+    max_workers: int,
+    origin: StoreConfig | None = None,
+    budget_bytes: int | None = None,
+    err: TextIO,
+) -> tuple[StoreConfig, HostSharingPlan | None]:
+    """The store a pool of ``model`` runs on, for ``ember serve`` and the SDK's pools
+    alike: from ``origin`` (checked to hold the model: nothing is installed) or installed
+    in ``home`` (now, if it is a known model not installed yet), through a host tier of
+    the operator's ``budget_bytes`` (no plan then: a cache kept across restarts) or an
+    automatic plan (:func:`auto_host_sharing`, :func:`auto_host_sharing_from_origin`).
+
+    Example::
+
+        store, plan = pool_store("smollm2-135m", home=home, max_workers=4, err=sys.stderr)
+    """
+    from ember_functions.loading import resolve_model_dir
+    from ember_weights_store import ModelCatalog
+
+    if origin is not None:
+        weights_bytes = origin.origin_raw_size_bytes(model)  # not there: which push to run
+        if budget_bytes is not None:
+            return dataclasses.replace(origin, host_cache_bytes=budget_bytes), None
+        return auto_host_sharing_from_origin(
+            origin, weights_bytes=weights_bytes, max_workers=max_workers, home=home
+        )
+    model_dir = resolve_model_dir(ModelCatalog(home), model, err=err)  # installs
+    if budget_bytes is not None:
+        return StoreConfig(host_cache_bytes=budget_bytes), None
+    return auto_host_sharing(model_dir, max_workers=max_workers, home=home)
 
 
 def _released_abandoned(home: Path) -> ModelCatalog:
