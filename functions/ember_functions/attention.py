@@ -81,10 +81,14 @@ class KVCache:
         index = torch.tensor(block_ids, dtype=torch.int64, device=self.data.device)
         return self.data.index_select(3, index).permute(0, 1, 3, 4, 2, 5).contiguous()
 
+    def blocks_shape(self, num_blocks: int) -> tuple[int, ...]:
+        """The shape :meth:`read_blocks` gives ``num_blocks`` blocks."""
+        layers, two, kv_heads, _, block_size, head_dim = self.data.shape
+        return (layers, two, num_blocks, block_size, kv_heads, head_dim)
+
     def write_blocks(self, block_ids: list[int], blocks: torch.Tensor) -> None:
         """Restores blocks produced by :meth:`read_blocks` into ``block_ids``."""
-        layers, two, kv_heads, _, block_size, head_dim = self.data.shape
-        expected = (layers, two, len(block_ids), block_size, kv_heads, head_dim)
+        expected = self.blocks_shape(len(block_ids))
         if tuple(blocks.shape) != expected:
             raise ValueError(f"blocks have shape {tuple(blocks.shape)}, expected {expected}")
         index = torch.tensor(block_ids, dtype=torch.int64, device=self.data.device)

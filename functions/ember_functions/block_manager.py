@@ -269,6 +269,45 @@ class BlockManager:
             self._acquire(self._tail)
         return len(self._pinned) * bs + (tail if self._tail is not None else 0)
 
+    def can_restore_public_prefix(self, num_tokens: int) -> bool:
+        """Whether :meth:`restore_public_prefix` of ``num_tokens`` tokens may run: the
+        prefix cache is on, nothing is cached or pinned yet (an engine just built), and
+        the blocks are free."""
+        return (
+            self.prefix_cache
+            and not self._hash_of
+            and not self._pinned
+            and self._tail is None
+            and self.num_free_blocks >= self.blocks_for(num_tokens)
+        )
+
+    def restore_public_prefix(self, tokens: abc.Sequence[int]) -> list[int]:
+        """Makes ``tokens`` the public prefix, as :meth:`set_public_prefix`, and pins it
+        at once as though computed: its whole blocks cached under their public hashes,
+        its tail in a block of its own. Returns those blocks, in order: the caller writes
+        the prefix's KV into them before any step runs (kept by another engine of the
+        same model, ``prefix_kv_cache``). Check :meth:`can_restore_public_prefix` first."""
+        if not self.can_restore_public_prefix(len(tokens)):
+            raise CapacityError(
+                "cannot restore the public prefix here; check can_restore_public_prefix first"
+            )
+        self.set_public_prefix(tokens)
+        bs, key, parent = self.block_size, _public_key(""), b""
+        whole, tail = divmod(len(self._public), bs)
+        blocks = self._allocate(self.blocks_for(len(self._public)))  # referenced once: pins
+        for i, block in enumerate(blocks[:whole]):
+            parent = block_hash(parent, key, self._public[i * bs : (i + 1) * bs])
+            self._block_of[parent] = block
+            self._hash_of[block] = parent
+        self._pinned = blocks[:whole]
+        self._tail = blocks[whole] if tail else None
+        return blocks
+
+    def public_prefix_blocks(self) -> list[int]:
+        """The blocks pinned for the public prefix, whole ones first, then the tail's:
+        what :meth:`restore_public_prefix` hands back in another manager."""
+        return self._pinned + ([self._tail] if self._tail is not None else [])
+
     def reset_prefix_cache(self) -> None:
         """Forget every cached prefix (blocks in use keep their contents), pins too."""
         self._unpin()

@@ -24,6 +24,7 @@ from ember_functions.engine_config import EngineConfig
 from ember_functions.host_model import HostModel
 from ember_functions.model import LlamaModel
 from ember_functions.packing import Packing
+from ember_functions.prefix_kv_cache import PrefixKV, PrefixKVCache
 from ember_functions.prompt import EncodedPrompt, Prompt, PromptEncoder
 from ember_functions.request import PreparedRequest
 from ember_functions.runner import ModelRunner
@@ -87,6 +88,8 @@ class LLMEngine:
         self._pending: list[RequestOutput] = []  # outputs produced outside step()
         self.load_report: LoadReport | None = None  # set when loaded through the store
         self.public_prefix_tokens: int | None = None  # set by cache_public_prefix
+        # Where the machine keeps the public prefix's KV for this model, if anywhere.
+        self.prefix_kv: PrefixKVCache | None = None
         self.packing = Packing(model, enabled=config.pack_weights)  # packed matrices
         # Encodes and validates prompts for this engine's tokenizer and window.
         self.prompts = PromptEncoder(
@@ -153,6 +156,8 @@ class LLMEngine:
         engine.packing.maps_weights(host.mapped_storages())
         if config.share_packing:  # Packing.share does nothing where packing is off
             engine.packing.share(host.packed_cache(model.dtype, pack_rows=model.linear.pack_rows))
+        engine.prefix_kv = host.prefix_kv_cache(model.dtype, block_size=config.block_size)
+        engine.restore_public_prefix()
         return engine
 
     # -- requests ------------------------------------------------------------------
@@ -282,6 +287,33 @@ class LLMEngine:
         self.public_prefix_tokens = self.blocks.pin_public_prefix(seq)
         if seq is not None and self.cancel(seq.request_id):
             self.step()  # hands back the cancelled request's output: nobody reads it
+        if self.prefix_kv is not None and 0 < self.public_prefix_tokens == len(preamble):
+            # All of it pinned: kept for the model's next engines on this machine.
+            blocks = self.kv_cache.read_blocks(self.blocks.public_prefix_blocks())
+            self.prefix_kv.store(PrefixKV(preamble, blocks))
+        return self.public_prefix_tokens
+
+    def restore_public_prefix(self) -> int:
+        """Pins the public prefix with its KV as another engine of this model on this
+        machine computed it (``prefix_kv_cache``), so even the first request of a worker
+        that was never idle finds the chat preamble computed. Returns the tokens
+        restored: 0 where none is kept, or it does not fit this engine (the engine then
+        computes it when idle, ``cache_public_prefix``). Run it before any request."""
+        if self.prefix_kv is None or self.public_prefix_tokens is not None:
+            return 0
+        found = self.prefix_kv.load(
+            dtype=self.kv_cache.data.dtype,
+            expected_shape=lambda n: self.kv_cache.blocks_shape(self.blocks.blocks_for(n)),
+        )
+        if (
+            found is None
+            or len(found.tokens) + 2 > self.token_capacity
+            or not all(0 <= t < self.model.config.vocab_size for t in found.tokens)
+            or not self.blocks.can_restore_public_prefix(len(found.tokens))
+        ):
+            return 0
+        self.kv_cache.write_blocks(self.blocks.restore_public_prefix(found.tokens), found.blocks)
+        self.public_prefix_tokens = len(found.tokens)
         return self.public_prefix_tokens
 
     def extend_kv_runway(self) -> int:

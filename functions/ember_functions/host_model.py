@@ -28,6 +28,7 @@ from ember_weights_store.tokenizer_files import tokenizer_dir, tokenizer_dir_nam
 if TYPE_CHECKING:
     from ember_functions.bound_cache import BoundCache
     from ember_functions.packed_cache import PackedCache
+    from ember_functions.prefix_kv_cache import PrefixKVCache
     from ember_weights_store import LoadReport, Manifest, WeightsStore
     from ember_weights_store.host_tier import HostTier
     from ember_weights_store.verified import VerifiedCopies
@@ -85,6 +86,15 @@ class HostModel:
         from ember_functions.packed_cache import PackedCache
 
         return PackedCache.for_model(self.host_tier, self.manifest, dtype, pack_rows=pack_rows)
+
+    def prefix_kv_cache(self, dtype: torch.dtype, *, block_size: int) -> PrefixKVCache | None:
+        """Where this model's public-prefix KV in ``dtype`` blocks of ``block_size`` is
+        kept on this machine, if anywhere (a store with a host tier)."""
+        if self.host_tier is None or self.manifest is None:
+            return None
+        from ember_functions.prefix_kv_cache import PrefixKVCache
+
+        return PrefixKVCache.for_model(self.host_tier, self.manifest, dtype, block_size=block_size)
 
     @property
     def tokenizer(self) -> Tokenizer:

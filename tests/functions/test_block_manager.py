@@ -492,3 +492,45 @@ def test_a_preamble_shorter_than_a_block_is_all_tail() -> None:
     assert bm.num_free_blocks == 8
     b = seq("b", [7, 7, 7, 1, 2], salt="t")
     assert bm.cached_tokens(b, bm.match_prefix(b)) == 0
+
+
+def test_a_restored_public_prefix_is_pinned_as_a_computed_one_would_be() -> None:
+    preamble = [7, 7, 7, 7, 8, 8]
+    computed = BlockManager(num_blocks=16, block_size=4)
+    pinned_preamble(computed, preamble)
+    restored = BlockManager(num_blocks=16, block_size=4)
+    assert restored.can_restore_public_prefix(len(preamble))
+    blocks = restored.restore_public_prefix(preamble)
+    assert blocks == restored.public_prefix_blocks() and len(blocks) == 2  # whole, tail
+    assert restored.public_prefix == preamble
+    assert restored.num_pinned_blocks == computed.num_pinned_blocks == 2
+    assert restored.num_free_blocks == computed.num_free_blocks == 14
+    # A chat starting with it is admitted the same way: the whole block hit, the tail copied.
+    for bm in (computed, restored):
+        a = seq("a", [*preamble, 1, 2, 3], salt="tenant-a")
+        hits = bm.match_prefix(a)
+        assert hits == bm.public_prefix_blocks()[:1]
+        bm.admit(a, cached_blocks=hits, num_new_tokens=3)
+        assert a.num_computed_tokens == 6
+        assert bm.take_copies() == [SlotCopy(bm.public_prefix_blocks()[1], a.block_table[1], 2)]
+        bm.release(a)
+    # Pins come off on a reset, as computed ones do.
+    restored.reset_prefix_cache()
+    assert restored.num_free_blocks == 16 and restored.num_pinned_blocks == 0
+
+
+def test_a_public_prefix_is_restored_only_into_a_fresh_manager_with_room() -> None:
+    preamble = [7, 7, 7, 7, 8, 8]
+    busy = BlockManager(num_blocks=16, block_size=4)
+    admit_and_compute(busy, seq("a", [1, 2, 3, 4, 5]))  # a cached block already
+    assert not busy.can_restore_public_prefix(len(preamble))
+    with pytest.raises(CapacityError, match="can_restore_public_prefix"):
+        busy.restore_public_prefix(preamble)
+    assert busy.public_prefix == []  # refused: nothing changed
+    assert not BlockManager(num_blocks=1, block_size=4).can_restore_public_prefix(6)
+    assert not BlockManager(
+        num_blocks=4, block_size=4, prefix_cache=False
+    ).can_restore_public_prefix(6)
+    again = BlockManager(num_blocks=16, block_size=4)
+    again.restore_public_prefix(preamble)
+    assert not again.can_restore_public_prefix(len(preamble))  # once
