@@ -189,8 +189,10 @@ class ModelRun:
             return
         worker = self._spawn("prewarmed_s3", zygote, self.s3_home)
         try:
-            if not worker.wait_packed(timeout_s=900):
-                raise RuntimeError(f"worker {worker.worker_id} never packed its matrices")
+            # Kept alive until its packed copy is in the pool's host tier (stored on a
+            # thread), as a pool's first worker would be: closed at once, it took the copy
+            # with it and the S3 pool's workers each ran their first request unpacked.
+            self._leave_packed(worker, self.host_roots[1])
             self.s3_encoder = worker.prompts
         finally:
             worker.close()
@@ -213,21 +215,25 @@ class ModelRun:
         host = self.host_root
         worker = self._spawn("host")
         try:
-            if not worker.wait_packed(timeout_s=900):
-                raise RuntimeError(f"worker {worker.worker_id} never packed its matrices")
+            self._leave_packed(worker, host)
             if self._binding_converts() and not _appears(host, "bound/*-index", 900):
                 raise RuntimeError(f"the first worker kept no bound weights in {host}")
-            # Left on a thread once it has packed; not at all where packing does not apply,
-            # or where packed matrices cannot be shared (``packed_cache.sharing_works``).
-            packed = worker.packed is not None and worker.packed.pack_s > 0
-            if not packed or not _appears(host, "packed/*-index", 60):
-                print(
-                    f"[{self.name}] no packed matrices in the host tier: every worker "
-                    "packs its own",
-                    flush=True,
-                )
         finally:
             worker.close()
+
+    def _leave_packed(self, worker: Any, host: Path) -> None:
+        """Waits for ``worker`` to pack its matrices and leave them in the host tier at
+        ``host``, as the first worker of a pool does for the rest."""
+        if not worker.wait_packed(timeout_s=900):
+            raise RuntimeError(f"worker {worker.worker_id} never packed its matrices")
+        # Left on a thread once it has packed; not at all where packing does not apply,
+        # or where packed matrices cannot be shared (``packed_cache.sharing_works``).
+        packed = worker.packed is not None and worker.packed.pack_s > 0
+        if not packed or not _appears(host, "packed/*-index", 60):
+            print(
+                f"[{self.name}] no packed matrices in {host}: every worker packs its own",
+                flush=True,
+            )
 
     def _binding_converts(self) -> bool:
         import torch
