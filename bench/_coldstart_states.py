@@ -88,6 +88,41 @@ def _host_tier_bytes(model_dir: Path) -> int:
     return max(plan.budget_bytes, 8 << 30)
 
 
+GIB = 1 << 30
+MEMORY_MARGIN_BYTES = 2 * GIB  # the bench itself, the zygote, moto, the page cache's churn
+
+
+def states_that_fit(
+    states: tuple[str, ...], *, fill_bytes: int, worker_bytes: int, available_bytes: int
+) -> tuple[tuple[str, ...], dict[str, str]]:
+    """The states this machine's RAM can measure, and why the others cannot. Every state
+    needs the host pool's tier (``fill_bytes``: what a pool leaves in it) and a worker's
+    own copy (``worker_bytes``); ``prewarmed_s3``'s pool fills a second tier, and each
+    ``object`` start a third, in a home of its own, for as long as it runs. Run anyway,
+    the kernel killed a worker mid-run (the 1.1B model on a 24 GB AVX2 machine, where
+    the tier holds float32 copies: 2026-12-06)."""
+    need = fill_bytes + worker_bytes + MEMORY_MARGIN_BYTES
+    skipped: dict[str, str] = {}
+    tiers = 1 + ("prewarmed_s3" in states) + ("object" in states)
+    for state in ("object", "prewarmed_s3"):  # the third tier goes first, then the second
+        if state in states and need + (tiers - 1) * fill_bytes > available_bytes:
+            skipped[state] = (
+                f"needs ~{(need + (tiers - 1) * fill_bytes) / GIB:.1f} GiB of RAM with "
+                f"{tiers} host tiers of ~{fill_bytes / GIB:.1f} GiB; "
+                f"{available_bytes / GIB:.1f} GiB available"
+            )
+            tiers -= 1
+    return tuple(s for s in states if s not in skipped), skipped
+
+
+def available_bytes() -> int:
+    """MemAvailable from /proc/meminfo: what the kernel can give without swapping."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no MemAvailable in /proc/meminfo")
+
+
 class ModelRun:
     """One model's homes and tiers, and one timed cold start per state."""
 
@@ -234,6 +269,24 @@ class ModelRun:
                 f"[{self.name}] no packed matrices in {host}: every worker packs its own",
                 flush=True,
             )
+
+    def memory_bytes(self) -> tuple[int, int]:
+        """(what a pool leaves in its host tier, a worker's own copy of the weights): the
+        chunks, the bound weights where binding converts their dtype, the packed copy
+        where packing applies, in the compute dtype; a worker that converts holds it."""
+        import torch
+
+        from ember_functions.linear import Linear
+        from ember_functions.weights import checkpoint_dtype, resolve_compute_dtype
+
+        stored = checkpoint_dtype(self.model_dir)
+        cpu = torch.device("cpu")
+        compute = resolve_compute_dtype(self.config.dtype, weights_dtype=stored, device=cpu)
+        chunks = sum(f.stat().st_size for f in self.model_dir.glob("*.safetensors"))
+        computed = chunks * compute.itemsize // stored.itemsize
+        converts = compute != stored
+        packs = Linear(device=cpu, dtype=compute).packs
+        return chunks + converts * computed + packs * computed, computed
 
     def _binding_converts(self) -> bool:
         import torch

@@ -17,7 +17,9 @@ For one request (a short chat prompt, one generated token), from the moment it a
 - ``disk``: a new interpreter, weights in the disk tier with their page cache evicted;
 - ``host``: a new interpreter, weights in the host tier (/dev/shm), with what the
   machine's first worker of the model left there: its matrices packed for oneDNN
-  (``packed_cache``), and its bound weights where binding converts their dtype;
+  (``packed_cache``), its bound weights where binding converts their dtype, and the
+  chat preamble's KV (``prefix_kv_cache``, since 2026-12-06, fifth session: before, a
+  new worker's first request prefilled the preamble too);
 - ``prewarmed``: a worker of a pool that is already running, forked from its zygote
   (imports done; the model's tokenizer parsed and its host-tier chunks checked once the
   first worker reported it) with the weights in the host tier, as ``host`` has them;
@@ -43,10 +45,12 @@ modules it defers until idle (``ember_functions.deferred_imports``;
 ``import_torch_deferred_s``). The object, disk and host states start a new interpreter
 that imports torch that way, so transformers' time over the second
 (``speedup_ceiling_new_interpreter``) bounds their speedups on this machine.
-Each state is measured ``--rounds`` times, interleaved, medians reported. Phases come
-from the worker's own report: spawn (until it connects), imports, manifest, fetch,
-decompress, bind (load minus the weights' wall time: building the model on the
-weights), first token.
+States whose host tiers would not fit in this machine's RAM (``object`` and
+``prewarmed_s3`` each fill another) are skipped, with the reason printed and kept in the
+JSON (``skipped_states``). Each state is measured ``--rounds`` times, interleaved,
+medians reported. Phases come from the worker's own report: spawn (until it
+connects), imports, manifest, fetch, decompress, bind (load minus the weights' wall
+time: building the model on the weights), first token.
 """
 
 from __future__ import annotations
@@ -67,7 +71,7 @@ import _io_limits
 import _random_llama
 from _coldstart_peers import PROMPT, import_torch_s, transformers_ttft, vllm_ttft
 from _coldstart_report import PHASES, draw, print_table
-from _coldstart_states import ModelRun
+from _coldstart_states import ModelRun, available_bytes, states_that_fit
 
 ROOT = Path(__file__).resolve().parents[1]
 STATES = ("object", "disk", "host", "prewarmed", "prewarmed_s3", "ready")
@@ -99,10 +103,18 @@ def run_model(
 
     with tempfile.TemporaryDirectory(prefix="ember-coldstart-") as tmp:
         run = ModelRun(name, model_dir, Path(tmp), s3_url, threads)
+        fill, worker = run.memory_bytes()
+        states, skipped = states_that_fit(
+            states, fill_bytes=fill, worker_bytes=worker, available_bytes=available_bytes()
+        )
+        for state, why in skipped.items():
+            print(f"[{name}] skipping {state}: {why}", flush=True)
         try:
-            return _measure_model(
+            out = _measure_model(
                 run, name, model_dir, rounds=rounds, threads=threads, peers=peers, states=states
             )
+            out["skipped_states"] = skipped
+            return out
         finally:
             # The host tiers are RAM (tmpfs) outside the temporary homes: give them back.
             for root in run.host_roots:

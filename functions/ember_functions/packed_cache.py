@@ -44,7 +44,7 @@ from ember_functions.linear import onednn_linear
 from ember_weights_store.host_lease import HostLease
 from ember_weights_store.host_tier import HostTier
 from ember_weights_store.manifest import Manifest
-from ember_weights_store.mapping import map_chunk_files
+from ember_weights_store.mapping import map_chunk_files, populate_file_pages
 
 __all__ = ["PackedCache", "SharedPacked", "sharing_works"]
 
@@ -159,6 +159,9 @@ class PackedCache:
         if packed_here is None or not _same_product(matrices[name], packed_here, first):
             log.warning("packed matrices %s compute differently here; packing instead", self.key)
             return None
+        # The next step reads every matrix: their pages are mapped now, in one call, not
+        # faulted in a few at a time by the request a new worker was started for.
+        populate_file_pages(base, size)
         return SharedPacked(matrices, backing)
 
     def store(self, matrices: Mapping[str, torch.Tensor]) -> bool:

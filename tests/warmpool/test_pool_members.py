@@ -62,7 +62,8 @@ def test_the_view_and_the_rows_list_starting_workers_too() -> None:
     members.starting["w2"] = Warmth.HOST
     members.sweep(5.0, health_timeout_s=30.0)
 
-    view = members.view(queued=3, load_failures=1, last_failure=(4.0, "corrupt"))
+    members.load_failed(4.0, "corrupt")
+    view = members.view(queued=3)
     assert [(w.worker_id, w.state, w.idle_since_s) for w in view.workers] == [
         ("w1", WorkerState.READY, 5.0),
         ("w2", WorkerState.STARTING, None),
@@ -75,3 +76,26 @@ def test_the_view_and_the_rows_list_starting_workers_too() -> None:
         ("w1", "READY", 2.5),
         ("w2", "STARTING", None),
     ]
+
+
+def test_load_failures_count_until_a_worker_loads() -> None:
+    members = members_of()
+    members.load_failed(1.0, "corrupt")
+    members.load_failed(2.0, "still corrupt")
+    assert members.load_failures == 2 and members.last_failure == (2.0, "still corrupt")
+    view = members.view(queued=0)
+    assert (view.load_failures, view.last_failure_s) == (2, 2.0)
+    members.loaded()
+    assert members.load_failures == 0 and members.view(queued=0).load_failures == 0
+    assert members.last_failure == (2.0, "still corrupt")  # still the last reason known
+
+
+def test_a_worker_being_placed_on_is_held_until_every_placement_lets_go() -> None:
+    members = members_of(Handle("w1", WorkerState.READY))
+    assert not members.held("w1")
+    members.hold("w1")
+    members.hold("w1")
+    members.let_go("w1")
+    assert members.held("w1")  # one placement still in progress
+    members.let_go("w1")
+    assert not members.held("w1")

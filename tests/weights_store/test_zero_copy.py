@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +24,7 @@ from safetensors.torch import save_file
 from ember_weights_store import DiskTier, HostTier, LocalBucketTier
 from ember_weights_store.digests import fast_checksum
 from ember_weights_store.loader import load
-from ember_weights_store.mapping import drop_file_pages, map_chunk_files
+from ember_weights_store.mapping import drop_file_pages, map_chunk_files, populate_file_pages
 from ember_weights_store.store import WeightsStore
 
 SHM = Path("/dev/shm")
@@ -288,6 +289,29 @@ def test_dropping_a_mappings_pages_keeps_its_bytes_and_only_whole_pages_go(
     assert drop_file_pages(buf.data_ptr() + 100, 3 * page) == 2 * page
     assert drop_file_pages(buf.data_ptr() + 100, page - 200) == 0  # no whole page inside
     assert bytes(buf.numpy()) == data  # read again: the file's bytes, faulted back in
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} in /proc/self/status")
+
+
+def test_populating_a_mapping_maps_the_files_pages_without_copying_them() -> None:
+    size = 64 << 20
+    data = bytes(range(256)) * (size // 256)
+    with tempfile.NamedTemporaryFile(dir="/dev/shm") as f:  # tmpfs, as the host tier
+        f.write(data)
+        f.flush()
+        buf = map_chunk_files([(Path(f.name), 0, size)], size)
+        shared, anon = _rss_kib("RssShmem"), _rss_kib("RssAnon")
+        assert populate_file_pages(buf.data_ptr(), size)
+        # All of it is now this process's, as the tmpfs file's own pages: none copied.
+        assert _rss_kib("RssShmem") - shared >= (size >> 10) * 0.95
+        assert _rss_kib("RssAnon") - anon < 4 << 10
+        assert bytes(buf[:4096].numpy()) == data[:4096]
+        assert bytes(buf[-4096:].numpy()) == data[-4096:]
 
 
 WORKER = """

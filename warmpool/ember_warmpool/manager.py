@@ -114,12 +114,9 @@ class ModelPool:
         self._cond = threading.Condition()
         self._members = PoolMembers(model)
         self._promoting: set[str] = set()
-        self._placing: dict[str, int] = {}  # worker id -> requests chosen, not yet sent
         self._admission = Admission(
             model, cond=self._cond, max_queue=max_queue, retry_after_s=service_s, clock=clock
         )
-        self._load_failures = 0
-        self._last_failure: tuple[float, str] | None = None
         self._accounts = PoolAccounts()  # for /metrics and bench/trace.py
         self._ids = itertools.count(1)
         self._closed = False
@@ -132,7 +129,8 @@ class ModelPool:
         request is encoded with), then lets the policy run the pool."""
         worker = self._spawn_one()
         if worker is None:
-            reason = self._last_failure[1] if self._last_failure else "unknown"
+            failure = self._members.last_failure
+            reason = failure[1] if failure else "unknown"
             raise EngineError(f"the first worker of {self.model} failed to load: {reason}")
         self._thread.start()
 
@@ -184,15 +182,13 @@ class ModelPool:
         with self._cond:
             worker = self.try_place()
             if worker is not None:
-                self._placing[worker.worker_id] = self._placing.get(worker.worker_id, 0) + 1
+                self._members.hold(worker.worker_id)
         try:
             yield worker
         finally:
             if worker is not None:
                 with self._cond:
-                    left = self._placing.pop(worker.worker_id) - 1
-                    if left:
-                        self._placing[worker.worker_id] = left
+                    self._members.let_go(worker.worker_id)
 
     def admit(self) -> float:
         """Counts a request's arrival (the forecaster's input) and returns its time for
@@ -235,7 +231,7 @@ class ModelPool:
     @property
     def load_failures(self) -> int:
         """Consecutive failures to start a worker; a worker reaching READY resets it."""
-        return self._load_failures
+        return self._members.load_failures
 
     def placed(self, worker: WorkerProcess, arrived_s: float) -> None:
         """Counts a request placed on ``worker`` (once per request); it waited on a cold
@@ -252,10 +248,6 @@ class ModelPool:
         ``cold_requests`` (those that waited on a worker becoming READY)."""
         with self._cond:
             return self._accounts.stats(now_s=self._clock())
-
-    def _load_failed(self, reason: str) -> None:  # under the lock
-        self._load_failures += 1
-        self._last_failure = (self._clock(), reason)
 
     def _retire(self, wid: str) -> None:  # under the lock: the worker's process is leaving
         self._accounts.retire(wid, now_s=self._clock())
@@ -320,11 +312,7 @@ class ModelPool:
         return decision
 
     def _view(self) -> PoolView:  # under the lock
-        return self._members.view(
-            queued=self._admission.queued,
-            load_failures=self._load_failures,
-            last_failure=self._last_failure,
-        )
+        return self._members.view(queued=self._admission.queued)
 
     def _act(self, decision: Decision) -> None:
         for order in decision.start:
@@ -340,7 +328,7 @@ class ModelPool:
         for wid in decision.demote:
             with self._cond:
                 worker = self._members.running.get(wid)
-                if worker is None or self._placing.get(wid):
+                if worker is None or self._members.held(wid):
                     continue  # a request is being placed on it: keep it serving
                 # To HOST whatever the reserve warmth: a PROCESS reserve gains nothing by
                 # also dropping weights it already holds (a worker demotes to HOST only).
@@ -350,7 +338,9 @@ class ModelPool:
         for stop in decision.stop:
             with self._cond:
                 worker = self._members.running.get(stop.worker_id)
-                if worker is not None and (worker.queue_depth or self._placing.get(stop.worker_id)):
+                if worker is not None and (
+                    worker.queue_depth or self._members.held(stop.worker_id)
+                ):
                     continue  # a request reached it since the view was taken: keep it
                 self._members.running.pop(stop.worker_id, None)
                 self._retire(stop.worker_id)
@@ -365,12 +355,12 @@ class ModelPool:
             worker.promote()
         except EngineError as exc:
             with self._cond:
-                self._load_failed(exc.message)
+                self._members.load_failed(self._clock(), exc.message)
             log.error("pool %s: promoting %s failed: %s", self.model, wid, exc.message)
         else:
             with self._cond:
                 self._accounts.ready(wid, now_s=self._clock())
-                self._load_failures = 0
+                self._members.loaded()
                 self.cold_starts[wid] = dict(worker.phases)
                 self._cond.notify_all()
         finally:
@@ -410,7 +400,7 @@ class ModelPool:
             with self._cond:
                 self._members.starting.pop(wid, None)
                 self._retire(wid)
-                self._load_failed(exc.message)
+                self._members.load_failed(self._clock(), exc.message)
                 self._cond.notify_all()
             log.error("pool %s: worker %s failed to start: %s", self.model, wid, exc.message)
             return None
@@ -425,7 +415,7 @@ class ModelPool:
                 self._members.running[wid] = worker
                 if warmth is Warmth.READY:
                     self._accounts.ready(wid, now_s=self._clock())
-                self._load_failures = 0
+                self._members.loaded()
                 self.cold_starts[wid] = dict(worker.phases)
                 first = self.encoder is None and warmth is Warmth.READY
                 if first:

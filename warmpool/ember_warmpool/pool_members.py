@@ -1,9 +1,12 @@
-"""The workers of one pool, by id: those running, those starting, and since when each is idle.
+"""The workers of one pool, by id: those running, those starting, since when each is idle,
+which are being placed on, and how starting them has gone lately.
 
 ``ModelPool`` keeps its workers here and reads them two ways: as a ``PoolView`` for the
 policy, and as status rows for operators (``ember pool status``, ``/workers``). Each tick
 ``sweep``s them first: a serving worker silent past the health timeout is killed (hung),
 workers that ended are taken out, and idle ones are stamped with when they went idle.
+A worker a request is being placed on (``hold``) is neither stopped nor demoted until
+the request is sent (``let_go``).
 
 Not thread-safe on its own: ``ModelPool`` calls it under its lock.
 """
@@ -30,6 +33,29 @@ class PoolMembers:
         self.running: dict[str, WorkerProcess] = {}  # started: loading, serving or parked
         self.starting: dict[str, Warmth] = {}  # worker id -> the warmth it starts to
         self.idle_since: dict[str, float] = {}  # worker id -> clock seconds
+        self._placing: dict[str, int] = {}  # worker id -> requests chosen, not yet sent
+        self.load_failures = 0  # consecutive; a worker reaching READY resets it
+        self.last_failure: tuple[float, str] | None = None  # (clock seconds, reason)
+
+    def hold(self, wid: str) -> None:
+        """A request is being placed on ``wid``: keep it serving until :meth:`let_go`."""
+        self._placing[wid] = self._placing.get(wid, 0) + 1
+
+    def let_go(self, wid: str) -> None:
+        left = self._placing.pop(wid) - 1
+        if left:
+            self._placing[wid] = left
+
+    def held(self, wid: str) -> bool:
+        return bool(self._placing.get(wid))
+
+    def load_failed(self, now: float, reason: str) -> None:
+        self.load_failures += 1
+        self.last_failure = (now, reason)
+
+    def loaded(self) -> None:
+        """A worker reached READY: the model loads, whatever failed before."""
+        self.load_failures = 0
 
     def sweep(self, now: float, *, health_timeout_s: float) -> list[WorkerProcess]:
         """Kills serving workers silent for over ``health_timeout_s``, takes out the
@@ -58,10 +84,9 @@ class PoolMembers:
                 self.idle_since.pop(wid, None)
         return ended
 
-    def view(
-        self, *, queued: int, load_failures: int, last_failure: tuple[float, str] | None
-    ) -> PoolView:
-        """The pool as the policy sees it; ``last_failure`` is (clock seconds, reason)."""
+    def view(self, *, queued: int) -> PoolView:
+        """The pool as the policy sees it, with ``queued`` requests waiting for a worker."""
+        last_failure = self.last_failure
         workers = [
             WorkerView(
                 worker_id=wid,
@@ -79,7 +104,7 @@ class PoolMembers:
         return PoolView(
             workers=tuple(workers),
             queued=queued,
-            load_failures=load_failures,
+            load_failures=self.load_failures,
             last_failure_s=last_failure[0] if last_failure else None,
             last_failure_reason=last_failure[1] if last_failure else None,
         )

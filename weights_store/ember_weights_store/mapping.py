@@ -26,13 +26,14 @@ import torch
 from ember_core import InvalidRequestError, ModelFormatError
 from ember_weights_store.libc import MAP_FAILED, libc
 
-__all__ = ["drop_file_pages", "map_chunk_files"]
+__all__ = ["drop_file_pages", "map_chunk_files", "populate_file_pages"]
 
 _PAGE = mmap.PAGESIZE
 # Linux values; the mmap module exposes neither.
 _PROT_NONE = 0
 _MAP_FIXED = 0x10
 _MADV_DONTNEED = 4
+_MADV_POPULATE_READ = 22  # Linux 5.14+
 
 
 def _round_up(n: int) -> int:
@@ -125,3 +126,15 @@ def drop_file_pages(address: int, size_bytes: int) -> int:
     if end <= start or libc.madvise(start, end - start, _MADV_DONTNEED) != 0:
         return 0
     return end - start
+
+
+def populate_file_pages(address: int, size_bytes: int) -> bool:
+    """Maps into this process, now and in one call, every page of ``[address, address +
+    size_bytes)`` (a mapping :func:`map_chunk_files` made), read-only: the file's pages,
+    no copy. Returns False where the kernel cannot (older than 5.14); reads then fault
+    them in as before. Read page by page, a mapped tmpfs file costs a fault per few
+    pages: the 1.1B model's 2.2 GB of packed matrices took 0.26-0.27 s for a first
+    request where later ones took 0.16; populated first (0.045-0.051 s), 0.16-0.17."""
+    start = address // _PAGE * _PAGE
+    end = _round_up(address + size_bytes)
+    return end > start and libc.madvise(start, end - start, _MADV_POPULATE_READ) == 0
