@@ -23,7 +23,7 @@ from ember_functions.config import ModelConfig
 from ember_functions.engine_config import EngineConfig
 from ember_functions.host_model import HostModel
 from ember_functions.model import LlamaModel
-from ember_functions.packing import Packing, map_shared_packing
+from ember_functions.packing import Packing
 from ember_functions.prefix_kv_cache import PrefixKV, PrefixKVCache
 from ember_functions.prompt import EncodedPrompt, Prompt, PromptEncoder
 from ember_functions.request import PreparedRequest
@@ -143,7 +143,6 @@ class LLMEngine:
         """Binds a model already in host RAM: compute dtype, fused layout, KV cache. The
         host copy is left as it was, so a worker can drop the engine and bind again."""
         config = config or EngineConfig()
-        packed, mapped = map_shared_packing(host, config)  # on a thread while the model builds
         model = build_engine_model(
             config,
             host.model_config,
@@ -155,7 +154,8 @@ class LLMEngine:
         engine = cls(model, host.tokenizer, config=config, model_name=host.model_id)
         engine.load_report = host.report
         engine.packing.maps_weights(host.mapped_storages())
-        engine.packing.share(packed, mapped=mapped)  # does nothing where packing is off
+        if config.share_packing:  # Packing.share does nothing where packing is off
+            engine.packing.share(host.packed_cache(model.dtype, pack_rows=model.linear.pack_rows))
         engine.prefix_kv = host.prefix_kv_cache(model.dtype, block_size=config.block_size)
         engine.restore_public_prefix()
         return engine
@@ -294,20 +294,21 @@ class LLMEngine:
         return self.public_prefix_tokens
 
     def restore_public_prefix(self) -> int:
-        """Pins the public prefix with the KV another engine of the model on this machine
-        kept (``prefix_kv_cache``), so even a new worker's first request finds it computed.
-        Returns the tokens restored, 0 if none fit (``cache_public_prefix`` computes them
-        once idle). Run it before any request: ``from_host`` does."""
+        """Pins the public prefix with its KV as another engine of this model on this
+        machine computed it (``prefix_kv_cache``), so even the first request of a worker
+        that was never idle finds the chat preamble computed. Returns the tokens
+        restored: 0 where none is kept, or it does not fit this engine (the engine then
+        computes it when idle, ``cache_public_prefix``). Run it before any request."""
         if self.prefix_kv is None or self.public_prefix_tokens is not None:
             return 0
         found = self.prefix_kv.load(
             dtype=self.kv_cache.data.dtype,
-            vocab_size=self.model.config.vocab_size,
             expected_shape=lambda n: self.kv_cache.blocks_shape(self.blocks.blocks_for(n)),
         )
         if (
             found is None
             or len(found.tokens) + 2 > self.token_capacity
+            or not all(0 <= t < self.model.config.vocab_size for t in found.tokens)
             or not self.blocks.can_restore_public_prefix(len(found.tokens))
         ):
             return 0

@@ -39,7 +39,6 @@ from typing import Any
 
 import torch
 
-from ember_core import EmberError
 from ember_functions.bound_cache import manifest_digest
 from ember_functions.linear import onednn_linear
 from ember_weights_store.host_lease import HostLease
@@ -63,14 +62,6 @@ class SharedPacked:
 
     matrices: dict[str, torch.Tensor]
     backing: torch.Tensor
-
-
-@dataclass(frozen=True)
-class MappedPacked:
-    """A stored entry mapped (``PackedCache.map``), before its matrices are wrapped."""
-
-    index: dict[str, Any]  # what the index object says: sizes, shapes, offsets, descriptors
-    backing: torch.Tensor  # [size_bytes] uint8, the mapping
 
 
 @dataclass(frozen=True)
@@ -123,69 +114,36 @@ class PackedCache:
         """Whether a complete entry is there to load (cheap: no reading, no probing)."""
         return self.host.has(self.index_key)
 
-    def map(self) -> MappedPacked | None:
-        """The stored entry's bytes mapped into this process, every page of them mapped now
-        (``populate_file_pages``: the next step reads every matrix, and a request a new
-        worker was started for would otherwise fault them in a few pages at a time), and
-        pinned for this process's life; None if absent or unreadable."""
-        if not self.available():
-            return None
-        try:
-            index = json.loads(self.host.get(self.index_key))
-            size = index["size_bytes"]
-            self.host.pin([self.key, self.index_key], owner=f"packed-{os.getpid()}")
-            backing = map_chunk_files([(self.host.object_path(self.key), 0, size)], size)
-        except (OSError, ValueError, KeyError, TypeError, EmberError) as exc:
-            log.warning("packed matrices %s unreadable (%s); packing instead", self.key, exc)
-            return None
-        populate_file_pages(backing.data_ptr(), size)
-        return MappedPacked(index, backing)
-
-    def map_in_background(self) -> Future[MappedPacked | None]:
-        """:meth:`map` on a thread: the mapping's pages are populated in the kernel, with
-        the GIL released, while the caller builds the model (``LLMEngine.from_host``)."""
-        future: Future[MappedPacked | None] = Future()
-
-        def run() -> None:
-            try:
-                future.set_result(self.map())
-            except BaseException as exc:  # the caller's load() reports it
-                future.set_exception(exc)
-
-        threading.Thread(target=run, name="ember-packed-map", daemon=True).start()
-        return future
-
     def load(
         self,
         plain: Mapping[str, torch.Tensor],
         *,
         pack: Callable[[torch.Tensor], torch.Tensor | None],
-        mapped: MappedPacked | None = None,
     ) -> SharedPacked | None:
-        """The packed matrices, mapped (``mapped``, from :meth:`map`, or mapped now) and
-        wrapped; None if absent, incomplete, not for ``plain`` (the unpacked matrices, by
-        the same names), or if wrapping does not work here. The first matrix is checked:
-        wrapped, it must compute to the bit what it computes packed here with ``pack``, or
-        nothing is used (the same check as :func:`sharing_works`, on a real matrix: a
-        loading worker runs only this one)."""
-        if not plain or _blob_api() is None:
-            return None
-        mapped = mapped or self.map()
-        if mapped is None:
+        """The packed matrices, mapped and wrapped; None if absent, incomplete, not for
+        ``plain`` (the unpacked matrices, by the same names), or if wrapping does not work
+        here. The first matrix is checked: wrapped, it must compute to the bit what it
+        computes packed here with ``pack``, or nothing is used (the same check as
+        :func:`sharing_works`, on a real matrix: a loading worker runs only this one)."""
+        if not plain or not self.available() or _blob_api() is None:
             return None
         try:
-            entries = mapped.index["tensors"]
+            index = json.loads(self.host.get(self.index_key))
+            entries = index["tensors"]
             shapes = {n: tuple(e["shape"]) for n, e in entries.items()}
-            fits = mapped.index["pack_rows"] == self.pack_rows and shapes == {
+            if index["pack_rows"] != self.pack_rows or shapes != {
                 n: tuple(t.shape) for n, t in plain.items()
-            }
-        except (KeyError, TypeError, AttributeError) as exc:
+            }:
+                log.warning("packed matrices %s do not match the model; packing instead", self.key)
+                return None
+            # Pinned for this process's life: the matrices are views of the mapping.
+            self.host.pin([self.key, self.index_key], owner=f"packed-{os.getpid()}")
+            size = index["size_bytes"]
+            backing = map_chunk_files([(self.host.object_path(self.key), 0, size)], size)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
             log.warning("packed matrices %s unreadable (%s); packing instead", self.key, exc)
             return None
-        if not fits:
-            log.warning("packed matrices %s do not match the model; packing instead", self.key)
-            return None
-        base = mapped.backing.data_ptr()
+        base = backing.data_ptr()
         try:
             matrices = {
                 name: _wrap(
@@ -201,7 +159,10 @@ class PackedCache:
         if packed_here is None or not _same_product(matrices[name], packed_here, first):
             log.warning("packed matrices %s compute differently here; packing instead", self.key)
             return None
-        return SharedPacked(matrices, mapped.backing)
+        # The next step reads every matrix: their pages are mapped now, in one call, not
+        # faulted in a few at a time by the request a new worker was started for.
+        populate_file_pages(base, size)
+        return SharedPacked(matrices, backing)
 
     def store(self, matrices: Mapping[str, torch.Tensor]) -> bool:
         """Writes ``matrices`` (packed): the data object, then the index that makes it

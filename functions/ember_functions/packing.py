@@ -31,22 +31,13 @@ import functools
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import TYPE_CHECKING
 
-import torch
-
-from ember_functions.engine_config import EngineConfig
-from ember_functions.linear import Linear
 from ember_functions.model import LlamaModel
-from ember_functions.packed_cache import MappedPacked, PackedCache
-from ember_functions.weights import resolve_compute_dtype
+from ember_functions.packed_cache import PackedCache
 from ember_weights_store.host_lease import HostLease
 from ember_weights_store.mapping import drop_file_pages
 
-if TYPE_CHECKING:
-    from ember_functions.host_model import HostModel
-
-__all__ = ["PACK_LEASE_PACES", "PACK_LEASE_STALE_S", "Packing", "map_shared_packing"]
+__all__ = ["PACK_LEASE_PACES", "PACK_LEASE_STALE_S", "Packing"]
 
 # A worker packs a layer each idle turn (0.02-0.3 s for models up to ~1B on 2 cores), so a
 # packer that has renewed nothing for this long is serving, or has stopped: a waiting
@@ -183,14 +174,11 @@ class Packing:
             return False
         return not cache.available() and lease.held_elsewhere()
 
-    def share(
-        self, cache: PackedCache | None, *, mapped: Future[MappedPacked | None] | None = None
-    ) -> bool:
+    def share(self, cache: PackedCache | None) -> bool:
         """Where this machine keeps the model's packed matrices: if an earlier worker left
         them there, the model runs on them from now on, mapped, not packed (True);
         otherwise this engine leaves its own there once it has packed them all. Call it
-        before the engine serves: adopting them swaps the matrices a step reads.
-        ``mapped`` is ``cache.map_in_background()``, started before the model was built."""
+        before the engine serves: adopting them swaps the matrices a step reads."""
         if not self.enabled:
             return False
         self._cache = cache
@@ -199,7 +187,7 @@ class Packing:
             self._lease = cache.lease(holder=holder, stale_s=PACK_LEASE_STALE_S)
         if cache is None or self.model.packed_units or not cache.available():
             return False
-        return self._adopt(cache, None if mapped is None else mapped.result())
+        return self._adopt(cache)
 
     def share_stored(self) -> bool:
         """Once the machine keeps the model's packed matrices (this engine's own, stored
@@ -217,10 +205,11 @@ class Packing:
             return False
         return self._adopt(cache)
 
-    def _adopt(self, cache: PackedCache, mapped: MappedPacked | None = None) -> bool:
+    def _adopt(self, cache: PackedCache) -> bool:
         linear = self.model.linear
-        plain = self.model.unpacked_matrices()
-        shared = cache.load(plain, pack=linear.pack, mapped=mapped) if linear.packs else None
+        shared = (
+            cache.load(self.model.unpacked_matrices(), pack=linear.pack) if linear.packs else None
+        )
         if shared is None:
             self._load_failed = True
             return False
@@ -282,20 +271,3 @@ def _return_freed_heap() -> None:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
-
-
-def map_shared_packing(
-    host: HostModel, config: EngineConfig
-) -> tuple[PackedCache | None, Future[MappedPacked | None] | None]:
-    """Where the machine keeps ``host``'s model packed for ``config``, and, if an earlier
-    worker left it there, its mapping started on a thread (``PackedCache.map_in_background``):
-    populating 2.2 GB of the 1.1B model's pages takes 0.05 s, in the kernel with the GIL
-    released, while the caller builds the model. For :meth:`Packing.share`."""
-    if not (config.share_packing and config.pack_weights):
-        return None, None
-    device = torch.device(config.device)
-    dtype = resolve_compute_dtype(config.dtype, weights_dtype=host.weights_dtype, device=device)
-    cache = host.packed_cache(dtype, pack_rows=Linear.pack_rows)
-    if cache is None or not cache.available():
-        return cache, None
-    return cache, cache.map_in_background()

@@ -118,16 +118,7 @@ def test_the_next_engine_maps_what_the_first_packed_and_generates_the_same(
     assert tokens(first) == packed
     assert not first.packing.share_stored()  # once
 
-    maps: list[Future[object]] = []
-    start_map = PackedCache.map_in_background
-
-    def counted(self: PackedCache) -> Future[object]:
-        maps.append(start_map(self))  # type: ignore[arg-type]
-        return maps[-1]
-
-    monkeypatch.setattr(PackedCache, "map_in_background", counted)
     second = LLMEngine.from_host(host_model(host_catalog, model_dir), config=config(dtype))
-    assert len(maps) == 1 and maps[0].done()  # mapped on a thread while the model built
     assert_all_mapped(second)
     assert tokens(second) == packed
     total = len(second.model.decoder_layers) + 1
@@ -273,38 +264,6 @@ def test_an_entry_for_other_shapes_or_half_written_is_not_used(
     (tier,) = [t for t in host_catalog.store().tiers if isinstance(t, HostTier)]
     tier.delete(cache.index_key)
     assert not cache.available() and cache.load(plain, pack=model.linear.pack) is None
-
-
-def _rss_shmem_kib() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("RssShmem:"):
-            return int(line.split()[1])
-    raise AssertionError("no RssShmem in /proc/self/status")
-
-
-def test_a_mapped_entry_has_every_page_mapped_before_any_step_reads_it(
-    host_catalog: ModelCatalog,
-    host_model: Callable[[ModelCatalog, Path], HostModel],
-    tiny_model: Callable[..., Path],
-) -> None:
-    skip_unless_shared(torch.float32)
-    model_dir = tiny_model("llama")
-    first = LLMEngine.from_host(host_model(host_catalog, model_dir), config=config(torch.float32))
-    first.packing.pack()
-    cache = first.packing.cache
-    assert cache is not None
-    deadline = time.monotonic() + 30
-    while not cache.available():  # stored on a thread
-        assert time.monotonic() < deadline, "the packed matrices were never stored"
-        time.sleep(0.01)
-    before = _rss_shmem_kib()
-    mapped = cache.map()
-    assert mapped is not None
-    size_kib = mapped.backing.numel() >> 10
-    assert _rss_shmem_kib() - before >= size_kib * 0.9  # the tier's pages, mapped: no copy
-    plain = first.model.unpacked_matrices()
-    shared = cache.load(plain, pack=first.model.linear.pack, mapped=mapped)
-    assert shared is not None and shared.backing is mapped.backing
 
 
 def test_without_a_host_tier_every_engine_packs_its_own(
