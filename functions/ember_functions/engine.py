@@ -294,21 +294,20 @@ class LLMEngine:
         return self.public_prefix_tokens
 
     def restore_public_prefix(self) -> int:
-        """Pins the public prefix with its KV as another engine of this model on this
-        machine computed it (``prefix_kv_cache``), so even the first request of a worker
-        that was never idle finds the chat preamble computed. Returns the tokens
-        restored: 0 where none is kept, or it does not fit this engine (the engine then
-        computes it when idle, ``cache_public_prefix``). Run it before any request."""
+        """Pins the public prefix with the KV another engine of the model on this machine
+        kept (``prefix_kv_cache``), so even a new worker's first request finds it computed.
+        Returns the tokens restored, 0 if none fit (``cache_public_prefix`` computes them
+        once idle). Run it before any request: ``from_host`` does."""
         if self.prefix_kv is None or self.public_prefix_tokens is not None:
             return 0
         found = self.prefix_kv.load(
             dtype=self.kv_cache.data.dtype,
+            vocab_size=self.model.config.vocab_size,
             expected_shape=lambda n: self.kv_cache.blocks_shape(self.blocks.blocks_for(n)),
         )
         if (
             found is None
             or len(found.tokens) + 2 > self.token_capacity
-            or not all(0 <= t < self.model.config.vocab_size for t in found.tokens)
             or not self.blocks.can_restore_public_prefix(len(found.tokens))
         ):
             return 0

@@ -82,7 +82,11 @@ class PrefixKVCache:
         return f"{self.key}-index"
 
     def load(
-        self, *, dtype: torch.dtype, expected_shape: Callable[[int], tuple[int, ...]]
+        self,
+        *,
+        dtype: torch.dtype,
+        vocab_size: int,
+        expected_shape: Callable[[int], tuple[int, ...]],
     ) -> PrefixKV | None:
         """The stored prefix, or None if absent or unusable. ``expected_shape(num_tokens)``
         is the block tensor's shape the engine's cache needs for a prefix that long."""
@@ -96,7 +100,8 @@ class PrefixKVCache:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             log.warning("public prefix KV %s unreadable (%s); computing it", self.key, exc)
             return None
-        if not tokens or shape != expected_shape(len(tokens)):
+        valid = all(0 <= t < vocab_size for t in tokens)
+        if not tokens or not valid or shape != expected_shape(len(tokens)):
             log.warning("public prefix KV %s does not fit this engine; computing it", self.key)
             return None
         blocks = torch.frombuffer(bytearray(data), dtype=torch.uint8)

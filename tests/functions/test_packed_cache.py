@@ -266,6 +266,36 @@ def test_an_entry_for_other_shapes_or_half_written_is_not_used(
     assert not cache.available() and cache.load(plain, pack=model.linear.pack) is None
 
 
+def _rss_shmem_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssShmem:"):
+            return int(line.split()[1])
+    raise AssertionError("no RssShmem in /proc/self/status")
+
+
+def test_a_loaded_entry_has_every_page_mapped_before_any_step_reads_it(
+    host_catalog: ModelCatalog,
+    host_model: Callable[[ModelCatalog, Path], HostModel],
+    tiny_model: Callable[..., Path],
+) -> None:
+    skip_unless_shared(torch.float32)
+    first = LLMEngine.from_host(
+        host_model(host_catalog, tiny_model("llama")), config=config(torch.float32)
+    )
+    first.packing.pack()
+    cache = first.packing.cache
+    assert cache is not None
+    deadline = time.monotonic() + 30
+    while not cache.available():  # stored on a thread
+        assert time.monotonic() < deadline, "the packed matrices were never stored"
+        time.sleep(0.01)
+    before = _rss_shmem_kib()
+    shared = cache.load(first.model.unpacked_matrices(), pack=first.model.linear.pack)
+    assert shared is not None
+    # The tier's pages, all mapped into this process at once, none copied.
+    assert _rss_shmem_kib() - before >= (shared.backing.numel() >> 10) * 0.9
+
+
 def test_without_a_host_tier_every_engine_packs_its_own(
     tmp_path: Path,
     host_model: Callable[[ModelCatalog, Path], HostModel],
