@@ -36,8 +36,11 @@ def test_pool_memory_bench_writes_its_json(
     # Both map the disk tier's chunks, and once packed they hand back their mappings of
     # the unpacked matrices (~200 MiB): those pages leave the pool (page cache,
     # reclaimable) either way. So two workers sharing hold far less themselves, and the
-    # pool a packed copy less in all (measured: 512 and 280 MiB less; 203 in a cold run).
-    assert result["pss_mib_alone_2"] - result["pss_mib_shared_2"] > 400, proc.stdout
+    # pool a packed copy less in all. Since a worker maps every page of the shared copy
+    # when it adopts it (``populate_file_pages``, 2026-12-06, fifth session), the shared
+    # workers' PSS counts that copy, split between them, where before an idle worker had
+    # mapped little of it: 255 MiB less (was 512; 280 and 203 in other runs).
+    assert result["pss_mib_alone_2"] - result["pss_mib_shared_2"] > 200, proc.stdout
     assert result["ram_mib_shared_2"] >= result["pss_mib_shared_2"]
     assert result["ram_mib_alone_2"] == result["pss_mib_alone_2"]  # no tier to add
     assert result["tier_mib_alone_2"] == 0
