@@ -69,6 +69,10 @@ def _first_token(worker: Any, rid: str) -> tuple[float, int]:
     return time.perf_counter() - t0, done.usage.cached_tokens
 
 
+def _checkpoint_bytes(model_dir: Path) -> int:
+    return sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
+
+
 def _host_tier_bytes(model_dir: Path) -> int:
     """At least 8 GiB, and as much as ``ember serve`` would plan for a pool of this model
     fetched from S3 (5x the checkpoint, at most half of free /dev/shm). Before 2026-12-06
@@ -78,10 +82,9 @@ def _host_tier_bytes(model_dir: Path) -> int:
     converted them again."""
     from ember_warmpool.host_sharing import plan_host_sharing, shm_free_bytes
 
-    checkpoint_bytes = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
     plan = plan_host_sharing(
         max_workers=4,
-        checkpoint_bytes=checkpoint_bytes,
+        checkpoint_bytes=_checkpoint_bytes(model_dir),
         shm_free_bytes=shm_free_bytes(),
         holds_chunks=True,
     )
@@ -277,25 +280,26 @@ class ModelRun:
         import torch
 
         from ember_functions.linear import Linear
-        from ember_functions.weights import checkpoint_dtype, resolve_compute_dtype
 
-        stored = checkpoint_dtype(self.model_dir)
-        cpu = torch.device("cpu")
-        compute = resolve_compute_dtype(self.config.dtype, weights_dtype=stored, device=cpu)
-        chunks = sum(f.stat().st_size for f in self.model_dir.glob("*.safetensors"))
+        stored, compute = self._dtypes()
+        chunks = _checkpoint_bytes(self.model_dir)
         computed = chunks * compute.itemsize // stored.itemsize
-        converts = compute != stored
-        packs = Linear(device=cpu, dtype=compute).packs
-        return chunks + converts * computed + packs * computed, computed
+        packs = Linear(device=torch.device("cpu"), dtype=compute).packs
+        return chunks + self._binding_converts() * computed + packs * computed, computed
 
-    def _binding_converts(self) -> bool:
+    def _dtypes(self) -> tuple[Any, Any]:
+        """(the checkpoint's dtype, the dtype this CPU's engine computes it in)."""
         import torch
 
         from ember_functions.weights import checkpoint_dtype, resolve_compute_dtype
 
         stored = checkpoint_dtype(self.model_dir)
         cpu = torch.device("cpu")
-        return resolve_compute_dtype(self.config.dtype, weights_dtype=stored, device=cpu) != stored
+        return stored, resolve_compute_dtype(self.config.dtype, weights_dtype=stored, device=cpu)
+
+    def _binding_converts(self) -> bool:
+        stored, compute = self._dtypes()
+        return bool(compute != stored)
 
     def ready_ttft(self, *, prefix_cache: bool = True) -> tuple[float, int]:
         """(seconds, cached prompt tokens) to the first token from a READY worker: the

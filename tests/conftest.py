@@ -60,22 +60,34 @@ def ember_test_home() -> Path:
 
 
 @pytest.fixture
-def tiny_home(tiny_model: TinyModelFactory, tmp_path: Path) -> Iterator[Path]:
-    """A home with the tiny llama installed as ``tiny``, as ``ember models add`` leaves a
-    model: its chunks in the bucket, its directory under ``models/``. Its host tier, if
-    a test fills one, is removed after."""
+def install_home(tmp_path: Path) -> Iterator[Callable[[Path], Path]]:
+    """``install_home(model_dir) -> home``: a home with ``model_dir`` installed as ``tiny``,
+    as ``ember models add`` leaves a model: its chunks in the bucket, its directory under
+    ``models/``. Its host tier, if a test fills one, is removed after."""
     import shutil
 
     from ember_weights_store import ModelCatalog
 
-    model_dir = tiny_model("llama")
-    home = tmp_path / "home"
-    catalog = ModelCatalog(home)
-    catalog.store().import_hf_dir(model_dir, model_id="tiny")
-    catalog.models_dir.mkdir(parents=True)
-    (catalog.models_dir / "tiny").symlink_to(model_dir)
-    yield home
-    shutil.rmtree(catalog.host_cache_root, ignore_errors=True)
+    catalogs: list[ModelCatalog] = []
+
+    def install(model_dir: Path) -> Path:
+        home = tmp_path / f"home-{len(catalogs)}" if catalogs else tmp_path / "home"
+        catalog = ModelCatalog(home)
+        catalog.store().import_hf_dir(model_dir, model_id="tiny")
+        catalog.models_dir.mkdir(parents=True)
+        (catalog.models_dir / "tiny").symlink_to(model_dir)
+        catalogs.append(catalog)
+        return home
+
+    yield install
+    for catalog in catalogs:
+        shutil.rmtree(catalog.host_cache_root, ignore_errors=True)
+
+
+@pytest.fixture
+def tiny_home(tiny_model: TinyModelFactory, install_home: Callable[[Path], Path]) -> Path:
+    """A home with the tiny llama installed as ``tiny`` (``install_home``)."""
+    return install_home(tiny_model("llama"))
 
 
 @pytest.fixture(scope="session", autouse=True)

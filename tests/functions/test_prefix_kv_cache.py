@@ -127,41 +127,34 @@ def test_a_store_without_a_host_tier_keeps_nothing(
 
 
 def test_a_new_worker_serves_its_first_chat_with_the_preamble_cached(
-    system_model: Path, tmp_path: Path
+    system_model: Path, install_home: Callable[[Path], Path]
 ) -> None:
     """The cold start a request waits for: a worker that was never idle, whose model's
     first worker on this machine computed the preamble."""
     from ember_functions.loading import StoreConfig
     from ember_functions.worker_process import WorkerProcess
 
-    home = tmp_path / "home"
-    catalog = ModelCatalog(home)
-    catalog.store().import_hf_dir(system_model, model_id="tiny")
-    catalog.models_dir.mkdir(parents=True)
-    (catalog.models_dir / "tiny").symlink_to(system_model)
+    home = install_home(system_model)
     store = StoreConfig(host_cache_bytes=256 << 20)
     greedy = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
     got: list[tuple[int, list[int]]] = []
-    try:
-        for i in range(2):
-            worker = WorkerProcess.spawn(
-                worker_id=f"pkv-{os.getpid()}-{i}",
-                model="tiny",
-                home=home,
-                engine_config=CONFIG,
-                store=store,
-            )
-            try:
-                # At once, before the worker was ever idle (it caches the preamble then).
-                request = worker.prepare(chat("What is 2+2?"), greedy, request_id=f"r{i}")
-                out = worker.submit_prepared(request).result()
-                got.append((out.usage.cached_tokens, out.token_ids))
-                if i == 0:
-                    assert worker.wait_packed(timeout_s=60)  # idle: preamble computed, kept
-            finally:
-                worker.close()
-    finally:
-        shutil.rmtree(catalog.host_cache_root, ignore_errors=True)
+    for i in range(2):
+        worker = WorkerProcess.spawn(
+            worker_id=f"pkv-{os.getpid()}-{i}",
+            model="tiny",
+            home=home,
+            engine_config=CONFIG,
+            store=store,
+        )
+        try:
+            # At once, before the worker was ever idle (it caches the preamble then).
+            request = worker.prepare(chat("What is 2+2?"), greedy, request_id=f"r{i}")
+            out = worker.submit_prepared(request).result()
+            got.append((out.usage.cached_tokens, out.token_ids))
+            if i == 0:
+                assert worker.wait_packed(timeout_s=60)  # idle: preamble computed, kept
+        finally:
+            worker.close()
     preamble = len(LLMEngine.from_dir(system_model, config=CONFIG).tokenizer.chat_preamble())
     assert [cached for cached, _ in got] == [0, preamble]
     assert got[0][1] == got[1][1]
