@@ -61,6 +61,11 @@ def test_pool_memory_bench_writes_its_json(
     assert result["settle_cpu_s_shared_2"] > 0 and result["settle_peak_private_mib_alone_2"] > 0
     assert result["settle_peak_anon_mib_shared_2"] > 0
     if cpu_has_native_bf16():
-        # On float32 CPUs both pools' workers peak at their converted copies while they
-        # settle (measured 2410 shared against 2400 alone).
-        assert result["settle_peak_anon_mib_alone_2"] > result["settle_peak_anon_mib_shared_2"]
+        # Alone, the pool peaks as it settles, at two packed copies (875 MiB measured);
+        # shared, at the packer's copy beside the other worker, which never packs (622).
+        # The peak used to be sampled before the settled state only, every 0.2 s, and
+        # missed the alone pool's (617 against 621 in a CI run, 2026-12-06). On float32
+        # CPUs both pools' workers peak at their converted copies while they settle
+        # (measured 2410 shared against 2400 alone).
+        peak = result["settle_peak_anon_mib_alone_2"], result["settle_peak_anon_mib_shared_2"]
+        assert peak[0] - peak[1] > 150, proc.stdout
