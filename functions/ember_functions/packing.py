@@ -25,13 +25,10 @@ are the model's (``LlamaModel.pack_weights`` and friends).
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import functools
 import time
-from collections.abc import Callable
 from concurrent.futures import Future
 
+from ember_functions.host_memory import release_free_heap
 from ember_functions.model import LlamaModel
 from ember_functions.packed_cache import PackedCache
 from ember_weights_store.host_lease import HostLease
@@ -216,7 +213,10 @@ class Packing:
         had_own = self.model.private_packed_units > 0
         self.model.adopt_packed(shared.matrices, shared.backing)
         if had_own:
-            _return_freed_heap()
+            # Packed copies are many allocations of a few MiB, on oneDNN's threads: dropping
+            # SmolLM2's (0.25 GiB, two threads) gave back 70-90 MiB without the trim, all
+            # of it with it (``tests/functions/test_packing.py``).
+            release_free_heap()
         self.release_unpacked()
         return True
 
@@ -225,7 +225,7 @@ class Packing:
         bytes of host RAM freed, 0 when nothing is packed or the copies are shared."""
         freed = self.model.unpack_weights()
         if freed:
-            _return_freed_heap()
+            release_free_heap()
         return freed
 
     @property
@@ -252,22 +252,3 @@ class Packing:
         """Host RAM the next ``pack(max_layers=1)`` will take; 0 when nothing is left to
         pack or packing is off."""
         return self.model.next_pack_bytes() if self.enabled else 0
-
-
-@functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
-    name = ctypes.util.find_library("c")
-    try:
-        return ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):  # not glibc: its allocator returns memory its own way
-        return None
-
-
-def _return_freed_heap() -> None:
-    """Hands the heap's free pages back to the OS. Packed copies are many allocations of
-    a few MiB, made on oneDNN's threads, whose malloc arenas keep freed blocks for reuse:
-    dropping SmolLM2's (0.25 GiB, two threads) gave 70-90 MiB back without this, all of it
-    with it (``tests/functions/test_packing.py``)."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)

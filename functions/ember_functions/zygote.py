@@ -55,8 +55,6 @@ if __name__ == "__main__":
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
-import ctypes  # noqa: E402
-import functools  # noqa: E402
 import os  # noqa: E402
 import select  # noqa: E402
 import signal  # noqa: E402
@@ -65,14 +63,13 @@ import sys  # noqa: E402
 import threading  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import TYPE_CHECKING, Any, cast  # noqa: E402
+from typing import TYPE_CHECKING, Any  # noqa: E402
 
+from ember_functions.host_memory import release_free_heap  # noqa: E402
 from ember_functions.rpc import FrameReader, FrameWriter  # noqa: E402
 from ember_weights_store.verified import VerifiedCopies  # noqa: E402
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from ember_functions.loading import WeightsSource
     from ember_functions.tokenizer import Tokenizer
     from ember_weights_store.manifest import Manifest
@@ -123,27 +120,6 @@ class _Prepared:
         self.checking.start()
 
 
-@functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
-    try:
-        return cast("Callable[[int], int]", ctypes.CDLL(None).malloc_trim)
-    except (OSError, AttributeError):  # not glibc: nothing to trim this way
-        return None
-
-
-def _release_free_heap() -> None:
-    """Gives the free pages of the zygote's C heap back to the kernel (``malloc_trim``;
-    ~0.05 ms). A child's mallocs reuse free chunks it inherited: a page still mapped in
-    the zygote is copied on that first write (a fault and, once the child runs its OpenMP
-    thread, a TLB shootdown), where a page given back faults in as a fresh zero page.
-    Parsing tokenizers and checking weights leave plenty of such pages. Measured on the
-    2-core AMX Xeon: a prewarmed SmolLM2 start 0.128-0.135 s -> 0.102-0.108 s (bind
-    36 -> 24 ms, first token 78 -> 64 ms; ``bench/coldstart.py --states prewarmed``)."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
 def _fork(
     args: list[str],
     control: socket.socket,
@@ -153,7 +129,13 @@ def _fork(
     started_s = time.perf_counter()
     prepared.settle()
     gc.freeze()  # O(1): moves every tracked object to the permanent generation
-    _release_free_heap()
+    # ~0.05 ms. A child's mallocs reuse free chunks it inherited: a page still mapped in
+    # the zygote is copied on that first write (a fault and, once the child runs its OpenMP
+    # thread, a TLB shootdown), where a page given back faults in as a fresh zero page.
+    # Parsing tokenizers and checking weights leave plenty of such pages. Measured on the
+    # 2-core AMX Xeon: a prewarmed SmolLM2 start 0.128-0.135 s -> 0.102-0.108 s (bind
+    # 36 -> 24 ms, first token 78 -> 64 ms; ``bench/coldstart.py --states prewarmed``).
+    release_free_heap()
     pid = os.fork()
     if pid:
         return pid

@@ -1,8 +1,11 @@
 """Host RAM from /proc (and a cgroup v2 limit), the packing decision made on it, and one
-process's RAM (private and proportional) as ``ember pool status`` shows it."""
+process's RAM (private and proportional) as ``ember pool status`` shows it; and the
+free C heap given back to the kernel."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -148,3 +151,29 @@ def test_an_idle_worker_packs_holds_or_gives_back_as_host_ram_allows() -> None:
         min_free_bytes=4 * GIB,
     )
     assert why is not None and "1.00 GiB" in why and "giving packed layers back" in why
+
+
+def test_free_heap_pages_go_back_to_the_kernel() -> None:
+    # What the zygote does before it forks, so that a child's first mallocs fault in fresh
+    # pages instead of copying the zygote's. Every other 64 KiB block freed, the last
+    # kept: glibc cannot shrink the heap from its top, so only malloc_trim returns the
+    # free blocks' pages.
+    code = """
+import os
+from ember_functions.host_memory import release_free_heap
+
+def rss_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+blocks = [b"x" * (64 << 10) for _ in range(2048)]      # 128 MiB, touched
+del blocks[::2]                                         # 64 MiB of free chunks
+before = rss_bytes()
+release_free_heap()
+print((before - rss_bytes()) >> 20)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout) >= 48, f"only {done.stdout.strip()} MiB of 64 MiB freed went back"
