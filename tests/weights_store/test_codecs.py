@@ -131,3 +131,34 @@ def test_bytegroup_keeps_an_incompressible_low_stream_raw(bf16: bytes) -> None:
     # The high bytes (all zero) shrink to a tiny frame; the random low bytes stay as they are.
     assert len(noisy_low) // 2 <= len(stored) < len(noisy_low) // 2 + 64
     assert codec_for("zstd-bytegroup").decode(stored, raw_size=len(noisy_low)) == noisy_low
+
+
+@pytest.mark.parametrize(
+    ("layout", "scratch_halves"),
+    [("two streams, low kept raw", 1), ("two streams", 2), ("one frame", 2)],
+)
+def test_bytegroup_decodes_through_the_scratch_it_is_given(
+    bf16: bytes, layout: str, scratch_halves: int
+) -> None:
+    import zstandard
+
+    raw = bf16[:8192]  # noisy low bytes: stored raw, read in place
+    if layout == "two streams":  # 3 mantissa bits: the low bytes compress too
+        raw = (torch.randn(4096) * 8).round().bfloat16().div(8).view(torch.uint8).numpy().tobytes()
+    if layout == "one frame":
+        pairs = np.frombuffer(raw, dtype=np.uint8).reshape(-1, 2)
+        stored = zstandard.ZstdCompressor().compress(np.ascontiguousarray(pairs.T).tobytes())
+    else:
+        stored = codec_for("zstd-bytegroup").encode(raw)
+    space = bytearray(len(raw) + 100)
+    asked: list[int] = []
+
+    def scratch(n: int) -> memoryview:
+        asked.append(n)
+        return memoryview(space)[:n]
+
+    out = bytearray(len(raw))
+    codec_for("zstd-bytegroup").decode_into(stored, memoryview(out), scratch=scratch)
+    assert bytes(out) == raw
+    assert asked == [len(raw) // 2 * scratch_halves]  # decoded there, nothing allocated
+    assert any(space[: asked[0]])

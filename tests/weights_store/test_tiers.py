@@ -17,12 +17,13 @@ from pathlib import Path
 import pytest
 
 import ember_weights_store.disk_tier as disk_tier_module
-from ember_core import InvalidRequestError, NotFoundError
+from ember_core import InvalidRequestError, ModelFormatError, NotFoundError
 from ember_weights_store.bucket_tier import LocalBucketTier
 from ember_weights_store.disk_tier import DiskTier
 from ember_weights_store.tiers import (
     ObjectNotFoundError,
     ObjectTooLargeError,
+    ReadsInto,
     Tier,
     key_to_path,
     path_to_key,
@@ -72,6 +73,22 @@ def test_put_get_has_range_delete_usage(tier: Tier) -> None:
     assert tier.delete(key) is False
     assert not tier.has(key)
     assert tier.usage().num_objects == 1
+
+
+def test_read_into_fills_the_callers_buffer(tier: Tier) -> None:
+    # Both tiers read straight into a buffer: the disk tier as a cache tier, the bucket so
+    # the loader fetches a stored chunk into scratch that is not the C heap's.
+    assert isinstance(tier, ReadsInto)
+    data = os.urandom(5000)
+    key = content_key(data)
+    tier.put(key, data)
+    out = bytearray(len(data))
+    tier.read_into(key, memoryview(out))
+    assert bytes(out) == data
+    with pytest.raises(ModelFormatError, match="truncated or stale"):
+        tier.read_into(key, memoryview(bytearray(10)))
+    with pytest.raises(ObjectNotFoundError):
+        tier.read_into(content_key(b"absent"), memoryview(bytearray(1)))
 
 
 def test_missing_key_names_key_and_tier(tier: Tier) -> None:

@@ -7,7 +7,7 @@ may share one root.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ember_weights_store.digests import FastChecksum
@@ -42,6 +42,12 @@ class LocalBucketTier:
 
     def get_range(self, key: str, start: int, length: int) -> bytes:
         return self._dir.read_range(key, start, length)
+
+    def read_into(
+        self, key: str, out: memoryview, *, on_piece: Callable[[memoryview], None] | None = None
+    ) -> None:
+        """The stored bytes straight into ``out`` (``ReadsInto``)."""
+        self._dir.read_into(key, out, on_piece)
 
     def put(self, key: str, data: bytes) -> None:
         tmp, final = self._dir.write_temp(key, data)

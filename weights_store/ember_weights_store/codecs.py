@@ -16,6 +16,7 @@ with cores.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -39,6 +40,8 @@ __all__ = [
 MIN_SAVING_FRACTION = 0.05
 
 _Buffer = bytes | bytearray | memoryview
+#: ``scratch(n)``: ``n`` writable bytes a codec may decode through, valid for one call.
+Scratch = Callable[[int], memoryview]
 
 
 @runtime_checkable
@@ -56,8 +59,12 @@ class Codec(Protocol):
         """Return the raw bytes; raise ModelFormatError unless they are exactly ``raw_size``."""
         ...
 
-    def decode_into(self, stored: _Buffer, out: memoryview) -> None:
-        """Write the raw bytes into ``out``, which must be exactly the raw size, writable."""
+    def decode_into(
+        self, stored: _Buffer, out: memoryview, *, scratch: Scratch | None = None
+    ) -> None:
+        """Write the raw bytes into ``out``, which must be exactly the raw size, writable.
+        ``scratch(n)``: ``n`` bytes of writable memory for this call, for a codec that
+        decodes through a buffer of its own (``LoadScratch``); None: it allocates one."""
         ...
 
 
@@ -151,7 +158,9 @@ class RawCodec:
             )
         return bytes(stored)
 
-    def decode_into(self, stored: _Buffer, out: memoryview) -> None:
+    def decode_into(
+        self, stored: _Buffer, out: memoryview, *, scratch: Scratch | None = None
+    ) -> None:
         dst = _writable_out(out)
         src = _byte_view(stored)
         if len(src) != len(dst):
@@ -177,7 +186,9 @@ class ZstdCodec:
         self.decode_into(stored, memoryview(out))
         return bytes(out)
 
-    def decode_into(self, stored: _Buffer, out: memoryview) -> None:
+    def decode_into(
+        self, stored: _Buffer, out: memoryview, *, scratch: Scratch | None = None
+    ) -> None:
         _zstd_decompress_into(stored, _writable_out(out), self.name)
 
 
@@ -222,7 +233,9 @@ class ZstdBytegroupCodec:
         self.decode_into(stored, memoryview(out))
         return bytes(out)
 
-    def decode_into(self, stored: _Buffer, out: memoryview) -> None:
+    def decode_into(
+        self, stored: _Buffer, out: memoryview, *, scratch: Scratch | None = None
+    ) -> None:
         dst = _writable_out(out)
         src = _byte_view(stored)
         if len(dst) % 2:
@@ -232,7 +245,7 @@ class ZstdBytegroupCodec:
             )
         half = len(dst) // 2
         if bytes(src[:4]) != _BYTEGROUP_MAGIC:
-            self._decode_one_frame(src, dst, half)
+            self._decode_one_frame(src, dst, half, scratch)
             return
         if len(src) < 8:
             raise ModelFormatError(_CORRUPT.format(self.name))
@@ -246,22 +259,32 @@ class ZstdBytegroupCodec:
                 f"{half} were expected; the stored chunk is truncated or corrupt, or the "
                 "manifest's raw size is wrong: fetch it again from another tier"
             )
-        high = np.empty(half, dtype=np.uint8)
+        raw_low = len(low_part) == half
+        space = _scratch_array(scratch, half if raw_low else 2 * half)
+        high = space[:half]
         _zstd_decompress_into(high_frame, high.data, self.name)
-        if len(low_part) == half:
+        if raw_low:
             low = np.frombuffer(low_part, dtype=np.uint8)
         else:
-            low = np.empty(half, dtype=np.uint8)
+            low = space[half:]
             _zstd_decompress_into(low_part, low.data, self.name)
         _interleave(low, high, dst)
 
-    def _decode_one_frame(self, src: memoryview, dst: memoryview, half: int) -> None:
+    def _decode_one_frame(
+        self, src: memoryview, dst: memoryview, half: int, scratch: Scratch | None
+    ) -> None:
         if not len(dst):
             _zstd_decompress_into(src, dst, self.name)  # still checks the frame
             return
-        grouped = np.empty(len(dst), dtype=np.uint8)
+        grouped = _scratch_array(scratch, len(dst))
         _zstd_decompress_into(src, grouped.data, self.name)
         _interleave(grouped[:half], grouped[half:], dst)
+
+
+def _scratch_array(scratch: Scratch | None, nbytes: int) -> np.ndarray:
+    if scratch is None:
+        return np.empty(nbytes, dtype=np.uint8)
+    return np.frombuffer(scratch(nbytes), dtype=np.uint8)
 
 
 _BYTEGROUP_MAGIC = b"EBG2"

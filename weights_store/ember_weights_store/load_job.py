@@ -22,9 +22,10 @@ import torch
 from ember_core import EmberError, ModelFormatError
 from ember_weights_store.codecs import codec_for
 from ember_weights_store.digests import FastChecksum
+from ember_weights_store.load_scratch import LoadScratch
 from ember_weights_store.manifest import ChunkEntry, Manifest
 from ember_weights_store.staging import StagingRing
-from ember_weights_store.tiers import CacheTier, ObjectNotFoundError, Tier
+from ember_weights_store.tiers import CacheTier, ObjectNotFoundError, ReadsInto, Tier
 
 if TYPE_CHECKING:
     from ember_weights_store.store import WeightsStore
@@ -74,6 +75,14 @@ class LoadJob:
         self._lock = threading.Lock()
         self._in_flight = 0
         self.to_promote: list[tuple[ChunkEntry, int]] = []  # (chunk, index of its source)
+        # Object tiers' stored chunks and decoded streams pass through this, not the C
+        # heap, whose thread arenas would keep it (``load_scratch``); ``finish`` frees it.
+        self.scratch = LoadScratch()
+
+    def finish(self) -> None:
+        """Gives back the scratch pages the load's chunks passed through; call it once
+        every chunk is in place."""
+        self.scratch.close()
 
     def _add(self, phase: str, started: float) -> None:
         with self._lock:
@@ -175,14 +184,24 @@ class LoadJob:
         self, tier: Tier, chunk: ChunkEntry, out: memoryview, index: int
     ) -> tuple[bool, int]:
         started = time.perf_counter()
-        stored = tier.get(chunk.hash)
+        stored: bytes | memoryview
+        if isinstance(tier, ReadsInto):
+            stored = self.scratch.buffer("stored", chunk.stored_size)
+            try:
+                tier.read_into(chunk.hash, stored)
+            except ModelFormatError:
+                return False, chunk.stored_size
+        else:
+            stored = tier.get(chunk.hash)
         self._add("fetch_s", started)
         scratch = chunk.raw_size if chunk.codec == "zstd-bytegroup" else 0
         self._hold(len(stored) + scratch)
         try:
             started = time.perf_counter()
             try:
-                codec_for(chunk.codec).decode_into(stored, out)
+                codec_for(chunk.codec).decode_into(
+                    stored, out, scratch=lambda n: self.scratch.buffer("decoded", n)
+                )
             except ModelFormatError:
                 return False, len(stored)
             self._add("decompress_s", started)
@@ -193,7 +212,7 @@ class LoadJob:
             for nearer in self.store.tiers[:index]:
                 if not nearer.holds_decoded:
                     with contextlib.suppress(EmberError):  # a full cache is not a failed load
-                        nearer.put(chunk.hash, stored)
+                        nearer.put(chunk.hash, stored)  # type: ignore[arg-type]  # any buffer
             return True, len(stored)
         finally:
             self._hold(-(len(stored) + scratch))

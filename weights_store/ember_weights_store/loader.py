@@ -29,7 +29,7 @@ import os
 import threading
 import time
 import uuid
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 import torch
@@ -138,8 +138,13 @@ def load(
         report.alloc_s = time.perf_counter() - t0 - report.manifest_s
         job = LoadJob(store, manifest, report)
         pool = store.pool(threads)
-        for f in [pool.submit(job.into_buffer, c, buffers) for c in manifest.chunks]:
-            f.result()
+        futures = [pool.submit(job.into_buffer, c, buffers) for c in manifest.chunks]
+        try:
+            for f in futures:
+                f.result()
+        finally:
+            wait(futures)  # every thread done with the job's scratch before it goes
+            job.finish()
         loaded = buffers, job
     shared = _shared_tier(store)
     all_from_shared = shared is not None and report.chunks_by_tier == {
@@ -180,8 +185,13 @@ def _load_staged(
     with ThreadPoolExecutor(
         max_workers=min(threads, slots), thread_name_prefix="ember-stage"
     ) as pool:
-        for f in [pool.submit(job.via_staging, c, ring, buffers) for c in manifest.chunks]:
-            f.result()
+        futures = [pool.submit(job.via_staging, c, ring, buffers) for c in manifest.chunks]
+        try:
+            for f in futures:
+                f.result()
+        finally:
+            wait(futures)
+            job.finish()
     ring.finish()
     report.staged_copies = ring.copies
     report.staging_slots_peak = ring.max_in_use

@@ -38,6 +38,7 @@ __all__ = [
     "ObjectNotFoundError",
     "ObjectTooLargeError",
     "Pieces",
+    "ReadsInto",
     "Tier",
     "TierUsage",
     "check_budget",
@@ -117,8 +118,10 @@ class Tier(Protocol):
 
 
 @runtime_checkable
-class CacheTier(Tier, Protocol):
-    """A tier that holds chunks decoded and can read one straight into the caller's buffer."""
+class ReadsInto(Tier, Protocol):
+    """A tier that can read an object straight into the caller's buffer: every cache tier,
+    and the object tiers here (the loader reads a stored chunk into scratch that is not
+    the C heap's: ``load_scratch``)."""
 
     def read_into(
         self, key: str, out: memoryview, *, on_piece: Callable[[memoryview], None] | None = None
@@ -127,6 +130,12 @@ class CacheTier(Tier, Protocol):
         (the loader checksums it while it is still in cache). ``ModelFormatError`` if the
         object's size is not ``len(out)``."""
         ...
+
+
+@runtime_checkable
+class CacheTier(ReadsInto, Protocol):
+    """A tier that holds chunks decoded (``holds_decoded``) and can read one straight into
+    the caller's buffer."""
 
 
 #: Pieces of a ``read_into``: small enough to be checksummed while still in the CPU's cache,

@@ -1,0 +1,74 @@
+"""Scratch memory for one load's chunks from an object tier, kept off the C heap.
+
+A chunk fetched from an object tier (the local bucket, S3) passes through two buffers
+before it is in the flat buffer: its stored bytes, and for ``zstd-bytegroup`` the two
+decompressed byte streams it interleaves. Allocated with ``malloc`` (``bytes``, numpy),
+each of the loader's threads would serve them from its own glibc arena: after the first,
+glibc's dynamic mmap threshold rises to their size (~8-16 MiB), so the rest come from the
+arena, and an arena's free top is never given back (``malloc_trim`` trims only the main
+heap's). A worker that fetched SmolLM2 from the bucket kept 62 MiB more than one that
+mapped the disk tier, in eight such arenas; with ``MALLOC_ARENA_MAX=1`` none, but that
+slowed a new interpreter's start by 5% (``bench/coldstart.py``, 2026-12-06).
+
+So each thread takes its scratch here: anonymous mappings, reused chunk after chunk on
+that thread (so their pages fault in once, as an arena's would), and unmapped, their pages
+given back, when the load is done (:meth:`LoadScratch.close`).
+
+Example::
+
+    scratch = LoadScratch()
+    stored = scratch.buffer("stored", chunk.stored_size)  # this thread's, reused
+    ...
+    scratch.close()  # once every thread is done with the load
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import threading
+
+__all__ = ["LoadScratch"]
+
+
+class LoadScratch:
+    """Per-thread, per-purpose scratch buffers of one load (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._maps: list[mmap.mmap] = []  # every mapping made, to unmap at close
+        self._closed = False
+
+    def buffer(self, purpose: str, nbytes: int) -> memoryview:
+        """``nbytes`` of writable scratch for ``purpose`` ("stored", "decoded"), this
+        thread's own: the same pages as its last buffer for that purpose, where they
+        are large enough. Valid until this thread asks for ``purpose`` again or
+        :meth:`close`; drop the view before then."""
+        held: dict[str, mmap.mmap] = self._local.__dict__.setdefault("maps", {})
+        mapping = held.get(purpose)
+        if mapping is None or mapping.closed or len(mapping) < nbytes:
+            mapping = mmap.mmap(-1, max(nbytes, 1))
+            with self._lock:
+                if self._closed:
+                    mapping.close()
+                    raise RuntimeError("this load's scratch is closed; a load takes none after")
+                self._maps.append(mapping)
+            held[purpose] = mapping  # a smaller one it replaces is unmapped at close
+        return memoryview(mapping)[:nbytes]
+
+    @property
+    def mapped_bytes(self) -> int:
+        """Bytes of scratch mapped now, over every thread."""
+        with self._lock:
+            return sum(len(m) for m in self._maps if not m.closed)
+
+    def close(self) -> None:
+        """Unmaps every buffer, giving its pages back. Call it once the load's threads are
+        done; a view still held keeps its mapping until garbage collected."""
+        with self._lock:
+            self._closed = True
+            maps, self._maps = self._maps, []
+        for mapping in maps:
+            with contextlib.suppress(BufferError):  # a view outlives the load: GC unmaps it
+                mapping.close()
