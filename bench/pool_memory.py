@@ -159,8 +159,9 @@ def main() -> None:
     ModelCatalog(home).path_for(args.model)  # installed: `ember models add` first
     sizes = [int(n) for n in args.workers.split(",")]
     # Unmeasured: the first pool ever started from a home fetches the chunks into the disk
-    # tier and writes the tokenizer cache, and its first worker keeps ~60 MiB more heap
-    # from that; without this, the first round alone measured that.
+    # tier and writes the tokenizer cache, so its first round would start unlike the rest
+    # (its first worker also kept ~60 MiB of its load threads' heaps, until their scratch
+    # left the C heap: ``load_scratch``).
     run_pool(args.model, home, 1, "alone", args.threads)
     runs: dict[str, list[dict[str, float]]] = {}
     for n in sizes:

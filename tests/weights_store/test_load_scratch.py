@@ -39,6 +39,17 @@ def test_a_thread_reuses_its_buffer_for_a_purpose_and_grows_it_when_short() -> N
         scratch.buffer("stored", 1 << 22)
 
 
+def test_a_floor_maps_every_buffer_once_however_sizes_vary() -> None:
+    scratch = LoadScratch(floor_bytes=1 << 20)
+    where = _address(scratch.buffer("stored", 1000))
+    for size in (5000, 1 << 20, 7):
+        view = scratch.buffer("stored", size)
+        assert _address(view) == where and len(view) == size
+        del view
+    assert scratch.mapped_bytes == 1 << 20
+    scratch.close()
+
+
 def test_threads_get_buffers_of_their_own() -> None:
     scratch = LoadScratch()
     addresses: list[int] = []

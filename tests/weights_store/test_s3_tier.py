@@ -18,7 +18,7 @@ import pytest
 from botocore.config import Config
 from moto.server import ThreadedMotoServer
 
-from ember_core import ConfigError, EmberError, InvalidRequestError, ModelFormatError
+from ember_core import ConfigError, EmberError, InvalidRequestError
 from ember_weights_store.s3_tier import MIN_PART_BYTES, S3Tier
 from ember_weights_store.tiers import ObjectNotFoundError, Tier
 
@@ -111,21 +111,6 @@ def test_get_missing_names_key_and_tier(tier: S3Tier) -> None:
         tier.get_range(key, 0, 10)
     with pytest.raises(ObjectNotFoundError):
         tier.get_range(key, 0, 0)
-
-
-def test_read_into_fills_the_callers_buffer_piece_by_piece(tier: S3Tier) -> None:
-    data = os.urandom(3 * MiB + 5)  # pieces of 1 MiB, the last short
-    key = _hash_key(data)
-    tier.put(key, data)
-    out = bytearray(len(data))
-    pieces: list[int] = []
-    tier.read_into(key, memoryview(out), on_piece=lambda p: pieces.append(len(p)))
-    assert bytes(out) == data and pieces == [MiB, MiB, MiB, 5]
-    # The wrong size is a bad copy (the loader fetches it elsewhere), not a short read.
-    with pytest.raises(ModelFormatError, match="truncated or stale"):
-        tier.read_into(key, memoryview(bytearray(len(data) - 1)))
-    with pytest.raises(ObjectNotFoundError):
-        tier.read_into("manifests/org--name/missing.json", memoryview(bytearray(1)))
 
 
 def test_ranged_gets(tier: S3Tier) -> None:

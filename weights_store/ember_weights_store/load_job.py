@@ -77,7 +77,9 @@ class LoadJob:
         self.to_promote: list[tuple[ChunkEntry, int]] = []  # (chunk, index of its source)
         # Object tiers' stored chunks and decoded streams pass through this, not the C
         # heap, whose thread arenas would keep it (``load_scratch``); ``finish`` frees it.
-        self.scratch = LoadScratch()
+        self.scratch = LoadScratch(
+            floor_bytes=max((max(c.raw_size, c.stored_size) for c in manifest.chunks), default=0)
+        )
 
     def finish(self) -> None:
         """Gives back the scratch pages the load's chunks passed through; call it once

@@ -14,9 +14,22 @@ So each thread takes its scratch here: anonymous mappings, reused chunk after ch
 that thread (so their pages fault in once, as an arena's would), and unmapped, their pages
 given back, when the load is done (:meth:`LoadScratch.close`).
 
+The decoded streams always go through it, and the stored bytes where the tier can read
+into a buffer without a copy of its own (``ReadsInto``: the local bucket, with ``preadv``).
+An S3 response's bytes are botocore's: read a piece at a time into scratch, they cost a
+copy under the GIL, and a SmolLM2 load from S3 took 27% longer (0.30 -> 0.39 s,
+``bench/weights.py``), so S3 keeps ``get`` and its stored bytes stay on the C heap: one
+stored chunk per loader thread may stay in its arena.
+
+What it costs: a process's first load faults the scratch's pages in, as it faulted the
+arenas' (SmolLM2 from the bucket, one load per new process, medians of 8: 0.325 s before,
+0.301 s with it). A second load in the same process faults them in again where the arenas
+were warm: repeated loads in one process, as ``bench/weights.py`` times them, went from
+0.245 to 0.289 s. A worker loads once.
+
 Example::
 
-    scratch = LoadScratch()
+    scratch = LoadScratch(floor_bytes=largest_chunk_bytes)
     stored = scratch.buffer("stored", chunk.stored_size)  # this thread's, reused
     ...
     scratch.close()  # once every thread is done with the load
@@ -34,7 +47,11 @@ __all__ = ["LoadScratch"]
 class LoadScratch:
     """Per-thread, per-purpose scratch buffers of one load (see the module docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, floor_bytes: int = 0) -> None:
+        # Every buffer is at least this large (a load passes its largest chunk's size): a
+        # thread maps each purpose's buffer once, however the chunks' sizes vary, where
+        # growing it would fault in fresh pages for a new mapping again and again.
+        self.floor_bytes = floor_bytes
         self._local = threading.local()
         self._lock = threading.Lock()
         self._maps: list[mmap.mmap] = []  # every mapping made, to unmap at close
@@ -48,7 +65,7 @@ class LoadScratch:
         held: dict[str, mmap.mmap] = self._local.__dict__.setdefault("maps", {})
         mapping = held.get(purpose)
         if mapping is None or mapping.closed or len(mapping) < nbytes:
-            mapping = mmap.mmap(-1, max(nbytes, 1))
+            mapping = mmap.mmap(-1, max(nbytes, self.floor_bytes, 1))
             with self._lock:
                 if self._closed:
                     mapping.close()

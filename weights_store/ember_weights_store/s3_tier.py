@@ -11,19 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable
 from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from ember_core import ConfigError, EmberError, InvalidRequestError, ModelFormatError
+from ember_core import ConfigError, EmberError, InvalidRequestError
 from ember_weights_store.keys import key_to_path, path_to_key, validate_key
-from ember_weights_store.tiers import (
-    READ_PIECE_BYTES,
-    ObjectNotFoundError,
-    TierUsage,
-    check_range,
-)
+from ember_weights_store.tiers import ObjectNotFoundError, TierUsage, check_range
 
 __all__ = ["MIN_PART_BYTES", "ObjectStoreError", "S3Tier"]
 
@@ -245,43 +239,6 @@ class S3Tier:
             if _error_code(exc) in _MISSING_CODES:
                 raise ObjectNotFoundError(key, tier=self.name) from None
             raise self._fail("get", key, exc) from exc
-
-    def read_into(
-        self, key: str, out: memoryview, *, on_piece: Callable[[memoryview], None] | None = None
-    ) -> None:
-        """The object's bytes straight into ``out`` (``ReadsInto``), read from the response
-        a piece at a time: no object-sized ``bytes`` on the C heap."""
-        name = self.object_name(key)
-        try:
-            resp = self._client.get_object(Bucket=self.bucket, Key=name)
-            body = resp["Body"]
-            try:
-                size = int(resp["ContentLength"])
-                if size != len(out):
-                    raise ModelFormatError(
-                        f"tier {self.name!r} holds {size} bytes for {key!r} but {len(out)} "
-                        "were expected; the copy is truncated or stale, fetch it from "
-                        "another tier"
-                    )
-                done = 0
-                while done < size:
-                    piece = body.read(min(READ_PIECE_BYTES, size - done))
-                    if not piece:
-                        raise ModelFormatError(
-                            f"{key!r} in tier {self.name!r} ended after {done} of {size} "
-                            "bytes; fetch it from another tier"
-                        )
-                    landed = out[done : done + len(piece)]
-                    landed[:] = piece
-                    if on_piece is not None:
-                        on_piece(landed)
-                    done += len(piece)
-            finally:
-                body.close()
-        except _BOTO_ERRORS as exc:
-            if _error_code(exc) in _MISSING_CODES:
-                raise ObjectNotFoundError(key, tier=self.name) from None
-            raise self._fail("read_into", key, exc) from exc
 
     def size(self, key: str) -> int:
         """The object's size in bytes; raises ``ObjectNotFoundError`` if absent."""

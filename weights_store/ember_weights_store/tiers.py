@@ -120,8 +120,8 @@ class Tier(Protocol):
 @runtime_checkable
 class ReadsInto(Tier, Protocol):
     """A tier that can read an object straight into the caller's buffer: every cache tier,
-    and the object tiers here (the loader reads a stored chunk into scratch that is not
-    the C heap's: ``load_scratch``)."""
+    and the local bucket (the loader reads a stored chunk into scratch that is not the C
+    heap's: ``load_scratch``)."""
 
     def read_into(
         self, key: str, out: memoryview, *, on_piece: Callable[[memoryview], None] | None = None
