@@ -17,9 +17,10 @@ given back, when the load is done (:meth:`LoadScratch.close`).
 The decoded streams always go through it, and the stored bytes where the tier can read
 into a buffer without a copy of its own (``ReadsInto``: the local bucket, with ``preadv``).
 An S3 response's bytes are botocore's: read a piece at a time into scratch, they cost a
-copy under the GIL, and a SmolLM2 load from S3 took 27% longer (0.30 -> 0.39 s,
-``bench/weights.py``), so S3 keeps ``get`` and its stored bytes stay on the C heap: one
-stored chunk per loader thread may stay in its arena.
+copy under the GIL (one 11 MiB GET into a buffer: 9.3 -> 10.6 ms), so S3 keeps ``get`` and
+its stored bytes stay on the C heap: one stored chunk per loader thread may stay in its
+arena. (With both, repeated SmolLM2 loads from S3 in one process, as ``bench/weights.py``
+times them, took 0.30 -> 0.39 s: that copy, and the faults below.)
 
 What it costs: a process's first load faults the scratch's pages in, as it faulted the
 arenas' (SmolLM2 from the bucket, one load per new process, medians of 8: 0.325 s before,
