@@ -26,7 +26,8 @@ What it costs: a process's first load faults the scratch's pages in, as it fault
 arenas' (SmolLM2 from the bucket, one load per new process, medians of 8: 0.325 s before,
 0.301 s with it). A second load in the same process faults them in again where the arenas
 were warm: repeated loads in one process, as ``bench/weights.py`` times them, went from
-0.245 to 0.289 s. A worker loads once.
+0.245 to 0.289 s, and from S3 (stored bytes through ``get``, decoded streams through
+this) 0.292-0.299 to 0.316-0.319 s. A worker loads once.
 
 Example::
 
