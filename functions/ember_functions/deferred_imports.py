@@ -22,12 +22,16 @@ them once it is READY and idle (``ServeLoop``), after the work that speeds up re
 A worker that has served and idled holds torch as ``import torch`` leaves it.
 
 Deferring changes the order torch's modules import in, and torch has one dependency on
-that order that its imports do not state: ``torch.Generator()`` needs
-``torch._prims.rng_prims`` imported first (it sets the generator's metaclass), which
-``torch._meta_registrations`` used to import. :func:`DeferredImports.stop` imports it
-explicitly. ``tests/functions/test_deferred_imports.py`` checks, in a new interpreter,
-that torch with these modules deferred runs the engine to the same tokens; if a torch
-upgrade adds another such dependency, it fails there.
+that order that its imports do not state: ``torch.Generator()`` raises until
+``torch._prims.rng_prims`` has set the generator's metaclass, and that module is imported
+by ``torch._meta_registrations``, deferred. Importing it takes 65-75 ms (it imports the
+proxy-tensor tracer and the higher-order ops), nearly all of it for tracing: so
+:func:`DeferredImports.stop` sets the metaclass itself, as that module's last lines do
+(``OpaqueBaseMeta``, one call into ``torch._C``), and the module runs once idle with the
+meta registrations that import it (or at ``stop`` after all, on a torch without that
+call). ``tests/functions/test_deferred_imports.py`` checks, in a new interpreter, that
+torch with these modules deferred runs the engine to the same tokens; if a torch upgrade
+adds another such dependency, it fails there.
 
 Only for a worker's own new interpreter: a zygote imports all of torch once for all the
 workers it forks (each would otherwise run the deferred modules again).
@@ -67,8 +71,9 @@ DEFERRED_TORCH_MODULES = (
     "torch.utils.data",
 )
 
-# What torch needs imported whatever is deferred (see the module's docstring).
-_ALWAYS = ("torch._prims.rng_prims",)
+# Sets torch.Generator's metaclass, without which ``torch.Generator()`` raises (see the
+# module's docstring); imported by torch._meta_registrations.
+_RNG_PRIMS = "torch._prims.rng_prims"
 
 
 class _Deferred(types.ModuleType):
@@ -131,6 +136,22 @@ class _AlreadyLoaded(importlib.abc.Loader):
         module.__spec__ = self.own_spec
 
 
+def _set_generator_metaclass() -> None:
+    """What ``torch._prims.rng_prims`` does for ``torch.Generator()``, without importing
+    it (~70 ms); that module sets it again when it runs, to the same class."""
+    import torch
+
+    setter = getattr(torch._C, "_set_generator_metaclass", None)
+    try:
+        from torch._opaque_base import OpaqueBaseMeta
+    except ImportError:
+        setter = None
+    if setter is None:  # another torch: the module itself, as torch would import it
+        importlib.import_module(_RNG_PRIMS)
+        return
+    setter(OpaqueBaseMeta)
+
+
 class DeferredImports(importlib.abc.MetaPathFinder):
     """Defers ``names`` (those imported between :meth:`start` and :meth:`stop`) until
     they are used or :meth:`load_next` runs them."""
@@ -150,9 +171,8 @@ class DeferredImports(importlib.abc.MetaPathFinder):
         """Defers nothing more (an ``import`` of a module still deferred returns it as
         it is); imports what torch needs whatever was deferred."""
         self._deferring = False
-        if "torch" in sys.modules:
-            for name in _ALWAYS:
-                importlib.import_module(name)
+        if "torch" in sys.modules and _RNG_PRIMS not in sys.modules:
+            _set_generator_metaclass()
 
     def find_spec(
         self,

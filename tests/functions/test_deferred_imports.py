@@ -147,6 +147,7 @@ if sys.argv[1] == "deferred":
 import torch
 deferred.stop()
 pending = deferred.pending()
+rng_prims_at_stop = "torch._prims.rng_prims" in sys.modules
 from ember_functions.engine import LLMEngine
 from ember_functions.engine_config import EngineConfig
 from ember_functions.sampling_params import SamplingParams
@@ -163,7 +164,11 @@ loaded = []
 while (name := deferred.load_next()) is not None:
     loaded.append(name)
 export_usable = callable(torch.export.export)
+from torch._opaque_base import OpaqueBaseMeta
 print(json.dumps({
+    "rng_prims_at_stop": rng_prims_at_stop,
+    "rng_prims_at_end": "torch._prims.rng_prims" in sys.modules,
+    "generator_metaclass_set": type(torch.Generator) is OpaqueBaseMeta,
     "pending": pending,
     "pending_after_serving": pending_after_serving,
     "loaded": loaded,
@@ -198,4 +203,9 @@ def test_torch_with_its_deferred_modules_generates_the_same_tokens(
     assert deferred["pending_after_serving"] == list(DEFERRED_TORCH_MODULES)
     assert deferred["tokens"] == full["tokens"]
     assert deferred["loaded"] == list(DEFERRED_TORCH_MODULES) and deferred["left"] == []
+    # The generator's metaclass was set without importing the module that sets it (and
+    # the tracer it imports): that one ran once idle, with the meta registrations.
+    assert deferred["rng_prims_at_stop"] is False and full["rng_prims_at_stop"] is True
+    assert deferred["rng_prims_at_end"] and deferred["generator_metaclass_set"]
+    assert full["generator_metaclass_set"]
     assert deferred["export_usable"] is True
