@@ -17,12 +17,17 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-import numpy as np
 import zstandard
 
 from ember_core import InvalidRequestError, ModelFormatError
+
+if TYPE_CHECKING:
+    # numpy is imported where bytegroup chunks are split or joined, not with this module:
+    # a new worker's readahead child that only checks local chunks never needs it, and
+    # it was 39 of the ~55 ms that child spent importing (beside the worker's torch).
+    import numpy as np
 
 __all__ = [
     "CODEC_NAMES",
@@ -206,6 +211,8 @@ class ZstdBytegroupCodec:
     name = "zstd-bytegroup"
 
     def _pairs(self, buf: _Buffer, what: str) -> np.ndarray:
+        import numpy as np
+
         view = _byte_view(buf)
         if len(view) % 2:
             raise InvalidRequestError(
@@ -216,6 +223,8 @@ class ZstdBytegroupCodec:
         return np.frombuffer(view, dtype=np.uint8).reshape(-1, 2)
 
     def encode(self, raw: _Buffer, *, level: int = 3) -> bytes:
+        import numpy as np
+
         _check_level(level)
         pairs = self._pairs(raw, "input")
         low = np.ascontiguousarray(pairs[:, 0])
@@ -264,6 +273,8 @@ class ZstdBytegroupCodec:
         high = space[:half]
         _zstd_decompress_into(high_frame, high.data, self.name)
         if raw_low:
+            import numpy as np
+
             low = np.frombuffer(low_part, dtype=np.uint8)
         else:
             low = space[half:]
@@ -282,6 +293,8 @@ class ZstdBytegroupCodec:
 
 
 def _scratch_array(scratch: Scratch | None, nbytes: int) -> np.ndarray:
+    import numpy as np
+
     if scratch is None:
         return np.empty(nbytes, dtype=np.uint8)
     return np.frombuffer(scratch(nbytes), dtype=np.uint8)
@@ -296,6 +309,8 @@ def _interleave(low: np.ndarray, high: np.ndarray, dst: memoryview) -> None:
     with one shift and one or: ~5 GB/s on one core here, against ~2.3 for torch.stack on one
     thread and ~3.5 for two strided numpy copies. It runs on the loader's threads, so it
     must not start a thread pool of its own."""
+    import numpy as np
+
     if not len(dst):
         return
     words = np.frombuffer(dst, dtype=np.uint16)
