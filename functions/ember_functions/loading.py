@@ -134,17 +134,20 @@ class WeightsSource:
             Path(values["home"]), str(values["model"]), StoreConfig.from_dict(values["store"])
         )
 
-    def read_ahead(self) -> Readahead | None:
+    def read_ahead(
+        self, *, on_tokenizer_dir: Callable[[Path], object] | None = None
+    ) -> Readahead | None:
         """Brings the model to this machine ahead of the loader (``WeightsStore.readahead``):
-        chunks in a local tier read into the page cache and checked; chunks only in the
-        origin (the home's bucket, or S3) fetched, decoded, checked and written into the
-        host tier, where that is the nearest cache tier, for the loader to map them
-        (``ember_weights_store.readahead``); the tokenizer's files written
-        where the loader looks for them. What a new worker does while torch imports, and
-        a zygote once for all the workers it forks. Returns what it did, the manifest it
-        read with it; None for a model loaded straight from its directory. Imports no
-        torch, and installs nothing: a known model not installed yet is left to the
-        loader."""
+        the tokenizer's files written where the loader looks for them, first, and
+        ``on_tokenizer_dir`` told where (a new worker's router parses them while torch
+        imports); then chunks in a local tier read into the page cache and checked, and
+        chunks only in the origin (the home's bucket, or S3) fetched, decoded, checked and
+        written into the host tier, where that is the nearest cache tier, for the loader
+        to map them (``ember_weights_store.readahead``). What a new worker does while
+        torch imports, and a zygote once for all the workers it forks. Returns what it
+        did, the manifest it read with it; None for a model loaded straight from its
+        directory. Imports no torch, and installs nothing: a known model not installed
+        yet is left to the loader."""
         from ember_weights_store.tokenizer_files import tokenizer_dir
 
         catalog = self.store.catalog(self.home)
@@ -156,10 +159,11 @@ class WeightsSource:
             if not catalog.loads_through_store(model_dir):
                 return None
             store, model_id = catalog.store(), model_dir.name
-        ahead = store.readahead(model_id)
-        if ahead.manifest is not None:
-            tokenizer_dir(store, ahead.manifest, catalog.home / TOKENIZER_CACHE)
-        return ahead
+        manifest = store.manifest(model_id)
+        written = tokenizer_dir(store, manifest, catalog.home / TOKENIZER_CACHE)
+        if on_tokenizer_dir is not None:
+            on_tokenizer_dir(written)
+        return store.readahead(model_id, manifest=manifest)
 
 
 def resolve_model_dir(catalog: ModelCatalog, name: str, *, err: TextIO) -> Path:

@@ -143,9 +143,7 @@ class _Loader:
             tokenizers=self.tokenizers,
             # The router parses the tokenizer too (its prompt encoder): told now, it does
             # so while this worker loads and binds, not after READY.
-            on_tokenizer_dir=lambda path: self.writer.try_send(
-                {"op": "tokenizer", "dir": str(path)}
-            ),
+            on_tokenizer_dir=lambda path: _tell_tokenizer(self.writer, path),
             # Prompts come as ids: the merges are parsed at the first encode (the chat
             # preamble, once idle), not on the way to READY.
             decode_first=True,
@@ -187,6 +185,12 @@ class _Loader:
             "bind_s": done - bound_at,  # part of load_s: building the model on the weights
             **self._weights_phases(engine.load_report),
         }
+
+
+def _tell_tokenizer(writer: FrameWriter, path: Path) -> None:
+    """Tells the router where the tokenizer's files are, before READY: its prompt encoder
+    parses them meanwhile (``WorkerPrompts.announced``; a second telling is ignored)."""
+    writer.try_send({"op": "tokenizer", "dir": str(path)})
 
 
 def leave_stop_signals_to_the_router() -> None:
@@ -234,7 +238,6 @@ def _serve(
     writer: FrameWriter,
     inbox: Inbox,
     tokenizers: Mapping[str, Tokenizer],
-    child: ChildReadahead | None,
     ahead: Callable[[], Readahead | None],
     deferred: DeferredImports | None,
 ) -> int:
@@ -277,8 +280,6 @@ def _serve(
             if loader.host is None:  # it was loaded straight to READY: keep a host copy now
                 phases = loader.to_host()
             target = "HOST"
-        if target == "PROCESS" and child is not None:
-            child.reap_in_background()  # it loads nothing until promoted, maybe long after
         writer.send({"op": "warm", "warmth": target, "phases": phases})
         phases = {}
         while True:  # parked: wait to be told to climb, or to go
@@ -327,7 +328,9 @@ def main(
     # what the zygote checked once for all its children (``zygote.prepare``), if anything.
     child = deferred = None
     if "torch" not in sys.modules:
-        child = ChildReadahead.start(lambda: _weights_source(args).read_ahead())
+        child = ChildReadahead.start(
+            lambda told: _weights_source(args).read_ahead(on_tokenizer_dir=told)
+        )
         # What serving needs of torch now, the rest once idle (``deferred_imports``).
         deferred = DeferredImports()
         deferred.start()
@@ -351,8 +354,12 @@ def main(
     sock.connect(args.socket)
     writer = FrameWriter(sock)
     writer.send({"op": "state", "state": "LOADING", "pid": os.getpid()})
+    if child is not None:
+        # The router parses the tokenizer as soon as it hears where it is (its prompt
+        # encoder): from the child, that is while torch imports here.
+        child.collect_in_background(on_tokenizer_dir=lambda path: _tell_tokenizer(writer, path))
     inbox = Inbox(FrameReader(sock))
-    return _serve(args, t0, writer, inbox, tokenizers or {}, child, ahead, deferred)
+    return _serve(args, t0, writer, inbox, tokenizers or {}, ahead, deferred)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ def test_what_the_child_did_comes_back_and_it_ran_in_another_process(
     store.import_hf_dir(tiny_model("llama"), model_id="acme/tiny")
     manifest = store.manifest("acme/tiny")
 
-    def read_in_child() -> Readahead:
+    def read_in_child(told: Callable[[Path], None]) -> Readahead:
         ahead = Readahead(manifest=manifest, bytes_read=7, fetched_bytes=5)
         ahead.verified.add(f"ran-in-{os.getpid()}", FileIdentity(1, 2, 3, 4))
         return ahead
@@ -43,11 +43,37 @@ def test_what_the_child_did_comes_back_and_it_ran_in_another_process(
     assert child.result() is ahead  # waited for once
 
 
+def test_the_tokenizer_dir_is_heard_while_the_child_still_reads(tmp_path: Path) -> None:
+    # The child tells where the tokenizer is, then goes on; the worker hears it at once
+    # (its router parses the tokenizer meanwhile), well before the child is done.
+    go_on = tmp_path / "go-on"
+
+    def check(told: Callable[[Path], None]) -> Readahead | None:
+        told(tmp_path / "tok")
+        deadline = time.monotonic() + 30
+        while not go_on.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return Readahead(bytes_read=3)
+
+    child = ChildReadahead.start(check)
+    assert child is not None
+    heard: list[tuple[Path, bool]] = []
+    child.collect_in_background(on_tokenizer_dir=lambda path: heard.append((path, go_on.exists())))
+    deadline = time.monotonic() + 10
+    while not heard and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert heard == [(tmp_path / "tok", False)]  # the child is still at its reads
+    go_on.touch()
+    ahead = child.result()
+    assert ahead is not None and ahead.bytes_read == 3
+    assert heard == [(tmp_path / "tok", False)]
+
+
 def test_a_readahead_that_fails_or_finds_nothing_gives_none() -> None:
-    def fails() -> Readahead:
+    def fails(told: Callable[[Path], None]) -> Readahead:
         raise OSError("disk gone")
 
-    for check in (fails, lambda: None):
+    for check in (fails, lambda told: None):
         ahead = ChildReadahead.start(check)
         assert ahead is not None and ahead.result() is None
 
@@ -65,7 +91,7 @@ def test_the_child_dies_with_its_worker() -> None:
         """
         import sys, time
         from ember_functions.early_readahead import ChildReadahead
-        ahead = ChildReadahead.start(lambda: time.sleep(60))
+        ahead = ChildReadahead.start(lambda told: time.sleep(60))
         print(ahead.pid, flush=True)
         time.sleep(60)
         """

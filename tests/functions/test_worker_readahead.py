@@ -16,6 +16,7 @@ import pytest
 from ember_functions.engine_config import EngineConfig
 from ember_functions.launch import Zygote
 from ember_functions.loading import StoreConfig, WeightsSource
+from ember_functions.rpc import Warmth
 from ember_functions.sampling_params import SamplingParams
 from ember_functions.worker_process import WorkerProcess
 from ember_weights_store.loader import load
@@ -55,6 +56,33 @@ def test_a_new_interpreter_checks_its_chunks_while_torch_imports(home: Path) -> 
         assert worker.chunks_by_tier == {"disk": n}
         assert worker.phases["verify_s"] == 0.0, worker.phases  # the readahead checked them
         assert len(_tokens(worker, "r")) == GREEDY.max_tokens
+    finally:
+        worker.close()
+
+
+def test_a_new_interpreter_tells_its_router_the_tokenizer_before_it_loads(home: Path) -> None:
+    # Its readahead child writes the tokenizer's files first and says where: the router
+    # parses them while torch imports. Parked at PROCESS, the worker has loaded nothing,
+    # and the router's parse is under way all the same.
+    worker = WorkerProcess.spawn(
+        worker_id=f"ra-{os.getpid()}-{time.monotonic_ns()}",
+        model="tiny",
+        home=home,
+        engine_config=CONFIG,
+        store=StoreConfig(),
+        warmth=Warmth.PROCESS,
+    )
+    try:
+        early = worker._prompts.early
+        assert early is not None
+        tokenizer_dir, parse = early
+        assert (Path(tokenizer_dir) / "tokenizer.json").is_file()
+        assert Path(tokenizer_dir).is_relative_to(home)
+        assert parse.result(timeout=60).source_dir == Path(tokenizer_dir)
+        worker.promote()
+        assert len(_tokens(worker, "r")) == GREEDY.max_tokens
+        # The encoder READY used is the one parsed early, not a second parse.
+        assert worker.prompts.tokenizer is parse.result()
     finally:
         worker.close()
 

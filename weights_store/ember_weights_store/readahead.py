@@ -55,19 +55,22 @@ def read_ahead(
     *,
     threads: int = READAHEAD_THREADS,
     fetch: bool = True,
+    manifest: Manifest | None = None,
 ) -> Readahead:
     """Brings ``model_id``'s chunks to this machine's nearest tiers and into the page cache
     (see the module's docstring); returns once every chunk is done. ``fetch=False`` leaves
     chunks only in an object tier to the loader. ``threads`` chunks are worked on at once:
     a disk serves several reads in flight faster than one, and one chunk's hashing or
-    decoding runs while others are read or fetched.
+    decoding runs while others are read or fetched. ``manifest``: the model's, read
+    already (it is read here otherwise).
 
     Example::
 
         ahead = read_ahead(store, "acme/tiny")   # while torch imports
         loaded = load(store, "acme/tiny", verified=ahead.verified)
     """
-    manifest = store.manifest(model_id, revision)
+    if manifest is None:
+        manifest = store.manifest(model_id, revision)
     landing = _landing_tier(store, manifest) if fetch else None
     ahead = Readahead(manifest=manifest, landed_in=None if landing is None else landing.name)
 

@@ -322,12 +322,14 @@ class WeightsStore:
         *,
         threads: int = READAHEAD_THREADS,
         fetch: bool = True,
+        manifest: Manifest | None = None,
     ) -> Readahead:
         """The model's chunks brought to this machine's nearest tiers and into the page
         cache, checked on the way (``readahead.read_ahead``): what a new worker does while
         torch imports, in a child process (``early_readahead``), so the loader finds them
-        there, checked (``verified``). Imports nothing heavy: see ``__init__``."""
-        return read_ahead(self, model_id, revision, threads=threads, fetch=fetch)
+        there, checked (``verified``). ``manifest``: the model's, if read already. Imports
+        nothing heavy: see ``__init__``."""
+        return read_ahead(self, model_id, revision, threads=threads, fetch=fetch, manifest=manifest)
 
     def list_models(self) -> list[tuple[str, str]]:
         """(model id, revision) of every model the origin holds, sorted."""
