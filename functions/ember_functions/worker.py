@@ -240,16 +240,19 @@ def _serve(
     tokenizers: Mapping[str, Tokenizer],
     ahead: Callable[[], Readahead | None],
     deferred: DeferredImports | None,
+    connected_s: float,
 ) -> int:
     """Climbs to ``args.warmth``, then serves or waits to be told to climb further;
-    a READY worker told to demote drops its engine and waits at HOST."""
+    a READY worker told to demote drops its engine and waits at HOST. ``connected_s``:
+    when it connected, seconds after ``t0`` (the router tells its own start-up from the
+    imports with it)."""
     gc.disable()  # a forked worker inherits the zygote's collector, switched on
     heartbeat = Heartbeat(writer)
     heartbeat.start()
     preload()
     if deferred is not None:
         deferred.stop()
-    phases = {"imports_s": time.perf_counter() - t0}
+    phases = {"imports_s": time.perf_counter() - t0, "connected_s": connected_s}
     loader = _Loader(args, tokenizers, writer, ahead)
     target = args.warmth
     since = t0  # a first start is timed from the fork, a promotion from its command
@@ -352,6 +355,7 @@ def main(
     bound_kernel_caches()  # before the first matmul: a worker's memory stays flat
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.connect(args.socket)
+    connected_s = time.perf_counter() - t0
     writer = FrameWriter(sock)
     writer.send({"op": "state", "state": "LOADING", "pid": os.getpid()})
     if child is not None:
@@ -359,7 +363,7 @@ def main(
         # encoder): from the child, that is while torch imports here.
         child.collect_in_background(on_tokenizer_dir=lambda path: _tell_tokenizer(writer, path))
     inbox = Inbox(FrameReader(sock))
-    return _serve(args, t0, writer, inbox, tokenizers or {}, ahead, deferred)
+    return _serve(args, t0, writer, inbox, tokenizers or {}, ahead, deferred, connected_s)
 
 
 if __name__ == "__main__":

@@ -151,11 +151,14 @@ class WorkerProcess:
         worker.warmth = warmth
         worker._prompts.known = prompts
         worker.load_silence_s = load_silence_s
-        worker.phases["spawn_s"] = time.perf_counter() - t0
+        connected_s = time.perf_counter() - t0
         threading.Thread(
             target=worker._read_loop, name=f"ember-worker-{worker_id}", daemon=True
         ).start()
         worker._await_warmth(load_timeout_s)
+        # The worker's own imports (it times them from its first line, or its fork) began
+        # before it connected: spawn is what came before them, so the phases add up.
+        worker.phases["spawn_s"] = max(0.0, connected_s - worker.phases.pop("connected_s", 0.0))
         worker.phases["ready_s" if warmth is Warmth.READY else f"{warmth.name.lower()}_s"] = (
             time.perf_counter() - t0
         )
