@@ -45,6 +45,9 @@ def print_table(res: dict[str, Any]) -> None:
 
 
 def draw(results: list[dict[str, Any]], path: Path) -> None:
+    """Two rows per model: every state beside the peers (the axis stops above transformers;
+    a taller peer's bar is cut there and labelled with its time), then Ember's states alone,
+    where their phases can be read."""
     try:
         import matplotlib
 
@@ -53,33 +56,53 @@ def draw(results: list[dict[str, Any]], path: Path) -> None:
     except ImportError:
         print(f"no PNG: matplotlib is not installed (pip install matplotlib); {path} skipped")
         return
-    fig, axes = plt.subplots(1, len(results), figsize=(7 * len(results), 4.5), squeeze=False)
-    for ax, res in zip(axes[0], results, strict=True):
-        states = res["states"]
-        labels = [*states, "transformers", "vllm"]
-        bottom = [0.0] * len(labels)
-        for ph in PHASES:
-            heights = [res[f"phases_{s}"][ph] for s in states] + [0.0, 0.0]
-            ax.bar(labels, heights, bottom=bottom, label=ph)
-            bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
-        peers = [res["ttft_s_transformers"] or 0.0, res["ttft_s_vllm"] or 0.0]
-        ax.bar(labels[-2:], peers, color="grey", label="peer, total")
-        # Linear: stacked phases on a log axis would misstate their shares.
-        # The two floors lie ~0.2 s apart: one label above its line, the other below.
-        for key, text, va in (
-            ("import_torch_s", "import torch (new interpreter)", "bottom"),
-            ("import_torch_deferred_s", "import torch, as a new worker does", "top"),
-        ):
-            ax.axhline(res[key], color="black", linestyle=":", linewidth=1)
-            ax.annotate(text, (len(labels) - 0.5, res[key]), ha="right", va=va, fontsize=7)
-        totals = [res[f"ttft_s_{s}"] for s in states] + peers
-        for x, total in enumerate(totals):
-            if total:
-                ax.annotate(f"{total:.2f} s", (x, total), ha="center", va="bottom", fontsize=8)
-        ax.set_ylabel("seconds to first token")
-        ax.set_title(res["model"])
-        ax.tick_params(axis="x", rotation=30)
-    axes[0][0].legend(fontsize=7)
+    fig, axes = plt.subplots(
+        2, len(results), figsize=(7 * len(results), 8), squeeze=False, height_ratios=[1, 1]
+    )
+    for col, res in enumerate(results):
+        _draw_model(axes[0][col], res, peers=True)
+        _draw_model(axes[1][col], res, peers=False)
+    axes[0][0].legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"wrote {path}")
+
+
+def _draw_model(ax: Any, res: dict[str, Any], *, peers: bool) -> None:
+    # Linear: stacked phases on a log axis would misstate their shares.
+    states = res["states"]
+    peer_names = ["transformers", "vllm"] if peers else []
+    labels = [*states, *peer_names]
+    bottom = [0.0] * len(labels)
+    for ph in PHASES:
+        heights = [res[f"phases_{s}"][ph] for s in states] + [0.0] * len(peer_names)
+        ax.bar(labels, heights, bottom=bottom, label=ph)
+        bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
+    peer_s = [res[f"ttft_s_{p}"] or 0.0 for p in peer_names]
+    if peers:
+        ax.bar(labels[-2:], peer_s, color="grey", label="peer, total")
+    ours = [res[f"ttft_s_{s}"] for s in states]
+    floors = [res["import_torch_s"], res["import_torch_deferred_s"]]
+    # The axis ends a little above Ember's slowest state and transformers: vLLM's tens
+    # of seconds would flatten every other bar. A bar that is cut says its time at the top.
+    top = 1.15 * max([*ours, *floors, *(peer_s[:1] if peers else [])])
+    ax.set_ylim(0, top)
+    for key, text, style in (
+        ("import_torch_s", "import torch, a new interpreter", ":"),
+        ("import_torch_deferred_s", "import torch as a new worker does (deferring)", "--"),
+    ):
+        ax.axhline(res[key], color="black", linestyle=style, linewidth=1, label=text)
+    # Each phase is a median of its own, so a stack can end a little off its state's
+    # median time: the label goes above whichever is higher.
+    for x, (total, stack) in enumerate(zip([*ours, *peer_s], bottom, strict=True)):
+        if not total:
+            continue
+        if total > top:
+            ax.annotate(f"{total:.1f} s ↑", (x, top), ha="center", va="top", fontsize=8)
+        else:
+            y = max(total, stack)
+            ax.annotate(f"{total:.3f} s", (x, y), ha="center", va="bottom", fontsize=8)
+    ax.set_ylabel("seconds to first token")
+    title = res["model"] if peers else f"{res['model']}: Ember's states, phase by phase"
+    ax.set_title(title)
+    ax.tick_params(axis="x", rotation=30)
