@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ember_core import EmberError, InvalidRequestError
+from ember_weights_store.check_records import checked_copy
 from ember_weights_store.disk_tier import DiskTier
 from ember_weights_store.host_tier import HostTier
 from ember_weights_store.load_job import LoadJob, LoadReport
@@ -284,11 +285,16 @@ def _map_tier(
     report.fetch_s = time.perf_counter() - started
     job = LoadJob(store, manifest, report)
 
-    # Asked after mapping: a file checked ahead and still at its path is the one mapped.
+    # Asked after mapping: a file checked ahead and still at its path is the one mapped,
+    # checked by this load's readahead (``verified``) or, in the host tier, once by any
+    # process (``check_records``). The loader records nothing itself: it hashes a mapping
+    # of a file opened before it looks at the path, so it cannot say which inode it checked.
+    records = isinstance(tier, HostTier)
     ahead = {
         c.hash
         for c in manifest.chunks
-        if verified is not None and verified.covers(c.hash, tier.object_path(c.hash))
+        if (verified is not None and verified.covers(c.hash, tier.object_path(c.hash)))
+        or (records and c.checksum and checked_copy(tier.object_path(c.hash), c.checksum))
     }
 
     def verify(chunk: ChunkEntry) -> bool:

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 
 from ember_core import EmberError
 from ember_weights_store.bucket_tier import LocalBucketTier
+from ember_weights_store.check_records import checked_copy, record_check
 from ember_weights_store.codecs import codec_for
 from ember_weights_store.digests import FastChecksum
 from ember_weights_store.disk_tier import DiskTier
@@ -123,10 +124,18 @@ def _read_local(
             if tier.holds_decoded and not tier.has(chunk.hash):
                 continue  # another RAM cache, without it: look further
             return None  # only remote from here
+        if isinstance(tier, HostTier) and chunk.checksum:
+            # In RAM already, so there is nothing to read ahead: only the check, which a
+            # process may have recorded on the file (``check_records``).
+            trusted = checked_copy(tier.object_path(chunk.hash), chunk.checksum)
+            if trusted is not None:
+                return trusted, True
         checksum = FastChecksum() if tier.holds_decoded and chunk.checksum else None
         copy = tier.readahead(chunk.hash, checksum=checksum)
         if copy is not None:
             checked = None if checksum is None else checksum.hexdigest() == chunk.checksum
+            if checked and isinstance(tier, HostTier):
+                record_check(tier.object_path(chunk.hash), copy, chunk.checksum)
             return copy, checked
     return None
 
@@ -155,5 +164,6 @@ def _fetch_into(
             identity = FileIdentity.of(os.stat(landing.object_path(chunk.hash)))
         except (OSError, EmberError):  # full, or evicted at once: the loader fetches it
             return None
+
         return identity, True, len(stored), tier.name
     return None
