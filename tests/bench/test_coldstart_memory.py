@@ -3,30 +3,17 @@ and says why it skipped the others (before, the kernel killed a worker mid-run).
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
+from collections.abc import Callable
 from types import ModuleType
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
 GIB = 1 << 30
 
 
 @pytest.fixture(scope="module")
-def states_module() -> ModuleType:
-    sys.path.insert(0, str(BENCH))  # its own imports (_io_limits, ...) are siblings
-    try:
-        spec = importlib.util.spec_from_file_location(
-            "_coldstart_states", BENCH / "_coldstart_states.py"
-        )
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(BENCH))
+def states_module(bench_module: Callable[[str], ModuleType]) -> ModuleType:
+    return bench_module("_coldstart_states")
 
 
 ALL = ("object", "disk", "host", "prewarmed", "prewarmed_s3", "ready")
