@@ -287,8 +287,21 @@ def test_a_request_overflowing_onto_a_busy_worker_starts_the_next_one_at_once(
     time.sleep(0.2)  # the tick thread's first wait has begun: only a wake-up can start one
 
     async def two() -> list[list[RequestOutput]]:
-        first = asyncio.create_task(collect(router, "m", "first", LONG))
-        await asyncio.sleep(0.2)
+        streaming = asyncio.Event()
+
+        async def long() -> list[RequestOutput]:
+            prepared = router.prepare("m", [1, 2, 3, 4, 5], LONG, request_id="first", tenant="t")
+            outs = []
+            async for out in router.start(prepared):
+                outs.append(out)
+                streaming.set()
+            return outs
+
+        first = asyncio.create_task(long())
+        # Sent once the first streams, so it certainly overflows onto a busy worker: a
+        # fixed sleep raced the first's 300 tokens on a fast CPU (it had finished, and the
+        # second found the worker idle).
+        await streaming.wait()
         second = await collect(router, "m", "second", SHORT)
         return [await first, second]
 
