@@ -38,9 +38,11 @@ def test_coldstart_bench_quick_writes_its_json(
         assert set(result[f"phases_{state}"]) >= {"spawn", "imports", "fetch", "first_token"}
     for state in ("object", "disk", "host", "prewarmed"):
         # One round: each phase is that start's own, and they do not overlap (spawn ends
-        # where the worker's imports begin), so they add up to no more than the whole.
+        # where the worker's imports begin), so they add up to no more than the whole,
+        # give or take a few clock reads in two processes (before, spawn counted ~25 ms
+        # of a new interpreter's imports twice).
         phases = result[f"phases_{state}"]
-        assert sum(phases.values()) <= result[f"ttft_s_{state}"], (state, phases, table)
+        assert sum(phases.values()) <= result[f"ttft_s_{state}"] + 0.005, (state, phases, table)
     assert result["ttft_s_transformers"] > 0
     assert "ttft_s_vllm" in result and "speedup_vllm_disk" in result
     assert result["skipped_states"] == {}  # SmolLM2's tiers fit any machine that runs CI
