@@ -25,6 +25,7 @@ from ember_functions.chat_template import (
     read_json_object,
     render,
 )
+from ember_functions.decode_backend import TableBackend, has_id
 from ember_weights_store.decode_file import DECODE_FILE
 
 
@@ -75,7 +76,7 @@ class Tokenizer:
 
     def __init__(
         self,
-        backend: tokenizers.Tokenizer,
+        backend: tokenizers.Tokenizer | TableBackend,
         *,
         special_tokens: Mapping[str, str] | None = None,
         chat_templates: Mapping[str, str] | None = None,
@@ -88,7 +89,9 @@ class Tokenizer:
         # ``encoder``, if given, makes the backend that encodes, on first use: ``backend``
         # then decodes only (a decode-only copy: ember_weights_store.decode_file).
         self._backend = backend
-        self._encoder = backend if encoder is None else None
+        self._encoder: tokenizers.Tokenizer | None = (
+            backend if encoder is None and isinstance(backend, tokenizers.Tokenizer) else None
+        )
         self._make_encoder = encoder
         self._encoder_lock = threading.Lock()
         self._origin = origin
@@ -100,7 +103,7 @@ class Tokenizer:
             eos.add(eos_from_config)
         # Asked id by id: reading the whole vocabulary out (~30 ms for 49k tokens) would
         # put that on every worker's cold start.
-        bad = sorted(i for i in eos if i < 0 or backend.id_to_token(i) is None)
+        bad = sorted(i for i in eos if i < 0 or not has_id(backend, i))
         if bad:
             raise ModelFormatError(
                 f"eos_token_id {bad} in {origin} is outside the vocabulary (no token has that "
@@ -159,8 +162,18 @@ class Tokenizer:
                 "(save it with transformers' tokenizer.save_pretrained) next to the weights"
             )
         decode_file = model_dir / DECODE_FILE
-        encoder = None
-        if decode_first and decode_file.is_file():
+        backend: tokenizers.Tokenizer | TableBackend
+        encoder: Callable[[], tokenizers.Tokenizer] | None = None
+        tabled = (
+            TableBackend.from_dir(model_dir, full=functools.partial(_parse, tokenizer_file))
+            if decode_first
+            else None
+        )
+        if tabled is not None:
+            # Nothing parsed now: the table decodes; the whole file is parsed at the first
+            # encode, or whatever else first needs it (one parse, shared).
+            backend, encoder = tabled, tabled.full
+        elif decode_first and decode_file.is_file():
             backend = _parse(decode_file)
             encoder = functools.partial(_parse, tokenizer_file)
         else:

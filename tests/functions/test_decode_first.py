@@ -15,10 +15,12 @@ import pytest
 import tokenizers
 
 from ember_core import ModelFormatError
+from ember_functions.decode_backend import TableBackend
 from ember_functions.host_model import HostModel
 from ember_functions.tokenizer import Tokenizer
 from ember_weights_store import LocalBucketTier, WeightsStore
 from ember_weights_store.decode_file import DECODE_FILE, decode_only
+from ember_weights_store.decode_table import DECODE_TABLE_FILE, build_decode_table
 
 from .test_tokenizer import (
     CHATML,
@@ -38,11 +40,19 @@ def with_decode_file(model_dir: Path) -> Path:
     return model_dir
 
 
-@pytest.fixture(params=["byte-level", "sentencepiece"])
+def with_decode_table(model_dir: Path) -> Path:
+    table = build_decode_table((model_dir / DECODE_FILE).read_bytes())
+    assert table is not None
+    (model_dir / DECODE_TABLE_FILE).write_bytes(table)
+    return model_dir
+
+
+@pytest.fixture(params=["byte-level", "byte-level, decode table", "sentencepiece"])
 def model_dir(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
-    if request.param == "byte-level":
+    if request.param.startswith("byte-level"):
         config = {"chat_template": CHATML, "eos_token": "<|im_end|>"}
-        return with_decode_file(write_model(tmp_path / "chatml", byte_level_bpe(), config))
+        model = with_decode_file(write_model(tmp_path / "chatml", byte_level_bpe(), config))
+        return with_decode_table(model) if "table" in request.param else model
     config = {"chat_template": LLAMA2, "add_bos_token": True, **LLAMA_SPECIALS}
     return with_decode_file(write_model(tmp_path / "llama", sentencepiece_bpe(), config))
 
@@ -83,6 +93,30 @@ def test_decode_first_decodes_and_encodes_as_the_whole_file(model_dir: Path) -> 
             text, add_special_tokens=True
         )
     assert lazy._encoder is not None  # parsed at the first encode
+
+
+def test_with_a_decode_table_nothing_is_parsed_until_the_first_encode(tmp_path: Path) -> None:
+    config = {"chat_template": CHATML, "eos_token": "<|im_end|>", "add_bos_token": False}
+    model = write_model(tmp_path / "chatml", byte_level_bpe(), config)
+    model = with_decode_table(with_decode_file(model))
+    full = Tokenizer.from_dir(model)
+    lazy = Tokenizer.from_dir(model, decode_first=True)
+    backend = lazy._backend
+    assert isinstance(backend, TableBackend)
+    # What a worker needs on its way to its first token: its specials and decoding.
+    assert lazy.eos_token_ids == full.eos_token_ids
+    assert lazy.special_token_ids == full.special_token_ids
+    ids = full.encode(CORPUS[3]) + sorted(full.special_token_ids)
+    for skip in (True, False):
+        assert lazy.decode(ids, skip_special_tokens=skip) == full.decode(
+            ids, skip_special_tokens=skip
+        )
+    assert backend.full._made is None  # no tokenizer.json parsed, not even decode-only
+    assert lazy.encode(CORPUS[0], add_special_tokens=True) == full.encode(
+        CORPUS[0], add_special_tokens=True
+    )
+    assert lazy._encoder is backend.full._made is not None  # one parse, shared
+    assert lazy.vocab_size == full.vocab_size
 
 
 def test_the_whole_file_is_parsed_once_whatever_the_threads(model_dir: Path) -> None:
