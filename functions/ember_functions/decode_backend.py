@@ -94,8 +94,12 @@ class TableBackend:
         return {i: _Added(text, i in special) for i, text in self._added_by_id.items()}
 
     def __getattr__(self, name: str) -> Any:
-        # Everything else (encode, get_vocab...) is the full tokenizer's.
-        return getattr(self.full(), name)
+        # Everything else (encode, get_vocab...) is the full tokenizer's; not the dunder
+        # names copy and pickle probe for, nor anything before ``__init__`` has run.
+        full = self.__dict__.get("full")
+        if full is None or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(full(), name)
 
 
 def has_id(backend: tokenizers.Tokenizer | TableBackend, token_id: int) -> bool:

@@ -81,6 +81,10 @@ def test_no_table_for_other_decoders_or_files() -> None:
         assert build_decode_table(backend.to_str().encode()) is None
     assert build_decode_table(b"not json") is None
     assert build_decode_table(json.dumps({"model": {"type": "Unigram"}}).encode()) is None
+    byte_level = {"type": "ByteLevel"}
+    for vocab in ({"a": "zero"}, {"a": -1}, {"a": 0, "b": 10**9}):  # not what tokenizers writes
+        data = {"model": {"type": "BPE", "vocab": vocab}, "decoder": byte_level}
+        assert build_decode_table(json.dumps(data).encode()) is None
 
 
 def test_a_damaged_table_is_refused() -> None:

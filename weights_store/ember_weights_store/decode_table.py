@@ -73,16 +73,16 @@ def build_decode_table(tokenizer_json: bytes) -> bytes | None:
     vocab, added = model.get("vocab"), data.get("added_tokens") or []
     if not _byte_level(data.get("decoder")) or not isinstance(vocab, dict) or not vocab:
         return None
-    strings: dict[int, str] = {int(i): str(t) for t, i in vocab.items()}
     try:
+        strings: dict[int, str] = {int(i): str(t) for t, i in vocab.items()}
         for token in added:
             strings[int(token["id"])] = str(token["content"])
         specials = {str(t["content"]) for t in added if t.get("special")}
-    except (KeyError, TypeError, ValueError):
-        return None
-    if min(strings) < 0:
+    except (AttributeError, KeyError, TypeError, ValueError):
         return None
     count = max(strings) + 1
+    if min(strings) < 0 or count > 2 * len(strings) + 1024:  # not what tokenizers writes
+        return None
     chars = _char_bytes()
     offsets, blob = array("I", [0]), bytearray()
     for i in range(count):

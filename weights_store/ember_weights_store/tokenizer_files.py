@@ -69,11 +69,11 @@ def _add_decode_table(directory: Path) -> None:
     table_path, source = directory / DECODE_TABLE_FILE, directory / DECODE_FILE
     if table_path.exists() or not source.is_file():
         return
-    table = build_decode_table(source.read_bytes())
-    if table is None:
-        return
     tmp = directory / f".{DECODE_TABLE_FILE}.tmp-{uuid.uuid4().hex}"
     try:
+        table = build_decode_table(source.read_bytes())
+        if table is None:
+            return
         tmp.write_bytes(table)
         os.replace(tmp, table_path)  # whole or not at all; a second writer wrote the same
     except OSError:
