@@ -14,7 +14,7 @@ The table is built once per tokenizer directory, by whoever writes or first read
 (``tokenizer_files.tokenizer_dir``), and is ``DECODE_TABLE_FILE`` beside the others:
 a header line of JSON (the ids a decode may skip as special, the added tokens, the ids
 no token has), then the offsets (``count + 1`` little-endian u32) and the bytes. A
-tokenizer with any other decoder gets no table, and is parsed as before.
+tokenizer with any other decoder gets an empty file, no table, and is parsed as before.
 
 Example::
 
@@ -34,6 +34,7 @@ __all__ = ["DECODE_TABLE_FILE", "DecodeTable", "build_decode_table"]
 
 DECODE_TABLE_FILE = "tokenizer.decode.table"
 _MAGIC = b"ember-decode-table-1\n"
+_SKIP_NOTHING: frozenset[int] = frozenset()
 
 
 def _char_bytes() -> dict[str, int]:
@@ -155,7 +156,7 @@ class DecodeTable:
         """The text of ``ids``, as ``tokenizers.Tokenizer.decode`` gives it: ids no token
         has decode to nothing, and so do special tokens when skipped."""
         offsets, blob, count = self._offsets, self._blob, self.count
-        skip = self.special_ids if skip_special_tokens else frozenset()
+        skip = self.special_ids if skip_special_tokens else _SKIP_NOTHING
         pieces = [
             blob[offsets[i] : offsets[i + 1]] for i in ids if 0 <= i < count and i not in skip
         ]

@@ -164,6 +164,5 @@ def _fetch_into(
             identity = FileIdentity.of(os.stat(landing.object_path(chunk.hash)))
         except (OSError, EmberError):  # full, or evicted at once: the loader fetches it
             return None
-
         return identity, True, len(stored), tier.name
     return None

@@ -64,17 +64,16 @@ def tokenizer_dir(store: WeightsStore, manifest: Manifest, cache: Path) -> Path:
 
 
 def _add_decode_table(directory: Path) -> None:
-    """Writes the decode table beside the decode-only copy, where there is one and the
-    decoding is byte-level (~40 ms of Python for 49k tokens, once per directory)."""
+    """Writes the decode table beside the decode-only copy, where there is one (~40 ms of
+    Python for 49k tokens, once per directory). Where the decoding is not byte-level the
+    file is written empty, so the next worker's start does not parse the copy again to
+    find that out (a ``DecodeTable`` refuses an empty file: the tokenizer is parsed)."""
     table_path, source = directory / DECODE_TABLE_FILE, directory / DECODE_FILE
     if table_path.exists() or not source.is_file():
         return
     tmp = directory / f".{DECODE_TABLE_FILE}.tmp-{uuid.uuid4().hex}"
     try:
-        table = build_decode_table(source.read_bytes())
-        if table is None:
-            return
-        tmp.write_bytes(table)
+        tmp.write_bytes(build_decode_table(source.read_bytes()) or b"")
         os.replace(tmp, table_path)  # whole or not at all; a second writer wrote the same
     except OSError:
         pass  # a directory we may not write: the tokenizer is parsed instead
