@@ -107,9 +107,11 @@ def test_ready_worker_reports_its_cold_start_and_serves_exactly_what_the_engine_
     for phase in ("spawn_s", "imports_s", "load_s", "bind_s", "ready_s"):
         assert worker.phases[phase] > 0, phase
     assert worker.phases["ready_s"] >= worker.phases["load_s"] > worker.phases["bind_s"]
-    # Spawn ends where the worker's own clock starts: the phases do not overlap.
+    # Spawn ends where the worker's own clock starts: the phases do not overlap (give or
+    # take clock reads in two processes; before, spawn counted ~25 ms of imports twice).
     phases = worker.phases
-    assert phases["spawn_s"] + phases["imports_s"] + phases["load_s"] <= phases["ready_s"]
+    summed = phases["spawn_s"] + phases["imports_s"] + phases["load_s"]
+    assert summed <= phases["ready_s"] + 0.005
     assert "connected_s" not in phases  # the worker's half of that, used up
     assert "first_token_s" not in worker.phases  # the last phase comes with a request
     # It said where its tokenizer is while it loaded: the router's encoder is that parse,
