@@ -33,6 +33,14 @@ call). ``tests/functions/test_deferred_imports.py`` checks, in a new interpreter
 torch with these modules deferred runs the engine to the same tokens; if a torch upgrade
 adds another such dependency, it fails there.
 
+One more thing slows torch's import for no use to a worker: registering a custom op
+(``torch.utils._debug_mode`` registers one) records where the registration came from,
+with ``inspect.getframeinfo`` and ``inspect.getmodule`` on the caller's frame. For an
+object without ``__module__`` the first such call maps every module loaded so far to its
+real path, a ``realpath`` each: ~1500 modules, 30-40 ms here. Between :meth:`start` and
+:meth:`stop` a frame running a module's own code is answered with that module (its
+globals' ``__name__``, whose ``__file__`` is the frame's file): the module the scan finds.
+
 Only for a worker's own new interpreter: a zygote imports all of torch once for all the
 workers it forks (each would otherwise run the deferred modules again).
 
@@ -52,10 +60,11 @@ from __future__ import annotations
 import importlib.abc
 import importlib.machinery
 import importlib.util
+import inspect
 import sys
 import threading
 import types
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 __all__ = ["DEFERRED_TORCH_MODULES", "DeferredImports"]
 
@@ -152,6 +161,30 @@ def _set_generator_metaclass() -> None:
     setter(OpaqueBaseMeta)
 
 
+def _quick_frame_modules() -> Callable[[], None]:
+    """Makes ``inspect.getmodule(frame)`` answer a module's own frame at once, without
+    mapping every loaded module's file first (the module docstring says why); returns what
+    puts the original back."""
+    original = inspect.getmodule
+
+    def getmodule(object: object, _filename: str | None = None) -> types.ModuleType | None:
+        # ``object``: inspect's own parameter name, which a caller may pass by keyword.
+        frame = object
+        if isinstance(frame, types.FrameType):
+            module = sys.modules.get(frame.f_globals.get("__name__", ""))
+            if module is not None and getattr(module, "__file__", None) == frame.f_code.co_filename:
+                return module
+        return original(frame, _filename)
+
+    inspect.getmodule = getmodule
+
+    def restore() -> None:
+        if inspect.getmodule is getmodule:
+            inspect.getmodule = original
+
+    return restore
+
+
 class DeferredImports(importlib.abc.MetaPathFinder):
     """Defers ``names`` (those imported between :meth:`start` and :meth:`stop`) until
     they are used or :meth:`load_next` runs them."""
@@ -160,17 +193,23 @@ class DeferredImports(importlib.abc.MetaPathFinder):
         self.names = tuple(names)
         self._deferring = False
         self._finding = threading.local()  # per thread: imports run on several at once
+        self._restore_getmodule: Callable[[], None] | None = None
 
     def start(self) -> None:
         """Defers these modules' code from now on; call it before importing torch."""
         self._deferring = True
         if self not in sys.meta_path:
             sys.meta_path.insert(0, self)
+        if self._restore_getmodule is None:
+            self._restore_getmodule = _quick_frame_modules()
 
     def stop(self) -> None:
         """Defers nothing more (an ``import`` of a module still deferred returns it as
         it is); imports what torch needs whatever was deferred."""
         self._deferring = False
+        if self._restore_getmodule is not None:
+            self._restore_getmodule()
+            self._restore_getmodule = None
         if "torch" in sys.modules and _RNG_PRIMS not in sys.modules:
             _set_generator_metaclass()
 
