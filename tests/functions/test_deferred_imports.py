@@ -230,7 +230,10 @@ def test_torch_with_its_deferred_modules_generates_the_same_tokens(
     assert deferred["pending"] == list(DEFERRED_TORCH_MODULES)
     assert deferred["pending_after_serving"] == list(DEFERRED_TORCH_MODULES)
     assert deferred["tokens"] == full["tokens"]
-    assert deferred["loaded"] == list(DEFERRED_TORCH_MODULES) and deferred["left"] == []
+    # Once idle, all of them ran: each by load_next, or by another one that uses it
+    # (torch.export runs torch.optim and torch.compiler).
+    assert deferred["left"] == [] and deferred["loaded"][0] == DEFERRED_TORCH_MODULES[0]
+    assert set(deferred["loaded"]) <= set(DEFERRED_TORCH_MODULES)
     # The generator's metaclass was set without importing the module that sets it (and
     # the tracer it imports): that one ran once idle, with the meta registrations.
     assert deferred["rng_prims_at_stop"] is False and full["rng_prims_at_stop"] is True
