@@ -19,11 +19,12 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import tokenizers
+from typing import TYPE_CHECKING, Any
 
 from ember_weights_store.decode_table import DECODE_TABLE_FILE, DecodeTable
+
+if TYPE_CHECKING:
+    import tokenizers
 
 __all__ = ["TableBackend", "has_id"]
 

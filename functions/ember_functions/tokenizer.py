@@ -10,9 +10,7 @@ import functools
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
-
-import tokenizers
+from typing import TYPE_CHECKING, Any
 
 from ember_core import InvalidRequestError, ModelFormatError
 from ember_functions.chat_template import (
@@ -28,8 +26,16 @@ from ember_functions.chat_template import (
 from ember_functions.decode_backend import TableBackend, has_id
 from ember_weights_store.decode_file import DECODE_FILE
 
+if TYPE_CHECKING:
+    import tokenizers
+
 
 def _parse(path: Path) -> tokenizers.Tokenizer:
+    # Imported here, not with the module: a worker that decodes from a table and is given
+    # prompts as ids parses nothing on its way to READY, and need not load the library
+    # either (~5 ms of its imports).
+    import tokenizers
+
     try:
         return tokenizers.Tokenizer.from_file(str(path))
     except Exception as exc:  # the Rust side raises bare Exception for any parse failure
@@ -90,7 +96,7 @@ class Tokenizer:
         # then decodes only (a decode-only copy: ember_weights_store.decode_file).
         self._backend = backend
         self._encoder: tokenizers.Tokenizer | None = (
-            backend if encoder is None and isinstance(backend, tokenizers.Tokenizer) else None
+            backend if encoder is None and not isinstance(backend, TableBackend) else None
         )
         self._make_encoder = encoder
         self._encoder_lock = threading.Lock()

@@ -195,11 +195,28 @@ def test_chat_templates_compile_at_the_first_render_not_at_a_decode_first_load(
         deferred.encode_chat(chat)
 
 
-def test_a_worker_imports_no_jinja2_on_its_way_to_ready() -> None:
+def test_a_worker_imports_no_jinja2_or_tokenizers_on_its_way_to_ready() -> None:
     code = (
         "import sys; from ember_functions.worker import preload; preload(); "
-        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'jinja2'))"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('jinja2', 'tokenizers')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_a_decode_table_tokenizer_loads_the_tokenizers_library_at_the_first_encode(
+    tmp_path: Path,
+) -> None:
+    config = {"chat_template": CHATML, "eos_token": "<|im_end|>", "add_bos_token": False}
+    model = write_model(tmp_path / "chatml", byte_level_bpe(), config)
+    model = with_decode_table(with_decode_file(model))
+    code = (
+        "import sys; from pathlib import Path; from ember_functions.tokenizer import Tokenizer\n"
+        f"t = Tokenizer.from_dir(Path({str(model)!r}), decode_first=True)\n"
+        "t.decode([1, 2, 3]); loaded = 'tokenizers' in sys.modules\n"
+        "t.encode('hello'); print(loaded, 'tokenizers' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "True"]
