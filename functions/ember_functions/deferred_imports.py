@@ -50,6 +50,14 @@ real path, a ``realpath`` each: ~1500 modules, 30-40 ms here. Between :meth:`sta
 :meth:`stop` a frame running a module's own code is answered with that module (its
 globals' ``__name__``, whose ``__file__`` is the frame's file): the module the scan finds.
 
+And one thing costs the other core: numpy's wheels bundle OpenBLAS, which starts a thread
+per further core as numpy is imported (torch imports it), and each spins ~0.1 s waiting
+for work that never comes: a worker computes nothing with numpy's BLAS (torch brings its
+own, loaded before numpy). On two cores that thread takes the core the router's parse and
+the readahead child run on. While deferring, numpy is imported with
+``OPENBLAS_NUM_THREADS=1`` (unless the environment sets it), and the variable is gone
+again at :meth:`stop`, so nothing started later inherits it.
+
 Only for a worker's own new interpreter: a zygote imports all of torch once for all the
 workers it forks (each would otherwise run the deferred modules again).
 
@@ -70,6 +78,7 @@ import importlib.abc
 import importlib.machinery
 import importlib.util
 import inspect
+import os
 import sys
 import threading
 import types
@@ -92,6 +101,9 @@ DEFERRED_TORCH_MODULES = (
     "torch.quasirandom",
     "torch.compiler",
 )
+
+# What numpy's bundled OpenBLAS reads, as numpy loads it, for how many threads to start.
+_NUMPY_BLAS_THREADS = "OPENBLAS_NUM_THREADS"
 
 # Sets torch.Generator's metaclass, without which ``torch.Generator()`` raises (see the
 # module's docstring); imported by torch._meta_registrations.
@@ -207,6 +219,7 @@ class DeferredImports(importlib.abc.MetaPathFinder):
         self._deferring = False
         self._finding = threading.local()  # per thread: imports run on several at once
         self._restore_getmodule: Callable[[], None] | None = None
+        self._set_blas_threads = False  # whether it set _NUMPY_BLAS_THREADS, to unset
 
     def start(self) -> None:
         """Defers these modules' code from now on; call it before importing torch."""
@@ -223,6 +236,9 @@ class DeferredImports(importlib.abc.MetaPathFinder):
         if self._restore_getmodule is not None:
             self._restore_getmodule()
             self._restore_getmodule = None
+        if self._set_blas_threads:
+            os.environ.pop(_NUMPY_BLAS_THREADS, None)
+            self._set_blas_threads = False
         if "torch" in sys.modules and _RNG_PRIMS not in sys.modules:
             _set_generator_metaclass()
 
@@ -234,6 +250,9 @@ class DeferredImports(importlib.abc.MetaPathFinder):
     ) -> importlib.machinery.ModuleSpec | None:
         if getattr(self._finding, "active", False):
             return None
+        if fullname == "numpy" and self._deferring and _NUMPY_BLAS_THREADS not in os.environ:
+            os.environ[_NUMPY_BLAS_THREADS] = "1"  # see the module's docstring
+            self._set_blas_threads = True
         parent = sys.modules.get(fullname.rpartition(".")[0])
         if isinstance(parent, _Deferred):
             # A package runs before its submodules, as without deferring; running it may

@@ -144,6 +144,10 @@ def _run_child(
     code = 1
     try:
         _die_with_parent()
+        # Decoding chunks fetched from an object store imports numpy, whose bundled
+        # OpenBLAS would start threads that spin beside the worker's import for nothing:
+        # this process does no BLAS (as in ``deferred_imports``).
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
         if os.getppid() == parent:  # else the worker died before that took effect
             ahead = check(lambda path: _send(fd, {"tokenizer_dir": str(path)}))
             _send(fd, {"readahead": None if ahead is None else ahead.as_dict()})

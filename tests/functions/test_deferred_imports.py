@@ -6,6 +6,7 @@ checked in new interpreters, deferred and not, which must generate the same toke
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -169,10 +170,15 @@ from ember_functions.deferred_imports import DeferredImports
 deferred = DeferredImports()
 if sys.argv[1] == "deferred":
     deferred.start()
-import inspect
+import inspect, os
 import torch
 scanned_modules = len(inspect._filesbymodname)
+threads_after_import = len(os.listdir("/proc/self/task"))
+blas_env_before_stop = os.environ.get("OPENBLAS_NUM_THREADS")
 deferred.stop()
+blas_env_after_stop = os.environ.get("OPENBLAS_NUM_THREADS")
+import numpy
+blas_works = float(numpy.ones((3, 4)) @ numpy.ones(4) @ numpy.ones(3)) == 12.0
 pending = deferred.pending()
 rng_prims_at_stop = "torch._prims.rng_prims" in sys.modules
 from ember_functions.engine import LLMEngine
@@ -203,6 +209,10 @@ print(json.dumps({
     "left": deferred.pending(),
     "export_usable": export_usable,
     "scanned_modules": scanned_modules,
+    "threads_after_import": threads_after_import,
+    "blas_env_before_stop": blas_env_before_stop,
+    "blas_env_after_stop": blas_env_after_stop,
+    "blas_works": blas_works,
 }))
 """
 
@@ -219,6 +229,8 @@ def test_torch_with_its_deferred_modules_generates_the_same_tokens(
             capture_output=True,
             text=True,
             timeout=300,
+            # As a worker starts: nothing says how many threads numpy's BLAS may start.
+            env={k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"},
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
         return json.loads(proc.stdout.splitlines()[-1])
@@ -243,3 +255,10 @@ def test_torch_with_its_deferred_modules_generates_the_same_tokens(
     # torch's import registers a custom op, which looks up its caller's module: without
     # deferring, every loaded module's file is mapped for it (~1500, 30-40 ms).
     assert deferred["scanned_modules"] == 0 and full["scanned_modules"] > 500
+    # numpy's OpenBLAS started no threads of its own (they spin on the other cores while
+    # torch imports), and the setting that said so is gone again; its BLAS still works.
+    assert deferred["threads_after_import"] == 1
+    assert full["threads_after_import"] >= deferred["threads_after_import"]
+    assert deferred["blas_env_before_stop"] == "1" and full["blas_env_before_stop"] is None
+    assert deferred["blas_env_after_stop"] is None
+    assert deferred["blas_works"] and full["blas_works"]

@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from ember_functions.early_readahead import ChildReadahead
 from ember_weights_store import LocalBucketTier, WeightsStore
 from ember_weights_store.manifest import Manifest
@@ -41,6 +43,25 @@ def test_what_the_child_did_comes_back_and_it_ran_in_another_process(
     assert isinstance(ahead.manifest, Manifest) and ahead.manifest == manifest
     assert (ahead.bytes_read, ahead.fetched_bytes) == (7, 5)
     assert child.result() is ahead  # waited for once
+
+
+def test_the_child_starts_no_blas_threads_and_the_worker_keeps_its_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # numpy, imported in the child to decode fetched chunks, would start OpenBLAS threads
+    # that spin beside the worker's import; the setting is the child's alone.
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+
+    def check(told: Callable[[Path], None]) -> Readahead:
+        told(Path(os.environ.get("OPENBLAS_NUM_THREADS", "unset")))
+        return Readahead()
+
+    child = ChildReadahead.start(check)
+    assert child is not None
+    heard: list[Path] = []
+    child.collect_in_background(on_tokenizer_dir=heard.append)
+    assert child.result() is not None
+    assert heard == [Path("1")] and "OPENBLAS_NUM_THREADS" not in os.environ
 
 
 def test_the_tokenizer_dir_is_heard_while_the_child_still_reads(tmp_path: Path) -> None:
