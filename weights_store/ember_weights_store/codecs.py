@@ -19,14 +19,14 @@ import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-import zstandard
-
 from ember_core import InvalidRequestError, ModelFormatError
 
 if TYPE_CHECKING:
-    # numpy is imported where bytegroup chunks are split or joined, not with this module:
-    # a new worker's readahead child that only checks local chunks never needs it, and
-    # it was 39 of the ~55 ms that child spent importing (beside the worker's torch).
+    # numpy is imported where bytegroup chunks are split or joined, and zstandard where
+    # chunks are compressed or decompressed, not with this module: a new worker's
+    # readahead child that only checks local chunks never needs numpy (39 of the ~55 ms
+    # that child spent importing, beside the worker's torch), and a worker loading
+    # decoded chunks from a cache tier needs neither (zstandard: ~5 ms of its imports).
     import numpy as np
 
 __all__ = [
@@ -104,11 +104,15 @@ def _check_raw_size(raw_size: int) -> None:
 def _zstd_compress(raw: _Buffer, level: int) -> bytes:
     # write_content_size (the default) records the raw size in the frame header, which lets
     # decode check the expected size before doing any work.
+    import zstandard
+
     return zstandard.ZstdCompressor(level=level).compress(raw)
 
 
 def _zstd_decompress_into(stored: _Buffer, out: memoryview, codec: str) -> None:
     """Decompress one zstd frame straight into ``out`` (no intermediate bytes object)."""
+    import zstandard
+
     expected = len(out)
     try:
         declared = zstandard.frame_content_size(stored)

@@ -19,8 +19,6 @@ from __future__ import annotations
 import hashlib
 import re
 
-import xxhash
-
 __all__ = ["CHECKSUM_RE", "FastChecksum", "fast_checksum", "sha256_key"]
 
 CHECKSUM_RE = re.compile(r"xxh3_128:[0-9a-f]{32}")
@@ -37,6 +35,11 @@ class FastChecksum:
     """Streaming ``xxh3_128``; feed pieces in order, then compare ``hexdigest()``."""
 
     def __init__(self) -> None:
+        # Imported at the first checksum, not with the module: a worker whose chunks were
+        # checked before it started (its readahead child, or a check recorded on a host-tier
+        # file) hashes nothing, and need not load it (~4 ms of its imports).
+        import xxhash
+
         self._h = xxhash.xxh3_128()
 
     def update(self, piece: _Buffer) -> None:
@@ -48,4 +51,6 @@ class FastChecksum:
 
 def fast_checksum(data: _Buffer) -> str:
     """The load-time checksum of ``data``: ``xxh3_128:<32 hex>``."""
+    import xxhash
+
     return "xxh3_128:" + xxhash.xxh3_128_hexdigest(data)
