@@ -84,7 +84,7 @@ import threading
 import types
 from collections.abc import Callable, Sequence
 
-__all__ = ["DEFERRED_TORCH_MODULES", "DeferredImports"]
+__all__ = ["DEFERRED_TORCH_MODULES", "NUMPY_BLAS_THREADS", "DeferredImports"]
 
 DEFERRED_TORCH_MODULES = (
     "torch.export",
@@ -103,7 +103,7 @@ DEFERRED_TORCH_MODULES = (
 )
 
 # What numpy's bundled OpenBLAS reads, as numpy loads it, for how many threads to start.
-_NUMPY_BLAS_THREADS = "OPENBLAS_NUM_THREADS"
+NUMPY_BLAS_THREADS = "OPENBLAS_NUM_THREADS"
 
 # Sets torch.Generator's metaclass, without which ``torch.Generator()`` raises (see the
 # module's docstring); imported by torch._meta_registrations.
@@ -219,7 +219,7 @@ class DeferredImports(importlib.abc.MetaPathFinder):
         self._deferring = False
         self._finding = threading.local()  # per thread: imports run on several at once
         self._restore_getmodule: Callable[[], None] | None = None
-        self._set_blas_threads = False  # whether it set _NUMPY_BLAS_THREADS, to unset
+        self._set_blas_threads = False  # whether it set NUMPY_BLAS_THREADS, to unset
 
     def start(self) -> None:
         """Defers these modules' code from now on; call it before importing torch."""
@@ -237,7 +237,7 @@ class DeferredImports(importlib.abc.MetaPathFinder):
             self._restore_getmodule()
             self._restore_getmodule = None
         if self._set_blas_threads:
-            os.environ.pop(_NUMPY_BLAS_THREADS, None)
+            os.environ.pop(NUMPY_BLAS_THREADS, None)
             self._set_blas_threads = False
         if "torch" in sys.modules and _RNG_PRIMS not in sys.modules:
             _set_generator_metaclass()
@@ -250,8 +250,8 @@ class DeferredImports(importlib.abc.MetaPathFinder):
     ) -> importlib.machinery.ModuleSpec | None:
         if getattr(self._finding, "active", False):
             return None
-        if fullname == "numpy" and self._deferring and _NUMPY_BLAS_THREADS not in os.environ:
-            os.environ[_NUMPY_BLAS_THREADS] = "1"  # see the module's docstring
+        if fullname == "numpy" and self._deferring and NUMPY_BLAS_THREADS not in os.environ:
+            os.environ[NUMPY_BLAS_THREADS] = "1"  # see the module's docstring
             self._set_blas_threads = True
         parent = sys.modules.get(fullname.rpartition(".")[0])
         if isinstance(parent, _Deferred):

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from ember_core import EmberError
+from ember_functions.deferred_imports import NUMPY_BLAS_THREADS
 from ember_weights_store.libc import libc
 from ember_weights_store.verified import Readahead
 
@@ -146,8 +147,8 @@ def _run_child(
         _die_with_parent()
         # Decoding chunks fetched from an object store imports numpy, whose bundled
         # OpenBLAS would start threads that spin beside the worker's import for nothing:
-        # this process does no BLAS (as in ``deferred_imports``).
-        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+        # this process does no BLAS (``deferred_imports`` says more).
+        os.environ.setdefault(NUMPY_BLAS_THREADS, "1")
         if os.getppid() == parent:  # else the worker died before that took effect
             ahead = check(lambda path: _send(fd, {"tokenizer_dir": str(path)}))
             _send(fd, {"readahead": None if ahead is None else ahead.as_dict()})

@@ -195,20 +195,6 @@ def test_chat_templates_compile_at_the_first_render_not_at_a_decode_first_load(
         deferred.encode_chat(chat)
 
 
-def test_a_worker_imports_none_of_its_on_demand_libraries_on_its_way_to_ready() -> None:
-    # Each is imported where it is first used: chat templates (jinja2), a parse
-    # (tokenizers), a compressed chunk (zstandard), a checksum (xxhash). A worker decoding
-    # from a table, given ids, its chunks checked by its readahead child, uses none of them.
-    on_demand = ("jinja2", "tokenizers", "zstandard", "xxhash")
-    code = (
-        "import sys; from ember_functions.worker import preload; preload(); "
-        f"print(sorted(m for m in sys.modules if m.split('.')[0] in {on_demand!r}))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "[]"
-
-
 def test_a_decode_table_tokenizer_loads_the_tokenizers_library_at_the_first_encode(
     tmp_path: Path,
 ) -> None:

@@ -140,3 +140,17 @@ def test_a_worker_imports_neither_torch_nor_numpy_before_it_connects() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert out.stdout.strip() == "[]"
+
+
+def test_a_worker_imports_none_of_its_on_demand_libraries_on_its_way_to_ready() -> None:
+    # Each is imported where it is first used: chat templates (jinja2), a parse
+    # (tokenizers), a compressed chunk (zstandard), a checksum (xxhash). A worker decoding
+    # from a table, given ids, its chunks checked by its readahead child, uses none of them.
+    on_demand = ("jinja2", "tokenizers", "zstandard", "xxhash")
+    code = (
+        "import sys; from ember_functions.worker import preload; preload(); "
+        f"print(sorted(m for m in sys.modules if m.split('.')[0] in {on_demand!r}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
