@@ -5,6 +5,8 @@ dtype, keeps nothing."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -112,3 +114,43 @@ def test_no_host_tier_or_no_conversion_keeps_nothing(
     LLMEngine.from_host(host, config=CONFIG)  # float32 -> float32: nothing to convert
     (tier,) = [t for t in host_catalog.store().tiers if isinstance(t, HostTier)]
     assert not [k for k in tier.keys() if k.startswith("bound/")]  # noqa: SIM118
+
+
+def test_tensors_of_mixed_dtypes_and_sizes_come_back_as_stored(tmp_path: Path) -> None:
+    tier = HostTier(tmp_path / "host", budget_bytes=1 << 20)
+    cache = BoundCache(tier, "bound/test-v1")
+    gen = torch.Generator().manual_seed(0)
+    state = {
+        "odd": torch.randn(3, 5, generator=gen),  # 60 bytes: the next starts padded
+        "half": torch.randn(7, generator=gen).to(torch.bfloat16),
+        "view": torch.randn(6, 4, generator=gen).t(),  # not contiguous
+        "empty": torch.zeros(0, 4),
+    }
+    cache.store(state)
+    loaded = cache.load({n: t.shape for n, t in state.items()})
+    assert loaded is not None
+    for name, t in state.items():
+        assert loaded[name].dtype == t.dtype and torch.equal(loaded[name], t), name
+        assert loaded[name].data_ptr() % 64 == 0 or t.numel() == 0  # cache-line aligned
+
+
+def test_storing_holds_no_staging_copy_of_the_weights(tmp_path: Path) -> None:
+    # In a new interpreter, so its peak RSS is this store's: 256 MiB of weights written
+    # out may raise it by far less than a second copy of them would.
+    code = f"""
+import resource, torch
+from pathlib import Path
+from ember_functions.bound_cache import BoundCache
+from ember_weights_store.host_tier import HostTier
+
+state = {{f"w{{i}}": torch.ones(1 << 22) for i in range(16)}}  # 16 x 16 MiB, touched
+tier = HostTier(Path({str(tmp_path / "host")!r}), budget_bytes=1 << 30)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+BoundCache(tier, "bound/big-v1").store(state)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)  # KiB
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    grown_mib = int(out.stdout.strip().splitlines()[-1]) / 1024
+    assert grown_mib < 64, f"peak RSS grew {grown_mib:.0f} MiB storing 256 MiB"
