@@ -115,7 +115,7 @@ class BoundCache:
                 offset += pad
             entries[name] = (str(t.dtype).removeprefix("torch."), list(t.shape), offset)
             # Bytes, not values: numpy has no bfloat16, so the view is uint8.
-            pieces.append(memoryview(t.contiguous().view(-1).view(torch.uint8).numpy()))
+            pieces.append(t.contiguous().view(-1).view(torch.uint8).numpy().data)
             offset += t.numel() * t.element_size()
         try:
             self.host.put(self.key, pieces)
