@@ -47,10 +47,12 @@ that imports torch that way, so transformers' time over the second
 (``speedup_ceiling_new_interpreter``) bounds their speedups on this machine.
 States whose host tiers would not fit in this machine's RAM (``object`` and
 ``prewarmed_s3`` each fill another) are skipped, with the reason printed and kept in the
-JSON (``skipped_states``). Each state is measured ``--rounds`` times, interleaved,
-medians reported. Phases come from the worker's own report: spawn (until it
-connects), imports, manifest, fetch, decompress, bind (load minus the weights' wall
-time: building the model on the weights), first token.
+JSON (``skipped_states``); so is what the pool's first worker could not leave in the host
+tier for the rest (its packed matrices, its bound weights: ``notes``). Each state is
+measured ``--rounds`` times, interleaved, medians reported. Phases come from the
+worker's own report: spawn (until it connects), imports, manifest, fetch, decompress,
+bind (load minus the weights' wall time: building the model on the weights), first
+token.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +117,7 @@ def run_model(
                 run, name, model_dir, rounds=rounds, threads=threads, peers=peers, states=states
             )
             out["skipped_states"] = skipped
+            out["notes"] = run.notes
             return out
         finally:
             # The host tiers are RAM (tmpfs) outside the temporary homes: give them back.
@@ -253,6 +257,7 @@ def main() -> None:
     )
     boto3.client("s3", endpoint_url=s3_url).create_bucket(Bucket="models")
     results: list[dict[str, Any]] = []
+    failed: list[str] = []  # models whose run raised: their entry says why
     try:
         for name in models:
             if name == "smollm2":
@@ -262,15 +267,21 @@ def main() -> None:
                 model_dir = _random_llama.build(
                     ROOT / ".cache" / "bench" / "llama-1b-random", seed=0, with_tokenizer=True
                 )
-            res = run_model(
-                name,
-                model_dir,
-                s3_url,
-                rounds=rounds,
-                threads=args.threads,
-                peers=args.peers,
-                states=states,
-            )
+            try:
+                res = run_model(
+                    name,
+                    model_dir,
+                    s3_url,
+                    rounds=rounds,
+                    threads=args.threads,
+                    peers=args.peers,
+                    states=states,
+                )
+            except Exception as exc:  # the other model's figures are still worth writing
+                traceback.print_exc()
+                failed.append(name)
+                results.append({"model": name, "error": f"{type(exc).__name__}: {exc}"})
+                continue
             print_table(res)
             results.append(res)
     finally:
@@ -281,8 +292,11 @@ def main() -> None:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(out, indent=1))
     print(f"wrote {args.json}")
-    if args.png:
-        draw(results, args.png)
+    drawn = [r for r in results if "error" not in r]
+    if args.png and drawn:
+        draw(drawn, args.png)
+    if failed:
+        sys.exit(f"the run failed for {', '.join(failed)}: see the traceback above")
 
 
 if __name__ == "__main__":
