@@ -10,6 +10,7 @@ import torch
 from ember_functions.engine import LLMEngine
 from ember_functions.engine_config import EngineConfig
 from ember_functions.sampling_params import SamplingParams
+from ember_functions.weights import cpu_has_native_bf16
 
 # Not "What is the capital of France?": on this 4-bit model its first answer token is
 # a near-tie ("The" 25.75 against "L" 25.5 in bf16), which a prefill of another shape
@@ -85,7 +86,14 @@ def test_smollm2_in_bfloat16_stays_within_rounding_of_float32(
     (transformers' bf16 lands either way too). What must hold is that our bf16 is no
     further from our float32 than transformers' bf16 is from its own float32 (how far
     that is depends on the CPU: 0.8% relative on AVX2, 3.5% with AMX, where transformers'
-    was 5.2%), and that bf16's pick is a near-tie in float32."""
+    was 5.2%), and that bf16's pick is a near-tie in float32.
+
+    Only where the CPU computes bf16 natively, which is where ``dtype="auto"`` computes in
+    it. Elsewhere bf16 is emulated, and on a 2-core Ice Lake Xeon (AVX-512, no BF16) both
+    sides moved from process to process: ours 2.8% and 4.9%, transformers' 1.4% and 3.1%
+    (ours with oneDNN off: 0.8%), so the comparison said nothing there."""
+    if not cpu_has_native_bf16():
+        pytest.skip("bf16 is emulated on this CPU; dtype='auto' computes in float32 here")
     fp32 = _engine(smollm2_dir, "float32")
     ids = fp32.prompts.encode(QUESTION, SamplingParams(temperature=0, max_tokens=1)).ids
     exact = _first_logits(fp32, monkeypatch)
