@@ -36,6 +36,10 @@ def _param(*shape: int) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape, device="meta"), requires_grad=False)
 
 
+def _param_like(w: torch.Tensor) -> nn.Parameter:  # w's shape and dtype, no storage
+    return nn.Parameter(torch.empty(w.shape, dtype=w.dtype, device="meta"), requires_grad=False)
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, index: int, linear: Linear) -> None:
         super().__init__()
@@ -92,6 +96,26 @@ class DecoderLayer(nn.Module):
             "gate_up": self.gate_up_weight,
             "down": self.down_weight,
         }
+
+    @property
+    def stands_in(self) -> bool:
+        """Whether a packed copy and a single-row copy stand in for every matrix: no step
+        reads the matrices themselves then (``Linear`` takes the packed copy for several
+        rows, the single-row one for one)."""
+        names = self.matrices().keys()
+        return bool(self.gemv) and names <= self.packed.keys() and names <= self.gemv.keys()
+
+    def release_matrices(self) -> None:
+        """Drops the matrices the copies stand in for (:attr:`stands_in`), keeping their
+        shapes and dtype on the meta device. On a CPU that computes a bf16 checkpoint in
+        float32 they are float32 conversions of the single-row copies: the packed copy
+        replaces them, not adds to them (SmolLM2: ~410 MiB a worker, the 1.1B model
+        ~4 GiB). A layer whose matrices are dropped stays packed (``unpack_weights``)."""
+        if not self.stands_in:
+            return
+        for name, w in self.matrices().items():
+            if not w.is_meta:
+                setattr(self, f"{name}_weight", _param_like(w))
 
 
 class LlamaModel(nn.Module):
@@ -172,9 +196,32 @@ class LlamaModel(nn.Module):
                 layer.packed = {name: p for name, p in packed.items() if p is not None}
             else:
                 self.head_packed = self.linear.pack(self.head)
+            self._release(self._packed_units)
             self._packed_units += 1
             budget -= 1
         return self._packed_units == total
+
+    def _release(self, unit: int) -> None:
+        """Drops the matrices of ``unit`` (a layer, or the LM head last) that its packed
+        and single-row copies stand in for. The first layer keeps its own: a packed copy
+        stored in the host tier is checked against them (``packed_cache``). A tied LM head
+        is the embedding, which every step looks rows up in: kept."""
+        if unit == 0:
+            return
+        if unit < len(self.decoder_layers):
+            self.decoder_layers[unit].release_matrices()
+        elif (
+            self.lm_head is not None
+            and not self.lm_head.is_meta
+            and self.head_packed is not None
+            and self.head_gemv is not None
+        ):
+            self.lm_head = _param_like(self.lm_head)
+
+    def _released(self, unit: int) -> bool:
+        if unit < len(self.decoder_layers):
+            return any(w.is_meta for w in self.decoder_layers[unit].matrices().values())
+        return self.head.is_meta
 
     def unpack_weights(self) -> int:
         """Drops the packed copy of the last packed layer (or of the LM head, packed
@@ -182,7 +229,7 @@ class LlamaModel(nn.Module):
         of host RAM that frees, 0 if nothing was packed. A worker calls it when the
         machine runs short of RAM after it packed (see ``host_memory.py``). Shared packed
         matrices are kept: dropping them would free nothing."""
-        if self._packed_units == 0 or self._shared_packing is not None:
+        if self.private_packed_units == 0:
             return 0
         self._packed_units -= 1
         if self._packed_units == len(self.decoder_layers):
@@ -200,8 +247,16 @@ class LlamaModel(nn.Module):
 
     @property
     def private_packed_units(self) -> int:
-        """Packed layers whose copies are this process's own: 0 once shared."""
-        return 0 if self._shared_packing is not None else self._packed_units
+        """Packed units this process holds copies of in its own RAM and can give back
+        (:meth:`unpack_weights`, last first): 0 once shared, and none from the last one
+        whose matrices were dropped (``DecoderLayer.release_matrices``) down, since
+        unpacking it would free nothing."""
+        if self._shared_packing is not None:
+            return 0
+        units = 0
+        while units < self._packed_units and not self._released(self._packed_units - 1 - units):
+            units += 1
+        return units
 
     @property
     def packing_shared(self) -> bool:
@@ -256,6 +311,8 @@ class LlamaModel(nn.Module):
         self.head_packed = matrices["head"]
         self._packed_units = len(self.decoder_layers) + 1
         self._shared_packing = backing
+        for unit in range(self._packed_units):
+            self._release(unit)
 
     def next_pack_bytes(self) -> int:
         """Bytes of host RAM the next :meth:`pack_weights` unit (a layer, or the LM head

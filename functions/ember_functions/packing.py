@@ -210,7 +210,7 @@ class Packing:
         if shared is None:
             self._load_failed = True
             return False
-        had_own = self.model.private_packed_units > 0
+        had_own = self.model.packed_units > 0 and not self.model.packing_shared
         self.model.adopt_packed(shared.matrices, shared.backing)
         if had_own:
             # Packed copies are many allocations of a few MiB, on oneDNN's threads: dropping
@@ -240,7 +240,8 @@ class Packing:
 
     @property
     def private_units(self) -> int:
-        """Packed layers held in this process's own RAM (0 when they are shared)."""
+        """Packed layers held in this process's own RAM that unpacking would give back (0
+        when they are shared; ``LlamaModel.private_packed_units``)."""
         return self.model.private_packed_units
 
     @property

@@ -5,6 +5,7 @@ the engine hands back its mapping of the unpacked matrices the copies stand in f
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from pathlib import Path
@@ -12,11 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from ember_functions.config import ModelConfig
 from ember_functions.engine import LLMEngine
 from ember_functions.engine_config import EngineConfig
 from ember_functions.host_memory import ProcessMemory, read_process_memory
 from ember_functions.loading import StoreConfig, load_host
 from ember_functions.sampling_params import SamplingParams
+from ember_functions.tokenizer import Tokenizer
+from ember_functions.weights import build_model, iter_hf_tensors
 from ember_weights_store import load
 
 MIB = 1 << 20
@@ -40,20 +44,68 @@ def proportional_bytes() -> int:
 def test_unpacking_every_layer_returns_the_packed_copies_to_the_os(smollm2_dir: Path) -> None:
     # Two threads, as a worker here runs: oneDNN packs on its OpenMP threads, and their
     # malloc arenas keep what they free (182 of ~250 MiB stayed, untrimmed; with one
-    # thread, the main arena's large blocks are unmapped at once).
-    config = EngineConfig(num_threads=2, kv_cache_bytes=16 << 20)
+    # thread, the main arena's large blocks are unmapped at once). float32 named, so no
+    # layer has single-row copies, which would have packing drop its matrices instead
+    # (the next test).
+    config = EngineConfig(num_threads=2, kv_cache_bytes=16 << 20, dtype="float32")
     engine = LLMEngine.from_dir(smollm2_dir, config=config)
     if not engine.model.linear.packs:
         pytest.skip("oneDNN packing does not apply on this CPU")
     before = anonymous_bytes()
     assert engine.packing.pack()
     packed = anonymous_bytes() - before
-    assert packed > 200 * MIB  # SmolLM2's packed bf16 matrices: ~256 MiB
+    assert packed > 200 * MIB  # SmolLM2's packed float32 matrices: ~460 MiB
     freed = 0
     while step := engine.packing.unpack():
         freed += step
     assert freed > 200 * MIB
     assert anonymous_bytes() - before < packed * 0.25
+
+
+def test_packing_drops_the_float32_matrices_that_packed_and_single_row_copies_replace(
+    smollm2_dir: Path,
+) -> None:
+    """A CPU without bf16 matmul units computes SmolLM2's bf16 checkpoint in float32 and
+    keeps the checkpoint's bf16 matrices for single-row decode. Once a layer is packed no
+    step reads its float32 matrices: they go, so the packed copies replace them instead
+    of adding ~410 MiB, and the engine generates exactly what it did unpacked. Built with
+    that dtype pair on any CPU."""
+    tokenizer = Tokenizer.from_dir(smollm2_dir)
+
+    def engine() -> LLMEngine:
+        model = build_model(
+            ModelConfig.from_dir(smollm2_dir),
+            iter_hf_tensors(smollm2_dir),
+            source=str(smollm2_dir),
+            dtype=torch.float32,
+            device=torch.device("cpu"),
+            gemv_dtype=torch.bfloat16,
+        )
+        config = EngineConfig(num_threads=2, kv_cache_bytes=16 << 20)
+        return LLMEngine(model, tokenizer, config=config, model_name="smollm2")
+
+    prompt = [{"role": "user", "content": "Name a color."}]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    (want,) = engine().generate([prompt], params)
+    gc.collect()
+    packed = engine()
+    if not packed.model.linear.packs:
+        pytest.skip("oneDNN packing does not apply on this CPU")
+    before = anonymous_bytes()
+    assert packed.packing.pack()
+    # In came every packed matrix (~460 MiB with the LM head); out went the float32
+    # matrices of every layer but the first, which a stored packed copy is checked
+    # against: the LM head's packed copy (SmolLM2's is the embedding, kept) and the first
+    # layer's are what the process grew by, ~125 MiB.
+    assert anonymous_bytes() - before < 160 * MIB
+    layers = packed.model.decoder_layers
+    assert all(w.is_meta for layer in layers[1:] for w in layer.matrices().values())
+    assert not any(w.is_meta for w in layers[0].matrices().values())
+    assert packed.generate([prompt], params)[0].token_ids == want.token_ids
+    # Only the LM head's packed copy can be given back: the layers have nothing else.
+    assert packed.packing.private_units == 1
+    assert packed.packing.unpack() > 100 * MIB and packed.packing.unpack() == 0
+    assert packed.generate([prompt], params)[0].token_ids == want.token_ids
 
 
 def test_a_packed_engine_hands_back_its_mapping_of_the_unpacked_matrices(
