@@ -8,8 +8,10 @@ model's meta parameters to the result.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import json
+import logging
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,6 +27,8 @@ from ember_functions.model import LlamaModel
 if TYPE_CHECKING:
     from ember_functions.bound_cache import BoundCache
     from ember_functions.engine_config import EngineConfig
+
+log = logging.getLogger(__name__)
 
 
 def cpu_has_native_bf16() -> bool:
@@ -44,6 +48,15 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
+@functools.cache  # once per process: every engine built after it would say the same
+def _warn_emulated_bf16() -> None:
+    log.warning(
+        "dtype='bfloat16' on a CPU without bf16 matmul units (AVX512-BF16 or AMX): torch "
+        "emulates it, 3-4.5x slower to prefill than float32 (an Ice Lake Xeon, "
+        "bench/linear.py); dtype='auto' computes a bf16 checkpoint in float32 here"
+    )
+
+
 def resolve_compute_dtype(
     requested: str, *, weights_dtype: torch.dtype, device: torch.device
 ) -> torch.dtype:
@@ -59,6 +72,8 @@ def resolve_compute_dtype(
             raise ConfigError(
                 f"dtype {requested!r} is not one of auto, {', '.join(names)}; pick one of those"
             )
+        if requested == "bfloat16" and device.type == "cpu" and not cpu_has_native_bf16():
+            _warn_emulated_bf16()
         return names[requested]
     if device.type == "cuda":
         return weights_dtype if weights_dtype != torch.float32 else torch.bfloat16

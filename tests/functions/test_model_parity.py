@@ -345,6 +345,26 @@ def test_resolve_compute_dtype() -> None:
         resolve_compute_dtype("int8", weights_dtype=f32, device=CPU)
 
 
+def test_bf16_asked_for_where_it_is_emulated_is_computed_with_a_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import ember_functions.weights as weights
+
+    weights._warn_emulated_bf16.cache_clear()
+    monkeypatch.setattr(weights, "cpu_has_native_bf16", lambda: False)
+    with caplog.at_level("WARNING", logger="ember_functions.weights"):
+        for _ in range(2):
+            got = resolve_compute_dtype("bfloat16", weights_dtype=torch.bfloat16, device=CPU)
+            assert got == torch.bfloat16  # what was asked for, slow or not
+    (record,) = caplog.records  # once per process
+    assert "emulates" in record.getMessage() and "dtype='auto'" in record.getMessage()
+    weights._warn_emulated_bf16.cache_clear()
+    monkeypatch.setattr(weights, "cpu_has_native_bf16", lambda: True)
+    caplog.clear()
+    resolve_compute_dtype("bfloat16", weights_dtype=torch.bfloat16, device=CPU)
+    assert not caplog.records
+
+
 # -- models and settings we refuse ---------------------------------------------------------
 
 
