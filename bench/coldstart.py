@@ -257,7 +257,6 @@ def main() -> None:
     )
     boto3.client("s3", endpoint_url=s3_url).create_bucket(Bucket="models")
     results: list[dict[str, Any]] = []
-    failed: list[str] = []  # models whose run raised: their entry says why
     try:
         for name in models:
             if name == "smollm2":
@@ -279,7 +278,6 @@ def main() -> None:
                 )
             except Exception as exc:  # the other model's figures are still worth writing
                 traceback.print_exc()
-                failed.append(name)
                 results.append({"model": name, "error": f"{type(exc).__name__}: {exc}"})
                 continue
             print_table(res)
@@ -295,6 +293,7 @@ def main() -> None:
     drawn = [r for r in results if "error" not in r]
     if args.png and drawn:
         draw(drawn, args.png)
+    failed = [r["model"] for r in results if "error" in r]  # their entries say why
     if failed:
         sys.exit(f"the run failed for {', '.join(failed)}: see the traceback above")
 
