@@ -47,7 +47,7 @@ def rss_mib():
     return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
 linear(torch.randn(3, 576).to(dtype), torch.empty(0), packed=packed[0])
 before = rss_mib()
-for rows in range(4, 100):  # a new row count each time, as new prompt lengths are
+for rows in range(4, 196):  # a new row count each time, as new prompt lengths are
     for p in packed:
         linear(torch.randn(rows, 576).to(dtype), torch.empty(0), packed=p)
 print(json.dumps({"growth_mib": rss_mib() - before}))
@@ -68,8 +68,10 @@ def test_bounded_caches_keep_memory_flat_across_new_row_counts(packing_dtype: st
             env=env,
         )
         growth[mode] = json.loads(out.stdout.strip().splitlines()[-1])["growth_mib"]
-    # 192 primitives: tens of MiB kept by default, a few with 16 entries per cache.
-    assert growth["default"] > 20
+    # 384 primitives. What one costs depends on the CPU and dtype (float32 on AVX2: 242 MiB
+    # by default, 18 bounded; a bf16 CI machine kept only 18 MiB for half as many), so the
+    # test asks that the default grow with the shapes and the bound stop it.
+    assert growth["default"] > 12
     assert growth["bounded"] < growth["default"] / 3
 
 
