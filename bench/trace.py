@@ -1,7 +1,7 @@
 """Replays a bursty arrival trace through a real ``ember serve`` under three pool policies.
 
     python bench/trace.py --json bench/out/trace.json            # SmolLM2, ~20 min
-    python bench/trace.py --json /tmp/t.json --quick --model DIR  # a smoke run, ~1 min
+    python bench/trace.py --json /tmp/t.json --quick --model DIR  # two 12 s days, ~1.5 min
 
 The trace is generated from a seed (``ember_warmpool.traces.daily_arrivals``): a daily
 curve compressed into ``--day-s`` seconds, with random bursts and idle gaps. The same
@@ -226,7 +226,7 @@ def main() -> None:
         help="the predictive pool's workers above its forecast, in standard deviations",
     )
     ap.add_argument("--host-cache-mib", type=int, default=1024, help="workers' shared RAM tier")
-    ap.add_argument("--quick", action="store_true", help="12 s days: a smoke run")
+    ap.add_argument("--quick", action="store_true", help="two 12 s days: a smoke run")
     args = ap.parse_args()
     from ember_warmpool.host_sharing import release_host_tier
     from ember_weights_store import default_home
@@ -264,7 +264,7 @@ def run(args: argparse.Namespace, home: Path) -> None:
         peak = args.peak if args.peak is not None else args.peak_load / service_s
         sc = Scenario(
             day_s=12.0 if args.quick else args.day_s,
-            days=args.days,
+            days=2 if args.quick else args.days,
             peak_rate_per_s=round(peak, 3),
             trough_rate_per_s=round(peak * args.trough_fraction, 4),
             burst_factor=args.burst_factor,

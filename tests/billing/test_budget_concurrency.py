@@ -1,5 +1,5 @@
 """Budgets under concurrency: 64 requests at once against a cap that covers about 10
-of them, 200 trials. Spend never passes the cap, holds never pass it either, and once
+of them, 100 trials. Spend never passes the cap, holds never pass it either, and once
 every request is settled or released no reservation is left open."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from ember_core.errors import BudgetExceededError
 from .conftest import Clock
 
 CONCURRENCY = 64
-TRIALS = int(os.environ.get("EMBER_BUDGET_TRIALS", "200"))
+TRIALS = int(os.environ.get("EMBER_BUDGET_TRIALS", "100"))
 PROMPT, MAX_COMPLETION = 1000, 1000  # hold = 1000 * 1 + 1000 * 2 = 3000 micros
 
 
