@@ -82,6 +82,10 @@ class Linear:
     def __init__(self, *, device: torch.device, dtype: torch.dtype) -> None:
         self.device, self.dtype = device, dtype
         self.onednn = device.type == "cpu" and dtype == torch.float32 and _onednn_works()
+        # Where a matrix left in its checkpoint dtype (``w`` on the meta device, see
+        # ``weights.build_model``) is converted for a multi-row call: one buffer, the
+        # size of the largest, reused by every call, so its pages are faulted in once.
+        self._scratch = torch.empty(0, device=device, dtype=dtype)  # [largest numel]
 
     @functools.cached_property
     def packs(self) -> bool:
@@ -110,6 +114,23 @@ class Linear:
             return y if b is None else y + b
         if packed is not None:
             return onednn_linear(x, packed, b)
+        if w.is_meta:
+            if gemv is None:
+                raise RuntimeError(
+                    f"a {tuple(w.shape)} matrix was left unconverted without a single-row "
+                    "copy to convert from; build the model with weights.build_model"
+                )
+            w = self.converted(gemv)
         if self.onednn:
             return onednn_linear(x, w, b)
         return F.linear(x, w, b)
+
+    def converted(self, w: torch.Tensor) -> torch.Tensor:  # [out, in], in self.dtype
+        """``w`` converted to the compute dtype in the shared scratch buffer: valid until
+        the next call. Reading the 16-bit copy and writing the buffer, which stays in
+        cache for SmolLM2's matrices, costs ~4 ms of a 14-row prefill's ~55 ms there;
+        converting every matrix at bind instead faults in float32 pages for the whole
+        model, 1.8-5.4 s for the 1.1B one on a 2-core VM (``bench/coldstart.py``)."""
+        if self._scratch.numel() < w.numel():
+            self._scratch = torch.empty(w.numel(), device=self.device, dtype=self.dtype)
+        return self._scratch[: w.numel()].view(w.shape).copy_(w)

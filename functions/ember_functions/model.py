@@ -97,6 +97,19 @@ class DecoderLayer(nn.Module):
             "down": self.down_weight,
         }
 
+    def unpacked(self, name: str) -> torch.Tensor:  # [out, in], in the compute dtype
+        """The matrix ``name`` as packing takes it: itself, or converted from its
+        single-row copy where it was left unconverted or dropped (a new tensor then)."""
+        w = self.matrices()[name]
+        return w if not w.is_meta else self.gemv[name].to(w.dtype)
+
+    @property
+    def runs_unpacked(self) -> bool:
+        """Whether the layer can run without its packed copies: on its matrices, or on
+        its single-row copies converted per call (``Linear.converted``) where the
+        matrices are on the meta device."""
+        return all(not w.is_meta or name in self.gemv for name, w in self.matrices().items())
+
     @property
     def stands_in(self) -> bool:
         """Whether a packed copy and a single-row copy stand in for every matrix: no step
@@ -110,7 +123,7 @@ class DecoderLayer(nn.Module):
         shapes and dtype on the meta device. On a CPU that computes a bf16 checkpoint in
         float32 they are float32 conversions of the single-row copies: the packed copy
         replaces them, not adds to them (SmolLM2: ~410 MiB a worker, the 1.1B model
-        ~4 GiB). A layer whose matrices are dropped stays packed (``unpack_weights``)."""
+        ~4 GiB). Unpacked again, the layer converts its single-row copies per call."""
         if not self.stands_in:
             return
         for name, w in self.matrices().items():
@@ -192,10 +205,10 @@ class LlamaModel(nn.Module):
         while self._packed_units < total and budget > 0:
             if self._packed_units < len(self.decoder_layers):
                 layer = self.decoder_layers[self._packed_units]
-                packed = {name: self.linear.pack(w) for name, w in layer.matrices().items()}
+                packed = {name: self.linear.pack(layer.unpacked(name)) for name in layer.matrices()}
                 layer.packed = {name: p for name, p in packed.items() if p is not None}
             else:
-                self.head_packed = self.linear.pack(self.head)
+                self.head_packed = self.linear.pack(self._unpacked_head())
             self._release(self._packed_units)
             self._packed_units += 1
             budget -= 1
@@ -218,10 +231,15 @@ class LlamaModel(nn.Module):
         ):
             self.lm_head = _param_like(self.lm_head)
 
-    def _released(self, unit: int) -> bool:
+    def _unpacked_head(self) -> torch.Tensor:  # [vocab, hidden], in the compute dtype
+        if self.head.is_meta and self.head_gemv is not None:
+            return self.head_gemv.to(self.head.dtype)
+        return self.head
+
+    def _runs_unpacked(self, unit: int) -> bool:
         if unit < len(self.decoder_layers):
-            return any(w.is_meta for w in self.decoder_layers[unit].matrices().values())
-        return self.head.is_meta
+            return self.decoder_layers[unit].runs_unpacked
+        return not self.head.is_meta or self.head_gemv is not None
 
     def unpack_weights(self) -> int:
         """Drops the packed copy of the last packed layer (or of the LM head, packed
@@ -249,12 +267,11 @@ class LlamaModel(nn.Module):
     def private_packed_units(self) -> int:
         """Packed units this process holds copies of in its own RAM and can give back
         (:meth:`unpack_weights`, last first): 0 once shared, and none from the last one
-        whose matrices were dropped (``DecoderLayer.release_matrices``) down, since
-        unpacking it would free nothing."""
+        that could not run unpacked (its matrices dropped, no single-row copy) down."""
         if self._shared_packing is not None:
             return 0
         units = 0
-        while units < self._packed_units and not self._released(self._packed_units - 1 - units):
+        while units < self._packed_units and self._runs_unpacked(self._packed_units - 1 - units):
             units += 1
         return units
 

@@ -12,7 +12,7 @@ import functools
 import itertools
 import json
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -206,14 +206,17 @@ def build_model(
             f"{' ...' if len(leftover) > 4 else ''}; this {config.model_type} variant "
             "(e.g. attention_bias or mlp_bias on a llama) is not supported"
         )
-    converts = device.type == "cpu" and any(t.dtype != dtype for t in fused.values())
+    deferred = _deferred_matrices(config, fused, dtype=dtype, gemv_dtype=gemv_dtype)
+    eager = {name: t for name, t in fused.items() if name not in deferred}
+    converts = device.type == "cpu" and any(t.dtype != dtype for t in eager.values())
     state = None
     if bound is not None and converts:
-        state = bound.load({name: t.shape for name, t in fused.items()})
+        state = bound.load({name: t.shape for name, t in eager.items()})
     if state is None:
-        state = {name: t.to(device=device, dtype=dtype) for name, t in fused.items()}
+        state = {name: t.to(device=device, dtype=dtype) for name, t in eager.items()}
         if bound is not None and converts:
             bound.store_in_background(state)
+    state |= {n: torch.empty(t.shape, dtype=dtype, device="meta") for n, t in deferred.items()}
     linear = Linear(device=device, dtype=dtype)
     # Its parameters are made on the meta device, each by name (no ``torch.device``
     # context: that touches ``torch.nested``, which a new worker defers).
@@ -292,6 +295,32 @@ def gemv_dtype_for(
     if device.type == "cpu" and compute_dtype == torch.float32 and weights_dtype == torch.bfloat16:
         return weights_dtype
     return None
+
+
+def _deferred_matrices(
+    config: ModelConfig,
+    fused: Mapping[str, torch.Tensor],
+    *,
+    dtype: torch.dtype,
+    gemv_dtype: torch.dtype | None,
+) -> dict[str, torch.Tensor]:
+    """The matrices left in the checkpoint's dtype at bind, by state-dict name: where
+    each is kept as its single-row copy anyway (a bf16 checkpoint on a CPU computing in
+    float32), a multi-row call converts it per call (``Linear.converted``) and packing
+    converts it once, when the worker is idle. Converting all of them at bind would
+    fault in a float32 copy of the model on the way to the first token (the 1.1B model:
+    4.1 GiB, 1.8-5.4 s on 2 cores) that the packed copies then replace. The first layer
+    is converted: a stored packed copy is checked against its matrices
+    (``packed_cache``), and it is a layer's worth."""
+    if gemv_dtype is None or gemv_dtype == dtype:
+        return {}
+    names = [f"layers.{i}.{m}_weight" for i in range(1, config.num_layers) for m in _MATRICES]
+    if not config.tie_word_embeddings:
+        names.append("lm_head")
+    return {n: fused[n] for n in names if n in fused and fused[n].dtype == gemv_dtype}
+
+
+_MATRICES = ("qkv", "o", "gate_up", "down")
 
 
 def _concat(parts: list[torch.Tensor]) -> torch.Tensor:

@@ -39,6 +39,20 @@ def test_single_row_uses_the_low_precision_copy() -> None:
     torch.testing.assert_close(lin(x2, w, None, gemv), x2 @ w.T)
 
 
+def test_a_matrix_left_unconverted_is_converted_per_call_to_the_bit() -> None:
+    g = torch.Generator().manual_seed(2)
+    lin = Linear(device=CPU, dtype=torch.float32)
+    small, large = (torch.randn(s, generator=g).bfloat16() for s in ((8, 16), (48, 16)))
+    for gemv in (large, small, large):  # the scratch grows once, then is reused
+        meta = torch.empty(gemv.shape, device="meta")
+        for rows in (2, 14):
+            x = torch.randn(rows, 16, generator=g)
+            assert torch.equal(lin(x, meta, None, gemv), lin(x, gemv.float()))
+    assert lin._scratch.numel() == large.numel()
+    with pytest.raises(RuntimeError, match="single-row copy"):
+        lin(torch.randn(2, 16), torch.empty(8, 16, device="meta"))
+
+
 def test_auto_dtype_keeps_bf16_copies_only_for_bf16_checkpoints(
     tiny_model: Callable[..., Path],
 ) -> None:

@@ -45,7 +45,7 @@ def test_unpacking_every_layer_returns_the_packed_copies_to_the_os(smollm2_dir: 
     # Two threads, as a worker here runs: oneDNN packs on its OpenMP threads, and their
     # malloc arenas keep what they free (182 of ~250 MiB stayed, untrimmed; with one
     # thread, the main arena's large blocks are unmapped at once). float32 named, so no
-    # layer has single-row copies, which would have packing drop its matrices instead
+    # layer has single-row copies, which would leave its matrices unconverted instead
     # (the next test).
     config = EngineConfig(num_threads=2, kv_cache_bytes=16 << 20, dtype="float32")
     engine = LLMEngine.from_dir(smollm2_dir, config=config)
@@ -62,50 +62,58 @@ def test_unpacking_every_layer_returns_the_packed_copies_to_the_os(smollm2_dir: 
     assert anonymous_bytes() - before < packed * 0.25
 
 
-def test_packing_drops_the_float32_matrices_that_packed_and_single_row_copies_replace(
+def test_a_bf16_checkpoint_computed_in_float32_binds_without_float32_matrices(
     smollm2_dir: Path,
 ) -> None:
     """A CPU without bf16 matmul units computes SmolLM2's bf16 checkpoint in float32 and
-    keeps the checkpoint's bf16 matrices for single-row decode. Once a layer is packed no
-    step reads its float32 matrices: they go, so the packed copies replace them instead
-    of adding ~410 MiB, and the engine generates exactly what it did unpacked. Built with
-    that dtype pair on any CPU."""
+    keeps the checkpoint's bf16 matrices for single-row decode. The engine binds without
+    float32 copies of them (the first layer's aside): a multi-row step converts each per
+    call, packing converts each once. The packed engine generates what the unpacked one
+    did, and unpacking gives every packed copy back, the layers running on their bf16
+    copies again. Built with that dtype pair on any CPU."""
     tokenizer = Tokenizer.from_dir(smollm2_dir)
 
-    def engine() -> LLMEngine:
+    def engine(gemv_dtype: torch.dtype | None) -> LLMEngine:
         model = build_model(
             ModelConfig.from_dir(smollm2_dir),
             iter_hf_tensors(smollm2_dir),
             source=str(smollm2_dir),
             dtype=torch.float32,
             device=torch.device("cpu"),
-            gemv_dtype=torch.bfloat16,
+            gemv_dtype=gemv_dtype,
         )
         config = EngineConfig(num_threads=2, kv_cache_bytes=16 << 20)
         return LLMEngine(model, tokenizer, config=config, model_name="smollm2")
 
-    prompt = [{"role": "user", "content": "Name a color."}]
-    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-    (want,) = engine().generate([prompt], params)
-    gc.collect()
-    packed = engine()
-    if not packed.model.linear.packs:
-        pytest.skip("oneDNN packing does not apply on this CPU")
     before = anonymous_bytes()
-    assert packed.packing.pack()
-    # In came every packed matrix (~460 MiB with the LM head); out went the float32
-    # matrices of every layer but the first, which a stored packed copy is checked
-    # against: the LM head's packed copy (SmolLM2's is the embedding, kept) and the first
-    # layer's are what the process grew by, ~125 MiB.
-    assert anonymous_bytes() - before < 160 * MIB
-    layers = packed.model.decoder_layers
+    eager = engine(None)
+    eager_bytes = anonymous_bytes() - before
+    del eager
+    gc.collect()
+    before = anonymous_bytes()
+    deferred = engine(torch.bfloat16)
+    deferred_bytes = anonymous_bytes() - before
+    # SmolLM2's 29 other layers hold ~390 MiB of float32 matrices.
+    assert eager_bytes - deferred_bytes > 300 * MIB, (eager_bytes, deferred_bytes)
+    layers = deferred.model.decoder_layers
     assert all(w.is_meta for layer in layers[1:] for w in layer.matrices().values())
     assert not any(w.is_meta for w in layers[0].matrices().values())
-    assert packed.generate([prompt], params)[0].token_ids == want.token_ids
-    # Only the LM head's packed copy can be given back: the layers have nothing else.
-    assert packed.packing.private_units == 1
-    assert packed.packing.unpack() > 100 * MIB and packed.packing.unpack() == 0
-    assert packed.generate([prompt], params)[0].token_ids == want.token_ids
+
+    prompt = [{"role": "user", "content": "Name a color."}]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    (want,) = deferred.generate([prompt], params)
+    if not deferred.model.linear.packs:
+        pytest.skip("oneDNN packing does not apply on this CPU")
+    assert deferred.packing.pack()
+    assert all(w.is_meta for layer in layers[1:] for w in layer.matrices().values())
+    assert deferred.generate([prompt], params)[0].token_ids == want.token_ids
+    units = len(layers) + 1
+    assert deferred.packing.private_units == units
+    freed = 0
+    while step := deferred.packing.unpack():
+        freed += step
+    assert freed > 300 * MIB  # every packed copy: ~460 MiB
+    assert deferred.generate([prompt], params)[0].token_ids == want.token_ids
 
 
 def test_a_packed_engine_hands_back_its_mapping_of_the_unpacked_matrices(
