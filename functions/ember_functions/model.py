@@ -212,6 +212,8 @@ class LlamaModel(nn.Module):
             self._release(self._packed_units)
             self._packed_units += 1
             budget -= 1
+        if self._packed_units == total:
+            self.linear.free_scratch()
         return self._packed_units == total
 
     def _release(self, unit: int) -> None:
@@ -328,6 +330,7 @@ class LlamaModel(nn.Module):
         self.head_packed = matrices["head"]
         self._packed_units = len(self.decoder_layers) + 1
         self._shared_packing = backing
+        self.linear.free_scratch()
         for unit in range(self._packed_units):
             self._release(unit)
 

@@ -297,6 +297,9 @@ def gemv_dtype_for(
     return None
 
 
+_MATRICES = ("qkv", "o", "gate_up", "down")  # a layer's, as DecoderLayer.matrices names them
+
+
 def _deferred_matrices(
     config: ModelConfig,
     fused: Mapping[str, torch.Tensor],
@@ -318,9 +321,6 @@ def _deferred_matrices(
     if not config.tie_word_embeddings:
         names.append("lm_head")
     return {n: fused[n] for n in names if n in fused and fused[n].dtype == gemv_dtype}
-
-
-_MATRICES = ("qkv", "o", "gate_up", "down")
 
 
 def _concat(parts: list[torch.Tensor]) -> torch.Tensor:

@@ -44,28 +44,27 @@ def test_pool_memory_bench_writes_its_json(
     assert result["ram_mib_shared_2"] >= result["pss_mib_shared_2"]
     assert result["ram_mib_alone_2"] == result["pss_mib_alone_2"]  # no tier to add
     assert result["tier_mib_alone_2"] == 0
+    assert result["ram_mib_alone_2"] - result["ram_mib_shared_2"] > 150, proc.stdout
     if cpu_has_native_bf16():
-        assert result["ram_mib_alone_2"] - result["ram_mib_shared_2"] > 150, proc.stdout
         assert 200 < result["tier_mib_shared_2"] < 400, proc.stdout
     else:
-        # A CPU without bf16 compute (AVX2: 2026-12-06, fourth session) binds the bf16
-        # checkpoint as float32 copies, and the tier holds those (513 MiB) beside the
-        # packed float32 copy (513 MiB): the pool pays them once, about what the second
-        # worker's packed copy saves (measured 2508 against 2557 MiB); from a third
-        # worker on, sharing saves a whole packed copy per worker.
-        assert 900 < result["tier_mib_shared_2"] < 1100, proc.stdout
-        assert result["ram_mib_shared_2"] < result["ram_mib_alone_2"] + 100, proc.stdout
+        # A CPU without bf16 compute binds the bf16 checkpoint in float32: the tier holds
+        # the packed float32 copy (513 MiB) and what binding converts, the embedding and
+        # the first layer (~122 MiB; measured 636 in all). Before the tenth session
+        # binding converted every matrix and the tier held those too (~1030), about
+        # what the second worker's packed copy saved (2508 against 2557 MiB); now two
+        # workers hold 1220 against 1859.
+        assert 550 < result["tier_mib_shared_2"] < 750, proc.stdout
     assert result["tier_mib_after_stop_shared_2"] == 0, proc.stdout
     # Alone, both workers pack every layer; shared, one packs for both (the lease).
     assert result["layers_packed_alone_2"] == 2 * result["layers_packed_shared_2"] > 0
     assert result["settle_cpu_s_shared_2"] > 0 and result["settle_peak_private_mib_alone_2"] > 0
     assert result["settle_peak_anon_mib_shared_2"] > 0
-    if cpu_has_native_bf16():
-        # Alone, the pool peaks as it settles, at two packed copies (875 MiB measured);
-        # shared, at the packer's copy beside the other worker, which never packs (622).
-        # The peak used to be sampled before the settled state only, every 0.2 s, and
-        # missed the alone pool's (617 against 621 in a CI run, 2026-12-06). On float32
-        # CPUs both pools' workers peak at their converted copies while they settle
-        # (measured 2410 shared against 2400 alone).
-        peak = result["settle_peak_anon_mib_alone_2"], result["settle_peak_anon_mib_shared_2"]
-        assert peak[0] - peak[1] > 150, proc.stdout
+    # Alone, the pool peaks as it settles, at two packed copies (875 MiB measured in bf16,
+    # 1711 in float32); shared, at the packer's copy beside the other worker, which never
+    # packs (622, 1044). The peak used to be sampled before the settled state only, every
+    # 0.2 s, and missed the alone pool's (617 against 621 in a CI run, 2026-12-06). Before
+    # the tenth session float32 CPUs peaked at their converted copies either way (2410
+    # shared against 2400 alone).
+    peak = result["settle_peak_anon_mib_alone_2"], result["settle_peak_anon_mib_shared_2"]
+    assert peak[0] - peak[1] > 150, proc.stdout

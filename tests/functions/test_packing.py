@@ -102,9 +102,11 @@ def test_a_bf16_checkpoint_computed_in_float32_binds_without_float32_matrices(
     prompt = [{"role": "user", "content": "Name a color."}]
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     (want,) = deferred.generate([prompt], params)
+    assert deferred.model.linear._scratch.numel() > 0  # the prefill converted matrices
     if not deferred.model.linear.packs:
         pytest.skip("oneDNN packing does not apply on this CPU")
     assert deferred.packing.pack()
+    assert deferred.model.linear._scratch.numel() == 0  # nothing converts per call now
     assert all(w.is_meta for layer in layers[1:] for w in layer.matrices().values())
     assert deferred.generate([prompt], params)[0].token_ids == want.token_ids
     units = len(layers) + 1
