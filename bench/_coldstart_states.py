@@ -290,22 +290,25 @@ class ModelRun:
         chunks, the bound weights where binding converts their dtype, the packed copy
         where packing applies, in the compute dtype. Binding a bf16 checkpoint in float32
         converts only the embedding and the first layer, the other matrices being left
-        to packing (``weights._deferred_matrices``); a worker holds what it converts."""
+        to packing (``weights.deferred_matrix_names``); a worker holds what it converts."""
         import torch
 
         from ember_functions.config import ModelConfig
         from ember_functions.linear import Linear
+        from ember_functions.model import LlamaModel
+        from ember_functions.weights import deferred_matrix_names
 
         stored, compute = self._dtypes()
         chunks = _checkpoint_bytes(self.model_dir)
         computed = chunks * compute.itemsize // stored.itemsize
-        packs = Linear(device=torch.device("cpu"), dtype=compute).packs
+        linear = Linear(device=torch.device("cpu"), dtype=compute)
         if not self._binding_converts():
-            return chunks + packs * computed, computed
-        c = ModelConfig.from_dir(self.model_dir)
-        layer = (c.q_size + 2 * c.kv_size + c.q_size + 3 * c.intermediate_size) * c.hidden_size
-        bound = (c.vocab_size * c.hidden_size + layer) * compute.itemsize
-        return chunks + bound + packs * computed, bound
+            return chunks + linear.packs * computed, computed
+        config = ModelConfig.from_dir(self.model_dir)
+        deferred = set(deferred_matrix_names(config))
+        params = LlamaModel(config, linear=linear).named_parameters()  # meta: shapes only
+        bound = sum(p.numel() for n, p in params if n not in deferred) * compute.itemsize
+        return chunks + bound + linear.packs * computed, bound
 
     def _dtypes(self) -> tuple[Any, Any]:
         """(the checkpoint's dtype, the dtype this CPU's engine computes it in)."""

@@ -36,8 +36,10 @@ def _param(*shape: int) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape, device="meta"), requires_grad=False)
 
 
-def _param_like(w: torch.Tensor) -> nn.Parameter:  # w's shape and dtype, no storage
-    return nn.Parameter(torch.empty(w.shape, dtype=w.dtype, device="meta"), requires_grad=False)
+def _materialized(w: torch.Tensor, gemv: torch.Tensor | None) -> torch.Tensor:
+    """``w``, or where it was left unconverted (on the meta device), its single-row copy
+    converted to ``w``'s dtype: a new tensor, for packing."""
+    return w if not w.is_meta or gemv is None else gemv.to(w.dtype)
 
 
 class DecoderLayer(nn.Module):
@@ -99,9 +101,8 @@ class DecoderLayer(nn.Module):
 
     def unpacked(self, name: str) -> torch.Tensor:  # [out, in], in the compute dtype
         """The matrix ``name`` as packing takes it: itself, or converted from its
-        single-row copy where it was left unconverted or dropped (a new tensor then)."""
-        w = self.matrices()[name]
-        return w if not w.is_meta else self.gemv[name].to(w.dtype)
+        single-row copy where it was left unconverted (a new tensor then)."""
+        return _materialized(self.matrices()[name], self.gemv.get(name))
 
     @property
     def runs_unpacked(self) -> bool:
@@ -109,26 +110,6 @@ class DecoderLayer(nn.Module):
         its single-row copies converted per call (``Linear.converted``) where the
         matrices are on the meta device."""
         return all(not w.is_meta or name in self.gemv for name, w in self.matrices().items())
-
-    @property
-    def stands_in(self) -> bool:
-        """Whether a packed copy and a single-row copy stand in for every matrix: no step
-        reads the matrices themselves then (``Linear`` takes the packed copy for several
-        rows, the single-row one for one)."""
-        names = self.matrices().keys()
-        return bool(self.gemv) and names <= self.packed.keys() and names <= self.gemv.keys()
-
-    def release_matrices(self) -> None:
-        """Drops the matrices the copies stand in for (:attr:`stands_in`), keeping their
-        shapes and dtype on the meta device. On a CPU that computes a bf16 checkpoint in
-        float32 they are float32 conversions of the single-row copies: the packed copy
-        replaces them, not adds to them (SmolLM2: ~410 MiB a worker, the 1.1B model
-        ~4 GiB). Unpacked again, the layer converts its single-row copies per call."""
-        if not self.stands_in:
-            return
-        for name, w in self.matrices().items():
-            if not w.is_meta:
-                setattr(self, f"{name}_weight", _param_like(w))
 
 
 class LlamaModel(nn.Module):
@@ -209,34 +190,14 @@ class LlamaModel(nn.Module):
                 layer.packed = {name: p for name, p in packed.items() if p is not None}
             else:
                 self.head_packed = self.linear.pack(self._unpacked_head())
-            self._release(self._packed_units)
             self._packed_units += 1
             budget -= 1
         if self._packed_units == total:
             self.linear.free_scratch()
         return self._packed_units == total
 
-    def _release(self, unit: int) -> None:
-        """Drops the matrices of ``unit`` (a layer, or the LM head last) that its packed
-        and single-row copies stand in for. The first layer keeps its own: a packed copy
-        stored in the host tier is checked against them (``packed_cache``). A tied LM head
-        is the embedding, which every step looks rows up in: kept."""
-        if unit == 0:
-            return
-        if unit < len(self.decoder_layers):
-            self.decoder_layers[unit].release_matrices()
-        elif (
-            self.lm_head is not None
-            and not self.lm_head.is_meta
-            and self.head_packed is not None
-            and self.head_gemv is not None
-        ):
-            self.lm_head = _param_like(self.lm_head)
-
     def _unpacked_head(self) -> torch.Tensor:  # [vocab, hidden], in the compute dtype
-        if self.head.is_meta and self.head_gemv is not None:
-            return self.head_gemv.to(self.head.dtype)
-        return self.head
+        return _materialized(self.head, self.head_gemv)
 
     def _runs_unpacked(self, unit: int) -> bool:
         if unit < len(self.decoder_layers):
@@ -269,7 +230,7 @@ class LlamaModel(nn.Module):
     def private_packed_units(self) -> int:
         """Packed units this process holds copies of in its own RAM and can give back
         (:meth:`unpack_weights`, last first): 0 once shared, and none from the last one
-        that could not run unpacked (its matrices dropped, no single-row copy) down."""
+        that could not run unpacked (a matrix on the meta device, no single-row copy) down."""
         if self._shared_packing is not None:
             return 0
         units = 0
@@ -331,8 +292,6 @@ class LlamaModel(nn.Module):
         self._packed_units = len(self.decoder_layers) + 1
         self._shared_packing = backing
         self.linear.free_scratch()
-        for unit in range(self._packed_units):
-            self._release(unit)
 
     def next_pack_bytes(self) -> int:
         """Bytes of host RAM the next :meth:`pack_weights` unit (a layer, or the LM head

@@ -300,6 +300,18 @@ def gemv_dtype_for(
 _MATRICES = ("qkv", "o", "gate_up", "down")  # a layer's, as DecoderLayer.matrices names them
 
 
+def deferred_matrix_names(config: ModelConfig) -> list[str]:
+    """The state-dict names of the matrices binding leaves unconverted when the CPU
+    computes a bf16 checkpoint in float32 with its bf16 single-row copies: a multi-row
+    call converts each per call (``Linear.converted``) and packing converts each once,
+    when the worker is idle. Converting them at bind would fault in a float32 copy of the
+    model on the way to the first token (the 1.1B model: 4.1 GiB, 1.8-5.4 s on 2 cores)
+    that the packed copies then replace. The first layer is converted: a stored packed
+    copy is checked against its matrices (``packed_cache``), and it is a layer's worth."""
+    names = [f"layers.{i}.{m}_weight" for i in range(1, config.num_layers) for m in _MATRICES]
+    return names if config.tie_word_embeddings else [*names, "lm_head"]
+
+
 def _deferred_matrices(
     config: ModelConfig,
     fused: Mapping[str, torch.Tensor],
@@ -307,19 +319,11 @@ def _deferred_matrices(
     dtype: torch.dtype,
     gemv_dtype: torch.dtype | None,
 ) -> dict[str, torch.Tensor]:
-    """The matrices left in the checkpoint's dtype at bind, by state-dict name: where
-    each is kept as its single-row copy anyway (a bf16 checkpoint on a CPU computing in
-    float32), a multi-row call converts it per call (``Linear.converted``) and packing
-    converts it once, when the worker is idle. Converting all of them at bind would
-    fault in a float32 copy of the model on the way to the first token (the 1.1B model:
-    4.1 GiB, 1.8-5.4 s on 2 cores) that the packed copies then replace. The first layer
-    is converted: a stored packed copy is checked against its matrices
-    (``packed_cache``), and it is a layer's worth."""
+    """Of ``fused``, the matrices :func:`deferred_matrix_names` names, where their
+    single-row copies are they themselves in a dtype other than the compute one."""
     if gemv_dtype is None or gemv_dtype == dtype:
         return {}
-    names = [f"layers.{i}.{m}_weight" for i in range(1, config.num_layers) for m in _MATRICES]
-    if not config.tie_word_embeddings:
-        names.append("lm_head")
+    names = deferred_matrix_names(config)
     return {n: fused[n] for n in names if n in fused and fused[n].dtype == gemv_dtype}
 
 
