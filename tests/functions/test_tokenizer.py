@@ -9,10 +9,11 @@ from typing import Any
 
 import pytest
 import tokenizers
-from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from ember_core import InvalidRequestError, ModelFormatError
 from ember_functions.tokenizer import Tokenizer
+
+from . import trained_tokenizers
 
 CORPUS = [
     "Hello world, this is a small corpus for testing tokenizers.",
@@ -68,50 +69,11 @@ LLAMA2 = (
 
 
 def byte_level_bpe() -> tokenizers.Tokenizer:
-    tok = tokenizers.Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=600,
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(CORPUS, trainer)
-    return tok
+    return trained_tokenizers.byte_level_bpe(CORPUS, vocab_size=600)
 
 
 def sentencepiece_bpe() -> tokenizers.Tokenizer:
-    """Llama-2 shaped: Metaspace, <0xXX> byte fallback, Strip decoder, BOS post-processor."""
-    metaspace = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
-    draft = tokenizers.Tokenizer(models.BPE(unk_token="<unk>"))
-    draft.pre_tokenizer = metaspace
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"], limit_alphabet=60
-    )
-    draft.train_from_iterator(CORPUS, trainer)
-    trained = json.loads(draft.to_str())["model"]
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"<0x{b:02X}>": 3 + b for b in range(256)}
-    for piece, _ in sorted(trained["vocab"].items(), key=lambda kv: kv[1]):
-        vocab.setdefault(piece, len(vocab))
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in trained["merges"]]
-    tok = tokenizers.Tokenizer(
-        models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True)
-    )
-    tok.pre_tokenizer = metaspace
-    tok.decoder = decoders.Sequence(
-        [
-            decoders.Replace("▁", " "),
-            decoders.ByteFallback(),
-            decoders.Fuse(),
-            decoders.Strip(" ", 1, 0),
-        ]
-    )
-    tok.add_special_tokens(["<unk>", "<s>", "</s>"])
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
-    )
-    return tok
+    return trained_tokenizers.sentencepiece_bpe(CORPUS, limit_alphabet=60)
 
 
 def write_model(
