@@ -289,8 +289,8 @@ class ModelRun:
         """(what a pool leaves in its host tier, a worker's own copy of the weights): the
         chunks, the bound weights where binding converts their dtype, the packed copy
         where packing applies, in the compute dtype. Binding a bf16 checkpoint in float32
-        converts only the embedding and the first layer, the other matrices being left
-        to packing (``weights.deferred_matrix_names``); a worker holds what it converts."""
+        converts only the embedding and the norms, the matrices being left to packing
+        (``weights.deferred_matrix_names``); a worker holds what it converts."""
         import torch
 
         from ember_functions.config import ModelConfig

@@ -36,7 +36,7 @@ __all__ = ["BoundCache", "manifest_digest"]
 log = logging.getLogger(__name__)
 
 # Bump when the fused layout (weights._fuse) or which tensors bind converts changes.
-_LAYOUT_VERSION = 2  # 2: matrices deferred to packing (weights.deferred_matrix_names) left out
+_LAYOUT_VERSION = 3  # 2: matrices deferred to packing left out; 3: the first layer's too
 _ALIGN = 64  # bytes: every tensor starts on a cache line
 _DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.bfloat16, torch.float16)}
 

@@ -253,6 +253,17 @@ class LlamaModel(nn.Module):
         out["head"] = self.head
         return out
 
+    def matrices_to_check(self) -> dict[str, torch.Tensor]:
+        """:meth:`unpacked_matrices` as a stored packed copy is checked against them
+        (``PackedCache.load``): the first in the compute dtype, converted from its
+        single-row copy where binding left it unconverted (a new tensor then); the rest
+        only for their shapes."""
+        out = self.unpacked_matrices()
+        layer = self.decoder_layers[0]
+        name = next(iter(layer.matrices()))
+        out[f"layers.0.{name}"] = layer.unpacked(name)
+        return out
+
     def idle_unpacked_matrices(self) -> dict[str, torch.Tensor]:
         """The unpacked matrices no step reads whole now, named as :meth:`unpacked_matrices`
         names them: those of packed layers without a single-row copy (``gemv`` reads the

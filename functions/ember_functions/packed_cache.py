@@ -71,7 +71,7 @@ class PackedCache:
     Example::
 
         cache = PackedCache.for_model(host_tier, manifest, torch.bfloat16, pack_rows=512)
-        shared = cache.load(model.unpacked_matrices(), pack=linear.pack)  # None: a miss
+        shared = cache.load(model.matrices_to_check(), pack=linear.pack)  # None: a miss
         if shared is None:
             ...                                    # pack, then:
             stored = cache.store_in_background(model.packed_matrices())

@@ -205,7 +205,7 @@ class Packing:
     def _adopt(self, cache: PackedCache) -> bool:
         linear = self.model.linear
         shared = (
-            cache.load(self.model.unpacked_matrices(), pack=linear.pack) if linear.packs else None
+            cache.load(self.model.matrices_to_check(), pack=linear.pack) if linear.packs else None
         )
         if shared is None:
             self._load_failed = True

@@ -306,9 +306,9 @@ def deferred_matrix_names(config: ModelConfig) -> list[str]:
     call converts each per call (``Linear.converted``) and packing converts each once,
     when the worker is idle. Converting them at bind would fault in a float32 copy of the
     model on the way to the first token (the 1.1B model: 4.1 GiB, 1.8-5.4 s on 2 cores)
-    that the packed copies then replace. The first layer is converted: a stored packed
-    copy is checked against its matrices (``packed_cache``), and it is a layer's worth."""
-    names = [f"layers.{i}.{m}_weight" for i in range(1, config.num_layers) for m in _MATRICES]
+    that the packed copies then replace. A stored packed copy is checked against the
+    first matrix, which is converted for that (``LlamaModel.matrices_to_check``)."""
+    names = [f"layers.{i}.{m}_weight" for i in range(config.num_layers) for m in _MATRICES]
     return names if config.tie_word_embeddings else [*names, "lm_head"]
 
 

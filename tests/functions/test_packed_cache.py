@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from ember_functions import packing as packing_module
+from ember_functions import weights
 from ember_functions.engine import LLMEngine
 from ember_functions.engine_config import EngineConfig
 from ember_functions.host_model import HostModel
@@ -126,6 +127,40 @@ def test_the_next_engine_maps_what_the_first_packed_and_generates_the_same(
     assert second.packing.unpack() == 0 and second.packing.units == total  # frees nothing
     if dtype == torch.float32:
         assert packed == unpacked  # float32 packing changes no token of this model
+
+
+def test_a_float32_engine_over_bf16_copies_checks_and_maps_the_stored_packing(
+    host_catalog: ModelCatalog,
+    host_model: Callable[[ModelCatalog, Path], HostModel],
+    tiny_model: Callable[..., Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On a CPU without bf16 units a bf16 checkpoint binds no float32 matrix at all
+    (``weights.deferred_matrix_names``), the first layer's included: the stored packed
+    copy is checked against the first matrix converted for the check, and the next
+    engine maps it and generates what the first did."""
+    skip_unless_shared(torch.float32)
+    monkeypatch.setattr(weights, "cpu_has_native_bf16", lambda: False)
+    stored = stored_now(monkeypatch)
+    model_dir = tiny_model("llama", torch.bfloat16)
+    auto = EngineConfig(dtype="auto", num_kv_blocks=32, block_size=16, num_threads=1)
+    first = LLMEngine.from_host(host_model(host_catalog, model_dir), config=auto)
+    assert first.model.dtype == torch.float32
+    assert no_matrix_bound(first)
+    assert len(tokens(first)) == GREEDY.max_tokens  # every matrix converted per call
+    assert first.packing.pack() and len(stored) == 1
+    packed = tokens(first)
+
+    second = LLMEngine.from_host(host_model(host_catalog, model_dir), config=auto)
+    assert second.model.packing_shared  # the check passed on a matrix bound as meta
+    assert_all_mapped(second)
+    assert no_matrix_bound(second)
+    assert tokens(second) == packed
+
+
+def no_matrix_bound(engine: LLMEngine) -> bool:
+    layers = engine.model.decoder_layers
+    return all(w.is_meta for layer in layers for w in layer.matrices().values())
 
 
 def store_later(monkeypatch: pytest.MonkeyPatch) -> list[StoreCall]:
