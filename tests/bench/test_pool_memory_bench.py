@@ -49,8 +49,9 @@ def test_pool_memory_bench_writes_its_json(
         assert 200 < result["tier_mib_shared_2"] < 400, proc.stdout
     else:
         # A CPU without bf16 compute binds the bf16 checkpoint in float32: the tier holds
-        # the packed float32 copy (513 MiB) and what binding converts, the embedding and
-        # the first layer (~122 MiB; measured 636 in all). Before the tenth session
+        # the packed float32 copy (513 MiB) and what binding converts, the embedding
+        # (108 MiB; 636 in all measured when the first layer was converted too, ~14 MiB
+        # more, until the eleventh session). Before the tenth session
         # binding converted every matrix and the tier held those too (~1030), about
         # what the second worker's packed copy saved (2508 against 2557 MiB); now two
         # workers hold 1220 against 1859.

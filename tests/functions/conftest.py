@@ -54,6 +54,12 @@ def edit_weights(model_dir: Path, edit: Callable[[dict[str, torch.Tensor]], obje
     save_file(weights, str(path), metadata={"format": "pt"})
 
 
+def no_matrix_bound(engine: LLMEngine) -> bool:
+    """Whether binding left every layer's matrices unconverted (on the meta device)."""
+    layers = engine.model.decoder_layers
+    return all(w.is_meta for layer in layers for w in layer.matrices().values())
+
+
 def kv_leak_report(engine: LLMEngine) -> str | None:
     """None when every KV block of an idle engine is free (but the public prefix's, which
     it pins for good), else what holds them."""

@@ -29,6 +29,8 @@ from ember_functions.worker_process import WorkerProcess
 from ember_weights_store import ModelCatalog
 from ember_weights_store.host_tier import HostTier
 
+from .conftest import no_matrix_bound
+
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -156,11 +158,6 @@ def test_a_float32_engine_over_bf16_copies_checks_and_maps_the_stored_packing(
     assert_all_mapped(second)
     assert no_matrix_bound(second)
     assert tokens(second) == packed
-
-
-def no_matrix_bound(engine: LLMEngine) -> bool:
-    layers = engine.model.decoder_layers
-    return all(w.is_meta for layer in layers for w in layer.matrices().values())
 
 
 def store_later(monkeypatch: pytest.MonkeyPatch) -> list[StoreCall]:

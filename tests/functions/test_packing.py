@@ -23,6 +23,8 @@ from ember_functions.tokenizer import Tokenizer
 from ember_functions.weights import build_model, iter_hf_tensors
 from ember_weights_store import load
 
+from .conftest import no_matrix_bound
+
 MIB = 1 << 20
 
 
@@ -67,10 +69,10 @@ def test_a_bf16_checkpoint_computed_in_float32_binds_without_float32_matrices(
 ) -> None:
     """A CPU without bf16 matmul units computes SmolLM2's bf16 checkpoint in float32 and
     keeps the checkpoint's bf16 matrices for single-row decode. The engine binds without
-    float32 copies of them: a multi-row step converts each per
-    call, packing converts each once. The packed engine generates what the unpacked one
-    did, and unpacking gives every packed copy back, the layers running on their bf16
-    copies again. Built with that dtype pair on any CPU."""
+    float32 copies of them: a multi-row step converts each per call, packing converts
+    each once. The packed engine generates what the unpacked one did, and unpacking
+    gives every packed copy back, the layers running on their bf16 copies again. Built
+    with that dtype pair on any CPU."""
     tokenizer = Tokenizer.from_dir(smollm2_dir)
 
     def engine(gemv_dtype: torch.dtype | None) -> LLMEngine:
@@ -98,7 +100,7 @@ def test_a_bf16_checkpoint_computed_in_float32_binds_without_float32_matrices(
     # SmolLM2's 30 layers hold ~400 MiB of float32 matrices.
     assert eager_bytes - deferred_bytes > 300 * MIB, (eager_bytes, deferred_bytes)
     layers = deferred.model.decoder_layers
-    assert all(w.is_meta for layer in layers for w in layer.matrices().values())
+    assert no_matrix_bound(deferred)
 
     prompt = [{"role": "user", "content": "Name a color."}]
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
@@ -108,7 +110,7 @@ def test_a_bf16_checkpoint_computed_in_float32_binds_without_float32_matrices(
         pytest.skip("oneDNN packing does not apply on this CPU")
     assert deferred.packing.pack()
     assert deferred.model.linear._scratch.numel() == 0  # nothing converts per call now
-    assert all(w.is_meta for layer in layers for w in layer.matrices().values())
+    assert no_matrix_bound(deferred)
     assert deferred.generate([prompt], params)[0].token_ids == want.token_ids
     units = len(layers) + 1
     assert deferred.packing.private_units == units
