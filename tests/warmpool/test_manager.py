@@ -26,6 +26,7 @@ from ember_functions.launch import Zygote
 from ember_functions.packed_cache import sharing_works
 from ember_functions.sampling_params import SamplingParams
 from ember_functions.sequence import RequestOutput
+from ember_functions.worker_process import WorkerProcess
 from ember_platform.pool_router import PoolRouter
 from ember_warmpool import PoolPolicy, Warmth
 from ember_warmpool.host_sharing import auto_host_sharing
@@ -314,8 +315,18 @@ def test_a_request_overflowing_onto_a_busy_worker_starts_the_next_one_at_once(
 
 
 def test_a_host_reserve_parks_idle_workers_and_promotes_one_for_a_request(
-    make_pool: Callable[..., ModelPool],
+    make_pool: Callable[..., ModelPool], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # The worker turns READY on its reader thread before the pool's promoting thread
+    # records it. A request placed in that gap was counted warm (CI saw it once); the
+    # pause widens the gap so that this test always sees it.
+    promote = WorkerProcess.promote
+
+    def slow_to_record(self: WorkerProcess, **options: float) -> None:
+        promote(self, **options)
+        time.sleep(0.3)
+
+    monkeypatch.setattr(WorkerProcess, "promote", slow_to_record)
     policy = PoolPolicy(
         min_warm=2, buffer=0, max_workers=2, keepalive_s=0.3, reserve_warmth=Warmth.HOST
     )

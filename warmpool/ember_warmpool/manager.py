@@ -166,7 +166,14 @@ class ModelPool:
         """A worker to send one request to now, or None if none can take it (see
         :meth:`placing`, which also keeps it from being stopped meanwhile)."""
         with self._cond:
-            serving = [w for w in self._members.running.values() if w.alive]
+            # A worker being promoted turns READY on its reader thread before ``_promote``
+            # records it: placing on it then would count a request that waited on the
+            # promotion as warm.
+            serving = [
+                w
+                for wid, w in self._members.running.items()
+                if w.alive and wid not in self._promoting
+            ]
             chosen = place(
                 [w.queue_depth for w in serving],
                 target=self.policy.target_concurrency,
@@ -362,10 +369,10 @@ class ModelPool:
                 self._accounts.ready(wid, now_s=self._clock())
                 self._members.loaded()
                 self.cold_starts[wid] = dict(worker.phases)
-                self._cond.notify_all()
         finally:
             with self._cond:
-                self._promoting.discard(wid)
+                self._promoting.discard(wid)  # placeable from here on
+                self._cond.notify_all()
 
     def _prepare_launcher(self, tokenizer_dir: Path | None) -> None:
         """Has a zygote parse the model's tokenizer and check its local chunks once, for
