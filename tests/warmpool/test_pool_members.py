@@ -22,6 +22,10 @@ class Handle:
         self.silent_s = 0.0
         self.failure: str | None = None
 
+    @property
+    def alive(self) -> bool:
+        return self.state in (WorkerState.READY, WorkerState.BUSY) and self.warmth is Warmth.READY
+
     def kill(self, reason: str | None = None) -> None:
         self.failure, self.state = reason, WorkerState.FAILED
 
@@ -99,3 +103,14 @@ def test_a_worker_being_placed_on_is_held_until_every_placement_lets_go() -> Non
     assert members.held("w1")  # one placement still in progress
     members.let_go("w1")
     assert not members.held("w1")
+
+
+def test_only_ready_workers_serve_and_a_promoted_one_once_its_promotion_is_recorded() -> None:
+    parked, loading, promoted = (Handle(wid, WorkerState.READY) for wid in ("p", "l", "x"))
+    parked.warmth = Warmth.HOST
+    loading.state = WorkerState.LOADING
+    members = members_of(Handle("w1", WorkerState.BUSY, in_flight=1), parked, loading, promoted)
+    members.promoting.add("x")  # READY by its own account; the pool has not recorded it
+    assert [w.worker_id for w in members.serving()] == ["w1"]
+    members.promoting.discard("x")
+    assert [w.worker_id for w in members.serving()] == ["w1", "x"]

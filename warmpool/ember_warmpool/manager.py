@@ -113,7 +113,6 @@ class ModelPool:
         self._spawn = spawn
         self._cond = threading.Condition()
         self._members = PoolMembers(model)
-        self._promoting: set[str] = set()
         self._admission = Admission(
             model, cond=self._cond, max_queue=max_queue, retry_after_s=service_s, clock=clock
         )
@@ -166,14 +165,7 @@ class ModelPool:
         """A worker to send one request to now, or None if none can take it (see
         :meth:`placing`, which also keeps it from being stopped meanwhile)."""
         with self._cond:
-            # A worker being promoted turns READY on its reader thread before ``_promote``
-            # records it: placing on it then would count a request that waited on the
-            # promotion as warm.
-            serving = [
-                w
-                for wid, w in self._members.running.items()
-                if w.alive and wid not in self._promoting
-            ]
+            serving = self._members.serving()
             chosen = place(
                 [w.queue_depth for w in serving],
                 target=self.policy.target_concurrency,
@@ -328,9 +320,9 @@ class ModelPool:
         for wid in decision.promote:
             with self._cond:
                 worker = self._members.running.get(wid)
-                if worker is None or wid in self._promoting:
+                if worker is None or wid in self._members.promoting:
                     continue
-                self._promoting.add(wid)
+                self._members.promoting.add(wid)
             threading.Thread(target=self._promote, args=(worker,), daemon=True).start()
         for wid in decision.demote:
             with self._cond:
@@ -371,7 +363,7 @@ class ModelPool:
                 self.cold_starts[wid] = dict(worker.phases)
         finally:
             with self._cond:
-                self._promoting.discard(wid)  # placeable from here on
+                self._members.promoting.discard(wid)  # placeable from here on
                 self._cond.notify_all()
 
     def _prepare_launcher(self, tokenizer_dir: Path | None) -> None:

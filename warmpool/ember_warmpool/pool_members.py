@@ -6,7 +6,9 @@ policy, and as status rows for operators (``ember pool status``, ``/workers``). 
 ``sweep``s them first: a serving worker silent past the health timeout is killed (hung),
 workers that ended are taken out, and idle ones are stamped with when they went idle.
 A worker a request is being placed on (``hold``) is neither stopped nor demoted until
-the request is sent (``let_go``).
+the request is sent (``let_go``). Requests go only to ``serving`` workers: READY ones,
+less those being promoted until the pool has recorded them READY (a promoted worker
+turns READY on its own reader thread first).
 
 Not thread-safe on its own: ``ModelPool`` calls it under its lock.
 """
@@ -34,8 +36,13 @@ class PoolMembers:
         self.starting: dict[str, Warmth] = {}  # worker id -> the warmth it starts to
         self.idle_since: dict[str, float] = {}  # worker id -> clock seconds
         self._placing: dict[str, int] = {}  # worker id -> requests chosen, not yet sent
+        self.promoting: set[str] = set()  # parked workers being brought to READY
         self.load_failures = 0  # consecutive; a worker reaching READY resets it
         self.last_failure: tuple[float, str] | None = None  # (clock seconds, reason)
+
+    def serving(self) -> list[WorkerProcess]:
+        """The workers a request may be placed on now."""
+        return [w for wid, w in self.running.items() if w.alive and wid not in self.promoting]
 
     def hold(self, wid: str) -> None:
         """A request is being placed on ``wid``: keep it serving until :meth:`let_go`."""
