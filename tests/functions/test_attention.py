@@ -123,3 +123,26 @@ def test_a_cpu_kv_cache_reads_as_zeros_and_takes_memory_only_where_written() -> 
     assert not k[:, 1000:1100].any()
     k[:, 5:9] = 1.0
     assert cache.read_blocks([0]).sum() == 4 * 4 * 64
+
+
+def test_kv_blocks_export_and_import_round_trip() -> None:
+    cache = KVCache(
+        num_layers=2,
+        num_blocks=6,
+        block_size=4,
+        num_kv_heads=2,
+        head_dim=8,
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+    )
+    cache.data.copy_(torch.randn_like(cache.data))
+    saved = cache.read_blocks([4, 1])  # [layers, 2, 2 blocks, block_size, kv_heads, head_dim]
+    assert saved.shape == (2, 2, 2, 4, 2, 8)
+    cache.write_blocks([0, 3], saved)
+    assert torch.equal(cache.read_blocks([0, 3]), saved)
+    assert torch.equal(cache.read_blocks([0]), cache.read_blocks([4]))
+    k_layer0, _ = cache.layer(0)  # [kv_heads, slots, head_dim]: block 3 holds block 1's
+    assert torch.equal(k_layer0[:, 12:16], k_layer0[:, 4:8])
+    assert torch.equal(saved[0, 0, 1].transpose(0, 1), k_layer0[:, 4:8])
+    with pytest.raises(ValueError, match="expected"):
+        cache.write_blocks([0], saved)
