@@ -1,6 +1,7 @@
 """A pool's members: a sweep kills hung serving workers, takes out ended ones and stamps
 idle ones; the policy's view and the status rows list starting workers too. (The real
-processes behind this: test_manager.py's health-check and scaling tests.)"""
+processes behind this: the health check in test_worker_failures.py, scaling in
+test_manager.py.)"""
 
 from __future__ import annotations
 
