@@ -8,7 +8,6 @@ would have produced anyway.
 
 from __future__ import annotations
 
-import random
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,15 +27,12 @@ from ember_functions.engine_config import EngineConfig
 from ember_functions.sampling_params import SamplingParams
 from ember_functions.scheduler import SchedulerOutput
 
+from .random_prompts import prompt_ids
+
 EngineFactory = Callable[..., LLMEngine]
 
 MAX_MODEL_LEN = 64
 GOOD = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-
-
-def prompt_ids(seed: int, length: int) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(256) for _ in range(length)]
 
 
 GOOD_PROMPTS = [prompt_ids(800 + i, 5 + 7 * i) for i in range(4)]  # 5 .. 26 tokens

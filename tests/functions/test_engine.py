@@ -5,7 +5,6 @@ reason, seeded sampling is reproducible, usage is exact."""
 from __future__ import annotations
 
 import json
-import random
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -20,15 +19,12 @@ from ember_functions.scheduler import SchedulerOutput
 from ember_functions.sequence import Usage
 from ember_functions.tiny import FAMILIES
 
+from .random_prompts import prompt_ids
+
 EngineFactory = Callable[..., LLMEngine]
 EOS = 258  # <|im_end|>, the tiny models' end-of-sequence token
 
 GREEDY_16 = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
-
-
-def prompt_ids(seed: int, length: int) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(256) for _ in range(length)]
 
 
 def drain(engine: LLMEngine) -> dict[str, list[RequestOutput]]:

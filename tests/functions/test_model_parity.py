@@ -10,7 +10,6 @@ prefix-cache hits alike.
 from __future__ import annotations
 
 import json
-import random
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +30,7 @@ from ember_functions.tiny import FAMILIES
 from ember_functions.weights import cpu_has_native_bf16, load_model, resolve_compute_dtype
 
 from .conftest import edit_config, edit_weights
+from .random_prompts import prompt_ids
 
 ATOL = 1e-4
 CPU = torch.device("cpu")
@@ -40,12 +40,6 @@ HFModel = Any  # transformers' PreTrainedModel; untyped
 
 
 # -- helpers ------------------------------------------------------------------------------
-
-
-def prompt_ids(seed: int, length: int) -> list[int]:
-    """Random byte tokens (ids below 256): a deterministic prompt of ``length`` tokens."""
-    rng = random.Random(seed)
-    return [rng.randrange(256) for _ in range(length)]
 
 
 def load_hf(model_dir: Path) -> HFModel:

@@ -4,7 +4,6 @@ or event loop."""
 from __future__ import annotations
 
 import asyncio
-import random
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,16 +18,13 @@ from ember_functions.sequence import Usage
 from ember_functions.service import EngineService
 from ember_functions.stream import RequestStream
 
+from .random_prompts import prompt_ids
+
 EngineFactory = Callable[..., LLMEngine]
 TIMEOUT_S = 30.0
 
 GREEDY_16 = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
 LONG = SamplingParams(temperature=0, max_tokens=480, ignore_eos=True)
-
-
-def prompt_ids(seed: int, length: int) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(256) for _ in range(length)]
 
 
 @pytest.fixture

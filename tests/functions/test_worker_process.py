@@ -7,7 +7,6 @@ import asyncio
 import dataclasses
 import json
 import os
-import random
 import shutil
 import signal
 import threading
@@ -19,36 +18,24 @@ import pytest
 
 from ember_core import ContextLengthError, EngineError, InvalidRequestError, WorkerUnavailableError
 from ember_functions.engine import Completion, LLMEngine
-from ember_functions.engine_config import EngineConfig
-from ember_functions.launch import UNKNOWN_EXIT, Zygote
 from ember_functions.loading import StoreConfig
 from ember_functions.prompt import Prompt
 from ember_functions.rpc import WorkerState
-from ember_functions.sampling_params import SamplingParams
-from ember_functions.stream import RequestStream
 from ember_functions.worker_process import WorkerProcess, socket_path
 
+from .random_prompts import prompt_ids
+from .worker_processes import (
+    CONFIG,
+    GREEDY_16,
+    LONG,
+    TIMEOUT_S,
+    result_within,
+    spawn,
+    submit,
+    wait_for,
+)
+
 EngineFactory = Callable[..., LLMEngine]
-TIMEOUT_S = 60.0
-CONFIG = EngineConfig(dtype="float32", num_kv_blocks=256, block_size=16, num_threads=1)
-GREEDY_16 = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
-LONG = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
-
-
-def prompt_ids(seed: int, length: int) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(256) for _ in range(length)]
-
-
-def spawn(
-    model: Path, home: Path, worker_id: str = "", *, config: EngineConfig = CONFIG
-) -> WorkerProcess:
-    return WorkerProcess.spawn(
-        worker_id=worker_id or f"t{os.getpid()}-{time.monotonic_ns()}",
-        model=str(model),
-        home=home,
-        engine_config=config,
-    )
 
 
 @pytest.fixture
@@ -58,45 +45,12 @@ def worker(tiny_model: Callable[..., Path], tmp_path: Path) -> Iterator[WorkerPr
     w.close()
 
 
-def submit(
-    worker: WorkerProcess, prompt: object, params: SamplingParams, rid: str
-) -> RequestStream:
-    return worker.submit_prepared(worker.prepare(prompt, params, request_id=rid))  # type: ignore[arg-type]
-
-
-def result_within(stream: RequestStream, timeout: float = TIMEOUT_S) -> Completion:
-    box: list[Completion | BaseException] = []
-
-    def read() -> None:
-        try:
-            box.append(stream.result())
-        except BaseException as exc:
-            box.append(exc)
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    reader.join(timeout)
-    if not box:
-        pytest.fail(f"stream {stream.request_id} did not end within {timeout} s")
-    if isinstance(box[0], BaseException):
-        raise box[0]
-    return box[0]
-
-
 def serve_across_packing(worker: WorkerProcess) -> tuple[Completion, Completion]:
     """The same greedy request before the idle worker packs (or gives up packing) and
     after."""
     first = result_within(submit(worker, prompt_ids(7, 20), GREEDY_16, "before"))
     assert worker.wait_packed(timeout_s=TIMEOUT_S)
     return first, result_within(submit(worker, prompt_ids(7, 20), GREEDY_16, "after"))
-
-
-def wait_for(predicate: Callable[[], bool], what: str, timeout: float = TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting until {what}")
-        time.sleep(0.01)
 
 
 def test_ready_worker_reports_its_cold_start_and_serves_exactly_what_the_engine_does(
@@ -310,103 +264,6 @@ def test_close_ends_running_requests_as_cancelled_and_removes_the_socket(
 
 
 # -- the zygote -------------------------------------------------------------------------
-
-
-@pytest.fixture
-def zygote() -> Iterator[Zygote]:
-    with Zygote.start(zygote_id=f"t{os.getpid()}-{time.monotonic_ns()}") as z:
-        yield z
-
-
-def test_a_worker_forked_from_the_zygote_skips_the_imports_and_serves_the_same_tokens(
-    zygote: Zygote, tiny_model: Callable[..., Path], tmp_path: Path, worker: WorkerProcess
-) -> None:
-    assert zygote.imports_s > 0.2  # torch and Ember, paid once, in the zygote
-    forked = WorkerProcess.spawn(
-        worker_id=f"f{os.getpid()}",
-        model=str(tiny_model("llama")),
-        home=tmp_path,
-        engine_config=CONFIG,
-        launcher=zygote,
-    )
-    try:
-        # A fork starts with everything imported: what an interpreter spends on imports,
-        # the forked worker does not.
-        assert forked.phases["imports_s"] < worker.phases["imports_s"] / 4, forked.phases
-        assert forked.proc.pid != zygote.proc.pid
-        prompt = prompt_ids(9, 12)
-        got = result_within(submit(forked, prompt, GREEDY_16, "z1"))
-        want = result_within(submit(worker, prompt, GREEDY_16, "p1"))
-        assert got.token_ids == want.token_ids
-    finally:
-        forked.close()
-    assert forked.proc.wait(timeout=10) == 0  # the exit code came from the zygote
-
-
-def test_kill_9_of_a_forked_worker_is_reported_through_the_zygote(
-    zygote: Zygote, tiny_model: Callable[..., Path], tmp_path: Path
-) -> None:
-    forked = WorkerProcess.spawn(
-        worker_id=f"k{os.getpid()}",
-        model=str(tiny_model("llama")),
-        home=tmp_path,
-        engine_config=CONFIG,
-        launcher=zygote,
-    )
-    stream = submit(forked, prompt_ids(10, 10), LONG, "zk")
-    next(iter(stream))
-    forked.kill()
-    with pytest.raises(EngineError, match="exited with code -9"):
-        result_within(stream)
-    assert forked.proc.wait(timeout=10) == -9 and forked.state is WorkerState.FAILED
-    # The zygote is unharmed and forks the next one.
-    again = WorkerProcess.spawn(
-        worker_id=f"k2{os.getpid()}",
-        model=str(tiny_model("llama")),
-        home=tmp_path,
-        engine_config=CONFIG,
-        launcher=zygote,
-    )
-    assert result_within(submit(again, "after", GREEDY_16, "za")).token_ids
-    again.close()
-
-
-def _fork(zygote: Zygote, model: Path, home: Path, name: str) -> WorkerProcess:
-    return WorkerProcess.spawn(
-        worker_id=f"{name}{os.getpid()}", model=str(model), home=home,
-        engine_config=CONFIG, launcher=zygote,
-    )  # fmt: skip
-
-
-def test_the_zygote_and_its_workers_leave_sigint_and_sigterm_to_the_router(
-    zygote: Zygote, tiny_model: Callable[..., Path], tmp_path: Path
-) -> None:
-    forked = _fork(zygote, tiny_model("llama"), tmp_path, "sig")
-    try:
-        for sig in (signal.SIGINT, signal.SIGTERM):  # as a terminal or systemd sends them
-            os.kill(forked.proc.pid, sig)
-            os.kill(zygote.proc.pid, sig)
-        time.sleep(0.3)
-        assert forked.proc.poll() is None and zygote.alive
-        assert result_within(submit(forked, "still here", GREEDY_16, "s1")).token_ids
-    finally:
-        forked.close()
-    assert forked.proc.wait(timeout=10) == 0
-
-
-def test_a_forked_worker_that_outlives_its_zygote_still_stops(
-    zygote: Zygote, tiny_model: Callable[..., Path], tmp_path: Path
-) -> None:
-    forked = _fork(zygote, tiny_model("llama"), tmp_path, "orphan")
-    os.kill(zygote.proc.pid, signal.SIGKILL)
-    zygote.proc.wait(timeout=10)
-    # It serves on: its router connection is its own.
-    assert result_within(submit(forked, "orphan", GREEDY_16, "o1")).token_ids
-    t0 = time.monotonic()
-    forked.close()
-    # Its exit can no longer be reported by the zygote; it is seen through its pid.
-    assert time.monotonic() - t0 < 5
-    assert forked.proc.wait(timeout=5) == UNKNOWN_EXIT and forked.state is WorkerState.STOPPED
 
 
 # -- where weights come from ----------------------------------------------------------

@@ -1,0 +1,67 @@
+"""Worker processes for the tests: spawned on the tiny model, sent requests, read with a
+timeout (a hung worker fails the test instead of hanging it)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from ember_functions.engine import Completion
+from ember_functions.engine_config import EngineConfig
+from ember_functions.sampling_params import SamplingParams
+from ember_functions.stream import RequestStream
+from ember_functions.worker_process import WorkerProcess
+
+TIMEOUT_S = 60.0
+CONFIG = EngineConfig(dtype="float32", num_kv_blocks=256, block_size=16, num_threads=1)
+GREEDY_16 = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+LONG = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
+
+
+def spawn(
+    model: Path, home: Path, worker_id: str = "", *, config: EngineConfig = CONFIG
+) -> WorkerProcess:
+    return WorkerProcess.spawn(
+        worker_id=worker_id or f"t{os.getpid()}-{time.monotonic_ns()}",
+        model=str(model),
+        home=home,
+        engine_config=config,
+    )
+
+
+def submit(
+    worker: WorkerProcess, prompt: object, params: SamplingParams, rid: str
+) -> RequestStream:
+    return worker.submit_prepared(worker.prepare(prompt, params, request_id=rid))  # type: ignore[arg-type]
+
+
+def result_within(stream: RequestStream, timeout: float = TIMEOUT_S) -> Completion:
+    box: list[Completion | BaseException] = []
+
+    def read() -> None:
+        try:
+            box.append(stream.result())
+        except BaseException as exc:
+            box.append(exc)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout)
+    if not box:
+        pytest.fail(f"stream {stream.request_id} did not end within {timeout} s")
+    if isinstance(box[0], BaseException):
+        raise box[0]
+    return box[0]
+
+
+def wait_for(predicate: Callable[[], bool], what: str, timeout: float = TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting until {what}")
+        time.sleep(0.01)
