@@ -28,18 +28,22 @@ def zygote() -> Iterator[Zygote]:
         yield z
 
 
+def fork(zygote: Zygote, model: Path, home: Path, name: str) -> WorkerProcess:
+    return WorkerProcess.spawn(
+        worker_id=f"{name}{os.getpid()}",
+        model=str(model),
+        home=home,
+        engine_config=CONFIG,
+        launcher=zygote,
+    )
+
+
 def test_a_worker_forked_from_the_zygote_skips_the_imports_and_serves_the_same_tokens(
     zygote: Zygote, tiny_model: Callable[..., Path], tmp_path: Path
 ) -> None:
     worker = spawn(tiny_model("llama"), tmp_path)  # a new interpreter, for comparison
     assert zygote.imports_s > 0.2  # torch and Ember, paid once, in the zygote
-    forked = WorkerProcess.spawn(
-        worker_id=f"f{os.getpid()}",
-        model=str(tiny_model("llama")),
-        home=tmp_path,
-        engine_config=CONFIG,
-        launcher=zygote,
-    )
+    forked = fork(zygote, tiny_model("llama"), tmp_path, "f")
     try:
         # A fork starts with everything imported: what an interpreter spends on imports,
         # the forked worker does not.
@@ -58,13 +62,7 @@ def test_a_worker_forked_from_the_zygote_skips_the_imports_and_serves_the_same_t
 def test_kill_9_of_a_forked_worker_is_reported_through_the_zygote(
     zygote: Zygote, tiny_model: Callable[..., Path], tmp_path: Path
 ) -> None:
-    forked = WorkerProcess.spawn(
-        worker_id=f"k{os.getpid()}",
-        model=str(tiny_model("llama")),
-        home=tmp_path,
-        engine_config=CONFIG,
-        launcher=zygote,
-    )
+    forked = fork(zygote, tiny_model("llama"), tmp_path, "k")
     stream = submit(forked, prompt_ids(10, 10), LONG, "zk")
     next(iter(stream))
     forked.kill()
@@ -72,28 +70,15 @@ def test_kill_9_of_a_forked_worker_is_reported_through_the_zygote(
         result_within(stream)
     assert forked.proc.wait(timeout=10) == -9 and forked.state is WorkerState.FAILED
     # The zygote is unharmed and forks the next one.
-    again = WorkerProcess.spawn(
-        worker_id=f"k2{os.getpid()}",
-        model=str(tiny_model("llama")),
-        home=tmp_path,
-        engine_config=CONFIG,
-        launcher=zygote,
-    )
+    again = fork(zygote, tiny_model("llama"), tmp_path, "k2")
     assert result_within(submit(again, "after", GREEDY_16, "za")).token_ids
     again.close()
-
-
-def _fork(zygote: Zygote, model: Path, home: Path, name: str) -> WorkerProcess:
-    return WorkerProcess.spawn(
-        worker_id=f"{name}{os.getpid()}", model=str(model), home=home,
-        engine_config=CONFIG, launcher=zygote,
-    )  # fmt: skip
 
 
 def test_the_zygote_and_its_workers_leave_sigint_and_sigterm_to_the_router(
     zygote: Zygote, tiny_model: Callable[..., Path], tmp_path: Path
 ) -> None:
-    forked = _fork(zygote, tiny_model("llama"), tmp_path, "sig")
+    forked = fork(zygote, tiny_model("llama"), tmp_path, "sig")
     try:
         for sig in (signal.SIGINT, signal.SIGTERM):  # as a terminal or systemd sends them
             os.kill(forked.proc.pid, sig)
@@ -109,7 +94,7 @@ def test_the_zygote_and_its_workers_leave_sigint_and_sigterm_to_the_router(
 def test_a_forked_worker_that_outlives_its_zygote_still_stops(
     zygote: Zygote, tiny_model: Callable[..., Path], tmp_path: Path
 ) -> None:
-    forked = _fork(zygote, tiny_model("llama"), tmp_path, "orphan")
+    forked = fork(zygote, tiny_model("llama"), tmp_path, "orphan")
     os.kill(zygote.proc.pid, signal.SIGKILL)
     zygote.proc.wait(timeout=10)
     # It serves on: its router connection is its own.
