@@ -16,7 +16,8 @@ once. The seam for adapter and session locality is ``try_place``.
 Workers held in reserve (``policy.reserve_warmth`` below READY) are started to that
 warmth and parked: a PROCESS worker has its imports done, a HOST worker also has the
 weights in its RAM. ``promote`` orders bring them to READY (a HOST worker only binds),
-``demote`` orders park idle READY workers at HOST; only READY workers are placed on.
+``demote`` orders park idle READY workers at HOST; only READY workers are placed on,
+a promoted one once the pool has recorded it READY (``PoolMembers.serving``).
 
 Example::
 
