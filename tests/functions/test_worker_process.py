@@ -24,12 +24,12 @@ from ember_functions.rpc import WorkerState
 from ember_functions.worker_process import WorkerProcess, socket_path
 
 from .random_prompts import prompt_ids
+from .streams import result_within
 from .worker_processes import (
     CONFIG,
     GREEDY_16,
     LONG,
     TIMEOUT_S,
-    result_within,
     spawn,
     submit,
     wait_for,

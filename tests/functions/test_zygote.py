@@ -19,7 +19,8 @@ from ember_functions.rpc import WorkerState
 from ember_functions.worker_process import WorkerProcess
 
 from .random_prompts import prompt_ids
-from .worker_processes import CONFIG, GREEDY_16, LONG, result_within, spawn, submit
+from .streams import result_within
+from .worker_processes import CONFIG, GREEDY_16, LONG, spawn, submit
 
 
 @pytest.fixture

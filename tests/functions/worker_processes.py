@@ -1,17 +1,15 @@
-"""Worker processes for the tests: spawned on the tiny model, sent requests, read with a
-timeout (a hung worker fails the test instead of hanging it)."""
+"""Worker processes for the tests: spawned on the tiny model with a unique id and sent
+requests (read them with ``streams.result_within``)."""
 
 from __future__ import annotations
 
 import os
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from ember_functions.engine import Completion
 from ember_functions.engine_config import EngineConfig
 from ember_functions.sampling_params import SamplingParams
 from ember_functions.stream import RequestStream
@@ -38,25 +36,6 @@ def submit(
     worker: WorkerProcess, prompt: object, params: SamplingParams, rid: str
 ) -> RequestStream:
     return worker.submit_prepared(worker.prepare(prompt, params, request_id=rid))  # type: ignore[arg-type]
-
-
-def result_within(stream: RequestStream, timeout: float = TIMEOUT_S) -> Completion:
-    box: list[Completion | BaseException] = []
-
-    def read() -> None:
-        try:
-            box.append(stream.result())
-        except BaseException as exc:
-            box.append(exc)
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    reader.join(timeout)
-    if not box:
-        pytest.fail(f"stream {stream.request_id} did not end within {timeout} s")
-    if isinstance(box[0], BaseException):
-        raise box[0]
-    return box[0]
 
 
 def wait_for(predicate: Callable[[], bool], what: str, timeout: float = TIMEOUT_S) -> None:
