@@ -23,6 +23,7 @@ from ember_functions.prompt import Prompt
 from ember_functions.rpc import WorkerState
 from ember_functions.worker_process import WorkerProcess, socket_path
 
+from ..waiting import wait_for
 from .random_prompts import prompt_ids
 from .streams import result_within
 from .worker_processes import (
@@ -32,7 +33,6 @@ from .worker_processes import (
     TIMEOUT_S,
     spawn,
     submit,
-    wait_for,
 )
 
 EngineFactory = Callable[..., LLMEngine]

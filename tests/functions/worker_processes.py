@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
-
-import pytest
 
 from ember_functions.engine_config import EngineConfig
 from ember_functions.sampling_params import SamplingParams
@@ -36,11 +33,3 @@ def submit(
     worker: WorkerProcess, prompt: object, params: SamplingParams, rid: str
 ) -> RequestStream:
     return worker.submit_prepared(worker.prepare(prompt, params, request_id=rid))  # type: ignore[arg-type]
-
-
-def wait_for(predicate: Callable[[], bool], what: str, timeout: float = TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting until {what}")
-        time.sleep(0.01)

@@ -12,7 +12,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,6 +22,8 @@ import pytest
 from ember import llm
 from ember._backends import EmbeddedBackend, HTTPBackend
 from ember_core import ConfigError, ModelNotFoundError, RateLimitError
+
+from ..waiting import wait_for
 
 TIMEOUT_S = 30.0
 # Short keepalive: idle workers of a min_warm=0 pool stop within a second.
@@ -48,14 +49,6 @@ def backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBacken
 @pytest.fixture
 def model(tiny_model: Callable[..., Path]) -> str:
     return str(tiny_model("llama"))
-
-
-def wait_for(predicate: Callable[[], bool], what: str, timeout_s: float = TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting until {what}")
-        time.sleep(0.02)
 
 
 def live_workers(backend: EmbeddedBackend, policy: llm.Pool, model: str) -> list[object]:
@@ -209,7 +202,7 @@ def test_close_stops_workers_and_zygote(
     finally:
         llm.use_backend(None)
         embedded.close()
-    wait_for(lambda: not any(pid_alive(p) for p in workers), "the workers exited", 10)
+    wait_for(lambda: not any(pid_alive(p) for p in workers), "the workers exited", timeout_s=10)
     assert not pid_alive(zygote.proc.pid)
     assert children(os.getpid()) <= before
     assert embedded.pools() == {}
@@ -247,7 +240,7 @@ def test_interpreter_exit_stops_workers_and_zygote(model: str, tmp_path: Path) -
     assert done.returncode == 0, done.stderr
     (line,) = [x for x in done.stdout.splitlines() if x.startswith("PIDS")]
     pids = [int(p) for p in line.split()[1:]]
-    wait_for(lambda: not any(pid_alive(p) for p in pids), "the processes exited", 10)
+    wait_for(lambda: not any(pid_alive(p) for p in pids), "the processes exited", timeout_s=10)
 
 
 def test_http_ignores_a_declared_pool_with_one_warning_per_function() -> None:

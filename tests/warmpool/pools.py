@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-
-import pytest
-
 from ember_functions.engine_config import EngineConfig
 from ember_functions.sampling_params import SamplingParams
 from ember_functions.sequence import RequestOutput
@@ -20,14 +15,6 @@ ONE_SEQ = EngineConfig(
 )
 LONG = SamplingParams(temperature=0, max_tokens=300, ignore_eos=True)
 SHORT = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
-
-
-def wait_for(predicate: Callable[[], bool], what: str, timeout: float = TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting until {what}")
-        time.sleep(0.02)
 
 
 def live(pool: ModelPool) -> list[dict[str, object]]:

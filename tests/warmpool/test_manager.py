@@ -29,7 +29,8 @@ from ember_warmpool.manager import ModelPool
 from ember_weights_store import DiskTier, ModelCatalog
 from ember_weights_store.host_tier import HostTier
 
-from .pools import LONG, ONE_SEQ, SHORT, collect, live, wait_for
+from ..waiting import wait_for
+from .pools import LONG, ONE_SEQ, SHORT, collect, live
 
 
 def test_scales_up_under_load_and_back_to_zero_when_idle(
@@ -153,7 +154,7 @@ def test_a_request_overflowing_onto_a_busy_worker_starts_the_next_one_at_once(
     assert first[-1].finish_reason == "length" and second[-1].usage.completion_tokens == 4
     # Both ran on the boot worker; the overflow's arrival started a second worker, long
     # before the 60 s tick.
-    wait_for(lambda: len(pool.cold_starts) == 2, "the overflow started a worker", timeout=20)
+    wait_for(lambda: len(pool.cold_starts) == 2, "the overflow started a worker", timeout_s=20)
     assert pool.stats()["cold_requests"] == 0
 
 

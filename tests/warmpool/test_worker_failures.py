@@ -22,7 +22,19 @@ from ember_platform.pool_router import PoolRouter
 from ember_warmpool import PoolPolicy
 from ember_warmpool.manager import ModelPool
 
-from .pools import LONG, SHORT, TIMEOUT_S, live, wait_for
+from ..waiting import wait_for
+from .pools import LONG, SHORT, TIMEOUT_S, live
+
+
+def wait_replaced(pool: ModelPool, worker_id: object, what: str) -> None:
+    """Waits until the pool's one live worker is READY and is not ``worker_id``."""
+    wait_for(
+        lambda: (
+            [r["state"] for r in live(pool)] == ["READY"]
+            and live(pool)[0]["worker_id"] != worker_id
+        ),
+        what,
+    )
 
 
 def test_kill_9_mid_stream_errors_cleanly_and_the_pool_replaces_the_worker(
@@ -44,13 +56,7 @@ def test_kill_9_mid_stream_errors_cleanly_and_the_pool_replaces_the_worker(
     with pytest.raises(EngineError, match="exited with code -9"):
         asyncio.run(run())
     assert 3 <= len(got) < 300  # output was delivered: the error reaches the client
-    wait_for(
-        lambda: (
-            [r["state"] for r in live(pool)] == ["READY"]
-            and live(pool)[0]["worker_id"] != first["worker_id"]
-        ),
-        "the pool replaced the dead worker",
-    )
+    wait_replaced(pool, first["worker_id"], "the pool replaced the dead worker")
     (replacement,) = live(pool)
     assert replacement["in_flight"] == 0
     assert pool.free_kv_blocks() == 64  # the new worker's cache is whole
@@ -153,10 +159,4 @@ def test_a_hung_worker_is_killed_by_the_health_check_and_replaced(
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGCONT)
-    wait_for(
-        lambda: (
-            [r["state"] for r in live(pool)] == ["READY"]
-            and live(pool)[0]["worker_id"] != first["worker_id"]
-        ),
-        "the pool replaced the hung worker",
-    )
+    wait_replaced(pool, first["worker_id"], "the pool replaced the hung worker")
